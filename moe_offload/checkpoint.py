@@ -1,0 +1,235 @@
+"""Safetensors checkpoints (single file or sharded index): validation, then lazy mmap reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import MixtralConfig
+from .errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling: F32, F16, BF16, ...
+    shape: tuple[int, ...]
+
+
+def expected_tensors(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the original Mixtral layout, with its shape."""
+    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h),
+                                          "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
+        for e in range(cfg.num_local_experts):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            shapes[x + "w1.weight"] = (i, h)
+            shapes[x + "w2.weight"] = (h, i)
+            shapes[x + "w3.weight"] = (i, h)
+    return shapes
+
+
+def expert_name(layer: int, expert: int, w: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header and check that every tensor's bytes are in the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {n} bytes, file has {size})")
+            raw = json.loads(f.read(n))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_bytes = size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, meta in raw.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        want = math.prod(shape) * _ITEMSIZE.get(dtype, 0)
+        if dtype in _ITEMSIZE and end - begin != want:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has {end - begin} bytes, "
+                                  f"its shape {list(shape)} x {dtype} needs {want}")
+        if end > data_bytes:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data "
+                                  f"section but the file holds only {data_bytes} data bytes")
+        infos[name] = TensorInfo(name, path, dtype, shape)
+    return infos
+
+
+class Checkpoint:
+    """A Hugging Face Mixtral folder: config.json plus model.safetensors or a sharded index.
+
+    Construction reads headers only. `validate()` reports every problem at once; `tensor()` reads one
+    tensor through a memory map, so loading never holds two full copies of the weights.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: model folder does not exist")
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: expected a model folder (config.json + *.safetensors)")
+        self.config = MixtralConfig.from_file(self.path / "config.json")
+        self.tensors = self._read_tensors()
+        self._handles: dict[Path, object] = {}
+
+    def _read_tensors(self) -> dict[str, TensorInfo]:
+        index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
+        if index.is_file():
+            return self._read_index(index)
+        if single.is_file():
+            return read_header(single)
+        raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} in the model folder")
+
+    def _read_index(self, index: Path) -> dict[str, TensorInfo]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise CheckpointError(f"{index}: not a valid index (needs a JSON object 'weight_map')") from None
+        tensors: dict[str, TensorInfo] = {}
+        problems = []
+        for shard in sorted(set(weight_map.values())):
+            shard_path = self.path / shard
+            if not shard_path.is_file():
+                problems.append(f"shard {shard} listed in {INDEX_FILE} does not exist")
+                continue
+            for name, info in read_header(shard_path).items():
+                if weight_map.get(name) != shard:
+                    problems.append(f"{shard}: tensor {name} is not mapped to this shard in the index")
+                tensors[name] = info
+        for name, shard in weight_map.items():
+            if name not in tensors and (self.path / shard).is_file():
+                problems.append(f"{shard}: tensor {name} listed in the index is not in the shard")
+        if problems:
+            raise CheckpointError(f"{self.path}: inconsistent sharded checkpoint:\n  " + "\n  ".join(problems))
+        return tensors
+
+    def validate(self) -> None:
+        """Check every expected tensor's presence, shape and dtype; raise listing ALL problems."""
+        expected = expected_tensors(self.config)
+        problems = []
+        for name, shape in expected.items():
+            info = self.tensors.get(name)
+            if info is None:
+                problems.append(f"missing tensor {name} (expected shape {list(shape)})")
+                continue
+            if info.shape != shape:
+                problems.append(f"{info.file.name}: tensor {name} has shape {list(info.shape)}, "
+                                f"expected {list(shape)}")
+            if info.dtype not in FLOAT_DTYPES:
+                problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, "
+                                f"expected one of {sorted(FLOAT_DTYPES)}")
+        tied_head = self.config.tie_word_embeddings and "lm_head.weight" in self.tensors
+        for name in sorted(set(self.tensors) - set(expected)):
+            if name == "lm_head.weight" and tied_head:
+                continue  # a tied checkpoint may still carry the (identical) head; it is ignored
+            problems.append(f"{self.tensors[name].file.name}: unexpected tensor {name}")
+        if problems:
+            raise CheckpointError(f"{self.path}: checkpoint does not match config.json "
+                                  f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+               ) -> torch.Tensor:
+        """Read one tensor from its shard's memory map, converted to dtype/device."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        handle = self._handles.get(info.file)
+        try:
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+            t = handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{info.file}: cannot read tensor {name}: {exc}") from None
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def iter_names(self) -> Iterator[str]:
+        return iter(expected_tensors(self.config))
+
+    @property
+    def dtype_name(self) -> str:
+        """The checkpoint's weight dtype (that of the embedding), e.g. 'bfloat16'."""
+        info = self.tensors.get("model.embed_tokens.weight")
+        return FLOAT_DTYPES.get(info.dtype, self.config.torch_dtype) if info else self.config.torch_dtype
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def save_checkpoint(path: str | os.PathLike, cfg: MixtralConfig, tensors: dict[str, torch.Tensor],
+                    max_shard_bytes: int | None = None) -> None:
+    """Write config.json and the weights in the original Mixtral layout (sharded when asked)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    missing = set(expected_tensors(cfg)) - set(tensors)
+    if missing:
+        raise CheckpointError(f"save_checkpoint: missing tensors {sorted(missing)[:5]}...")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        save_file(tensors, str(path / SINGLE_FILE), metadata=meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,246 @@
+"""Model config parsed from a Hugging Face config.json, and the validated runtime config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, MoeOffloadError
+
+# Keys without which a Mixtral cannot be built; everything else has Hugging Face's default.
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_local_experts",
+    "num_experts_per_tok",
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MixtralConfig:
+    """The shape of a Mixtral model, as read from config.json (both real and transformers-5 spellings)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    head_dim: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096 * 32
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "num_local_experts",
+                     "num_experts_per_tok", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(
+                f"config.json: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                f"num_local_experts ({self.num_local_experts})")
+        if self.head_dim % 2:
+            raise ConfigError(f"config.json: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ConfigError("config.json: rope_theta and rms_norm_eps must be positive")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"config.json: sliding_window must be positive or null, got {self.sliding_window}")
+        if self.torch_dtype not in DTYPES:
+            raise ConfigError(f"config.json: dtype {self.torch_dtype!r} is not one of {sorted(DTYPES)}")
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert (w1, w3: [I, H]; w2: [H, I])."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def dense_params(self) -> int:
+        """Every parameter that is not inside an expert (attention, norms, routers, embeddings)."""
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        per_layer = attn + 2 * h + self.num_local_experts * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.num_hidden_layers * per_layer + self.vocab_size * h + h + head
+
+    @property
+    def total_params(self) -> int:
+        return self.dense_params + self.num_hidden_layers * self.num_local_experts * self.expert_params
+
+    # --- parsing -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "MixtralConfig":
+        model_type = raw.get("model_type")
+        if model_type != "mixtral":
+            raise ConfigError(f"{source}: model_type is {model_type!r}; only 'mixtral' is supported")
+        missing = [k for k in _REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+        if raw.get("quantization_config"):
+            raise ConfigError(f"{source}: quantized checkpoints (quantization_config) are not supported")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Mixtral uses 'silu')")
+        heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or (raw["hidden_size"] // heads if heads else 0)
+        eos = raw.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        try:
+            return cls(
+                vocab_size=raw["vocab_size"],
+                hidden_size=raw["hidden_size"],
+                intermediate_size=raw["intermediate_size"],
+                num_hidden_layers=raw["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=raw.get("num_key_value_heads") or heads,
+                num_local_experts=raw["num_local_experts"],
+                num_experts_per_tok=raw["num_experts_per_tok"],
+                head_dim=head_dim,
+                rope_theta=float(_rope_theta(raw, source)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                max_position_embeddings=raw.get("max_position_embeddings", 4096 * 32),
+                sliding_window=raw.get("sliding_window"),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                bos_token_id=raw.get("bos_token_id", 1),
+                eos_token_ids=eos_ids,
+                torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            )
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("config.json", source, 1)) from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: malformed value: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "MixtralConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json there (a Hugging Face Mixtral folder has one)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not readable JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        return cls.from_dict(raw, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json in the layout Hugging Face writes (loadable by MixtralForCausalLM)."""
+        eos = list(self.eos_token_ids)
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "sliding_window": self.sliding_window,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "torch_dtype": self.torch_dtype,
+            "router_aux_loss_coef": 0.02,
+            "output_router_logits": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rope_theta(raw: dict[str, Any], source: str) -> float:
+    params = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
+        if "rope_theta" in params:
+            return params["rope_theta"]
+    return raw.get("rope_theta", 1e6)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model runs: resolved device and dtype, context length, MoE backend."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_seq_len: int
+    show_progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len <= 0:
+            raise MoeOffloadError(f"max_seq_len must be a positive integer, got {self.max_seq_len!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else cpu; a named device must exist."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise MoeOffloadError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MoeOffloadError(f"device {device!r} is not valid; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoeOffloadError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MoeOffloadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise MoeOffloadError(f"device {device!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
+    """'auto' -> float32 on cpu; on cuda the checkpoint's half dtype (bfloat16 where supported)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise MoeOffloadError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if checkpoint_dtype == "float16":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise MoeOffloadError(f"dtype {dtype!r} is not supported; use 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]

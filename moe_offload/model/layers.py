@@ -1,0 +1,55 @@
+"""Dense building blocks: RMSNorm, rotary embeddings, grouped-query attention over a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, cast back, then scaled (the reference's order of operations)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, theta: float, max_pos: int, dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_pos, head_dim], computed in float32 then cast (as the reference does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    pos = torch.arange(max_pos, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]  # [P, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd]; cos/sin [T, hd]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+              sliding_window: int | None) -> torch.Tensor:
+    """Causal grouped-query attention.
+
+    q [B, nh, T, hd] at positions q_start..q_start+T-1; k, v [B, nkv, S, hd] at positions 0..S-1.
+    Returns [B, nh, T, hd].
+    """
+    t, s = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if t == 1 and (sliding_window is None or s <= sliding_window):
+        return F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key
+    qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
+    kpos = torch.arange(s, device=q.device)[None, :]  # [1, S]
+    allowed = kpos <= qpos
+    if sliding_window is not None:
+        allowed &= kpos > qpos - sliding_window
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)

@@ -1,0 +1,207 @@
+"""The Mixtral transformer: embeddings, attention with a static KV cache, the MoE boundary, LM head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import Checkpoint, expert_name
+from ..config import MixtralConfig
+from .layers import apply_rope, attention, rms_norm, rope_tables
+from .moe import ExpertBackend, ResidentExperts, route
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [L, B, n_kv, max_seq_len, head_dim] each."""
+
+    def __init__(self, cfg: MixtralConfig, batch: int, max_seq_len: int, dtype: torch.dtype,
+                 device: torch.device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq_len = max_seq_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, n_kv, T, hd] at positions start..start+T-1; return views of 0..start+T-1."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class DenseLayer(nn.Module):
+    """The non-expert weights of one decoder layer (names follow the checkpoint)."""
+
+    def __init__(self, cfg: MixtralConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        h, hd = cfg.hidden_size, cfg.head_dim
+        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+
+        def p(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.input_layernorm = p(h)
+        self.post_attention_layernorm = p(h)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = p(q, h), p(kv, h), p(kv, h), p(h, q)
+        self.gate = p(cfg.num_local_experts, h)
+
+    CHECKPOINT_NAMES = {
+        "input_layernorm": "input_layernorm.weight",
+        "post_attention_layernorm": "post_attention_layernorm.weight",
+        "q_proj": "self_attn.q_proj.weight",
+        "k_proj": "self_attn.k_proj.weight",
+        "v_proj": "self_attn.v_proj.weight",
+        "o_proj": "self_attn.o_proj.weight",
+        "gate": "block_sparse_moe.gate.weight",
+    }
+
+
+class MixtralTransformer(nn.Module):
+    """A Mixtral decoder whose expert computation is delegated to an `ExpertBackend`.
+
+    `forward(input_ids [B, T], start_pos, cache)` -> logits [B, T, V]. With a KVCache it serves
+    prefill (T > 1) and decode (T == 1); without one it attends within the given tokens (training).
+    """
+
+    def __init__(self, cfg: MixtralConfig, experts: ExpertBackend, *, dtype: torch.dtype,
+                 device: torch.device, max_seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype, self.device, self.max_seq_len = dtype, torch.device(device), max_seq_len
+        h, v = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = nn.Parameter(torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
+        self.layers = nn.ModuleList(DenseLayer(cfg, dtype, self.device) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(h, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
+        self.experts = experts
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # Expert uses per (layer, expert), counted on the device: no host sync per layer.
+        self.register_buffer("usage", torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts,
+                                                  dtype=torch.int64, device=device), persistent=False)
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device,
+                        max_seq_len: int, experts: ExpertBackend | None = None,
+                        show_progress: bool = False) -> "MixtralTransformer":
+        """Load dense weights (and, unless `experts` is given, all experts) one tensor at a time."""
+        cfg = ckpt.config
+        ckpt.validate()
+        if experts is None:
+            experts = empty_resident_experts(cfg, dtype, device)
+        model = cls(cfg, experts, dtype=dtype, device=device, max_seq_len=max_seq_len)
+        names = model._dense_names()
+        n_expert = cfg.num_hidden_layers * cfg.num_local_experts if isinstance(experts, ResidentExperts) else 0
+        with torch.no_grad(), tqdm(total=len(names) + n_expert, desc="loading weights", unit="tensor",
+                                   disable=not show_progress) as bar:
+            for name, param in names.items():
+                param.copy_(ckpt.tensor(name, dtype, device))
+                bar.update()
+            if n_expert:
+                for layer in range(cfg.num_hidden_layers):
+                    for e in range(cfg.num_local_experts):
+                        load_expert_into(ckpt, layer, e, experts.w13[layer, e], experts.w2[layer, e])
+                        bar.update()
+        ckpt.close()
+        return model
+
+    def _dense_names(self) -> dict[str, nn.Parameter]:
+        names = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
+        if self.lm_head is not None:
+            names["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            for attr, suffix in DenseLayer.CHECKPOINT_NAMES.items():
+                names[f"model.layers.{i}.{suffix}"] = getattr(layer, attr)
+        return names
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight under its original Mixtral checkpoint name (experts must be resident)."""
+        out = {name: p.detach() for name, p in self._dense_names().items()}
+        assert isinstance(self.experts, ResidentExperts), "checkpoint_tensors needs resident experts"
+        inter = self.cfg.intermediate_size
+        for layer in range(self.cfg.num_hidden_layers):
+            for e in range(self.cfg.num_local_experts):
+                w13 = self.experts.w13[layer, e].detach()
+                out[expert_name(layer, e, "w1")] = w13[:inter]
+                out[expert_name(layer, e, "w3")] = w13[inter:]
+                out[expert_name(layer, e, "w2")] = self.experts.w2[layer, e].detach()
+        return out
+
+    # --- compute --------------------------------------------------------------------------------
+    def head(self) -> torch.Tensor:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    def moe_block(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The expert half of layer `layer`: h [..., H] (post-attention normed) -> [..., H]."""
+        return self._moe(h, layer)[0]
+
+    def _moe(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = h.reshape(-1, h.shape[-1])  # [N, H]
+        logits = F.linear(x, self.layers[layer].gate)  # [N, E]
+        weights, ids = route(logits, self.cfg.num_experts_per_tok)  # [N, k] each
+        self.usage[layer] += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_local_experts)
+        y = self.experts(layer, x, ids, weights)  # [N, H]
+        return y.reshape(h.shape), logits
+
+    def _attention(self, x: torch.Tensor, layer: int, start: int, cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        cfg, w = self.cfg, self.layers[layer]
+        q = F.linear(x, w.q_proj).view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = F.linear(x, w.k_proj).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = F.linear(x, w.v_proj).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]  # [T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T, hd]
+        o = attention(q, k, v, start, cfg.sliding_window)  # [B, nh, T, hd]
+        return F.linear(o.transpose(1, 2).reshape(b, t, -1), w.o_proj)
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False
+                ) -> torch.Tensor:
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H])."""
+        eps = self.cfg.rms_norm_eps
+        x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
+            y, logits = self._moe(rms_norm(x, layer.post_attention_layernorm, eps), i)
+            if router_logits is not None:
+                router_logits.append(logits)
+            x = x + y
+        x = rms_norm(x, self.norm, eps)
+        return x if return_hidden else F.linear(x, self.head())
+
+
+def empty_resident_experts(cfg: MixtralConfig, dtype: torch.dtype, device: torch.device) -> ResidentExperts:
+    L, E, H, I = cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
+                           torch.empty(L, E, H, I, dtype=dtype, device=device))
+
+
+def load_expert_into(ckpt: Checkpoint, layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Copy one expert from the checkpoint into w13 [2I, H] (w1 then w3) and w2 [H, I]."""
+    inter = ckpt.config.intermediate_size
+    w13[:inter].copy_(ckpt.tensor(expert_name(layer, e, "w1")))
+    w13[inter:].copy_(ckpt.tensor(expert_name(layer, e, "w3")))
+    w2.copy_(ckpt.tensor(expert_name(layer, e, "w2")))
+
+
+def init_random_(model: MixtralTransformer, seed: int, std: float = 0.02) -> None:
+    """Initialise weights for training: normal(std), residual outputs scaled by 1/sqrt(2L), norms 1."""
+    g = torch.Generator().manual_seed(seed)
+    out_std = std / math.sqrt(2 * model.cfg.num_hidden_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+                continue
+            s = out_std if name.endswith(("o_proj", "w2")) else std
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s).to(p.dtype))
