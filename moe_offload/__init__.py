@@ -1,1 +1,18 @@
-"""moe_offload"""
+"""moe_offload: run Mixtral-class Mixture-of-Experts models on one small GPU.
+
+Public API:
+    load(path=None, *, device="auto", dtype="auto", **runtime_options) -> OffloadedModel
+    OffloadedModel.generate(prompt, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None, stream=False)
+    OffloadedModel.logits(input_ids) -> Tensor [T, vocab]
+    OffloadedModel.config -> MixtralConfig
+Every bad input raises MoeOffloadError with a message naming what is at fault.
+"""
+
+from .config import MixtralConfig
+from .errors import CheckpointError, ConfigError, MoeOffloadError
+from .generate import GenerationResult, GenerationStream
+from .runtime import OffloadedModel, bundled_heldout_text, bundled_model_path, load
+
+__version__ = "0.1.0"
+__all__ = ["CheckpointError", "ConfigError", "GenerationResult", "GenerationStream", "MixtralConfig",
+           "MoeOffloadError", "OffloadedModel", "bundled_heldout_text", "bundled_model_path", "load"]

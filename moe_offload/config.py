@@ -137,7 +137,7 @@ class MixtralConfig:
     def from_file(cls, path: str | Path) -> "MixtralConfig":
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: no config.json there (a Hugging Face Mixtral folder has one)")
+            raise ConfigError(f"{path}: file not found (a Hugging Face Mixtral model folder has a config.json)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

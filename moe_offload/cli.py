@@ -1,0 +1,119 @@
+"""The `moe-offload` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .errors import MoeOffloadError
+
+MAX_PROBLEM_LINES = 20
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="Hugging Face Mixtral folder (config.json, *.safetensors, tokenizer.json); "
+                        "default: the bundled tiny model")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype; auto = float32 on cpu, the checkpoint's half type on cuda")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length for the KV cache (default min(max_position_embeddings, 4096))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="moe-offload",
+        description="Run Mixtral-class Mixture-of-Experts models with experts offloaded to host RAM.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
+                       description="Generate text. Streams the new text to stdout and a one-line summary "
+                                   "to stderr; with --json prints one JSON object instead.")
+    _add_model_args(g)
+    g.add_argument("--prompt", default="In the beginning", help="prompt text (default: %(default)r)")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default %(default)s")
+    _add_runtime_args(g)
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (reproducible output)")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token_ids, prompt_token_ids, stats, seconds, "
+                        "tokens_per_second, finish_reason")
+
+    i = sub.add_parser("info", help="model config, parameter counts and bytes per expert",
+                       description="Describe a checkpoint without loading its weights (headers only).")
+    _add_model_args(i)
+    i.add_argument("--config", metavar="FILE", default=None,
+                   help="describe a bare config.json instead of a model folder (no weights needed)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
+
+
+def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "show_progress": sys.stderr.isatty()}
+    if args.max_seq_len is not None:
+        kw["max_seq_len"] = args.max_seq_len
+    return kw
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime import load
+
+    model = load(args.model, **_runtime_kwargs(args))
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              seed=args.seed)
+    if args.json:
+        res = model.generate(args.prompt, **kw)
+        print(json.dumps(res.to_json()))
+        return 0
+    stream = model.generate(args.prompt, stream=True, **kw)
+    for delta in stream:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    res = stream.result
+    print(f"[{len(res.token_ids)} tokens in {res.seconds:.2f} s, {res.tokens_per_second:.1f} tok/s "
+          f"({res.stats['decode_tokens_per_second']:.1f} tok/s decode), stop: {res.finish_reason}, "
+          f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import describe, format_info
+
+    info = describe(args.model, args.config)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    head, rest = lines[0] if lines else type(exc).__name__, lines[1:]
+    if len(rest) > MAX_PROBLEM_LINES:
+        rest = rest[:MAX_PROBLEM_LINES] + [f"... and {len(rest) - MAX_PROBLEM_LINES} more"]
+    return head + (" " + "; ".join(rest) if rest else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except MoeOffloadError as exc:
+        print(f"moe-offload: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-offload: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Prefill/decode loop, sampling, streaming and stop rules."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import MoeOffloadError
+from .model.transformer import KVCache, MixtralTransformer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated generation settings. temperature 0 is greedy; top_p 1 disables nucleus sampling."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 0:
+            raise MoeOffloadError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature < float("inf"):
+            raise MoeOffloadError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise MoeOffloadError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise MoeOffloadError(f"seed must be an integer or None, got {self.seed!r}")
+
+
+@dataclass
+class GenerationResult:
+    """What `OffloadedModel.generate` returns. token_ids are the new tokens (EOS included if hit)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "eos" | "length" | "context"
+    seconds: float
+    tokens_per_second: float  # new tokens / wall seconds of the whole call (prefill included)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [V] float32 on the host -> one token id (argmax when temperature is 0)."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)  # [V]
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # smallest prefix reaching top_p
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class _Timing:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    finish_reason: str = "length"
+
+
+def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], params: SamplingParams,
+                  eos_ids: tuple[int, ...], timing: _Timing) -> Iterator[int]:
+    """Yield new token ids: prefill the prompt, then one decode step per token until a stop rule.
+
+    Each step moves its logits to the host to sample: the one host sync per token, by design (the next
+    step's input depends on it).
+    """
+    dev = model.device
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    if params.temperature > 0 and gen is None:
+        gen = torch.Generator().manual_seed(torch.seed())
+    if params.max_new_tokens == 0:
+        return
+    t0 = time.perf_counter()
+    ids = torch.tensor([prompt], dtype=torch.long, device=dev)  # [1, P]
+    with torch.inference_mode():
+        logits = model(ids, 0, cache)[0, -1].float().cpu()  # [V]
+    timing.prefill_tokens, timing.prefill_seconds = len(prompt), time.perf_counter() - t0
+    step_in = torch.empty(1, 1, dtype=torch.long, device=dev)  # [1, 1], reused every step
+    pos = len(prompt)
+    for i in range(params.max_new_tokens):
+        tok = sample_next(logits, params, gen)
+        yield tok
+        if tok in eos_ids:
+            timing.finish_reason = "eos"
+            return
+        if i + 1 == params.max_new_tokens:
+            return
+        if pos >= cache.max_seq_len:
+            timing.finish_reason = "context"
+            return
+        t1 = time.perf_counter()
+        step_in.fill_(tok)
+        with torch.inference_mode():
+            logits = model(step_in, pos, cache)[0, -1].float().cpu()  # [V]
+        timing.decode_tokens += 1
+        timing.decode_seconds += time.perf_counter() - t1
+        pos += 1
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode = decode
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self._decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""  # a multi-byte character is still incomplete
+        delta, self.text = full[len(self.text):], full
+        return delta
+
+    def finish(self) -> str:
+        full = self._decode(self.ids)
+        delta, self.text = full[len(self.text):], full
+        return delta
+
+
+class GenerationStream:
+    """Iterator over text deltas as tokens are generated; `.result` holds the GenerationResult after."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self._chunks = chunks
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> "GenerationStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._chunks)

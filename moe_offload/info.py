@@ -1,0 +1,78 @@
+"""`moe-offload info`: what a checkpoint holds and what its experts weigh, from headers alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .config import MixtralConfig
+
+INT4_GROUP = 64
+
+
+def expert_bytes(cfg: MixtralConfig) -> dict[str, int]:
+    """Bytes of one expert per storage format.
+
+    int8: one byte per weight plus an fp16 scale per output row; int4: half a byte per weight plus an
+    fp16 scale and fp16 zero point per group of 64 weights along the input dimension.
+    """
+    n = cfg.expert_params
+    rows = 2 * cfg.intermediate_size + cfg.hidden_size
+    return {"float32": 4 * n, "bfloat16": 2 * n, "float16": 2 * n, "int8": n + 2 * rows,
+            "int4": n // 2 + (n // INT4_GROUP) * 4}
+
+
+def describe(path: str | Path | None, config_file: str | Path | None = None) -> dict[str, Any]:
+    """Facts about a model folder (validated, headers only), or about a bare config.json."""
+    from .runtime import bundled_model_path
+
+    if config_file is not None:
+        cfg, where, dtype = MixtralConfig.from_file(config_file), str(config_file), None
+    else:
+        ckpt = Checkpoint(path if path is not None else bundled_model_path())
+        ckpt.validate()
+        cfg, where, dtype = ckpt.config, str(ckpt.path), ckpt.dtype_name
+    n_experts = cfg.num_hidden_layers * cfg.num_local_experts
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype or cfg.torch_dtype]
+    expert_total = n_experts * cfg.expert_params
+    return {
+        "path": where,
+        "config": cfg.as_dict(),
+        "checkpoint_dtype": dtype or f"{cfg.torch_dtype} (from config.json; no weights read)",
+        "params": {"total": cfg.total_params, "experts": expert_total, "dense": cfg.dense_params,
+                   "active_per_token": cfg.dense_params + cfg.num_hidden_layers * cfg.num_experts_per_tok
+                   * cfg.expert_params},
+        "bytes": {"experts": expert_total * itemsize, "dense": cfg.dense_params * itemsize,
+                  "expert_fraction": expert_total / cfg.total_params},
+        "experts": n_experts,
+        "one_expert_bytes": expert_bytes(cfg),
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    c, p, b = info["config"], info["params"], info["bytes"]
+    lines = [
+        f"model      {info['path']}",
+        f"shape      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, intermediate "
+        f"{c['intermediate_size']}, heads {c['num_attention_heads']} (kv {c['num_key_value_heads']}, "
+        f"head_dim {c['head_dim']}), vocab {c['vocab_size']}",
+        f"experts    {c['num_local_experts']} per layer, top-{c['num_experts_per_tok']}, "
+        f"{info['experts']} in all",
+        f"context    max_position_embeddings {c['max_position_embeddings']}, sliding_window "
+        f"{c['sliding_window']}, rope_theta {c['rope_theta']:g}",
+        f"params     total {p['total']:,}  experts {p['experts']:,}  dense {p['dense']:,}  "
+        f"active/token {p['active_per_token']:,}",
+        f"bytes      experts {_size(b['experts'])}  dense {_size(b['dense'])}  "
+        f"({100 * b['expert_fraction']:.1f}% of parameters in experts; checkpoint {info['checkpoint_dtype']})",
+        "one expert " + "  ".join(f"{k} {_size(v)}" for k, v in info["one_expert_bytes"].items()),
+    ]
+    return "\n".join(lines)

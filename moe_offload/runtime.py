@@ -1,0 +1,192 @@
+"""OffloadedModel and load(): the Python API."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+from .checkpoint import Checkpoint
+from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
+from .errors import MoeOffloadError
+from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
+                       decode_tokens)
+from .model.transformer import KVCache, MixtralTransformer
+
+DEFAULT_MAX_SEQ_LEN = 4096
+RUNTIME_OPTIONS = {
+    "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
+    "show_progress": "show a progress bar while loading weights (default False)",
+}
+
+
+def bundled_model_path() -> Path:
+    """The folder of the small model shipped with the package (HF Mixtral layout)."""
+    return Path(str(resources.files("moe_offload") / "assets" / "tiny-mixtral"))
+
+
+def bundled_heldout_text() -> Path:
+    """Held-out text (KJV chapters the bundled model never saw in training), for benchmarks."""
+    return Path(str(resources.files("moe_offload") / "assets" / "heldout_kjv.txt"))
+
+
+class OffloadedModel:
+    """A loaded Mixtral: `generate()` text, `logits()` of a fresh sequence, `config` of the model."""
+
+    def __init__(self, path: Path, model: MixtralTransformer, runtime: RuntimeConfig,
+                 tokenizer: Tokenizer | None):
+        self.path = path
+        self.model = model
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.config: MixtralConfig = model.cfg
+        self._cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"OffloadedModel({str(self.path)!r}, layers={c.num_hidden_layers}, experts="
+                f"{c.num_local_experts}, top_k={c.num_experts_per_tok}, device={self.runtime.device}, "
+                f"dtype={str(self.runtime.dtype).removeprefix('torch.')})")
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids, with the model's BOS token first (as Mixtral expects)."""
+        if self.tokenizer is None:
+            raise MoeOffloadError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; "
+                                  "pass a list of token ids instead")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.config.bos_token_id
+        return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _check_ids(self, ids: Any, what: str) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise MoeOffloadError(f"{what} must be 1-D [T], got shape {list(ids.shape)}")
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise MoeOffloadError(f"{what} must be a non-empty list of token ids")
+        vocab = self.config.vocab_size
+        for pos, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise MoeOffloadError(f"{what}: token id {t!r} at position {pos} is out of range "
+                                      f"[0, {vocab}) for this model's vocabulary")
+        if len(ids) > self.runtime.max_seq_len:
+            raise MoeOffloadError(
+                f"{what} has {len(ids)} tokens but the context holds {self.runtime.max_seq_len} "
+                f"(max_seq_len; the model allows up to {self.config.max_position_embeddings})")
+        return list(ids)
+
+    # --- compute --------------------------------------------------------------------------------
+    def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] (float32, on the model's device) of a fresh sequence of token ids."""
+        ids = self._check_ids(input_ids, "input_ids")
+        x = torch.tensor([ids], dtype=torch.long, device=self.runtime.device)
+        with torch.inference_mode():
+            return self.model(x, 0, self._cache)[0].float()
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stream: bool = False,
+                 callback: Callable[[str], None] | None = None) -> GenerationResult | GenerationStream:
+        """Generate from a text or token-id prompt.
+
+        Greedy when temperature is 0; otherwise samples (top_p nucleus, seed for reproducibility).
+        Stops at EOS, max_new_tokens or the end of the context. Returns a GenerationResult with .text,
+        .token_ids (new tokens), .prompt_token_ids, .finish_reason, .stats; with stream=True returns a
+        GenerationStream that yields text deltas and has .result once exhausted. `callback(delta)` is
+        called with each text delta as well.
+        """
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        prompt_ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt")
+        holder = GenerationStream(iter(()))
+        holder._chunks = self._run(prompt_ids, params, holder, callback)
+        if stream:
+            return holder
+        for _ in holder:
+            pass
+        assert holder.result is not None
+        return holder.result
+
+    def _run(self, prompt_ids: list[int], params: SamplingParams, holder: GenerationStream,
+             callback: Callable[[str], None] | None) -> Iterator[str]:
+        t0 = time.perf_counter()
+        timing = _Timing()
+        self.model.usage.zero_()
+        streamer = TextStreamer(self.decode)
+        for tok in decode_tokens(self.model, self._cache, prompt_ids, params, self.config.eos_token_ids,
+                                 timing):
+            delta = streamer.push(tok)
+            if delta:
+                if callback:
+                    callback(delta)
+                yield delta
+        delta = streamer.finish()
+        if delta:
+            if callback:
+                callback(delta)
+            yield delta
+        seconds = time.perf_counter() - t0
+        new = streamer.ids
+        holder.result = GenerationResult(
+            text=streamer.text, token_ids=new, prompt_token_ids=prompt_ids, finish_reason=timing.finish_reason,
+            seconds=seconds, tokens_per_second=len(new) / seconds if seconds > 0 else 0.0,
+            stats=self._stats(timing))
+
+    def _stats(self, timing: _Timing) -> dict[str, Any]:
+        usage = self.model.usage.cpu()  # [L, E]
+        return {
+            "prefill_tokens": timing.prefill_tokens,
+            "prefill_seconds": timing.prefill_seconds,
+            "decode_tokens": timing.decode_tokens,
+            "decode_seconds": timing.decode_seconds,
+            "decode_tokens_per_second": timing.decode_tokens / timing.decode_seconds
+            if timing.decode_seconds > 0 else 0.0,
+            "uses": int(usage.sum()),
+            "per_layer": [{"uses": int(u)} for u in usage.sum(1).tolist()],
+            "expert_uses": usage.tolist(),
+        }
+
+
+def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
+         dtype: str | torch.dtype = "auto", **runtime_options: Any) -> OffloadedModel:
+    """Load a Hugging Face Mixtral folder (or the bundled model when path is None).
+
+    device: "auto" (cuda if available, else cpu), "cpu" or "cuda[:N]". dtype: "auto" (float32 on cpu,
+    the checkpoint's half type on cuda), "float32", "float16" or "bfloat16". runtime_options: see
+    RUNTIME_OPTIONS. The checkpoint is validated completely before any weight is read.
+    """
+    unknown = sorted(set(runtime_options) - set(RUNTIME_OPTIONS))
+    if unknown:
+        raise MoeOffloadError(f"unknown runtime option(s) {unknown}; valid: {sorted(RUNTIME_OPTIONS)}")
+    path = Path(path) if path is not None else bundled_model_path()
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, ckpt.dtype_name)
+    max_seq_len = runtime_options.get("max_seq_len") or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if isinstance(max_seq_len, int) and max_seq_len > cfg.max_position_embeddings:
+        raise MoeOffloadError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                              f"({cfg.max_position_embeddings})")
+    runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len,
+                            show_progress=bool(runtime_options.get("show_progress", False)))
+    model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
+                                               show_progress=runtime.show_progress)
+    return OffloadedModel(path, model, runtime, _load_tokenizer(path))
+
+
+def _load_tokenizer(path: Path) -> Tokenizer | None:
+    f = path / "tokenizer.json"
+    if not f.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as exc:  # tokenizers raises a bare Exception subclass
+        raise MoeOffloadError(f"{f}: not a valid tokenizer.json: {exc}") from None
