@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from moe_offload import MixtralConfig
+from moe_offload.checkpoint import expected_tensors, save_checkpoint
+
 # Shapes chosen to cover: odd sizes, 1 and 2 layers, GQA and MHA, top-1 and top-2, tied and untied
 # embeddings, a sliding window shorter than the test sequences, and a sharded checkpoint.
 SHAPES = {
@@ -51,3 +54,16 @@ def edit_config(path: Path, **changes) -> None:
         else:
             cfg[k] = v
     f.write_text(json.dumps(cfg))
+
+
+# A small model written by this project's own saver (fast; no transformers needed).
+CFG = MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                    num_experts_per_tok=2, head_dim=8, max_position_embeddings=32, torch_dtype="float32")
+
+
+def write_model(path: Path, cfg: MixtralConfig = CFG, **kw) -> Path:
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=g) * 0.1 for n, s in expected_tensors(cfg).items()}
+    save_checkpoint(path, cfg, tensors, **kw)
+    return path
