@@ -1,0 +1,185 @@
+"""Fused MoE grouped GEMM in Triton, reading experts straight out of a slot pool.
+
+Two launches plus a reduction, whatever the token count:
+  GEMM1  act[a] = silu(x[t] @ w1[s]^T) * (x[t] @ w3[s]^T)      for every assignment a = t*k + j
+  GEMM2  y[a]   = (act[a] @ w2[s]^T) * topk_weight[a]
+  sum    out[t] = sum_j y[t*k + j]                              (a torch sum over k: deterministic)
+where s = slot_of_expert[expert of a]. Rows are processed in blocks of BLOCK_M assignments that all
+belong to one expert (see align.py); the same compiled kernel serves any residency state.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .align import moe_align_block_size
+from .configs import TileConfig, tile_config
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _gemm1_silu_kernel(
+    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
+    num_assignments, hidden, inter, top_k,
+    stride_xt, stride_xh, stride_ws, stride_wn, stride_wk, stride_aa, stride_ai,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slot = tl.load(slot_ptr + expert).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    assign = tl.load(sorted_ids_ptr + rows)  # [BM]; num_assignments marks padding
+    row_ok = assign < num_assignments
+    token = (assign // top_k).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
+    col_ok = cols < inter
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w13_ptr + slot * stride_ws
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_ok = (k0 + ks) < hidden
+        a = tl.load(x_ptr + token[:, None] * stride_xt + (k0 + ks)[None, :] * stride_xh,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        wg = tl.load(w_base + (k0 + ks)[:, None] * stride_wk + cols[None, :] * stride_wn,
+                     mask=w_mask, other=0.0)  # [BK, BN] = w1^T tile
+        wu = tl.load(w_base + (k0 + ks)[:, None] * stride_wk + (cols + inter)[None, :] * stride_wn,
+                     mask=w_mask, other=0.0)  # [BK, BN] = w3^T tile
+        if UPCAST:
+            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        acc_gate = tl.dot(a, wg, acc_gate)
+        acc_up = tl.dot(a, wu, acc_up)
+    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up  # silu(gate) * up, in float32
+    tl.store(act_ptr + assign.to(tl.int64)[:, None] * stride_aa + cols[None, :] * stride_ai,
+             act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gemm2_weighted_kernel(
+    act_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
+    num_assignments, hidden, inter,
+    stride_aa, stride_ai, stride_ws, stride_wn, stride_wk, stride_ya, stride_yh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    slot = tl.load(slot_ptr + expert).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    assign = tl.load(sorted_ids_ptr + rows)
+    row_ok = assign < num_assignments
+    assign64 = assign.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden columns
+    col_ok = cols < hidden
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w2_ptr + slot * stride_ws
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        k_ok = (k0 + ks) < inter
+        a = tl.load(act_ptr + assign64[:, None] * stride_aa + (k0 + ks)[None, :] * stride_ai,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        w = tl.load(w_base + (k0 + ks)[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN] = w2^T tile
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc)
+    rw = tl.load(weights_ptr + assign64, mask=row_ok, other=0.0)  # [BM] routing weights, float32
+    acc = acc * rw[:, None]
+    tl.store(y_ptr + assign64[:, None] * stride_ya + cols[None, :] * stride_yh,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_pool: torch.Tensor,
+           w2_pool: torch.Tensor, slot_of_expert: torch.Tensor) -> None:
+    t, h = hidden.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} "
+                         f"must both be [T={t}, k]")
+    if w13_pool.dim() != 3 or w13_pool.shape[2] != h or w13_pool.shape[1] % 2:
+        raise ValueError(f"w13_pool must be [S, 2I, H={h}], got {list(w13_pool.shape)}")
+    s, two_i, _ = w13_pool.shape
+    if w2_pool.shape != (s, h, two_i // 2):
+        raise ValueError(f"w2_pool must be [S={s}, H={h}, I={two_i // 2}], got {list(w2_pool.shape)}")
+    if hidden.dtype != w13_pool.dtype or hidden.dtype != w2_pool.dtype:
+        raise ValueError(f"dtype mismatch: hidden {hidden.dtype}, w13_pool {w13_pool.dtype}, w2_pool {w2_pool.dtype}")
+    if slot_of_expert.dim() != 1 or slot_of_expert.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_of_expert must be a 1-D int tensor [E], got {slot_of_expert.dtype} "
+                         f"{list(slot_of_expert.shape)}")
+    devices = {x.device for x in (hidden, topk_ids, topk_weights, w13_pool, w2_pool, slot_of_expert)}
+    if len(devices) != 1:
+        raise ValueError(f"all fused_moe inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_resident(topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slots: int) -> None:
+    """Debug check (syncs the host): every routed expert has a slot in [0, num_slots)."""
+    slots = slot_of_expert.long()[topk_ids.reshape(-1).long()]
+    bad = (slots < 0) | (slots >= num_slots)
+    if bool(bad.any()):
+        experts = sorted(set(topk_ids.reshape(-1)[bad].tolist()))
+        raise ValueError(f"fused_moe: tokens are routed to expert(s) {experts} that have no valid slot "
+                         f"(slot_of_expert gives {sorted(set(slots[bad].tolist()))}; pool has {num_slots})")
+
+
+def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              w13_pool: torch.Tensor, w2_pool: torch.Tensor, slot_of_expert: torch.Tensor, *,
+              out: torch.Tensor | None = None, config: TileConfig | None = None,
+              debug: bool = False) -> torch.Tensor:
+    """Mixture-of-experts SwiGLU FFN in two Triton grouped-GEMM launches.
+
+    Args:
+        hidden:         [T, H] float32 / float16 / bfloat16, the (normed) token activations.
+        topk_ids:       [T, k] int32/int64 expert ids per token.
+        topk_weights:   [T, k] routing weights (any float dtype; applied in float32).
+        w13_pool:       [S, 2I, H] slot pool of gate (rows 0..I-1) and up (rows I..2I-1) projections.
+        w2_pool:        [S, H, I] slot pool of down projections.
+        slot_of_expert: [E] int32/int64: the slot holding each expert (-1 if not resident).
+        out:            optional [T, H] output of hidden's dtype, written in full.
+        config:         tile config; default: nearest-M entry of the tile-config table.
+        debug:          check (with a host sync) that every routed expert is resident, and fill the
+                        intermediate buffers with NaN so that a row never written shows up.
+    Returns:
+        [T, H] in hidden's dtype: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]).
+    Slots that no routed token uses are never read (NaN garbage there cannot leak).
+    """
+    _check(hidden, topk_ids, topk_weights, w13_pool, w2_pool, slot_of_expert)
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    inter = w13_pool.shape[1] // 2
+    if out is None:
+        out = torch.empty_like(hidden)
+    if t == 0:
+        return out.zero_()
+    if debug:
+        check_resident(topk_ids, slot_of_expert, w13_pool.shape[0])
+    cfg = config or tile_config(t, hidden.device)
+    al = moe_align_block_size(topk_ids, slot_of_expert.shape[0], cfg.block_m)
+    n = al.num_assignments
+    alloc = torch.full if debug else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+    act = alloc((n, inter), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, I]
+    y = alloc((n, h), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, H]
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [N]
+    slots = slot_of_expert.contiguous()
+    upcast = _INTERPRET and hidden.dtype == torch.bfloat16  # interpreter bf16 tl.dot is wrong
+    num_blocks = al.block_expert.numel()
+    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=upcast,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _gemm1_silu_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
+        hidden, w13_pool, act, al.sorted_ids, al.block_expert, slots, n, h, inter, k,
+        hidden.stride(0), hidden.stride(1), w13_pool.stride(0), w13_pool.stride(1), w13_pool.stride(2),
+        act.stride(0), act.stride(1), **launch)
+    _gemm2_weighted_kernel[(num_blocks, triton.cdiv(h, cfg.block_n))](
+        act, w2_pool, y, weights, al.sorted_ids, al.block_expert, slots, n, h, inter,
+        act.stride(0), act.stride(1), w2_pool.stride(0), w2_pool.stride(1), w2_pool.stride(2),
+        y.stride(0), y.stride(1), **launch)
+    return torch.sum(y.view(t, k, h), dim=1, out=out)  # deterministic top-k reduction
