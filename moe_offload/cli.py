@@ -22,6 +22,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype; auto = float32 on cpu, the checkpoint's half type on cuda")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "triton", "grouped_mm", "loop"],
+                   help="expert compute: auto = triton on cuda, loop on cpu; triton on cpu needs "
+                        "TRITON_INTERPRET=1 (slow, for tests)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context length for the KV cache (default min(max_position_embeddings, 4096))")
 
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "show_progress": sys.stderr.isatty()}
+    kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "moe_backend": args.moe_backend,
+                          "show_progress": sys.stderr.isatty()}
     if args.max_seq_len is not None:
         kw["max_seq_len"] = args.max_seq_len
     return kw
@@ -81,7 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     res = stream.result
     print(f"[{len(res.token_ids)} tokens in {res.seconds:.2f} s, {res.tokens_per_second:.1f} tok/s "
           f"({res.stats['decode_tokens_per_second']:.1f} tok/s decode), stop: {res.finish_reason}, "
-          f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}]", file=sys.stderr)
+          f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}, "
+          f"moe backend {model.runtime.moe_backend}]", file=sys.stderr)
     return 0
 
 

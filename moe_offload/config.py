@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,8 +199,8 @@ class RuntimeConfig:
     device: torch.device
     dtype: torch.dtype
     max_seq_len: int
+    moe_backend: str = "loop"
     show_progress: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_seq_len, int) or self.max_seq_len <= 0:

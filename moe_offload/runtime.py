@@ -15,12 +15,14 @@ from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
+from .model.backends import resolve_moe_backend
 from .model.transformer import KVCache, MixtralTransformer
 
 DEFAULT_MAX_SEQ_LEN = 4096
 RUNTIME_OPTIONS = {
     "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
     "show_progress": "show a progress bar while loading weights (default False)",
+    "moe_backend": "auto (triton on cuda, loop on cpu), triton, grouped_mm or loop",
 }
 
 
@@ -50,7 +52,7 @@ class OffloadedModel:
         c = self.config
         return (f"OffloadedModel({str(self.path)!r}, layers={c.num_hidden_layers}, experts="
                 f"{c.num_local_experts}, top_k={c.num_experts_per_tok}, device={self.runtime.device}, "
-                f"dtype={str(self.runtime.dtype).removeprefix('torch.')})")
+                f"dtype={str(self.runtime.dtype).removeprefix('torch.')}, moe_backend={self.runtime.moe_backend})")
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -175,10 +177,11 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if isinstance(max_seq_len, int) and max_seq_len > cfg.max_position_embeddings:
         raise MoeOffloadError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings})")
-    runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len,
+    backend = resolve_moe_backend(runtime_options.get("moe_backend", "auto"), dev, dt, cfg)
+    runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len, moe_backend=backend,
                             show_progress=bool(runtime_options.get("show_progress", False)))
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
-                                               show_progress=runtime.show_progress)
+                                               moe_backend=backend, show_progress=runtime.show_progress)
     return OffloadedModel(path, model, runtime, _load_tokenizer(path))
 
 

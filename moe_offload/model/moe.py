@@ -61,13 +61,22 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
 
 
 class ResidentExperts(nn.Module):
-    """Every expert of every layer held on one device: w13 [L, E, 2I, H], w2 [L, E, H, I]."""
+    """Every expert of every layer held on one device: w13 [L, E, 2I, H], w2 [L, E, H, I].
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+    Each layer's experts are a slot pool with the identity slot table, run by `backend`
+    ("loop", "grouped_mm" or "triton"; see model/backends.py).
+    """
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, backend: str = "loop"):
         super().__init__()
         self.w13 = nn.Parameter(w13, requires_grad=w13.requires_grad)
         self.w2 = nn.Parameter(w2, requires_grad=w2.requires_grad)
+        self.backend = backend
+        self.register_buffer("identity_slots", torch.arange(w13.shape[1], dtype=torch.int32, device=w13.device),
+                             persistent=False)
 
     def forward(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
-        return moe_loop(h, ids, weights, self.w13[layer], self.w2[layer])
+        from .backends import run_experts
+
+        return run_experts(self.backend, h, ids, weights, self.w13[layer], self.w2[layer], self.identity_slots)

@@ -91,12 +91,12 @@ class MixtralTransformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device,
                         max_seq_len: int, experts: ExpertBackend | None = None,
-                        show_progress: bool = False) -> "MixtralTransformer":
+                        moe_backend: str = "loop", show_progress: bool = False) -> "MixtralTransformer":
         """Load dense weights (and, unless `experts` is given, all experts) one tensor at a time."""
         cfg = ckpt.config
         ckpt.validate()
         if experts is None:
-            experts = empty_resident_experts(cfg, dtype, device)
+            experts = empty_resident_experts(cfg, dtype, device, moe_backend)
         model = cls(cfg, experts, dtype=dtype, device=device, max_seq_len=max_seq_len)
         names = model._dense_names()
         n_expert = cfg.num_hidden_layers * cfg.num_local_experts if isinstance(experts, ResidentExperts) else 0
@@ -180,10 +180,11 @@ class MixtralTransformer(nn.Module):
         return x if return_hidden else F.linear(x, self.head())
 
 
-def empty_resident_experts(cfg: MixtralConfig, dtype: torch.dtype, device: torch.device) -> ResidentExperts:
+def empty_resident_experts(cfg: MixtralConfig, dtype: torch.dtype, device: torch.device,
+                           moe_backend: str = "loop") -> ResidentExperts:
     L, E, H, I = cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
-                           torch.empty(L, E, H, I, dtype=dtype, device=device))
+                           torch.empty(L, E, H, I, dtype=dtype, device=device), moe_backend)
 
 
 def load_expert_into(ckpt: Checkpoint, layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
