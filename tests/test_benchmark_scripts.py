@@ -1,0 +1,30 @@
+"""The GPU benchmark scripts run end to end in their CPU smoke mode and write well-formed JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, out: Path) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=out.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    res = run("kernels.py", tmp_path / "k.json")
+    assert {"command", "git_commit", "date", "device", "torch", "triton"} <= set(res)
+    assert [r["tokens"] for r in res["results"]] == [1, 4, 16]
+    assert all(r["correct"] for r in res["results"])
+
+
+def test_tuning_script_smoke(tmp_path):
+    res = run("tune_fused_moe.py", tmp_path / "t.json")
+    assert set(res["configs"]) == {"1", "16"}
+    assert all(c["block_m"] in (16, 32) for c in res["configs"].values())
