@@ -27,6 +27,14 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "TRITON_INTERPRET=1 (slow, for tests)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context length for the KV cache (default min(max_position_embeddings, 4096))")
+    c = p.add_argument_group("expert cache (give at most one budget; default: fill free device memory)")
+    c.add_argument("--cache-experts", type=int, default=None, metavar="N", help="expert slots over all layers")
+    c.add_argument("--cache-per-layer", type=int, default=None, metavar="K", help="expert slots per layer")
+    c.add_argument("--cache-gb", type=float, default=None, metavar="X", help="gigabytes of expert slots")
+    c.add_argument("--policy", default="lru", choices=["lru", "lru-layer", "lfu", "predictive"],
+                   help="eviction policy (default lru)")
+    c.add_argument("--no-offload", action="store_true",
+                   help="keep every expert on the device (no cache; the reference for exactness)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (reproducible output)")
+    g.add_argument("--stats", action="store_true", help="print the expert-cache stats to stderr at the end")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt_token_ids, stats, seconds, "
                         "tokens_per_second, finish_reason")
 
-    i = sub.add_parser("info", help="model config, parameter counts and bytes per expert",
-                       description="Describe a checkpoint without loading its weights (headers only).")
+    i = sub.add_parser("info", help="model config, parameter counts, bytes per expert, memory plan",
+                       description="Describe a checkpoint without loading its weights (headers only). "
+                                   "With --device or a cache budget, also print the memory plan "
+                                   "(dense weights, KV cache, expert slots, reserve).")
     _add_model_args(i)
+    _add_runtime_args(i)
     i.add_argument("--config", metavar="FILE", default=None,
                    help="describe a bare config.json instead of a model folder (no weights needed)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -64,6 +76,8 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                           "show_progress": sys.stderr.isatty()}
     if args.max_seq_len is not None:
         kw["max_seq_len"] = args.max_seq_len
+    kw.update(offload=not args.no_offload, policy=args.policy, cache_experts=args.cache_experts,
+              cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
     return kw
 
 
@@ -87,13 +101,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"({res.stats['decode_tokens_per_second']:.1f} tok/s decode), stop: {res.finish_reason}, "
           f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}, "
           f"moe backend {model.runtime.moe_backend}]", file=sys.stderr)
+    if res.stats.get("offload"):
+        st = res.stats
+        print(f"[expert cache: {st['capacity_slots']} slots, {st['policy']}: {st['uses']} uses, {st['hits']} hits, "
+              f"{st['misses']} misses ({100 * st['hit_rate']:.1f}% hit rate), {st['bytes_h2d'] / 1e6:.1f} MB "
+              f"copied, {st['stall_seconds'] * 1e3:.1f} ms stalled]", file=sys.stderr)
+    if args.stats:
+        print(json.dumps({k: v for k, v in res.stats.items() if k != "expert_uses"}, indent=1), file=sys.stderr)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, format_info
 
-    info = describe(args.model, args.config)
+    plan_kw = None
+    if args.device != "auto" or any(v is not None for v in (args.cache_experts, args.cache_per_layer, args.cache_gb)):
+        plan_kw = _runtime_kwargs(args)
+    info = describe(args.model, args.config, plan_kw)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 

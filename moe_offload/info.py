@@ -23,8 +23,10 @@ def expert_bytes(cfg: MixtralConfig) -> dict[str, int]:
             "int4": n // 2 + (n // INT4_GROUP) * 4}
 
 
-def describe(path: str | Path | None, config_file: str | Path | None = None) -> dict[str, Any]:
-    """Facts about a model folder (validated, headers only), or about a bare config.json."""
+def describe(path: str | Path | None, config_file: str | Path | None = None,
+             plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Facts about a model folder (validated, headers only), or about a bare config.json; with `plan`
+    (device, dtype, max_seq_len, policy and a cache budget) also the memory plan."""
     from .runtime import bundled_model_path
 
     if config_file is not None:
@@ -47,7 +49,20 @@ def describe(path: str | Path | None, config_file: str | Path | None = None) -> 
                   "expert_fraction": expert_total / cfg.total_params},
         "experts": n_experts,
         "one_expert_bytes": expert_bytes(cfg),
+        **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
     }
+
+
+def _plan(cfg: MixtralConfig, ckpt_dtype: str, kw: dict[str, Any]):
+    from .config import resolve_device, resolve_dtype
+    from .experts import CacheBudget, make_policy, plan_memory
+    from .runtime import DEFAULT_MAX_SEQ_LEN
+
+    dev = resolve_device(kw["device"])
+    dt = resolve_dtype(kw["dtype"], dev, ckpt_dtype)
+    seq = kw.get("max_seq_len") or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    budget = CacheBudget(kw.get("cache_experts"), kw.get("cache_per_layer"), kw.get("cache_gb"))
+    return plan_memory(cfg, dev, dt, seq, budget, make_policy(kw.get("policy", "lru")).per_layer)
 
 
 def _size(n: float) -> str:
@@ -75,4 +90,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"({100 * b['expert_fraction']:.1f}% of parameters in experts; checkpoint {info['checkpoint_dtype']})",
         "one expert " + "  ".join(f"{k} {_size(v)}" for k, v in info["one_expert_bytes"].items()),
     ]
+    if "memory_plan" in info:
+        from .experts import MemoryPlan
+
+        lines.append(MemoryPlan(**info["memory_plan"]).format())
     return "\n".join(lines)

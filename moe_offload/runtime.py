@@ -15,6 +15,8 @@ from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
+from .experts import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts,
+                      make_copy_engine, make_policy, plan_memory)
 from .model.backends import resolve_moe_backend
 from .model.transformer import KVCache, MixtralTransformer
 
@@ -23,6 +25,11 @@ RUNTIME_OPTIONS = {
     "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
     "show_progress": "show a progress bar while loading weights (default False)",
     "moe_backend": "auto (triton on cuda, loop on cpu), triton, grouped_mm or loop",
+    "offload": "True (default): experts in host RAM, a device slot cache; False: every expert on the device",
+    "cache_experts": "expert slots on the device, over all layers",
+    "cache_per_layer": "expert slots per layer (times the number of layers)",
+    "cache_gb": "gigabytes of expert slots on the device",
+    "policy": "eviction policy: lru (default), lru-layer, lfu or predictive",
 }
 
 
@@ -40,8 +47,10 @@ class OffloadedModel:
     """A loaded Mixtral: `generate()` text, `logits()` of a fresh sequence, `config` of the model."""
 
     def __init__(self, path: Path, model: MixtralTransformer, runtime: RuntimeConfig,
-                 tokenizer: Tokenizer | None):
+                 tokenizer: Tokenizer | None, plan: MemoryPlan | None = None):
         self.path = path
+        self.plan = plan
+        self.cache: ExpertCache | None = model.experts.cache if isinstance(model.experts, OffloadedExperts) else None
         self.model = model
         self.runtime = runtime
         self.tokenizer = tokenizer
@@ -52,7 +61,8 @@ class OffloadedModel:
         c = self.config
         return (f"OffloadedModel({str(self.path)!r}, layers={c.num_hidden_layers}, experts="
                 f"{c.num_local_experts}, top_k={c.num_experts_per_tok}, device={self.runtime.device}, "
-                f"dtype={str(self.runtime.dtype).removeprefix('torch.')}, moe_backend={self.runtime.moe_backend})")
+                f"dtype={str(self.runtime.dtype).removeprefix('torch.')}, moe_backend={self.runtime.moe_backend}, "
+                f"expert_slots={self.cache.num_slots if self.cache else 'all (no offload)'})")
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -92,6 +102,8 @@ class OffloadedModel:
         """Logits [T, vocab] (float32, on the model's device) of a fresh sequence of token ids."""
         ids = self._check_ids(input_ids, "input_ids")
         x = torch.tensor([ids], dtype=torch.long, device=self.runtime.device)
+        if self.cache is not None:
+            self.cache.stats.reset()
         with torch.inference_mode():
             return self.model(x, 0, self._cache)[0].float()
 
@@ -122,6 +134,8 @@ class OffloadedModel:
         t0 = time.perf_counter()
         timing = _Timing()
         self.model.usage.zero_()
+        if self.cache is not None:
+            self.cache.stats.reset()
         streamer = TextStreamer(self.decode)
         for tok in decode_tokens(self.model, self._cache, prompt_ids, params, self.config.eos_token_ids,
                                  timing):
@@ -151,10 +165,18 @@ class OffloadedModel:
             "decode_seconds": timing.decode_seconds,
             "decode_tokens_per_second": timing.decode_tokens / timing.decode_seconds
             if timing.decode_seconds > 0 else 0.0,
-            "uses": int(usage.sum()),
-            "per_layer": [{"uses": int(u)} for u in usage.sum(1).tolist()],
-            "expert_uses": usage.tolist(),
+            "expert_uses": usage.tolist(),  # routed (token, k) assignments per [layer][expert]
+            "offload": self.cache is not None,
+            **(self.cache_stats() if self.cache is not None else {}),
         }
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Expert-cache counters since the last generate()/logits() call (totals and per_layer)."""
+        if self.cache is None:
+            raise MoeOffloadError("this model was loaded with offload=False: there is no expert cache")
+        self.cache.stats.check()
+        return {**self.cache.stats.to_dict(), "capacity_slots": self.cache.num_slots,
+                "policy": self.cache.policy.name}
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
@@ -180,9 +202,21 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     backend = resolve_moe_backend(runtime_options.get("moe_backend", "auto"), dev, dt, cfg)
     runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len, moe_backend=backend,
                             show_progress=bool(runtime_options.get("show_progress", False)))
+    ckpt.validate()  # every problem reported before a single weight is read
+    tokenizer = _load_tokenizer(path)
+    experts, plan = None, None
+    if runtime_options.get("offload", True):
+        budget = CacheBudget(runtime_options.get("cache_experts"), runtime_options.get("cache_per_layer"),
+                             runtime_options.get("cache_gb"))
+        policy = make_policy(runtime_options.get("policy", "lru"))
+        plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer)
+        store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress)
+        cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev))
+        experts = OffloadedExperts(cache, backend)
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
-                                               moe_backend=backend, show_progress=runtime.show_progress)
-    return OffloadedModel(path, model, runtime, _load_tokenizer(path))
+                                               experts=experts, moe_backend=backend,
+                                               show_progress=runtime.show_progress)
+    return OffloadedModel(path, model, runtime, tokenizer, plan)
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:

@@ -30,3 +30,16 @@ def test_auto_backend_and_bad_choices(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(MoeOffloadError, match="set TRITON_INTERPRET=1"):
         moe_offload.load(path, device="cpu", moe_backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_offloaded_kernel_backends_with_grouped_prefill(tmp_path, backend):
+    # 2 slots < 4 experts per layer: prefill runs each layer's experts in groups through the kernels.
+    path = write_model(tmp_path)
+    ref = moe_offload.load(path, device="cpu", offload=False, moe_backend="loop")
+    m = moe_offload.load(path, device="cpu", cache_experts=2, moe_backend=backend)
+    ids = [1, 7, 3, 9, 11, 4, 2, 8, 5, 13, 6, 21]
+    a, b = ref.logits(ids), m.logits(ids)
+    assert ((a - b).abs().max() / a.abs().max()).item() < REL_TOL_FP32
+    assert m.cache_stats()["misses"] == 8
+    assert ref.generate(ids, max_new_tokens=6).token_ids == m.generate(ids, max_new_tokens=6).token_ids

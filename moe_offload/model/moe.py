@@ -34,15 +34,19 @@ def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
 
 
 def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-             w2: torch.Tensor, slot_of_expert: list[int] | None = None) -> torch.Tensor:
+             w2: torch.Tensor, slot_of_expert: list[int] | None = None, *,
+             experts: set[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-expert loop: for each routed expert e, gather its tokens, run it, scatter-add weighted.
 
     h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I]; expert e lives in slot
     slot_of_expert[e] (identity when None). Experts are summed in ascending id, like the reference.
+    `experts` restricts the loop to those experts, accumulating into `out`: running groups of
+    ascending experts one after another gives bit-identical results to one full call.
     One host sync (the per-expert token counts) is inherent to a Python loop over experts.
     """
     n, k = ids.shape
-    out = torch.zeros_like(h)
+    if out is None:
+        out = torch.zeros_like(h)
     flat = ids.reshape(-1)  # [N*k]
     order = torch.argsort(flat, stable=True)  # [N*k], grouped by expert
     counts = torch.bincount(flat, minlength=w13.shape[0] if slot_of_expert is None else len(slot_of_expert))
@@ -53,6 +57,8 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
             continue
         sel = order[start:start + c]  # [c] positions in the flat [N*k] assignment list
         start += c
+        if experts is not None and e not in experts:
+            continue
         tok = sel // k  # [c]
         slot = e if slot_of_expert is None else slot_of_expert[e]
         y = expert_ffn(h[tok], w13[slot], w2[slot])  # [c, H]

@@ -1,0 +1,171 @@
+"""Device tier: a slot pool allocated once, the residency table, eviction, demand loads, stats."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import MoeOffloadError
+from .policy import EvictionPolicy, Key
+from .stats import CacheStats
+from .store import HostExpertStore
+from .transfer import CopyEngine, CopyFailed, LoadHandle
+
+
+class ExpertCache:
+    """A fixed pool of expert slots on the device and which (layer, expert) each slot holds.
+
+    - `pool` [S, 3*H*I] is one tensor; `w13_pool` [S, 2I, H] and `w2_pool` [S, H, I] are views of it,
+      so kernels read experts straight from the pool.
+    - `slot_table` [L, E] int32 on the device (-1: not resident) mirrors the host table `slot_of`;
+      row l is refreshed when layer l acquires experts, before any kernel of layer l reads it.
+    - `acquire(layer, experts)` makes experts resident (demand loads for misses, waits for their
+      copies) and pins them; `release` unpins them and fences their slots. Pinned experts and experts
+      with a copy in flight are never evicted.
+    """
+
+    def __init__(self, store: HostExpertStore, num_slots: int, policy: EvictionPolicy, device: torch.device,
+                 engine: CopyEngine):
+        L, E = store.num_layers, store.num_experts
+        self.store, self.policy, self.device, self.engine = store, policy, torch.device(device), engine
+        self.num_layers, self.num_experts, self.num_slots = L, E, num_slots
+        if policy.per_layer and num_slots < L:
+            raise MoeOffloadError(f"policy {policy.name!r} needs at least one slot per layer ({L}); got {num_slots}")
+        h, i = store.hidden, store.inter
+        self.pool = torch.empty(num_slots, store.expert_elems, dtype=store.dtype, device=self.device)
+        self.w13_pool = self.pool[:, : 2 * i * h].view(num_slots, 2 * i, h)  # [S, 2I, H]
+        self.w2_pool = self.pool[:, 2 * i * h:].view(num_slots, h, i)  # [S, H, I]
+        self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=self.device)  # [L, E]
+        self.slot_of = np.full((L, E), -1, dtype=np.int64)  # host mirror, the authority
+        self.key_of_slot: list[Key | None] = [None] * num_slots
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.resident_per_layer = np.zeros(L, dtype=np.int64)
+        base, extra = divmod(num_slots, L)
+        self.quota = np.array([base + (l < extra) for l in range(L)]) if policy.per_layer else None
+        self.pinned: set[Key] = set()
+        self.inflight: dict[Key, LoadHandle] = {}
+        self.prefetched_unused: set[Key] = set()
+        self._dirty_rows: set[int] = set()
+        self.stats = CacheStats(L)
+
+    # --- capacity -----------------------------------------------------------------------------
+    def capacity(self, layer: int) -> int:
+        """How many experts of `layer` can be resident at once."""
+        return int(self.quota[layer]) if self.quota is not None else self.num_slots
+
+    def plan_groups(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """Split a layer's needed experts (ascending) into groups that fit its capacity at once."""
+        cap = min(self.capacity(layer), self.num_slots - sum(1 for k in self.inflight if k[0] != layer))
+        experts = list(experts)
+        return [experts[i:i + cap] for i in range(0, len(experts), cap)]
+
+    def is_resident(self, layer: int, e: int) -> bool:
+        return self.slot_of[layer, e] >= 0
+
+    def resident(self) -> list[Key]:
+        return [k for k in self.key_of_slot if k is not None]
+
+    # --- the demand path ------------------------------------------------------------------------
+    def acquire(self, layer: int, experts: Iterable[int]) -> None:
+        """Make every expert resident and pinned, counting hits and misses; wait for their copies."""
+        stats = self.stats
+        keys = [(layer, int(e)) for e in experts]
+        self.pinned.update(keys)
+        try:
+            for key in keys:
+                stats.uses[layer] += 1
+                if self.slot_of[key] >= 0:
+                    stats.hits[layer] += 1
+                    if key in self.prefetched_unused:
+                        stats.prefetch_hits[layer] += 1
+                        self.prefetched_unused.discard(key)
+                else:
+                    stats.misses[layer] += 1
+                    self._start_load(key)
+                self.policy.on_access(key)
+            for key in keys:
+                self._wait(key)
+        except BaseException:
+            self.pinned.difference_update(keys)
+            raise
+        if layer in self._dirty_rows:
+            self.slot_table[layer].copy_(torch.from_numpy(self.slot_of[layer].astype(np.int32)))
+            self._dirty_rows.discard(layer)
+
+    def release(self, layer: int, experts: Iterable[int]) -> None:
+        """Compute on these experts has been issued: unpin them and fence their slots."""
+        for e in experts:
+            key = (layer, int(e))
+            self.pinned.discard(key)
+            self.engine.fence(int(self.slot_of[key]))
+
+    def slot_list(self, layer: int) -> list[int]:
+        """Host copy of layer's slot table row (for backends that loop on the host)."""
+        return self.slot_of[layer].tolist()
+
+    # --- internals ------------------------------------------------------------------------------
+    def _start_load(self, key: Key, prefetch: bool = False) -> None:
+        slot = self._take_slot(key[0])
+        self.slot_of[key] = slot
+        self.key_of_slot[slot] = key
+        self.resident_per_layer[key[0]] += 1
+        self._dirty_rows.add(key[0])
+        self.policy.on_insert(key)
+        self.inflight[key] = self.engine.load(key, self.store.row(*key), self.pool[slot], slot)
+        self.stats.bytes_h2d[key[0]] += self.store.expert_bytes
+        if prefetch:
+            self.prefetched_unused.add(key)
+
+    def _wait(self, key: Key) -> None:
+        handle = self.inflight.get(key)
+        if handle is None:
+            return
+        try:
+            self.stats.stall_seconds[key[0]] += self.engine.wait(handle)
+        except CopyFailed:
+            del self.inflight[key]
+            self._drop(key)  # the slot holds garbage: forget it, so the cache stays consistent
+            raise
+        del self.inflight[key]
+
+    def _take_slot(self, layer: int) -> int:
+        if self.quota is not None and self.resident_per_layer[layer] >= self.quota[layer]:
+            candidates = [k for k in self.resident() if k[0] == layer]
+        elif self.free_slots:
+            return self.free_slots.pop()
+        else:
+            candidates = self.resident()
+        candidates = [k for k in candidates if k not in self.pinned and k not in self.inflight]
+        if not candidates:
+            raise MoeOffloadError(f"expert cache: no evictable slot for layer {layer} "
+                                  f"({self.num_slots} slots, {len(self.pinned)} pinned, {len(self.inflight)} in flight)")
+        victim = self.policy.victim(candidates)
+        slot = int(self.slot_of[victim])
+        self._drop(victim)  # puts `slot` back on top of free_slots
+        assert self.free_slots[-1] == slot
+        return self.free_slots.pop()
+
+    def _drop(self, key: Key) -> None:
+        slot = int(self.slot_of[key])
+        if key in self.prefetched_unused:
+            self.stats.prefetch_wasted[key[0]] += 1
+            self.prefetched_unused.discard(key)
+        self.slot_of[key] = -1
+        self.key_of_slot[slot] = None
+        self.resident_per_layer[key[0]] -= 1
+        self._dirty_rows.add(key[0])
+        self.policy.on_evict(key)
+        self.free_slots.append(slot)
+
+    def clear(self) -> None:
+        """Evict everything (e.g. between benchmark runs). Waits for in-flight copies first."""
+        for key in list(self.inflight):
+            try:
+                self._wait(key)
+            except CopyFailed:
+                pass
+        for key in self.resident():
+            self._drop(key)
+        self.prefetched_unused.clear()

@@ -1,0 +1,63 @@
+"""The offloaded expert backend: routed ids -> resident experts -> kernels reading the slot pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..model.backends import run_experts
+from ..model.moe import moe_loop
+from .cache import ExpertCache
+
+
+class OffloadedExperts:
+    """ExpertBackend over an ExpertCache (plugs into MixtralTransformer.moe_block).
+
+    Per layer, the host reads the routed ids (one device->host sync of [N, k] ints: the host must
+    know which experts to load), makes them resident, then runs the backend on the slot pool.
+    When a layer needs more experts than it can hold at once (prefill with few slots), they are
+    processed in ascending groups that fit. The loop backend then runs just the group's experts over
+    the same token rows, so results are bit-identical to the resident run; kernel backends get the
+    group's assignments with the others redirected to a group expert at weight 0 (exact zeros added;
+    equal to the resident run within float rounding, as the GEMM row blocking differs).
+    """
+
+    def __init__(self, cache: ExpertCache, backend: str = "loop"):
+        self.cache = cache
+        self.backend = backend
+
+    def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ids_host = ids.cpu().numpy()  # [N, k]
+        needed = np.unique(ids_host).tolist()  # ascending
+        groups = self.cache.plan_groups(layer, needed)
+        if len(groups) == 1:
+            return self._run(layer, groups[0], h, ids, weights)
+        out = torch.zeros_like(h)
+        if self.backend == "loop":
+            for group in groups:
+                self.cache.acquire(layer, group)
+                try:
+                    moe_loop(h, ids, weights, self.cache.w13_pool, self.cache.w2_pool,
+                             self.cache.slot_list(layer), experts=set(group), out=out)
+                finally:
+                    self.cache.release(layer, group)
+            return out
+        for group in groups:
+            in_group = np.isin(ids_host, group)  # [N, k]
+            rows = torch.from_numpy(np.flatnonzero(in_group.any(1))).to(h.device)  # tokens touching group
+            mask = torch.from_numpy(in_group).to(h.device)
+            ids_g = torch.where(mask, ids, group[0])[rows]
+            w_g = torch.where(mask, weights, torch.zeros_like(weights))[rows]
+            out.index_add_(0, rows, self._run(layer, group, h[rows], ids_g, w_g))
+        return out
+
+    def _run(self, layer: int, group: list[int], h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+             ) -> torch.Tensor:
+        cache = self.cache
+        cache.acquire(layer, group)
+        try:
+            slot_list = cache.slot_list(layer) if self.backend == "loop" else None
+            return run_experts(self.backend, h, ids, weights, cache.w13_pool, cache.w2_pool,
+                               cache.slot_table[layer], slot_list)
+        finally:
+            cache.release(layer, group)

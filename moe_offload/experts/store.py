@@ -1,0 +1,77 @@
+"""Host tier: every expert (w1, w3, w2) packed contiguously inside one large (pinned) host allocation."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import Checkpoint, expert_name
+from ..errors import MoeOffloadError
+
+# Leave this much RAM to the rest of the machine when checking that the store fits.
+HOST_RAM_MARGIN = 1 << 30
+
+
+def available_host_bytes() -> int:
+    """Host RAM that can be allocated without swapping (psutil's `available`)."""
+    return int(psutil.virtual_memory().available)
+
+
+def check_host_ram(needed: int, what: str) -> None:
+    avail = available_host_bytes()
+    if needed > avail - HOST_RAM_MARGIN:
+        raise MoeOffloadError(
+            f"host RAM too small for {what}: needs {needed:,} bytes ({needed / 1e9:.2f} GB), "
+            f"{avail:,} bytes ({avail / 1e9:.2f} GB) available and {HOST_RAM_MARGIN / 1e9:.2f} GB kept free; "
+            "use a smaller expert dtype or a machine with more RAM")
+
+
+class HostExpertStore:
+    """All experts of a model in host memory, one contiguous row per expert: [w1 | w3 | w2] flattened.
+
+    `row(layer, e)` is one expert, so one host-to-device copy moves it. The buffer is pinned when
+    `pin` is True (CUDA runs), so copies can run asynchronously on a copy stream.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                 pin: bool = False):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.hidden, self.inter, self.dtype = hidden, inter, dtype
+        self.expert_elems = 3 * hidden * inter
+        self.expert_bytes = self.expert_elems * torch.tensor([], dtype=dtype).element_size()
+        check_host_ram(num_layers * num_experts * self.expert_bytes, "the host expert store")
+        self.buffer = torch.empty(num_layers * num_experts, self.expert_elems, dtype=dtype, pin_memory=pin)
+        self.pinned = pin
+
+    def row(self, layer: int, e: int) -> torch.Tensor:
+        """Expert (layer, e) as one contiguous [3*H*I] row."""
+        return self.buffer[layer * self.num_experts + e]
+
+    def w13(self, layer: int, e: int) -> torch.Tensor:
+        return self.row(layer, e)[: 2 * self.inter * self.hidden].view(2 * self.inter, self.hidden)
+
+    def w2(self, layer: int, e: int) -> torch.Tensor:
+        return self.row(layer, e)[2 * self.inter * self.hidden:].view(self.hidden, self.inter)
+
+    def put(self, layer: int, e: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
+        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I])."""
+        w13 = self.w13(layer, e)
+        w13[: self.inter].copy_(w1)
+        w13[self.inter:].copy_(w3)
+        self.w2(layer, e).copy_(w2)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False,
+                        show_progress: bool = False) -> "HostExpertStore":
+        """Fill the store straight from the checkpoint's memory map, one tensor at a time."""
+        cfg = ckpt.config
+        store = cls(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
+                    dtype, pin)
+        with torch.no_grad(), tqdm(total=cfg.num_hidden_layers * cfg.num_local_experts, unit="expert",
+                                   desc="loading experts to host", disable=not show_progress) as bar:
+            for layer in range(cfg.num_hidden_layers):
+                for e in range(cfg.num_local_experts):
+                    store.put(layer, e, *(ckpt.tensor(expert_name(layer, e, w)) for w in ("w1", "w3", "w2")))
+                    bar.update()
+        return store
