@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -80,6 +81,8 @@ class MixtralTransformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
         self.experts = experts
+        # Optional observer of routing decisions: hook(layer, ids [N, k], weights [N, k], logits [N, E]).
+        self.routing_hook: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -148,6 +151,8 @@ class MixtralTransformer(nn.Module):
         logits = F.linear(x, self.layers[layer].gate)  # [N, E]
         weights, ids = route(logits, self.cfg.num_experts_per_tok)  # [N, k] each
         self.usage[layer] += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_local_experts)
+        if self.routing_hook is not None:
+            self.routing_hook(layer, ids, weights, logits)
         y = self.experts(layer, x, ids, weights)  # [N, H]
         return y.reshape(h.shape), logits
 
