@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Every GPU check and benchmark in one call (a lent GPU comes with ~15 minutes in all).
+
+    python benchmarks/gpu_check.py            # on the GPU machine; writes $OUT/*.json (or benchmarks/results/)
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --smoke   # CPU: exercises the script itself
+
+Sections (each timed and isolated: a failure is recorded, the next section still runs):
+  offload_exactness  offloaded == resident on CUDA (bf16, fp16; triton backend), tokens and logits,
+                     several capacities; the bundled model's greedy tokens with a small cache
+  copy_engine        pinned vs pageable host->device GB/s for one Mixtral-8x7B expert (352 MB), and
+                     overlap of copy-stream loads with a compute-stream kernel
+  kernels            benchmarks/kernels.py (Mixtral shapes, bf16, T in 1..256)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import moe_offload  # noqa: E402
+from moe_offload.results import result_metadata, write_json_atomic  # noqa: E402
+
+
+def offload_exactness(device: torch.device, smoke: bool) -> dict:
+    from helpers import write_model  # tests/helpers.py: a small random Mixtral checkpoint
+
+    out = {}
+    prompt = [1, 7, 3, 9, 11, 4, 2, 8, 5, 13, 6, 21]
+    backend = "triton" if device.type == "cuda" else "loop"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model(Path(tmp))
+        for dtype in ("bfloat16", "float16"):
+            ref = moe_offload.load(path, device=device, dtype=dtype, offload=False, moe_backend=backend)
+            ref_logits, ref_tokens = ref.logits(prompt), ref.generate(prompt, max_new_tokens=16).token_ids
+            loop = moe_offload.load(path, device=device, dtype=dtype, offload=False, moe_backend="loop")
+            tri_vs_loop = ((ref_logits - loop.logits(prompt)).abs().max() / loop.logits(prompt).abs().max()).item()
+            rows = []
+            for cap in (2, 3, 5, 8):
+                m = moe_offload.load(path, device=device, dtype=dtype, cache_experts=cap, moe_backend=backend)
+                lg = m.logits(prompt)
+                toks = m.generate(prompt, max_new_tokens=16)
+                rows.append({"capacity": cap, "tokens_equal": toks.token_ids == ref_tokens,
+                             "prefill_logits_max_rel_diff": ((lg - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+                             "misses": toks.stats["misses"], "stall_seconds": toks.stats["stall_seconds"]})
+            out[dtype] = {"triton_vs_loop_max_rel_diff": tri_vs_loop, "by_capacity": rows}
+    bundled_ref = moe_offload.load(device=device, offload=False)
+    small = moe_offload.load(device=device, cache_per_layer=2)
+    a = bundled_ref.generate("In the beginning", max_new_tokens=32)
+    b = small.generate("In the beginning", max_new_tokens=32)
+    out["bundled_greedy_tokens_equal_cache_per_layer_2"] = a.token_ids == b.token_ids
+    out["bundled_decode_tok_per_s"] = {"resident": a.stats["decode_tokens_per_second"],
+                                       "cache_per_layer_2": b.stats["decode_tokens_per_second"]}
+    out["bundled_text"] = a.text
+    return out
+
+
+def copy_engine(device: torch.device, smoke: bool) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    from moe_offload.experts import CudaCopyEngine
+
+    nbytes = (1 << 20) if smoke else 3 * 4096 * 14336 * 2  # one Mixtral-8x7B expert in bf16
+    res = {"expert_bytes": nbytes}
+    dst = torch.empty(4, nbytes, dtype=torch.uint8, device=device)
+    for name, pin in (("pinned", True), ("pageable", False)):
+        src = torch.empty(4, nbytes, dtype=torch.uint8, pin_memory=pin)
+        eng = CudaCopyEngine(device)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            hs = [eng.load((0, i), src[i], dst[i], i) for i in range(4)]
+            for h in hs:
+                eng.wait(h)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        res[f"{name}_gbps"] = 4 * nbytes / min(times) / 1e9
+    # Overlap: a compute-stream matmul loop alone, copies alone, then both at once.
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    src = torch.empty(4, nbytes, dtype=torch.uint8, pin_memory=True)
+    eng = CudaCopyEngine(device)
+
+    def compute():
+        for _ in range(20):
+            a @ a
+
+    def copies():
+        return [eng.load((0, i), src[i], dst[i], i) for i in range(4)]
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    compute()
+    t_compute, t_copy = timed(compute), timed(copies)
+    t_both = timed(lambda: (copies(), compute()))
+    res.update({"compute_s": t_compute, "copy_s": t_copy, "both_s": t_both,
+                "overlap_fraction": (t_compute + t_copy - t_both) / min(t_compute, t_copy)})
+    return res
+
+
+def kernels(device: torch.device, smoke: bool, out_dir: Path) -> dict:
+    out = out_dir / "kernels.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--out", str(out)] + (["--smoke"] if smoke else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    print(r.stdout)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--only", default="offload_exactness,copy_engine,kernels")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    results = {**result_metadata(device), "sections": {}}
+    for name in args.only.split(","):
+        t0 = time.perf_counter()
+        try:
+            fn = {"offload_exactness": offload_exactness, "copy_engine": copy_engine}.get(name)
+            value = fn(device, args.smoke) if fn else kernels(device, args.smoke, out_dir)
+            results["sections"][name] = {"ok": True, "seconds": time.perf_counter() - t0, "result": value}
+        except Exception as exc:
+            results["sections"][name] = {"ok": False, "seconds": time.perf_counter() - t0,
+                                         "error": "".join(traceback.format_exception(exc))[-4000:]}
+        print(f"== {name}: {json.dumps(results['sections'][name], default=str)[:2000]}", flush=True)
+        write_json_atomic(out_dir / "gpu_check.json", results)  # partial results survive a timeout
+    print(f"wrote {out_dir / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
