@@ -83,6 +83,8 @@ class MixtralTransformer(nn.Module):
         self.experts = experts
         # Optional observer of routing decisions: hook(layer, ids [N, k], weights [N, k], logits [N, E]).
         self.routing_hook: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        # Optional observer of the residual entering each layer's MoE (predictors): hook(layer, x [B, T, H]).
+        self.residual_hook: Callable[[int, torch.Tensor], None] | None = None
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -177,6 +179,8 @@ class MixtralTransformer(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
+            if self.residual_hook is not None:
+                self.residual_hook(i, x)  # [B, T, H]: the residual entering layer i's MoE
             y, logits = self._moe(rms_norm(x, layer.post_attention_layernorm, eps), i)
             if router_logits is not None:
                 router_logits.append(logits)

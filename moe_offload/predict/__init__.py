@@ -1,0 +1,6 @@
+"""Predict future router choices: next-gate baseline, M2R2 accelerator adapters, oracle."""
+
+from .accelerator import Accelerator, M2R2Predictor, model_fingerprint
+from .predictors import NextGate, OraclePredictor, Predictor
+
+__all__ = ["Accelerator", "M2R2Predictor", "NextGate", "OraclePredictor", "Predictor", "model_fingerprint"]

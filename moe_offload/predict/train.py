@@ -1,0 +1,129 @@
+"""Train M2R2 accelerator adapters on a frozen model, streaming over a text with bounded memory."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..model.layers import rms_norm
+from ..model.transformer import MixtralTransformer
+from .accelerator import Accelerator, M2R2Predictor
+from .predictors import NextGate, router_probs
+
+ALIGN_WEIGHT = 0.1
+
+
+def collect_residuals(model: MixtralTransformer, ids: list[int]) -> torch.Tensor:
+    """Residual entering every layer's MoE for one window of tokens: [T, L, H] float32."""
+    xs = torch.empty(len(ids), model.cfg.num_hidden_layers, model.cfg.hidden_size, device=model.device)
+
+    def hook(layer: int, x: torch.Tensor) -> None:
+        xs[:, layer] = x[0].float()
+
+    old, model.residual_hook = model.residual_hook, hook
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([ids], device=model.device))
+    finally:
+        model.residual_hook = old
+    return xs.clone()  # out of inference mode, usable as (constant) training input
+
+
+def true_router_probs(model: MixtralTransformer, xs: torch.Tensor) -> torch.Tensor:
+    """[T, L, E]: each layer's router distribution on its own residual."""
+    eps = model.cfg.rms_norm_eps
+    return torch.stack([router_probs(model, l, rms_norm(xs[:, l].to(model.dtype), model.layers[l].post_attention_layernorm, eps))
+                        for l in range(xs.shape[1])], dim=1)
+
+
+def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Router distillation KL(p_true(l+d) || p(r)) plus ALIGN_WEIGHT * (1 - cos(r, x_{l+d})), averaged."""
+    eps = model.cfg.rms_norm_eps
+    total = 0.0
+    for l, d in acc.pairs:
+        t = l + d
+        r = acc.accelerate(l, d, xs[:, l])  # [T, H]
+        logq = F.log_softmax(F.linear(rms_norm(r, model.layers[t].post_attention_layernorm.float(), eps),
+                                      model.layers[t].gate.float()), dim=-1)
+        p = probs[:, t]
+        kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
+        align = 1 - F.cosine_similarity(r, xs[:, t], dim=-1).mean()
+        total = total + kl + ALIGN_WEIGHT * align
+    return total / len(acc.pairs)
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i:i + size] for i in range(0, len(ids) - 1, size) if len(ids[i:i + size]) > 1]
+
+
+@torch.no_grad()
+def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window: int) -> dict[str, Any]:
+    """Held-out adapter loss and recall@d (top-k exact and top-(k+1)) for next-gate (both variants)
+    and m2r2: the fraction of the true top-k experts of layer l+d found in the predicted set."""
+    k = model.cfg.num_experts_per_tok
+    D = max(acc.lookaheads)
+    preds = {"next-gate": NextGate(model, D, "residual"), "next-gate-normed": NextGate(model, D, "normed"),
+             "m2r2": M2R2Predictor(model, acc, D)}
+    hits = {(n, d, extra): 0.0 for n in preds for d in range(1, D + 1) for extra in (0, 1)}
+    count = {d: 0 for d in range(1, D + 1)}
+    loss, n_windows = 0.0, 0
+    for w in windows(ids, window):
+        xs = collect_residuals(model, w)
+        probs = true_router_probs(model, xs)  # [T, L, E]
+        true = probs.topk(k, dim=-1).indices  # [T, L, k]
+        loss += adapter_loss(model, acc, xs, probs).item()
+        n_windows += 1
+        for l in range(model.cfg.num_hidden_layers):
+            x = xs[:, l].to(model.dtype)
+            for name, pred in preds.items():
+                s = pred.scores(l, x)  # [T, D, E]
+                for d in range(1, D + 1):
+                    if l + d >= model.cfg.num_hidden_layers:
+                        continue
+                    for extra in (0, 1):
+                        top = s[:, d - 1].topk(k + extra, dim=-1).indices  # [T, k+extra]
+                        hits[(name, d, extra)] += (true[:, l + d, :, None] == top[:, None, :]).any(-1).sum().item()
+            for d in range(1, D + 1):
+                if l + d < model.cfg.num_hidden_layers:
+                    count[d] += true.shape[0] * k
+    recall = {name: {f"d{d}": {"top_k": hits[(name, d, 0)] / count[d], "top_k_plus_1": hits[(name, d, 1)] / count[d]}
+                     for d in range(1, D + 1)} for name in preds}
+    return {"loss": loss / max(1, n_windows), "recall": recall, "tokens": len(ids)}
+
+
+def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
+                      epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
+                      seed: int = 0, show_progress: bool = True) -> tuple[Accelerator, dict[str, Any]]:
+    """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest."""
+    t0 = time.time()
+    split = int(len(ids) * (1 - heldout_fraction))
+    train_ids, held_ids = ids[:split], ids[split:]
+    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed).to(model.device)
+    before = evaluate(model, acc, held_ids, window)
+    opt = torch.optim.Adam(acc.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    chunks = windows(train_ids, window)
+    curve = []
+    with tqdm(total=epochs * len(chunks), desc="training accelerator", unit="window",
+              disable=not show_progress) as bar:
+        for epoch in range(epochs):
+            for i in torch.randperm(len(chunks), generator=g).tolist():
+                xs = collect_residuals(model, chunks[i])  # streamed: one window in memory at a time
+                probs = true_router_probs(model, xs)
+                with torch.enable_grad():
+                    loss = adapter_loss(model, acc, xs, probs)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            curve.append({"epoch": epoch + 1, "heldout_loss": evaluate(model, acc, held_ids, window)["loss"]})
+    after = evaluate(model, acc, held_ids, window)
+    report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
+              "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
+              "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
+    return acc, report
