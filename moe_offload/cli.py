@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the bundled tiny model")
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype; auto = float32 on cpu, the checkpoint's half type on cuda")
@@ -35,6 +35,14 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="eviction policy (default lru)")
     c.add_argument("--no-offload", action="store_true",
                    help="keep every expert on the device (no cache; the reference for exactness)")
+    if not prefetch:
+        return
+    c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
+                   help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate")
+    c.add_argument("--lookahead", type=int, default=2, metavar="D", help="layers ahead to prefetch (default 2)")
+    c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
+    c.add_argument("--prefetch-margin", type=int, default=1, metavar="M",
+                   help="prefetch top-(k + M) experts per predicted layer (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object: text, token_ids, prompt_token_ids, stats, seconds, "
                         "tokens_per_second, finish_reason")
 
+    t = sub.add_parser("train-accelerator", help="train M2R2 accelerator adapters for a model",
+                       description="Run the frozen model over a text (offloaded when it does not fit; many "
+                                   "tokens per expert load) and train low-rank adapters that predict the router "
+                                   "choices of layers l+d from layer l. Reports held-out recall@d of next-gate "
+                                   "and m2r2 at the end.")
+    _add_model_args(t)
+    t.add_argument("--text", required=True, metavar="FILE", help="UTF-8 training text (paragraphs split by blank lines)")
+    t.add_argument("--out", required=True, metavar="FILE.safetensors", help="adapter file to write")
+    t.add_argument("--lookahead", "--lookaheads", dest="lookaheads", default="1,2,3",
+                   help="lookaheads d to train adapters for, comma list (default 1,2,3)")
+    t.add_argument("--rank", type=int, default=32, help="adapter rank R (default 32)")
+    t.add_argument("--max-tokens", type=int, default=None, metavar="N", help="use at most N tokens of the text")
+    t.add_argument("--epochs", type=int, default=4, help="passes over the training split (default 4)")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")
+    t.add_argument("--heldout-fraction", type=float, default=0.1, help="tail of the text held out (default 0.1)")
+    t.add_argument("--seed", type=int, default=0)
+    _add_runtime_args(t, prefetch=False)
+
+    r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
+                       description="Record decode-order routing of a text (teacher forcing, chunked prefill): "
+                                   "routed_ids, routed_weights, router_probs, pred_next_gate and, with "
+                                   "--accelerator, pred_m2r2; plus token_ids and a JSON meta string.")
+    _add_model_args(r)
+    r.add_argument("--text", required=True, metavar="FILE")
+    r.add_argument("--out", required=True, metavar="FILE.npz")
+    r.add_argument("--max-tokens", type=int, default=None, metavar="N")
+    r.add_argument("--accelerator", default=None, metavar="FILE", help="also record m2r2 predictions")
+    r.add_argument("--lookahead", type=int, default=3, metavar="D", help="lookahead of the recorded predictions (default 3)")
+    _add_runtime_args(r, prefetch=False)
+
     i = sub.add_parser("info", help="model config, parameter counts, bytes per expert, memory plan",
                        description="Describe a checkpoint without loading its weights (headers only). "
                                    "With --device or a cache budget, also print the memory plan "
@@ -78,6 +117,11 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["max_seq_len"] = args.max_seq_len
     kw.update(offload=not args.no_offload, policy=args.policy, cache_experts=args.cache_experts,
               cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
+    if hasattr(args, "predictor"):
+        kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
+                  prefetch_margin=args.prefetch_margin)
+    else:
+        kw["predictor"] = "none"
     return kw
 
 
@@ -111,6 +155,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(path: str) -> str:
+    from .errors import MoeOffloadError
+
+    try:
+        return open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoeOffloadError(f"{path}: cannot read the text: {exc}") from None
+
+
+def _lookaheads(spec: str) -> list[int]:
+    from .errors import MoeOffloadError
+
+    try:
+        values = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise MoeOffloadError(f"--lookaheads must be a comma list of positive integers, got {spec!r}")
+    return values
+
+
+def cmd_train_accelerator(args: argparse.Namespace) -> int:
+    from .errors import MoeOffloadError
+    from .predict.accelerator import model_fingerprint
+    from .predict.train import train_accelerator
+    from .results import write_json_atomic
+    from .runtime import load
+
+    lookaheads = _lookaheads(args.lookaheads)
+    if not 0 < args.heldout_fraction < 1:
+        raise MoeOffloadError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
+    model = load(args.model, **_runtime_kwargs(args))
+    ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
+    window = min(args.window, model.runtime.max_seq_len)
+    if len(ids) < 4 * window:
+        raise MoeOffloadError(f"{args.text}: {len(ids)} tokens is too little text; need at least {4 * window}")
+    acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
+                                    lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
+                                    seed=args.seed, show_progress=sys.stderr.isatty())
+    after = report["heldout_after"]["recall"]
+    meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
+            "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
+            "train_seconds": report["train_seconds"]}
+    acc.save(args.out, meta)
+    write_json_atomic(args.out + ".json", report)
+    print(f"held-out recall@d (fraction of the true top-{model.config.num_experts_per_tok} found), "
+          f"{report['heldout_tokens']} tokens:")
+    print("| predictor | " + " | ".join(f"d={d} top-k | d={d} top-(k+1)" for d in lookaheads) + " |")
+    print("|---|" + "---|---|" * len(lookaheads))
+    for name in ("next-gate", "next-gate-normed", "m2r2"):
+        cells = [f"{after[name][f'd{d}']['top_k']:.3f} | {after[name][f'd{d}']['top_k_plus_1']:.3f}" for d in lookaheads]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"held-out adapter loss {report['heldout_before']['loss']:.4f} -> {report['heldout_after']['loss']:.4f}; "
+          f"{report['train_seconds']:.0f} s; wrote {args.out} and {args.out}.json")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .predict import Accelerator, M2R2Predictor, NextGate, model_fingerprint
+    from .runtime import NEXT_GATE_VARIANT, load
+    from .trace import record_routing, save_trace
+
+    model = load(args.model, **_runtime_kwargs(args))
+    ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
+    d = args.lookahead
+    preds = {"next-gate": NextGate(model.model, d, NEXT_GATE_VARIANT)}
+    if args.accelerator:
+        acc, _ = Accelerator.load(args.accelerator, model.model)
+        preds["m2r2"] = M2R2Predictor(model.model, acc, min(d, max(acc.lookaheads)))
+    trace = record_routing(model.model, ids, window=model.runtime.max_seq_len, show_progress=sys.stderr.isatty(),
+                           predictors=preds)
+    meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path), "text": args.text,
+            "tokens": len(ids), "lookahead": d, "accelerator": args.accelerator,
+            "next_gate_variant": NEXT_GATE_VARIANT}
+    out = save_trace(args.out, trace, meta)
+    print(f"wrote {out}: {len(ids)} tokens, {model.config.num_hidden_layers} layers, predictions "
+          f"{sorted(preds)} (lookahead {d})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, format_info
 
@@ -133,7 +257,8 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "train-accelerator": cmd_train_accelerator,
+                "trace": cmd_trace}[args.command](args)
     except MoeOffloadError as exc:
         print(f"moe-offload: error: {_one_line(exc)}", file=sys.stderr)
         return 2

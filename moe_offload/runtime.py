@@ -17,10 +17,14 @@ from .generate import (GenerationResult, GenerationStream, SamplingParams, TextS
                        decode_tokens)
 from .experts import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts,
                       make_copy_engine, make_policy, plan_memory)
+from .experts.prefetch import Prefetcher
 from .model.backends import resolve_moe_backend
 from .model.transformer import KVCache, MixtralTransformer
 
 DEFAULT_MAX_SEQ_LEN = 4096
+# Which next-gate form the runtime uses: "residual" = gate_{l+d}(norm_{l+d}(x)), "normed" = gate_{l+d}(norm_l(x)).
+# Chosen by held-out recall on the bundled model (see the predictor issue note).
+NEXT_GATE_VARIANT = "residual"
 RUNTIME_OPTIONS = {
     "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
     "show_progress": "show a progress bar while loading weights (default False)",
@@ -30,12 +34,23 @@ RUNTIME_OPTIONS = {
     "cache_per_layer": "expert slots per layer (times the number of layers)",
     "cache_gb": "gigabytes of expert slots on the device",
     "policy": "eviction policy: lru (default), lru-layer, lfu or predictive",
+    "predictor": "prefetch predictor: auto (m2r2 with the bundled/given accelerator, else next-gate), none, "
+                 "next-gate, m2r2, oracle (needs oracle_trace)",
+    "lookahead": "layers ahead to predict and prefetch (default 2)",
+    "accelerator": "M2R2 adapter file (.safetensors); default: the bundled one when it matches the model",
+    "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 1)",
+    "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
 }
 
 
 def bundled_model_path() -> Path:
     """The folder of the small model shipped with the package (HF Mixtral layout)."""
     return Path(str(resources.files("moe_offload") / "assets" / "tiny-mixtral"))
+
+
+def bundled_accelerator_path() -> Path:
+    """M2R2 adapters trained for the bundled model (see `moe-offload train-accelerator`)."""
+    return Path(str(resources.files("moe_offload") / "assets" / "tiny-mixtral-accelerator.safetensors"))
 
 
 def bundled_heldout_text() -> Path:
@@ -74,6 +89,10 @@ class OffloadedModel:
         bos = self.config.bos_token_id
         return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """A long text -> token ids: each blank-line-separated paragraph encoded with its own BOS."""
+        return [i for para in text.split("\n\n") if para.strip() for i in self.encode(para.strip("\n"))]
+
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             return ""
@@ -102,8 +121,7 @@ class OffloadedModel:
         """Logits [T, vocab] (float32, on the model's device) of a fresh sequence of token ids."""
         ids = self._check_ids(input_ids, "input_ids")
         x = torch.tensor([ids], dtype=torch.long, device=self.runtime.device)
-        if self.cache is not None:
-            self.cache.stats.reset()
+        self._reset_stats()
         with torch.inference_mode():
             return self.model(x, 0, self._cache)[0].float()
 
@@ -133,9 +151,7 @@ class OffloadedModel:
              callback: Callable[[str], None] | None) -> Iterator[str]:
         t0 = time.perf_counter()
         timing = _Timing()
-        self.model.usage.zero_()
-        if self.cache is not None:
-            self.cache.stats.reset()
+        self._reset_stats()
         streamer = TextStreamer(self.decode)
         for tok in decode_tokens(self.model, self._cache, prompt_ids, params, self.config.eos_token_ids,
                                  timing):
@@ -156,6 +172,15 @@ class OffloadedModel:
             seconds=seconds, tokens_per_second=len(new) / seconds if seconds > 0 else 0.0,
             stats=self._stats(timing))
 
+    def _reset_stats(self) -> None:
+        self.model.usage.zero_()
+        if self.cache is not None:
+            self.cache.reap()
+            self.cache.stats.reset()
+            pf = self.model.experts.prefetcher
+            if pf is not None:
+                pf.issued = pf.cancelled = 0
+
     def _stats(self, timing: _Timing) -> dict[str, Any]:
         usage = self.model.usage.cpu()  # [L, E]
         return {
@@ -175,8 +200,11 @@ class OffloadedModel:
         if self.cache is None:
             raise MoeOffloadError("this model was loaded with offload=False: there is no expert cache")
         self.cache.stats.check()
+        pf = self.model.experts.prefetcher
         return {**self.cache.stats.to_dict(), "capacity_slots": self.cache.num_slots,
-                "policy": self.cache.policy.name}
+                "policy": self.cache.policy.name, "predictor": pf.predictor.name if pf else "none",
+                "lookahead": pf.lookahead if pf else 0,
+                "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0}
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
@@ -216,7 +244,53 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)
+    if experts is not None:
+        predictor = build_predictor(model, path, runtime_options)
+        if predictor is not None:
+            experts.prefetcher = Prefetcher(experts.cache, model, predictor,
+                                            margin=int(runtime_options.get("prefetch_margin", 1)))
     return OffloadedModel(path, model, runtime, tokenizer, plan)
+
+
+def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):
+    """The predictor the options ask for (None for 'none')."""
+    from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor
+
+    name = options.get("predictor", "auto")
+    lookahead = options.get("lookahead", 2)
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
+        raise MoeOffloadError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+    margin = options.get("prefetch_margin", 1)
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise MoeOffloadError(f"prefetch_margin must be an integer >= 0, got {margin!r}")
+    valid = ("auto", "none", "next-gate", "m2r2", "oracle")
+    if name not in valid:
+        raise MoeOffloadError(f"predictor {name!r} is not one of {list(valid)}")
+    acc_file = options.get("accelerator")
+    if name == "auto":
+        if acc_file is None and path.resolve() == bundled_model_path().resolve() and bundled_accelerator_path().is_file():
+            acc_file = bundled_accelerator_path()
+        name = "m2r2" if acc_file is not None else "next-gate"
+    if name == "none":
+        return None
+    if name == "next-gate":
+        return NextGate(model, lookahead, NEXT_GATE_VARIANT)
+    if name == "oracle":
+        trace = options.get("oracle_trace")
+        if trace is None:
+            raise MoeOffloadError("predictor 'oracle' needs oracle_trace (a routing trace of the text being run)")
+        if isinstance(trace, (str, Path)):
+            from .trace import load_trace
+
+            trace = load_trace(trace)
+        return OraclePredictor(trace.routed_ids, trace.routed_weights, model.cfg.num_local_experts, lookahead)
+    if acc_file is None:
+        if path.resolve() != bundled_model_path().resolve():
+            raise MoeOffloadError("predictor 'm2r2' needs accelerator=FILE (train one with "
+                                  "`moe-offload train-accelerator`)")
+        acc_file = bundled_accelerator_path()
+    acc, _ = Accelerator.load(acc_file, model)
+    return M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:

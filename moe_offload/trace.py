@@ -2,36 +2,47 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import MoeOffloadError
 from .experts.cache import ExpertCache
 from .model.transformer import KVCache, MixtralTransformer
 
 
 @dataclass
 class RoutingTrace:
-    """routed_ids [T, L, k] and routed_weights [T, L, k] for token_ids [T], in decode order."""
+    """Decode-order routing of a text. Arrays (T tokens, L layers, k, D lookaheads, E experts):
+    token_ids [T], routed_ids [T, L, k], routed_weights [T, L, k], router_probs [T, L, E], and
+    preds {name: [T, L, D, E]} where preds[name][t, l, d-1] are the scores computed at layer l for
+    layer l+d (NaN past the last layer)."""
 
     token_ids: np.ndarray
     routed_ids: np.ndarray
     routed_weights: np.ndarray
     window: int
+    router_probs: np.ndarray | None = None
+    preds: dict | None = None
+    meta: dict | None = None
 
 
 def record_routing(model: MixtralTransformer, token_ids: list[int], window: int, chunk: int = 128,
-                   show_progress: bool = False) -> RoutingTrace:
+                   show_progress: bool = False, predictors: dict | None = None) -> RoutingTrace:
     """Route every token of `token_ids` as decode would: sequences of `window` tokens, each prefilled
     in chunks of `chunk` through the KV cache (routing at a position depends only on the tokens up to
-    it, so this equals token-by-token decode)."""
+    it, so this equals token-by-token decode). `predictors` {name: Predictor} adds their scores."""
     cfg = model.cfg
-    n = len(token_ids)
-    ids_out = np.zeros((n, cfg.num_hidden_layers, cfg.num_experts_per_tok), dtype=np.int16)
-    w_out = np.zeros((n, cfg.num_hidden_layers, cfg.num_experts_per_tok), dtype=np.float32)
+    n, L, E = len(token_ids), cfg.num_hidden_layers, cfg.num_local_experts
+    ids_out = np.zeros((n, L, cfg.num_experts_per_tok), dtype=np.int16)
+    w_out = np.zeros((n, L, cfg.num_experts_per_tok), dtype=np.float32)
+    probs_out = np.zeros((n, L, E), dtype=np.float32)
+    preds = {name: np.full((n, L, p.lookahead, E), np.nan, dtype=np.float32) for name, p in (predictors or {}).items()}
     cache = KVCache(cfg, 1, window, model.dtype, model.device)
     pos = {"start": 0}
 
@@ -39,8 +50,17 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
         s = pos["start"]
         ids_out[s:s + ids.shape[0], layer] = ids.cpu().numpy()
         w_out[s:s + ids.shape[0], layer] = weights.cpu().numpy()
+        probs_out[s:s + ids.shape[0], layer] = torch.softmax(logits.float(), -1).cpu().numpy()
+
+    def residual(layer: int, x: torch.Tensor) -> None:
+        if layer < 0:
+            return
+        s, x = pos["start"], x.reshape(-1, x.shape[-1])
+        for name, p in (predictors or {}).items():
+            preds[name][s:s + x.shape[0], layer] = p.scores(layer, x).float().cpu().numpy()
 
     old, model.routing_hook = model.routing_hook, hook
+    old_res, model.residual_hook = model.residual_hook, residual if predictors else model.residual_hook
     try:
         with torch.inference_mode(), tqdm(total=n, unit="tok", desc="routing", disable=not show_progress) as bar:
             for w0 in range(0, n, window):
@@ -51,7 +71,34 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
                     bar.update(c1 - c0)
     finally:
         model.routing_hook = old
-    return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window)
+        model.residual_hook = old_res
+    return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None)
+
+
+def save_trace(path: str | Path, trace: RoutingTrace, meta: dict) -> Path:
+    """Write the trace as .npz (arrays named as in RoutingTrace; preds as pred_<name> with '-' -> '_')."""
+    path = Path(path)
+    arrays = {"token_ids": trace.token_ids, "routed_ids": trace.routed_ids, "routed_weights": trace.routed_weights,
+              "router_probs": trace.router_probs,
+              "meta": np.array(json.dumps({**meta, "window": trace.window}))}
+    for name, a in (trace.preds or {}).items():
+        arrays["pred_" + name.replace("-", "_")] = a
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    path = Path(path)
+    try:
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+        preds = {k[5:]: z[k] for k in z.files if k.startswith("pred_")}
+        return RoutingTrace(z["token_ids"], z["routed_ids"], z["routed_weights"], meta.get("window", 0),
+                            z["router_probs"] if "router_probs" in z.files else None, preds or None, meta)
+    except (OSError, KeyError, ValueError) as exc:
+        raise MoeOffloadError(f"{path}: not a moe_offload routing trace (.npz): {exc}") from None
 
 
 def replay(cache: ExpertCache, routed_ids: np.ndarray) -> dict:

@@ -67,6 +67,20 @@ class ExpertCache:
     def resident(self) -> list[Key]:
         return [k for k in self.key_of_slot if k is not None]
 
+    def inflight_count(self) -> int:
+        """Loads started and not yet finished (after reaping the finished ones)."""
+        self.reap()
+        return len(self.inflight)
+
+    def reap(self) -> None:
+        """Retire finished loads nobody waited for yet (prefetches): their slots become evictable.
+        A failed one is dropped from the cache; its error surfaces only if the expert is needed."""
+        for key, handle in list(self.inflight.items()):
+            if handle.done():
+                del self.inflight[key]
+                if handle.error is not None:
+                    self._drop(key)
+
     # --- the demand path ------------------------------------------------------------------------
     def acquire(self, layer: int, experts: Iterable[int]) -> None:
         """Make every expert resident and pinned, counting hits and misses; wait for their copies."""
@@ -106,8 +120,19 @@ class ExpertCache:
         return self.slot_of[layer].tolist()
 
     # --- internals ------------------------------------------------------------------------------
-    def _start_load(self, key: Key, prefetch: bool = False) -> None:
-        slot = self._take_slot(key[0])
+    def prefetch(self, key: Key, protect: set[Key]) -> bool:
+        """Start loading `key` ahead of its use unless it is resident or no slot can be taken without
+        evicting a protected (predicted, pinned or in-flight) expert. Returns whether a load started."""
+        if self.slot_of[key] >= 0:
+            return False
+        slot = self._take_slot(key[0], protect)
+        if slot is None:
+            return False
+        self._start_load(key, prefetch=True, slot=slot)
+        return True
+
+    def _start_load(self, key: Key, prefetch: bool = False, slot: int | None = None) -> None:
+        slot = self._take_slot(key[0]) if slot is None else slot
         self.slot_of[key] = slot
         self.key_of_slot[slot] = key
         self.resident_per_layer[key[0]] += 1
@@ -130,15 +155,21 @@ class ExpertCache:
             raise
         del self.inflight[key]
 
-    def _take_slot(self, layer: int) -> int:
+    def _take_slot(self, layer: int, protect: set[Key] | None = None) -> int | None:
+        """A slot for a new expert of `layer`: a free one, else the policy's victim among evictable
+        residents (never pinned, in flight, or in `protect`). None if a prefetch (protect given) finds
+        nothing it may evict; a demand load that finds nothing is an error."""
         if self.quota is not None and self.resident_per_layer[layer] >= self.quota[layer]:
             candidates = [k for k in self.resident() if k[0] == layer]
         elif self.free_slots:
             return self.free_slots.pop()
         else:
             candidates = self.resident()
-        candidates = [k for k in candidates if k not in self.pinned and k not in self.inflight]
+        candidates = [k for k in candidates if k not in self.pinned and k not in self.inflight
+                      and (protect is None or k not in protect)]
         if not candidates:
+            if protect is not None:
+                return None
             raise MoeOffloadError(f"expert cache: no evictable slot for layer {layer} "
                                   f"({self.num_slots} slots, {len(self.pinned)} pinned, {len(self.inflight)} in flight)")
         victim = self.policy.victim(candidates)

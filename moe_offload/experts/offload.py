@@ -25,6 +25,7 @@ class OffloadedExperts:
     def __init__(self, cache: ExpertCache, backend: str = "loop"):
         self.cache = cache
         self.backend = backend
+        self.prefetcher = None  # experts.prefetch.Prefetcher, when a predictor is active
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ids_host = ids.cpu().numpy()  # [N, k]
@@ -55,6 +56,8 @@ class OffloadedExperts:
              ) -> torch.Tensor:
         cache = self.cache
         cache.acquire(layer, group)
+        if self.prefetcher is not None:
+            self.prefetcher.after_acquire(layer)  # loads for layers ahead overlap this layer's compute
         try:
             slot_list = cache.slot_list(layer) if self.backend == "loop" else None
             return run_experts(self.backend, h, ids, weights, cache.w13_pool, cache.w2_pool,

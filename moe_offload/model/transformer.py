@@ -83,8 +83,10 @@ class MixtralTransformer(nn.Module):
         self.experts = experts
         # Optional observer of routing decisions: hook(layer, ids [N, k], weights [N, k], logits [N, E]).
         self.routing_hook: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
-        # Optional observer of the residual entering each layer's MoE (predictors): hook(layer, x [B, T, H]).
+        # Optional observer of the residual entering each layer's MoE (predictors): hook(layer, x [B, T, H]);
+        # called with layer -1 for the token embedding. current_pos: start position of the running forward.
         self.residual_hook: Callable[[int, torch.Tensor], None] | None = None
+        self.current_pos = 0
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -176,7 +178,10 @@ class MixtralTransformer(nn.Module):
                 ) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H])."""
         eps = self.cfg.rms_norm_eps
+        self.current_pos = start_pos
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
+        if self.residual_hook is not None:
+            self.residual_hook(-1, x)  # layer -1: the embedding
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
             if self.residual_hook is not None:

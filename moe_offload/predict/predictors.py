@@ -59,8 +59,8 @@ class NextGate:
 
 
 class OraclePredictor:
-    """True future routing from a trace: one-hot-ish scores (routed weight) of layers l+1..l+D for the
-    token at position `position` (set by the caller before each forward)."""
+    """True future routing from a trace (an upper bound): the routed weights of layers l+1..l+D for
+    the token at trace index `position` (the prefetcher sets it from the running forward's position)."""
 
     name = "oracle"
 
@@ -69,16 +69,21 @@ class OraclePredictor:
         self.num_experts, self.lookahead = num_experts, lookahead
         self.position = 0
 
+    def _row(self, t: int, layer: int) -> torch.Tensor:
+        row = torch.zeros(self.num_experts)
+        if t < self.ids.shape[0]:
+            row[torch.as_tensor(self.ids[t, layer].astype("int64"))] = torch.as_tensor(self.weights[t, layer]) + 1.0
+        return row
+
     def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         L = self.ids.shape[1]
         out = torch.full((x.shape[0], self.lookahead, self.num_experts), float("nan"))
         for d in range(1, self.lookahead + 1):
-            if layer + d >= L:
-                break
-            for n in range(x.shape[0]):
-                row = torch.zeros(self.num_experts)
-                t = self.position + n
-                row[torch.as_tensor(self.ids[t, layer + d].astype("int64"))] = torch.as_tensor(
-                    self.weights[t, layer + d])
-                out[n, d - 1] = row
+            if layer + d < L:
+                for n in range(x.shape[0]):
+                    out[n, d - 1] = self._row(self.position + n, layer + d)
         return out
+
+    def embedding_scores(self) -> torch.Tensor:
+        """[D, E] for layers 0..D-1 of the token at `position`."""
+        return torch.stack([self._row(self.position, t) for t in range(min(self.lookahead, self.ids.shape[1]))])
