@@ -62,8 +62,8 @@ CFG = MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hid
                     num_experts_per_tok=2, head_dim=8, max_position_embeddings=32, torch_dtype="float32")
 
 
-def write_model(path: Path, cfg: MixtralConfig = CFG, **kw) -> Path:
-    g = torch.Generator().manual_seed(0)
+def write_model(path: Path, cfg: MixtralConfig = CFG, seed: int = 0, **kw) -> Path:
+    g = torch.Generator().manual_seed(seed)
     tensors = {n: torch.randn(s, generator=g) * 0.1 for n, s in expected_tensors(cfg).items()}
     save_checkpoint(path, cfg, tensors, **kw)
     return path

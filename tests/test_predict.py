@@ -1,0 +1,114 @@
+"""Predictors and prefetch: exact outputs, untrained m2r2 == next-gate, training helps, file checks."""
+
+import random
+
+import pytest
+import torch
+
+import moe_offload
+from helpers import CFG, write_model
+from moe_offload import MoeOffloadError
+from moe_offload.experts import CopyFaults
+from moe_offload.predict import Accelerator, M2R2Predictor, NextGate, model_fingerprint
+from moe_offload.predict.train import train_accelerator
+from moe_offload.trace import record_routing
+
+L, E, K = CFG.num_hidden_layers, CFG.num_local_experts, CFG.num_experts_per_tok
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random model, a random 'text', and adapters trained on it (lookahead 1)."""
+    path = write_model(tmp_path_factory.mktemp("m"))
+    m = moe_offload.load(path, device="cpu", offload=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, CFG.vocab_size, (2400,), generator=g).tolist()
+    acc, report = train_accelerator(m.model, ids, lookaheads=[1], rank=8, epochs=3, lr=1e-2, window=32,
+                                    show_progress=False)
+    acc_file = tmp_path_factory.mktemp("a") / "acc.safetensors"
+    acc.save(acc_file, {"fingerprint": model_fingerprint(m.model), "model": str(path)})
+    return path, m, acc_file, report
+
+
+def test_untrained_m2r2_reproduces_next_gate(setup):
+    _, m, _, _ = setup
+    acc = Accelerator(CFG.hidden_size, L, [1], rank=8)
+    x = torch.randn(5, CFG.hidden_size)
+    a = M2R2Predictor(m.model, acc, 1).scores(0, x)
+    b = NextGate(m.model, 1, "residual").scores(0, x)
+    assert torch.equal(a, b)
+    assert torch.isnan(NextGate(m.model, 1).scores(L - 1, x)).all()  # nothing past the last layer
+
+
+def test_training_lowers_heldout_loss_and_raises_recall(setup):
+    _, _, _, report = setup
+    before, after = report["heldout_before"], report["heldout_after"]
+    assert after["loss"] < before["loss"]
+    assert before["recall"]["m2r2"]["d1"] == before["recall"]["next-gate"]["d1"]  # untrained == next-gate
+    assert after["recall"]["m2r2"]["d1"]["top_k"] > before["recall"]["m2r2"]["d1"]["top_k"]
+
+
+def test_accelerator_for_another_model_is_rejected(setup, tmp_path):
+    _, _, acc_file, _ = setup
+    other = moe_offload.load(write_model(tmp_path, seed=1), device="cpu", offload=False)
+    with pytest.raises(MoeOffloadError, match="trained for a different model"):
+        Accelerator.load(acc_file, other.model)
+    with pytest.raises(MoeOffloadError, match="trained for a different model"):
+        moe_offload.load(tmp_path, device="cpu", predictor="m2r2", accelerator=acc_file)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(MoeOffloadError, match="not a moe_offload accelerator file"):
+        Accelerator.load(tmp_path / "junk.safetensors", other.model)
+
+
+def oracle_for(m, prompt, n_new):
+    """Trace of the whole sequence the resident model will produce: the oracle's knowledge."""
+    seq = prompt + m.generate(prompt, max_new_tokens=n_new).token_ids
+    return record_routing(m.model, seq, window=m.runtime.max_seq_len)
+
+
+@pytest.mark.parametrize("predictor", ["none", "next-gate", "m2r2", "oracle"])
+def test_every_predictor_keeps_outputs_exact(setup, predictor):
+    path, ref, acc_file, _ = setup
+    prompt = [1, 7, 3, 9, 11, 4]
+    expected = ref.generate(prompt, max_new_tokens=12).token_ids
+    extra = {"accelerator": acc_file} if predictor == "m2r2" else {}
+    if predictor == "oracle":
+        extra["oracle_trace"] = oracle_for(ref, prompt, 12)
+    for policy, slots in (("lru", 3), ("predictive", 3), ("lfu", 5)):
+        m = moe_offload.load(path, device="cpu", cache_experts=slots, policy=policy, predictor=predictor,
+                             lookahead=1, **extra)
+        rng = random.Random(1)
+        m.cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.002))
+        res = m.generate(prompt, max_new_tokens=12)
+        assert res.token_ids == expected, (predictor, policy)
+        st = res.stats
+        assert st["predictor"] == predictor and st["hits"] + st["misses"] == st["uses"]
+        if predictor != "none":
+            assert st["prefetch_issued"] > 0
+        assert torch.equal(m.logits(prompt), ref.logits(prompt))
+
+
+def test_oracle_prefetch_leaves_no_demand_misses_after_warmup(setup):
+    path, ref, _, _ = setup
+    prompt = [1]
+    trace = oracle_for(ref, prompt, 16)
+    m = moe_offload.load(path, device="cpu", cache_experts=6, predictor="oracle", oracle_trace=trace,
+                         lookahead=1, prefetch_margin=0)
+    res = m.generate(prompt, max_new_tokens=16)
+    assert res.token_ids == trace.token_ids[1:].tolist()
+    # Only the first forward (the 1-token prompt's layer 0, before any prediction existed) may miss.
+    assert res.stats["misses"] <= K
+    assert res.stats["per_layer"][1]["misses"] == 0
+    without = moe_offload.load(path, device="cpu", cache_experts=6, predictor="none").generate(prompt, max_new_tokens=16)
+    assert without.stats["misses"] > 2 * K  # the same cache without the oracle does miss
+
+
+def test_bad_predictor_options(setup):
+    path, _, _, _ = setup
+    for kw, needle in [({"predictor": "magic"}, "predictor 'magic' is not one of"),
+                       ({"predictor": "m2r2"}, "needs accelerator=FILE"),
+                       ({"predictor": "oracle"}, "needs oracle_trace"),
+                       ({"lookahead": 0}, "lookahead must be an integer >= 1"),
+                       ({"prefetch_margin": -1}, "prefetch_margin must be")]:
+        with pytest.raises(MoeOffloadError, match=needle):
+            moe_offload.load(path, device="cpu", cache_experts=3, **kw)
