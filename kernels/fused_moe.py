@@ -23,21 +23,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _block_rows(block_expert_ptr, slot_ptr, sorted_ids_ptr, num_assignments, BLOCK_M: tl.constexpr):
+    """This program's row block: its expert (-1: past the end), that expert's slot, and the block's
+    assignment indices with the mask of real (non-padding) rows."""
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid_m)
+    slot = tl.load(slot_ptr + tl.maximum(expert, 0)).to(tl.int64)
+    assign = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # [BM]; N marks padding
+    return expert, slot, assign, assign < num_assignments
+
+
+@triton.jit
 def _gemm1_silu_kernel(
     x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
     num_assignments, hidden, inter, top_k,
     stride_xt, stride_xh, stride_ws, stride_wn, stride_wk, stride_aa, stride_ai,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert, slot, assign, row_ok = _block_rows(block_expert_ptr, slot_ptr, sorted_ids_ptr, num_assignments, BLOCK_M)
     if expert < 0:
         return
-    slot = tl.load(slot_ptr + expert).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assign = tl.load(sorted_ids_ptr + rows)  # [BM]; num_assignments marks padding
-    row_ok = assign < num_assignments
+    pid_n = tl.program_id(1)
     token = (assign // top_k).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
     col_ok = cols < inter
@@ -70,15 +76,10 @@ def _gemm2_weighted_kernel(
     stride_aa, stride_ai, stride_ws, stride_wn, stride_wk, stride_ya, stride_yh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert, slot, assign, row_ok = _block_rows(block_expert_ptr, slot_ptr, sorted_ids_ptr, num_assignments, BLOCK_M)
     if expert < 0:
         return
-    slot = tl.load(slot_ptr + expert).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assign = tl.load(sorted_ids_ptr + rows)
-    row_ok = assign < num_assignments
+    pid_n = tl.program_id(1)
     assign64 = assign.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden columns
     col_ok = cols < hidden
