@@ -98,6 +98,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lookahead", type=int, default=3, metavar="D", help="lookahead of the recorded predictions (default 3)")
     _add_runtime_args(r, prefetch=False)
 
+    b = sub.add_parser("bench", help="benchmarks (bench cache: hit rates of policies and predictors)")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    bc = bsub.add_parser("cache", help="cache-hit sweep over capacities x policies x predictors, with bounds",
+                         description="Replay decode-order routing (from --trace, or recorded now from --text) "
+                                     "through the real cache, policies and prefetcher for each capacity x policy x "
+                                     "predictor, plus Belady (offline-optimal eviction, no prefetch) and oracle "
+                                     "prefetch. 'On-time' hits use a link model: --hardware and --link-model sizes.")
+    _add_model_args(bc)
+    bc.add_argument("--text", default=None, metavar="FILE", help="text to route (default: the bundled held-out text)")
+    bc.add_argument("--accelerator", default=None, metavar="FILE", help="record m2r2 predictions with these adapters "
+                    "(default for the bundled model: its bundled adapters)")
+    bc.add_argument("--trace", default=None, metavar="FILE", help="replay this trace (.npz) instead of recording one")
+    bc.add_argument("--max-tokens", type=int, default=4096, metavar="N")
+    bc.add_argument("--capacities", default=None, help="slots per layer, comma list (default 1..E)")
+    bc.add_argument("--policies", default="lru,lru-layer,lfu,predictive")
+    bc.add_argument("--predictors", default=None, help="default: none,next-gate and m2r2 when the trace has it")
+    bc.add_argument("--lookahead", type=int, default=2, metavar="D")
+    bc.add_argument("--prefetch-margin", type=int, default=1, metavar="M")
+    bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
+    bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
+    bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"])
+    bc.add_argument("--json", default=None, metavar="OUT", help="write the results JSON here")
+    bc.add_argument("--plot", default=None, metavar="OUT.png", help="hit rate vs capacity (needs matplotlib)")
+
+    sm = sub.add_parser("simulate", help="project decode tokens/s on hardware we do not have, from a trace",
+                        description="Event-driven timeline (one compute stream, one copy stream) driven by a real "
+                                    "routing trace; compute from bytes/bandwidth and flops/throughput, copies from "
+                                    "link bandwidth and latency, prefetches from the recorded predictions.")
+    sm.add_argument("--trace", required=True, metavar="FILE", help="from `moe-offload trace`")
+    sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx4090-pcie4, rtx3060-pcie3, t4-pcie3")
+    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b or a config.json")
+    sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"])
+    sm.add_argument("--capacity", type=int, default=None, help="expert slots of the real model (default: what fits)")
+    sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace) or oracle")
+    sm.add_argument("--policy", default="lru")
+    sm.add_argument("--lookahead", type=int, default=None, metavar="D")
+    sm.add_argument("--bookkeeping-us", type=float, default=20.0, help="host cost per layer (default 20 us)")
+    sm.add_argument("--json", action="store_true", help="print one JSON object")
+
     i = sub.add_parser("info", help="model config, parameter counts, bytes per expert, memory plan",
                        description="Describe a checkpoint without loading its weights (headers only). "
                                    "With --device or a cache budget, also print the memory plan "
@@ -235,6 +274,83 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_trace(model, ids: list[int], lookahead: int, accelerator: str | None):
+    from .predict import Accelerator, M2R2Predictor, NextGate
+    from .runtime import NEXT_GATE_VARIANT
+    from .trace import record_routing
+
+    preds = {"next-gate": NextGate(model.model, lookahead, NEXT_GATE_VARIANT)}
+    if accelerator:
+        acc, _ = Accelerator.load(accelerator, model.model)
+        preds["m2r2"] = M2R2Predictor(model.model, acc, min(lookahead, max(acc.lookaheads)))
+    return record_routing(model.model, ids, window=model.runtime.max_seq_len, show_progress=sys.stderr.isatty(),
+                          predictors=preds)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_cache, markdown_table, model_config, plot
+    from .results import result_metadata, write_json_atomic
+    from .runtime import bundled_accelerator_path, bundled_heldout_text, bundled_model_path, load
+    from .sim import StepCosts, get_hardware
+    from .trace import load_trace
+
+    hw = get_hardware(args.hardware)
+    costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
+    if args.trace:
+        trace = load_trace(args.trace)
+    else:
+        model = load(args.model, device="cpu", offload=False)
+        acc = args.accelerator
+        if acc is None and args.model is None and bundled_accelerator_path().is_file():
+            acc = str(bundled_accelerator_path())
+        ids = model.encode_text(_read_text(args.text or str(bundled_heldout_text())))[: args.max_tokens]
+        trace = _record_trace(model, ids, max(args.lookahead, 1), acc)
+    T, L, k = trace.routed_ids.shape
+    E = trace.router_probs.shape[2]
+    per_layer = [int(c) for c in args.capacities.split(",")] if args.capacities else list(range(1, E + 1))
+    predictors = args.predictors.split(",") if args.predictors else ["none", "next-gate"] + (
+        ["m2r2"] if trace.preds and "m2r2" in trace.preds else [])
+    rows = bench_cache(trace, [c * L for c in per_layer], args.policies.split(","), predictors, costs,
+                       args.lookahead, args.prefetch_margin)
+    print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
+          f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
+    print(markdown_table(rows))
+    settings = {"model": args.model or str(bundled_model_path()), "text": args.text, "trace": args.trace,
+                "tokens": T, "layers": L, "experts": E, "top_k": k, "lookahead": args.lookahead,
+                "prefetch_margin": args.prefetch_margin, "hardware": hw.key, "link_model": args.link_model,
+                "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,
+                "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle"}}
+    if args.json:
+        print(f"wrote {write_json_atomic(args.json, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
+    if args.plot:
+        print(f"wrote {args.plot}" if plot(rows, args.plot) else "no plot: matplotlib is not installed (pip install matplotlib)")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .bench import model_config, simulate
+    from .sim import get_hardware
+    from .trace import load_trace
+
+    p = simulate(load_trace(args.trace), model_config(args.model_config), get_hardware(args.hardware),
+                 args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead)
+    if args.json:
+        print(json.dumps({"tokens_per_second": p.tokens_per_second, "per_token_seconds": p.per_token,
+                          "limits": p.limits, "settings": p.settings}, indent=2))
+        return 0
+    s, t = p.settings, p.per_token
+    print(f"{s['hardware_name']}: {args.model_config}, {s['expert_dtype']} experts "
+          f"({s['expert_bytes'] / 1e6:.0f} MB, {s['copy_ms']:.2f} ms per copy), {s['slots_model']} slots "
+          f"({s['slots_per_layer']:.1f} per layer), {s['policy']} + {s['predictor']}")
+    print(f"  projected      {p.tokens_per_second:7.2f} tokens/s   (hit rate {s['hit_rate']:.3f}, on time {s['on_time_hit_rate']:.3f})")
+    print(f"  per token      {t['total'] * 1e3:7.1f} ms = compute {t['compute'] * 1e3:.1f} + exposed copy "
+          f"{t['exposed_copy'] * 1e3:.1f} + bookkeeping {t['bookkeeping'] * 1e3:.1f}")
+    print(f"  limits         all experts resident {p.limits['all_resident_tokens_per_second']:.2f} tokens/s; "
+          f"link-bound with Belady hits {p.limits['link_bound_belady_tokens_per_second']:.2f} tokens/s")
+    print(f"  (trace: {s['trace_tokens']} tokens x {s['trace_layers']} layers, scaled to {s['model_layers']} layers)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, format_info
 
@@ -258,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "info": cmd_info, "train-accelerator": cmd_train_accelerator,
-                "trace": cmd_trace}[args.command](args)
+                "trace": cmd_trace, "bench": cmd_bench, "simulate": cmd_simulate}[args.command](args)
     except MoeOffloadError as exc:
         print(f"moe-offload: error: {_one_line(exc)}", file=sys.stderr)
         return 2

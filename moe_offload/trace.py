@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from .errors import MoeOffloadError
 from .experts.cache import ExpertCache
+from .model.layers import rms_norm
 from .model.transformer import KVCache, MixtralTransformer
+from .predict.predictors import router_probs
 
 
 @dataclass
@@ -30,6 +32,7 @@ class RoutingTrace:
     router_probs: np.ndarray | None = None
     preds: dict | None = None
     meta: dict | None = None
+    embed_preds: np.ndarray | None = None  # [T, D, E] next-gate on each token's embedding, layers 0..D-1
 
 
 def record_routing(model: MixtralTransformer, token_ids: list[int], window: int, chunk: int = 128,
@@ -43,6 +46,8 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
     w_out = np.zeros((n, L, cfg.num_experts_per_tok), dtype=np.float32)
     probs_out = np.zeros((n, L, E), dtype=np.float32)
     preds = {name: np.full((n, L, p.lookahead, E), np.nan, dtype=np.float32) for name, p in (predictors or {}).items()}
+    D = max([p.lookahead for p in (predictors or {}).values()], default=0)
+    embed = np.zeros((n, min(D, L), E), dtype=np.float32) if predictors else None
     cache = KVCache(cfg, 1, window, model.dtype, model.device)
     pos = {"start": 0}
 
@@ -53,9 +58,13 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
         probs_out[s:s + ids.shape[0], layer] = torch.softmax(logits.float(), -1).cpu().numpy()
 
     def residual(layer: int, x: torch.Tensor) -> None:
-        if layer < 0:
-            return
         s, x = pos["start"], x.reshape(-1, x.shape[-1])
+        if layer < 0:  # next-gate on the embedding: what the runtime uses for a token's first layers
+            eps = cfg.rms_norm_eps
+            for t in range(embed.shape[1]):
+                h = rms_norm(x, model.layers[t].post_attention_layernorm, eps)
+                embed[s:s + x.shape[0], t] = router_probs(model, t, h).cpu().numpy()
+            return
         for name, p in (predictors or {}).items():
             preds[name][s:s + x.shape[0], layer] = p.scores(layer, x).float().cpu().numpy()
 
@@ -72,7 +81,7 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
     finally:
         model.routing_hook = old
         model.residual_hook = old_res
-    return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None)
+    return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None, embed_preds=embed)
 
 
 def save_trace(path: str | Path, trace: RoutingTrace, meta: dict) -> Path:
@@ -83,6 +92,8 @@ def save_trace(path: str | Path, trace: RoutingTrace, meta: dict) -> Path:
               "meta": np.array(json.dumps({**meta, "window": trace.window}))}
     for name, a in (trace.preds or {}).items():
         arrays["pred_" + name.replace("-", "_")] = a
+    if trace.embed_preds is not None:
+        arrays["embed_next_gate"] = trace.embed_preds
     tmp = path.with_name(path.name + ".partial.npz")
     np.savez_compressed(tmp, **arrays)
     tmp.replace(path)
@@ -94,9 +105,10 @@ def load_trace(path: str | Path) -> RoutingTrace:
     try:
         z = np.load(path)
         meta = json.loads(str(z["meta"]))
-        preds = {k[5:]: z[k] for k in z.files if k.startswith("pred_")}
+        preds = {k[5:].replace("_", "-"): z[k] for k in z.files if k.startswith("pred_")}
         return RoutingTrace(z["token_ids"], z["routed_ids"], z["routed_weights"], meta.get("window", 0),
-                            z["router_probs"] if "router_probs" in z.files else None, preds or None, meta)
+                            z["router_probs"] if "router_probs" in z.files else None, preds or None, meta,
+                            z["embed_next_gate"] if "embed_next_gate" in z.files else None)
     except (OSError, KeyError, ValueError) as exc:
         raise MoeOffloadError(f"{path}: not a moe_offload routing trace (.npz): {exc}") from None
 

@@ -49,6 +49,7 @@ class ExpertCache:
         self.prefetched_unused: set[Key] = set()
         self._dirty_rows: set[int] = set()
         self.stats = CacheStats(L)
+        self.late_hits = np.zeros(L, dtype=np.int64)  # hits that had to wait for their copy (simulation)
 
     # --- capacity -----------------------------------------------------------------------------
     def capacity(self, layer: int) -> int:
@@ -92,6 +93,9 @@ class ExpertCache:
                 stats.uses[layer] += 1
                 if self.slot_of[key] >= 0:
                     stats.hits[layer] += 1
+                    handle = self.inflight.get(key)
+                    if handle is not None and not handle.done():
+                        self.late_hits[layer] += 1  # resident, but its copy is still on the link
                     if key in self.prefetched_unused:
                         stats.prefetch_hits[layer] += 1
                         self.prefetched_unused.discard(key)
@@ -165,8 +169,16 @@ class ExpertCache:
             return self.free_slots.pop()
         else:
             candidates = self.resident()
-        candidates = [k for k in candidates if k not in self.pinned and k not in self.inflight
-                      and (protect is None or k not in protect)]
+        unpinned = [k for k in candidates if k not in self.pinned]
+        candidates = [k for k in unpinned if k not in self.inflight and (protect is None or k not in protect)]
+        if not candidates and protect is None and unpinned:
+            # A demand load may take the slot of a prefetch still on the link: a copy in progress cannot
+            # be cancelled, so wait for it to land, then evict it.
+            victim = self.policy.victim(unpinned)
+            self._wait(victim)
+            candidates = [victim] if self.slot_of[victim] >= 0 else []
+            if not candidates:  # the prefetch failed and was dropped: its slot is free now
+                return self.free_slots.pop()
         if not candidates:
             if protect is not None:
                 return None

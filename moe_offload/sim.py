@@ -1,0 +1,245 @@
+"""Event-driven decode timeline: one compute stream, one copy stream, the real cache/policy/prefetch code.
+
+A recorded routing trace drives the real ExpertCache and Prefetcher; only the copy engine and the clock
+are simulated: SimCopyEngine puts each load on a FIFO link (bytes / bandwidth + latency) in virtual
+time, and waiting on a load that has not finished advances the compute stream's clock (an exposed
+copy). Per token and layer the compute stream spends: attention (dense bytes / HBM bandwidth, or
+flops / throughput, whichever is larger, plus a launch allowance), host bookkeeping, the routed
+experts' GEMMs (the same bound), and at the end the LM head.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import MixtralConfig
+from .errors import MoeOffloadError
+from .experts.cache import ExpertCache
+from .experts.policy import EvictionPolicy, Key, make_policy
+from .experts.prefetch import Prefetcher
+from .experts.transfer import CopyEngine, LoadHandle
+
+EXPERT_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 0.0, "int4": 0.5 + 4 / 64}  # int4: fp16 scale+zero per 64
+
+
+@dataclass(frozen=True)
+class Hardware:
+    key: str
+    name: str
+    memory_gb: float
+    hbm_gbps: float
+    bf16_tflops: float
+    link_gbps: float
+    link_latency_us: float
+    kernel_overhead_us: float
+    source: str
+
+
+def hardware_profiles() -> dict[str, Hardware]:
+    raw = json.loads((resources.files("moe_offload") / "assets" / "hardware_profiles.json").read_text())
+    return {k: Hardware(key=k, **v) for k, v in raw.items() if not k.startswith("_")}
+
+
+def get_hardware(name: str) -> Hardware:
+    profiles = hardware_profiles()
+    if name not in profiles:
+        raise MoeOffloadError(f"hardware {name!r} is not one of {sorted(profiles)}")
+    return profiles[name]
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per event of one decode step (per layer unless named otherwise)."""
+
+    attention: float
+    expert: float  # one routed expert's GEMMs at batch 1
+    bookkeeping: float
+    head: float  # per token
+    copy: float  # one expert over the link, latency included
+    expert_bytes: int
+
+    @classmethod
+    def for_model(cls, cfg: MixtralConfig, hw: Hardware, expert_dtype: str = "bf16",
+                  bookkeeping_us: float = 20.0) -> "StepCosts":
+        if expert_dtype not in EXPERT_BYTES_PER_PARAM:
+            raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {sorted(EXPERT_BYTES_PER_PARAM)}")
+        bw, flops = hw.hbm_gbps * 1e9, hw.bf16_tflops * 1e12
+        hd = cfg.head_dim
+        attn_params = cfg.hidden_size * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+        attention = max(2 * attn_params / bw, 2 * attn_params / flops) + hw.kernel_overhead_us * 1e-6
+        expert_bytes = int(cfg.expert_params * EXPERT_BYTES_PER_PARAM[expert_dtype])
+        expert = max(expert_bytes / bw, 2 * cfg.expert_params / flops)
+        head = 2 * cfg.vocab_size * cfg.hidden_size / bw
+        copy = expert_bytes / (hw.link_gbps * 1e9) + hw.link_latency_us * 1e-6
+        return cls(attention, expert, bookkeeping_us * 1e-6, head, copy, expert_bytes)
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class _SimHandle(LoadHandle):
+    def __init__(self, key: Key, slot: int, t_done: float, clock: VirtualClock):
+        super().__init__(key, slot)
+        self.t_done, self.clock = t_done, clock
+
+    def done(self) -> bool:
+        return self.t_done <= self.clock.now
+
+
+class SimCopyEngine(CopyEngine):
+    """A FIFO link in virtual time: each load takes `copy_seconds` once the link is free."""
+
+    def __init__(self, clock: VirtualClock, copy_seconds: float):
+        super().__init__()
+        self.clock, self.copy_seconds = clock, copy_seconds
+        self.link_free = 0.0
+        self.busy_seconds = 0.0
+
+    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
+        start = max(self.clock.now, self.link_free)
+        self.link_free = start + self.copy_seconds
+        self.busy_seconds += self.copy_seconds
+        return _SimHandle(key, slot, self.link_free, self.clock)
+
+    def wait(self, handle: LoadHandle) -> float:
+        stall = max(0.0, handle.t_done - self.clock.now)
+        self.clock.now += stall
+        return stall
+
+
+class VirtualStore:
+    """Stands in for HostExpertStore when no bytes move (simulation): sizes only."""
+
+    def __init__(self, num_layers: int, num_experts: int, expert_bytes: int):
+        self.num_layers, self.num_experts, self.expert_bytes = num_layers, num_experts, expert_bytes
+        self.hidden = self.inter = 0
+        self.expert_elems = 0
+        self.dtype = torch.float32
+        self._empty = torch.empty(0)
+
+    def row(self, layer: int, e: int) -> torch.Tensor:
+        return self._empty
+
+
+class Belady(EvictionPolicy):
+    """Offline optimal eviction: the resident expert whose next use is farthest in the future.
+    `step` must be set to the index of the current (token, layer) access before each acquire."""
+
+    name = "belady"
+
+    def __init__(self, routed_ids: np.ndarray):
+        super().__init__()
+        T, L, _ = routed_ids.shape
+        self.uses: dict[Key, list[int]] = {}
+        for t in range(T):
+            for l in range(L):
+                for e in set(routed_ids[t, l].tolist()):
+                    self.uses.setdefault((l, e), []).append(t * L + l)
+        self.step = 0
+
+    def next_use(self, key: Key) -> float:
+        steps = self.uses.get(key, [])
+        i = bisect.bisect_right(steps, self.step)
+        return steps[i] if i < len(steps) else math.inf
+
+    def victim(self, candidates) -> Key:
+        return max(candidates, key=lambda k: (self.next_use(k), -self.last_use.get(k, 0)))
+
+
+class RecordedPredictor:
+    """Replays scores recorded in a trace: preds [T, L, D, E] and embedding scores [T, D, E]."""
+
+    def __init__(self, name: str, preds: np.ndarray, embed: np.ndarray | None):
+        self.name, self.preds, self.embed = name, preds, embed
+        self.lookahead = preds.shape[2]
+        self.position = 0
+
+    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.nan_to_num(self.preds[self.position, layer], nan=-1.0))[None]
+
+    def embedding_scores(self) -> torch.Tensor:
+        if self.embed is None:
+            return torch.full((self.lookahead, self.preds.shape[3]), -1.0)
+        return torch.from_numpy(self.embed[self.position])
+
+
+class _NoModel:
+    """What Prefetcher needs of a model when only a trace is replayed."""
+
+    def __init__(self, num_layers: int, top_k: int):
+        class C:
+            pass
+
+        self.cfg = C()
+        self.cfg.num_hidden_layers, self.cfg.num_experts_per_tok = num_layers, top_k
+        self.residual_hook = None
+        self.current_pos = 0
+
+
+@dataclass
+class TimelineResult:
+    tokens: int
+    seconds: float
+    compute_seconds: float
+    exposed_copy_seconds: float
+    bookkeeping_seconds: float
+    link_busy_seconds: float
+    stats: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: str, costs: StepCosts,
+                 predictor: RecordedPredictor | None = None, margin: int = 1,
+                 on_step: Callable[[int, int], None] | None = None) -> TimelineResult:
+    """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link."""
+    T, L, k = routed_ids.shape
+    clock = VirtualClock()
+    engine = SimCopyEngine(clock, costs.copy)
+    pol = Belady(routed_ids) if policy == "belady" else make_policy(policy)
+    cache = ExpertCache(VirtualStore(L, num_experts, costs.expert_bytes), slots, pol, torch.device("cpu"), engine)
+    pf = None
+    if predictor is not None:
+        pf = Prefetcher(cache, _NoModel(L, k), predictor, margin=margin)
+    compute = bookkeeping = 0.0
+    dummy = torch.zeros(1, 1)
+    for t in range(T):
+        if pf is not None:
+            predictor.position = t
+            pf.plan(-1, dummy)  # the next token's first layers, from its embedding
+        for l in range(L):
+            clock.now += costs.attention
+            compute += costs.attention
+            experts = np.unique(routed_ids[t, l]).tolist()
+            if isinstance(pol, Belady):
+                pol.step = t * L + l
+            cache.acquire(l, experts)
+            if pf is not None:
+                pf.plan(l, dummy)
+            work = costs.expert * len(experts)
+            clock.now += work + costs.bookkeeping
+            compute += work
+            bookkeeping += costs.bookkeeping
+            cache.release(l, experts)
+            if on_step is not None:
+                on_step(t, l)
+        clock.now += costs.head
+        compute += costs.head
+    cache.stats.check()
+    st = cache.stats.to_dict()
+    st["late_hits"] = int(cache.late_hits.sum())
+    if pf is not None:
+        st.update(prefetch_issued=pf.issued, prefetch_cancelled=pf.cancelled)
+    return TimelineResult(T, clock.now, compute, float(cache.stats.stall_seconds.sum()), bookkeeping,
+                          engine.busy_seconds, st)
