@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dump-train-text", metavar="FILE", default=None,
+                    help="only write the training split's text to FILE (for train-accelerator) and exit")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -157,6 +159,9 @@ def main() -> None:
     chapters = read_chapters(args.corpus)
     held = [c for i, c in enumerate(chapters) if i % 20 == 7]
     train = [c for i, c in enumerate(chapters) if i % 20 != 7]
+    if args.dump_train_text:
+        Path(args.dump_train_text).write_text("\n\n".join(train) + "\n", encoding="utf-8")
+        return
     tok = train_tokenizer(train, args.vocab)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     train_ids, held_ids = encode_stream(tok, train, bos), encode_stream(tok, held, bos)

@@ -56,6 +56,27 @@ def predictor_from_trace(trace: RoutingTrace, name: str, lookahead: int | None =
     return RecordedPredictor(name, preds, embed)
 
 
+def trace_recall(trace: RoutingTrace) -> dict[str, dict[str, dict[str, float]]]:
+    """recall@d of each recorded predictor: the fraction of the true top-k experts of layer l+d found in
+    the predictor's top-k (and top-(k+1)) computed at layer l, over all tokens and layers."""
+    T, L, k = trace.routed_ids.shape
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, preds in (trace.preds or {}).items():
+        out[name] = {}
+        for d in range(1, preds.shape[2] + 1):
+            if d >= L:
+                break
+            scores = preds[:, : L - d, d - 1]  # [T, L-d, E], made at layer l for layer l+d
+            true = trace.routed_ids[:, d:].astype(np.int64)  # [T, L-d, k]
+            order = np.argsort(-scores, axis=-1, kind="stable")
+            cell = {}
+            for label, m in (("top_k", k), ("top_k_plus_1", k + 1)):
+                top = order[..., :m]
+                cell[label] = float((true[..., :, None] == top[..., None, :]).any(-1).mean())
+            out[name][f"d{d}"] = cell
+    return out
+
+
 def _row(policy: str, predictor: str, slots: int, L: int, res: TimelineResult) -> dict[str, Any]:
     st, T = res.stats, res.tokens
     return {"policy": policy, "predictor": predictor, "capacity": slots, "capacity_per_layer": slots / L,
@@ -141,8 +162,8 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
     kv = 2 * L * cfg.num_key_value_heads * KV_TOKENS * cfg.head_dim * 2
     fit = int((hw.memory_gb * 1e9 - dense - kv - RESERVE_GB * 1e9) // costs.expert_bytes)
     slots_model = min(capacity if capacity is not None else fit, L * cfg.num_local_experts)
-    if slots_model < k * L:
-        raise MoeOffloadError(f"{hw.name}: {slots_model} expert slots ({expert_dtype}) is under top_k per layer")
+    if slots_model < k:
+        raise MoeOffloadError(f"{hw.name}: {slots_model} expert slots ({expert_dtype}) is below top_k={k}")
     slots = max(k, round(slots_model / L * Lt))
     scale = L / Lt
 

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--accelerator", default=None, metavar="FILE", help="record m2r2 predictions with these adapters "
                     "(default for the bundled model: its bundled adapters)")
     bc.add_argument("--trace", default=None, metavar="FILE", help="replay this trace (.npz) instead of recording one")
-    bc.add_argument("--max-tokens", type=int, default=4096, metavar="N")
+    bc.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="tokens to route / replay (default 4096)")
     bc.add_argument("--capacities", default=None, help="slots per layer, comma list (default 1..E)")
     bc.add_argument("--policies", default="lru,lru-layer,lfu,predictive")
     bc.add_argument("--predictors", default=None, help="default: none,next-gate and m2r2 when the trace has it")
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--policy", default="lru")
     sm.add_argument("--lookahead", type=int, default=None, metavar="D")
     sm.add_argument("--bookkeeping-us", type=float, default=20.0, help="host cost per layer (default 20 us)")
+    sm.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="use the first N tokens of the trace")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
 
     i = sub.add_parser("info", help="model config, parameter counts, bytes per expert, memory plan",
@@ -271,6 +272,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     out = save_trace(args.out, trace, meta)
     print(f"wrote {out}: {len(ids)} tokens, {model.config.num_hidden_layers} layers, predictions "
           f"{sorted(preds)} (lookahead {d})")
+    from .bench import trace_recall
+
+    for name, cells in trace_recall(trace).items():
+        print(f"  recall {name:10s} " + "  ".join(f"d={k[1:]}: {v['top_k']:.3f} (top-k+1 {v['top_k_plus_1']:.3f})"
+                                                  for k, v in cells.items()))
     return 0
 
 
@@ -292,12 +298,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .results import result_metadata, write_json_atomic
     from .runtime import bundled_accelerator_path, bundled_heldout_text, bundled_model_path, load
     from .sim import StepCosts, get_hardware
-    from .trace import load_trace
+    from .trace import head, load_trace
 
     hw = get_hardware(args.hardware)
     costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
     if args.trace:
-        trace = load_trace(args.trace)
+        trace = head(load_trace(args.trace), args.max_tokens)
     else:
         model = load(args.model, device="cpu", offload=False)
         acc = args.accelerator
@@ -330,9 +336,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .bench import model_config, simulate
     from .sim import get_hardware
-    from .trace import load_trace
+    from .trace import head, load_trace
 
-    p = simulate(load_trace(args.trace), model_config(args.model_config), get_hardware(args.hardware),
+    p = simulate(head(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead)
     if args.json:
         print(json.dumps({"tokens_per_second": p.tokens_per_second, "per_token_seconds": p.per_token,

@@ -35,6 +35,16 @@ class RoutingTrace:
     embed_preds: np.ndarray | None = None  # [T, D, E] next-gate on each token's embedding, layers 0..D-1
 
 
+def head(trace: RoutingTrace, n: int | None) -> RoutingTrace:
+    """The first n tokens of a trace (all of it when n is None)."""
+    if n is None or n >= len(trace.token_ids):
+        return trace
+    cut = lambda a: None if a is None else a[:n]  # noqa: E731
+    return RoutingTrace(trace.token_ids[:n], trace.routed_ids[:n], trace.routed_weights[:n], trace.window,
+                        cut(trace.router_probs), {k: v[:n] for k, v in (trace.preds or {}).items()} or None,
+                        trace.meta, cut(trace.embed_preds))
+
+
 def record_routing(model: MixtralTransformer, token_ids: list[int], window: int, chunk: int = 128,
                    show_progress: bool = False, predictors: dict | None = None) -> RoutingTrace:
     """Route every token of `token_ids` as decode would: sequences of `window` tokens, each prefilled

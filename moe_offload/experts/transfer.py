@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import MoeOffloadError
@@ -71,6 +72,15 @@ class CopyEngine:
                           f"failed: {handle.error}")
 
 
+def _host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """A plain memcpy through numpy (releases the GIL, no OpenMP): torch's copy_ would share the
+    intra-op thread pool with the compute thread and stall it."""
+    if dst.is_contiguous() and src.is_contiguous() and dst.dtype == src.dtype and dst.numel() == src.numel():
+        np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
+    else:
+        dst.copy_(src)
+
+
 class ThreadCopyEngine(CopyEngine):
     """CPU twin: a single worker thread copies in FIFO order while the caller computes."""
 
@@ -91,7 +101,7 @@ class ThreadCopyEngine(CopyEngine):
                     time.sleep(self.faults.delay(handle.key))
                 if self.faults.fail is not None and self.faults.fail(handle.key):
                     raise RuntimeError("injected copy failure")
-                dst.copy_(src)
+                _host_copy(dst, src)
             except BaseException as exc:  # reported to the waiter, never lost in the thread
                 handle.error = exc
             finally:

@@ -87,6 +87,8 @@ class MixtralTransformer(nn.Module):
         # called with layer -1 for the token embedding. current_pos: start position of the running forward.
         self.residual_hook: Callable[[int, torch.Tensor], None] | None = None
         self.current_pos = 0
+        # Benchmarks only: (ids [T, L, k] int64, weights [T, L, k] float32) replacing the router's choice.
+        self.forced_routing: tuple[torch.Tensor, torch.Tensor] | None = None
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -154,6 +156,10 @@ class MixtralTransformer(nn.Module):
         x = h.reshape(-1, h.shape[-1])  # [N, H]
         logits = F.linear(x, self.layers[layer].gate)  # [N, E]
         weights, ids = route(logits, self.cfg.num_experts_per_tok)  # [N, k] each
+        if self.forced_routing is not None:  # benchmarks: replay recorded routing on random weights
+            f_ids, f_w = self.forced_routing  # [T, L, k] each, on this device
+            ids = f_ids[self.current_pos:self.current_pos + x.shape[0], layer]
+            weights = f_w[self.current_pos:self.current_pos + x.shape[0], layer]
         self.usage[layer] += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_local_experts)
         if self.routing_hook is not None:
             self.routing_hook(layer, ids, weights, logits)
