@@ -74,6 +74,14 @@ def trace_recall(trace: RoutingTrace) -> dict[str, dict[str, dict[str, float]]]:
                 top = order[..., :m]
                 cell[label] = float((true[..., :, None] == top[..., None, :]).any(-1).mean())
             out[name][f"d{d}"] = cell
+    if trace.embed_preds is not None:  # a token's first layers, predicted from its embedding
+        out["embedding-next-gate"] = {}
+        for t in range(trace.embed_preds.shape[1]):
+            order = np.argsort(-trace.embed_preds[:, t], axis=-1, kind="stable")  # [T, E]
+            true = trace.routed_ids[:, t].astype(np.int64)  # [T, k]
+            out["embedding-next-gate"][f"layer{t}"] = {
+                label: float((true[:, :, None] == order[:, None, :m]).any(-1).mean())
+                for label, m in (("top_k", k), ("top_k_plus_1", k + 1))}
     return out
 
 

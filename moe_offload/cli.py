@@ -275,7 +275,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .bench import trace_recall
 
     for name, cells in trace_recall(trace).items():
-        print(f"  recall {name:10s} " + "  ".join(f"d={k[1:]}: {v['top_k']:.3f} (top-k+1 {v['top_k_plus_1']:.3f})"
+        print(f"  recall {name:20s} " + "  ".join(f"{k}: {v['top_k']:.3f} (top-k+1 {v['top_k_plus_1']:.3f})"
                                                   for k, v in cells.items()))
     return 0
 

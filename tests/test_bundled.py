@@ -45,3 +45,18 @@ def test_bundled_model_with_bundled_accelerator_is_exact():
     res = m.generate(PROMPTS[0], max_new_tokens=24)
     assert res.stats["predictor"] == "m2r2"
     assert res.token_ids == ref.generate(PROMPTS[0], max_new_tokens=24).token_ids
+
+
+def test_bundled_offloaded_equals_resident_across_capacities_and_policies():
+    ref = moe_offload.load(device="cpu", offload=False)
+    prompt = ref.encode(PROMPTS[1])
+    ref_tokens = ref.generate(prompt, max_new_tokens=8).token_ids
+    ref_logits = ref.logits(prompt)
+    L, E, k = ref.config.num_hidden_layers, ref.config.num_local_experts, ref.config.num_experts_per_tok
+    for slots in (k, 7, 2 * L, 4 * L, L * E - 1, L * E):
+        for policy in ("lru", "lru-layer", "lfu", "predictive"):
+            if policy == "lru-layer" and slots < k * L:
+                continue
+            m = moe_offload.load(device="cpu", cache_experts=slots, policy=policy)
+            assert torch.equal(m.logits(prompt), ref_logits), (slots, policy)
+            assert m.generate(prompt, max_new_tokens=8).token_ids == ref_tokens, (slots, policy)
