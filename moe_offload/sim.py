@@ -27,7 +27,8 @@ from .experts.policy import EvictionPolicy, Key, make_policy
 from .experts.prefetch import Prefetcher
 from .experts.transfer import CopyEngine, LoadHandle
 
-EXPERT_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 0.0, "int4": 0.5 + 4 / 64}  # int4: fp16 scale+zero per 64
+# Bytes per expert parameter; the int formats carry an fp16 scale and zero point per group of 64.
+EXPERT_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64, "int3": 0.375 + 4 / 64, "int2": 0.25 + 4 / 64}
 
 
 @dataclass(frozen=True)

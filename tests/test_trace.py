@@ -32,7 +32,7 @@ def test_chunked_prefill_routing_equals_token_by_token_decode(tmp_path):
 def test_replay_stats_equal_runtime_stats(tmp_path):
     path = write_model(tmp_path)
     for policy, slots in (("lru", 3), ("lfu", 5), ("lru-layer", 4)):
-        m = moe_offload.load(path, device="cpu", cache_experts=slots, policy=policy)
+        m = moe_offload.load(path, device="cpu", cache_experts=slots, policy=policy, predictor="none")
         m.cache.stats.reset()
         routing = decode_routing(m, TOKENS, window=32)
         runtime = m.cache.stats.to_dict()
