@@ -163,7 +163,7 @@ def main() -> None:
         model.forced_routing = forced
         rp = predictor_from_trace(trace, pred, 2)
         if rp is not None:
-            experts.prefetcher = Prefetcher(cache, model, rp, margin=1)
+            experts.prefetcher = Prefetcher(cache, model, rp)
         tps = decode(model, trace, tokens, device)
         st = cache.stats.to_dict()
         row = {"capacity_per_layer": per_layer, "policy": policy, "predictor": pred, "tokens_per_second": tps,

@@ -95,7 +95,8 @@ def _row(policy: str, predictor: str, slots: int, L: int, res: TimelineResult) -
 
 
 def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str], predictors: list[str],
-                costs: StepCosts, lookahead: int | None = None, margin: int = 1) -> list[dict[str, Any]]:
+                costs: StepCosts, lookahead: int | None = None, margin: int = 0, window: int = 1
+                ) -> list[dict[str, Any]]:
     """Every capacity (total slots) x policy x predictor, plus Belady (no prefetch) and oracle-prefetch bounds."""
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
@@ -110,7 +111,7 @@ def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str],
                 continue
             pred = oracle if name == "oracle" else preds[name]
             rows.append(_row(policy, name, slots, L, run_timeline(trace.routed_ids, E, slots, policy, costs, pred,
-                                                                  margin)))
+                                                                  margin, window)))
     return rows
 
 
@@ -156,7 +157,7 @@ class Projection:
 
 def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
              predictor: str, policy: str = "lru", bookkeeping_us: float = 20.0, lookahead: int | None = None,
-             margin: int = 1) -> Projection:
+             margin: int = 0, window: int = 1) -> Projection:
     """Project decode tokens/s of `cfg` on `hw` from a routing trace of (possibly) another model.
 
     The trace's L_t layers are simulated with cfg's per-layer costs and the same slots per layer as the
@@ -183,7 +184,7 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                 "bookkeeping": res.bookkeeping_seconds * scale / res.tokens}
 
     res = run_timeline(trace.routed_ids, E, slots, policy, costs, predictor_from_trace(trace, predictor, lookahead),
-                       margin)
+                       margin, window)
     pt = per_token(res)
     compute_only = pt["compute"] + pt["bookkeeping"]
     belady = run_timeline(trace.routed_ids, E, slots, "belady", costs)
@@ -199,4 +200,4 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                   "slots_simulated": slots, "policy": policy, "predictor": predictor,
                   "hit_rate": res.stats["hit_rate"], "on_time_hit_rate": (res.stats["hits"] - res.stats["late_hits"]) / res.stats["uses"],
                   "copy_ms": costs.copy * 1e3, "attention_ms": costs.attention * 1e3, "expert_ms": costs.expert * 1e3,
-                  "bookkeeping_us": bookkeeping_us})
+                  "bookkeeping_us": bookkeeping_us, "prefetch_margin": margin, "prefetch_window": window})

@@ -41,8 +41,10 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
                    help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate")
     c.add_argument("--lookahead", type=int, default=2, metavar="D", help="layers ahead to prefetch (default 2)")
     c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
-    c.add_argument("--prefetch-margin", type=int, default=1, metavar="M",
-                   help="prefetch top-(k + M) experts per predicted layer (default 1)")
+    c.add_argument("--prefetch-margin", type=int, default=0, metavar="M",
+                   help="prefetch top-(k + M) experts per predicted layer (default 0)")
+    c.add_argument("--prefetch-window", type=int, default=1, metavar="W",
+                   help="most prefetch copies in flight at once (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--policies", default="lru,lru-layer,lfu,predictive")
     bc.add_argument("--predictors", default=None, help="default: none,next-gate and m2r2 when the trace has it")
     bc.add_argument("--lookahead", type=int, default=2, metavar="D")
-    bc.add_argument("--prefetch-margin", type=int, default=1, metavar="M")
+    bc.add_argument("--prefetch-margin", type=int, default=0, metavar="M")
+    bc.add_argument("--prefetch-window", type=int, default=1, metavar="W")
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
     bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"])
@@ -135,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace) or oracle")
     sm.add_argument("--policy", default="lru")
     sm.add_argument("--lookahead", type=int, default=None, metavar="D")
+    sm.add_argument("--prefetch-margin", type=int, default=0, metavar="M")
+    sm.add_argument("--prefetch-window", type=int, default=1, metavar="W")
     sm.add_argument("--bookkeeping-us", type=float, default=20.0, help="host cost per layer (default 20 us)")
     sm.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="use the first N tokens of the trace")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
@@ -160,7 +165,7 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
     if hasattr(args, "predictor"):
         kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
-                  prefetch_margin=args.prefetch_margin)
+                  prefetch_margin=args.prefetch_margin, prefetch_window=args.prefetch_window)
     else:
         kw["predictor"] = "none"
     return kw
@@ -318,13 +323,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     predictors = args.predictors.split(",") if args.predictors else ["none", "next-gate"] + (
         ["m2r2"] if trace.preds and "m2r2" in trace.preds else [])
     rows = bench_cache(trace, [c * L for c in per_layer], args.policies.split(","), predictors, costs,
-                       args.lookahead, args.prefetch_margin)
+                       args.lookahead, args.prefetch_margin, args.prefetch_window)
     print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
           f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
     print(markdown_table(rows))
     settings = {"model": args.model or str(bundled_model_path()), "text": args.text, "trace": args.trace,
                 "tokens": T, "layers": L, "experts": E, "top_k": k, "lookahead": args.lookahead,
-                "prefetch_margin": args.prefetch_margin, "hardware": hw.key, "link_model": args.link_model,
+                "prefetch_margin": args.prefetch_margin, "prefetch_window": args.prefetch_window, "hardware": hw.key, "link_model": args.link_model,
                 "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,
                 "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle"}}
     if args.json:
@@ -340,7 +345,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .trace import head, load_trace
 
     p = simulate(head(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
-                 args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead)
+                 args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
+                 args.prefetch_margin, args.prefetch_window)
     if args.json:
         print(json.dumps({"tokens_per_second": p.tokens_per_second, "per_token_seconds": p.per_token,
                           "limits": p.limits, "settings": p.settings}, indent=2))

@@ -38,7 +38,8 @@ RUNTIME_OPTIONS = {
                  "next-gate, m2r2, oracle (needs oracle_trace)",
     "lookahead": "layers ahead to predict and prefetch (default 2)",
     "accelerator": "M2R2 adapter file (.safetensors); default: the bundled one when it matches the model",
-    "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 1)",
+    "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
+    "prefetch_window": "most prefetch copies in flight at once (default 1)",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
 }
 
@@ -248,7 +249,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         predictor = build_predictor(model, path, runtime_options)
         if predictor is not None:
             experts.prefetcher = Prefetcher(experts.cache, model, predictor,
-                                            margin=int(runtime_options.get("prefetch_margin", 1)))
+                                            margin=runtime_options.get("prefetch_margin", 0),
+                                            max_inflight=runtime_options.get("prefetch_window", 1))
     return OffloadedModel(path, model, runtime, tokenizer, plan)
 
 
@@ -260,9 +262,12 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     lookahead = options.get("lookahead", 2)
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
         raise MoeOffloadError(f"lookahead must be an integer >= 1, got {lookahead!r}")
-    margin = options.get("prefetch_margin", 1)
+    margin = options.get("prefetch_margin", 0)
     if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
         raise MoeOffloadError(f"prefetch_margin must be an integer >= 0, got {margin!r}")
+    window = options.get("prefetch_window", 1)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise MoeOffloadError(f"prefetch_window must be an integer >= 1, got {window!r}")
     valid = ("auto", "none", "next-gate", "m2r2", "oracle")
     if name not in valid:
         raise MoeOffloadError(f"predictor {name!r} is not one of {list(valid)}")

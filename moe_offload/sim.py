@@ -202,7 +202,7 @@ class TimelineResult:
 
 
 def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: str, costs: StepCosts,
-                 predictor: RecordedPredictor | None = None, margin: int = 1,
+                 predictor: RecordedPredictor | None = None, margin: int = 0, window: int = 1,
                  on_step: Callable[[int, int], None] | None = None) -> TimelineResult:
     """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link."""
     T, L, k = routed_ids.shape
@@ -212,7 +212,7 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
     cache = ExpertCache(VirtualStore(L, num_experts, costs.expert_bytes), slots, pol, torch.device("cpu"), engine)
     pf = None
     if predictor is not None:
-        pf = Prefetcher(cache, _NoModel(L, k), predictor, margin=margin)
+        pf = Prefetcher(cache, _NoModel(L, k), predictor, margin=margin, max_inflight=window)
     compute = bookkeeping = 0.0
     dummy = torch.zeros(1, 1)
     for t in range(T):

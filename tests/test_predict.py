@@ -92,8 +92,9 @@ def test_oracle_prefetch_leaves_no_demand_misses_after_warmup(setup):
     path, ref, _, _ = setup
     prompt = [1]
     trace = oracle_for(ref, prompt, 16)
+    # A window of 2 * k: the prefetcher runs once per layer and must keep a whole layer ahead.
     m = moe_offload.load(path, device="cpu", cache_experts=6, predictor="oracle", oracle_trace=trace,
-                         lookahead=1, prefetch_margin=0)
+                         lookahead=1, prefetch_margin=0, prefetch_window=2 * K)
     res = m.generate(prompt, max_new_tokens=16)
     assert res.token_ids == trace.token_ids[1:].tolist()
     # Only the first forward (the 1-token prompt's layer 0, before any prediction existed) may miss.
@@ -109,6 +110,7 @@ def test_bad_predictor_options(setup):
                        ({"predictor": "m2r2"}, "needs accelerator=FILE"),
                        ({"predictor": "oracle"}, "needs oracle_trace"),
                        ({"lookahead": 0}, "lookahead must be an integer >= 1"),
-                       ({"prefetch_margin": -1}, "prefetch_margin must be")]:
+                       ({"prefetch_margin": -1}, "prefetch_margin must be"),
+                       ({"prefetch_window": 0}, "prefetch_window must be")]:
         with pytest.raises(MoeOffloadError, match=needle):
             moe_offload.load(path, device="cpu", cache_experts=3, **kw)
