@@ -22,12 +22,14 @@ from moe_offload.results import result_metadata, write_json_atomic
 
 PROMPT = "And it came to pass"
 RSS_PROBE = """
-import resource, json
+import resource, json, psutil
 import moe_offload, torch
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = psutil.Process().memory_info().rss
 m = moe_offload.load(device="cpu", **json.loads({opts!r}))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"after_imports_kb": before, "peak_after_load_kb": after}}))
+rss1 = psutil.Process().memory_info().rss
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"rss_after_imports_mb": rss0 / 2**20, "rss_after_load_mb": rss1 / 2**20,
+                  "peak_rss_mb": peak / 1024}}))
 """
 
 
@@ -35,7 +37,7 @@ def peak_rss(opts: dict) -> dict:
     r = subprocess.run([sys.executable, "-c", RSS_PROBE.format(opts=json.dumps(opts))], capture_output=True,
                        text=True, check=True, cwd="/")
     d = json.loads(r.stdout)
-    return {**d, "load_delta_mb": (d["peak_after_load_kb"] - d["after_imports_kb"]) / 1024}
+    return {**d, "load_delta_mb": d["rss_after_load_mb"] - d["rss_after_imports_mb"]}
 
 
 def time_ours(m, n: int, repeats: int) -> dict:
@@ -87,8 +89,8 @@ def main() -> None:
     print(f"{'transformers generate':28s} end-to-end {hf['end_to_end_tok_s']:7.1f} tok/s  (same tokens: {same})")
     rss = {name: peak_rss(opts) for name, opts in {"default": {}, "no_offload": {"offload": False}}.items()}
     for name, r in rss.items():
-        print(f"peak RSS {name}: {r['peak_after_load_kb'] / 1024:.0f} MB after load "
-              f"({r['after_imports_kb'] / 1024:.0f} MB after imports)")
+        print(f"RSS {name}: {r['rss_after_imports_mb']:.0f} MB after imports, {r['rss_after_load_mb']:.0f} MB after "
+              f"load (+{r['load_delta_mb']:.0f} MB); process peak {r['peak_rss_mb']:.0f} MB")
     result = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "prompt": PROMPT,
               "new_tokens": n, "ours": {k: {kk: vv for kk, vv in v.items() if kk != "token_ids"} for k, v in rows.items()},
               "transformers": {"end_to_end_tok_s": hf["end_to_end_tok_s"], "same_tokens_as_ours": same},

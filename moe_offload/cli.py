@@ -348,8 +348,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                  args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
                  args.prefetch_margin, args.prefetch_window)
     if args.json:
-        print(json.dumps({"tokens_per_second": p.tokens_per_second, "per_token_seconds": p.per_token,
-                          "limits": p.limits, "settings": p.settings}, indent=2))
+        from .results import result_metadata
+
+        print(json.dumps({**result_metadata("cpu"), "tokens_per_second": p.tokens_per_second,
+                          "per_token_seconds": p.per_token, "limits": p.limits, "settings": p.settings}, indent=2))
         return 0
     s, t = p.settings, p.per_token
     print(f"{s['hardware_name']}: {args.model_config}, {s['expert_dtype']} experts "
