@@ -137,6 +137,8 @@ class CudaCopyEngine(CopyEngine):
         super().__init__(faults)
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
+        # One reusable event per slot (created on first use, re-recorded at every fence): a copy into
+        # a slot waits for the latest record, i.e. the compute stream's last use of that slot.
         self._last_use: dict[int, torch.cuda.Event] = {}
 
     def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
@@ -147,7 +149,7 @@ class CudaCopyEngine(CopyEngine):
             handle.error = RuntimeError("injected copy failure")
             handle._done.set()
             return handle
-        fence = self._last_use.pop(slot, None)
+        fence = self._last_use.get(slot)
         with torch.cuda.stream(self.stream):
             if fence is not None:
                 self.stream.wait_event(fence)
@@ -167,9 +169,10 @@ class CudaCopyEngine(CopyEngine):
         return stalled
 
     def fence(self, slot: int) -> None:
-        ev = torch.cuda.Event()
+        ev = self._last_use.get(slot)
+        if ev is None:
+            ev = self._last_use[slot] = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
-        self._last_use[slot] = ev
 
 
 def make_copy_engine(device: torch.device, faults: CopyFaults | None = None) -> CopyEngine:
