@@ -10,6 +10,8 @@ Sections (each timed and isolated: a failure is recorded, the next section still
   copy_engine        pinned vs pageable host->device GB/s for one Mixtral-8x7B expert (352 MB), and
                      overlap of copy-stream loads with a compute-stream kernel
   kernels            benchmarks/kernels.py (Mixtral shapes, bf16, T in 1..256)
+  decode             benchmarks/decode.py (only with --only ...,decode: it builds a 17 GB pinned store and
+                     takes 3-5 minutes; run it as a second call when the budget allows)
 """
 
 from __future__ import annotations
@@ -114,9 +116,9 @@ def copy_engine(device: torch.device, smoke: bool) -> dict:
     return res
 
 
-def kernels(device: torch.device, smoke: bool, out_dir: Path) -> dict:
-    out = out_dir / "kernels.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--out", str(out)] + (["--smoke"] if smoke else [])
+def script(name: str, smoke: bool, out_dir: Path) -> dict:
+    out = out_dir / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(out)] + (["--smoke"] if smoke else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
@@ -136,7 +138,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             fn = {"offload_exactness": offload_exactness, "copy_engine": copy_engine}.get(name)
-            value = fn(device, args.smoke) if fn else kernels(device, args.smoke, out_dir)
+            value = fn(device, args.smoke) if fn else script(name, args.smoke, out_dir)
             results["sections"][name] = {"ok": True, "seconds": time.perf_counter() - t0, "result": value}
         except Exception as exc:
             results["sections"][name] = {"ok": False, "seconds": time.perf_counter() - t0,

@@ -28,3 +28,13 @@ def test_tuning_script_smoke(tmp_path):
     res = run("tune_fused_moe.py", tmp_path / "t.json")
     assert set(res["configs"]) == {"1", "16"}
     assert all(c["block_m"] in (16, 32) for c in res["configs"].values())
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--smoke", "--tokens", "8",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["all_resident_tokens_per_second"] > 0 and len(res["runs"]) >= 12
+    assert all(0 <= run["hit_rate"] <= 1 for run in res["runs"])
