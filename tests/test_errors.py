@@ -14,7 +14,8 @@ import moe_offload
 from moe_offload import CheckpointError, ConfigError, MixtralConfig, MoeOffloadError
 from helpers import CFG, write_model
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# Copies of ../shared/fixtures (the published configs), shipped with the package for the simulator.
+FIXTURES = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"
 def test_fixture_configs_parse_in_both_spellings():
     c7 = MixtralConfig.from_file(FIXTURES / "mixtral-8x7b-v0.1.config.json")
     assert (c7.hidden_size, c7.num_hidden_layers, c7.num_local_experts, c7.head_dim) == (4096, 32, 8, 128)
