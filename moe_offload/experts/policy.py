@@ -7,12 +7,13 @@ residents are candidates (global pool vs the layer's own share, pinned ones excl
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Iterable
 
 Key = tuple[int, int]
 
 
-class EvictionPolicy:
+class EvictionPolicy(ABC):
     """Base: least-recently-used bookkeeping that every policy keeps (also its tie-breaker)."""
 
     name = "base"
@@ -32,8 +33,9 @@ class EvictionPolicy:
     def on_evict(self, key: Key) -> None:
         self.last_use.pop(key, None)
 
+    @abstractmethod
     def victim(self, candidates: Iterable[Key]) -> Key:
-        raise NotImplementedError
+        """The candidate to evict (candidates are resident, unpinned, not in flight)."""
 
 
 class LRU(EvictionPolicy):

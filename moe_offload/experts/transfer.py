@@ -8,6 +8,7 @@ Both take fault-injection hooks (delay a copy, fail a copy) for tests.
 from __future__ import annotations
 
 import queue
+from abc import ABC, abstractmethod
 import threading
 import time
 from dataclasses import dataclass
@@ -48,18 +49,20 @@ class LoadHandle:
         return self._done.is_set()
 
 
-class CopyEngine:
+class CopyEngine(ABC):
     """Interface. load() queues a copy; wait() makes compute wait for it and returns seconds stalled;
     fence(slot) marks that compute has used a slot, so no later load overwrites it before that use."""
 
     def __init__(self, faults: CopyFaults | None = None):
         self.faults = faults or CopyFaults()
 
+    @abstractmethod
     def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
-        raise NotImplementedError
+        """Queue a copy of src into dst (slot `slot`)."""
 
+    @abstractmethod
     def wait(self, handle: LoadHandle) -> float:
-        raise NotImplementedError
+        """Make compute wait for the copy; seconds the compute side stalled. Raises CopyFailed."""
 
     def fence(self, slot: int) -> None:
         pass
