@@ -180,3 +180,14 @@ def test_stats_reach_generate_json_with_contract_keys(model_path):
     assert keys <= set(st) and all(keys <= set(p) for p in st["per_layer"]) and len(st["per_layer"]) == L
     assert st["uses"] == sum(p["uses"] for p in st["per_layer"])
     assert np.isclose(st["stall_seconds"], sum(p["stall_seconds"] for p in st["per_layer"]))
+
+
+def test_demand_load_takes_the_slot_of_an_inflight_prefetch():
+    c = tiny_cache(2, "lru")
+    c.engine.faults = CopyFaults(delay=lambda key: 0.05 if key == (1, 3) else 0.0)
+    assert c.prefetch((1, 3), protect=set())  # slow copy on the link
+    access(c, 0, [0])
+    assert c.plan_groups(0, [1, 2]) == [[1, 2]]  # in-flight prefetches do not shrink the groups
+    access(c, 0, [1, 2])  # needs both slots: waits for the prefetch to land, then evicts it
+    assert set(c.resident()) == {(0, 1), (0, 2)} and not c.inflight
+    assert c.stats.prefetch_wasted.tolist() == [0, 1] and c.stats.stall_seconds.sum() > 0.01

@@ -57,8 +57,10 @@ class ExpertCache:
         return int(self.quota[layer]) if self.quota is not None else self.num_slots
 
     def plan_groups(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
-        """Split a layer's needed experts (ascending) into groups that fit its capacity at once."""
-        cap = min(self.capacity(layer), self.num_slots - sum(1 for k in self.inflight if k[0] != layer))
+        """Split a layer's needed experts (ascending) into groups that fit its capacity at once.
+        (Slots held by in-flight prefetches still count: a demand load waits for such a copy, then
+        takes its slot.)"""
+        cap = self.capacity(layer)
         experts = list(experts)
         return [experts[i:i + cap] for i in range(0, len(experts), cap)]
 
