@@ -29,19 +29,14 @@ from moe_offload.experts.prefetch import Prefetcher
 from moe_offload.model.transformer import KVCache, MixtralTransformer, empty_resident_experts, init_random_
 from moe_offload.results import result_metadata, write_json_atomic
 from moe_offload.sim import RecordedPredictor
-from moe_offload.trace import RoutingTrace, load_trace, record_routing
+from moe_offload.trace import RoutingTrace, load_trace, record_with_predictions
 
 
 def bundled_trace(tokens: int) -> RoutingTrace:
-    from moe_offload.predict import Accelerator, M2R2Predictor, NextGate
-
     m = moe_offload.load(device="cpu", offload=False)
     ids = m.encode_text(moe_offload.bundled_heldout_text().read_text())[:tokens]
-    preds = {"next-gate": NextGate(m.model, 2)}
     acc_file = moe_offload.runtime.bundled_accelerator_path()
-    if acc_file.is_file():
-        preds["m2r2"] = M2R2Predictor(m.model, Accelerator.load(acc_file, m.model)[0], 2)
-    return record_routing(m.model, ids, window=m.runtime.max_seq_len, predictors=preds)
+    return record_with_predictions(m.model, ids, m.runtime.max_seq_len, 2, acc_file if acc_file.is_file() else None)
 
 
 def build(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, experts) -> MixtralTransformer:

@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     m = moe_offload.load(args.model, device="cpu", cache_per_layer=10**6)  # all experts: the store is built
     text = open(args.text or moe_offload.bundled_heldout_text(), encoding="utf-8").read()
-    ids = [i for chapter in text.split("\n\n") for i in m.encode(chapter)][: args.max_tokens]
+    ids = m.encode_text(text)[: args.max_tokens]
     trace = record_routing(m.model, ids, window=m.runtime.max_seq_len, show_progress=True)
     cfg = m.config
     total = cfg.num_hidden_layers * cfg.num_local_experts

@@ -18,11 +18,10 @@ def fused_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
 
 def grouped_mm_supported(hidden: torch.Tensor, w13_pool: torch.Tensor) -> bool:
     """torch._grouped_mm exists and the row strides it needs are multiples of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    item = hidden.element_size()
-    h, inter = hidden.shape[-1], w13_pool.shape[1] // 2
-    return (h * item) % 16 == 0 and (inter * item) % 16 == 0
+    from ..model.backends import grouped_mm_aligned
+
+    return hasattr(torch, "_grouped_mm") and grouped_mm_aligned(hidden.shape[-1], w13_pool.shape[1] // 2,
+                                                                  hidden.element_size())
 
 
 def fused_moe_grouped_mm(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -259,25 +259,22 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .predict import Accelerator, M2R2Predictor, NextGate, model_fingerprint
-    from .runtime import NEXT_GATE_VARIANT, load
-    from .trace import record_routing, save_trace
+    from .predict import model_fingerprint
+    from .predict.predictors import NEXT_GATE_VARIANT
+    from .runtime import load
+    from .trace import record_with_predictions, save_trace
 
     model = load(args.model, **_runtime_kwargs(args))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
     d = args.lookahead
-    preds = {"next-gate": NextGate(model.model, d, NEXT_GATE_VARIANT)}
-    if args.accelerator:
-        acc, _ = Accelerator.load(args.accelerator, model.model)
-        preds["m2r2"] = M2R2Predictor(model.model, acc, min(d, max(acc.lookaheads)))
-    trace = record_routing(model.model, ids, window=model.runtime.max_seq_len, show_progress=sys.stderr.isatty(),
-                           predictors=preds)
+    trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, d, args.accelerator,
+                                    show_progress=sys.stderr.isatty())
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path), "text": args.text,
             "tokens": len(ids), "lookahead": d, "accelerator": args.accelerator,
             "next_gate_variant": NEXT_GATE_VARIANT}
     out = save_trace(args.out, trace, meta)
     print(f"wrote {out}: {len(ids)} tokens, {model.config.num_hidden_layers} layers, predictions "
-          f"{sorted(preds)} (lookahead {d})")
+          f"{sorted(trace.preds)} (lookahead {d})")
     from .bench import trace_recall
 
     for name, cells in trace_recall(trace).items():
@@ -286,25 +283,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_trace(model, ids: list[int], lookahead: int, accelerator: str | None):
-    from .predict import Accelerator, M2R2Predictor, NextGate
-    from .runtime import NEXT_GATE_VARIANT
-    from .trace import record_routing
-
-    preds = {"next-gate": NextGate(model.model, lookahead, NEXT_GATE_VARIANT)}
-    if accelerator:
-        acc, _ = Accelerator.load(accelerator, model.model)
-        preds["m2r2"] = M2R2Predictor(model.model, acc, min(lookahead, max(acc.lookaheads)))
-    return record_routing(model.model, ids, window=model.runtime.max_seq_len, show_progress=sys.stderr.isatty(),
-                          predictors=preds)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_cache, markdown_table, model_config, plot
     from .results import result_metadata, write_json_atomic
     from .runtime import bundled_accelerator_path, bundled_heldout_text, bundled_model_path, load
     from .sim import StepCosts, get_hardware
-    from .trace import head, load_trace
+    from .trace import head, load_trace, record_with_predictions
 
     hw = get_hardware(args.hardware)
     costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
@@ -316,7 +300,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if acc is None and args.model is None and bundled_accelerator_path().is_file():
             acc = str(bundled_accelerator_path())
         ids = model.encode_text(_read_text(args.text or str(bundled_heldout_text())))[: args.max_tokens]
-        trace = _record_trace(model, ids, max(args.lookahead, 1), acc)
+        trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, max(args.lookahead, 1), acc,
+                                        show_progress=sys.stderr.isatty())
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
     per_layer = [int(c) for c in args.capacities.split(",")] if args.capacities else list(range(1, E + 1))

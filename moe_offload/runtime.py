@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from importlib import resources
 from pathlib import Path
@@ -22,9 +23,6 @@ from .model.backends import resolve_moe_backend
 from .model.transformer import KVCache, MixtralTransformer
 
 DEFAULT_MAX_SEQ_LEN = 4096
-# Which next-gate form the runtime uses: "residual" = gate_{l+d}(norm_{l+d}(x)), "normed" = gate_{l+d}(norm_l(x)).
-# Chosen by held-out recall on the bundled model (see the predictor issue note).
-NEXT_GATE_VARIANT = "residual"
 RUNTIME_OPTIONS = {
     "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
     "show_progress": "show a progress bar while loading weights (default False)",
@@ -154,18 +152,13 @@ class OffloadedModel:
         timing = _Timing()
         self._reset_stats()
         streamer = TextStreamer(self.decode)
-        for tok in decode_tokens(self.model, self._cache, prompt_ids, params, self.config.eos_token_ids,
-                                 timing):
-            delta = streamer.push(tok)
+        tokens = decode_tokens(self.model, self._cache, prompt_ids, params, self.config.eos_token_ids, timing)
+        deltas = itertools.chain(map(streamer.push, tokens), (streamer.finish() for _ in (0,)))
+        for delta in deltas:
             if delta:
                 if callback:
                     callback(delta)
                 yield delta
-        delta = streamer.finish()
-        if delta:
-            if callback:
-                callback(delta)
-            yield delta
         seconds = time.perf_counter() - t0
         new = streamer.ids
         holder.result = GenerationResult(
@@ -279,7 +272,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     if name == "none":
         return None
     if name == "next-gate":
-        return NextGate(model, lookahead, NEXT_GATE_VARIANT)
+        return NextGate(model, lookahead)
     if name == "oracle":
         trace = options.get("oracle_trace")
         if trace is None:

@@ -94,6 +94,18 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
     return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None, embed_preds=embed)
 
 
+def record_with_predictions(model: MixtralTransformer, token_ids: list[int], window: int, lookahead: int,
+                            accelerator: str | Path | None = None, show_progress: bool = False) -> RoutingTrace:
+    """record_routing plus next-gate scores and, given adapters, m2r2 scores (lookahead D each)."""
+    from .predict import Accelerator, M2R2Predictor, NextGate
+
+    preds = {"next-gate": NextGate(model, lookahead)}
+    if accelerator is not None:
+        acc, _ = Accelerator.load(accelerator, model)
+        preds["m2r2"] = M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
+    return record_routing(model, token_ids, window, show_progress=show_progress, predictors=preds)
+
+
 def save_trace(path: str | Path, trace: RoutingTrace, meta: dict) -> Path:
     """Write the trace as .npz (arrays named as in RoutingTrace; preds as pred_<name> with '-' -> '_')."""
     path = Path(path)

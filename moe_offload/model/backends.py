@@ -17,6 +17,11 @@ from .moe import moe_loop
 MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
 
 
+def grouped_mm_aligned(hidden_size: int, intermediate_size: int, itemsize: int) -> bool:
+    """torch._grouped_mm needs row strides that are multiples of 16 bytes."""
+    return (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
+
+
 def resolve_moe_backend(name: str, device: torch.device, dtype: torch.dtype, cfg: MixtralConfig) -> str:
     """'auto' -> triton on cuda; on cpu the per-expert loop (measured faster than torch._grouped_mm on
     CPU for every token count tried; see the kernels issue note). Explicit choices are checked."""
@@ -31,7 +36,7 @@ def resolve_moe_backend(name: str, device: torch.device, dtype: torch.dtype, cfg
         item = torch.tensor([], dtype=dtype).element_size()
         if not hasattr(torch, "_grouped_mm"):
             raise MoeOffloadError(f"moe_backend 'grouped_mm': torch {torch.__version__} has no torch._grouped_mm")
-        if (cfg.hidden_size * item) % 16 or (cfg.intermediate_size * item) % 16:
+        if not grouped_mm_aligned(cfg.hidden_size, cfg.intermediate_size, item):
             raise MoeOffloadError(
                 f"moe_backend 'grouped_mm' needs hidden_size and intermediate_size rows of a multiple of 16 "
                 f"bytes; got {cfg.hidden_size} and {cfg.intermediate_size} in {dtype}; use 'loop'")
