@@ -3,7 +3,7 @@
 
 Random weights at Mixtral-8x7B dimensions (H=4096, I=14336, E=8, k=2, GQA 32/8) for as many layers as the
 routing trace has (the bundled model's trace: 6 layers, 48 experts = 17 GB of bf16 experts in pinned host
-RAM). Routing is forced from the trace (MixtralTransformer.forced_routing) and predictions replayed from
+RAM). Routing is forced from the trace (model.observers.ForcedRouting) and predictions replayed from
 it, so policies and predictors see the bundled model's real routing. Measures tokens/s all-resident vs
 offloaded (capacities x policies x predictors), copy GB/s, and per-layer attention / expert times (CUDA
 events) for calibrating `moe-offload simulate`. Writes JSON.
@@ -24,12 +24,13 @@ import torch
 
 import moe_offload
 from moe_offload.config import MixtralConfig
-from moe_offload.experts import ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine, make_policy
-from moe_offload.experts.prefetch import Prefetcher
+from moe_offload.offload import ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine, make_policy
+from moe_offload.offload.prefetch import Prefetcher
+from moe_offload.model.observers import ForcedRouting
 from moe_offload.model.transformer import KVCache, MixtralTransformer, empty_resident_experts, init_random_
 from moe_offload.results import result_metadata, write_json_atomic
-from moe_offload.sim import RecordedPredictor
-from moe_offload.trace import RoutingTrace, load_trace, record_with_predictions
+from moe_offload.analysis.sim import RecordedPredictor
+from moe_offload.analysis.trace import RoutingTrace, load_trace, record_with_predictions
 
 
 def bundled_trace(tokens: int) -> RoutingTrace:
@@ -62,8 +63,9 @@ def decode(model: MixtralTransformer, trace: RoutingTrace, tokens: int, device: 
         sync(device)
         t0 = time.perf_counter()
         for p in range(1, tokens):
-            x.fill_(int(trace.token_ids[p]))
-            model(x, p, cache)
+            tok = int(trace.token_ids[p])
+            x.fill_(tok)
+            model(x, p, cache, host_ids=(tok,))
         sync(device)
     return (tokens - 1) / (time.perf_counter() - t0)
 
@@ -72,7 +74,7 @@ def per_layer_times(model: MixtralTransformer, device: torch.device) -> dict:
     """Median ms of one layer's attention and of one routed expert at batch 1 (CUDA events)."""
     if device.type != "cuda":
         return {}
-    from moe_offload.model.moe import expert_ffn
+    from moe_offload.kernels import expert_ffn
 
     h = torch.randn(1, 1, model.cfg.hidden_size, device=device, dtype=model.dtype)
     cache = KVCache(model.cfg, 1, 64, model.dtype, device)
@@ -114,8 +116,8 @@ def main() -> None:
                         num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=kv, num_local_experts=E,
                         num_experts_per_tok=k, head_dim=h // heads, max_position_embeddings=args.tokens + 1)
     tokens = min(args.tokens, T)
-    forced = (torch.as_tensor(trace.routed_ids.astype(np.int64), device=device),
-              torch.as_tensor(trace.routed_weights, device=device))
+    forced = ForcedRouting(torch.as_tensor(trace.routed_ids.astype(np.int64), device=device),
+                           torch.as_tensor(trace.routed_weights, device=device))
     t0 = time.perf_counter()
     store = HostExpertStore(L, E, h, inter, dtype, pin=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
@@ -133,7 +135,7 @@ def main() -> None:
                 resident.w13[l, e].copy_(store.w13(l, e))
                 resident.w2[l, e].copy_(store.w2(l, e))
     model = build(cfg, device, dtype, resident)
-    model.forced_routing = forced
+    model.observers.append(forced)
     base = decode(model, trace, tokens, device)
     results["all_resident_tokens_per_second"] = base
     results["per_layer_times"] = per_layer_times(model, device)
@@ -146,7 +148,7 @@ def main() -> None:
     backend = "triton" if device.type == "cuda" else "loop"
     configs = [(c, pol, pred) for c in (2, 4) for pol in ("lru", "lfu") for pred in ("none", "next-gate", "oracle")]
     configs += [(c, "predictive", "m2r2") for c in (2, 4) if trace.preds and "m2r2" in trace.preds]
-    from moe_offload.bench import predictor_from_trace
+    from moe_offload.analysis.bench import predictor_from_trace
 
     for per_layer, policy, pred in configs:
         cache = ExpertCache(store, per_layer * L, make_policy(policy), device, make_copy_engine(device))
@@ -155,10 +157,11 @@ def main() -> None:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(dense_state[n])
-        model.forced_routing = forced
+        model.observers.append(forced)
         rp = predictor_from_trace(trace, pred, 2)
         if rp is not None:
-            experts.prefetcher = Prefetcher(cache, model, rp)
+            experts.prefetcher = Prefetcher(cache, rp, L, k)
+            model.observers.append(experts.prefetcher)
         tps = decode(model, trace, tokens, device)
         st = cache.stats.to_dict()
         row = {"capacity_per_layer": per_layer, "policy": policy, "predictor": pred, "tokens_per_second": tps,

@@ -71,7 +71,7 @@ def offload_exactness(device: torch.device, smoke: bool) -> dict:
 def copy_engine(device: torch.device, smoke: bool) -> dict:
     if device.type != "cuda":
         return {"skipped": "needs CUDA"}
-    from moe_offload.experts import CudaCopyEngine
+    from moe_offload.offload import CudaCopyEngine
 
     nbytes = (1 << 20) if smoke else 3 * 4096 * 14336 * 2  # one Mixtral-8x7B expert in bf16
     res = {"expert_bytes": nbytes}

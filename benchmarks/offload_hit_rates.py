@@ -18,9 +18,9 @@ import torch
 from tokenizers import Tokenizer
 
 import moe_offload
-from moe_offload.experts import ExpertCache, make_copy_engine, make_policy
+from moe_offload.offload import ExpertCache, make_copy_engine, make_policy
 from moe_offload.results import result_metadata, write_json_atomic
-from moe_offload.trace import record_routing, replay
+from moe_offload.analysis.trace import record_routing, replay
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         for frac in [float(f) for f in args.fractions.split(",")]:
             slots = max(cfg.num_experts_per_tok * (cfg.num_hidden_layers if policy == "lru-layer" else 1),
                         round(frac * total))
-            cache = ExpertCache(m.cache.store, slots, make_policy(policy), torch.device("cpu"),
+            cache = ExpertCache(m.expert_cache.store, slots, make_policy(policy), torch.device("cpu"),
                                 make_copy_engine(torch.device("cpu")))
             host = replay(cache, trace.routed_ids)
             st = cache.stats.to_dict()

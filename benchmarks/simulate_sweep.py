@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from moe_offload.bench import model_config, simulate
+from moe_offload.analysis.bench import model_config, simulate
 from moe_offload.results import result_metadata, write_json_atomic
-from moe_offload.sim import get_hardware
-from moe_offload.trace import head, load_trace
+from moe_offload.analysis.sim import get_hardware
+from moe_offload.analysis.trace import trace_prefix, load_trace
 
 RUNS = ([("rtx4090-pcie4", dt, p) for dt in ("bf16", "int4") for p in ("none", "next-gate", "m2r2")]
         + [(hw, dt, "next-gate") for hw in ("t4-pcie3", "rtx3060-pcie3", "a100-pcie4") for dt in ("int2", "int3")])
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "simulate_mixtral8x7b.json"))
     args = ap.parse_args()
-    trace = head(load_trace(args.trace), args.max_tokens)
+    trace = trace_prefix(load_trace(args.trace), args.max_tokens)
     cfg = model_config("mixtral-8x7b")
     rows = []
     for hw, dt, pred in RUNS:

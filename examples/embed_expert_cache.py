@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_offload.experts import (ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine,
+from moe_offload.offload import (ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine,
                                  make_policy)
 from moe_offload.model import route
 

@@ -1,10 +1,15 @@
-"""Triton MoE kernels and their torch references. Ships as `moe_offload.kernels` (never as `kernels`:
-a PyPI package of that name exists and transformers imports it)."""
+"""Triton MoE kernels, their torch references and the backend dispatch: a leaf that imports nothing
+from the rest of moe_offload. Ships as `moe_offload.kernels` (never as `kernels`: a PyPI package of
+that name exists and transformers imports it)."""
 
 from .align import Alignment, moe_align_block_size
 from .configs import TileConfig, tile_config
+from .dispatch import MOE_BACKENDS, resolve_moe_backend, run_experts
 from .fused_moe import check_resident, fused_moe
-from .reference import fused_moe_grouped_mm, fused_moe_reference, grouped_mm_supported
+from .reference import (expert_ffn, fused_moe_grouped_mm, fused_moe_reference, grouped_mm_aligned,
+                        grouped_mm_supported, moe_loop)
 
-__all__ = ["Alignment", "TileConfig", "check_resident", "fused_moe", "fused_moe_grouped_mm",
-           "fused_moe_reference", "grouped_mm_supported", "moe_align_block_size", "tile_config"]
+
+__all__ = ["Alignment", "MOE_BACKENDS", "TileConfig", "check_resident", "expert_ffn", "fused_moe",
+           "fused_moe_grouped_mm", "fused_moe_reference", "grouped_mm_aligned", "grouped_mm_supported",
+           "moe_align_block_size", "moe_loop", "resolve_moe_backend", "run_experts", "tile_config"]

@@ -31,7 +31,9 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     """topk_ids [T, k] (int) -> Alignment with every expert's group padded to a multiple of block_m."""
     flat = topk_ids.reshape(-1).to(torch.int64)  # [N]
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # scatter-add, not bincount: bincount on CUDA reads its input's max back to the host.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))  # [E]
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     padded_end = torch.cumsum(padded, 0)  # [E]
     padded_start = padded_end - padded  # [E]

@@ -1,25 +1,73 @@
-"""Torch references for fused_moe: a per-expert loop (the oracle) and torch._grouped_mm (fast CPU path)."""
+"""Torch references for fused_moe: a per-expert loop (the oracle, and the CPU path) and
+torch._grouped_mm. Same contract as fused_moe: hidden [N, H], ids/weights [N, k], a slot pool
+(w13 [S, 2I, H], w2 [S, H, I]) and the slot of each expert."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert. x [n, H], w13 [2I, H] (w1 rows then w3 rows), w2 [H, I] -> [n, H]."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+             w2: torch.Tensor, slot_of_expert: Sequence[int] | None = None, *,
+             ids_host: np.ndarray | None = None, experts: set[int] | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert loop: for each routed expert e (ascending), gather its tokens, run it, add weighted.
+
+    h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I]; expert e lives in slot
+    slot_of_expert[e] (identity when None). `ids_host` is the host copy of ids when the caller has
+    one already (then this function reads nothing back from the device); otherwise ids are read back
+    once. `experts` restricts the loop to those experts, accumulating into `out`: running groups of
+    ascending experts one after another gives bit-identical results to one full call.
+    """
+    n, k = ids.shape
+    if out is None:
+        out = torch.zeros_like(h)
+    flat_host = (ids_host if ids_host is not None else ids.cpu().numpy()).reshape(-1)  # [N*k]
+    order = np.argsort(flat_host, kind="stable")  # [N*k] grouped by expert, ascending
+    sorted_e = flat_host[order]
+    bounds = np.flatnonzero(np.diff(sorted_e)) + 1
+    flat_w = weights.reshape(-1)  # [N*k]
+    for sel in np.split(order, bounds):
+        e = int(flat_host[sel[0]])
+        if experts is not None and e not in experts:
+            continue
+        slot = e if slot_of_expert is None else int(slot_of_expert[e])
+        if n == 1:  # decode: one token, no gather/scatter
+            y = expert_ffn(h, w13[slot], w2[slot])  # [1, H]
+            out.add_((y * flat_w[int(sel[0])]).to(h.dtype))
+            continue
+        sel_t = torch.from_numpy(sel).to(h.device)
+        tok = sel_t // k  # [c]
+        y = expert_ffn(h[tok], w13[slot], w2[slot])  # [c, H]
+        out.index_add_(0, tok, (y * flat_w[sel_t, None]).to(h.dtype))
+    return out
 
 
 def fused_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                         w13_pool: torch.Tensor, w2_pool: torch.Tensor, slot_of_expert: torch.Tensor
                         ) -> torch.Tensor:
     """Same contract as fused_moe; a plain loop over experts in ascending id (shapes as there)."""
-    from ..model.moe import moe_loop
-
     return moe_loop(hidden, topk_ids.long(), topk_weights.float(), w13_pool, w2_pool,
                     slot_of_expert.tolist())
 
 
+def grouped_mm_aligned(hidden_size: int, intermediate_size: int, itemsize: int) -> bool:
+    """torch._grouped_mm needs row strides that are multiples of 16 bytes."""
+    return (hidden_size * itemsize) % 16 == 0 and (intermediate_size * itemsize) % 16 == 0
+
+
 def grouped_mm_supported(hidden: torch.Tensor, w13_pool: torch.Tensor) -> bool:
     """torch._grouped_mm exists and the row strides it needs are multiples of 16 bytes."""
-    from ..model.backends import grouped_mm_aligned
-
     return hasattr(torch, "_grouped_mm") and grouped_mm_aligned(hidden.shape[-1], w13_pool.shape[1] // 2,
                                                                   hidden.element_size())
 
@@ -38,7 +86,8 @@ def fused_moe_grouped_mm(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weig
     e = slot_of_expert.shape[0]
     flat = topk_ids.reshape(-1).long()  # [N]
     order = torch.argsort(flat, stable=True)  # [N]
-    offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)  # [E] group ends
+    counts = torch.zeros(e, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] group ends
     x = hidden[order // k]  # [N, H] grouped by expert
     slots = slot_of_expert.long().clamp_min(0)  # non-resident experts have no rows; any slot will do
     w13 = w13_pool.index_select(0, slots)  # [E, 2I, H]

@@ -33,8 +33,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
     c.add_argument("--cache-gb", type=float, default=None, metavar="X", help="gigabytes of expert slots")
     c.add_argument("--policy", default="lru", choices=["lru", "lru-layer", "lfu", "predictive"],
                    help="eviction policy (default lru)")
-    c.add_argument("--no-offload", action="store_true",
-                   help="keep every expert on the device (no cache; the reference for exactness)")
+    o = c.add_mutually_exclusive_group()
+    o.add_argument("--offload", dest="offload", action="store_const", const=True, default=None,
+                   help="experts in host RAM with a device expert cache (default on cuda)")
+    o.add_argument("--no-offload", dest="offload", action="store_const", const=False,
+                   help="keep every expert on the device (no cache; the reference for exactness; default "
+                        "on cpu, where host RAM is the device and a cache would only hold experts twice)")
     if not prefetch:
         return
     c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
@@ -161,7 +165,7 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                           "show_progress": sys.stderr.isatty()}
     if args.max_seq_len is not None:
         kw["max_seq_len"] = args.max_seq_len
-    kw.update(offload=not args.no_offload, policy=args.policy, cache_experts=args.cache_experts,
+    kw.update(offload=args.offload, policy=args.policy, cache_experts=args.cache_experts,
               cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
     if hasattr(args, "predictor"):
         kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
@@ -169,6 +173,15 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         kw["predictor"] = "none"
     return kw
+
+
+def _offload_choice(model: Any, asked: bool | None) -> str:
+    why = "asked" if asked is not None else f"default on {model.runtime.device.type}"
+    if model.expert_cache is None:
+        return f"experts all resident ({why})"
+    pf = model.prefetcher
+    return (f"experts offloaded ({why}): {model.expert_cache.num_slots} slots, {model.expert_cache.policy.name}, "
+            f"prefetch {pf.predictor.name if pf else 'none'}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -190,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[{len(res.token_ids)} tokens in {res.seconds:.2f} s, {res.tokens_per_second:.1f} tok/s "
           f"({res.stats['decode_tokens_per_second']:.1f} tok/s decode), stop: {res.finish_reason}, "
           f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}, "
-          f"moe backend {model.runtime.moe_backend}]", file=sys.stderr)
+          f"moe backend {model.runtime.moe_backend}, {_offload_choice(model, args.offload)}]", file=sys.stderr)
     if res.stats.get("offload"):
         st = res.stats
         print(f"[expert cache: {st['capacity_slots']} slots, {st['policy']}: {st['uses']} uses, {st['hits']} hits, "
@@ -262,7 +275,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .predict import model_fingerprint
     from .predict.predictors import NEXT_GATE_VARIANT
     from .runtime import load
-    from .trace import record_with_predictions, save_trace
+    from .analysis.trace import record_with_predictions, save_trace
 
     model = load(args.model, **_runtime_kwargs(args))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
@@ -275,7 +288,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     out = save_trace(args.out, trace, meta)
     print(f"wrote {out}: {len(ids)} tokens, {model.config.num_hidden_layers} layers, predictions "
           f"{sorted(trace.preds)} (lookahead {d})")
-    from .bench import trace_recall
+    from .analysis.bench import trace_recall
 
     for name, cells in trace_recall(trace).items():
         print(f"  recall {name:20s} " + "  ".join(f"{k}: {v['top_k']:.3f} (top-k+1 {v['top_k_plus_1']:.3f})"
@@ -284,16 +297,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_cache, markdown_table, model_config, plot
+    from .analysis.bench import bench_cache, markdown_table, model_config, plot
     from .results import result_metadata, write_json_atomic
     from .runtime import bundled_accelerator_path, bundled_heldout_text, bundled_model_path, load
-    from .sim import StepCosts, get_hardware
-    from .trace import head, load_trace, record_with_predictions
+    from .analysis.sim import StepCosts, get_hardware
+    from .analysis.trace import trace_prefix, load_trace, record_with_predictions
 
     hw = get_hardware(args.hardware)
     costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
     if args.trace:
-        trace = head(load_trace(args.trace), args.max_tokens)
+        trace = trace_prefix(load_trace(args.trace), args.max_tokens)
     else:
         model = load(args.model, device="cpu", offload=False)
         acc = args.accelerator
@@ -325,11 +338,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .bench import model_config, simulate
-    from .sim import get_hardware
-    from .trace import head, load_trace
+    from .analysis.bench import model_config, simulate
+    from .analysis.sim import get_hardware
+    from .analysis.trace import trace_prefix, load_trace
 
-    p = simulate(head(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
+    p = simulate(trace_prefix(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
                  args.prefetch_margin, args.prefetch_window)
     if args.json:

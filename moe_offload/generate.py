@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
@@ -79,9 +80,10 @@ def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], 
     step's input depends on it).
     """
     dev = model.device
-    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    if params.temperature > 0 and gen is None:
-        gen = torch.Generator().manual_seed(torch.seed())
+    gen = None
+    if params.temperature > 0:  # a private generator: the caller's global RNG is never touched
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        gen = torch.Generator().manual_seed(seed)
     if params.max_new_tokens == 0:
         return
     t0 = time.perf_counter()
@@ -105,7 +107,7 @@ def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], 
         t1 = time.perf_counter()
         step_in.fill_(tok)
         with torch.inference_mode():
-            logits = model(step_in, pos, cache)[0, -1].float().cpu()  # [V]
+            logits = model(step_in, pos, cache, host_ids=(tok,))[0, -1].float().cpu()  # [V]
         timing.decode_tokens += 1
         timing.decode_seconds += time.perf_counter() - t1
         pos += 1

@@ -55,7 +55,7 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
 
 def _plan(cfg: MixtralConfig, ckpt_dtype: str, kw: dict[str, Any]):
     from .config import resolve_device, resolve_dtype
-    from .experts import CacheBudget, make_policy, plan_memory
+    from .offload import CacheBudget, make_policy, plan_memory
     from .runtime import DEFAULT_MAX_SEQ_LEN
 
     dev = resolve_device(kw["device"])
@@ -91,7 +91,7 @@ def format_info(info: dict[str, Any]) -> str:
         "one expert " + "  ".join(f"{k} {_size(v)}" for k, v in info["one_expert_bytes"].items()),
     ]
     if "memory_plan" in info:
-        from .experts import MemoryPlan
+        from .offload import MemoryPlan
 
         lines.append(MemoryPlan(**info["memory_plan"]).format())
     return "\n".join(lines)

@@ -16,18 +16,20 @@ from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
-from .experts import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts,
-                      make_copy_engine, make_policy, plan_memory)
-from .experts.prefetch import Prefetcher
-from .model.backends import resolve_moe_backend
+from .kernels import resolve_moe_backend
+from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
+from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
+                      make_copy_engine, make_policy, plan_memory)
 
 DEFAULT_MAX_SEQ_LEN = 4096
 RUNTIME_OPTIONS = {
     "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
     "show_progress": "show a progress bar while loading weights (default False)",
     "moe_backend": "auto (triton on cuda, loop on cpu), triton, grouped_mm or loop",
-    "offload": "True (default): experts in host RAM, a device slot cache; False: every expert on the device",
+    "offload": "True: experts in host RAM, a device slot cache; False: every expert on the device; "
+               "default: True on cuda or when a cache budget is given, else False on cpu (there host RAM "
+               "is the device: a cache and prefetch would only keep every expert twice and cost time)",
     "cache_experts": "expert slots on the device, over all layers",
     "cache_per_layer": "expert slots per layer (times the number of layers)",
     "cache_gb": "gigabytes of expert slots on the device",
@@ -61,22 +63,40 @@ class OffloadedModel:
     """A loaded Mixtral: `generate()` text, `logits()` of a fresh sequence, `config` of the model."""
 
     def __init__(self, path: Path, model: MixtralTransformer, runtime: RuntimeConfig,
-                 tokenizer: Tokenizer | None, plan: MemoryPlan | None = None):
+                 tokenizer: Tokenizer | None, memory_plan: MemoryPlan | None = None):
         self.path = path
-        self.plan = plan
-        self.cache: ExpertCache | None = model.experts.cache if isinstance(model.experts, OffloadedExperts) else None
+        self.memory_plan = memory_plan
+        self.expert_cache: ExpertCache | None = (model.experts.cache if isinstance(model.experts, OffloadedExperts)
+                                                 else None)
         self.model = model
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.config: MixtralConfig = model.cfg
-        self._cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
+        self.kv_cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
+        self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
+        model.observers.append(self.usage)
+
+    @property
+    def prefetcher(self) -> Prefetcher | None:
+        return self.model.experts.prefetcher if self.expert_cache is not None else None
+
+    def close(self) -> None:
+        """Stop the expert cache's copy engine (its thread on cpu). The model is unusable afterwards."""
+        if self.expert_cache is not None:
+            self.expert_cache.close()
+
+    def __enter__(self) -> "OffloadedModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         c = self.config
         return (f"OffloadedModel({str(self.path)!r}, layers={c.num_hidden_layers}, experts="
                 f"{c.num_local_experts}, top_k={c.num_experts_per_tok}, device={self.runtime.device}, "
                 f"dtype={str(self.runtime.dtype).removeprefix('torch.')}, moe_backend={self.runtime.moe_backend}, "
-                f"expert_slots={self.cache.num_slots if self.cache else 'all (no offload)'})")
+                f"expert_slots={self.expert_cache.num_slots if self.expert_cache else 'all (no offload)'})")
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -122,7 +142,7 @@ class OffloadedModel:
         x = torch.tensor([ids], dtype=torch.long, device=self.runtime.device)
         self._reset_stats()
         with torch.inference_mode():
-            return self.model(x, 0, self._cache)[0].float()
+            return self.model(x, 0, self.kv_cache)[0].float()
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stream: bool = False,
@@ -152,7 +172,7 @@ class OffloadedModel:
         timing = _Timing()
         self._reset_stats()
         streamer = TextStreamer(self.decode)
-        tokens = decode_tokens(self.model, self._cache, prompt_ids, params, self.config.eos_token_ids, timing)
+        tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing)
         deltas = itertools.chain(map(streamer.push, tokens), (streamer.finish() for _ in (0,)))
         for delta in deltas:
             if delta:
@@ -167,16 +187,17 @@ class OffloadedModel:
             stats=self._stats(timing))
 
     def _reset_stats(self) -> None:
-        self.model.usage.zero_()
-        if self.cache is not None:
-            self.cache.reap()
-            self.cache.stats.reset()
-            pf = self.model.experts.prefetcher
+        self.usage.reset()
+        if self.expert_cache is not None:
+            self.expert_cache.reap()
+            self.expert_cache.drain_stalls()
+            self.expert_cache.stats.reset()
+            pf = self.prefetcher
             if pf is not None:
                 pf.issued = pf.cancelled = 0
 
     def _stats(self, timing: _Timing) -> dict[str, Any]:
-        usage = self.model.usage.cpu()  # [L, E]
+        usage = self.usage.counts.cpu()  # [L, E]
         return {
             "prefill_tokens": timing.prefill_tokens,
             "prefill_seconds": timing.prefill_seconds,
@@ -185,18 +206,20 @@ class OffloadedModel:
             "decode_tokens_per_second": timing.decode_tokens / timing.decode_seconds
             if timing.decode_seconds > 0 else 0.0,
             "expert_uses": usage.tolist(),  # routed (token, k) assignments per [layer][expert]
-            "offload": self.cache is not None,
-            **(self.cache_stats() if self.cache is not None else {}),
+            "offload": self.expert_cache is not None,
+            **(self.cache_stats() if self.expert_cache is not None else {}),
         }
 
     def cache_stats(self) -> dict[str, Any]:
         """Expert-cache counters since the last generate()/logits() call (totals and per_layer)."""
-        if self.cache is None:
+        cache = self.expert_cache
+        if cache is None:
             raise MoeOffloadError("this model was loaded with offload=False: there is no expert cache")
-        self.cache.stats.check()
-        pf = self.model.experts.prefetcher
-        return {**self.cache.stats.to_dict(), "capacity_slots": self.cache.num_slots,
-                "policy": self.cache.policy.name, "predictor": pf.predictor.name if pf else "none",
+        cache.drain_stalls()
+        cache.stats.check()
+        pf = self.prefetcher
+        return {**cache.stats.to_dict(), "capacity_slots": cache.num_slots,
+                "policy": cache.policy.name, "predictor": pf.predictor.name if pf else "none",
                 "lookahead": pf.lookahead if pf else 0,
                 "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0}
 
@@ -221,16 +244,30 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if isinstance(max_seq_len, int) and max_seq_len > cfg.max_position_embeddings:
         raise MoeOffloadError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
                               f"({cfg.max_position_embeddings})")
-    backend = resolve_moe_backend(runtime_options.get("moe_backend", "auto"), dev, dt, cfg)
+    try:
+        backend = resolve_moe_backend(runtime_options.get("moe_backend", "auto"), dev, dt, cfg.hidden_size,
+                                      cfg.intermediate_size)
+    except ValueError as exc:
+        raise MoeOffloadError(str(exc)) from None
     runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len, moe_backend=backend,
                             show_progress=bool(runtime_options.get("show_progress", False)))
     ckpt.validate()  # every problem reported before a single weight is read
     tokenizer = _load_tokenizer(path)
     experts, plan = None, None
-    if runtime_options.get("offload", True):
+    offload = runtime_options.get("offload")
+    policy = make_policy(runtime_options.get("policy", "lru"))  # validated whether used or not
+    cache_asked = [n for n in ("cache_experts", "cache_per_layer", "cache_gb", "accelerator", "oracle_trace")
+                   if runtime_options.get(n) is not None]
+    if runtime_options.get("predictor", "auto") not in ("auto", "none"):
+        cache_asked.append("predictor")
+    if offload is None:  # on cpu, host RAM is the device (RUNTIME_OPTIONS["offload"]), unless the cache is asked for
+        offload = dev.type == "cuda" or bool(cache_asked)
+    elif not offload and cache_asked:
+        raise MoeOffloadError(f"{', '.join(cache_asked)} configure the expert cache, which offload=False "
+                              "does not have; drop them or pass offload=True")
+    if offload:
         budget = CacheBudget(runtime_options.get("cache_experts"), runtime_options.get("cache_per_layer"),
                              runtime_options.get("cache_gb"))
-        policy = make_policy(runtime_options.get("policy", "lru"))
         plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer)
         store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress)
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev))
@@ -241,9 +278,12 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if experts is not None:
         predictor = build_predictor(model, path, runtime_options)
         if predictor is not None:
-            experts.prefetcher = Prefetcher(experts.cache, model, predictor,
-                                            margin=runtime_options.get("prefetch_margin", 0),
-                                            max_inflight=runtime_options.get("prefetch_window", 1))
+            pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
+                            margin=runtime_options.get("prefetch_margin", 0),
+                            max_inflight=runtime_options.get("prefetch_window", 1))
+            predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
+            experts.prefetcher = pf
+            model.observers.append(pf)
     return OffloadedModel(path, model, runtime, tokenizer, plan)
 
 
@@ -278,7 +318,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
         if trace is None:
             raise MoeOffloadError("predictor 'oracle' needs oracle_trace (a routing trace of the text being run)")
         if isinstance(trace, (str, Path)):
-            from .trace import load_trace
+            from .analysis.trace import load_trace
 
             trace = load_trace(trace)
         return OraclePredictor(trace.routed_ids, trace.routed_weights, model.cfg.num_local_experts, lookahead)

@@ -9,9 +9,9 @@ import torch
 import moe_offload
 from helpers import CFG, write_model
 from moe_offload import MoeOffloadError
-from moe_offload.experts import (CopyFailed, CopyFaults, ExpertCache, HostExpertStore, ThreadCopyEngine,
+from moe_offload.offload import (CopyFailed, CopyFaults, ExpertCache, HostExpertStore, ThreadCopyEngine,
                                  make_policy)
-from moe_offload.experts import store as store_mod
+from moe_offload.offload import store as store_mod
 
 L, E, K = CFG.num_hidden_layers, CFG.num_local_experts, CFG.num_experts_per_tok
 PROMPT = [1, 7, 3, 9, 11, 4, 2, 8, 5, 13, 6, 21]  # 12 tokens: prefill needs every expert of a layer
@@ -25,13 +25,13 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_path):
     m = moe_offload.load(model_path, device="cpu", offload=False)
-    assert m.cache is None
+    assert m.expert_cache is None
     return m.logits(PROMPT), m.generate(PROMPT, max_new_tokens=10).token_ids, decode_logits(m, PROMPT)
 
 
 def decode_logits(m, ids):
     """Prefill all but the last 4 tokens, then decode them one by one: logits [T, V]."""
-    cache, net, n = m._cache, m.model, len(ids) - 4
+    cache, net, n = m.kv_cache, m.model, len(ids) - 4
     with torch.inference_mode():
         parts = [net(torch.tensor([ids[:n]]), 0, cache)[0]]
         parts += [net(torch.tensor([[t]]), n + i, cache)[0] for i, t in enumerate(ids[n:])]
@@ -44,11 +44,11 @@ def test_offloaded_equals_resident_at_every_capacity(model_path, reference, poli
     lowest = K * L if policy == "lru-layer" else K
     for cap in range(lowest, L * E + 1):
         m = moe_offload.load(model_path, device="cpu", cache_experts=cap, policy=policy)
-        assert m.cache.num_slots == cap
+        assert m.expert_cache.num_slots == cap
         assert torch.equal(m.logits(PROMPT), ref_logits), (policy, cap)  # prefill, grouped when cap < E
         st = m.cache_stats()
         assert st["hits"] + st["misses"] == st["uses"] == L * E  # 12 tokens hit all 4 experts per layer
-        assert st["bytes_h2d"] == st["misses"] * m.cache.store.expert_bytes
+        assert st["bytes_h2d"] == st["misses"] * m.expert_cache.store.expert_bytes
         assert torch.equal(decode_logits(m, PROMPT), ref_decode), (policy, cap)
         res = m.generate(PROMPT, max_new_tokens=10)
         assert res.token_ids == ref_tokens, (policy, cap)
@@ -69,7 +69,7 @@ def test_random_copy_delays_keep_results_exact(model_path, reference):
     ref_logits, ref_tokens, _ = reference
     m = moe_offload.load(model_path, device="cpu", cache_experts=3)
     rng = random.Random(0)
-    m.cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.004))
+    m.expert_cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.004))
     assert torch.equal(m.logits(PROMPT), ref_logits)
     assert m.generate(PROMPT, max_new_tokens=10).token_ids == ref_tokens
     assert m.cache_stats()["stall_seconds"] > 0
@@ -78,14 +78,14 @@ def test_random_copy_delays_keep_results_exact(model_path, reference):
 def test_failed_copy_raises_and_cache_stays_consistent(model_path, reference):
     ref_logits, ref_tokens, _ = reference
     m = moe_offload.load(model_path, device="cpu", cache_experts=3)
-    m.cache.engine.faults = CopyFaults(fail=lambda key: key == (1, 2))
+    m.expert_cache.engine.faults = CopyFaults(fail=lambda key: key == (1, 2))
     with pytest.raises(CopyFailed, match="copy of expert 2 of layer 1 into slot"):
         m.logits(PROMPT)
-    c = m.cache
+    c = m.expert_cache
     assert not c.pinned and not c.inflight and not c.is_resident(1, 2)
     assert sorted(c.free_slots + [int(c.slot_of[k]) for k in c.resident()]) == list(range(3))
     c.stats.check()
-    m.cache.engine.faults = CopyFaults()
+    m.expert_cache.engine.faults = CopyFaults()
     assert torch.equal(m.logits(PROMPT), ref_logits)  # a later call works, and exactly
     assert m.generate(PROMPT, max_new_tokens=10).token_ids == ref_tokens
 
@@ -159,9 +159,9 @@ def test_budget_errors_and_clamping(model_path, monkeypatch):
     with pytest.raises(MoeOffloadError, match="below the minimum 4 \\(top_k=2 per layer x 2 layers"):
         moe_offload.load(model_path, device="cpu", cache_experts=3, policy="lru-layer")
     m = moe_offload.load(model_path, device="cpu", cache_experts=100)
-    assert m.cache.num_slots == L * E and any("clamped to 8" in n for n in m.plan.notes)
+    assert m.expert_cache.num_slots == L * E and any("clamped to 8" in n for n in m.memory_plan.notes)
     m = moe_offload.load(model_path, device="cpu", cache_per_layer=9)
-    assert m.cache.num_slots == L * E
+    assert m.expert_cache.num_slots == L * E
     with pytest.raises(MoeOffloadError, match="cache_gb 100000 .* exceeds what is free on cpu"):
         moe_offload.load(model_path, device="cpu", cache_gb=100000)
     with pytest.raises(MoeOffloadError, match="at most one cache budget"):

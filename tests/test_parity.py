@@ -29,7 +29,7 @@ def test_prefill_and_every_decode_step_match_transformers(hf_checkpoints, name):
     # Prefill the first 12 tokens, then decode the other 12 one at a time through the KV cache.
     res = model.generate(ids[:12], max_new_tokens=1)
     assert res.prompt_token_ids == ids[:12]
-    cache, m = model._cache, model.model
+    cache, m = model.kv_cache, model.model
     with torch.inference_mode():
         pre = m(torch.tensor([ids[:12]]), 0, cache)[0]
         steps = [m(torch.tensor([[t]]), 12 + i, cache)[0] for i, t in enumerate(ids[12:])]

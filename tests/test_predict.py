@@ -8,10 +8,10 @@ import torch
 import moe_offload
 from helpers import CFG, write_model
 from moe_offload import MoeOffloadError
-from moe_offload.experts import CopyFaults
+from moe_offload.offload import CopyFaults
 from moe_offload.predict import Accelerator, M2R2Predictor, NextGate, model_fingerprint
 from moe_offload.predict.train import train_accelerator
-from moe_offload.trace import record_routing
+from moe_offload.analysis.trace import record_routing
 
 L, E, K = CFG.num_hidden_layers, CFG.num_local_experts, CFG.num_experts_per_tok
 
@@ -78,7 +78,7 @@ def test_every_predictor_keeps_outputs_exact(setup, predictor):
         m = moe_offload.load(path, device="cpu", cache_experts=slots, policy=policy, predictor=predictor,
                              lookahead=1, **extra)
         rng = random.Random(1)
-        m.cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.002))
+        m.expert_cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.002))
         res = m.generate(prompt, max_new_tokens=12)
         assert res.token_ids == expected, (predictor, policy)
         st = res.stats

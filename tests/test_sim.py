@@ -7,9 +7,9 @@ import torch
 
 import moe_offload
 from helpers import CFG, write_model
-from moe_offload.bench import bench_cache, model_config, predictor_from_trace, simulate
-from moe_offload.sim import RecordedPredictor, StepCosts, get_hardware, run_timeline
-from moe_offload.trace import record_routing
+from moe_offload.analysis.bench import bench_cache, model_config, predictor_from_trace, simulate
+from moe_offload.analysis.sim import RecordedPredictor, StepCosts, get_hardware, run_timeline
+from moe_offload.analysis.trace import record_routing
 
 UNIT = StepCosts(attention=1.0, expert=1.0, bookkeeping=0.0, head=0.0, copy=0.5, expert_bytes=100)
 
@@ -58,13 +58,13 @@ def test_bench_numbers_equal_the_runtime_stats(recorded, tmp_path):
     rows = bench_cache(trace, [3, 5], ["lru", "lfu"], ["none"], UNIT)
     for row in (r for r in rows if r["predictor"] == "none" and r["policy"] in ("lru", "lfu")):
         rt = moe_offload.load(path, device="cpu", cache_experts=row["capacity"], policy=row["policy"], predictor="none")
-        rt.cache.stats.reset()
+        rt.expert_cache.stats.reset()
         with torch.inference_mode():  # the same tokens, decode order, same windows as the trace
             ids = trace.token_ids.tolist()
             for w0 in range(0, len(ids), trace.window):
                 for p, t in enumerate(ids[w0:w0 + trace.window]):
-                    rt.model(torch.tensor([[t]]), p, rt._cache)
-        st = rt.cache.stats.to_dict()
+                    rt.model(torch.tensor([[t]]), p, rt.kv_cache)
+        st = rt.expert_cache.stats.to_dict()
         assert (row["uses"], row["hits"], row["misses"]) == (st["uses"], st["hits"], st["misses"])
 
 

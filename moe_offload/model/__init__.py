@@ -1,7 +1,8 @@
-"""The dense part of the model and the MoE boundary."""
+"""The dense part of the model, the MoE boundary and the per-layer observers."""
 
-from .moe import ExpertBackend, ResidentExperts, expert_ffn, moe_loop, route
+from .moe import ExpertBackend, ResidentExperts, route
+from .observers import ForcedRouting, LayerObserver, Observer, UsageCounter, observing
 from .transformer import KVCache, MixtralTransformer
 
-__all__ = ["ExpertBackend", "KVCache", "MixtralTransformer", "ResidentExperts", "expert_ffn", "moe_loop",
-           "route"]
+__all__ = ["ExpertBackend", "ForcedRouting", "KVCache", "LayerObserver", "MixtralTransformer", "Observer",
+           "ResidentExperts", "UsageCounter", "observing", "route"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5: no repeated K/V copies.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (the reference's order of operations)."""
@@ -42,14 +45,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
     """
     t, s = q.shape[2], k.shape[2]
     rep = q.shape[1] // k.shape[1]
-    if rep > 1:
+    gqa = {}
+    if rep > 1 and _SDPA_GQA:
+        gqa = {"enable_gqa": True}
+    elif rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if t == 1 and (sliding_window is None or s <= sliding_window):
-        return F.scaled_dot_product_attention(q, k, v)  # one query sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, **gqa)  # one query sees every cached key
     qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
     kpos = torch.arange(s, device=q.device)[None, :]  # [1, S]
     allowed = kpos <= qpos
     if sliding_window is not None:
         allowed &= kpos > qpos - sliding_window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **gqa)

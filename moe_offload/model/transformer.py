@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ from ..checkpoint import Checkpoint, expert_name
 from ..config import MixtralConfig
 from .layers import apply_rope, attention, rms_norm, rope_tables
 from .moe import ExpertBackend, ResidentExperts, route
+from .observers import LayerObserver
 
 
 class KVCache:
@@ -48,8 +49,23 @@ class DenseLayer(nn.Module):
 
         self.input_layernorm = p(h)
         self.post_attention_layernorm = p(h)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = p(q, h), p(kv, h), p(kv, h), p(h, q)
+        self.qkv_proj = p(q + 2 * kv, h)  # q, k, v projections fused: one GEMM per layer
+        self.o_proj = p(h, q)
         self.gate = p(cfg.num_local_experts, h)
+        self.q_size, self.kv_size = q, kv
+
+    # Views of the fused projection under the checkpoint's names.
+    @property
+    def q_proj(self) -> torch.Tensor:
+        return self.qkv_proj[: self.q_size]
+
+    @property
+    def k_proj(self) -> torch.Tensor:
+        return self.qkv_proj[self.q_size: self.q_size + self.kv_size]
+
+    @property
+    def v_proj(self) -> torch.Tensor:
+        return self.qkv_proj[self.q_size + self.kv_size:]
 
     CHECKPOINT_NAMES = {
         "input_layernorm": "input_layernorm.weight",
@@ -81,20 +97,11 @@ class MixtralTransformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
         self.experts = experts
-        # Optional observer of routing decisions: hook(layer, ids [N, k], weights [N, k], logits [N, E]).
-        self.routing_hook: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
-        # Optional observer of the residual entering each layer's MoE (predictors): hook(layer, x [B, T, H]);
-        # called with layer -1 for the token embedding. current_pos: start position of the running forward.
-        self.residual_hook: Callable[[int, torch.Tensor], None] | None = None
-        self.current_pos = 0
-        # Benchmarks only: (ids [T, L, k] int64, weights [T, L, k] float32) replacing the router's choice.
-        self.forced_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Everything outside the model that watches or steers a forward pass (see observers.py).
+        self.observers: list[LayerObserver] = []
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
-        # Expert uses per (layer, expert), counted on the device: no host sync per layer.
-        self.register_buffer("usage", torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts,
-                                                  dtype=torch.int64, device=device), persistent=False)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -133,7 +140,7 @@ class MixtralTransformer(nn.Module):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Every weight under its original Mixtral checkpoint name (experts must be resident)."""
-        out = {name: p.detach() for name, p in self._dense_names().items()}
+        out = {name: p.detach().clone() for name, p in self._dense_names().items()}
         assert isinstance(self.experts, ResidentExperts), "checkpoint_tensors needs resident experts"
         inter = self.cfg.intermediate_size
         for layer in range(self.cfg.num_hidden_layers):
@@ -145,33 +152,34 @@ class MixtralTransformer(nn.Module):
         return out
 
     # --- compute --------------------------------------------------------------------------------
-    def head(self) -> torch.Tensor:
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, H] (the embedding when tied)."""
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
-    def moe_block(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+    def moe_block(self, h: torch.Tensor, layer: int, start_pos: int = 0) -> torch.Tensor:
         """The expert half of layer `layer`: h [..., H] (post-attention normed) -> [..., H]."""
-        return self._moe(h, layer)[0]
+        return self._moe(h, layer, start_pos)[0]
 
-    def _moe(self, h: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
         logits = F.linear(x, self.layers[layer].gate)  # [N, E]
         weights, ids = route(logits, self.cfg.num_experts_per_tok)  # [N, k] each
-        if self.forced_routing is not None:  # benchmarks: replay recorded routing on random weights
-            f_ids, f_w = self.forced_routing  # [T, L, k] each, on this device
-            ids = f_ids[self.current_pos:self.current_pos + x.shape[0], layer]
-            weights = f_w[self.current_pos:self.current_pos + x.shape[0], layer]
-        self.usage[layer] += torch.bincount(ids.reshape(-1), minlength=self.cfg.num_local_experts)
-        if self.routing_hook is not None:
-            self.routing_hook(layer, ids, weights, logits)
+        for ob in self.observers:
+            replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
+            if replaced is not None:
+                ids, weights = replaced
         y = self.experts(layer, x, ids, weights)  # [N, H]
         return y.reshape(h.shape), logits
 
     def _attention(self, x: torch.Tensor, layer: int, start: int, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
         cfg, w = self.cfg, self.layers[layer]
-        q = F.linear(x, w.q_proj).view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-        k = F.linear(x, w.k_proj).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-        v = F.linear(x, w.v_proj).view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv = F.linear(x, w.qkv_proj)  # [B, T, (nh + 2 nkv) hd]
+        q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        q = q.view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
+        k = k.view(b, t, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+        v = v.view(b, t, nkv, hd).transpose(1, 2)
         cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]  # [T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -180,24 +188,27 @@ class MixtralTransformer(nn.Module):
         return F.linear(o.transpose(1, 2).reshape(b, t, -1), w.o_proj)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False
-                ) -> torch.Tensor:
-        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H])."""
+                router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
+                host_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H]).
+        host_ids: the same ids on the host when the caller has them (decode), for observers."""
         eps = self.cfg.rms_norm_eps
-        self.current_pos = start_pos
+        observers = self.observers
+        for ob in observers:
+            ob.on_step(input_ids, start_pos, host_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
-        if self.residual_hook is not None:
-            self.residual_hook(-1, x)  # layer -1: the embedding
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
-            if self.residual_hook is not None:
-                self.residual_hook(i, x)  # [B, T, H]: the residual entering layer i's MoE
-            y, logits = self._moe(rms_norm(x, layer.post_attention_layernorm, eps), i)
+            if observers:
+                flat = x.reshape(-1, x.shape[-1])  # [N, H]: the residual entering layer i's MoE
+                for ob in observers:
+                    ob.on_residual(i, flat, start_pos)
+            y, logits = self._moe(rms_norm(x, layer.post_attention_layernorm, eps), i, start_pos)
             if router_logits is not None:
                 router_logits.append(logits)
             x = x + y
         x = rms_norm(x, self.norm, eps)
-        return x if return_hidden else F.linear(x, self.head())
+        return x if return_hidden else F.linear(x, self.lm_head_weight())
 
 
 def empty_resident_experts(cfg: MixtralConfig, dtype: torch.dtype, device: torch.device,

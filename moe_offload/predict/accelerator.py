@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
 from ..model.transformer import MixtralTransformer
-from .predictors import router_probs
+from .predictors import FirstLayerTable, router_probs
 
 META_KEY = "moe_offload_accelerator"
 
@@ -105,8 +106,12 @@ class M2R2Predictor:
         if missing:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
                                   f"{self.lookahead} also needs {missing}")
+        self.first = FirstLayerTable(model, self.lookahead)
 
-    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
+        return self.first.top(token_id, take)
+
+    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         m = self.model
         out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
         for d in range(1, self.lookahead + 1):

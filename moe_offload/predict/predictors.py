@@ -1,5 +1,6 @@
-"""Predictors of future routing: at layer l, from the residual x entering layer l's MoE, scores over
-experts for layers l+1 .. l+D.
+"""Predictors of future routing (offload.protocols.Predictor): at layer l, from the residual x
+entering layer l's MoE, scores over experts for layers l+1 .. l+D; and, before a token's forward
+pass, its first layers' experts from the token id alone.
 
     none       nothing (no prefetch)
     next-gate  layer l+d's router applied to today's residual (the mixtral-offloading heuristic), in
@@ -11,8 +12,7 @@ experts for layers l+1 .. l+D.
 
 from __future__ import annotations
 
-from typing import Protocol
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,18 +20,44 @@ from ..model.layers import rms_norm
 from ..model.transformer import MixtralTransformer
 
 
-class Predictor(Protocol):
-    name: str
-    lookahead: int
-
-    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] at layer `layer` -> [N, D, E] router probabilities for layers layer+1..layer+D
-        (rows past the last layer are NaN)."""
-
-
 def router_probs(model: MixtralTransformer, layer: int, h: torch.Tensor) -> torch.Tensor:
     """softmax of layer's router on already-normed h [N, H] -> [N, E] float32."""
     return torch.softmax(F.linear(h, model.layers[layer].gate).float(), dim=-1)
+
+
+@torch.no_grad()
+def embedding_router_probs(model: MixtralTransformer, x: torch.Tensor, layers: int) -> torch.Tensor:
+    """Next-gate on token embeddings x [N, H]: [N, layers, E] for layers 0..layers-1."""
+    eps = model.cfg.rms_norm_eps
+    return torch.stack([router_probs(model, t, rms_norm(x, model.layers[t].post_attention_layernorm, eps))
+                        for t in range(layers)], dim=1)
+
+
+class FirstLayerTable:
+    """Top experts of a token's first D layers, from its embedding alone (next-gate on the embedding),
+    precomputed for the whole vocabulary: [V, D, take] on the host. A token's first layers are then
+    planned before its forward pass with no device work (recall 0.95 at layer 0 on the bundled model)."""
+
+    CHUNK = 4096
+
+    def __init__(self, model: MixtralTransformer, lookahead: int):
+        self.model, self.layers = model, min(lookahead, model.cfg.num_hidden_layers)
+        self._tables: dict[int, np.ndarray] = {}
+
+    def top(self, token_id: int, take: int) -> np.ndarray:
+        table = self._tables.get(take)
+        if table is None:
+            table = self._tables[take] = self._build(take)
+        return table[token_id]
+
+    @torch.no_grad()
+    def _build(self, take: int) -> np.ndarray:
+        emb = self.model.embed_tokens
+        parts = []
+        for v0 in range(0, emb.shape[0], self.CHUNK):
+            probs = embedding_router_probs(self.model, emb[v0:v0 + self.CHUNK], self.layers)  # [c, D, E]
+            parts.append(torch.topk(probs, take, dim=-1).indices.to(torch.int32).cpu().numpy())
+        return np.concatenate(parts)  # [V, D, take]
 
 
 # The next-gate form the runtime uses: "residual" = gate_{l+d}(norm_{l+d}(x)) beat "normed" =
@@ -48,8 +74,9 @@ class NextGate:
         if variant not in ("residual", "normed"):
             raise ValueError(f"next-gate variant must be 'residual' or 'normed', got {variant!r}")
         self.model, self.lookahead, self.variant = model, lookahead, variant
+        self.first = FirstLayerTable(model, lookahead)
 
-    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         m, L, E = self.model, self.model.cfg.num_hidden_layers, self.model.cfg.num_local_experts
         eps = m.cfg.rms_norm_eps
         out = torch.full((x.shape[0], self.lookahead, E), float("nan"), device=x.device)  # [N, D, E]
@@ -62,17 +89,19 @@ class NextGate:
             out[:, d - 1] = router_probs(m, t, h)
         return out
 
+    def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
+        return self.first.top(token_id, take)
+
 
 class OraclePredictor:
     """True future routing from a trace (an upper bound): the routed weights of layers l+1..l+D for
-    the token at trace index `position` (the prefetcher sets it from the running forward's position)."""
+    the token at trace index start_pos."""
 
     name = "oracle"
 
     def __init__(self, routed_ids, routed_weights, num_experts: int, lookahead: int):
         self.ids, self.weights = routed_ids, routed_weights  # [T, L, k]
         self.num_experts, self.lookahead = num_experts, lookahead
-        self.position = 0
 
     def _row(self, t: int, layer: int) -> torch.Tensor:
         row = torch.zeros(self.num_experts)
@@ -80,15 +109,15 @@ class OraclePredictor:
             row[torch.as_tensor(self.ids[t, layer].astype("int64"))] = torch.as_tensor(self.weights[t, layer]) + 1.0
         return row
 
-    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         L = self.ids.shape[1]
         out = torch.full((x.shape[0], self.lookahead, self.num_experts), float("nan"))
         for d in range(1, self.lookahead + 1):
             if layer + d < L:
                 for n in range(x.shape[0]):
-                    out[n, d - 1] = self._row(self.position + n, layer + d)
-        return out
+                    out[n, d - 1] = self._row(start_pos + n, layer + d)
+        return out.to(x.device)
 
-    def embedding_scores(self) -> torch.Tensor:
-        """[D, E] for layers 0..D-1 of the token at `position`."""
-        return torch.stack([self._row(self.position, t) for t in range(min(self.lookahead, self.ids.shape[1]))])
+    def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
+        rows = torch.stack([self._row(pos, t) for t in range(min(self.lookahead, self.ids.shape[1]))])
+        return torch.topk(rows, take, dim=-1).indices.numpy()  # [D, take]

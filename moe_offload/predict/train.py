@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..model.layers import rms_norm
+from ..model.observers import Observer, observing
 from ..model.transformer import MixtralTransformer
 from .accelerator import Accelerator, M2R2Predictor
 from .predictors import NextGate, router_probs
@@ -21,15 +22,12 @@ def collect_residuals(model: MixtralTransformer, ids: list[int]) -> torch.Tensor
     """Residual entering every layer's MoE for one window of tokens: [T, L, H] float32."""
     xs = torch.empty(len(ids), model.cfg.num_hidden_layers, model.cfg.hidden_size, device=model.device)
 
-    def hook(layer: int, x: torch.Tensor) -> None:
-        xs[:, layer] = x[0].float()
+    class Residuals(Observer):
+        def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+            xs[:, layer] = x.float()
 
-    old, model.residual_hook = model.residual_hook, hook
-    try:
-        with torch.inference_mode():
-            model(torch.tensor([ids], device=model.device))
-    finally:
-        model.residual_hook = old
+    with observing(model, Residuals()), torch.inference_mode():
+        model(torch.tensor([ids], device=model.device))
     return xs.clone()  # out of inference mode, usable as (constant) training input
 
 

@@ -10,7 +10,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import Iterable
 
-Key = tuple[int, int]
+from ..errors import MoeOffloadError
+from .protocols import Key
 
 
 class EvictionPolicy(ABC):
@@ -23,12 +24,17 @@ class EvictionPolicy(ABC):
         self.clock = 0
         self.last_use: dict[Key, int] = {}
 
-    def on_access(self, key: Key) -> None:
+    def _touch(self, key: Key) -> None:
         self.clock += 1
         self.last_use[key] = self.clock
 
+    def on_access(self, key: Key) -> None:
+        """A use of a resident expert (every hit and every miss, once)."""
+        self._touch(key)
+
     def on_insert(self, key: Key) -> None:
-        self.on_access(key)
+        """An expert entered the cache (a demand load, which on_access then counts, or a prefetch)."""
+        self._touch(key)
 
     def on_evict(self, key: Key) -> None:
         self.last_use.pop(key, None)
@@ -95,8 +101,6 @@ POLICIES = {cls.name: cls for cls in (LRU, LRULayer, LFU, Predictive)}
 
 
 def make_policy(name: str) -> EvictionPolicy:
-    from ..errors import MoeOffloadError
-
-    if name not in POLICIES:
+    if not isinstance(name, str) or name not in POLICIES:
         raise MoeOffloadError(f"policy {name!r} is not one of {sorted(POLICIES)}")
     return POLICIES[name]()

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import MoeOffloadError
-from .experts.cache import ExpertCache
-from .model.layers import rms_norm
-from .model.transformer import KVCache, MixtralTransformer
-from .predict.predictors import router_probs
+from ..errors import MoeOffloadError
+from ..model.observers import Observer, observing
+from ..model.transformer import KVCache, MixtralTransformer
+from ..offload.cache import ExpertCache
+from ..predict.predictors import embedding_router_probs
 
 
 @dataclass
@@ -35,7 +35,7 @@ class RoutingTrace:
     embed_preds: np.ndarray | None = None  # [T, D, E] next-gate on each token's embedding, layers 0..D-1
 
 
-def head(trace: RoutingTrace, n: int | None) -> RoutingTrace:
+def trace_prefix(trace: RoutingTrace, n: int | None) -> RoutingTrace:
     """The first n tokens of a trace (all of it when n is None)."""
     if n is None or n >= len(trace.token_ids):
         return trace
@@ -59,45 +59,40 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
     D = max([p.lookahead for p in (predictors or {}).values()], default=0)
     embed = np.zeros((n, min(D, L), E), dtype=np.float32) if predictors else None
     cache = KVCache(cfg, 1, window, model.dtype, model.device)
-    pos = {"start": 0}
+    pos = {"start": 0}  # index into the text of the running chunk's first token
 
-    def hook(layer: int, ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor) -> None:
-        s = pos["start"]
-        ids_out[s:s + ids.shape[0], layer] = ids.cpu().numpy()
-        w_out[s:s + ids.shape[0], layer] = weights.cpu().numpy()
-        probs_out[s:s + ids.shape[0], layer] = torch.softmax(logits.float(), -1).cpu().numpy()
+    class Recorder(Observer):
+        def on_step(self, input_ids, start_pos, host_ids):
+            if embed is not None:  # next-gate on the embedding: how the runtime plans a token's first layers
+                s, x = pos["start"], model.embed_tokens[input_ids.reshape(-1)]
+                embed[s:s + x.shape[0]] = embedding_router_probs(model, x, embed.shape[1]).cpu().numpy()
 
-    def residual(layer: int, x: torch.Tensor) -> None:
-        s, x = pos["start"], x.reshape(-1, x.shape[-1])
-        if layer < 0:  # next-gate on the embedding: what the runtime uses for a token's first layers
-            eps = cfg.rms_norm_eps
-            for t in range(embed.shape[1]):
-                h = rms_norm(x, model.layers[t].post_attention_layernorm, eps)
-                embed[s:s + x.shape[0], t] = router_probs(model, t, h).cpu().numpy()
-            return
-        for name, p in (predictors or {}).items():
-            preds[name][s:s + x.shape[0], layer] = p.scores(layer, x).float().cpu().numpy()
+        def on_routing(self, layer, ids, weights, logits, start_pos):
+            s = pos["start"]
+            ids_out[s:s + ids.shape[0], layer] = ids.cpu().numpy()
+            w_out[s:s + ids.shape[0], layer] = weights.cpu().numpy()
+            probs_out[s:s + ids.shape[0], layer] = torch.softmax(logits.float(), -1).cpu().numpy()
 
-    old, model.routing_hook = model.routing_hook, hook
-    old_res, model.residual_hook = model.residual_hook, residual if predictors else model.residual_hook
-    try:
-        with torch.inference_mode(), tqdm(total=n, unit="tok", desc="routing", disable=not show_progress) as bar:
-            for w0 in range(0, n, window):
-                for c0 in range(w0, min(n, w0 + window), chunk):
-                    c1 = min(n, w0 + window, c0 + chunk)
-                    pos["start"] = c0
-                    model(torch.tensor([token_ids[c0:c1]], device=model.device), c0 - w0, cache)
-                    bar.update(c1 - c0)
-    finally:
-        model.routing_hook = old
-        model.residual_hook = old_res
+        def on_residual(self, layer, x, start_pos):
+            s = pos["start"]
+            for name, p in (predictors or {}).items():
+                preds[name][s:s + x.shape[0], layer] = p.scores(layer, x, s).float().cpu().numpy()
+
+    with observing(model, Recorder()), torch.inference_mode(), \
+            tqdm(total=n, unit="tok", desc="routing", disable=not show_progress) as bar:
+        for w0 in range(0, n, window):
+            for c0 in range(w0, min(n, w0 + window), chunk):
+                c1 = min(n, w0 + window, c0 + chunk)
+                pos["start"] = c0
+                model(torch.tensor([token_ids[c0:c1]], device=model.device), c0 - w0, cache)
+                bar.update(c1 - c0)
     return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None, embed_preds=embed)
 
 
 def record_with_predictions(model: MixtralTransformer, token_ids: list[int], window: int, lookahead: int,
                             accelerator: str | Path | None = None, show_progress: bool = False) -> RoutingTrace:
     """record_routing plus next-gate scores and, given adapters, m2r2 scores (lookahead D each)."""
-    from .predict import Accelerator, M2R2Predictor, NextGate
+    from ..predict import Accelerator, M2R2Predictor, NextGate
 
     preds = {"next-gate": NextGate(model, lookahead)}
     if accelerator is not None:

@@ -1,4 +1,4 @@
-"""Host tier: every expert (w1, w3, w2) packed contiguously inside one large (pinned) host allocation."""
+"""Host tier (protocols.ExpertStore): every expert (w1, w3, w2) packed contiguously inside one large (pinned) host allocation."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ class HostExpertStore:
     def row(self, layer: int, e: int) -> torch.Tensor:
         """Expert (layer, e) as one contiguous [3*H*I] row."""
         return self.buffer[layer * self.num_experts + e]
+
+    def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
+        """An uninitialised device pool [S, 3*H*I] in the store's dtype."""
+        return torch.empty(num_slots, self.expert_elems, dtype=self.dtype, device=device)
+
+    def pool_views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w13 [S, 2I, H] and w2 [S, H, I] views of a pool (rows laid out as in the store)."""
+        s, h, i = pool.shape[0], self.hidden, self.inter
+        return pool[:, : 2 * i * h].view(s, 2 * i, h), pool[:, 2 * i * h:].view(s, h, i)
 
     def w13(self, layer: int, e: int) -> torch.Tensor:
         return self.row(layer, e)[: 2 * self.inter * self.hidden].view(2 * self.inter, self.hidden)

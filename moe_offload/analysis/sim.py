@@ -20,12 +20,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import MixtralConfig
-from .errors import MoeOffloadError
-from .experts.cache import ExpertCache
-from .experts.policy import EvictionPolicy, Key, make_policy
-from .experts.prefetch import Prefetcher
-from .experts.transfer import CopyEngine, LoadHandle
+from ..config import MixtralConfig
+from ..errors import MoeOffloadError
+from ..offload.cache import ExpertCache
+from ..offload.policy import EvictionPolicy, make_policy
+from ..offload.prefetch import Prefetcher
+from ..offload.protocols import Key
+from ..offload.transfer import LoadHandle
 
 # Bytes per expert parameter; the int formats carry an fp16 scale and zero point per group of 64.
 EXPERT_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64, "int3": 0.375 + 4 / 64, "int2": 0.25 + 4 / 64}
@@ -97,11 +98,11 @@ class _SimHandle(LoadHandle):
         return self.t_done <= self.clock.now
 
 
-class SimCopyEngine(CopyEngine):
-    """A FIFO link in virtual time: each load takes `copy_seconds` once the link is free."""
+class SimCopyEngine:
+    """protocols.CopyEngine in virtual time: a FIFO link where each load takes `copy_seconds` once
+    the link is free."""
 
     def __init__(self, clock: VirtualClock, copy_seconds: float):
-        super().__init__()
         self.clock, self.copy_seconds = clock, copy_seconds
         self.link_free = 0.0
         self.busy_seconds = 0.0
@@ -117,19 +118,28 @@ class SimCopyEngine(CopyEngine):
         self.clock.now += stall
         return stall
 
+    def fence(self, slot: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 class VirtualStore:
-    """Stands in for HostExpertStore when no bytes move (simulation): sizes only."""
+    """protocols.ExpertStore where no bytes move (simulation): sizes only, empty rows and pool."""
 
     def __init__(self, num_layers: int, num_experts: int, expert_bytes: int):
         self.num_layers, self.num_experts, self.expert_bytes = num_layers, num_experts, expert_bytes
-        self.hidden = self.inter = 0
-        self.expert_elems = 0
-        self.dtype = torch.float32
         self._empty = torch.empty(0)
 
     def row(self, layer: int, e: int) -> torch.Tensor:
         return self._empty
+
+    def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(num_slots, 0)
+
+    def pool_views(self, pool: torch.Tensor) -> tuple[None, None]:
+        return None, None
 
 
 class Belady(EvictionPolicy):
@@ -158,33 +168,20 @@ class Belady(EvictionPolicy):
 
 
 class RecordedPredictor:
-    """Replays scores recorded in a trace: preds [T, L, D, E] and embedding scores [T, D, E]."""
+    """protocols.Predictor replaying scores recorded in a trace: preds [T, L, D, E] and embedding
+    scores [T, D, E] (the next-gate-on-embedding plan of a token's first layers)."""
 
     def __init__(self, name: str, preds: np.ndarray, embed: np.ndarray | None):
         self.name, self.preds, self.embed = name, preds, embed
         self.lookahead = preds.shape[2]
-        self.position = 0
 
-    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.nan_to_num(self.preds[self.position, layer], nan=-1.0))[None]
+    def scores(self, layer: int, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return torch.from_numpy(np.nan_to_num(self.preds[start_pos, layer], nan=-1.0))[None]  # [1, D, E]
 
-    def embedding_scores(self) -> torch.Tensor:
+    def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         if self.embed is None:
-            return torch.full((self.lookahead, self.preds.shape[3]), -1.0)
-        return torch.from_numpy(self.embed[self.position])
-
-
-class _NoModel:
-    """What Prefetcher needs of a model when only a trace is replayed."""
-
-    def __init__(self, num_layers: int, top_k: int):
-        class C:
-            pass
-
-        self.cfg = C()
-        self.cfg.num_hidden_layers, self.cfg.num_experts_per_tok = num_layers, top_k
-        self.residual_hook = None
-        self.current_pos = 0
+            return np.zeros((0, take), dtype=np.int64)
+        return np.argsort(-self.embed[pos], axis=-1, kind="stable")[:, :take]  # [D, take]
 
 
 @dataclass
@@ -212,22 +209,25 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
     cache = ExpertCache(VirtualStore(L, num_experts, costs.expert_bytes), slots, pol, torch.device("cpu"), engine)
     pf = None
     if predictor is not None:
-        pf = Prefetcher(cache, _NoModel(L, k), predictor, margin=margin, max_inflight=window)
+        pf = Prefetcher(cache, predictor, L, k, margin=margin, max_inflight=window)
     compute = bookkeeping = 0.0
-    dummy = torch.zeros(1, 1)
+    residual = torch.zeros(1, 1)  # [1, H]: recorded predictors do not read it
     for t in range(T):
         if pf is not None:
-            predictor.position = t
-            pf.plan(-1, dummy)  # the next token's first layers, from its embedding
+            pf.on_step(None, t, [0])  # the token's first layers, planned before its forward pass
         for l in range(L):
             clock.now += costs.attention
             compute += costs.attention
             experts = np.unique(routed_ids[t, l]).tolist()
             if isinstance(pol, Belady):
                 pol.step = t * L + l
+            pred = None
+            if pf is not None:  # the same calls, in the same order, as OffloadedExperts makes
+                pf.on_residual(l, residual, t)
+                pred = pf.predict(l)
             cache.acquire(l, experts)
-            if pf is not None:
-                pf.plan(l, dummy)
+            if pred is not None:
+                pf.issue(l, pred.numpy())
             work = costs.expert * len(experts)
             clock.now += work + costs.bookkeeping
             compute += work

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model.backends import run_experts
-from ..model.moe import moe_loop
+from ..kernels import moe_loop, run_experts
 from .cache import ExpertCache
 
 
 class OffloadedExperts:
     """ExpertBackend over an ExpertCache (plugs into MixtralTransformer.moe_block).
 
-    Per layer, the host reads the routed ids (one device->host sync of [N, k] ints: the host must
-    know which experts to load), makes them resident, then runs the backend on the slot pool.
+    Per layer, the host reads the routed ids back, with the prefetcher's predictions for the layers
+    ahead folded into the same transfer: ONE device->host read per MoE layer (the host must know
+    which experts to load). It then makes them resident and runs the backend on the slot pool.
     When a layer needs more experts than it can hold at once (prefill with few slots), they are
     processed in ascending groups that fit. The loop backend then runs just the group's experts over
     the same token rows, so results are bit-identical to the resident run; kernel backends get the
@@ -25,42 +25,50 @@ class OffloadedExperts:
     def __init__(self, cache: ExpertCache, backend: str = "loop"):
         self.cache = cache
         self.backend = backend
-        self.prefetcher = None  # experts.prefetch.Prefetcher, when a predictor is active
+        self.prefetcher = None  # offload.prefetch.Prefetcher, when a predictor is active
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        ids_host = ids.cpu().numpy()  # [N, k]
+        pf = self.prefetcher
+        pred = pf.predict(layer) if pf is not None else None  # [P] on the device, or None
+        flat = ids.reshape(-1)  # [N*k]
+        both = flat if pred is None else torch.cat([flat, pred.to(flat.dtype)])
+        host = both.cpu().numpy()  # the layer's one device->host read
+        ids_host = host[: flat.numel()].reshape(ids.shape)  # [N, k]
+        pred_host = host[flat.numel():] if pred is not None else None
         needed = np.unique(ids_host).tolist()  # ascending
         groups = self.cache.plan_groups(layer, needed)
         if len(groups) == 1:
-            return self._run(layer, groups[0], h, ids, weights)
+            return self._run(layer, groups[0], h, ids, weights, ids_host, pred_host)
         out = torch.zeros_like(h)
         if self.backend == "loop":
             for group in groups:
                 self.cache.acquire(layer, group)
                 try:
                     moe_loop(h, ids, weights, self.cache.w13_pool, self.cache.w2_pool,
-                             self.cache.slot_list(layer), experts=set(group), out=out)
+                             self.cache.slot_list(layer), ids_host=ids_host, experts=set(group), out=out)
                 finally:
                     self.cache.release(layer, group)
             return out
         for group in groups:
             in_group = np.isin(ids_host, group)  # [N, k]
-            rows = torch.from_numpy(np.flatnonzero(in_group.any(1))).to(h.device)  # tokens touching group
+            rows_host = np.flatnonzero(in_group.any(1))
+            rows = torch.from_numpy(rows_host).to(h.device)  # tokens touching the group
             mask = torch.from_numpy(in_group).to(h.device)
             ids_g = torch.where(mask, ids, group[0])[rows]
             w_g = torch.where(mask, weights, torch.zeros_like(weights))[rows]
-            out.index_add_(0, rows, self._run(layer, group, h[rows], ids_g, w_g))
+            ids_g_host = np.where(in_group, ids_host, group[0])[rows_host]
+            out.index_add_(0, rows, self._run(layer, group, h[rows], ids_g, w_g, ids_g_host, None))
         return out
 
-    def _run(self, layer: int, group: list[int], h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-             ) -> torch.Tensor:
+    def _run(self, layer: int, group: list[int], h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+             ids_host: np.ndarray, pred_host: np.ndarray | None) -> torch.Tensor:
         cache = self.cache
         cache.acquire(layer, group)
-        if self.prefetcher is not None:
-            self.prefetcher.after_acquire(layer)  # loads for layers ahead overlap this layer's compute
         try:
+            if pred_host is not None:
+                self.prefetcher.issue(layer, pred_host)  # loads for layers ahead overlap this compute
             slot_list = cache.slot_list(layer) if self.backend == "loop" else None
             return run_experts(self.backend, h, ids, weights, cache.w13_pool, cache.w2_pool,
-                               cache.slot_table[layer], slot_list)
+                               cache.slot_table[layer], slot_list, ids_host)
         finally:
             cache.release(layer, group)

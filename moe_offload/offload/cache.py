@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from ..errors import MoeOffloadError
-from .policy import EvictionPolicy, Key
+from .policy import EvictionPolicy
+from .protocols import CopyEngine, ExpertStore, Key
 from .stats import CacheStats
-from .store import HostExpertStore
-from .transfer import CopyEngine, CopyFailed, LoadHandle
+from .transfer import CopyFailed, LoadHandle
 
 
 class ExpertCache:
@@ -20,25 +20,28 @@ class ExpertCache:
     - `pool` [S, 3*H*I] is one tensor; `w13_pool` [S, 2I, H] and `w2_pool` [S, H, I] are views of it,
       so kernels read experts straight from the pool.
     - `slot_table` [L, E] int32 on the device (-1: not resident) mirrors the host table `slot_of`;
-      row l is refreshed when layer l acquires experts, before any kernel of layer l reads it.
+      row l is refreshed when layer l acquires experts, before any kernel of layer l reads it, by a
+      non-blocking copy from a pinned host row (no host sync). The pinned row of layer l is rewritten
+      only at layer l's next acquire, after that layer's routed ids were read back, which waited for
+      everything queued before them on the compute stream, the previous copy of that row included.
     - `acquire(layer, experts)` makes experts resident (demand loads for misses, waits for their
       copies) and pins them; `release` unpins them and fences their slots. Pinned experts and experts
       with a copy in flight are never evicted.
     """
 
-    def __init__(self, store: HostExpertStore, num_slots: int, policy: EvictionPolicy, device: torch.device,
+    def __init__(self, store: ExpertStore, num_slots: int, policy: EvictionPolicy, device: torch.device,
                  engine: CopyEngine):
         L, E = store.num_layers, store.num_experts
         self.store, self.policy, self.device, self.engine = store, policy, torch.device(device), engine
         self.num_layers, self.num_experts, self.num_slots = L, E, num_slots
         if policy.per_layer and num_slots < L:
             raise MoeOffloadError(f"policy {policy.name!r} needs at least one slot per layer ({L}); got {num_slots}")
-        h, i = store.hidden, store.inter
-        self.pool = torch.empty(num_slots, store.expert_elems, dtype=store.dtype, device=self.device)
-        self.w13_pool = self.pool[:, : 2 * i * h].view(num_slots, 2 * i, h)  # [S, 2I, H]
-        self.w2_pool = self.pool[:, 2 * i * h:].view(num_slots, h, i)  # [S, H, I]
+        self.pool = store.allocate_pool(num_slots, self.device)  # [S, row]
+        self.w13_pool, self.w2_pool = store.pool_views(self.pool)  # [S, 2I, H], [S, H, I]
         self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=self.device)  # [L, E]
         self.slot_of = np.full((L, E), -1, dtype=np.int64)  # host mirror, the authority
+        pin = self.device.type == "cuda"
+        self._slot_rows = torch.full((L, E), -1, dtype=torch.int32, pin_memory=pin)  # staging for slot_table
         self.key_of_slot: list[Key | None] = [None] * num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.resident_per_layer = np.zeros(L, dtype=np.int64)
@@ -106,12 +109,14 @@ class ExpertCache:
                     self._start_load(key)
                 self.policy.on_access(key)
             for key in keys:
-                self._wait(key)
+                self._wait_demand(key)
         except BaseException:
             self.pinned.difference_update(keys)
             raise
         if layer in self._dirty_rows:
-            self.slot_table[layer].copy_(torch.from_numpy(self.slot_of[layer].astype(np.int32)))
+            row = self._slot_rows[layer]
+            row.numpy()[:] = self.slot_of[layer]
+            self.slot_table[layer].copy_(row, non_blocking=True)
             self._dirty_rows.discard(layer)
 
     def release(self, layer: int, experts: Iterable[int]) -> None:
@@ -121,9 +126,21 @@ class ExpertCache:
             self.pinned.discard(key)
             self.engine.fence(int(self.slot_of[key]))
 
-    def slot_list(self, layer: int) -> list[int]:
-        """Host copy of layer's slot table row (for backends that loop on the host)."""
-        return self.slot_of[layer].tolist()
+    def slot_list(self, layer: int) -> np.ndarray:
+        """Host copy of layer's slot table row [E] (for backends that loop on the host)."""
+        return self.slot_of[layer]
+
+    def drain_stalls(self) -> None:
+        """Fold device-measured stalls (CUDA engine) into the stats."""
+        drain = getattr(self.engine, "drain_stalls", None)
+        if drain is not None:
+            for layer, seconds in drain():
+                self.stats.stall_seconds[layer] += seconds
+
+    def close(self) -> None:
+        """Finish in-flight copies and stop the copy engine."""
+        self.clear()
+        self.engine.close()
 
     # --- internals ------------------------------------------------------------------------------
     def prefetch(self, key: Key, protect: set[Key]) -> bool:
@@ -144,10 +161,29 @@ class ExpertCache:
         self.resident_per_layer[key[0]] += 1
         self._dirty_rows.add(key[0])
         self.policy.on_insert(key)
-        self.inflight[key] = self.engine.load(key, self.store.row(*key), self.pool[slot], slot)
+        handle = self.engine.load(key, self.store.row(*key), self.pool[slot], slot)
+        handle.prefetch = prefetch
+        self.inflight[key] = handle
         self.stats.bytes_h2d[key[0]] += self.store.expert_bytes
         if prefetch:
             self.prefetched_unused.add(key)
+
+    def _wait_demand(self, key: Key) -> None:
+        """Wait for a needed expert's copy. A failed *prefetch* of it is not this caller's failure:
+        the expert is loaded again on demand (and that copy's failure is)."""
+        handle = self.inflight.get(key)
+        was_prefetch = handle is not None and handle.prefetch
+        try:
+            self._wait(key)
+        except CopyFailed:
+            if not was_prefetch:
+                raise
+            layer = key[0]
+            self.stats.hits[layer] -= 1  # counted a (prefetch) hit; it is a miss after all
+            self.stats.prefetch_hits[layer] -= 1
+            self.stats.misses[layer] += 1
+            self._start_load(key)
+            self._wait(key)
 
     def _wait(self, key: Key) -> None:
         handle = self.inflight.get(key)
@@ -177,7 +213,10 @@ class ExpertCache:
             # A demand load may take the slot of a prefetch still on the link: a copy in progress cannot
             # be cancelled, so wait for it to land, then evict it.
             victim = self.policy.victim(unpinned)
-            self._wait(victim)
+            try:
+                self._wait(victim)
+            except CopyFailed:
+                pass  # a failed prefetch is not this demand's failure: its slot is simply free now
             candidates = [victim] if self.slot_of[victim] >= 0 else []
             if not candidates:  # the prefetch failed and was dropped: its slot is free now
                 return self.free_slots.pop()

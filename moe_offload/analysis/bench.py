@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import MixtralConfig
-from .errors import MoeOffloadError
+from ..config import MixtralConfig
+from ..errors import MoeOffloadError
 from .sim import Hardware, RecordedPredictor, StepCosts, TimelineResult, run_timeline
 from .trace import RoutingTrace
 

@@ -1,0 +1,100 @@
+"""Turn routing predictions into ordered loads on the copy engine, ahead of use.
+
+The prefetcher is a model observer (it sees each layer's residual) and a partner of the offloaded
+expert backend, which folds its predictions into the layer's single device->host read:
+
+  on_residual(l, x)   keep x [N, H] (decode: N == 1)
+  predict(l)          device tensor [n * take] of predicted expert ids for layers l+1..l+n (no sync)
+  issue(l, ids)       after layer l's own experts are pinned: the host ids become the plan
+
+The plan holds each predicted layer's top-(k + margin) experts, nearest layer first, then by score.
+It replaces the previous plan (superseded loads not issued yet are cancelled); at most `max_inflight`
+prefetches are in flight at once (default 1: copies share one FIFO link, so every queued prefetch
+delays the next demand load by a whole expert copy); the plan's experts are protected from eviction
+by prefetches and feed the `predictive` policy's next-use distances.
+
+A token's first layers are planned before its forward pass starts, from the token id alone
+(`Predictor.first_layers`: next-gate on the token's embedding, precomputed for the vocabulary).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .cache import ExpertCache
+from .policy import Predictive
+from .protocols import Key, Predictor
+
+
+class Prefetcher:
+    """A model observer (model.observers.LayerObserver, structurally) that prefetches predicted experts."""
+
+    def __init__(self, cache: ExpertCache, predictor: Predictor, num_layers: int, top_k: int,
+                 margin: int = 0, max_inflight: int = 1):
+        if max_inflight < 1 or margin < 0:
+            raise ValueError(f"prefetch window must be >= 1 and margin >= 0, got {max_inflight}, {margin}")
+        self.cache, self.predictor = cache, predictor
+        self.num_layers, self.lookahead = num_layers, predictor.lookahead
+        self.take = min(top_k + margin, cache.num_experts)
+        self.margin, self.max_inflight = margin, max_inflight
+        self.pending: list[Key] = []
+        self.protect: set[Key] = set()
+        self.cancelled = 0
+        self.issued = 0
+        self._x: torch.Tensor | None = None
+        self._pos = 0
+
+    # --- model observer -------------------------------------------------------------------------
+    def on_step(self, input_ids: torch.Tensor, start_pos: int, host_ids: Sequence[int] | None) -> None:
+        self._pos, self._x = start_pos, None
+        if host_ids is not None and len(host_ids) == 1:  # decode: plan this token's first layers now
+            top = self.predictor.first_layers(int(host_ids[0]), start_pos, self.take)  # [D', take]
+            self._set_plan([(t, int(e)) for t in range(top.shape[0]) for e in top[t]], base=-1)
+
+    def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+        self._x = x if x.shape[0] == 1 else None  # prefetch plans are made in decode only
+
+    def on_routing(self, layer, ids, weights, logits, start_pos) -> None:
+        return None
+
+    # --- the offloaded backend's side -----------------------------------------------------------
+    def targets(self, layer: int) -> int:
+        """How many layers ahead of `layer` are predicted (0 at the last layers)."""
+        return max(0, min(self.lookahead, self.num_layers - 1 - layer))
+
+    def predict(self, layer: int) -> torch.Tensor | None:
+        """Predicted ids [n * take] for layers layer+1..layer+n, on the device; None when not decoding."""
+        n = self.targets(layer)
+        if self._x is None or n == 0:
+            return None
+        scores = self.predictor.scores(layer, self._x, self._pos)[0, :n]  # [n, E]
+        return torch.topk(scores.float(), self.take, dim=-1).indices.reshape(-1)  # [n * take]
+
+    def issue(self, layer: int, ids: np.ndarray) -> None:
+        """ids [n * take] (host): predictions from `predict(layer)`; plan them and start loads."""
+        self._x = None
+        self._set_plan([(layer + 1 + i // self.take, int(e)) for i, e in enumerate(ids)], base=layer)
+
+    # --- planning -------------------------------------------------------------------------------
+    def _set_plan(self, plan: list[Key], base: int) -> None:
+        self.cancelled += sum(1 for key in self.pending if key not in plan)
+        self.pending = plan
+        self.protect = set(plan)
+        if isinstance(self.cache.policy, Predictive):
+            self.cache.policy.set_next_use({key: key[0] - base for key in plan})
+        self.pump()
+
+    def pump(self) -> None:
+        """Issue pending loads, nearest first, while the in-flight window has room."""
+        cache = self.cache
+        while self.pending and cache.inflight_count() < self.max_inflight:
+            key = self.pending.pop(0)
+            if cache.slot_of[key] >= 0:
+                continue
+            if not cache.prefetch(key, self.protect | cache.pinned):
+                self.pending.clear()  # nothing evictable for this one: later (lower-priority) ones neither
+                return
+            self.issued += 1
