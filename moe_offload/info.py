@@ -8,19 +8,15 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .config import MixtralConfig
 
-INT4_GROUP = 64
+from .quant.formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
 
 
 def expert_bytes(cfg: MixtralConfig) -> dict[str, int]:
-    """Bytes of one expert per storage format.
-
-    int8: one byte per weight plus an fp16 scale per output row; int4: half a byte per weight plus an
-    fp16 scale and fp16 zero point per group of 64 weights along the input dimension.
-    """
-    n = cfg.expert_params
-    rows = 2 * cfg.intermediate_size + cfg.hidden_size
-    return {"float32": 4 * n, "bfloat16": 2 * n, "float16": 2 * n, "int8": n + 2 * rows,
-            "int4": n // 2 + (n // INT4_GROUP) * 4}
+    """Bytes of one expert per storage format (moe_offload.quant.formats; int4 at the default group size)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"float32": format_bytes(h, i, "fp32"), "bfloat16": format_bytes(h, i, "bf16"),
+            "float16": format_bytes(h, i, "fp16"), "int8": format_bytes(h, i, "int8"),
+            f"int4_g{DEFAULT_GROUP_SIZE}": format_bytes(h, i, "int4")}
 
 
 def describe(path: str | Path | None, config_file: str | Path | None = None,

@@ -12,12 +12,12 @@ import numpy as np
 
 from ..config import MixtralConfig
 from ..errors import MoeOffloadError
+from ..offload.plan import device_reserve_bytes
 from .sim import Hardware, RecordedPredictor, StepCosts, TimelineResult, run_timeline
 from .trace import RoutingTrace
 
 MODEL_CONFIGS = {"mixtral-8x7b": "mixtral-8x7b-v0.1.config.json", "mixtral-8x22b": "mixtral-8x22b-v0.1.config.json"}
 KV_TOKENS = 4096
-RESERVE_GB = 1.0
 
 
 def model_config(name_or_path: str) -> MixtralConfig:
@@ -169,7 +169,7 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
     costs = StepCosts.for_model(cfg, hw, expert_dtype, bookkeeping_us)
     dense = cfg.dense_params * 2
     kv = 2 * L * cfg.num_key_value_heads * KV_TOKENS * cfg.head_dim * 2
-    fit = int((hw.memory_gb * 1e9 - dense - kv - RESERVE_GB * 1e9) // costs.expert_bytes)
+    fit = int((hw.memory_gb * 1e9 - dense - kv - device_reserve_bytes(int(hw.memory_gb * 1e9))) // costs.expert_bytes)
     slots_model = min(capacity if capacity is not None else fit, L * cfg.num_local_experts)
     if slots_model < k:
         raise MoeOffloadError(f"{hw.name}: {slots_model} expert slots ({expert_dtype}) is below top_k={k}")

@@ -27,9 +27,12 @@ from ..offload.policy import EvictionPolicy, make_policy
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import Key
 from ..offload.transfer import LoadHandle
+from ..quant.formats import expert_bytes as format_bytes
 
-# Bytes per expert parameter; the int formats carry an fp16 scale and zero point per group of 64.
-EXPERT_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 64, "int3": 0.375 + 4 / 64, "int2": 0.25 + 4 / 64}
+# Expert formats the simulator projects (sizes from moe_offload.quant.formats; the int formats with
+# an fp16 scale and zero point per group of SIM_GROUP_SIZE along the input dimension).
+SIM_FORMATS = ("bf16", "fp16", "int8", "int4", "int3", "int2")
+SIM_GROUP_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,13 @@ class StepCosts:
     @classmethod
     def for_model(cls, cfg: MixtralConfig, hw: Hardware, expert_dtype: str = "bf16",
                   bookkeeping_us: float = 20.0) -> "StepCosts":
-        if expert_dtype not in EXPERT_BYTES_PER_PARAM:
-            raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {sorted(EXPERT_BYTES_PER_PARAM)}")
+        if expert_dtype not in SIM_FORMATS:
+            raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {list(SIM_FORMATS)}")
         bw, flops = hw.hbm_gbps * 1e9, hw.bf16_tflops * 1e12
         hd = cfg.head_dim
         attn_params = cfg.hidden_size * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
         attention = max(2 * attn_params / bw, 2 * attn_params / flops) + hw.kernel_overhead_us * 1e-6
-        expert_bytes = int(cfg.expert_params * EXPERT_BYTES_PER_PARAM[expert_dtype])
+        expert_bytes = format_bytes(cfg.hidden_size, cfg.intermediate_size, expert_dtype, SIM_GROUP_SIZE)
         expert = max(expert_bytes / bw, 2 * cfg.expert_params / flops)
         head = 2 * cfg.vocab_size * cfg.hidden_size / bw
         copy = expert_bytes / (hw.link_gbps * 1e9) + hw.link_latency_us * 1e-6

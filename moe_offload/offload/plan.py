@@ -67,6 +67,11 @@ class MemoryPlan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
+def device_reserve_bytes(total: int) -> int:
+    """Bytes kept free on a device of `total` bytes (the memory plan's and the simulator's one rule)."""
+    return max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * total))
+
+
 def free_device_bytes(device: torch.device) -> tuple[int, int]:
     """(free, total) bytes of the device; for cpu, available host RAM (psutil)."""
     if device.type == "cuda":
@@ -88,7 +93,7 @@ def plan_memory(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, ma
     free, total = free_device_bytes(device)
     if device.type == "cpu":
         free -= store  # on cpu the host store and the "device" slots share the same RAM
-    reserve = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * total))
+    reserve = device_reserve_bytes(total)
     room = free - dense - kv - reserve
     notes: list[str] = []
     if budget.cache_experts is not None:
