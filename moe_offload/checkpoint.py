@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -188,6 +189,22 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{info.file}: cannot read tensor {name}: {exc}") from None
         return t.to(device=device, dtype=dtype or t.dtype)
+
+    def fingerprint(self) -> str:
+        """Identity of the model from the checkpoint's bytes: sha256 over config.json's parsed config
+        and every router and post-attention norm tensor exactly as stored (dtype tag, shape, raw
+        bytes). Independent of the compute dtype and device the model is later loaded with."""
+        h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
+        for layer in range(self.config.num_hidden_layers):
+            for suffix in ("block_sparse_moe.gate.weight", "post_attention_layernorm.weight"):
+                name = f"model.layers.{layer}.{suffix}"
+                info = self.tensors.get(name)
+                if info is None:
+                    raise CheckpointError(f"{self.path}: no tensor named {name}")
+                t = self.tensor(name).contiguous()  # as stored: no dtype conversion
+                h.update(f"{name}:{info.dtype}:{list(info.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
 
     def iter_names(self) -> Iterator[str]:
         return iter(expected_tensors(self.config))

@@ -126,6 +126,7 @@ class MixtralTransformer(nn.Module):
                     for e in range(cfg.num_local_experts):
                         load_expert_into(ckpt, layer, e, experts.w13[layer, e], experts.w2[layer, e])
                         bar.update()
+        model.source_fingerprint = ckpt.fingerprint()  # checkpoint identity (predict.model_fingerprint)
         ckpt.close()
         return model
 

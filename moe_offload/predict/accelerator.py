@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import Checkpoint
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
 from ..model.transformer import MixtralTransformer
@@ -29,12 +30,66 @@ META_KEY = "moe_offload_accelerator"
 
 
 def model_fingerprint(model: MixtralTransformer) -> str:
-    """sha256 over the config and every router and post-attention norm weight (as float32)."""
-    h = hashlib.sha256(json.dumps(model.cfg.as_dict(), sort_keys=True, default=str).encode())
-    for layer in model.layers:
-        for t in (layer.gate, layer.post_attention_layernorm):
-            h.update(t.detach().float().cpu().numpy().tobytes())
+    """The model's identity from its checkpoint's bytes (Checkpoint.fingerprint: config + every router
+    and post-attention norm tensor as stored), so it does not depend on the compute dtype or device."""
+    fp = getattr(model, "source_fingerprint", None)
+    if fp is None:
+        raise MoeOffloadError("model_fingerprint: this model was not loaded from a checkpoint "
+                              "(MixtralTransformer.from_checkpoint sets its fingerprint)")
+    return fp
+
+
+def legacy_fingerprint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> str:
+    """The fingerprint files were stamped with before checkpoint-byte fingerprints: sha256 over the
+    config and the router/norm weights after the cast to the compute dtype (float32 on cpu), taken as
+    float32, so it changed with --dtype. Kept only to recognise old files in `restamp`."""
+    h = hashlib.sha256(json.dumps(ckpt.config.as_dict(), sort_keys=True, default=str).encode())
+    for layer in range(ckpt.config.num_hidden_layers):
+        for suffix in ("block_sparse_moe.gate.weight", "post_attention_layernorm.weight"):
+            t = ckpt.tensor(f"model.layers.{layer}.{suffix}", dtype).float()
+            h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def restamp(path: str | Path, model_path: str | Path) -> str:
+    """Re-stamp an accelerator file that carries the legacy (compute-dtype, float32) fingerprint of
+    the model at `model_path` with that model's checkpoint-byte fingerprint (no retraining). Tensors
+    are kept bit for bit; the file is rewritten through a temp file and a rename. Returns the new
+    fingerprint. A file already stamped with it is left alone; one stamped for another model is refused."""
+    path = Path(path)
+    meta, tensors = _read_file(path)
+    ckpt = Checkpoint(model_path)
+    new = ckpt.fingerprint()
+    if meta.get("fingerprint") == new:
+        return new
+    old = legacy_fingerprint(ckpt)
+    if meta.get("fingerprint") != old:
+        raise MoeOffloadError(f"{path}: stamped with fingerprint {meta.get('fingerprint')!r}, which is neither "
+                              f"the legacy ({old}) nor the current ({new}) fingerprint of {model_path}; "
+                              "not re-stamping a file trained for another model")
+    meta = {**meta, "fingerprint": new, "legacy_fingerprint": old}
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return new
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An accelerator file's metadata and tensors; anything else is a one-line MoeOffloadError."""
+    if not path.is_file():
+        raise MoeOffloadError(f"{path}: accelerator file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors has its own error types; KeyError/JSONDecodeError for the metadata
+        raise MoeOffloadError(f"{path}: not a moe_offload accelerator file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict):
+        raise MoeOffloadError(f"{path}: not a moe_offload accelerator file (metadata is not a JSON object)")
+    return meta, tensors
 
 
 class Accelerator(nn.Module):
@@ -75,22 +130,23 @@ class Accelerator(nn.Module):
     def load(cls, path: str | Path, model: MixtralTransformer) -> tuple["Accelerator", dict[str, Any]]:
         """Load adapters for `model`; a file trained for another model is a clear error."""
         path = Path(path)
-        if not path.is_file():
-            raise MoeOffloadError(f"{path}: accelerator file not found")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (KeyError, json.JSONDecodeError, Exception) as exc:  # safetensors has its own error types
-            raise MoeOffloadError(f"{path}: not a moe_offload accelerator file ({type(exc).__name__}: {exc})") from None
+        meta, tensors = _read_file(path)
         want = model_fingerprint(model)
         if meta.get("fingerprint") != want:
             raise MoeOffloadError(
                 f"{path}: accelerator was trained for a different model (fingerprint {meta.get('fingerprint')}, "
                 f"{meta.get('model', '?')}); this model's fingerprint is {want}. Train one for it with "
                 "`moe-offload train-accelerator`")
-        acc = cls(meta["hidden"], meta["num_layers"], meta["lookaheads"], meta["rank"])
-        acc.load_state_dict({k: v for k, v in tensors.items()})
+        try:
+            acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
+                      int(meta["rank"]))
+            acc.load_state_dict(tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if acc.hidden != model.cfg.hidden_size or acc.num_layers != model.cfg.num_hidden_layers:
+            raise MoeOffloadError(f"{path}: adapters are for hidden {acc.hidden} x {acc.num_layers} layers; the model "
+                                  f"has {model.cfg.hidden_size} x {model.cfg.num_hidden_layers}")
         return acc.to(model.device), meta
 
 
