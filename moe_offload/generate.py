@@ -73,8 +73,12 @@ class _Timing:
 
 
 def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], params: SamplingParams,
-                  eos_ids: tuple[int, ...], timing: _Timing) -> Iterator[int]:
+                  eos_ids: tuple[int, ...], timing: _Timing,
+                  is_stale: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids: prefill the prompt, then one decode step per token until a stop rule.
+
+    `is_stale()` (asked before each decode step) says another call wrote the KV cache since the last
+    step: the tokens so far are then prefilled again before the step (a resumed stream stays exact).
 
     Each step moves its logits to the host to sample: the one host sync per token, by design (the next
     step's input depends on it).
@@ -93,6 +97,7 @@ def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], 
     timing.prefill_tokens, timing.prefill_seconds = len(prompt), time.perf_counter() - t0
     step_in = torch.empty(1, 1, dtype=torch.long, device=dev)  # [1, 1], reused every step
     pos = len(prompt)
+    seen = list(prompt)  # tokens in the KV cache (positions 0..pos-1)
     for i in range(params.max_new_tokens):
         tok = sample_next(logits, params, gen)
         yield tok
@@ -105,6 +110,10 @@ def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], 
             timing.finish_reason = "context"
             return
         t1 = time.perf_counter()
+        if is_stale is not None and is_stale():
+            with torch.inference_mode():
+                model(torch.tensor([seen], dtype=torch.long, device=dev), 0, cache)  # re-prefill [1, pos]
+        seen.append(tok)
         step_in.fill_(tok)
         with torch.inference_mode():
             logits = model(step_in, pos, cache, host_ids=(tok,))[0, -1].float().cpu()  # [V]

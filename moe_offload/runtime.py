@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from .checkpoint import Checkpoint
 from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
+from .guard import CallGuard
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
 from .kernels import resolve_moe_backend
@@ -75,6 +76,7 @@ class OffloadedModel:
         self.kv_cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
         self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
+        self.guard = CallGuard()  # serializes generate/logits/stream steps (guard.py)
 
     @property
     def prefetcher(self) -> Prefetcher | None:
@@ -140,9 +142,12 @@ class OffloadedModel:
         """Logits [T, vocab] (float32, on the model's device) of a fresh sequence of token ids."""
         ids = self._check_ids(input_ids, "input_ids")
         x = torch.tensor([ids], dtype=torch.long, device=self.runtime.device)
-        self._reset_stats()
-        with torch.inference_mode():
-            return self.model(x, 0, self.kv_cache)[0].float()
+        call = object()
+        with self.guard.hold(call, "logits"):
+            self._reset_stats()
+            self.guard.claim_kv(call)
+            with torch.inference_mode():
+                return self.model(x, 0, self.kv_cache)[0].float()
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stream: bool = False,
@@ -161,8 +166,9 @@ class OffloadedModel:
         holder._chunks = self._run(prompt_ids, params, holder, callback)
         if stream:
             return holder
-        for _ in holder:
-            pass
+        with self.guard.hold(holder, "generate"):  # the whole call: no other call cuts in
+            for _ in holder:
+                pass
         assert holder.result is not None
         return holder.result
 
@@ -170,14 +176,23 @@ class OffloadedModel:
              callback: Callable[[str], None] | None) -> Iterator[str]:
         t0 = time.perf_counter()
         timing = _Timing()
-        self._reset_stats()
+        guard = self.guard
+        with guard.hold(holder, "generate"):
+            self._reset_stats()
+            guard.claim_kv(holder)
         streamer = TextStreamer(self.decode)
-        tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing)
+        tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing,
+                               is_stale=lambda: guard.kv_owner is not holder)
         deltas = itertools.chain(map(streamer.push, tokens), (streamer.finish() for _ in (0,)))
-        for delta in deltas:
-            if delta:
-                if callback:
+        while True:
+            with guard.hold(holder, "generate"):  # one step (and its callback) at a time
+                delta = next(deltas, None)
+                guard.claim_kv(holder)
+                if delta and callback:
                     callback(delta)
+            if delta is None:
+                break
+            if delta:
                 yield delta
         seconds = time.perf_counter() - t0
         new = streamer.ids
