@@ -115,7 +115,7 @@ class ExpertCache:
             raise
         if layer in self._dirty_rows:
             row = self._slot_rows[layer]
-            row.numpy()[:] = self.slot_of[layer]
+            row.copy_(torch.from_numpy(self.slot_of[layer]))  # host -> pinned host: no device work
             self.slot_table[layer].copy_(row, non_blocking=True)
             self._dirty_rows.discard(layer)
 
