@@ -186,7 +186,7 @@ def test_demand_load_takes_the_slot_of_an_inflight_prefetch():
     c.engine.faults = CopyFaults(delay=lambda key: 0.05 if key == (1, 3) else 0.0)
     assert c.prefetch((1, 3), protect=set())  # slow copy on the link
     access(c, 0, [0])
-    assert c.plan_groups(0, [1, 2]) == [[1, 2]]  # in-flight prefetches do not shrink the groups
+    assert c.fit_groups(0, [1, 2]) == [[1, 2]]  # in-flight prefetches do not shrink the groups
     access(c, 0, [1, 2])  # needs both slots: waits for the prefetch to land, then evicts it
     assert set(c.resident()) == {(0, 1), (0, 2)} and not c.inflight
     assert c.stats.prefetch_wasted.tolist() == [0, 1] and c.stats.stall_seconds.sum() > 0.01

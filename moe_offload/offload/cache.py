@@ -59,7 +59,7 @@ class ExpertCache:
         """How many experts of `layer` can be resident at once."""
         return int(self.quota[layer]) if self.quota is not None else self.num_slots
 
-    def plan_groups(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+    def fit_groups(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
         """Split a layer's needed experts (ascending) into groups that fit its capacity at once.
         (Slots held by in-flight prefetches still count: a demand load waits for such a copy, then
         takes its slot.)"""

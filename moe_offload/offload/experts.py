@@ -42,7 +42,7 @@ class OffloadedExperts:
         ids_host = host[: flat.numel()].reshape(ids.shape)  # [N, k]
         pred_host = host[flat.numel():] if pred is not None else None
         needed = np.unique(ids_host).tolist()  # ascending
-        groups = self.cache.plan_groups(layer, needed)
+        groups = self.cache.fit_groups(layer, needed)
         if len(groups) == 1:
             return self._run(layer, groups[0], h, ids, weights, ids_host, pred_host)
         out = torch.zeros_like(h)
