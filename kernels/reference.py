@@ -36,6 +36,15 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
     if out is None:
         out = torch.zeros_like(h)
     flat_host = (ids_host if ids_host is not None else ids.cpu().numpy()).reshape(-1)  # [N*k]
+    if n == 1:  # decode: one token, its k experts in ascending id, no gather/scatter
+        for j in sorted(range(k), key=lambda j: flat_host[j]):
+            e = int(flat_host[j])
+            if experts is not None and e not in experts:
+                continue
+            slot = e if slot_of_expert is None else int(slot_of_expert[e])
+            w13_e, w2_e = w13.dequant(slot, h.dtype) if isinstance(w13, QuantPool) else (w13[slot], w2[slot])
+            out.add_(expert_ffn(h, w13_e, w2_e).mul_(weights[0, j]).to(h.dtype))  # [1, H]
+        return out
     order = np.argsort(flat_host, kind="stable")  # [N*k] grouped by expert, ascending
     sorted_e = flat_host[order]
     bounds = np.flatnonzero(np.diff(sorted_e)) + 1
@@ -46,10 +55,6 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
             continue
         slot = e if slot_of_expert is None else int(slot_of_expert[e])
         w13_e, w2_e = w13.dequant(slot, h.dtype) if isinstance(w13, QuantPool) else (w13[slot], w2[slot])
-        if n == 1:  # decode: one token, no gather/scatter
-            y = expert_ffn(h, w13_e, w2_e)  # [1, H]
-            out.add_((y * flat_w[int(sel[0])]).to(h.dtype))
-            continue
         sel_t = torch.from_numpy(sel).to(h.device)
         tok = sel_t // k  # [c]
         y = expert_ffn(h[tok], w13_e, w2_e)  # [c, H]
@@ -60,7 +65,8 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
 def fused_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                         w13_pool: torch.Tensor | QuantPool, w2_pool: torch.Tensor | None,
                         slot_of_expert: torch.Tensor) -> torch.Tensor:
-    """Same contract as fused_moe (and fused_moe_quant, with a QuantPool and w2_pool None); a plain loop over experts in ascending id (shapes as there)."""
+    """Same contract as fused_moe (or a QuantPool and w2_pool None); a plain loop over experts in
+    ascending id (shapes as there)."""
     return moe_loop(hidden, topk_ids.long(), topk_weights.float(), w13_pool, w2_pool,
                     slot_of_expert.tolist())
 
