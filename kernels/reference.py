@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .quant import QuantPool
+
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert. x [n, H], w13 [2I, H] (w1 rows then w3 rows), w2 [H, I] -> [n, H]."""
@@ -17,13 +19,14 @@ def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     return F.linear(F.silu(gate) * up, w2)
 
 
-def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
-             w2: torch.Tensor, slot_of_expert: Sequence[int] | None = None, *,
+def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor | QuantPool,
+             w2: torch.Tensor | None, slot_of_expert: Sequence[int] | None = None, *,
              ids_host: np.ndarray | None = None, experts: set[int] | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-expert loop: for each routed expert e (ascending), gather its tokens, run it, add weighted.
 
-    h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I]; expert e lives in slot
+    h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I] (or w13 a QuantPool and w2 None: each
+    expert is dequantized to h's dtype, then run); expert e lives in slot
     slot_of_expert[e] (identity when None). `ids_host` is the host copy of ids when the caller has
     one already (then this function reads nothing back from the device); otherwise ids are read back
     once. `experts` restricts the loop to those experts, accumulating into `out`: running groups of
@@ -39,7 +42,8 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
             if experts is not None and e not in experts:
                 continue
             slot = e if slot_of_expert is None else int(slot_of_expert[e])
-            out.add_(expert_ffn(h, w13[slot], w2[slot]).mul_(weights[0, j]).to(h.dtype))  # [1, H]
+            w13_e, w2_e = w13.dequant(slot, h.dtype) if isinstance(w13, QuantPool) else (w13[slot], w2[slot])
+            out.add_(expert_ffn(h, w13_e, w2_e).mul_(weights[0, j]).to(h.dtype))  # [1, H]
         return out
     order = np.argsort(flat_host, kind="stable")  # [N*k] grouped by expert, ascending
     sorted_e = flat_host[order]
@@ -50,17 +54,19 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
         if experts is not None and e not in experts:
             continue
         slot = e if slot_of_expert is None else int(slot_of_expert[e])
+        w13_e, w2_e = w13.dequant(slot, h.dtype) if isinstance(w13, QuantPool) else (w13[slot], w2[slot])
         sel_t = torch.from_numpy(sel).to(h.device)
         tok = sel_t // k  # [c]
-        y = expert_ffn(h[tok], w13[slot], w2[slot])  # [c, H]
+        y = expert_ffn(h[tok], w13_e, w2_e)  # [c, H]
         out.index_add_(0, tok, (y * flat_w[sel_t, None]).to(h.dtype))
     return out
 
 
 def fused_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        w13_pool: torch.Tensor, w2_pool: torch.Tensor, slot_of_expert: torch.Tensor
-                        ) -> torch.Tensor:
-    """Same contract as fused_moe; a plain loop over experts in ascending id (shapes as there)."""
+                        w13_pool: torch.Tensor | QuantPool, w2_pool: torch.Tensor | None,
+                        slot_of_expert: torch.Tensor) -> torch.Tensor:
+    """Same contract as fused_moe (or a QuantPool and w2_pool None); a plain loop over experts in
+    ascending id (shapes as there)."""
     return moe_loop(hidden, topk_ids.long(), topk_weights.float(), w13_pool, w2_pool,
                     slot_of_expert.tolist())
 

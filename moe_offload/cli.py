@@ -27,6 +27,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
                         "TRITON_INTERPRET=1 (slow, for tests)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context length for the KV cache (default min(max_position_embeddings, 4096))")
+    p.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "fp16", "int8", "int4"],
+                   help="expert storage: auto = the compute dtype; int8 (per-row scales) or int4 (asymmetric, "
+                        "groups of --group-size) are quantized on load (moe backend loop)")
+    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                   help="int4 group size along the input dimension (default 128)")
     c = p.add_argument_group("expert cache (give at most one budget; default: fill free device memory)")
     c.add_argument("--cache-experts", type=int, default=None, metavar="N", help="expert slots over all layers")
     c.add_argument("--cache-per-layer", type=int, default=None, metavar="K", help="expert slots per layer")
@@ -165,6 +170,8 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                           "show_progress": sys.stderr.isatty()}
     if args.max_seq_len is not None:
         kw["max_seq_len"] = args.max_seq_len
+    if getattr(args, "expert_dtype", "auto") != "auto":
+        kw.update(expert_dtype=args.expert_dtype, group_size=args.group_size)
     kw.update(offload=args.offload, policy=args.policy, cache_experts=args.cache_experts,
               cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
     if hasattr(args, "predictor"):

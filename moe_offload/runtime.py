@@ -20,6 +20,7 @@ from .generate import (GenerationResult, GenerationStream, SamplingParams, TextS
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
+from .offload.packed import DEFAULT_GROUP_SIZE, PackedResidentExperts, resolve_expert_format
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
 
@@ -42,6 +43,9 @@ RUNTIME_OPTIONS = {
     "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
+    "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
+                    "(per-row scales) or int4 (groups of group_size); quantized on load, one expert at a time",
+    "group_size": "int4 group size along the input dimension: 32, 64 or 128 (default 128)",
 }
 
 
@@ -280,17 +284,24 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     elif not offload and cache_asked:
         raise MoeOffloadError(f"{', '.join(cache_asked)} configure the expert cache, which offload=False "
                               "does not have; drop them or pass offload=True")
+    group_size = runtime_options.get("group_size", DEFAULT_GROUP_SIZE)
+    fmt = resolve_expert_format(runtime_options.get("expert_dtype", "auto"), group_size, dt, backend)
+    if fmt is not None and not offload:
+        store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt,
+                                                group_size=group_size)
+        experts = PackedResidentExperts(store, dev, backend)
     if offload:
         budget = CacheBudget(runtime_options.get("cache_experts"), runtime_options.get("cache_per_layer"),
                              runtime_options.get("cache_gb"))
-        plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer)
-        store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress)
+        plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt, group_size)
+        store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress,
+                                                fmt=fmt, group_size=group_size)
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev))
         experts = OffloadedExperts(cache, backend)
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)
-    if experts is not None:
+    if isinstance(experts, OffloadedExperts):
         predictor = build_predictor(model, path, runtime_options)
         if predictor is not None:
             pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,

@@ -9,6 +9,7 @@ import torch
 
 from ..config import MixtralConfig
 from ..errors import MoeOffloadError
+from ..quant.formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
 from .store import available_host_bytes
 
 GB = 1e9
@@ -82,11 +83,14 @@ def free_device_bytes(device: torch.device) -> tuple[int, int]:
 
 
 def plan_memory(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int,
-                budget: CacheBudget, per_layer_policy: bool) -> MemoryPlan:
-    """Resolve the budget into a slot count, checking it against the device's free memory."""
+                budget: CacheBudget, per_layer_policy: bool, expert_fmt: str | None = None,
+                group_size: int = DEFAULT_GROUP_SIZE) -> MemoryPlan:
+    """Resolve the budget into a slot count, checking it against the device's free memory.
+    expert_fmt: 'int8' / 'int4' for quantized experts (None: experts in `dtype`)."""
     item = torch.tensor([], dtype=dtype).element_size()
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-    expert_bytes = cfg.expert_params * item
+    expert_bytes = (format_bytes(cfg.hidden_size, cfg.intermediate_size, expert_fmt, group_size)
+                    if expert_fmt is not None else cfg.expert_params * item)
     dense = cfg.dense_params * item
     kv = 2 * L * cfg.num_key_value_heads * max_seq_len * cfg.head_dim * item
     store = L * E * expert_bytes

@@ -8,6 +8,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, expert_name
 from ..errors import MoeOffloadError
+from ..kernels.quant import QuantPool
+from ..quant.formats import DEFAULT_GROUP_SIZE, QUANT_FORMATS, expert_bytes
+from ..quant.pack import pool_views as quant_pool_views, quantize_expert, write_expert
 
 # Leave this much RAM to the rest of the machine when checking that the store fits.
 HOST_RAM_MARGIN = 1 << 30
@@ -32,16 +35,25 @@ class HostExpertStore:
 
     `row(layer, e)` is one expert, so one host-to-device copy moves it. The buffer is pinned when
     `pin` is True (CUDA runs), so copies can run asynchronously on a copy stream.
+    With `fmt` 'int8' or 'int4' a row is instead the packed bytes of one quantized expert (uint8;
+    layout in moe_offload.quant.formats), quantized as it is put, and `pool_views` gives a QuantPool.
     """
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                 pin: bool = False):
+                 pin: bool = False, fmt: str | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         self.num_layers, self.num_experts = num_layers, num_experts
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
-        self.expert_elems = 3 * hidden * inter
-        self.expert_bytes = self.expert_elems * torch.tensor([], dtype=dtype).element_size()
+        self.fmt = fmt if fmt in QUANT_FORMATS else None
+        self.group_size = group_size
+        if self.fmt is not None:
+            self.expert_elems = self.expert_bytes = expert_bytes(hidden, inter, self.fmt, group_size)
+            row_dtype = torch.uint8
+        else:
+            self.expert_elems = 3 * hidden * inter
+            self.expert_bytes = self.expert_elems * torch.tensor([], dtype=dtype).element_size()
+            row_dtype = dtype
         check_host_ram(num_layers * num_experts * self.expert_bytes, "the host expert store")
-        self.buffer = torch.empty(num_layers * num_experts, self.expert_elems, dtype=dtype, pin_memory=pin)
+        self.buffer = torch.empty(num_layers * num_experts, self.expert_elems, dtype=row_dtype, pin_memory=pin)
         self.pinned = pin
 
     def row(self, layer: int, e: int) -> torch.Tensor:
@@ -49,11 +61,14 @@ class HostExpertStore:
         return self.buffer[layer * self.num_experts + e]
 
     def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
-        """An uninitialised device pool [S, 3*H*I] in the store's dtype."""
-        return torch.empty(num_slots, self.expert_elems, dtype=self.dtype, device=device)
+        """An uninitialised device pool [S, row] in the store's row dtype."""
+        return torch.empty(num_slots, self.expert_elems, dtype=self.buffer.dtype, device=device)
 
-    def pool_views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 [S, 2I, H] and w2 [S, H, I] views of a pool (rows laid out as in the store)."""
+    def pool_views(self, pool: torch.Tensor) -> tuple[torch.Tensor | QuantPool, torch.Tensor | None]:
+        """w13 [S, 2I, H] and w2 [S, H, I] views of a pool (rows laid out as in the store); for a
+        quantized store (QuantPool of the pool's sections, None)."""
+        if self.fmt is not None:
+            return quant_pool_views(pool, self.hidden, self.inter, self.fmt, self.group_size), None
         s, h, i = pool.shape[0], self.hidden, self.inter
         return pool[:, : 2 * i * h].view(s, 2 * i, h), pool[:, 2 * i * h:].view(s, h, i)
 
@@ -64,7 +79,12 @@ class HostExpertStore:
         return self.row(layer, e)[2 * self.inter * self.hidden:].view(self.hidden, self.inter)
 
     def put(self, layer: int, e: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I])."""
+        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I]), quantizing it when
+        the store is quantized."""
+        if self.fmt is not None:
+            write_expert(self.row(layer, e), quantize_expert(w1, w3, w2, self.fmt, self.group_size),
+                         self.hidden, self.inter, self.fmt, self.group_size)
+            return
         w13 = self.w13(layer, e)
         w13[: self.inter].copy_(w1)
         w13[self.inter:].copy_(w3)
@@ -72,11 +92,13 @@ class HostExpertStore:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False,
-                        show_progress: bool = False) -> "HostExpertStore":
-        """Fill the store straight from the checkpoint's memory map, one tensor at a time."""
+                        show_progress: bool = False, fmt: str | None = None,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> "HostExpertStore":
+        """Fill the store straight from the checkpoint's memory map, one expert at a time (quantized
+        on the way in when `fmt` is int8/int4: only one expert is ever held unquantized)."""
         cfg = ckpt.config
         store = cls(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
-                    dtype, pin)
+                    dtype, pin, fmt, group_size)
         with torch.no_grad(), tqdm(total=cfg.num_hidden_layers * cfg.num_local_experts, unit="expert",
                                    desc="loading experts to host", disable=not show_progress) as bar:
             for layer in range(cfg.num_hidden_layers):

@@ -1,5 +1,7 @@
-"""Expert storage formats: their byte sizes (one formula for info, the memory plan and the simulator)."""
+"""Expert storage formats: byte layout and sizes (formats.py, one formula for info, the memory plan
+and the simulator) and quantize / pack (pack.py)."""
 
-from .formats import DEFAULT_GROUP_SIZE, EXPERT_FORMATS, expert_bytes
+from .formats import (DEFAULT_GROUP_SIZE, EXPERT_FORMATS, GROUP_SIZES, QUANT_FORMATS, expert_bytes,
+                      expert_layout)
 
-__all__ = ["DEFAULT_GROUP_SIZE", "EXPERT_FORMATS", "expert_bytes"]
+__all__ = ["DEFAULT_GROUP_SIZE", "EXPERT_FORMATS", "GROUP_SIZES", "QUANT_FORMATS", "expert_bytes", "expert_layout"]
