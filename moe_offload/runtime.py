@@ -41,6 +41,9 @@ RUNTIME_OPTIONS = {
     "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
+    "speculative": "self-speculative decoding: draft with the draft head of the accelerator file (or the "
+                   "bundled one), resident experts only, verify in one pass (default False)",
+    "draft_tokens": "most draft tokens per verify pass with speculative=True (default 4; adapts below it)",
 }
 
 
@@ -75,6 +78,7 @@ class OffloadedModel:
         self.kv_cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
         self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
+        self.speculative = None  # speculative.SpeculativeDecoder when load(..., speculative=True)
 
     @property
     def prefetcher(self) -> Prefetcher | None:
@@ -172,7 +176,10 @@ class OffloadedModel:
         timing = _Timing()
         self._reset_stats()
         streamer = TextStreamer(self.decode)
-        tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing)
+        if self.speculative is not None:
+            tokens = self.speculative.tokens(self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing)
+        else:
+            tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing)
         deltas = itertools.chain(map(streamer.push, tokens), (streamer.finish() for _ in (0,)))
         for delta in deltas:
             if delta:
@@ -188,6 +195,8 @@ class OffloadedModel:
 
     def _reset_stats(self) -> None:
         self.usage.reset()
+        if self.speculative is not None:
+            self.speculative.reset()
         if self.expert_cache is not None:
             self.expert_cache.reap()
             self.expert_cache.drain_stalls()
@@ -207,6 +216,8 @@ class OffloadedModel:
             if timing.decode_seconds > 0 else 0.0,
             "expert_uses": usage.tolist(),  # routed (token, k) assignments per [layer][expert]
             "offload": self.expert_cache is not None,
+            "speculative": self.speculative is not None,
+            **(self.speculative.stats_dict() if self.speculative is not None else {}),
             **(self.cache_stats() if self.expert_cache is not None else {}),
         }
 
@@ -256,8 +267,9 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     experts, plan = None, None
     offload = runtime_options.get("offload")
     policy = make_policy(runtime_options.get("policy", "lru"))  # validated whether used or not
+    speculative = bool(runtime_options.get("speculative", False))
     cache_asked = [n for n in ("cache_experts", "cache_per_layer", "cache_gb", "accelerator", "oracle_trace")
-                   if runtime_options.get(n) is not None]
+                   if runtime_options.get(n) is not None and not (n == "accelerator" and speculative)]
     if runtime_options.get("predictor", "auto") not in ("auto", "none"):
         cache_asked.append("predictor")
     if offload is None:  # on cpu, host RAM is the device (RUNTIME_OPTIONS["offload"]), unless the cache is asked for
@@ -284,7 +296,28 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
             experts.prefetcher = pf
             model.observers.append(pf)
-    return OffloadedModel(path, model, runtime, tokenizer, plan)
+    loaded = OffloadedModel(path, model, runtime, tokenizer, plan)
+    if speculative:
+        loaded.speculative = build_speculative(model, path, runtime_options)
+    elif runtime_options.get("draft_tokens") is not None:
+        raise MoeOffloadError("draft_tokens needs speculative=True (--speculative)")
+    return loaded
+
+
+def build_speculative(model: MixtralTransformer, path: Path, options: dict[str, Any]):
+    """The speculative decoder: the draft head from options['accelerator'] or the bundled file."""
+    from .predict.draft import load_draft
+    from .speculative import SpeculativeDecoder
+
+    acc_file = options.get("accelerator")
+    if acc_file is None:
+        if path.resolve() != bundled_model_path().resolve():
+            raise MoeOffloadError("speculative=True needs accelerator=FILE with a draft head (train one with "
+                                  "`moe-offload train-accelerator --draft-exit auto`)")
+        acc_file = bundled_accelerator_path()
+    head, _ = load_draft(acc_file, model)
+    draft_tokens = options.get("draft_tokens")
+    return SpeculativeDecoder(model, head, 4 if draft_tokens is None else draft_tokens)
 
 
 def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):

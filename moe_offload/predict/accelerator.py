@@ -90,7 +90,8 @@ class Accelerator(nn.Module):
                 f"{meta.get('model', '?')}); this model's fingerprint is {want}. Train one for it with "
                 "`moe-offload train-accelerator`")
         acc = cls(meta["hidden"], meta["num_layers"], meta["lookaheads"], meta["rank"])
-        acc.load_state_dict({k: v for k, v in tensors.items()})
+        # Only the prefetch adapters ("A.*", "B.*"); other tensors in the file (the draft head) are not ours.
+        acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("A.", "B."))})
         return acc.to(model.device), meta
 
 
