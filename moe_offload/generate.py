@@ -54,13 +54,19 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     """logits [V] float32 on the host -> one token id (argmax when temperature is 0)."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)  # [V]
+    return int(torch.multinomial(sampling_probs(logits, params), 1, generator=generator))
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [..., V] -> the distribution sampled from (temperature > 0, top_p nucleus), [..., V]
+    (unnormalised after the nucleus cut; torch.multinomial normalises)."""
+    probs = torch.softmax(logits / params.temperature, dim=-1)  # [..., V]
     if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # smallest prefix reaching top_p
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < params.top_p  # smallest prefix reaching top_p
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return probs
 
 
 @dataclass

@@ -46,6 +46,9 @@ RUNTIME_OPTIONS = {
     "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
                     "(per-row scales) or int4 (groups of group_size); quantized on load, one expert at a time",
     "group_size": "int4 group size along the input dimension: 32, 64 or 128 (default 128)",
+    "speculative": "self-speculative decoding: draft with the draft head of the accelerator file (or the "
+                   "bundled one), resident experts only, verify in one pass (default False)",
+    "draft_tokens": "most draft tokens per verify pass with speculative=True (default 4; adapts below it)",
 }
 
 
@@ -81,6 +84,7 @@ class OffloadedModel:
         self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
         self.guard = CallGuard()  # serializes generate/logits/stream steps (guard.py)
+        self.speculative = None  # speculative.SpeculativeDecoder when load(..., speculative=True)
 
     @property
     def prefetcher(self) -> Prefetcher | None:
@@ -185,8 +189,13 @@ class OffloadedModel:
             self._reset_stats()
             guard.claim_kv(holder)
         streamer = TextStreamer(self.decode)
-        tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids, timing,
-                               is_stale=lambda: guard.kv_owner is not holder)
+        if self.speculative is not None:
+            tokens = _refuse_stale(self.speculative.tokens(self.kv_cache, prompt_ids, params,
+                                                           self.config.eos_token_ids, timing),
+                                   lambda: guard.kv_owner is not holder)
+        else:
+            tokens = decode_tokens(self.model, self.kv_cache, prompt_ids, params, self.config.eos_token_ids,
+                                   timing, is_stale=lambda: guard.kv_owner is not holder)
         deltas = itertools.chain(map(streamer.push, tokens), (streamer.finish() for _ in (0,)))
         while True:
             with guard.hold(holder, "generate"):  # one step (and its callback) at a time
@@ -207,6 +216,8 @@ class OffloadedModel:
 
     def _reset_stats(self) -> None:
         self.usage.reset()
+        if self.speculative is not None:
+            self.speculative.reset()
         if self.expert_cache is not None:
             self.expert_cache.reap()
             self.expert_cache.drain_stalls()
@@ -226,6 +237,8 @@ class OffloadedModel:
             if timing.decode_seconds > 0 else 0.0,
             "expert_uses": usage.tolist(),  # routed (token, k) assignments per [layer][expert]
             "offload": self.expert_cache is not None,
+            "speculative": self.speculative is not None,
+            **(self.speculative.stats_dict() if self.speculative is not None else {}),
             **(self.cache_stats() if self.expert_cache is not None else {}),
         }
 
@@ -241,6 +254,16 @@ class OffloadedModel:
                 "policy": cache.policy.name, "predictor": pf.predictor.name if pf else "none",
                 "lookahead": pf.lookahead if pf else 0,
                 "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0}
+
+
+def _refuse_stale(tokens: Iterator[int], is_stale: Callable[[], bool]) -> Iterator[int]:
+    """A speculative stream cannot re-prefill itself after another call used the KV cache: it stops with
+    a clear error rather than ever yielding a token computed on someone else's cache."""
+    for tok in tokens:
+        yield tok
+        if is_stale():
+            raise MoeOffloadError("a speculative stream cannot be resumed after another call on the same model "
+                                  "used it; consume it first, or load a second model")
 
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
@@ -275,8 +298,9 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     experts, plan = None, None
     offload = runtime_options.get("offload")
     policy = make_policy(runtime_options.get("policy", "lru"))  # validated whether used or not
+    speculative = bool(runtime_options.get("speculative", False))
     cache_asked = [n for n in ("cache_experts", "cache_per_layer", "cache_gb", "accelerator", "oracle_trace")
-                   if runtime_options.get(n) is not None]
+                   if runtime_options.get(n) is not None and not (n == "accelerator" and speculative)]
     if runtime_options.get("predictor", "auto") not in ("auto", "none"):
         cache_asked.append("predictor")
     if offload is None:  # on cpu, host RAM is the device (RUNTIME_OPTIONS["offload"]), unless the cache is asked for
@@ -310,7 +334,28 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
             experts.prefetcher = pf
             model.observers.append(pf)
-    return OffloadedModel(path, model, runtime, tokenizer, plan)
+    loaded = OffloadedModel(path, model, runtime, tokenizer, plan)
+    if speculative:
+        loaded.speculative = build_speculative(model, path, runtime_options)
+    elif runtime_options.get("draft_tokens") is not None:
+        raise MoeOffloadError("draft_tokens needs speculative=True (--speculative)")
+    return loaded
+
+
+def build_speculative(model: MixtralTransformer, path: Path, options: dict[str, Any]):
+    """The speculative decoder: the draft head from options['accelerator'] or the bundled file."""
+    from .predict.draft import load_draft
+    from .speculative import SpeculativeDecoder
+
+    acc_file = options.get("accelerator")
+    if acc_file is None:
+        if path.resolve() != bundled_model_path().resolve():
+            raise MoeOffloadError("speculative=True needs accelerator=FILE with a draft head (train one with "
+                                  "`moe-offload train-accelerator --draft-exit auto`)")
+        acc_file = bundled_accelerator_path()
+    head, _ = load_draft(acc_file, model)
+    draft_tokens = options.get("draft_tokens")
+    return SpeculativeDecoder(model, head, 4 if draft_tokens is None else draft_tokens)
 
 
 def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):

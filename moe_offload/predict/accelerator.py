@@ -140,7 +140,8 @@ class Accelerator(nn.Module):
         try:
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
                       int(meta["rank"]))
-            acc.load_state_dict(tensors)
+            # Only the prefetch adapters ("A.*", "B.*"); other tensors (the draft head) are not ours.
+            acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("A.", "B."))})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
