@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (reproducible output)")
     g.add_argument("--stats", action="store_true", help="print the expert-cache stats to stderr at the end")
+    g.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding: draft tokens with the draft head of the accelerator file "
+                        "(--accelerator, or the bundled one) from an early layer, with resident experts only, "
+                        "and verify them in one pass; output is exactly that of plain decoding")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="G",
+                   help="most draft tokens per verify pass with --speculative (default 4; adapts below it)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt_token_ids, stats, seconds, "
                         "tokens_per_second, finish_reason")
@@ -95,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")
     t.add_argument("--heldout-fraction", type=float, default=0.1, help="tail of the text held out (default 0.1)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--draft-exit", default=None, metavar="auto|M",
+                   help="also train a draft head for --speculative at exit layer M (auto: the layer with the best "
+                        "expected speedup on held-out text) into the same file")
+    t.add_argument("--draft-only", action="store_true",
+                   help="with --draft-exit: add or replace only the draft head in the existing --out file")
+    t.add_argument("--draft-rank", type=int, default=64, help="draft head rank (default 64)")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
@@ -174,6 +186,10 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw.update(expert_dtype=args.expert_dtype, group_size=args.group_size)
     kw.update(offload=args.offload, policy=args.policy, cache_experts=args.cache_experts,
               cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
+    if getattr(args, "speculative", False):
+        kw.update(speculative=True, draft_tokens=args.draft_tokens)
+    elif getattr(args, "draft_tokens", None) is not None:
+        kw["draft_tokens"] = args.draft_tokens
     if hasattr(args, "predictor"):
         kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
                   prefetch_margin=args.prefetch_margin, prefetch_window=args.prefetch_window)
@@ -252,11 +268,16 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     lookaheads = _lookaheads(args.lookaheads)
     if not 0 < args.heldout_fraction < 1:
         raise MoeOffloadError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
+    draft_exit = _draft_exit(args.draft_exit)
+    if args.draft_only and draft_exit is None:
+        raise MoeOffloadError("--draft-only needs --draft-exit auto|M")
     model = load(args.model, **_runtime_kwargs(args))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
     window = min(args.window, model.runtime.max_seq_len)
     if len(ids) < 4 * window:
         raise MoeOffloadError(f"{args.text}: {len(ids)} tokens is too little text; need at least {4 * window}")
+    if args.draft_only:
+        return _train_draft(args, model, ids, window, draft_exit)
     acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
                                     seed=args.seed, show_progress=sys.stderr.isatty())
@@ -275,6 +296,38 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"held-out adapter loss {report['heldout_before']['loss']:.4f} -> {report['heldout_after']['loss']:.4f}; "
           f"{report['train_seconds']:.0f} s; wrote {args.out} and {args.out}.json")
+    return 0 if draft_exit is None else _train_draft(args, model, ids, window, draft_exit)
+
+
+def _draft_exit(value: str | None) -> int | str | None:
+    from .errors import MoeOffloadError
+
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise MoeOffloadError(f"--draft-exit must be auto or a layer number, got {value!r}") from None
+
+
+def _train_draft(args: argparse.Namespace, model: Any, ids: list[int], window: int, exit_layer: int | str) -> int:
+    """Train the speculative-decoding draft head and add it to args.out (keeping the prefetch adapters)."""
+    from .errors import MoeOffloadError
+    from .predict.draft import train_draft, write_draft
+    from .results import write_json_atomic
+
+    from pathlib import Path
+
+    if not Path(args.out).is_file():
+        raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
+    head, report = train_draft(model.model, ids, exit_layer=exit_layer, rank=args.draft_rank, epochs=args.epochs,
+                               lr=args.lr, window=window, heldout_fraction=args.heldout_fraction, seed=args.seed,
+                               show_progress=sys.stderr.isatty())
+    write_draft(args.out, head, model.model, {"model": str(model.path), "train_seconds": report["train_seconds"]})
+    write_json_atomic(args.out + ".draft.json", report)
+    print(f"draft head at exit layer {report['exit_layer']}: held-out greedy agreement "
+          + ", ".join(f"m={m} {c['heldout_greedy_agreement']:.3f}" for m, c in report["candidates"].items())
+          + f"; {report['train_seconds']:.0f} s; added to {args.out} (report {args.out}.draft.json)")
     return 0
 
 
