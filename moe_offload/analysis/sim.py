@@ -24,6 +24,7 @@ from ..config import MixtralConfig
 from ..errors import MoeOffloadError
 from ..offload.cache import ExpertCache
 from ..offload.policy import EvictionPolicy, make_policy
+from ..offload.link import LinkScheduler
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import Key
 from ..offload.transfer import LoadHandle
@@ -93,30 +94,78 @@ class VirtualClock:
 
 
 class _SimHandle(LoadHandle):
-    def __init__(self, key: Key, slot: int, t_done: float, clock: VirtualClock):
+    def __init__(self, key: Key, slot: int, engine: "SimCopyEngine"):
         super().__init__(key, slot)
-        self.t_done, self.clock = t_done, clock
+        self.t_done: float | None = None
+        self.engine = engine
 
     def done(self) -> bool:
-        return self.t_done <= self.clock.now
+        now = self.engine.clock.now
+        self.engine.advance(now)
+        return self.t_done is not None and self.t_done <= now
 
 
 class SimCopyEngine:
-    """protocols.CopyEngine in virtual time: a FIFO link where each load takes `copy_seconds` once
-    the link is free."""
+    """protocols.CopyEngine in virtual time over the runtime's link scheduler (offload.link): one
+    link moving one chunk at a time, demand loads first, prefetches by value; a load of one expert
+    takes `copy_seconds` of link time (latency included), split over its chunks by bytes.
+    With chunk_bytes >= expert_bytes and no prefetch this is a FIFO link."""
 
-    def __init__(self, clock: VirtualClock, copy_seconds: float):
-        self.clock, self.copy_seconds = clock, copy_seconds
-        self.link_free = 0.0
+    def __init__(self, clock: VirtualClock, copy_seconds: float, expert_bytes: int = 1,
+                 chunk_bytes: int | None = None):
+        self.clock, self.copy_seconds, self.expert_bytes = clock, copy_seconds, max(1, int(expert_bytes))
+        self.sched = LinkScheduler(chunk_bytes or self.expert_bytes)
+        self.link_time = 0.0  # the link is busy (or was idle) up to here
+        self._on_link: tuple[Any, float] | None = None  # (job, time its chunk lands)
         self.busy_seconds = 0.0
 
-    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
-        start = max(self.clock.now, self.link_free)
-        self.link_free = start + self.copy_seconds
-        self.busy_seconds += self.copy_seconds
-        return _SimHandle(key, slot, self.link_free, self.clock)
+    def advance(self, until: float) -> None:
+        """Run the link up to virtual time `until`: chunks whose copy ends by then land; the chunk
+        on the link at `until` stays there (its end is known)."""
+        while True:
+            if self._on_link is None:
+                item = self.sched.next_chunk()
+                if item is None:
+                    self.link_time = max(self.link_time, until)  # idle
+                    return
+                job, _, n = item
+                dur = self.copy_seconds * n / job.nbytes if job.nbytes else self.copy_seconds
+                self._on_link = (job, self.link_time + dur)
+                self.busy_seconds += dur
+            job, t_end = self._on_link
+            if t_end > until:
+                return
+            self._on_link = None
+            self.link_time = t_end
+            if self.sched.chunk_done(job):
+                job.handle.t_done = t_end
+
+    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
+             priority: float = 0.0) -> LoadHandle:
+        self.advance(self.clock.now)
+        handle = _SimHandle(key, slot, self)
+        handle.prefetch = prefetch
+        self.sched.submit(handle, self.expert_bytes, demand=not prefetch, priority=priority)
+        self.advance(self.clock.now)  # an idle link starts it now
+        return handle
+
+    def promote(self, handle: LoadHandle) -> None:
+        self.sched.promote(handle)
+
+    def cancel(self, handle: LoadHandle) -> int | None:
+        self.advance(self.clock.now)
+        unsent = self.sched.cancel(handle)
+        if unsent is not None:
+            handle.error = RuntimeError("cancelled")
+        return unsent
 
     def wait(self, handle: LoadHandle) -> float:
+        self.promote(handle)
+        self.advance(self.clock.now)
+        while handle.t_done is None:  # the host blocks: the link runs on until this load lands
+            if self._on_link is None and self.sched.job(handle) is None:
+                raise MoeOffloadError(f"simulated link lost the load of {handle.key}")
+            self.advance(self._on_link[1] if self._on_link is not None else self.clock.now)
         stall = max(0.0, handle.t_done - self.clock.now)
         self.clock.now += stall
         return stall
@@ -203,11 +252,12 @@ class TimelineResult:
 
 def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: str, costs: StepCosts,
                  predictor: RecordedPredictor | None = None, margin: int = 0, window: int = 1,
-                 on_step: Callable[[int, int], None] | None = None) -> TimelineResult:
+                 on_step: Callable[[int, int], None] | None = None,
+                 chunk_bytes: int | None = None) -> TimelineResult:
     """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link."""
     T, L, k = routed_ids.shape
     clock = VirtualClock()
-    engine = SimCopyEngine(clock, costs.copy)
+    engine = SimCopyEngine(clock, costs.copy, costs.expert_bytes, chunk_bytes)
     pol = Belady(routed_ids) if policy == "belady" else make_policy(policy)
     cache = ExpertCache(VirtualStore(L, num_experts, costs.expert_bytes), slots, pol, torch.device("cpu"), engine)
     pf = None

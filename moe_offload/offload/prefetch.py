@@ -8,10 +8,15 @@ expert backend, which folds its predictions into the layer's single device->host
   issue(l, ids)       after layer l's own experts are pinned: the host ids become the plan
 
 The plan holds each predicted layer's top-(k + margin) experts, nearest layer first, then by score.
-It replaces the previous plan (superseded loads not issued yet are cancelled); at most `max_inflight`
-prefetches are in flight at once (default 1: copies share one FIFO link, so every queued prefetch
-delays the next demand load by a whole expert copy); the plan's experts are protected from eviction
-by prefetches and feed the `predictive` policy's next-use distances.
+It replaces the previous plan: superseded loads not issued yet are dropped, and superseded in-flight
+prefetches none of whose chunks reached the link yet are cancelled (engines with a link scheduler).
+At most `max_inflight` prefetches are in flight at once (default 1). Each prefetch carries its
+expected value, P(use) / layers until use, with P(use) = 1 for the k top-scored experts of a layer
+and halving per rank beyond (the host sees ranks, not scores): engines with a link scheduler
+(offload.link) copy prefetches in that order, in chunks, after every demand load, so with a wider
+window the link stays busy without a demand load waiting behind more than one prefetch chunk.
+The plan's experts are protected from eviction by prefetches and feed the `predictive` policy's
+next-use distances.
 
 A token's first layers are planned before its forward pass starts, from the token id alone
 (`Predictor.first_layers`: next-gate on the token's embedding, precomputed for the vocabulary).
@@ -39,6 +44,9 @@ class Prefetcher:
         self.cache, self.predictor = cache, predictor
         self.num_layers, self.lookahead = num_layers, predictor.lookahead
         self.take = min(top_k + margin, cache.num_experts)
+        self.top_k = top_k
+        self.value: dict[Key, float] = {}
+        self.cancelled_inflight = 0
         self.margin, self.max_inflight = margin, max_inflight
         self.pending: list[Key] = []
         self.protect: set[Key] = set()
@@ -83,6 +91,10 @@ class Prefetcher:
         self.cancelled += sum(1 for key in self.pending if key not in plan)
         self.pending = plan
         self.protect = set(plan)
+        self.value = plan_values(plan, base, self.top_k)
+        for key, handle in list(self.cache.inflight.items()):
+            if handle.prefetch and key not in self.protect and self.cache.cancel_prefetch(key):
+                self.cancelled_inflight += 1
         if isinstance(self.cache.policy, Predictive):
             self.cache.policy.set_next_use({key: key[0] - base for key in plan})
         self.pump()
@@ -94,7 +106,20 @@ class Prefetcher:
             key = self.pending.pop(0)
             if cache.slot_of[key] >= 0:
                 continue
-            if not cache.prefetch(key, self.protect | cache.pinned):
+            if not cache.prefetch(key, self.protect | cache.pinned, priority=self.value.get(key, 0.0)):
                 self.pending.clear()  # nothing evictable for this one: later (lower-priority) ones neither
                 return
             self.issued += 1
+
+
+def plan_values(plan: Sequence[Key], base: int, top_k: int) -> dict[Key, float]:
+    """Expected value of each planned load: P(use) / (layers until use). The plan lists each layer's
+    experts by falling score; P(use) is 1 for the first top_k of a layer, halving per rank beyond."""
+    rank: dict[int, int] = {}
+    out: dict[Key, float] = {}
+    for key in plan:
+        r = rank.get(key[0], 0)
+        rank[key[0]] = r + 1
+        p_use = 1.0 if r < top_k else 0.5 ** (r - top_k + 1)
+        out[key] = p_use / max(1, key[0] - base)
+    return out
