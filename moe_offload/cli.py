@@ -49,6 +49,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
                    help="prefetch top-(k + M) experts per predicted layer (default 0)")
     c.add_argument("--prefetch-window", type=int, default=1, metavar="W",
                    help="most prefetch copies in flight at once (default 1)")
+    c.add_argument("--cpu-experts", default=None, choices=["auto", "off"],
+                   help="auto: compute a missed expert on the CPU from host RAM when that beats its copy "
+                        "(measured CPU and link speed); off: copy every miss (default: auto on cuda, off on cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +173,8 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "predictor"):
         kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
                   prefetch_margin=args.prefetch_margin, prefetch_window=args.prefetch_window)
+        if args.cpu_experts is not None:
+            kw["cpu_experts"] = args.cpu_experts
     else:
         kw["predictor"] = "none"
     return kw

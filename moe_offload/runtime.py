@@ -19,6 +19,8 @@ from .generate import (GenerationResult, GenerationStream, SamplingParams, TextS
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
+from .offload.cpu_lane import build_cpu_lane
+from .offload.link import DEFAULT_CHUNK_BYTES
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
 
@@ -41,6 +43,8 @@ RUNTIME_OPTIONS = {
     "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
+    "cpu_experts": "auto: a missed expert is computed on the CPU from host RAM when that beats its copy "
+                   "(measured CPU and link speed); off: every miss is copied. Default: auto on cuda, off on cpu",
 }
 
 
@@ -272,6 +276,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress)
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev))
         experts = OffloadedExperts(cache, backend)
+        experts.cpu_lane = build_cpu_lane(cache, DEFAULT_CHUNK_BYTES,
+                                          runtime_options.get("cpu_experts", "auto" if dev.type == "cuda" else "off"))
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)
