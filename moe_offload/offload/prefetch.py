@@ -20,6 +20,8 @@ next-use distances.
 
 A token's first layers are planned before its forward pass starts, from the token id alone
 (`Predictor.first_layers`: next-gate on the token's embedding, precomputed for the vocabulary).
+A predictor with `cross_token = True` also scores layers past the last one (the next token's layers
+0, 1, ..., as rows lookahead > L-1-l): its plans then reach across the token boundary.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Prefetcher:
         self.top_k = top_k
         self.value: dict[Key, float] = {}
         self.cancelled_inflight = 0
+        self.cross_token = bool(getattr(predictor, "cross_token", False))
         self.margin, self.max_inflight = margin, max_inflight
         self.pending: list[Key] = []
         self.protect: set[Key] = set()
@@ -60,7 +63,7 @@ class Prefetcher:
         self._pos, self._x = start_pos, None
         if host_ids is not None and len(host_ids) == 1:  # decode: plan this token's first layers now
             top = self.predictor.first_layers(int(host_ids[0]), start_pos, self.take)  # [D', take]
-            self._set_plan([(t, int(e)) for t in range(top.shape[0]) for e in top[t]], base=-1)
+            self._set_plan([((t, int(e)), t + 1) for t in range(top.shape[0]) for e in top[t]])
 
     def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
         self._x = x if x.shape[0] == 1 else None  # prefetch plans are made in decode only
@@ -70,7 +73,9 @@ class Prefetcher:
 
     # --- the offloaded backend's side -----------------------------------------------------------
     def targets(self, layer: int) -> int:
-        """How many layers ahead of `layer` are predicted (0 at the last layers)."""
+        """How many layers ahead of `layer` are predicted (0 at the last layers unless cross-token)."""
+        if self.cross_token:
+            return self.lookahead
         return max(0, min(self.lookahead, self.num_layers - 1 - layer))
 
     def predict(self, layer: int) -> torch.Tensor | None:
@@ -84,19 +89,25 @@ class Prefetcher:
     def issue(self, layer: int, ids: np.ndarray) -> None:
         """ids [n * take] (host): predictions from `predict(layer)`; plan them and start loads."""
         self._x = None
-        self._set_plan([(layer + 1 + i // self.take, int(e)) for i, e in enumerate(ids)], base=layer)
+        L = self.num_layers
+        self._set_plan([(((layer + 1 + i // self.take) % L, int(e)), 1 + i // self.take) for i, e in enumerate(ids)])
 
     # --- planning -------------------------------------------------------------------------------
-    def _set_plan(self, plan: list[Key], base: int) -> None:
-        self.cancelled += sum(1 for key in self.pending if key not in plan)
+    def _set_plan(self, ahead: list[tuple[Key, int]]) -> None:
+        """ahead: (key, layers until its use), nearest first; a key planned twice keeps its nearest use."""
+        dist: dict[Key, int] = {}
+        for key, d in ahead:
+            dist.setdefault(key, d)
+        plan = list(dist)
+        self.cancelled += sum(1 for key in self.pending if key not in dist)
         self.pending = plan
         self.protect = set(plan)
-        self.value = plan_values(plan, base, self.top_k)
+        self.value = plan_values(plan, dist, self.top_k)
         for key, handle in list(self.cache.inflight.items()):
             if handle.prefetch and key not in self.protect and self.cache.cancel_prefetch(key):
                 self.cancelled_inflight += 1
         if isinstance(self.cache.policy, Predictive):
-            self.cache.policy.set_next_use({key: key[0] - base for key in plan})
+            self.cache.policy.set_next_use(dist)
         self.pump()
 
     def pump(self) -> None:
@@ -112,14 +123,15 @@ class Prefetcher:
             self.issued += 1
 
 
-def plan_values(plan: Sequence[Key], base: int, top_k: int) -> dict[Key, float]:
+def plan_values(plan: Sequence[Key], dist: dict[Key, int], top_k: int) -> dict[Key, float]:
     """Expected value of each planned load: P(use) / (layers until use). The plan lists each layer's
     experts by falling score; P(use) is 1 for the first top_k of a layer, halving per rank beyond."""
     rank: dict[int, int] = {}
     out: dict[Key, float] = {}
     for key in plan:
-        r = rank.get(key[0], 0)
-        rank[key[0]] = r + 1
+        d = dist[key]
+        r = rank.get(d, 0)
+        rank[d] = r + 1
         p_use = 1.0 if r < top_k else 0.5 ** (r - top_k + 1)
-        out[key] = p_use / max(1, key[0] - base)
+        out[key] = p_use / max(1, d)
     return out
