@@ -230,8 +230,9 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
     res = run_timeline(trace.routed_ids, E, slots, policy, costs, predictor_from_trace(trace, predictor, lookahead),
                        margin, window, chunk_bytes=chunk_bytes, cpu=lane)
     pt = per_token(res)
-    compute_only = pt["compute"] + pt["bookkeeping"]
     belady = run_timeline(trace.routed_ids, E, slots, "belady", costs)
+    pt_all = per_token(belady)  # every expert on the device (no CPU lane)
+    compute_only = pt_all["compute"] + pt_all["bookkeeping"]
     link_bound = belady.stats["misses"] * scale / T * costs.copy
     limits = {"all_resident_tokens_per_second": 1.0 / compute_only,
               "link_bound_belady_tokens_per_second": 1.0 / max(compute_only, link_bound),

@@ -229,6 +229,10 @@ class SimCopyEngine:
     def promote(self, handle: LoadHandle) -> None:
         self.sched.promote(handle)
 
+    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
+        self.advance(self.clock.now)
+        self.sched.reprioritize(handle, priority)
+
     def cancel(self, handle: LoadHandle) -> int | None:
         self.advance(self.clock.now)
         unsent = self.sched.cancel(handle)

@@ -73,6 +73,12 @@ class LinkScheduler:
         if job is not None:
             job.demand = True
 
+    def reprioritize(self, handle: Any, priority: float) -> None:
+        """A newer plan values this queued prefetch differently."""
+        job = self._jobs.get(id(handle))
+        if job is not None:
+            job.priority = float(priority)
+
     def cancel(self, handle: Any) -> int | None:
         """Drop a queued load. Returns the bytes that will never be copied, or None when it cannot be
         cancelled (unknown/finished, or one of its chunks is on the link now)."""

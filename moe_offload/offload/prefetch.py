@@ -103,9 +103,15 @@ class Prefetcher:
         self.pending = plan
         self.protect = set(plan)
         self.value = plan_values(plan, dist, self.top_k)
+        reprioritize = getattr(self.cache.engine, "reprioritize", None)
         for key, handle in list(self.cache.inflight.items()):
-            if handle.prefetch and key not in self.protect and self.cache.cancel_prefetch(key):
-                self.cancelled_inflight += 1
+            if not handle.prefetch:
+                continue
+            if key not in self.protect:
+                if self.cache.cancel_prefetch(key):
+                    self.cancelled_inflight += 1
+            elif reprioritize is not None:  # nearer now: its value under the new plan
+                reprioritize(handle, self.value[key])
         if isinstance(self.cache.policy, Predictive):
             self.cache.policy.set_next_use(dist)
         self.pump()

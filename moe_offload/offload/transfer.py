@@ -165,6 +165,10 @@ class ThreadCopyEngine:
         with self._state.cond:
             self._state.sched.promote(handle)
 
+    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
+        with self._state.cond:
+            self._state.sched.reprioritize(handle, priority)
+
     def cancel(self, handle: LoadHandle) -> int | None:
         """Cancel a queued load; returns the bytes never copied, or None if a chunk of it is on the
         link now (or it already finished). A cancelled handle is done, with a CopyCancelled error."""
