@@ -363,8 +363,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,
                 "link_chunk_bytes": chunk, "cpu": args.cpu,
                 "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle",
-                           "deep-oracle": "policy predictive, predictor deep-oracle (16 layers ahead across tokens, "
-                                          "8 in flight)"}}
+                           "deep-oracle": "policy belady, predictor deep-oracle (16 layers ahead across tokens, "
+                                          "2 in flight)"}}
     if args.json:
         print(f"wrote {write_json_atomic(args.json, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
     if args.plot:
