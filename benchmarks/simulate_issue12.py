@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from moe_offload import MoeOffloadError
 from moe_offload.analysis.bench import model_config, simulate
 from moe_offload.analysis.sim import get_cpu, get_hardware
 from moe_offload.analysis.trace import load_trace, trace_prefix
@@ -33,22 +34,27 @@ def main() -> None:
             runs = [("none", None, CHUNK, 1), ("m2r2", None, CHUNK, 1), ("m2r2", None, None, 1),
                     ("none", cpu, CHUNK, 1), ("m2r2", cpu, CHUNK, 1)]
             for pred, lane, chunk, window in runs:
-                p = simulate(trace, cfg, get_hardware(hw_key), dtype, capacity, pred, "lru-layer", lookahead=3,
-                             window=window, chunk_bytes=chunk, cpu=lane)
+                try:
+                    p = simulate(trace, cfg, get_hardware(hw_key), dtype, capacity, pred, "lru-layer", lookahead=3,
+                                 window=window, chunk_bytes=chunk, cpu=lane)
+                except MoeOffloadError:  # fewer than top_k slots per layer fit: lru-layer cannot run, use lru
+                    p = simulate(trace, cfg, get_hardware(hw_key), dtype, capacity, pred, "lru", lookahead=3,
+                                 window=window, chunk_bytes=chunk, cpu=lane)
                 s = p.settings
                 row = {"hardware": hw_key, "expert_dtype": dtype, "slots_per_layer": s["slots_per_layer"],
+                       "policy": s["policy"],
                        "predictor": pred, "cpu": s["cpu"], "link": "chunked 8 MiB" if chunk else "whole-expert FIFO",
                        "tokens_per_second": p.tokens_per_second, "hit_rate": s["hit_rate"],
                        "on_time_hit_rate": s["on_time_hit_rate"], "on_time_share_of_hits": s["on_time_share_of_hits"],
                        "cpu_experts_per_token": s["cpu_experts_per_token"], **p.limits}
                 rows.append(row)
-                print(f"{hw_key:14s} {dtype:5s} {s['slots_per_layer']:4.1f}/layer {pred:5s} cpu={str(s['cpu']):17s} "
+                print(f"{hw_key:14s} {dtype:5s} {s['slots_per_layer']:4.1f}/layer {s['policy']:9s} {pred:5s} cpu={str(s['cpu']):17s} "
                       f"{row['link']:18s} {p.tokens_per_second:7.2f} tok/s  hit {s['hit_rate']:.3f} on-time "
                       f"{s['on_time_hit_rate']:.3f} ({s['on_time_share_of_hits']:.3f} of hits)  cpu/tok "
                       f"{s['cpu_experts_per_token']:.1f}  | resident {p.limits['all_resident_tokens_per_second']:.1f} "
                       f"belady-link {p.limits['link_bound_belady_tokens_per_second']:.1f} deep-oracle "
                       f"{p.limits['deep_oracle_tokens_per_second']:.1f}", flush=True)
-    settings = {"trace": args.trace, "tokens": int(trace.routed_ids.shape[0]), "policy": "lru-layer", "lookahead": 3,
+    settings = {"trace": args.trace, "tokens": int(trace.routed_ids.shape[0]), "lookahead": 3,
                 "cpu_profile": args.cpu}
     print(f"wrote {write_json_atomic(args.out, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
 

@@ -37,3 +37,20 @@ def test_the_reference_set_is_what_brings_the_rows_in(trace):
         dataclasses.replace(ref, kernel_efficiency=0)
     with pytest.raises(MoeOffloadError, match="implementation 'nope' is not one of"):
         get_impl("nope")
+
+
+def test_each_row_is_one_cli_command(trace, tmp_path, capsys):
+    from moe_offload.analysis.trace import save_trace
+    from moe_offload.cli import main
+
+    path = save_trace(tmp_path / "t.npz", trace, {"note": "calibration test"})
+    row = calibrate.ROWS[1]
+    argv = calibrate.row_command(row, str(path)).split()[1:] + ["--json"]
+    assert main(argv) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens_per_second"] == pytest.approx(calibrate.project(trace, row, get_impl("mixtral-offloading")))
+    assert out["settings"]["implementation"] == "mixtral-offloading"
+    assert main(argv[:-1] + ["--cpu", "bogus"]) == 2
+    assert "cpu profile 'bogus' is not one of" in capsys.readouterr().err

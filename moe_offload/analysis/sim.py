@@ -24,7 +24,7 @@ from ..config import MixtralConfig
 from ..errors import MoeOffloadError
 from ..offload.cache import ExpertCache
 from ..offload.policy import EvictionPolicy, make_policy
-from ..offload.cpu_lane import LaneCosts, split_misses
+from ..offload.cpu_lane import LaneCosts, fill_after_cpu, split_misses
 from ..offload.link import LinkScheduler
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import Key
@@ -377,6 +377,8 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
             cache.acquire(l, experts)
             if pred is not None:
                 pf.issue(l, pred.numpy())
+            if cpu is not None and on_cpu:
+                fill_after_cpu(cache, l, on_cpu, pf.protect if pf is not None else set())
             work = costs.expert * len(experts)
             clock.now = max(clock.now + work, cpu_end) + costs.bookkeeping
             compute += work

@@ -88,6 +88,16 @@ def measure_cpu_seconds(store: ExpertStore, reps: int = 3) -> tuple[float, float
     return t1, max(0.0, (t8 - t1) / 7)
 
 
+FILL_PRIORITY = 1e-3  # a CPU-computed expert is still copied in the background, below every prediction
+
+
+def fill_after_cpu(cache, layer: int, experts: Sequence[int], protect: set) -> None:
+    """Copy CPU-computed experts into the cache behind the predictions (prefetch class, lowest value),
+    so reuse can hit later; a copy that would evict a protected (pinned/planned) expert is skipped."""
+    for e in experts:
+        cache.prefetch((layer, int(e)), protect | cache.pinned, priority=FILL_PRIORITY)
+
+
 class CpuLane:
     """Computes chosen missed experts on the host from the store (see the module docstring)."""
 

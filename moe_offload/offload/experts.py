@@ -7,6 +7,7 @@ import torch
 
 from ..kernels import moe_loop, run_experts
 from .cache import ExpertCache
+from .cpu_lane import fill_after_cpu
 
 
 class OffloadedExperts:
@@ -80,7 +81,9 @@ class OffloadedExperts:
         st.uses[layer] += len(on_cpu)
         st.misses[layer] += len(on_cpu)
         st.cpu_experts[layer] += len(on_cpu)
-        if on_dev:
+        if on_dev and self.backend == "loop":  # the loop runs just the device experts over the same rows
+            out = self._run(layer, on_dev, h, ids, weights, ids_host, pred_host, only=set(on_dev))
+        elif on_dev:
             cpu_rows = np.isin(ids_host, on_cpu)  # [N, k] assignments the CPU computes
             mask = torch.from_numpy(cpu_rows).to(h.device)
             ids_d = torch.where(mask, torch.full_like(ids, on_dev[0]), ids)  # [N, k]: redirected at weight 0
@@ -91,7 +94,9 @@ class OffloadedExperts:
             out = torch.zeros_like(h)
             if pred_host is not None:
                 self.prefetcher.issue(layer, pred_host)
-        return out + self.cpu_lane.run(layer, on_cpu, h, ids_host, weights).to(h.device, non_blocking=True)
+        out = out + self.cpu_lane.run(layer, on_cpu, h, ids_host, weights).to(h.device, non_blocking=True)
+        fill_after_cpu(self.cache, layer, on_cpu, self.prefetcher.protect if self.prefetcher is not None else set())
+        return out
 
     def _run(self, layer: int, group: list[int], h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
              ids_host: np.ndarray, pred_host: np.ndarray | None, only: set[int] | None = None) -> torch.Tensor:
