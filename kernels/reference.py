@@ -33,6 +33,14 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
     if out is None:
         out = torch.zeros_like(h)
     flat_host = (ids_host if ids_host is not None else ids.cpu().numpy()).reshape(-1)  # [N*k]
+    if n == 1:  # decode: one token, its k experts in ascending id, no gather/scatter
+        for j in sorted(range(k), key=lambda j: flat_host[j]):
+            e = int(flat_host[j])
+            if experts is not None and e not in experts:
+                continue
+            slot = e if slot_of_expert is None else int(slot_of_expert[e])
+            out.add_(expert_ffn(h, w13[slot], w2[slot]).mul_(weights[0, j]).to(h.dtype))  # [1, H]
+        return out
     order = np.argsort(flat_host, kind="stable")  # [N*k] grouped by expert, ascending
     sorted_e = flat_host[order]
     bounds = np.flatnonzero(np.diff(sorted_e)) + 1
@@ -42,10 +50,6 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
         if experts is not None and e not in experts:
             continue
         slot = e if slot_of_expert is None else int(slot_of_expert[e])
-        if n == 1:  # decode: one token, no gather/scatter
-            y = expert_ffn(h, w13[slot], w2[slot])  # [1, H]
-            out.add_((y * flat_w[int(sel[0])]).to(h.dtype))
-            continue
         sel_t = torch.from_numpy(sel).to(h.device)
         tok = sel_t // k  # [c]
         y = expert_ffn(h[tok], w13[slot], w2[slot])  # [c, H]

@@ -1,6 +1,6 @@
 import os
 
-# The Triton interpreter must be chosen before any kernel module is imported (see DESIGN.md).
+# The Triton interpreter must be chosen before any kernel module is imported (triton reads it at import).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -14,7 +14,7 @@ import moe_offload
 from moe_offload import CheckpointError, ConfigError, MixtralConfig, MoeOffloadError
 from helpers import CFG, write_model
 
-# Copies of ../shared/fixtures (the published configs), shipped with the package for the simulator.
+# The published Mixtral configs, shipped with the package for the simulator.
 FIXTURES = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"
 def test_fixture_configs_parse_in_both_spellings():
     c7 = MixtralConfig.from_file(FIXTURES / "mixtral-8x7b-v0.1.config.json")

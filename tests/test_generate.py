@@ -32,9 +32,9 @@ def test_stops_on_eos_length_and_context(tmp_path):
     assert greedy.finish_reason == "length" and len(greedy.token_ids) == 5
     assert greedy.stats["prefill_tokens"] == 2 and greedy.stats["decode_tokens"] == 4
     # The context holds 10 positions: a 4-token prompt leaves room for 6 more fed back, 7 sampled.
+    object.__setattr__(m.config, "eos_token_ids", ())  # no EOS can end it early
     full = m.generate([1, 4, 5, 6], max_new_tokens=50, temperature=1.0, seed=0)
-    if full.finish_reason == "context":
-        assert len(full.token_ids) == 7
+    assert full.finish_reason == "context" and len(full.token_ids) == 7
     # Make the first greedy token an EOS: generation stops right there and includes it.
     first = greedy.token_ids[0]
     object.__setattr__(m.config, "eos_token_ids", (first,))

@@ -69,7 +69,7 @@ def test_all_tokens_on_one_expert_and_idle_experts(dtype):
 
 
 def test_bf16_runs_with_in_kernel_upcast_under_the_interpreter():
-    # The interpreter's bf16 tl.dot is wrong (DESIGN.md), so under TRITON_INTERPRET=1 the kernel upcasts
+    # The interpreter's bf16 tl.dot is wrong (triton 3.9 on CPU), so under TRITON_INTERPRET=1 the kernel upcasts
     # its bf16 tiles to float32 before tl.dot; on a GPU bf16 goes to tl.dot directly (GPU script checks it).
     assert os.environ.get("TRITON_INTERPRET") == "1"
     hidden, ids, w, w13, w2, slot_of = make_case(17, 8, 2, 64, 48, torch.bfloat16)

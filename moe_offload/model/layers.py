@@ -12,7 +12,7 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (the reference's order of operations)."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
     return weight * xf.to(x.dtype)
 
 
@@ -32,7 +32,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos/sin [T, hd]."""
+    """x [..., hd] times cos/sin broadcast against it (e.g. x [B, T, heads, hd], cos/sin [T, 1, hd])."""
     return x * cos + _rotate_half(x) * sin
 
 

@@ -175,13 +175,11 @@ class MixtralTransformer(nn.Module):
         b, t, _ = x.shape
         cfg, w = self.cfg, self.layers[layer]
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = F.linear(x, w.qkv_proj)  # [B, T, (nh + 2 nkv) hd]
-        q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
-        q = q.view(b, t, nh, hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = k.view(b, t, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
-        v = v.view(b, t, nkv, hd).transpose(1, 2)
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]  # [T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = F.linear(x, w.qkv_proj).view(b, t, nh + 2 * nkv, hd)  # [B, T, nh + 2 nkv, hd]
+        cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
+        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin).transpose(1, 2)  # q and k heads at once: [B, nh+nkv, T, hd]
+        q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, T, hd], [B, nkv, T, hd]
+        v = qkv[:, :, nh + nkv:].transpose(1, 2)  # [B, nkv, T, hd]
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T, hd]
         o = attention(q, k, v, start, cfg.sliding_window)  # [B, nh, T, hd]

@@ -59,7 +59,7 @@ class ExpertCache:
         """How many experts of `layer` can be resident at once."""
         return int(self.quota[layer]) if self.quota is not None else self.num_slots
 
-    def plan_groups(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+    def fit_groups(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
         """Split a layer's needed experts (ascending) into groups that fit its capacity at once.
         (Slots held by in-flight prefetches still count: a demand load waits for such a copy, then
         takes its slot.)"""
@@ -115,7 +115,7 @@ class ExpertCache:
             raise
         if layer in self._dirty_rows:
             row = self._slot_rows[layer]
-            row.numpy()[:] = self.slot_of[layer]
+            row.copy_(torch.from_numpy(self.slot_of[layer]))  # host -> pinned host: no device work
             self.slot_table[layer].copy_(row, non_blocking=True)
             self._dirty_rows.discard(layer)
 

@@ -10,6 +10,12 @@ from .cache import ExpertCache
 from .cpu_lane import fill_after_cpu
 
 
+def read_back(t: torch.Tensor) -> np.ndarray:
+    """The MoE layer's one device->host read (on CUDA a host sync, by design: the host must know which
+    experts to load). benchmarks/gpu_check.py allows exactly this one under CUDA sync debugging."""
+    return t.cpu().numpy()
+
+
 class OffloadedExperts:
     """ExpertBackend over an ExpertCache (plugs into MixtralTransformer.moe_block).
 
@@ -34,7 +40,7 @@ class OffloadedExperts:
         pred = pf.predict(layer) if pf is not None else None  # [P] on the device, or None
         flat = ids.reshape(-1)  # [N*k]
         both = flat if pred is None else torch.cat([flat, pred.to(flat.dtype)])
-        host = both.cpu().numpy()  # the layer's one device->host read
+        host = read_back(both)  # [N*k + P]: the layer's one device->host read
         ids_host = host[: flat.numel()].reshape(ids.shape)  # [N, k]
         pred_host = host[flat.numel():] if pred is not None else None
         needed = np.unique(ids_host).tolist()  # ascending
@@ -42,7 +48,7 @@ class OffloadedExperts:
             on_cpu = self._cpu_share(layer, needed, ids_host)
             if on_cpu:
                 return self._run_hybrid(layer, needed, on_cpu, h, ids, weights, ids_host, pred_host)
-        groups = self.cache.plan_groups(layer, needed)
+        groups = self.cache.fit_groups(layer, needed)
         if len(groups) == 1:
             return self._run(layer, groups[0], h, ids, weights, ids_host, pred_host)
         out = torch.zeros_like(h)
