@@ -93,7 +93,11 @@ FILL_PRIORITY = 1e-3  # a CPU-computed expert is still copied in the background,
 
 def fill_after_cpu(cache, layer: int, experts: Sequence[int], protect: set) -> None:
     """Copy CPU-computed experts into the cache behind the predictions (prefetch class, lowest value),
-    so reuse can hit later; a copy that would evict a protected (pinned/planned) expert is skipped."""
+    so reuse can hit later; a copy that would evict a protected (pinned/planned) expert is skipped.
+    Only on engines with a link scheduler (demand loads overtake it); on a FIFO link (CudaCopyEngine
+    today) a fill would delay the next demand copy by a whole expert, so there is none."""
+    if not hasattr(cache.engine, "promote"):
+        return
     for e in experts:
         cache.prefetch((layer, int(e)), protect | cache.pinned, priority=FILL_PRIORITY)
 
