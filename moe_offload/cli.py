@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2"],
                     help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts")
     sm.add_argument("--capacity", type=int, default=None, help="expert slots of the real model (default: what fits)")
-    sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace) or oracle")
+    sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace), oracle or "
+                    "deep-oracle (perfect knowledge 16 layers ahead, across tokens)")
     sm.add_argument("--policy", default="lru")
     sm.add_argument("--lookahead", type=int, default=None, metavar="D")
     sm.add_argument("--prefetch-margin", type=int, default=0, metavar="M")
