@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")
     t.add_argument("--heldout-fraction", type=float, default=0.1, help="tail of the text held out (default 0.1)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rank-loss-weight", type=float, default=1.0, metavar="W",
+                   help="weight of a top-k ranking term (true top-k logits above the rest) added to the "
+                        "distillation loss (default 1; 0 = distillation only)")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
@@ -283,7 +286,8 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
         raise MoeOffloadError(f"{args.text}: {len(ids)} tokens is too little text; need at least {4 * window}")
     acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
-                                    seed=args.seed, show_progress=sys.stderr.isatty())
+                                    seed=args.seed, show_progress=sys.stderr.isatty(),
+                                    rank_weight=args.rank_loss_weight)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
