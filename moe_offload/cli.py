@@ -54,6 +54,27 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
                    help="prefetch top-(k + M) experts per predicted layer (default 0)")
     c.add_argument("--prefetch-window", type=int, default=1, metavar="W",
                    help="most prefetch copies in flight at once (default 1)")
+    c.add_argument("--cpu-experts", default=None, choices=["auto", "off"],
+                   help="auto: compute a missed expert on the CPU from host RAM when that beats its copy "
+                        "(measured CPU and link speed); off: copy every miss (default: auto on cuda, off on cpu)")
+
+
+def _add_link_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--link-chunk-mb", type=float, default=8.0, metavar="MB",
+                   help="demand-first link: prefetch copies move in chunks of MB megabytes (MiB) and a demand "
+                        "copy overtakes them at the next chunk; 0 = whole experts (default 8)")
+    p.add_argument("--cpu", default="none", metavar="PROFILE",
+                   help="CPU lane: compute a missed expert on this CPU profile (assets/cpu_profiles.json: "
+                        "ci-epyc-2core, desktop-ddr4-2ch, desktop-ddr5-2ch) when that beats its copy; none = off")
+
+
+def _link_settings(args: argparse.Namespace):
+    from .analysis.sim import get_cpu
+
+    chunk = int(args.link_chunk_mb * (1 << 20)) if args.link_chunk_mb > 0 else None
+    if args.link_chunk_mb < 0:
+        raise MoeOffloadError(f"--link-chunk-mb must be >= 0, got {args.link_chunk_mb}")
+    return chunk, (get_cpu(args.cpu) if args.cpu != "none" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--draft-only", action="store_true",
                    help="with --draft-exit: add or replace only the draft head in the existing --out file")
     t.add_argument("--draft-rank", type=int, default=64, help="draft head rank (default 64)")
+    t.add_argument("--rank-loss-weight", type=float, default=1.0, metavar="W",
+                   help="weight of a top-k ranking term (true top-k logits above the rest) added to the "
+                        "distillation loss (default 1; 0 = distillation only)")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
@@ -142,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--prefetch-window", type=int, default=1, metavar="W")
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
-    bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4"])
+    bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp16", "int8", "int4", "int3", "int2"],
+                    help="expert format whose byte size (moe_offload.quant.formats) the link moves (default bf16)")
+    _add_link_args(bc)
     bc.add_argument("--json", default=None, metavar="OUT", help="write the results JSON here")
     bc.add_argument("--plot", default=None, metavar="OUT.png", help="hit rate vs capacity (needs matplotlib)")
 
@@ -151,17 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
                                     "routing trace; compute from bytes/bandwidth and flops/throughput, copies from "
                                     "link bandwidth and latency, prefetches from the recorded predictions.")
     sm.add_argument("--trace", required=True, metavar="FILE", help="from `moe-offload trace`")
-    sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx4090-pcie4, rtx3060-pcie3, t4-pcie3")
+    sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx4090-pcie4, rtx3060-pcie3, "
+                    "rtx3080m-pcie4, t4-pcie3")
     sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b or a config.json")
     sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2"],
                     help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts")
     sm.add_argument("--capacity", type=int, default=None, help="expert slots of the real model (default: what fits)")
-    sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace) or oracle")
+    sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace), oracle or "
+                    "deep-oracle (perfect knowledge 16 layers ahead, across tokens)")
     sm.add_argument("--policy", default="lru")
     sm.add_argument("--lookahead", type=int, default=None, metavar="D")
     sm.add_argument("--prefetch-margin", type=int, default=0, metavar="M")
     sm.add_argument("--prefetch-window", type=int, default=1, metavar="W")
     sm.add_argument("--bookkeeping-us", type=float, default=20.0, help="host cost per layer (default 20 us)")
+    sm.add_argument("--implementation", default="moe-offload", metavar="NAME",
+                    help="implementation parameter set (assets/reference_impls.json): moe-offload (default: the "
+                         "hardware figures as they are) or a fitted reference such as mixtral-offloading")
+    _add_link_args(sm)
     sm.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="use the first N tokens of the trace")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -193,6 +225,8 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "predictor"):
         kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
                   prefetch_margin=args.prefetch_margin, prefetch_window=args.prefetch_window)
+        if args.cpu_experts is not None:
+            kw["cpu_experts"] = args.cpu_experts
     else:
         kw["predictor"] = "none"
     return kw
@@ -280,7 +314,8 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
         return _train_draft(args, model, ids, window, draft_exit)
     acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
-                                    seed=args.seed, show_progress=sys.stderr.isatty())
+                                    seed=args.seed, show_progress=sys.stderr.isatty(),
+                                    rank_weight=args.rank_loss_weight)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
@@ -380,8 +415,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     per_layer = [int(c) for c in args.capacities.split(",")] if args.capacities else list(range(1, E + 1))
     predictors = args.predictors.split(",") if args.predictors else ["none", "next-gate"] + (
         ["m2r2"] if trace.preds and "m2r2" in trace.preds else [])
+    chunk, cpu = _link_settings(args)
+    lane = cpu.lane_costs(costs, args.expert_dtype, chunk) if cpu is not None else None
     rows = bench_cache(trace, [c * L for c in per_layer], args.policies.split(","), predictors, costs,
-                       args.lookahead, args.prefetch_margin, args.prefetch_window)
+                       args.lookahead, args.prefetch_margin, args.prefetch_window, chunk, lane)
     print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
           f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
     print(markdown_table(rows))
@@ -389,22 +426,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "tokens": T, "layers": L, "experts": E, "top_k": k, "lookahead": args.lookahead,
                 "prefetch_margin": args.prefetch_margin, "prefetch_window": args.prefetch_window, "hardware": hw.key, "link_model": args.link_model,
                 "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,
-                "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle"}}
+                "link_chunk_bytes": chunk, "cpu": args.cpu,
+                "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle",
+                           "deep-oracle": "policy belady, predictor deep-oracle (16 layers ahead across tokens, "
+                                          "2 in flight)"}}
     if args.json:
         print(f"wrote {write_json_atomic(args.json, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
     if args.plot:
-        print(f"wrote {args.plot}" if plot(rows, args.plot) else "no plot: matplotlib is not installed (pip install matplotlib)")
+        title = (f"{T} tokens, {L} layers x {E} experts; on time: {args.link_model} {args.expert_dtype} over "
+                 f"{hw.name}, chunk {args.link_chunk_mb:g} MiB, cpu {args.cpu}")
+        print(f"wrote {args.plot}" if plot(rows, args.plot, title) else "no plot: matplotlib is not installed (pip install matplotlib)")
     return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .analysis.bench import model_config, simulate
-    from .analysis.sim import get_hardware
+    from .analysis.sim import get_hardware, get_impl
     from .analysis.trace import trace_prefix, load_trace
 
+    chunk, cpu = _link_settings(args)
     p = simulate(trace_prefix(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
-                 args.prefetch_margin, args.prefetch_window)
+                 args.prefetch_margin, args.prefetch_window, chunk, cpu, get_impl(args.implementation))
     if args.json:
         from .results import result_metadata
 
@@ -415,11 +458,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"{s['hardware_name']}: {args.model_config}, {s['expert_dtype']} experts "
           f"({s['expert_bytes'] / 1e6:.0f} MB, {s['copy_ms']:.2f} ms per copy), {s['slots_model']} slots "
           f"({s['slots_per_layer']:.1f} per layer), {s['policy']} + {s['predictor']}")
-    print(f"  projected      {p.tokens_per_second:7.2f} tokens/s   (hit rate {s['hit_rate']:.3f}, on time {s['on_time_hit_rate']:.3f})")
+    print(f"  projected      {p.tokens_per_second:7.2f} tokens/s   (hit rate {s['hit_rate']:.3f}, on time "
+          f"{s['on_time_hit_rate']:.3f}; {s['on_time_share_of_hits']:.3f} of hits on time; CPU-computed experts "
+          f"per token {s['cpu_experts_per_token']:.2f}; implementation {s['implementation']})")
     print(f"  per token      {t['total'] * 1e3:7.1f} ms = compute {t['compute'] * 1e3:.1f} + exposed copy "
           f"{t['exposed_copy'] * 1e3:.1f} + bookkeeping {t['bookkeeping'] * 1e3:.1f}")
     print(f"  limits         all experts resident {p.limits['all_resident_tokens_per_second']:.2f} tokens/s; "
-          f"link-bound with Belady hits {p.limits['link_bound_belady_tokens_per_second']:.2f} tokens/s")
+          f"link-bound with Belady hits {p.limits['link_bound_belady_tokens_per_second']:.2f} tokens/s; "
+          f"deep oracle {p.limits['deep_oracle_tokens_per_second']:.2f} tokens/s "
+          f"(on time {p.limits['deep_oracle_on_time_hit_rate']:.3f})")
     print(f"  (trace: {s['trace_tokens']} tokens x {s['trace_layers']} layers, scaled to {s['model_layers']} layers)")
     return 0
 

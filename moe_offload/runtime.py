@@ -21,6 +21,8 @@ from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
 from .offload.packed import DEFAULT_GROUP_SIZE, PackedResidentExperts, resolve_expert_format
+from .offload.cpu_lane import build_cpu_lane
+from .offload.link import DEFAULT_CHUNK_BYTES
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
 
@@ -49,6 +51,8 @@ RUNTIME_OPTIONS = {
     "speculative": "self-speculative decoding: draft with the draft head of the accelerator file (or the "
                    "bundled one), resident experts only, verify in one pass (default False)",
     "draft_tokens": "most draft tokens per verify pass with speculative=True (default 4; adapts below it)",
+    "cpu_experts": "auto: a missed expert is computed on the CPU from host RAM when that beats its copy "
+                   "(measured CPU and link speed); off: every miss is copied. Default: auto on cuda, off on cpu",
 }
 
 
@@ -322,6 +326,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                                                 fmt=fmt, group_size=group_size)
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev))
         experts = OffloadedExperts(cache, backend)
+        experts.cpu_lane = build_cpu_lane(cache, DEFAULT_CHUNK_BYTES,
+                                          runtime_options.get("cpu_experts", "auto" if dev.type == "cuda" else "off"))
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)

@@ -131,3 +131,16 @@ def test_next_gate_earns_more_prefetch_hits_than_random_scores(monkeypatch):
     rand_hits, rand_issued = prefetch_hits()
     assert issued > 50 and rand_issued > 50
     assert hits / issued > 1.5 * rand_hits / rand_issued, (hits, issued, rand_hits, rand_issued)
+
+
+def test_topk_ranking_loss_prefers_the_true_set_on_top():
+    from moe_offload.predict.train import topk_ranking_loss
+
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1]])  # true top-2 = {0, 1}
+    good = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
+    bad = torch.tensor([[0.0, 2.0, 3.0, 0.0]])
+    assert topk_ranking_loss(good, probs, 2) < topk_ranking_loss(bad, probs, 2)
+    # By hand: LSE(0, 0) = log 2; mean(softplus(log 2 - 3), softplus(log 2 - 2)).
+    want = (torch.nn.functional.softplus(torch.tensor(2.0).log() - 3) + torch.nn.functional.softplus(torch.tensor(2.0).log() - 2)) / 2
+    assert topk_ranking_loss(good, probs, 2).item() == pytest.approx(want.item())
+

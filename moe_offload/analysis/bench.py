@@ -13,11 +13,20 @@ import numpy as np
 from ..config import MixtralConfig
 from ..errors import MoeOffloadError
 from ..offload.plan import device_reserve_bytes
-from .sim import Hardware, RecordedPredictor, StepCosts, TimelineResult, run_timeline
+from ..offload.cpu_lane import LaneCosts
+from .sim import (IMPL_THIS, CpuProfile, Hardware, ImplParams, RecordedPredictor, StepCosts, TimelineResult,
+                  run_timeline)
 from .trace import RoutingTrace
 
 MODEL_CONFIGS = {"mixtral-8x7b": "mixtral-8x7b-v0.1.config.json", "mixtral-8x22b": "mixtral-8x22b-v0.1.config.json"}
 KV_TOKENS = 4096
+# The deep-oracle bound: perfect knowledge of the future (the next DEEP_ORACLE_LOOKAHEAD layers, across
+# token boundaries, and Belady eviction), prefetched with DEEP_ORACLE_WINDOW loads in flight on the same
+# link. (Measured on the bundled trace, int4 on the RTX 4090 profile: window 2 beats 8, which congests
+# the link, and 16 layers beat 2..12 at 2, 4 and 6 slots per layer.)
+DEEP_ORACLE_LOOKAHEAD = 16
+DEEP_ORACLE_WINDOW = 2
+BOUNDS = {"belady": ("belady", "none"), "oracle": ("predictive", "oracle"), "deep-oracle": ("belady", "deep-oracle")}
 
 
 def model_config(name_or_path: str) -> MixtralConfig:
@@ -34,6 +43,8 @@ def predictor_from_trace(trace: RoutingTrace, name: str, lookahead: int | None =
         return None
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2] if trace.router_probs is not None else int(trace.routed_ids.max()) + 1
+    if name == "deep-oracle":
+        return deep_oracle(trace, E, lookahead or DEEP_ORACLE_LOOKAHEAD)
     if name == "oracle":
         D = lookahead or 2
         truth = np.zeros((T, L, E), dtype=np.float32)
@@ -54,6 +65,20 @@ def predictor_from_trace(trace: RoutingTrace, name: str, lookahead: int | None =
         preds = preds[:, :, :lookahead]
     embed = trace.embed_preds[:, : preds.shape[2]] if trace.embed_preds is not None else None
     return RecordedPredictor(name, preds, embed)
+
+
+def deep_oracle(trace: RoutingTrace, E: int, D: int) -> RecordedPredictor:
+    """Perfect scores of the next D layers of the whole decode sequence (crossing into later tokens)."""
+    T, L, _ = trace.routed_ids.shape
+    truth = np.zeros((T * L + D, E), dtype=np.float32)  # [steps, E]: step t*L + l
+    flat = trace.routed_ids.reshape(T * L, -1).astype(np.int64)
+    np.put_along_axis(truth[: T * L], flat, trace.routed_weights.reshape(T * L, -1) + 1.0, axis=1)
+    truth[T * L:] = np.nan  # past the end of the trace
+    steps = np.arange(T * L)[:, None] + np.arange(1, D + 1)[None]  # [T*L, D]
+    preds = truth[steps].reshape(T, L, D, E)
+    embed = np.zeros((T, min(D, L), E), dtype=np.float32)
+    np.put_along_axis(embed, trace.routed_ids[:, : min(D, L)].astype(np.int64), 1.0, axis=2)
+    return RecordedPredictor("deep-oracle", preds, embed, cross_token=True)
 
 
 def trace_recall(trace: RoutingTrace) -> dict[str, dict[str, dict[str, float]]]:
@@ -91,27 +116,33 @@ def _row(policy: str, predictor: str, slots: int, L: int, res: TimelineResult) -
             "hit_rate": st["hit_rate"], "on_time_hit_rate": (st["hits"] - st["late_hits"]) / st["uses"],
             "demand_misses_per_token": st["misses"] / T, "prefetch_hits": st["prefetch_hits"],
             "prefetch_wasted": st["prefetch_wasted"], "bytes_per_token": st["bytes_h2d"] / T,
-            "uses": st["uses"], "hits": st["hits"], "misses": st["misses"]}
+            "uses": st["uses"], "hits": st["hits"], "misses": st["misses"], "cpu_experts": st["cpu_experts"]}
 
 
 def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str], predictors: list[str],
-                costs: StepCosts, lookahead: int | None = None, margin: int = 0, window: int = 1
-                ) -> list[dict[str, Any]]:
-    """Every capacity (total slots) x policy x predictor, plus Belady (no prefetch) and oracle-prefetch bounds."""
+                costs: StepCosts, lookahead: int | None = None, margin: int = 0, window: int = 1,
+                chunk_bytes: int | None = None, cpu: LaneCosts | None = None) -> list[dict[str, Any]]:
+    """Every capacity (total slots) x policy x predictor, plus the bounds: Belady (no prefetch), oracle
+    prefetch (same lookahead and window) and deep oracle (DEEP_ORACLE_LOOKAHEAD layers ahead across
+    tokens, DEEP_ORACLE_WINDOW in flight). chunk_bytes: the link's chunk (None: whole-expert FIFO);
+    cpu: CPU lane costs (None: every miss is copied)."""
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
     rows = []
     preds = {name: predictor_from_trace(trace, name, lookahead) for name in predictors}
-    oracle = predictor_from_trace(trace, "oracle", lookahead or 2)
+    preds["oracle"] = predictor_from_trace(trace, "oracle", lookahead or 2)
+    preds["deep-oracle"] = predictor_from_trace(trace, "deep-oracle")
     for slots in capacities:
-        runs = [(p, n) for p in policies for n in predictors] + [("belady", "none"), ("predictive", "oracle")]
+        runs = [(p, n) for p in policies for n in predictors] + list(BOUNDS.values())
         for policy, name in runs:
             minimum = k * L if policy == "lru-layer" else k
             if slots < minimum:
                 continue
-            pred = oracle if name == "oracle" else preds[name]
-            rows.append(_row(policy, name, slots, L, run_timeline(trace.routed_ids, E, slots, policy, costs, pred,
-                                                                  margin, window)))
+            w = DEEP_ORACLE_WINDOW if name == "deep-oracle" else window
+            res = run_timeline(trace.routed_ids, E, slots, policy, costs, preds[name], margin, w,
+                               chunk_bytes=chunk_bytes, cpu=cpu)
+            rows.append({**_row(policy, name, slots, L, res), "bound": (policy, name) in BOUNDS.values(),
+                         "tokens_per_second": T / res.seconds})
     return rows
 
 
@@ -125,8 +156,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], out: str) -> bool:
-    """Hit rate vs capacity, one line per policy/predictor. False when matplotlib is missing."""
+def plot(rows: list[dict[str, Any]], out: str, title: str = "") -> bool:
+    """Two panels over slots per layer: hit rate and on-time hit rate. One colour per predictor, one
+    line style per policy; bounds dashed with square markers (Belady in black). False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -134,14 +166,26 @@ def plot(rows: list[dict[str, Any]], out: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["policy"], r["predictor"]) for r in rows}):
-        pts = sorted((r["capacity_per_layer"], r["hit_rate"]) for r in rows if (r["policy"], r["predictor"]) == key)
-        ax.plot(*zip(*pts), marker="o", label=f"{key[0]} / {key[1]}")
-    ax.set_xlabel("expert slots per layer")
-    ax.set_ylabel("hit rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    predictors = sorted({r["predictor"] for r in rows})
+    policies = sorted({r["policy"] for r in rows if not r.get("bound")})
+    colours = dict(zip(predictors, plt.get_cmap("tab10").colors))
+    styles = dict(zip(policies, ["-", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 2))]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, metric, label in ((axes[0], "hit_rate", "hit rate"), (axes[1], "on_time_hit_rate", "on-time hit rate")):
+        for key in sorted({(r["policy"], r["predictor"]) for r in rows}):
+            sel = [r for r in rows if (r["policy"], r["predictor"]) == key]
+            pts = sorted((r["capacity_per_layer"], r[metric]) for r in sel)
+            bound = bool(sel[0].get("bound"))
+            colour = "black" if key == ("belady", "none") else colours[key[1]]
+            ax.plot(*zip(*pts), color=colour, linestyle="--" if bound else styles.get(key[0], "-"),
+                    marker="s" if bound else "o", markersize=3, linewidth=1.2,
+                    label=f"{key[0]} / {key[1]}" + (" (bound)" if bound else ""))
+        ax.set_xlabel("expert slots per layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return True
@@ -157,7 +201,8 @@ class Projection:
 
 def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
              predictor: str, policy: str = "lru", bookkeeping_us: float = 20.0, lookahead: int | None = None,
-             margin: int = 0, window: int = 1) -> Projection:
+             margin: int = 0, window: int = 1, chunk_bytes: int | None = None, cpu: CpuProfile | None = None,
+             impl: ImplParams | None = None, deep_oracle_bound: bool = True) -> Projection:
     """Project decode tokens/s of `cfg` on `hw` from a routing trace of (possibly) another model.
 
     The trace's L_t layers are simulated with cfg's per-layer costs and the same slots per layer as the
@@ -166,7 +211,8 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
     T, Lt, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
     L = cfg.num_hidden_layers
-    costs = StepCosts.for_model(cfg, hw, expert_dtype, bookkeeping_us)
+    costs = StepCosts.for_model(cfg, hw, expert_dtype, bookkeeping_us, impl)
+    lane = cpu.lane_costs(costs, expert_dtype, chunk_bytes) if cpu is not None else None
     dense = cfg.dense_params * 2
     kv = 2 * L * cfg.num_key_value_heads * KV_TOKENS * cfg.head_dim * 2
     fit = int((hw.memory_gb * 1e9 - dense - kv - device_reserve_bytes(int(hw.memory_gb * 1e9))) // costs.expert_bytes)
@@ -184,20 +230,31 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                 "bookkeeping": res.bookkeeping_seconds * scale / res.tokens}
 
     res = run_timeline(trace.routed_ids, E, slots, policy, costs, predictor_from_trace(trace, predictor, lookahead),
-                       margin, window)
+                       margin, window, chunk_bytes=chunk_bytes, cpu=lane)
     pt = per_token(res)
-    compute_only = pt["compute"] + pt["bookkeeping"]
     belady = run_timeline(trace.routed_ids, E, slots, "belady", costs)
+    pt_all = per_token(belady)  # every expert on the device (no CPU lane)
+    compute_only = pt_all["compute"] + pt_all["bookkeeping"]
     link_bound = belady.stats["misses"] * scale / T * costs.copy
+    limits = {"all_resident_tokens_per_second": 1.0 / compute_only,
+              "link_bound_belady_tokens_per_second": 1.0 / max(compute_only, link_bound),
+              "belady_misses_per_token": belady.stats["misses"] * scale / T}
+    if deep_oracle_bound:
+        deep = run_timeline(trace.routed_ids, E, slots, "belady", costs, predictor_from_trace(trace, "deep-oracle"),
+                            0, DEEP_ORACLE_WINDOW, chunk_bytes=chunk_bytes, cpu=lane)
+        limits["deep_oracle_tokens_per_second"] = 1.0 / per_token(deep)["total"]
+        limits["deep_oracle_on_time_hit_rate"] = (deep.stats["hits"] - deep.stats["late_hits"]) / deep.stats["uses"]
+    st = res.stats
     return Projection(
-        tokens_per_second=1.0 / pt["total"], per_token=pt,
-        limits={"all_resident_tokens_per_second": 1.0 / compute_only,
-                "link_bound_belady_tokens_per_second": 1.0 / max(compute_only, link_bound),
-                "belady_misses_per_token": belady.stats["misses"] * scale / T},
+        tokens_per_second=1.0 / pt["total"], per_token=pt, limits=limits,
         settings={"hardware": hw.key, "hardware_name": hw.name, "hardware_source": hw.source,
                   "model_layers": L, "trace_layers": Lt, "trace_tokens": T, "expert_dtype": expert_dtype,
                   "expert_bytes": costs.expert_bytes, "slots_model": slots_model, "slots_per_layer": slots_model / L,
                   "slots_simulated": slots, "policy": policy, "predictor": predictor,
                   "hit_rate": res.stats["hit_rate"], "on_time_hit_rate": (res.stats["hits"] - res.stats["late_hits"]) / res.stats["uses"],
                   "copy_ms": costs.copy * 1e3, "attention_ms": costs.attention * 1e3, "expert_ms": costs.expert * 1e3,
-                  "bookkeeping_us": bookkeeping_us, "prefetch_margin": margin, "prefetch_window": window})
+                  "bookkeeping_us": bookkeeping_us, "prefetch_margin": margin, "prefetch_window": window,
+                  "link_chunk_bytes": chunk_bytes, "cpu": cpu.key if cpu is not None else None,
+                  "cpu_experts_per_token": st["cpu_experts"] * scale / T,
+                  "on_time_share_of_hits": (st["hits"] - st["late_hits"]) / st["hits"] if st["hits"] else 0.0,
+                  "implementation": (impl or IMPL_THIS).key})

@@ -24,6 +24,8 @@ from ..config import MixtralConfig
 from ..errors import MoeOffloadError
 from ..offload.cache import ExpertCache
 from ..offload.policy import EvictionPolicy, make_policy
+from ..offload.cpu_lane import LaneCosts, fill_after_cpu, split_misses
+from ..offload.link import LinkScheduler
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import Key
 from ..offload.transfer import LoadHandle
@@ -61,6 +63,40 @@ def get_hardware(name: str) -> Hardware:
 
 
 @dataclass(frozen=True)
+class CpuProfile:
+    """The host CPU of the CPU lane: effective memory GB/s, cores, per-format GEMV efficiency."""
+
+    key: str
+    name: str
+    memory_gbps: float
+    cores: int
+    efficiency: dict
+    source: str
+
+    def lane_costs(self, costs: "StepCosts", expert_dtype: str, chunk_bytes: int | None) -> LaneCosts:
+        """The CPU lane's costs for one expert of `costs` in `expert_dtype` (batch 1: weight-read bound)."""
+        if expert_dtype not in self.efficiency:
+            raise MoeOffloadError(f"cpu profile {self.key!r} has no efficiency for {expert_dtype!r}; "
+                                  f"it has {sorted(self.efficiency)}")
+        weight = costs.expert_bytes / (self.memory_gbps * 1e9 * self.efficiency[expert_dtype])
+        chunk = costs.copy * min(1.0, (chunk_bytes or costs.expert_bytes) / costs.expert_bytes)
+        return LaneCosts(copy_seconds=costs.copy, chunk_seconds=chunk, weight_seconds=weight, token_seconds=0.0,
+                         device_seconds=costs.expert)
+
+
+def cpu_profiles() -> dict[str, CpuProfile]:
+    raw = json.loads((resources.files("moe_offload") / "assets" / "cpu_profiles.json").read_text())
+    return {k: CpuProfile(key=k, **v) for k, v in raw.items() if not k.startswith("_")}
+
+
+def get_cpu(name: str) -> CpuProfile:
+    profiles = cpu_profiles()
+    if name not in profiles:
+        raise MoeOffloadError(f"cpu profile {name!r} is not one of {sorted(profiles)}")
+    return profiles[name]
+
+
+@dataclass(frozen=True)
 class StepCosts:
     """Seconds per event of one decode step (per layer unless named otherwise)."""
 
@@ -73,18 +109,60 @@ class StepCosts:
 
     @classmethod
     def for_model(cls, cfg: MixtralConfig, hw: Hardware, expert_dtype: str = "bf16",
-                  bookkeeping_us: float = 20.0) -> "StepCosts":
+                  bookkeeping_us: float = 20.0, impl: "ImplParams | None" = None) -> "StepCosts":
+        """Costs of `cfg` on `hw`; `impl` (default: this runtime's, IMPL_THIS) holds what belongs to the
+        implementation rather than the hardware: kernel efficiency, per-layer overhead, link use."""
         if expert_dtype not in SIM_FORMATS:
             raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {list(SIM_FORMATS)}")
-        bw, flops = hw.hbm_gbps * 1e9, hw.bf16_tflops * 1e12
+        impl = impl or IMPL_THIS
+        bw, flops = hw.hbm_gbps * 1e9 * impl.kernel_efficiency, hw.bf16_tflops * 1e12 * impl.kernel_efficiency
         hd = cfg.head_dim
         attn_params = cfg.hidden_size * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-        attention = max(2 * attn_params / bw, 2 * attn_params / flops) + hw.kernel_overhead_us * 1e-6
+        attention = (max(impl.attention_bytes_per_param * attn_params / bw, 2 * attn_params / flops)
+                     + hw.kernel_overhead_us * 1e-6)
         expert_bytes = format_bytes(cfg.hidden_size, cfg.intermediate_size, expert_dtype, SIM_GROUP_SIZE)
         expert = max(expert_bytes / bw, 2 * cfg.expert_params / flops)
         head = 2 * cfg.vocab_size * cfg.hidden_size / bw
-        copy = expert_bytes / (hw.link_gbps * 1e9) + hw.link_latency_us * 1e-6
-        return cls(attention, expert, bookkeeping_us * 1e-6, head, copy, expert_bytes)
+        copy = expert_bytes / (hw.link_gbps * 1e9 * impl.link_efficiency) + hw.link_latency_us * 1e-6
+        return cls(attention, expert, (bookkeeping_us + impl.layer_overhead_us) * 1e-6, head, copy, expert_bytes)
+
+
+@dataclass(frozen=True)
+class ImplParams:
+    """What belongs to an implementation, not to the hardware (fitted for reference implementations)."""
+
+    key: str
+    kernel_efficiency: float = 1.0  # fraction of HBM bandwidth / peak flops its kernels reach
+    layer_overhead_us: float = 0.0  # host/launch time per layer beyond the hardware's kernel allowance
+    link_efficiency: float = 1.0  # fraction of the profile's link GB/s its copies reach
+    attention_bytes_per_param: float = 2.0  # bf16 attention = 2; HQQ 4-bit ~ 0.56
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("kernel_efficiency", "link_efficiency"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise MoeOffloadError(f"implementation {self.key!r}: {name} must be in (0, 1], got {v}")
+        if self.layer_overhead_us < 0 or self.attention_bytes_per_param <= 0:
+            raise MoeOffloadError(f"implementation {self.key!r}: layer_overhead_us must be >= 0 and "
+                                  f"attention_bytes_per_param > 0")
+
+
+IMPL_THIS = ImplParams("moe-offload", source="this runtime: the hardware profile's figures as they are")
+
+
+def implementations() -> dict[str, ImplParams]:
+    raw = json.loads((resources.files("moe_offload") / "assets" / "reference_impls.json").read_text())
+    out = {k: ImplParams(key=k, **{f: v for f, v in d.items() if f in ImplParams.__dataclass_fields__})
+           for k, d in raw.items() if not k.startswith("_")}
+    return {IMPL_THIS.key: IMPL_THIS, **out}
+
+
+def get_impl(name: str) -> ImplParams:
+    impls = implementations()
+    if name not in impls:
+        raise MoeOffloadError(f"implementation {name!r} is not one of {sorted(impls)}")
+    return impls[name]
 
 
 class VirtualClock:
@@ -93,30 +171,82 @@ class VirtualClock:
 
 
 class _SimHandle(LoadHandle):
-    def __init__(self, key: Key, slot: int, t_done: float, clock: VirtualClock):
+    def __init__(self, key: Key, slot: int, engine: "SimCopyEngine"):
         super().__init__(key, slot)
-        self.t_done, self.clock = t_done, clock
+        self.t_done: float | None = None
+        self.engine = engine
 
     def done(self) -> bool:
-        return self.t_done <= self.clock.now
+        now = self.engine.clock.now
+        self.engine.advance(now)
+        return self.t_done is not None and self.t_done <= now
 
 
 class SimCopyEngine:
-    """protocols.CopyEngine in virtual time: a FIFO link where each load takes `copy_seconds` once
-    the link is free."""
+    """protocols.CopyEngine in virtual time over the runtime's link scheduler (offload.link): one
+    link moving one chunk at a time, demand loads first, prefetches by value; a load of one expert
+    takes `copy_seconds` of link time (latency included), split over its chunks by bytes.
+    With chunk_bytes >= expert_bytes and no prefetch this is a FIFO link."""
 
-    def __init__(self, clock: VirtualClock, copy_seconds: float):
-        self.clock, self.copy_seconds = clock, copy_seconds
-        self.link_free = 0.0
+    def __init__(self, clock: VirtualClock, copy_seconds: float, expert_bytes: int = 1,
+                 chunk_bytes: int | None = None):
+        self.clock, self.copy_seconds, self.expert_bytes = clock, copy_seconds, max(1, int(expert_bytes))
+        self.sched = LinkScheduler(chunk_bytes or self.expert_bytes)
+        self.link_time = 0.0  # the link is busy (or was idle) up to here
+        self._on_link: tuple[Any, float] | None = None  # (job, time its chunk lands)
         self.busy_seconds = 0.0
 
-    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
-        start = max(self.clock.now, self.link_free)
-        self.link_free = start + self.copy_seconds
-        self.busy_seconds += self.copy_seconds
-        return _SimHandle(key, slot, self.link_free, self.clock)
+    def advance(self, until: float) -> None:
+        """Run the link up to virtual time `until`: chunks whose copy ends by then land; the chunk
+        on the link at `until` stays there (its end is known)."""
+        while True:
+            if self._on_link is None:
+                item = self.sched.next_chunk()
+                if item is None:
+                    self.link_time = max(self.link_time, until)  # idle
+                    return
+                job, _, n = item
+                dur = self.copy_seconds * n / job.nbytes if job.nbytes else self.copy_seconds
+                self._on_link = (job, self.link_time + dur)
+                self.busy_seconds += dur
+            job, t_end = self._on_link
+            if t_end > until:
+                return
+            self._on_link = None
+            self.link_time = t_end
+            if self.sched.chunk_done(job):
+                job.handle.t_done = t_end
+
+    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
+             priority: float = 0.0) -> LoadHandle:
+        self.advance(self.clock.now)
+        handle = _SimHandle(key, slot, self)
+        handle.prefetch = prefetch
+        self.sched.submit(handle, self.expert_bytes, demand=not prefetch, priority=priority)
+        self.advance(self.clock.now)  # an idle link starts it now
+        return handle
+
+    def promote(self, handle: LoadHandle) -> None:
+        self.sched.promote(handle)
+
+    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
+        self.advance(self.clock.now)
+        self.sched.reprioritize(handle, priority)
+
+    def cancel(self, handle: LoadHandle) -> int | None:
+        self.advance(self.clock.now)
+        unsent = self.sched.cancel(handle)
+        if unsent is not None:
+            handle.error = RuntimeError("cancelled")
+        return unsent
 
     def wait(self, handle: LoadHandle) -> float:
+        self.promote(handle)
+        self.advance(self.clock.now)
+        while handle.t_done is None:  # the host blocks: the link runs on until this load lands
+            if self._on_link is None and self.sched.job(handle) is None:
+                raise MoeOffloadError(f"simulated link lost the load of {handle.key}")
+            self.advance(self._on_link[1] if self._on_link is not None else self.clock.now)
         stall = max(0.0, handle.t_done - self.clock.now)
         self.clock.now += stall
         return stall
@@ -174,9 +304,10 @@ class RecordedPredictor:
     """protocols.Predictor replaying scores recorded in a trace: preds [T, L, D, E] and embedding
     scores [T, D, E] (the next-gate-on-embedding plan of a token's first layers)."""
 
-    def __init__(self, name: str, preds: np.ndarray, embed: np.ndarray | None):
+    def __init__(self, name: str, preds: np.ndarray, embed: np.ndarray | None, cross_token: bool = False):
         self.name, self.preds, self.embed = name, preds, embed
         self.lookahead = preds.shape[2]
+        self.cross_token = cross_token  # rows past the last layer score the next token's layers
 
     def scores(self, layer: int, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         return torch.from_numpy(np.nan_to_num(self.preds[start_pos, layer], nan=-1.0))[None]  # [1, D, E]
@@ -203,11 +334,15 @@ class TimelineResult:
 
 def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: str, costs: StepCosts,
                  predictor: RecordedPredictor | None = None, margin: int = 0, window: int = 1,
-                 on_step: Callable[[int, int], None] | None = None) -> TimelineResult:
-    """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link."""
+                 on_step: Callable[[int, int], None] | None = None,
+                 chunk_bytes: int | None = None, cpu: LaneCosts | None = None) -> TimelineResult:
+    """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link.
+    chunk_bytes: the link's chunk (None: whole experts, a FIFO link for demand loads). cpu: the CPU
+    lane's costs (offload.cpu_lane): missed experts it wins per split_misses run on the CPU from the
+    moment the layer's ids are known, concurrently with the device's waits and GEMMs."""
     T, L, k = routed_ids.shape
     clock = VirtualClock()
-    engine = SimCopyEngine(clock, costs.copy)
+    engine = SimCopyEngine(clock, costs.copy, costs.expert_bytes, chunk_bytes)
     pol = Belady(routed_ids) if policy == "belady" else make_policy(policy)
     cache = ExpertCache(VirtualStore(L, num_experts, costs.expert_bytes), slots, pol, torch.device("cpu"), engine)
     pf = None
@@ -228,11 +363,24 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
             if pf is not None:  # the same calls, in the same order, as OffloadedExperts makes
                 pf.on_residual(l, residual, t)
                 pred = pf.predict(l)
+            t_ids = clock.now
+            cpu_end = t_ids
+            if cpu is not None:  # the same decision, with the same counting, as OffloadedExperts
+                on_cpu = split_misses([e for e in experts if not cache.is_resident(l, e)], dict.fromkeys(experts, 1), cpu)
+                if len(experts) - len(on_cpu) > cache.capacity(l):
+                    on_cpu = []
+                experts = [e for e in experts if e not in on_cpu]
+                cache.stats.uses[l] += len(on_cpu)
+                cache.stats.misses[l] += len(on_cpu)
+                cache.stats.cpu_experts[l] += len(on_cpu)
+                cpu_end = t_ids + sum(cpu.cpu(1) for _ in on_cpu)
             cache.acquire(l, experts)
             if pred is not None:
                 pf.issue(l, pred.numpy())
+            if cpu is not None and on_cpu:
+                fill_after_cpu(cache, l, on_cpu, pf.protect if pf is not None else set())
             work = costs.expert * len(experts)
-            clock.now += work + costs.bookkeeping
+            clock.now = max(clock.now + work, cpu_end) + costs.bookkeeping
             compute += work
             bookkeeping += costs.bookkeeping
             cache.release(l, experts)
@@ -244,6 +392,7 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
     st = cache.stats.to_dict()
     st["late_hits"] = int(cache.late_hits.sum())
     if pf is not None:
-        st.update(prefetch_issued=pf.issued, prefetch_cancelled=pf.cancelled)
+        st.update(prefetch_issued=pf.issued, prefetch_cancelled=pf.cancelled,
+                  prefetch_cancelled_inflight=pf.cancelled_inflight)
     return TimelineResult(T, clock.now, compute, float(cache.stats.stall_seconds.sum()), bookkeeping,
                           engine.busy_seconds, st)

@@ -143,7 +143,7 @@ class ExpertCache:
         self.engine.close()
 
     # --- internals ------------------------------------------------------------------------------
-    def prefetch(self, key: Key, protect: set[Key]) -> bool:
+    def prefetch(self, key: Key, protect: set[Key], priority: float = 0.0) -> bool:
         """Start loading `key` ahead of its use unless it is resident or no slot can be taken without
         evicting a protected (predicted, pinned or in-flight) expert. Returns whether a load started."""
         if self.slot_of[key] >= 0:
@@ -151,18 +151,33 @@ class ExpertCache:
         slot = self._take_slot(key[0], protect)
         if slot is None:
             return False
-        self._start_load(key, prefetch=True, slot=slot)
+        self._start_load(key, prefetch=True, slot=slot, priority=priority)
         return True
 
-    def _start_load(self, key: Key, prefetch: bool = False, slot: int | None = None) -> None:
+    def cancel_prefetch(self, key: Key) -> bool:
+        """Cancel an in-flight prefetch of `key` that no chunk of has reached the link yet (engines
+        with a link scheduler only): its slot is freed and the bytes never sent are not counted."""
+        handle = self.inflight.get(key)
+        cancel = getattr(self.engine, "cancel", None)
+        if handle is None or not handle.prefetch or key in self.pinned or cancel is None:
+            return False
+        unsent = cancel(handle)
+        if unsent is None:
+            return False
+        del self.inflight[key]
+        self.stats.bytes_h2d[key[0]] -= unsent
+        self._drop(key)
+        return True
+
+    def _start_load(self, key: Key, prefetch: bool = False, slot: int | None = None, priority: float = 0.0) -> None:
         slot = self._take_slot(key[0]) if slot is None else slot
         self.slot_of[key] = slot
         self.key_of_slot[slot] = key
         self.resident_per_layer[key[0]] += 1
         self._dirty_rows.add(key[0])
         self.policy.on_insert(key)
-        handle = self.engine.load(key, self.store.row(*key), self.pool[slot], slot)
-        handle.prefetch = prefetch
+        handle = self.engine.load(key, self.store.row(*key), self.pool[slot], slot, prefetch=prefetch,
+                                  priority=priority)
         self.inflight[key] = handle
         self.stats.bytes_h2d[key[0]] += self.store.expert_bytes
         if prefetch:
@@ -210,9 +225,11 @@ class ExpertCache:
         unpinned = [k for k in candidates if k not in self.pinned]
         candidates = [k for k in unpinned if k not in self.inflight and (protect is None or k not in protect)]
         if not candidates and protect is None and unpinned:
-            # A demand load may take the slot of a prefetch still on the link: a copy in progress cannot
-            # be cancelled, so wait for it to land, then evict it.
+            # A demand load may take the slot of a prefetch still on the link: cancel it if none of its
+            # chunks is being copied, else wait for it to land, then evict it.
             victim = self.policy.victim(unpinned)
+            if self.cancel_prefetch(victim):
+                return self.free_slots.pop()
             try:
                 self._wait(victim)
             except CopyFailed:

@@ -7,6 +7,7 @@ import torch
 
 from ..kernels import moe_loop, run_experts
 from .cache import ExpertCache
+from .cpu_lane import fill_after_cpu
 
 
 def read_back(t: torch.Tensor) -> np.ndarray:
@@ -32,6 +33,7 @@ class OffloadedExperts:
         self.cache = cache
         self.backend = backend
         self.prefetcher = None  # offload.prefetch.Prefetcher, when a predictor is active
+        self.cpu_lane = None  # offload.cpu_lane.CpuLane: missed experts computed on the host (hybrid)
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         pf = self.prefetcher
@@ -42,6 +44,10 @@ class OffloadedExperts:
         ids_host = host[: flat.numel()].reshape(ids.shape)  # [N, k]
         pred_host = host[flat.numel():] if pred is not None else None
         needed = np.unique(ids_host).tolist()  # ascending
+        if self.cpu_lane is not None:
+            on_cpu = self._cpu_share(layer, needed, ids_host)
+            if on_cpu:
+                return self._run_hybrid(layer, needed, on_cpu, h, ids, weights, ids_host, pred_host)
         groups = self.cache.fit_groups(layer, needed)
         if len(groups) == 1:
             return self._run(layer, groups[0], h, ids, weights, ids_host, pred_host)
@@ -66,14 +72,49 @@ class OffloadedExperts:
             out.index_add_(0, rows, self._run(layer, group, h[rows], ids_g, w_g, ids_g_host, None))
         return out
 
+    def _cpu_share(self, layer: int, needed: list[int], ids_host: np.ndarray) -> list[int]:
+        """The missed experts (not resident, no copy in flight) the CPU lane should compute."""
+        cache = self.cache
+        misses = [e for e in needed if not cache.is_resident(layer, e)]
+        on_cpu = self.cpu_lane.pick(misses, ids_host)
+        return on_cpu if len(needed) - len(on_cpu) <= cache.capacity(layer) else []
+
+    def _run_hybrid(self, layer: int, needed: list[int], on_cpu: list[int], h: torch.Tensor, ids: torch.Tensor,
+                    weights: torch.Tensor, ids_host: np.ndarray, pred_host: np.ndarray | None) -> torch.Tensor:
+        """Device experts on the slot pool (launched first), CPU experts from the host store; summed."""
+        on_dev = [e for e in needed if e not in on_cpu]
+        st = self.cache.stats
+        st.uses[layer] += len(on_cpu)
+        st.misses[layer] += len(on_cpu)
+        st.cpu_experts[layer] += len(on_cpu)
+        if on_dev and self.backend == "loop":  # the loop runs just the device experts over the same rows
+            out = self._run(layer, on_dev, h, ids, weights, ids_host, pred_host, only=set(on_dev))
+        elif on_dev:
+            cpu_rows = np.isin(ids_host, on_cpu)  # [N, k] assignments the CPU computes
+            mask = torch.from_numpy(cpu_rows).to(h.device)
+            ids_d = torch.where(mask, torch.full_like(ids, on_dev[0]), ids)  # [N, k]: redirected at weight 0
+            w_d = torch.where(mask, torch.zeros_like(weights), weights)
+            ids_d_host = np.where(cpu_rows, on_dev[0], ids_host)
+            out = self._run(layer, on_dev, h, ids_d, w_d, ids_d_host, pred_host, only=set(on_dev))
+        else:
+            out = torch.zeros_like(h)
+            if pred_host is not None:
+                self.prefetcher.issue(layer, pred_host)
+        out = out + self.cpu_lane.run(layer, on_cpu, h, ids_host, weights).to(h.device, non_blocking=True)
+        fill_after_cpu(self.cache, layer, on_cpu, self.prefetcher.protect if self.prefetcher is not None else set())
+        return out
+
     def _run(self, layer: int, group: list[int], h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             ids_host: np.ndarray, pred_host: np.ndarray | None) -> torch.Tensor:
+             ids_host: np.ndarray, pred_host: np.ndarray | None, only: set[int] | None = None) -> torch.Tensor:
         cache = self.cache
         cache.acquire(layer, group)
         try:
             if pred_host is not None:
                 self.prefetcher.issue(layer, pred_host)  # loads for layers ahead overlap this compute
             slot_list = cache.slot_list(layer) if self.backend == "loop" else None
+            if only is not None and self.backend == "loop":
+                return moe_loop(h, ids, weights, cache.w13_pool, cache.w2_pool, slot_list, ids_host=ids_host,
+                                experts=only)
             return run_experts(self.backend, h, ids, weights, cache.w13_pool, cache.w2_pool,
                                cache.slot_table[layer], slot_list, ids_host)
         finally:

@@ -45,7 +45,12 @@ class CopyEngine(Protocol):
     (returns the seconds the host stalled, 0 where the wait is on the device); fence(slot) marks that
     compute has used a slot, so no later load overwrites it before that use."""
 
-    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandleLike: ...
+    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
+             priority: float = 0.0) -> LoadHandleLike:
+        """Queue a copy. prefetch: nobody waits for it yet (engines with a link scheduler put demand
+        loads first); priority: its expected value among prefetches (higher goes first). Engines
+        with a link scheduler also offer promote(handle) and cancel(handle) -> unsent bytes | None
+        (see offload.link)."""
 
     def wait(self, handle: LoadHandleLike) -> float: ...
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-FIELDS = ("uses", "hits", "misses", "prefetch_hits", "prefetch_wasted", "bytes_h2d", "stall_seconds")
+FIELDS = ("uses", "hits", "misses", "prefetch_hits", "prefetch_wasted", "bytes_h2d", "stall_seconds",
+          "cpu_experts")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class CacheStats:
     prefetch_wasted: np.ndarray = field(init=False)
     bytes_h2d: np.ndarray = field(init=False)
     stall_seconds: np.ndarray = field(init=False)
+    cpu_experts: np.ndarray = field(init=False)  # misses computed on the host by the CPU lane (hybrid)
 
     def __post_init__(self) -> None:
         self.reset()

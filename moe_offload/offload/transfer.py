@@ -8,7 +8,7 @@ protocols.CopyEngine.
 
 from __future__ import annotations
 
-import queue
+import atexit
 import threading
 import time
 import weakref
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import MoeOffloadError
+from .link import DEFAULT_CHUNK_BYTES, LinkScheduler
 from .protocols import Key
 
 
@@ -64,57 +65,136 @@ def _host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def _copy_worker(jobs: queue.Queue, faults_box: list[CopyFaults]) -> None:
-    """The ThreadCopyEngine's thread. It holds the queue, not the engine, so the engine can be
-    garbage-collected (its finalizer then stops this thread)."""
+class CopyCancelled(MoeOffloadError):
+    """A queued prefetch was cancelled before it landed (a newer plan superseded it)."""
+
+
+def _copy_chunk(dst: torch.Tensor, src: torch.Tensor, lo: int, n: int) -> None:
+    """Copy bytes [lo, lo + n) of one expert row."""
+    if lo == 0 and n >= src.numel() * src.element_size():
+        _host_copy(dst, src)
+        return
+    np.copyto(dst.view(torch.uint8).numpy()[lo:lo + n], src.view(torch.uint8).numpy()[lo:lo + n])
+
+
+_LIVE_ENGINES: "weakref.WeakSet[ThreadCopyEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
+
+
+def _copy_worker(state: "_LinkState") -> None:
+    """The ThreadCopyEngine's thread: takes chunks from the link scheduler (demand first, then
+    prefetches by value) and copies them. It holds the shared state, not the engine, so the engine
+    can be garbage-collected (its finalizer then stops this thread)."""
     while True:
-        item = jobs.get()
+        with state.cond:
+            while True:
+                item = state.sched.next_chunk()
+                if item is not None or state.closed:
+                    break
+                state.cond.wait()
         if item is None:
             return
-        handle, src, dst = item
-        faults = faults_box[0]
+        job, lo, n = item
+        handle, (src, dst) = job.handle, job.payload
+        faults = state.faults
         try:
-            if faults.delay is not None:
+            if lo == 0 and faults.delay is not None:
                 time.sleep(faults.delay(handle.key))
-            if faults.fail is not None and faults.fail(handle.key):
+            if lo == 0 and faults.fail is not None and faults.fail(handle.key):
                 raise RuntimeError("injected copy failure")
-            _host_copy(dst, src)
+            _copy_chunk(dst, src, lo, n)
         except BaseException as exc:  # reported to the waiter, never lost in the thread
-            handle.error = exc
-        finally:
-            handle._done.set()
+            with state.cond:
+                state.sched.fail(job)
+                handle.error = exc
+                handle._done.set()
+                state.cond.notify_all()
+            continue
+        with state.cond:
+            if state.sched.chunk_done(job):
+                handle._done.set()
+            state.cond.notify_all()
+
+
+class _LinkState:
+    """What the engine and its worker thread share: the scheduler, its lock, the faults, closed."""
+
+    def __init__(self, chunk_bytes: int, faults: CopyFaults):
+        self.sched = LinkScheduler(chunk_bytes)
+        self.cond = threading.Condition()
+        self.faults = faults
+        self.closed = False
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
 
 
 class ThreadCopyEngine:
-    """CPU twin: a single worker thread copies in FIFO order while the caller computes.
-    close() (or garbage collection of the engine) stops the thread."""
+    """CPU twin: one worker thread is the link; copies move in chunks, demand loads first, then
+    prefetches by expected value (offload.link.LinkScheduler). A queued prefetch can be promoted
+    (someone waits for it) or cancelled. close() (or garbage collection of the engine) stops the
+    thread after the queued copies."""
 
-    def __init__(self, faults: CopyFaults | None = None):
-        self._faults_box = [faults or CopyFaults()]  # shared with the worker; tests swap faults at run time
-        self._jobs: queue.Queue = queue.Queue()
-        self._worker = threading.Thread(target=_copy_worker, args=(self._jobs, self._faults_box),
+    def __init__(self, faults: CopyFaults | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self._state = _LinkState(chunk_bytes, faults or CopyFaults())  # tests swap faults at run time
+        self._worker = threading.Thread(target=_copy_worker, args=(self._state,),
                                         name="moe-offload-copy", daemon=True)
         self._worker.start()
-        self._finalizer = weakref.finalize(self, self._jobs.put, None)
-        self._finalizer.atexit = False  # at exit the daemon thread just stops with the process
+        self._finalizer = weakref.finalize(self, self._state.close)
+        # At interpreter exit, stop and join every worker before the runtime tears down: a thread that
+        # is still running (or exits) during finalization can abort the process ("terminate called").
+        self._finalizer.atexit = False
+        _LIVE_ENGINES.add(self)
 
     @property
     def faults(self) -> CopyFaults:
-        return self._faults_box[0]
+        return self._state.faults
 
     @faults.setter
     def faults(self, value: CopyFaults) -> None:
-        self._faults_box[0] = value
+        self._state.faults = value
 
-    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
-        if not self._worker.is_alive():
+    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
+             priority: float = 0.0) -> LoadHandle:
+        if not self._worker.is_alive() or self._state.closed:
             raise MoeOffloadError("copy engine is closed")
         handle = LoadHandle(key, slot)
-        self._jobs.put((handle, src, dst))
+        handle.prefetch = prefetch
+        with self._state.cond:
+            self._state.sched.submit(handle, src.numel() * src.element_size(), demand=not prefetch,
+                                     priority=priority, payload=(src, dst))
+            self._state.cond.notify_all()
         return handle
+
+    def promote(self, handle: LoadHandle) -> None:
+        """Someone needs this (prefetch) load now: it overtakes the queued prefetches."""
+        with self._state.cond:
+            self._state.sched.promote(handle)
+
+    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
+        with self._state.cond:
+            self._state.sched.reprioritize(handle, priority)
+
+    def cancel(self, handle: LoadHandle) -> int | None:
+        """Cancel a queued load; returns the bytes never copied, or None if a chunk of it is on the
+        link now (or it already finished). A cancelled handle is done, with a CopyCancelled error."""
+        with self._state.cond:
+            unsent = self._state.sched.cancel(handle)
+            if unsent is not None:
+                handle.error = CopyCancelled(f"load of expert {handle.key} cancelled")
+                handle._done.set()
+            return unsent
 
     def wait(self, handle: LoadHandle) -> float:
         t0 = time.perf_counter()
+        self.promote(handle)
         handle._done.wait()
         stalled = time.perf_counter() - t0
         if handle.error is not None:
@@ -149,8 +229,11 @@ class CudaCopyEngine:
         self._last_use: dict[int, torch.cuda.Event] = {}
         self._waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []  # (layer, copy done, needed)
 
-    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int) -> LoadHandle:
+    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
+             priority: float = 0.0) -> LoadHandle:
+        """Copies go on the copy stream in issue order (FIFO; no chunking or demand-first here yet)."""
         handle = LoadHandle(key, slot)
+        handle.prefetch = prefetch
         if self.faults.delay is not None:
             time.sleep(self.faults.delay(key))
         if self.faults.fail is not None and self.faults.fail(key):

@@ -38,19 +38,34 @@ def true_router_probs(model: MixtralTransformer, xs: torch.Tensor) -> torch.Tens
                         for l in range(xs.shape[1])], dim=1)
 
 
-def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Router distillation KL(p_true(l+d) || p(r)) plus ALIGN_WEIGHT * (1 - cos(r, x_{l+d})), averaged."""
+def topk_ranking_loss(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Each true top-k expert's logit above the log-sum-exp of the experts outside the true top-k:
+    mean softplus(LSE_{j not in S} z_j - z_i) over i in S. logits, probs [T, E]."""
+    top = probs.topk(k, dim=-1).indices  # [T, k]
+    inside = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+    rest = torch.logsumexp(logits.masked_fill(inside, float("-inf")), dim=-1, keepdim=True)  # [T, 1]
+    return F.softplus(rest - logits.gather(1, top)).mean()
+
+
+def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, probs: torch.Tensor,
+                 rank_weight: float = 0.0) -> torch.Tensor:
+    """Router distillation KL(p_true(l+d) || p(r)) plus ALIGN_WEIGHT * (1 - cos(r, x_{l+d})), plus
+    rank_weight * topk_ranking_loss (the set the router will pick, not only its distribution), averaged."""
     eps = model.cfg.rms_norm_eps
+    k = model.cfg.num_experts_per_tok
     total = 0.0
     for l, d in acc.pairs:
         t = l + d
         r = acc.accelerate(l, d, xs[:, l])  # [T, H]
-        logq = F.log_softmax(F.linear(rms_norm(r, model.layers[t].post_attention_layernorm.float(), eps),
-                                      model.layers[t].gate.float()), dim=-1)
+        logits = F.linear(rms_norm(r, model.layers[t].post_attention_layernorm.float(), eps),
+                          model.layers[t].gate.float())  # [T, E]
+        logq = F.log_softmax(logits, dim=-1)
         p = probs[:, t]
         kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
         align = 1 - F.cosine_similarity(r, xs[:, t], dim=-1).mean()
         total = total + kl + ALIGN_WEIGHT * align
+        if rank_weight:
+            total = total + rank_weight * topk_ranking_loss(logits, p, k)
     return total / len(acc.pairs)
 
 
@@ -95,7 +110,8 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
 
 def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
-                      seed: int = 0, show_progress: bool = True) -> tuple[Accelerator, dict[str, Any]]:
+                      seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0
+                      ) -> tuple[Accelerator, dict[str, Any]]:
     """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest."""
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
@@ -113,7 +129,7 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
                 xs = collect_residuals(model, chunks[i])  # streamed: one window in memory at a time
                 probs = true_router_probs(model, xs)
                 with torch.enable_grad():
-                    loss = adapter_loss(model, acc, xs, probs)
+                    loss = adapter_loss(model, acc, xs, probs, rank_weight)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -122,6 +138,7 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
             curve.append({"epoch": epoch + 1, "heldout_loss": evaluate(model, acc, held_ids, window)["loss"]})
     after = evaluate(model, acc, held_ids, window)
     report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
+              "rank_loss_weight": rank_weight,
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
     return acc, report
