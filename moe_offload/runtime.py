@@ -161,10 +161,12 @@ class OffloadedModel:
             with torch.inference_mode():
                 return self.model(x, 0, self.kv_cache)[0].float()
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stream: bool = False,
-                 callback: Callable[[str], None] | None = None) -> GenerationResult | GenerationStream:
-        """Generate from a text or token-id prompt.
+    def generate(self, prompt: str | Sequence[int] | list[str | Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = False,
+                 callback: Callable[[str], None] | None = None, max_batch: int = 8
+                 ) -> GenerationResult | GenerationStream | list[GenerationResult]:
+        """Generate from a text or token-id prompt, or from a list of them (batched decoding: returns a
+        list of GenerationResult, up to `max_batch` sequences decoding together; see moe_offload.batch).
 
         Greedy when temperature is 0; otherwise samples (top_p nucleus, seed for reproducibility).
         Stops at EOS, max_new_tokens or the end of the context. Returns a GenerationResult with .text,
@@ -173,6 +175,12 @@ class OffloadedModel:
         called with each text delta as well.
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            from .batch import generate_batch
+
+            return generate_batch(self, [self._check_ids(self.encode(p) if isinstance(p, str) else p,
+                                                         f"prompt {i}") for i, p in enumerate(prompt)],
+                                  params, max_batch)
         prompt_ids = self._check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, "prompt")
         holder = GenerationStream(iter(()))
         holder._chunks = self._run(prompt_ids, params, holder, callback)

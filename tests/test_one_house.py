@@ -53,7 +53,12 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
     is_pkg = path.name == "__init__.py"
     pkg = name if is_pkg else name.rsplit(".", 1)[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                 and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:  # `if TYPE_CHECKING:` imports never run
+            continue
         targets = []
         if isinstance(node, ast.ImportFrom):
             if node.level:

@@ -36,11 +36,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int | torch.Tensor,
               sliding_window: int | None) -> torch.Tensor:
     """Causal grouped-query attention.
 
     q [B, nh, T, hd] at positions q_start..q_start+T-1; k, v [B, nkv, S, hd] at positions 0..S-1.
+    q_start may be a tensor [B] (batched decode, T == 1): row b's query sits at q_start[b].
     Returns [B, nh, T, hd].
     """
     t, s = q.shape[2], k.shape[2]
@@ -51,10 +52,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
     elif rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    if t == 1 and (sliding_window is None or s <= sliding_window):
+    if isinstance(q_start, torch.Tensor):
+        qpos = q_start.view(-1, 1, 1, 1)  # [B, 1, T=1, 1]
+        kpos = torch.arange(s, device=q.device).view(1, 1, 1, s)  # [1, 1, 1, S]
+    elif t == 1 and (sliding_window is None or s <= sliding_window):
         return F.scaled_dot_product_attention(q, k, v, **gqa)  # one query sees every cached key
-    qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
-    kpos = torch.arange(s, device=q.device)[None, :]  # [1, S]
+    else:
+        qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
+        kpos = torch.arange(s, device=q.device)[None, :]  # [1, S]
     allowed = kpos <= qpos
     if sliding_window is not None:
         allowed &= kpos > qpos - sliding_window

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -17,6 +18,19 @@ from .moe import ExpertBackend, ResidentExperts, route
 from .observers import LayerObserver
 
 
+@dataclass(frozen=True)
+class RowPositions:
+    """Batched decode (moe_offload.batch): row b of the batch holds one new token at position pos[b].
+
+    pos, rows: [B] int64 on the device (rows = arange(B)); span = max(pos) + 1, known on the host:
+    the keys 0..span-1 that attention reads for every row (each row masks its own future).
+    """
+
+    pos: torch.Tensor
+    rows: torch.Tensor
+    span: int
+
+
 class KVCache:
     """Preallocated keys/values for every layer: [L, B, n_kv, max_seq_len, head_dim] each."""
 
@@ -27,9 +41,20 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A KVCache over batch rows start..stop-1 that shares this one's storage."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_seq_len = self.k[:, start:stop], self.v[:, start:stop], self.max_seq_len
+        return view
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | RowPositions
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, n_kv, T, hd] at positions start..start+T-1; return views of 0..start+T-1."""
+        """Write k, v [B, n_kv, T, hd] at positions start..start+T-1; return views of 0..start+T-1.
+        With RowPositions (T == 1), row b is written at pos[b] and the views cover 0..span-1."""
+        if isinstance(start, RowPositions):
+            self.k[layer][start.rows, :, start.pos] = k[:, :, 0]  # [B, n_kv, hd] at (b, pos[b])
+            self.v[layer][start.rows, :, start.pos] = v[:, :, 0]
+            return self.k[layer, :, :, :start.span], self.v[layer, :, :, :start.span]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -172,24 +197,31 @@ class MixtralTransformer(nn.Module):
         y = self.experts(layer, x, ids, weights)  # [N, H]
         return y.reshape(h.shape), logits
 
-    def _attention(self, x: torch.Tensor, layer: int, start: int, cache: KVCache | None) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, layer: int, start: int | RowPositions, cache: KVCache | None
+                   ) -> torch.Tensor:
         b, t, _ = x.shape
         cfg, w = self.cfg, self.layers[layer]
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = F.linear(x, w.qkv_proj).view(b, t, nh + 2 * nkv, hd)  # [B, T, nh + 2 nkv, hd]
-        cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
+        if isinstance(start, RowPositions):  # batched decode: each row at its own position
+            cos, sin = self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]  # [B, 1, 1, hd]
+            q_start: int | torch.Tensor = start.pos
+        else:
+            cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
+            q_start = start
         qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin).transpose(1, 2)  # q and k heads at once: [B, nh+nkv, T, hd]
         q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, T, hd], [B, nkv, T, hd]
         v = qkv[:, :, nh + nkv:].transpose(1, 2)  # [B, nkv, T, hd]
         if cache is not None:
-            k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T, hd]
-        o = attention(q, k, v, start, cfg.sliding_window)  # [B, nh, T, hd]
+            k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T (or span), hd]
+        o = attention(q, k, v, q_start, cfg.sliding_window)  # [B, nh, T, hd]
         return F.linear(o.transpose(1, 2).reshape(b, t, -1), w.o_proj)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
                 host_ids: Sequence[int] | None = None) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H]).
+        start_pos may be RowPositions (batched decode, T == 1: row b at its own position).
         host_ids: the same ids on the host when the caller has them (decode), for observers."""
         eps = self.cfg.rms_norm_eps
         observers = self.observers
