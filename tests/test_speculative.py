@@ -45,3 +45,35 @@ def test_speculative_sampling_matches_target():
         counts[d if a == 1 else nxt] += 1
     # 4 standard errors of a proportion at n = 20000 is < 0.015
     assert (counts / n - p[0]).abs().max() < 0.015
+
+
+def test_drafting_never_copies_and_the_bundled_head_is_exact_under_every_policy(monkeypatch):
+    from moe_offload.offload.cache import ExpertCache
+    from moe_offload.speculative import Drafter
+
+    plain = runtime.load(device="cpu", offload=False)
+    want = plain.generate(PROMPTS[1], max_new_tokens=20).token_ids
+    drafting = [False]
+    loads_while_drafting = []
+    orig_logits, orig_start = Drafter.logits, ExpertCache._start_load
+
+    def drafter_logits(self, *a, **kw):
+        drafting[0] = True
+        try:
+            return orig_logits(self, *a, **kw)
+        finally:
+            drafting[0] = False
+
+    def start_load(self, key, *a, **kw):
+        if drafting[0]:
+            loads_while_drafting.append(key)
+        return orig_start(self, key, *a, **kw)
+
+    monkeypatch.setattr(Drafter, "logits", drafter_logits)
+    monkeypatch.setattr(ExpertCache, "_start_load", start_load)
+    for policy in ("lru", "lru-layer", "lfu", "predictive"):
+        with runtime.load(device="cpu", speculative=True, cache_per_layer=3, policy=policy) as s:  # bundled head
+            r = s.generate(PROMPTS[1], max_new_tokens=20)
+            assert r.token_ids == want, policy
+            assert r.stats["draft_tokens"] > 0
+    assert loads_while_drafting == []
