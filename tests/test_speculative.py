@@ -77,3 +77,46 @@ def test_drafting_never_copies_and_the_bundled_head_is_exact_under_every_policy(
             assert r.token_ids == want, policy
             assert r.stats["draft_tokens"] > 0
     assert loads_while_drafting == []
+
+
+def test_rollback_leaves_the_kv_cache_equal_to_a_plain_run(monkeypatch):
+    """After every verify pass, K/V at the positions fed so far match a plain run's (float32 rounding of a
+    batched vs single-token projection), and every position a rejected draft wrote is zero again."""
+    from moe_offload.speculative import SpeculativeDecoder
+
+    plain = runtime.load(device="cpu", offload=False, dtype="float32")
+    want = plain.generate(PROMPTS[0], max_new_tokens=24)
+    checked = []
+    orig_step = SpeculativeDecoder._step
+
+    def step(self, cache, tok, pos, g, *a, **kw):
+        out = orig_step(self, cache, tok, pos, g, *a, **kw)
+        n = pos + len(out)  # positions 0..n-1 hold the prompt and every token fed so far
+        for mine, ref in ((cache.k, plain.kv_cache.k), (cache.v, plain.kv_cache.v)):
+            assert torch.allclose(mine[:, :, :, :n], ref[:, :, :, :n], rtol=1e-5, atol=1e-5)
+            assert mine[:, :, :, n:].abs().max() == 0, f"rejected drafts left K/V behind after position {n}"
+        checked.append(len(out) - 1 < g)  # a pass with a rejection
+        return out
+
+    monkeypatch.setattr(SpeculativeDecoder, "_step", step)
+    with runtime.load(device="cpu", offload=False, dtype="float32", speculative=True, draft_tokens=4) as s:
+        got = s.generate(PROMPTS[0], max_new_tokens=24)
+    assert got.token_ids == want.token_ids
+    assert any(checked), "no pass rejected a draft: the test checked no rollback"
+
+
+def test_greedy_speculative_is_exact_with_random_copy_delays():
+    import random
+
+    from moe_offload.offload.transfer import CopyFaults
+
+    plain = runtime.load(device="cpu", offload=False)
+    want = [plain.generate(p, max_new_tokens=20).token_ids for p in PROMPTS]
+    rng = random.Random(0)
+    for cap, policy in ((2, "lru"), (4, "lru-layer"), (6, "lfu")):
+        with runtime.load(device="cpu", speculative=True, cache_per_layer=cap, policy=policy) as s:
+            s.expert_cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.003))
+            for p, w in zip(PROMPTS, want):
+                r = s.generate(p, max_new_tokens=20)
+                assert r.token_ids == w, (cap, policy)
+                assert r.stats["misses"] > 0
