@@ -374,16 +374,21 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
                 cache.stats.misses[l] += len(on_cpu)
                 cache.stats.cpu_experts[l] += len(on_cpu)
                 cpu_end = t_ids + sum(cpu.cpu(1) for _ in on_cpu)
-            cache.acquire(l, experts)
-            if pred is not None:
-                pf.issue(l, pred.numpy())
-            if cpu is not None and on_cpu:
-                fill_after_cpu(cache, l, on_cpu, pf.protect if pf is not None else set())
-            work = costs.expert * len(experts)
-            clock.now = max(clock.now + work, cpu_end) + costs.bookkeeping
-            compute += work
+            # several positions per step (a verify pass) may need more experts than the layer holds at
+            # once: like OffloadedExperts, run them in groups that fit
+            groups = cache.fit_groups(l, experts) if experts else [[]]
+            for gi, group in enumerate(groups):
+                cache.acquire(l, group)
+                if gi == 0 and pred is not None:
+                    pf.issue(l, pred.numpy())
+                if gi == 0 and cpu is not None and on_cpu:
+                    fill_after_cpu(cache, l, on_cpu, pf.protect if pf is not None else set())
+                work = costs.expert * len(group)
+                clock.now = max(clock.now + work, cpu_end if gi == 0 else 0.0)
+                compute += work
+                cache.release(l, group)
+            clock.now += costs.bookkeeping
             bookkeeping += costs.bookkeeping
-            cache.release(l, experts)
             if on_step is not None:
                 on_step(t, l)
         clock.now += costs.head
