@@ -98,11 +98,13 @@ def resident_speed(model: str, acc: str, prompts, new: int, draft: int) -> dict:
             "draft_exit_layer": spec.speculative.drafter.head.exit_layer}
 
 
-def offloaded_bytes(model: str, acc: str, prompts, new: int, draft: int, cap: int, policy: str) -> dict:
+def offloaded_bytes(model: str, acc: str, prompts, new: int, draft: int, cap: int, policy: str,
+                    predictor: str) -> dict:
     out = {}
     for mode in ("plain", "spec"):
         kw = dict(speculative=True, accelerator=acc, draft_tokens=draft) if mode == "spec" else {}
-        with runtime.load(model, device="cpu", cache_per_layer=cap, policy=policy, **kw) as om:
+        with runtime.load(model, device="cpu", cache_per_layer=cap, policy=policy, predictor=predictor,
+                          **({"accelerator": acc} | kw)) as om:
             rec = PassRecorder(om.config.num_hidden_layers)
             toks = nbytes = drafts = 0
             with observing(om.model, rec):
@@ -146,6 +148,7 @@ def main() -> int:
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--capacities", default="2,4,6", help="slots per layer")
     ap.add_argument("--policy", default="lru-layer")
+    ap.add_argument("--predictors", default="none,auto", help="prefetch predictors to run the cache with")
     ap.add_argument("--hardware", default="rtx4090-pcie4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/speculative_issue13.json")
@@ -162,22 +165,24 @@ def main() -> int:
     result["resident"] = resident_speed(args.model, args.accelerator, prompts, args.new_tokens, args.draft_tokens)
     print(json.dumps(result["resident"], indent=1))
     result["offloaded"] = {}
-    for cap in (int(c) for c in args.capacities.split(",")):
-        r = offloaded_bytes(args.model, args.accelerator, prompts, args.new_tokens, args.draft_tokens, cap, args.policy)
-        row = {m: {"bytes_per_token": r[m]["bytes_per_token"]} for m in ("plain", "spec")}
-        row["plain_over_spec"] = r["plain"]["bytes_per_token"] / r["spec"]["bytes_per_token"]
-        spec_tokens = r["spec"]["tokens"]
-        drafts = r["spec"]["drafts"]
-        row["projection"] = {
-            f"{args.hardware}_{fmt}": project(r["plain"]["passes"], r["spec"]["passes"], spec_tokens,
-                                              r["plain"]["num_experts"], Lt, result["resident"]["draft_exit_layer"],
-                                              drafts, cap, args.policy, args.hardware, fmt)
-            for fmt in ("bf16", "int4")}
-        result["offloaded"][str(cap)] = row
-        print(f"cap {cap}/layer: bytes/token plain {row['plain']['bytes_per_token'] / 1e6:.3f} MB, "
-              f"spec {row['spec']['bytes_per_token'] / 1e6:.3f} MB (plain/spec {row['plain_over_spec']:.2f}x); "
-              + "; ".join(f"{k}: {v['plain']['tokens_per_second']:.2f} -> {v['spec']['tokens_per_second']:.2f} tok/s"
-                          for k, v in row["projection"].items()))
+    for pred in args.predictors.split(","):
+        for cap in (int(c) for c in args.capacities.split(",")):
+            r = offloaded_bytes(args.model, args.accelerator, prompts, args.new_tokens, args.draft_tokens, cap,
+                                args.policy, pred)
+            row = {m: {"bytes_per_token": r[m]["bytes_per_token"]} for m in ("plain", "spec")}
+            row["plain_over_spec"] = r["plain"]["bytes_per_token"] / r["spec"]["bytes_per_token"]
+            if pred == "none":  # the projection replays demand loads only
+                row["projection"] = {
+                    f"{args.hardware}_{fmt}": project(r["plain"]["passes"], r["spec"]["passes"], r["spec"]["tokens"],
+                                                      r["plain"]["num_experts"], Lt,
+                                                      result["resident"]["draft_exit_layer"], r["spec"]["drafts"],
+                                                      cap, args.policy, args.hardware, fmt)
+                    for fmt in ("bf16", "int4")}
+            result["offloaded"][f"{pred}/{cap}"] = row
+            print(f"predictor {pred}, {cap} slots/layer: bytes/token plain {row['plain']['bytes_per_token'] / 1e6:.3f} MB, "
+                  f"spec {row['spec']['bytes_per_token'] / 1e6:.3f} MB (plain/spec {row['plain_over_spec']:.2f}x)"
+                  + "".join(f"; {k}: {v['plain']['tokens_per_second']:.2f} -> {v['spec']['tokens_per_second']:.2f} tok/s"
+                            for k, v in row.get("projection", {}).items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
