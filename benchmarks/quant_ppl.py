@@ -42,11 +42,19 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     ap.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens scored (default 2048)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens timed per format (default 32)")
+    ap.add_argument("--text", default=None, help="held-out text (default: the bundled model's)")
+    ap.add_argument("--formats", default=",".join(n for n, _ in FORMATS),
+                    help="comma list of formats to score (default all: %(default)s)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "quant_ppl.json"))
     args = ap.parse_args()
-    text = moe_offload.bundled_heldout_text().read_text()
+    text = (open(args.text, encoding="utf-8").read() if args.text
+            else moe_offload.bundled_heldout_text().read_text())
+    wanted = args.formats.split(",")
+    unknown = sorted(set(wanted) - {n for n, _ in FORMATS})
+    if unknown:
+        ap.error(f"--formats: unknown {unknown}; valid: {[n for n, _ in FORMATS]}")
     rows = []
-    for name, opts in FORMATS:
+    for name, opts in (f for f in FORMATS if f[0] in wanted):
         t0 = time.perf_counter()
         with moe_offload.load(args.model, device="cpu", **opts) as m:
             load_s = time.perf_counter() - t0
@@ -60,7 +68,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:10s} ppl {ppl:8.3f}  decode {row['decode_tokens_per_second']:6.1f} tok/s  "
               f"load {load_s:5.2f} s", flush=True)
-    out = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "model": args.model or "bundled",
+    out = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "model": args.model or "bundled", "text": args.text or "bundled held-out",
            "results": rows}
     print("saved", write_json_atomic(args.out, out))
 
