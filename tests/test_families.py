@@ -1,0 +1,199 @@
+"""Qwen3-MoE, Qwen2-MoE (shared expert) and OLMoE: configs as the hub spells them, and parity of the
+runtime (resident and offloaded) with transformers' own classes on tiny random checkpoints (float32)."""
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_offload
+from moe_offload import ConfigError
+from moe_offload.checkpoint import CheckpointError, expected_tensors
+from moe_offload.config import ModelConfig, MixtralConfig
+
+# float32, 2 layers: the same bound as the Mixtral parity tests (observed max relative error ~1e-7; a
+# wrong norm, rope, bias, clip or routing detail moves the logits by > 1e-2).
+REL_TOL = 2e-5
+L, E, K = 2, 8, 3
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+              num_experts=E, num_experts_per_tok=K, max_position_embeddings=128, initializer_range=0.1,
+              bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, rms_norm_eps=1e-6)
+# Per family: transformers class names and the config each test model is built with. head_dim 12 is not
+# hidden/heads (8), so an implicit head_dim would fail; norm_topk_prob differs across families.
+FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(moe_intermediate_size=20, intermediate_size=40, head_dim=12, norm_topk_prob=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(moe_intermediate_size=20, intermediate_size=40, shared_expert_intermediate_size=24,
+                       norm_topk_prob=False)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=20, clip_qkv=0.9, norm_topk_prob=False)),
+}
+
+
+def build_hf(path: Path, family: str, **overrides):
+    """A random transformers model of `family` saved with save_pretrained (safetensors); returns it."""
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[family]
+    kw = {**COMMON, **extra, **overrides, "experts_implementation": "eager"}
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw)).eval()
+    with torch.no_grad():  # norms are ones and biases zeros at init: perturb so mistakes show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif name.endswith("shared_expert_gate.weight"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    return {f: (p, build_hf(p, f)) for f in FAMILIES for p in [tmp_path_factory.mktemp(f)]}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def decode_logits(m, ids, n_prefill):
+    """Prefill ids[:n_prefill], then decode the rest one token at a time through the KV cache: [T, V]."""
+    cache, net = m.kv_cache, m.model
+    with torch.inference_mode():
+        parts = [net(torch.tensor([ids[:n_prefill]]), 0, cache)[0]]
+        parts += [net(torch.tensor([[t]]), n_prefill + i, cache)[0] for i, t in enumerate(ids[n_prefill:])]
+    return torch.cat(parts)
+
+
+IDS = torch.randint(3, 64, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prefill_and_decode_logits_match_transformers(hf_models, family):
+    path, hf = hf_models[family]
+    m = moe_offload.load(path, device="cpu", dtype="float32")
+    assert m.config.model_type == family
+    with torch.no_grad():
+        ref = hf(torch.tensor([IDS])).logits[0]  # [T, V]
+    prefill = m.logits(IDS)
+    assert rel_err(prefill, ref) < REL_TOL
+    assert rel_err(decode_logits(m, IDS, 12), ref) < REL_TOL
+    print(f"\n{family}: prefill max-abs error {(prefill - ref).abs().max().item():.3e} "
+          f"(logit scale {ref.abs().max().item():.2f})")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_tokens_match_transformers(hf_models, family):
+    path, hf = hf_models[family]
+    m = moe_offload.load(path, device="cpu", dtype="float32")
+    prompt = [1, 5, 9, 17, 33]
+    ours = m.generate(prompt, max_new_tokens=16)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                          eos_token_id=list(m.config.eos_token_ids), pad_token_id=0)
+    assert ours.token_ids == out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_offloaded_equals_resident_at_several_capacities(hf_models, family):
+    path, _ = hf_models[family]
+    resident = moe_offload.load(path, device="cpu", dtype="float32")
+    assert resident.expert_cache is None
+    ref_prefill, ref_decode = resident.logits(IDS), decode_logits(resident, IDS, 12)
+    ref_tokens = resident.generate(IDS[:6], max_new_tokens=8).token_ids
+    for cap in (K, E, L * E // 2 + 1, L * E):
+        m = moe_offload.load(path, device="cpu", dtype="float32", cache_experts=cap)
+        assert m.expert_cache.num_slots == cap
+        assert torch.equal(m.logits(IDS), ref_prefill), (family, cap)
+        assert torch.equal(decode_logits(m, IDS, 12), ref_decode), (family, cap)
+        assert m.generate(IDS[:6], max_new_tokens=8).token_ids == ref_tokens, (family, cap)
+        # Only routed experts are offloaded: the store holds L x E of them, the shared expert is dense.
+        assert m.expert_cache.store.num_layers * m.expert_cache.store.num_experts == L * E
+
+
+def test_shared_expert_stays_on_the_device_with_its_gate(hf_models):
+    path, hf = hf_models["qwen2_moe"]
+    m = moe_offload.load(path, device="cpu", dtype="float32", cache_experts=K)
+    layer = m.model.layers[1]
+    ref = hf.model.layers[1].mlp
+    assert torch.equal(layer.shared_w1, ref.shared_expert.gate_proj.weight)
+    assert torch.equal(layer.shared_w2, ref.shared_expert.down_proj.weight)
+    assert torch.equal(layer.shared_gate, ref.shared_expert_gate.weight)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        want = torch.sigmoid(ref.shared_expert_gate(x)) * ref.shared_expert(x)
+    assert rel_err(m.model.shared_expert(x, 1), want) < REL_TOL
+
+
+# --- configs as the hub spells them -------------------------------------------------------------------
+ASSETS = Path(str(resources.files("moe_offload") / "assets"))
+
+
+def test_hub_configs_parse_with_family_fields():
+    q = ModelConfig.from_file(ASSETS / "qwen3-30b-a3b.config.json")
+    assert (q.model_type, q.num_local_experts, q.intermediate_size, q.num_experts_per_tok) == ("qwen3_moe", 128, 768, 8)
+    assert (q.head_dim, q.qk_norm, q.norm_topk_prob, q.rope_theta, q.num_hidden_layers) == (128, "per_head", True, 1e6, 48)
+    assert q.sliding_window is None and not q.has_shared_expert
+    o = ModelConfig.from_file(ASSETS / "olmoe-1b-7b.config.json")
+    assert (o.model_type, o.num_local_experts, o.intermediate_size, o.qk_norm, o.norm_topk_prob) == (
+        "olmoe", 64, 1024, "full", False)
+    assert MixtralConfig is ModelConfig
+
+
+def test_transformers5_spelling_equals_hub_spelling():
+    hub = json.loads((ASSETS / "qwen3-30b-a3b.config.json").read_text())
+    t5 = dict(hub, dtype=hub["torch_dtype"], rope_parameters={"rope_type": "default", "rope_theta": hub["rope_theta"]})
+    for key in ("torch_dtype", "rope_theta", "num_experts"):
+        t5.pop(key)
+    t5["num_local_experts"] = hub["num_experts"]  # transformers' attribute_map name
+    assert ModelConfig.from_dict(t5) == ModelConfig.from_dict(hub)
+
+
+QWEN2 = dict(model_type="qwen2_moe", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(model_type="deepseek_v3"), "model_type is 'deepseek_v3'"),
+    (dict(use_sliding_window=True), "use_sliding_window=true is not supported"),
+    (dict(mlp_only_layers=[0]), "mlp_only_layers [0]"),
+    (dict(decoder_sparse_step=2), "decoder_sparse_step 2"),
+    (dict(shared_expert_intermediate_size=0), "shared_expert_intermediate_size must be a positive integer"),
+    (dict(moe_intermediate_size=None), "missing required key(s): moe_intermediate_size"),
+    (dict(attention_bias=True), "attention_bias=true is not supported"),
+])
+def test_unsupported_options_are_refused_in_one_line(change, words):
+    raw = {k: v for k, v in {**QWEN2, **change}.items() if v is not None}
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(raw, source="x/config.json")
+    msg = str(err.value)
+    assert words in msg and msg.startswith("x/config.json: ") and "\n" not in msg
+
+
+def test_olmoe_clip_qkv_must_be_positive():
+    raw = dict(QWEN2, model_type="olmoe", intermediate_size=16, clip_qkv=-1.0)
+    with pytest.raises(ConfigError, match="clip_qkv must be positive"):
+        ModelConfig.from_dict(raw)
+
+
+def test_family_tensor_names_and_missing_shared_gate_reported(tmp_path, hf_models):
+    cfg = ModelConfig.from_dict(QWEN2)
+    names = expected_tensors(cfg)
+    assert names["model.layers.1.mlp.experts.7.down_proj.weight"] == (32, 16)
+    assert names["model.layers.0.mlp.shared_expert_gate.weight"] == (1, 32)
+    assert names["model.layers.0.self_attn.q_proj.bias"] == (32,)
+    assert not any("block_sparse_moe" in n for n in names)
+    src, _ = hf_models["qwen2_moe"]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.mlp.shared_expert_gate.weight"]
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.shared_expert_gate\.weight"):
+        moe_offload.load(tmp_path, device="cpu")
