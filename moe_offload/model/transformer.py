@@ -336,7 +336,7 @@ def init_random_(model: MixtralTransformer, seed: int, std: float = 0.02) -> Non
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0)
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
                 continue
             s = out_std if name.endswith(("o_proj", "w2")) else std
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s).to(p.dtype))
