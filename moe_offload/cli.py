@@ -468,6 +468,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"deep oracle {p.limits['deep_oracle_tokens_per_second']:.2f} tokens/s "
           f"(on time {p.limits['deep_oracle_on_time_hit_rate']:.3f})")
     print(f"  (trace: {s['trace_tokens']} tokens x {s['trace_layers']} layers, scaled to {s['model_layers']} layers)")
+    if (s["trace_experts"], s["trace_top_k"]) != (s["model_experts"], s["model_top_k"]):
+        print(f"  (trace routes top-{s['trace_top_k']} of {s['trace_experts']} experts per layer, the model top-"
+              f"{s['model_top_k']} of {s['model_experts']}: the trace's residency share is kept, "
+              f"{s['slots_simulated']} slots over {s['trace_layers']} traced layers)")
     return 0
 
 

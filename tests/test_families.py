@@ -197,3 +197,25 @@ def test_family_tensor_names_and_missing_shared_gate_reported(tmp_path, hf_model
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.shared_expert_gate\.weight"):
         moe_offload.load(tmp_path, device="cpu")
+
+
+# --- the simulator on these configs -------------------------------------------------------------------
+def test_named_sim_configs_and_residency_share_of_a_smaller_trace(hf_models):
+    from moe_offload.analysis.bench import model_config, simulate
+    from moe_offload.analysis.sim import get_hardware
+    from moe_offload.analysis.trace import record_routing
+
+    assert model_config("olmoe-1b-7b").num_local_experts == 64
+    cfg = model_config("qwen3-30b-a3b")
+    path, _ = hf_models["qwen3_moe"]
+    m = moe_offload.load(path, device="cpu", dtype="float32", offload=False)
+    ids = torch.randint(3, 64, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+    trace = record_routing(m.model, ids, window=32)
+    assert trace.routed_ids.shape == (120, L, K) and trace.router_probs.shape[2] == E
+    p = simulate(trace, cfg, get_hardware("rtx3060-pcie3"), "int4", None, "none", deep_oracle_bound=False)
+    s = p.settings
+    # The real model keeps slots_model / (48 x 128) of its experts; the 2 x 8 trace keeps the same share.
+    share = s["slots_model"] / (48 * 128)
+    assert s["slots_simulated"] == max(K, round(share * L * E)) < L * E
+    assert (s["trace_experts"], s["model_experts"], s["trace_top_k"], s["model_top_k"]) == (E, 128, K, 8)
+    assert s["hit_rate"] < 1.0
