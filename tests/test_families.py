@@ -219,3 +219,50 @@ def test_named_sim_configs_and_residency_share_of_a_smaller_trace(hf_models):
     assert s["slots_simulated"] == max(K, round(share * L * E)) < L * E
     assert (s["trace_experts"], s["model_experts"], s["trace_top_k"], s["model_top_k"]) == (E, 128, K, 8)
     assert s["hit_rate"] < 1.0
+
+
+# --- kernels at Qwen3-MoE's routing shape: top-8 of 128 experts, narrow experts -------------------------
+@pytest.mark.parametrize("t,dtype,tol", [(1, torch.float32, 1e-5), (9, torch.float32, 1e-5),
+                                         (9, torch.bfloat16, 3e-2)])
+def test_triton_fused_moe_top8_of_128_narrow_experts(t, dtype, tol):
+    """Tolerances as tests/test_kernels.py: a few units of each dtype's roundoff over ~H-term sums."""
+    from moe_offload.kernels import fused_moe, fused_moe_reference
+
+    e, k, h, i = 128, 8, 64, 48  # Qwen3-30B-A3B: 128 experts, top-8, width 768 = 16 x 48
+    g = torch.Generator().manual_seed(t)
+    hidden = torch.randn(t, h, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])  # [T, 8]
+    weights = torch.softmax(torch.randn(t, k, generator=g), -1)  # not renormalised: any weights
+    slots = e + 4
+    w13 = torch.full((slots, 2 * i, h), float("nan"), dtype=dtype)  # unused slots: NaN garbage
+    w2 = torch.full((slots, h, i), float("nan"), dtype=dtype)
+    slot_of = torch.randperm(slots, generator=g)[:e].to(torch.int32)
+    for x in range(e):
+        w13[slot_of[x]] = (torch.randn(2 * i, h, generator=g) / h ** 0.5).to(dtype)
+        w2[slot_of[x]] = (torch.randn(h, i, generator=g) / i ** 0.5).to(dtype)
+    ref = fused_moe_reference(hidden, ids, weights, w13, w2, slot_of)
+    got = fused_moe(hidden, ids, weights, w13, w2, slot_of, debug=True)
+    assert not torch.isnan(got).any()
+    assert rel_err(got.float(), ref.float()) < tol
+
+
+def test_offloaded_triton_backend_matches_loop_with_shared_expert(hf_models):
+    path, _ = hf_models["qwen2_moe"]
+    ref = moe_offload.load(path, device="cpu", dtype="float32").logits(IDS[:8])
+    m = moe_offload.load(path, device="cpu", dtype="float32", cache_experts=E, moe_backend="triton")
+    assert m.runtime.moe_backend == "triton"
+    assert rel_err(m.logits(IDS[:8]), ref) < REL_TOL
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_routed_experts_offloaded_equal_resident(hf_models, fmt):
+    path, _ = hf_models["qwen2_moe"]  # the shared expert stays in float32 with the dense weights
+    kw = dict(device="cpu", dtype="float32", expert_dtype=fmt, group_size=32)
+    resident = moe_offload.load(path, offload=False, **kw)
+    full = moe_offload.load(path, device="cpu", dtype="float32").logits(IDS)
+    want = resident.logits(IDS)
+    assert not torch.equal(want, full)  # the experts really are quantized
+    assert resident.model.layers[0].shared_w13.dtype == torch.float32
+    for cap in (K, L * E):
+        m = moe_offload.load(path, cache_experts=cap, predictor="none", **kw)
+        assert torch.equal(m.logits(IDS), want), (fmt, cap)
