@@ -266,3 +266,27 @@ def test_quantized_routed_experts_offloaded_equal_resident(hf_models, fmt):
     for cap in (K, L * E):
         m = moe_offload.load(path, cache_experts=cap, predictor="none", **kw)
         assert torch.equal(m.logits(IDS), want), (fmt, cap)
+
+
+QWEN15_MOE_A27B = dict(  # Qwen/Qwen1.5-MoE-A2.7B config.json, as the hub spells it
+    architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632,
+    moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+    num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, vocab_size=151936, rope_theta=1e6,
+    rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, max_position_embeddings=8192,
+    max_window_layers=21, sliding_window=32768, use_sliding_window=False, tie_word_embeddings=False,
+    torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151643)
+
+
+@pytest.mark.parametrize("cfg, total_b, active_b", [
+    (lambda: ModelConfig.from_file(ASSETS / "qwen3-30b-a3b.config.json"), 30.5, 3.3),
+    (lambda: ModelConfig.from_file(ASSETS / "olmoe-1b-7b.config.json"), 6.9, 1.3),
+    (lambda: ModelConfig.from_dict(QWEN15_MOE_A27B), 14.3, 2.7),
+])
+def test_parameter_counts_match_the_published_sizes(cfg, total_b, active_b):
+    """Total and active (dense + top-k routed experts; the shared expert is dense) parameters within
+    0.06 B of the published one-decimal figures (Qwen3's 3.35 B active is published as 3.3): a wrong
+    expert width, count or a missing shared expert moves them by more."""
+    c = cfg()
+    active = c.dense_params + c.num_hidden_layers * c.num_experts_per_tok * c.expert_params
+    assert abs(c.total_params / 1e9 - total_b) < 0.06 and abs(active / 1e9 - active_b) < 0.06
+    assert c.sliding_window is None
