@@ -264,6 +264,12 @@ class ModelConfig:
     def has_shared_expert(self) -> bool:
         return self.shared_expert_intermediate_size > 0
 
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether prompts start with bos_token_id: Mixtral's tokenizer adds it; the Qwen and OLMoE
+        tokenizers add none (their config.json's bos_token_id is <|endoftext|>)."""
+        return self.model_type == "mixtral"
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for name, mixtral_value in _FAMILY_FIELDS.items():

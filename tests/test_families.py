@@ -321,3 +321,15 @@ def test_mixtral_dict_and_fingerprint_unchanged_by_family_fields():
     with safe_open(str(bundled_accelerator_path()), framework="pt") as f:
         stamp = json.loads(f.metadata()["moe_offload_accelerator"])["fingerprint"]
     assert Checkpoint(bundled_model_path()).fingerprint() == stamp
+
+
+def test_only_mixtral_prompts_get_a_bos_token(hf_models, tmp_path):
+    import shutil
+
+    path, _ = hf_models["qwen3_moe"]
+    for f in path.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(moe_offload.runtime.bundled_model_path() / "tokenizer.json", tmp_path / "tokenizer.json")
+    m = moe_offload.load(tmp_path, device="cpu", dtype="float32")
+    assert m.config.bos_token_id == 1 and m.encode("In the beginning")[0] != 1
+    assert moe_offload.load(device="cpu").encode("In the beginning")[0] == 1  # the bundled Mixtral
