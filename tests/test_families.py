@@ -333,3 +333,13 @@ def test_only_mixtral_prompts_get_a_bos_token(hf_models, tmp_path):
     m = moe_offload.load(tmp_path, device="cpu", dtype="float32")
     assert m.config.bos_token_id == 1 and m.encode("In the beginning")[0] != 1
     assert moe_offload.load(device="cpu").encode("In the beginning")[0] == 1  # the bundled Mixtral
+
+
+def test_info_names_the_family_and_its_resident_shared_expert(tmp_path):
+    from moe_offload.info import describe, format_info
+
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(QWEN15_MOE_A27B))
+    text = format_info(describe(None, f))
+    assert "family     qwen2_moe: router top-k not renormalised" in text
+    assert "shared expert width 5632 (resident on the device)" in text and "expert width 1408" in text
