@@ -343,3 +343,22 @@ def test_info_names_the_family_and_its_resident_shared_expert(tmp_path):
     text = format_info(describe(None, f))
     assert "family     qwen2_moe: router top-k not renormalised" in text
     assert "shared expert width 5632 (resident on the device)" in text and "expert width 1408" in text
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_checkpoint_round_trips_through_transformers(hf_models, family, tmp_path):
+    """checkpoint_tensors + save_checkpoint write the family's hub layout and a config.json that
+    transformers loads into the same model (to_hf_dict per family)."""
+    import transformers
+    from moe_offload.checkpoint import save_checkpoint
+
+    path, hf = hf_models[family]
+    m = moe_offload.load(path, device="cpu", dtype="float32", offload=False)
+    cfg = m.config
+    save_checkpoint(tmp_path, cfg, m.model.checkpoint_tensors())
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == family and written["architectures"] == [FAMILIES[family][1]]
+    assert ModelConfig.from_file(tmp_path / "config.json") == cfg
+    again = getattr(transformers, FAMILIES[family][1]).from_pretrained(tmp_path, experts_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(again(torch.tensor([IDS])).logits, hf(torch.tensor([IDS])).logits)
