@@ -34,10 +34,49 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+# Per family: the MoE block's prefix and the routed experts' weight names (this project calls the
+# three w1 (gate), w3 (up), w2 (down), as Mixtral does).
+_MOE_PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "olmoe": "mlp"}
+_EXPERT_WEIGHTS = {"mixtral": {"w1": "w1", "w3": "w3", "w2": "w2"},
+                   "hf_mlp": {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}}
+
+
+def _weight_names(model_type: str) -> dict[str, str]:
+    return _EXPERT_WEIGHTS["mixtral" if model_type == "mixtral" else "hf_mlp"]
+
+
+def router_name(layer: int, model_type: str = "mixtral") -> str:
+    """The router (gate) weight [E, H] of one layer under the family's hub name."""
+    return f"model.layers.{layer}.{_MOE_PREFIX[model_type]}.gate.weight"
+
+
+def shared_expert_names(layer: int) -> dict[str, str]:
+    """Qwen2-MoE's shared expert (w1/w3/w2 as for routed experts) and its sigmoid gate [1, H]."""
+    p = f"model.layers.{layer}.mlp."
+    out = {w: f"{p}shared_expert.{hub}.weight" for w, hub in _weight_names("qwen2_moe").items()}
+    out["gate"] = p + "shared_expert_gate.weight"
+    return out
+
+
+def attention_extra_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+    """Per-layer attention tensors beyond q/k/v/o (suffix after 'model.layers.L.'): biases, q/k norms."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out: dict[str, tuple[int, ...]] = {}
+    if cfg.qkv_bias:
+        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if cfg.qk_norm == "per_head":
+        out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
+    elif cfg.qk_norm == "full":
+        out.update({"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)})
+    return out
+
+
 def expected_tensors(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of the original Mixtral layout, with its shape."""
+    """Every tensor name of the family's hub layout, with its shape."""
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    extra = attention_extra_shapes(cfg)
+    si = cfg.shared_expert_intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h),
                                           "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
@@ -50,17 +89,22 @@ def expected_tensors(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.k_proj.weight"] = (kv, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv, h)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
+        shapes.update({p + suffix: shape for suffix, shape in extra.items()})
+        shapes[router_name(layer, cfg.model_type)] = (cfg.num_local_experts, h)
+        if si:
+            names = shared_expert_names(layer)
+            shapes.update({names["w1"]: (si, h), names["w3"]: (si, h), names["w2"]: (h, si), names["gate"]: (1, h)})
         for e in range(cfg.num_local_experts):
-            x = f"{p}block_sparse_moe.experts.{e}."
-            shapes[x + "w1.weight"] = (i, h)
-            shapes[x + "w2.weight"] = (h, i)
-            shapes[x + "w3.weight"] = (i, h)
+            shapes[expert_name(layer, e, "w1", cfg.model_type)] = (i, h)
+            shapes[expert_name(layer, e, "w2", cfg.model_type)] = (h, i)
+            shapes[expert_name(layer, e, "w3", cfg.model_type)] = (i, h)
     return shapes
 
 
-def expert_name(layer: int, expert: int, w: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+def expert_name(layer: int, expert: int, w: str, model_type: str = "mixtral") -> str:
+    """Routed expert `expert` of `layer`, weight w in w1 (gate) / w3 (up) / w2 (down), as the hub names it."""
+    return (f"model.layers.{layer}.{_MOE_PREFIX[model_type]}.experts.{expert}."
+            f"{_weight_names(model_type)[w]}.weight")
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -103,7 +147,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class Checkpoint:
-    """A Hugging Face Mixtral folder: config.json plus model.safetensors or a sharded index.
+    """A Hugging Face MoE model folder (see config.FAMILY_KEYS): config.json plus model.safetensors
+    or a sharded index.
 
     Construction reads headers only. `validate()` reports every problem at once; `tensor()` reads one
     tensor through a memory map, so loading never holds two full copies of the weights.
@@ -196,8 +241,8 @@ class Checkpoint:
         bytes). Independent of the compute dtype and device the model is later loaded with."""
         h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
         for layer in range(self.config.num_hidden_layers):
-            for suffix in ("block_sparse_moe.gate.weight", "post_attention_layernorm.weight"):
-                name = f"model.layers.{layer}.{suffix}"
+            for name in (router_name(layer, self.config.model_type),
+                         f"model.layers.{layer}.post_attention_layernorm.weight"):
                 info = self.tensors.get(name)
                 if info is None:
                     raise CheckpointError(f"{self.path}: no tensor named {name}")
@@ -221,7 +266,7 @@ class Checkpoint:
 
 def save_checkpoint(path: str | os.PathLike, cfg: MixtralConfig, tensors: dict[str, torch.Tensor],
                     max_shard_bytes: int | None = None) -> None:
-    """Write config.json and the weights in the original Mixtral layout (sharded when asked)."""
+    """Write config.json and the weights in the family's hub layout (sharded when asked)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     missing = set(expected_tensors(cfg)) - set(tensors)

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--trace", required=True, metavar="FILE", help="from `moe-offload trace`")
     sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx4090-pcie4, rtx3060-pcie3, "
                     "rtx3080m-pcie4, t4-pcie3")
-    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b or a config.json")
+    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b or a config.json")
     sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2"],
                     help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts")
     sm.add_argument("--capacity", type=int, default=None, help="expert slots of the real model (default: what fits)")
@@ -468,6 +468,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"deep oracle {p.limits['deep_oracle_tokens_per_second']:.2f} tokens/s "
           f"(on time {p.limits['deep_oracle_on_time_hit_rate']:.3f})")
     print(f"  (trace: {s['trace_tokens']} tokens x {s['trace_layers']} layers, scaled to {s['model_layers']} layers)")
+    if (s["trace_experts"], s["trace_top_k"]) != (s["model_experts"], s["model_top_k"]):
+        print(f"  (trace routes top-{s['trace_top_k']} of {s['trace_experts']} experts per layer, the model top-"
+              f"{s['model_top_k']} of {s['model_experts']}: the trace's residency share is kept, "
+              f"{s['slots_simulated']} slots over {s['trace_layers']} traced layers)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Model config parsed from a Hugging Face config.json, and the validated runtime config."""
+"""Model config parsed from a Hugging Face config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and the
+validated runtime config."""
 
 from __future__ import annotations
 
@@ -11,23 +12,44 @@ import torch
 
 from .errors import ConfigError, MoeOffloadError
 
-# Keys without which a Mixtral cannot be built; everything else has Hugging Face's default.
-_REQUIRED_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_local_experts",
-    "num_experts_per_tok",
-)
+# Keys without which a model cannot be built; everything else has Hugging Face's default.
+_COMMON_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
+# model_type -> (routed-expert count key, routed-expert width key, extra required keys)
+FAMILY_KEYS = {
+    "mixtral": ("num_local_experts", "intermediate_size", ()),
+    "qwen2_moe": ("num_experts", "moe_intermediate_size", ("shared_expert_intermediate_size",)),
+    "qwen3_moe": ("num_experts", "moe_intermediate_size", ()),
+    "olmoe": ("num_experts", "intermediate_size", ()),
+}
+_REQUIRED_KEYS = _COMMON_KEYS + ("intermediate_size", "num_local_experts")  # Mixtral's (kept for callers)
+QK_NORMS = ("none", "per_head", "full")
+# Hugging Face's defaults where a family's config.json leaves a key out.
+_FAMILY_DEFAULTS = {
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, bos=1, eos=2, norm_topk_prob=True),
+    "qwen2_moe": dict(rms_norm_eps=1e-6, rope_theta=1e4, bos=None, eos=None, norm_topk_prob=False),
+    "qwen3_moe": dict(rms_norm_eps=1e-6, rope_theta=1e4, bos=None, eos=None, norm_topk_prob=False),
+    "olmoe": dict(rms_norm_eps=1e-5, rope_theta=1e4, bos=None, eos=50279, norm_topk_prob=False),
+}
+_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+# Fields added for the non-Mixtral families, with the value a Mixtral has; as_dict() leaves them out
+# at these values so a Mixtral's dict (and the checkpoint fingerprint built on it) is unchanged.
+_FAMILY_FIELDS = {"model_type": "mixtral", "norm_topk_prob": True, "shared_expert_intermediate_size": 0,
+                  "qk_norm": "none", "qkv_bias": False, "clip_qkv": None}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
-class MixtralConfig:
-    """The shape of a Mixtral model, as read from config.json (both real and transformers-5 spellings)."""
+class ModelConfig:
+    """The shape of a sparse-MoE decoder, as read from config.json (hub and transformers-5 spellings).
+
+    One description for the families in FAMILY_KEYS. `num_local_experts` and `intermediate_size` are
+    always the ROUTED experts' count and width (Qwen's num_experts / moe_intermediate_size); a shared
+    expert (Qwen2-MoE) has its own width and a sigmoid gate. qk_norm: 'per_head' RMSNorm over head_dim
+    (Qwen3), 'full' over the whole q / k projection (OLMoE). norm_topk_prob: renormalise the top-k
+    router probabilities (Mixtral always does).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -46,6 +68,12 @@ class MixtralConfig:
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     torch_dtype: str = "bfloat16"
+    model_type: str = "mixtral"
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    qk_norm: str = "none"
+    qkv_bias: bool = False
+    clip_qkv: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -70,6 +98,19 @@ class MixtralConfig:
             raise ConfigError(f"config.json: sliding_window must be positive or null, got {self.sliding_window}")
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"config.json: dtype {self.torch_dtype!r} is not one of {sorted(DTYPES)}")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        if self.model_type not in FAMILY_KEYS:
+            raise ConfigError(f"config.json: model_type {self.model_type!r} is not supported; "
+                              f"use one of {sorted(FAMILY_KEYS)}")
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"config.json: qk_norm {self.qk_norm!r} is not one of {list(QK_NORMS)}")
+        s = self.shared_expert_intermediate_size
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"config.json: shared_expert_intermediate_size must be an integer >= 0, got {s!r}")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ConfigError(f"config.json: clip_qkv must be positive or null, got {self.clip_qkv!r}")
 
     # --- derived sizes -------------------------------------------------------------------------
     @property
@@ -81,8 +122,11 @@ class MixtralConfig:
     def dense_params(self) -> int:
         """Every parameter that is not inside an expert (attention, norms, routers, embeddings)."""
         h, hd = self.hidden_size, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        per_layer = attn + 2 * h + self.num_local_experts * h
+        attn += (q + 2 * kv) * self.qkv_bias + {"none": 0, "per_head": 2 * hd, "full": q + kv}[self.qk_norm]
+        shared = (3 * h * self.shared_expert_intermediate_size + h) if self.shared_expert_intermediate_size else 0
+        per_layer = attn + 2 * h + self.num_local_experts * h + shared
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * per_layer + self.vocab_size * h + h + head
 
@@ -92,41 +136,53 @@ class MixtralConfig:
 
     # --- parsing -------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "MixtralConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = raw.get("model_type")
-        if model_type != "mixtral":
-            raise ConfigError(f"{source}: model_type is {model_type!r}; only 'mixtral' is supported")
-        missing = [k for k in _REQUIRED_KEYS if k not in raw]
+        if model_type not in FAMILY_KEYS:
+            raise ConfigError(f"{source}: model_type is {model_type!r}; supported: {sorted(FAMILY_KEYS)}")
+        experts_key, width_key, extra = FAMILY_KEYS[model_type]
+        if experts_key not in raw and "num_local_experts" in raw:
+            experts_key = "num_local_experts"  # transformers' attribute_map spelling
+        missing = [k for k in _COMMON_KEYS + (experts_key, width_key) + extra if k not in raw]
         if missing:
             raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
         if raw.get("quantization_config"):
             raise ConfigError(f"{source}: quantized checkpoints (quantization_config) are not supported")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Mixtral uses 'silu')")
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (these MoE families use 'silu')")
+        _refuse_unsupported(raw, model_type, source)
+        d = _FAMILY_DEFAULTS[model_type]
         heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or (raw["hidden_size"] // heads if heads else 0)
-        eos = raw.get("eos_token_id", 2)
+        eos = raw.get("eos_token_id", d["eos"])
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        mixtral = model_type == "mixtral"
         try:
             return cls(
                 vocab_size=raw["vocab_size"],
                 hidden_size=raw["hidden_size"],
-                intermediate_size=raw["intermediate_size"],
+                intermediate_size=raw[width_key],
                 num_hidden_layers=raw["num_hidden_layers"],
                 num_attention_heads=heads,
                 num_key_value_heads=raw.get("num_key_value_heads") or heads,
-                num_local_experts=raw["num_local_experts"],
+                num_local_experts=raw[experts_key],
                 num_experts_per_tok=raw["num_experts_per_tok"],
                 head_dim=head_dim,
-                rope_theta=float(_rope_theta(raw, source)),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(_rope_theta(raw, source, d["rope_theta"])),
+                rms_norm_eps=float(raw.get("rms_norm_eps", d["rms_norm_eps"])),
                 max_position_embeddings=raw.get("max_position_embeddings", 4096 * 32),
-                sliding_window=raw.get("sliding_window"),
+                sliding_window=raw.get("sliding_window") if mixtral else None,
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                bos_token_id=raw.get("bos_token_id", 1),
+                bos_token_id=raw.get("bos_token_id", d["bos"]),
                 eos_token_ids=eos_ids,
                 torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+                model_type=model_type,
+                norm_topk_prob=True if mixtral else bool(raw.get("norm_topk_prob", d["norm_topk_prob"])),
+                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
+                qk_norm={"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none"),
+                qkv_bias=bool(raw.get("qkv_bias", True)) if model_type == "qwen2_moe" else False,
+                clip_qkv=raw.get("clip_qkv") if model_type == "olmoe" else None,
             )
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("config.json", source, 1)) from None
@@ -134,10 +190,10 @@ class MixtralConfig:
             raise ConfigError(f"{source}: malformed value: {exc}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MixtralConfig":
+    def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: file not found (a Hugging Face Mixtral model folder has a config.json)")
+            raise ConfigError(f"{path}: file not found (a Hugging Face MoE model folder has a config.json)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -147,7 +203,9 @@ class MixtralConfig:
         return cls.from_dict(raw, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json in the layout Hugging Face writes (loadable by MixtralForCausalLM)."""
+        """A config.json in the layout Hugging Face writes for this family (loadable by transformers)."""
+        if self.model_type != "mixtral":
+            return self._family_hf_dict()
         eos = list(self.eos_token_ids)
         return {
             "architectures": ["MixtralForCausalLM"],
@@ -177,11 +235,73 @@ class MixtralConfig:
             "use_cache": True,
         }
 
+    def _family_hf_dict(self) -> dict[str, Any]:
+        eos = list(self.eos_token_ids)
+        experts_key, width_key, _ = FAMILY_KEYS[self.model_type]
+        out = {
+            "architectures": [_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            experts_key: self.num_local_experts, width_key: self.intermediate_size,
+            "num_experts_per_tok": self.num_experts_per_tok, "norm_topk_prob": self.norm_topk_prob,
+            "hidden_act": "silu", "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "torch_dtype": self.torch_dtype,
+            "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+        }
+        if self.model_type == "olmoe":
+            out["clip_qkv"] = self.clip_qkv
+        else:  # the Qwen families: every layer sparse, no sliding window
+            out.update(decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+        if self.model_type == "qwen2_moe":
+            out.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                       qkv_bias=self.qkv_bias, intermediate_size=self.shared_expert_intermediate_size)
+        return out
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.shared_expert_intermediate_size > 0
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether prompts start with bos_token_id: Mixtral's tokenizer adds it; the Qwen and OLMoE
+        tokenizers add none (their config.json's bos_token_id is <|endoftext|>)."""
+        return self.model_type == "mixtral"
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name, mixtral_value in _FAMILY_FIELDS.items():
+            if out[name] == mixtral_value:
+                del out[name]  # a Mixtral's dict is unchanged by the family fields
+        return out
 
 
-def _rope_theta(raw: dict[str, Any], source: str) -> float:
+MixtralConfig = ModelConfig  # the name before other families were supported
+
+
+def _refuse_unsupported(raw: dict[str, Any], model_type: str, source: str) -> None:
+    """One-line errors for options of these families that this runtime does not implement."""
+    if raw.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported for {model_type} "
+                          "(only Mixtral's sliding_window is implemented); set it to false")
+    if raw.get("attention_bias") and model_type != "mixtral":
+        raise ConfigError(f"{source}: attention_bias=true is not supported for {model_type} (the hub "
+                          "checkpoints have none); expected false")
+    if raw.get("mlp_only_layers"):
+        raise ConfigError(f"{source}: mlp_only_layers {raw['mlp_only_layers']} (dense MLP layers) is not "
+                          "supported; every layer must be a sparse MoE layer (mlp_only_layers: [])")
+    step = raw.get("decoder_sparse_step", 1)
+    if step != 1:
+        raise ConfigError(f"{source}: decoder_sparse_step {step!r} (dense MLP layers in between) is not "
+                          "supported; expected 1 (every layer sparse)")
+    if model_type == "qwen2_moe" and not raw.get("shared_expert_intermediate_size"):
+        raise ConfigError(f"{source}: shared_expert_intermediate_size must be a positive integer for "
+                          f"qwen2_moe, got {raw.get('shared_expert_intermediate_size')!r}")
+
+
+def _rope_theta(raw: dict[str, Any], source: str, default: float = 1e6) -> float:
     params = raw.get("rope_parameters") or raw.get("rope_scaling")
     if isinstance(params, dict):
         rope_type = params.get("rope_type", params.get("type", "default"))
@@ -189,7 +309,7 @@ def _rope_theta(raw: dict[str, Any], source: str) -> float:
             raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
         if "rope_theta" in params:
             return params["rope_theta"]
-    return raw.get("rope_theta", 1e6)
+    return raw.get("rope_theta", default)
 
 
 @dataclass(frozen=True)

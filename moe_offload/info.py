@@ -69,11 +69,19 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def _shared(width: int) -> str:
+    return f"width {width} (resident on the device)" if width else "none"
+
+
 def format_info(info: dict[str, Any]) -> str:
     c, p, b = info["config"], info["params"], info["bytes"]
     lines = [
         f"model      {info['path']}",
-        f"shape      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, intermediate "
+        f"family     {c.get('model_type', 'mixtral')}: router top-k "
+        f"{'renormalised' if c.get('norm_topk_prob', True) else 'not renormalised'}, q/k norm "
+        f"{c.get('qk_norm', 'none')}, qkv bias {c.get('qkv_bias', False)}, clip_qkv {c.get('clip_qkv')}, "
+        f"shared expert {_shared(c.get('shared_expert_intermediate_size', 0))}",
+        f"shape      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, expert width "
         f"{c['intermediate_size']}, heads {c['num_attention_heads']} (kv {c['num_key_value_heads']}, "
         f"head_dim {c['head_dim']}), vocab {c['vocab_size']}",
         f"experts    {c['num_local_experts']} per layer, top-{c['num_experts_per_tok']}, "

@@ -114,12 +114,13 @@ class OffloadedModel:
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Text -> token ids, with the model's BOS token first (as Mixtral expects)."""
+        """Text -> token ids, with the model's BOS token first where its family's tokenizer adds one
+        (Mixtral; Qwen and OLMoE tokenizers add none)."""
         if self.tokenizer is None:
             raise MoeOffloadError(f"{self.path}: no tokenizer.json, so text prompts cannot be encoded; "
                                   "pass a list of token ids instead")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        bos = self.config.bos_token_id
+        bos = self.config.bos_token_id if self.config.prepends_bos else None
         return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
     def encode_text(self, text: str) -> list[int]:

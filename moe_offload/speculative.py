@@ -84,7 +84,10 @@ class Drafter:
             layer = model.layers[i]
             x = x + model._attention(rms_norm(x, layer.input_layernorm, eps), i, pos, cache)
             h = rms_norm(x, layer.post_attention_layernorm, eps).reshape(-1, x.shape[-1])  # [1, H]
-            x = x + self._experts(i, h).reshape(x.shape)
+            y = self._experts(i, h)  # [1, H]
+            if model.cfg.has_shared_expert:  # Qwen2-MoE: the resident shared expert runs for every token
+                y = y + model.shared_expert(h, i)
+            x = x + y.reshape(x.shape)
         return self.head.logits(model, x.reshape(-1, x.shape[-1]))[0]  # [V]
 
     def _experts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -92,7 +95,7 @@ class Drafter:
         logits = F.linear(h, model.layers[layer].gate)  # [1, E]
         k = model.cfg.num_experts_per_tok
         if self.offloaded is None:
-            weights, ids = route(logits, k)  # [1, k]
+            weights, ids = route(logits, k, model.cfg.norm_topk_prob)  # [1, k]
             return model.experts(layer, h, ids, weights)
         cache = self.offloaded.cache
         usable = (cache.slot_of[layer] >= 0)  # [E] host

@@ -18,7 +18,8 @@ from .sim import (IMPL_THIS, CpuProfile, Hardware, ImplParams, RecordedPredictor
                   run_timeline)
 from .trace import RoutingTrace
 
-MODEL_CONFIGS = {"mixtral-8x7b": "mixtral-8x7b-v0.1.config.json", "mixtral-8x22b": "mixtral-8x22b-v0.1.config.json"}
+MODEL_CONFIGS = {"mixtral-8x7b": "mixtral-8x7b-v0.1.config.json", "mixtral-8x22b": "mixtral-8x22b-v0.1.config.json",
+                 "qwen3-30b-a3b": "qwen3-30b-a3b.config.json", "olmoe-1b-7b": "olmoe-1b-7b.config.json"}
 KV_TOKENS = 4096
 # The deep-oracle bound: perfect knowledge of the future (the next DEEP_ORACLE_LOOKAHEAD layers, across
 # token boundaries, and Belady eviction), prefetched with DEEP_ORACLE_WINDOW loads in flight on the same
@@ -219,7 +220,9 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
     slots_model = min(capacity if capacity is not None else fit, L * cfg.num_local_experts)
     if slots_model < k:
         raise MoeOffloadError(f"{hw.name}: {slots_model} expert slots ({expert_dtype}) is below top_k={k}")
-    slots = max(k, round(slots_model / L * Lt))
+    # The same share of each layer's experts resident as in the real model (a trace of a model with
+    # fewer experts per layer than cfg, e.g. 16 vs Qwen3's 128, would otherwise fit entirely).
+    slots = max(k, min(Lt * E, round(slots_model / L * Lt * E / cfg.num_local_experts)))
     scale = L / Lt
 
     def per_token(res: TimelineResult) -> dict[str, float]:
@@ -249,6 +252,8 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
         tokens_per_second=1.0 / pt["total"], per_token=pt, limits=limits,
         settings={"hardware": hw.key, "hardware_name": hw.name, "hardware_source": hw.source,
                   "model_layers": L, "trace_layers": Lt, "trace_tokens": T, "expert_dtype": expert_dtype,
+                  "model_experts": cfg.num_local_experts, "trace_experts": E, "model_top_k": cfg.num_experts_per_tok,
+                  "trace_top_k": k,
                   "expert_bytes": costs.expert_bytes, "slots_model": slots_model, "slots_per_layer": slots_model / L,
                   "slots_simulated": slots, "policy": policy, "predictor": predictor,
                   "hit_rate": res.stats["hit_rate"], "on_time_hit_rate": (res.stats["hits"] - res.stats["late_hits"]) / res.stats["uses"],

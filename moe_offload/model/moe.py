@@ -14,11 +14,12 @@ import torch.nn as nn
 from ..kernels import run_experts
 
 
-def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [N, E] -> (weights [N, k] float32, renormalised; ids [N, k] int64)."""
+def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [N, E] -> (weights [N, k] float32; ids [N, k] int64). The top-k softmax
+    probabilities are renormalised to sum to 1 when `normalize` (Mixtral; norm_topk_prob elsewhere)."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # [N, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [N, k]
-    return weights / weights.sum(dim=-1, keepdim=True), ids
+    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), ids
 
 
 class ExpertBackend(Protocol):

@@ -1,4 +1,5 @@
-"""The Mixtral transformer: embeddings, attention with a static KV cache, the MoE boundary, LM head."""
+"""The MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): embeddings, attention with a static KV cache,
+the MoE boundary (plus Qwen2-MoE's resident shared expert), LM head."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint, expert_name
+from ..checkpoint import Checkpoint, attention_extra_shapes, expert_name, router_name, shared_expert_names
 from ..config import MixtralConfig
 from .layers import apply_rope, attention, rms_norm, rope_tables
 from .moe import ExpertBackend, ResidentExperts, route
@@ -78,6 +79,15 @@ class DenseLayer(nn.Module):
         self.o_proj = p(h, q)
         self.gate = p(cfg.num_local_experts, h)
         self.q_size, self.kv_size = q, kv
+        norm = {"none": None, "per_head": (hd, hd), "full": (q, kv)}[cfg.qk_norm]
+        self.qkv_bias = p(q + 2 * kv) if cfg.qkv_bias else None  # [q + 2 kv], fused as qkv_proj is
+        self.q_norm = p(norm[0]) if norm else None
+        self.k_norm = p(norm[1]) if norm else None
+        si = self.shared_size = cfg.shared_expert_intermediate_size
+        # Qwen2-MoE's shared expert runs for every token, so it stays on the device with the dense weights.
+        self.shared_w13 = p(2 * si, h) if si else None  # gate then up: [2 Is, H]
+        self.shared_w2 = p(h, si) if si else None  # [H, Is]
+        self.shared_gate = p(1, h) if si else None  # [1, H], sigmoid gate of the shared expert
 
     # Views of the fused projection under the checkpoint's names.
     @property
@@ -92,6 +102,26 @@ class DenseLayer(nn.Module):
     def v_proj(self) -> torch.Tensor:
         return self.qkv_proj[self.q_size + self.kv_size:]
 
+    @property
+    def q_bias(self) -> torch.Tensor:
+        return self.qkv_bias[: self.q_size]
+
+    @property
+    def k_bias(self) -> torch.Tensor:
+        return self.qkv_bias[self.q_size: self.q_size + self.kv_size]
+
+    @property
+    def v_bias(self) -> torch.Tensor:
+        return self.qkv_bias[self.q_size + self.kv_size:]
+
+    @property
+    def shared_w1(self) -> torch.Tensor:
+        return self.shared_w13[: self.shared_size]
+
+    @property
+    def shared_w3(self) -> torch.Tensor:
+        return self.shared_w13[self.shared_size:]
+
     CHECKPOINT_NAMES = {
         "input_layernorm": "input_layernorm.weight",
         "post_attention_layernorm": "post_attention_layernorm.weight",
@@ -101,6 +131,22 @@ class DenseLayer(nn.Module):
         "o_proj": "self_attn.o_proj.weight",
         "gate": "block_sparse_moe.gate.weight",
     }
+
+    @staticmethod
+    def checkpoint_names(cfg: MixtralConfig, layer: int) -> dict[str, str]:
+        """attribute (or view) -> full checkpoint name of layer `layer`, in the family's hub layout."""
+        p = f"model.layers.{layer}."
+        names = {attr: p + suffix for attr, suffix in DenseLayer.CHECKPOINT_NAMES.items() if attr != "gate"}
+        names["gate"] = router_name(layer, cfg.model_type)
+        attrs = {"self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
+                 "self_attn.v_proj.bias": "v_bias", "self_attn.q_norm.weight": "q_norm",
+                 "self_attn.k_norm.weight": "k_norm"}
+        names.update({attrs[suffix]: p + suffix for suffix in attention_extra_shapes(cfg)})
+        if cfg.has_shared_expert:
+            shared = shared_expert_names(layer)
+            names.update({"shared_w1": shared["w1"], "shared_w3": shared["w3"], "shared_w2": shared["w2"],
+                          "shared_gate": shared["gate"]})
+        return names
 
 
 class MixtralTransformer(nn.Module):
@@ -160,21 +206,21 @@ class MixtralTransformer(nn.Module):
         if self.lm_head is not None:
             names["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
-            for attr, suffix in DenseLayer.CHECKPOINT_NAMES.items():
-                names[f"model.layers.{i}.{suffix}"] = getattr(layer, attr)
+            for attr, name in DenseLayer.checkpoint_names(self.cfg, i).items():
+                names[name] = getattr(layer, attr)
         return names
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Every weight under its original Mixtral checkpoint name (experts must be resident)."""
+        """Every weight under its hub checkpoint name (experts must be resident)."""
         out = {name: p.detach().clone() for name, p in self._dense_names().items()}
         assert isinstance(self.experts, ResidentExperts), "checkpoint_tensors needs resident experts"
-        inter = self.cfg.intermediate_size
+        inter, family = self.cfg.intermediate_size, self.cfg.model_type
         for layer in range(self.cfg.num_hidden_layers):
             for e in range(self.cfg.num_local_experts):
                 w13 = self.experts.w13[layer, e].detach()
-                out[expert_name(layer, e, "w1")] = w13[:inter]
-                out[expert_name(layer, e, "w3")] = w13[inter:]
-                out[expert_name(layer, e, "w2")] = self.experts.w2[layer, e].detach()
+                out[expert_name(layer, e, "w1", family)] = w13[:inter]
+                out[expert_name(layer, e, "w3", family)] = w13[inter:]
+                out[expert_name(layer, e, "w2", family)] = self.experts.w2[layer, e].detach()
         return out
 
     # --- compute --------------------------------------------------------------------------------
@@ -189,20 +235,46 @@ class MixtralTransformer(nn.Module):
     def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
         logits = F.linear(x, self.layers[layer].gate)  # [N, E]
-        weights, ids = route(logits, self.cfg.num_experts_per_tok)  # [N, k] each
+        weights, ids = route(logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)  # [N, k] each
         for ob in self.observers:
             replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
             if replaced is not None:
                 ids, weights = replaced
         y = self.experts(layer, x, ids, weights)  # [N, H]
+        if self.cfg.has_shared_expert:
+            y = y + self.shared_expert(x, layer)
         return y.reshape(h.shape), logits
+
+    def shared_expert(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Qwen2-MoE's shared expert of layer `layer` times its sigmoid gate: x [N, H] -> [N, H]."""
+        w = self.layers[layer]
+        gate, up = F.linear(x, w.shared_w13).chunk(2, dim=-1)  # [N, Is] each
+        out = F.linear(F.silu(gate) * up, w.shared_w2)  # [N, H]
+        return torch.sigmoid(F.linear(x, w.shared_gate)) * out  # [N, 1] * [N, H]
+
+    def _qkv(self, x: torch.Tensor, w: DenseLayer) -> torch.Tensor:
+        """x [B, T, H] -> q, k, v heads [B, T, nh + 2 nkv, hd], q/k normed per the family (before RoPE)."""
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        b, t, _ = x.shape
+        nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [B, T, q + 2 kv]
+        if cfg.qk_norm == "full":  # OLMoE: RMSNorm over the whole q and k projections
+            q, k, v = qkv.split((w.q_size, w.kv_size, w.kv_size), dim=-1)
+            qkv = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps), v), dim=-1)
+        if cfg.clip_qkv is not None:
+            qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+        qkv = qkv.view(b, t, nh + 2 * nkv, cfg.head_dim)
+        if cfg.qk_norm == "per_head":  # Qwen3: RMSNorm over head_dim, per head
+            q, k, v = qkv.split((nh, nkv, nkv), dim=2)
+            qkv = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps), v), dim=2)
+        return qkv
 
     def _attention(self, x: torch.Tensor, layer: int, start: int | RowPositions, cache: KVCache | None
                    ) -> torch.Tensor:
         b, t, _ = x.shape
         cfg, w = self.cfg, self.layers[layer]
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = F.linear(x, w.qkv_proj).view(b, t, nh + 2 * nkv, hd)  # [B, T, nh + 2 nkv, hd]
+        qkv = self._qkv(x, w)  # [B, T, nh + 2 nkv, hd]
         if isinstance(start, RowPositions):  # batched decode: each row at its own position
             cos, sin = self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]  # [B, 1, 1, hd]
             q_start: int | torch.Tensor = start.pos
@@ -251,10 +323,10 @@ def empty_resident_experts(cfg: MixtralConfig, dtype: torch.dtype, device: torch
 
 def load_expert_into(ckpt: Checkpoint, layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
     """Copy one expert from the checkpoint into w13 [2I, H] (w1 then w3) and w2 [H, I]."""
-    inter = ckpt.config.intermediate_size
-    w13[:inter].copy_(ckpt.tensor(expert_name(layer, e, "w1")))
-    w13[inter:].copy_(ckpt.tensor(expert_name(layer, e, "w3")))
-    w2.copy_(ckpt.tensor(expert_name(layer, e, "w2")))
+    inter, family = ckpt.config.intermediate_size, ckpt.config.model_type
+    w13[:inter].copy_(ckpt.tensor(expert_name(layer, e, "w1", family)))
+    w13[inter:].copy_(ckpt.tensor(expert_name(layer, e, "w3", family)))
+    w2.copy_(ckpt.tensor(expert_name(layer, e, "w2", family)))
 
 
 def init_random_(model: MixtralTransformer, seed: int, std: float = 0.02) -> None:
@@ -264,7 +336,7 @@ def init_random_(model: MixtralTransformer, seed: int, std: float = 0.02) -> Non
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.fill_(1.0)
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
                 continue
             s = out_std if name.endswith(("o_proj", "w2")) else std
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s).to(p.dtype))

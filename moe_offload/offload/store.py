@@ -103,6 +103,7 @@ class HostExpertStore:
                                    desc="loading experts to host", disable=not show_progress) as bar:
             for layer in range(cfg.num_hidden_layers):
                 for e in range(cfg.num_local_experts):
-                    store.put(layer, e, *(ckpt.tensor(expert_name(layer, e, w)) for w in ("w1", "w3", "w2")))
+                    store.put(layer, e, *(ckpt.tensor(expert_name(layer, e, w, cfg.model_type))
+                                          for w in ("w1", "w3", "w2")))
                     bar.update()
         return store

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, router_name
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
 from ..model.transformer import MixtralTransformer
@@ -45,8 +45,9 @@ def legacy_fingerprint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> 
     float32, so it changed with --dtype. Kept only to recognise old files in `restamp`."""
     h = hashlib.sha256(json.dumps(ckpt.config.as_dict(), sort_keys=True, default=str).encode())
     for layer in range(ckpt.config.num_hidden_layers):
-        for suffix in ("block_sparse_moe.gate.weight", "post_attention_layernorm.weight"):
-            t = ckpt.tensor(f"model.layers.{layer}.{suffix}", dtype).float()
+        for name in (router_name(layer, ckpt.config.model_type),
+                     f"model.layers.{layer}.post_attention_layernorm.weight"):
+            t = ckpt.tensor(name, dtype).float()
             h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
 
