@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import MoeOffloadError
+from .errors import MoeOffloadError, NonFiniteError
 from .model.transformer import KVCache, MixtralTransformer
 
 
@@ -50,8 +50,19 @@ class GenerationResult:
         return asdict(self)
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Stop generation on NaN/Inf logits (a broken checkpoint would otherwise emit token 0 forever).
+    logits are already on the host here: the check costs no device sync."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise NonFiniteError(f"the model produced {bad} non-finite logits (NaN/Inf) out of {logits.numel()}: "
+                             "a weight of the checkpoint is broken or the compute dtype overflows "
+                             "(try dtype='float32')")
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits [V] float32 on the host -> one token id (argmax when temperature is 0)."""
+    check_finite_logits(logits)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     return int(torch.multinomial(sampling_probs(logits, params), 1, generator=generator))

@@ -88,6 +88,8 @@ class OffloadedModel:
         self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
         self.guard = CallGuard()  # serializes generate/logits/stream steps (guard.py)
+        self.guard.on_error = self._recover
+        self._retries0 = 0
         self.speculative = None  # speculative.SpeculativeDecoder when load(..., speculative=True)
 
     @property
@@ -226,6 +228,14 @@ class OffloadedModel:
             seconds=seconds, tokens_per_second=len(new) / seconds if seconds > 0 else 0.0,
             stats=self._stats(timing))
 
+    def _recover(self) -> None:
+        """After an exception anywhere in a step: no pin, slot or copy is left dangling (see
+        ExpertCache.recover), the prefetch plan is dropped; the next call runs as on a fresh model."""
+        if self.expert_cache is not None:
+            self.expert_cache.recover()
+            if self.prefetcher is not None:
+                self.prefetcher.reset()
+
     def _reset_stats(self) -> None:
         self.usage.reset()
         if self.speculative is not None:
@@ -234,6 +244,7 @@ class OffloadedModel:
             self.expert_cache.reap()
             self.expert_cache.drain_stalls()
             self.expert_cache.stats.reset()
+            self._retries0 = getattr(self.expert_cache.engine, "retries", 0)
             pf = self.prefetcher
             if pf is not None:
                 pf.issued = pf.cancelled = 0
@@ -265,7 +276,8 @@ class OffloadedModel:
         return {**cache.stats.to_dict(), "capacity_slots": cache.num_slots,
                 "policy": cache.policy.name, "predictor": pf.predictor.name if pf else "none",
                 "lookahead": pf.lookahead if pf else 0,
-                "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0}
+                "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0,
+                "copy_retries": getattr(cache.engine, "retries", 0) - self._retries0}
 
 
 def _refuse_stale(tokens: Iterator[int], is_stale: Callable[[], bool]) -> Iterator[int]:
