@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import MixtralConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, NonFiniteError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -99,6 +99,14 @@ def expected_tensors(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
             shapes[expert_name(layer, e, "w2", cfg.model_type)] = (h, i)
             shapes[expert_name(layer, e, "w3", cfg.model_type)] = (i, h)
     return shapes
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse NaN/Inf in a weight as it is read (one pass over its bytes, at load only)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(f"{what} holds {bad} non-finite value(s) (NaN/Inf) of {t.numel()}: "
+                             "the checkpoint is corrupt; re-download or re-convert it")
 
 
 def expert_name(layer: int, expert: int, w: str, model_type: str = "mixtral") -> str:
@@ -233,6 +241,7 @@ class Checkpoint:
             t = handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{info.file}: cannot read tensor {name}: {exc}") from None
+        check_finite(t, f"{info.file}: tensor {name}")
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def fingerprint(self) -> str:

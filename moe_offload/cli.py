@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
 from .errors import MoeOffloadError
+from .validate import SEED_MAX, float_arg, int_arg, output_file
 
 MAX_PROBLEM_LINES = 20
+POS = int_arg(1)  # argparse types (validate.py): the error names the flag
+NONNEG = int_arg(0)
+SEED = int_arg(0, SEED_MAX)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +30,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
     p.add_argument("--moe-backend", default="auto", choices=["auto", "triton", "grouped_mm", "loop"],
                    help="expert compute: auto = triton on cuda, loop on cpu; triton on cpu needs "
                         "TRITON_INTERPRET=1 (slow, for tests)")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", type=POS, default=None,
                    help="context length for the KV cache (default min(max_position_embeddings, 4096))")
     p.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "fp16", "int8", "int4"],
                    help="expert storage: auto = the compute dtype; int8 (per-row scales) or int4 (asymmetric, "
@@ -33,9 +38,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
     p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
                    help="int4 group size along the input dimension (default 128)")
     c = p.add_argument_group("expert cache (give at most one budget; default: fill free device memory)")
-    c.add_argument("--cache-experts", type=int, default=None, metavar="N", help="expert slots over all layers")
-    c.add_argument("--cache-per-layer", type=int, default=None, metavar="K", help="expert slots per layer")
-    c.add_argument("--cache-gb", type=float, default=None, metavar="X", help="gigabytes of expert slots")
+    c.add_argument("--cache-experts", type=POS, default=None, metavar="N", help="expert slots over all layers")
+    c.add_argument("--cache-per-layer", type=POS, default=None, metavar="K", help="expert slots per layer")
+    c.add_argument("--cache-gb", type=float_arg(0, lo_open=True), default=None, metavar="X", help="gigabytes of expert slots")
     c.add_argument("--policy", default="lru", choices=["lru", "lru-layer", "lfu", "predictive"],
                    help="eviction policy (default lru)")
     o = c.add_mutually_exclusive_group()
@@ -48,11 +53,11 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
         return
     c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
                    help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate")
-    c.add_argument("--lookahead", type=int, default=2, metavar="D", help="layers ahead to prefetch (default 2)")
+    c.add_argument("--lookahead", type=POS, default=2, metavar="D", help="layers ahead to prefetch (default 2)")
     c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
-    c.add_argument("--prefetch-margin", type=int, default=0, metavar="M",
+    c.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M",
                    help="prefetch top-(k + M) experts per predicted layer (default 0)")
-    c.add_argument("--prefetch-window", type=int, default=1, metavar="W",
+    c.add_argument("--prefetch-window", type=POS, default=1, metavar="W",
                    help="most prefetch copies in flight at once (default 1)")
     c.add_argument("--cpu-experts", default=None, choices=["auto", "off"],
                    help="auto: compute a missed expert on the CPU from host RAM when that beats its copy "
@@ -60,7 +65,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
 
 
 def _add_link_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--link-chunk-mb", type=float, default=8.0, metavar="MB",
+    p.add_argument("--link-chunk-mb", type=float_arg(0), default=8.0, metavar="MB",
                    help="demand-first link: prefetch copies move in chunks of MB megabytes (MiB) and a demand "
                         "copy overtakes them at the next chunk; 0 = whole experts (default 8)")
     p.add_argument("--cpu", default="none", metavar="PROFILE",
@@ -88,18 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to stderr; with --json prints one JSON object instead.")
     _add_model_args(g)
     g.add_argument("--prompt", default="In the beginning", help="prompt text (default: %(default)r)")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default %(default)s")
+    g.add_argument("--max-new-tokens", type=NONNEG, default=64, metavar="N", help="default %(default)s")
     _add_runtime_args(g)
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    g.add_argument("--temperature", type=float_arg(0), default=0.0, metavar="T",
                    help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
-    g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (reproducible output)")
+    g.add_argument("--top-p", type=float_arg(0, 1, lo_open=True), default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=SEED, default=None, metavar="S", help="sampling seed (reproducible output)")
     g.add_argument("--stats", action="store_true", help="print the expert-cache stats to stderr at the end")
     g.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding: draft tokens with the draft head of the accelerator file "
                         "(--accelerator, or the bundled one) from an early layer, with resident experts only, "
                         "and verify them in one pass; output is exactly that of plain decoding")
-    g.add_argument("--draft-tokens", type=int, default=None, metavar="G",
+    g.add_argument("--draft-tokens", type=POS, default=None, metavar="G",
                    help="most draft tokens per verify pass with --speculative (default 4; adapts below it)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt_token_ids, stats, seconds, "
@@ -115,20 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="FILE.safetensors", help="adapter file to write")
     t.add_argument("--lookahead", "--lookaheads", dest="lookaheads", default="1,2,3",
                    help="lookaheads d to train adapters for, comma list (default 1,2,3)")
-    t.add_argument("--rank", type=int, default=32, help="adapter rank R (default 32)")
-    t.add_argument("--max-tokens", type=int, default=None, metavar="N", help="use at most N tokens of the text")
-    t.add_argument("--epochs", type=int, default=4, help="passes over the training split (default 4)")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--window", type=int, default=256, help="tokens per forward window (default 256)")
-    t.add_argument("--heldout-fraction", type=float, default=0.1, help="tail of the text held out (default 0.1)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rank", type=POS, default=32, help="adapter rank R (default 32)")
+    t.add_argument("--max-tokens", type=POS, default=None, metavar="N", help="use at most N tokens of the text")
+    t.add_argument("--epochs", type=POS, default=4, help="passes over the training split (default 4)")
+    t.add_argument("--lr", type=float_arg(0, lo_open=True), default=3e-3)
+    t.add_argument("--window", type=int_arg(2), default=256, help="tokens per forward window (default 256)")
+    t.add_argument("--heldout-fraction", type=float_arg(0, 1, lo_open=True), default=0.1, help="tail of the text held out (default 0.1)")
+    t.add_argument("--seed", type=SEED, default=0)
     t.add_argument("--draft-exit", default=None, metavar="auto|M",
                    help="also train a draft head for --speculative at exit layer M (auto: the layer with the best "
                         "expected speedup on held-out text) into the same file")
     t.add_argument("--draft-only", action="store_true",
                    help="with --draft-exit: add or replace only the draft head in the existing --out file")
-    t.add_argument("--draft-rank", type=int, default=64, help="draft head rank (default 64)")
-    t.add_argument("--rank-loss-weight", type=float, default=1.0, metavar="W",
+    t.add_argument("--draft-rank", type=POS, default=64, help="draft head rank (default 64)")
+    t.add_argument("--rank-loss-weight", type=float_arg(0), default=1.0, metavar="W",
                    help="weight of a top-k ranking term (true top-k logits above the rest) added to the "
                         "distillation loss (default 1; 0 = distillation only)")
     _add_runtime_args(t, prefetch=False)
@@ -140,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(r)
     r.add_argument("--text", required=True, metavar="FILE")
     r.add_argument("--out", required=True, metavar="FILE.npz")
-    r.add_argument("--max-tokens", type=int, default=None, metavar="N")
+    r.add_argument("--max-tokens", type=POS, default=None, metavar="N")
     r.add_argument("--accelerator", default=None, metavar="FILE", help="also record m2r2 predictions")
-    r.add_argument("--lookahead", type=int, default=3, metavar="D", help="lookahead of the recorded predictions (default 3)")
+    r.add_argument("--lookahead", type=POS, default=3, metavar="D", help="lookahead of the recorded predictions (default 3)")
     _add_runtime_args(r, prefetch=False)
 
     b = sub.add_parser("bench", help="benchmarks (bench cache: hit rates of policies and predictors)")
@@ -157,13 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--accelerator", default=None, metavar="FILE", help="record m2r2 predictions with these adapters "
                     "(default for the bundled model: its bundled adapters)")
     bc.add_argument("--trace", default=None, metavar="FILE", help="replay this trace (.npz) instead of recording one")
-    bc.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="tokens to route / replay (default 4096)")
+    bc.add_argument("--max-tokens", type=POS, default=4096, metavar="N", help="tokens to route / replay (default 4096)")
     bc.add_argument("--capacities", default=None, help="slots per layer, comma list (default 1..E)")
     bc.add_argument("--policies", default="lru,lru-layer,lfu,predictive")
     bc.add_argument("--predictors", default=None, help="default: none,next-gate and m2r2 when the trace has it")
-    bc.add_argument("--lookahead", type=int, default=2, metavar="D")
-    bc.add_argument("--prefetch-margin", type=int, default=0, metavar="M")
-    bc.add_argument("--prefetch-window", type=int, default=1, metavar="W")
+    bc.add_argument("--lookahead", type=POS, default=2, metavar="D")
+    bc.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
+    bc.add_argument("--prefetch-window", type=POS, default=1, metavar="W")
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
     bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp16", "int8", "int4", "int3", "int2"],
@@ -182,19 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b or a config.json")
     sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2"],
                     help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts")
-    sm.add_argument("--capacity", type=int, default=None, help="expert slots of the real model (default: what fits)")
+    sm.add_argument("--capacity", type=POS, default=None, help="expert slots of the real model (default: what fits)")
     sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace), oracle or "
                     "deep-oracle (perfect knowledge 16 layers ahead, across tokens)")
     sm.add_argument("--policy", default="lru")
-    sm.add_argument("--lookahead", type=int, default=None, metavar="D")
-    sm.add_argument("--prefetch-margin", type=int, default=0, metavar="M")
-    sm.add_argument("--prefetch-window", type=int, default=1, metavar="W")
-    sm.add_argument("--bookkeeping-us", type=float, default=20.0, help="host cost per layer (default 20 us)")
+    sm.add_argument("--lookahead", type=POS, default=None, metavar="D")
+    sm.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
+    sm.add_argument("--prefetch-window", type=POS, default=1, metavar="W")
+    sm.add_argument("--bookkeeping-us", type=float_arg(0), default=20.0, help="host cost per layer (default 20 us)")
     sm.add_argument("--implementation", default="moe-offload", metavar="NAME",
                     help="implementation parameter set (assets/reference_impls.json): moe-offload (default: the "
                          "hardware figures as they are) or a fitted reference such as mixtral-offloading")
     _add_link_args(sm)
-    sm.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="use the first N tokens of the trace")
+    sm.add_argument("--max-tokens", type=POS, default=4096, metavar="N", help="use the first N tokens of the trace")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
 
     i = sub.add_parser("info", help="model config, parameter counts, bytes per expert, memory plan",
@@ -305,6 +310,9 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     draft_exit = _draft_exit(args.draft_exit)
     if args.draft_only and draft_exit is None:
         raise MoeOffloadError("--draft-only needs --draft-exit auto|M")
+    _check_outputs(args, "--out")
+    if args.draft_only and not os.path.isfile(args.out):
+        raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
     model = load(args.model, **_runtime_kwargs(args))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
     window = min(args.window, model.runtime.max_seq_len)
@@ -372,6 +380,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .runtime import load
     from .analysis.trace import record_with_predictions, save_trace
 
+    _check_outputs(args, "--out")
     model = load(args.model, **_runtime_kwargs(args))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
     d = args.lookahead
@@ -391,6 +400,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capacities(spec: str, num_experts: int) -> list[int]:
+    try:
+        values = [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or max(values) > num_experts:
+        raise MoeOffloadError(f"--capacities must be a comma list of slots per layer in [1, {num_experts}], got {spec!r}")
+    return values
+
+
+def _check_outputs(args: argparse.Namespace, *flags: str) -> None:
+    """Output paths checked (their folder created) before any long work starts."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if isinstance(value, str):
+            output_file(value, flag)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.bench import bench_cache, markdown_table, model_config, plot
     from .results import result_metadata, write_json_atomic
@@ -398,6 +425,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.sim import StepCosts, get_hardware
     from .analysis.trace import trace_prefix, load_trace, record_with_predictions
 
+    _check_outputs(args, "--json", "--plot")
+    if args.capacities:
+        _capacities(args.capacities, 1 << 30)  # the format now; the range once the trace is known
     hw = get_hardware(args.hardware)
     costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
     if args.trace:
@@ -412,7 +442,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                         show_progress=sys.stderr.isatty())
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
-    per_layer = [int(c) for c in args.capacities.split(",")] if args.capacities else list(range(1, E + 1))
+    per_layer = _capacities(args.capacities, E) if args.capacities else list(range(1, E + 1))
     predictors = args.predictors.split(",") if args.predictors else ["none", "next-gate"] + (
         ["m2r2"] if trace.preds and "m2r2" in trace.preds else [])
     chunk, cpu = _link_settings(args)

@@ -11,3 +11,7 @@ class ConfigError(MoeOffloadError):
 
 class CheckpointError(MoeOffloadError):
     """Weights are missing, unexpected, misshaped, of a bad dtype, or a shard is truncated/corrupt."""
+
+
+class NonFiniteError(MoeOffloadError):
+    """A weight or the model's output holds NaN or Inf: the checkpoint (or its quantization) is broken."""

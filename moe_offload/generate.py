@@ -9,8 +9,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import MoeOffloadError
+from .errors import MoeOffloadError, NonFiniteError
+from .validate import SEED_MAX, integer, real
 from .model.transformer import KVCache, MixtralTransformer
+
+
+# Far below this, logits / temperature overflow float32 (NaN probabilities); no use needs less.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -23,15 +28,15 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
-                or self.max_new_tokens < 0:
-            raise MoeOffloadError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature < float("inf"):
-            raise MoeOffloadError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise MoeOffloadError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise MoeOffloadError(f"seed must be an integer or None, got {self.seed!r}")
+        put = object.__setattr__  # frozen: store the checked (plain int / float) values
+        put(self, "max_new_tokens", integer("max_new_tokens", self.max_new_tokens, 0))
+        put(self, "temperature", real("temperature", self.temperature, 0.0))
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise MoeOffloadError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature!r}: "
+                                  "smaller ones overflow the softmax")
+        put(self, "top_p", real("top_p", self.top_p, 0.0, 1.0, lo_open=True))
+        if self.seed is not None:
+            put(self, "seed", integer("seed", self.seed, 0, SEED_MAX))
 
 
 @dataclass
@@ -50,8 +55,19 @@ class GenerationResult:
         return asdict(self)
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Stop generation on NaN/Inf logits (a broken checkpoint would otherwise emit token 0 forever).
+    logits are already on the host here: the check costs no device sync."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise NonFiniteError(f"the model produced {bad} non-finite logits (NaN/Inf) out of {logits.numel()}: "
+                             "a weight of the checkpoint is broken or the compute dtype overflows "
+                             "(try dtype='float32')")
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits [V] float32 on the host -> one token id (argmax when temperature is 0)."""
+    check_finite_logits(logits)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     return int(torch.multinomial(sampling_probs(logits, params), 1, generator=generator))

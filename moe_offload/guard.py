@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import MoeOffloadError
 
@@ -25,6 +25,9 @@ class CallGuard:
         self._call: object | None = None
         self._depth = 0
         self.kv_owner: object | None = None  # the call whose tokens the KV cache holds
+        # called when an exception (KeyboardInterrupt included) leaves the outermost hold: the model
+        # brings its caches back to a consistent state (OffloadedModel._recover)
+        self.on_error: Callable[[], None] | None = None
 
     @contextmanager
     def hold(self, call: object, what: str) -> Iterator[None]:
@@ -45,6 +48,14 @@ class CallGuard:
         self._thread, self._call, self._depth = me, call, 1
         try:
             yield
+        except BaseException as exc:
+            self.kv_owner = None  # the KV rows of the interrupted call are no one's now
+            if self.on_error is not None:
+                try:
+                    self.on_error()
+                except Exception as rec:
+                    raise MoeOffloadError(f"recovering from {type(exc).__name__} failed: {rec}") from exc
+            raise
         finally:
             self._thread, self._call, self._depth = None, None, 0
             self._lock.release()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+import os
+
 import itertools
 import time
 from importlib import resources
@@ -15,6 +18,7 @@ from .checkpoint import Checkpoint
 from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .guard import CallGuard
+from .validate import boolean, integer
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
 from .kernels import resolve_moe_backend
@@ -88,6 +92,8 @@ class OffloadedModel:
         self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
         self.guard = CallGuard()  # serializes generate/logits/stream steps (guard.py)
+        self.guard.on_error = self._recover
+        self._retries0 = 0
         self.speculative = None  # speculative.SpeculativeDecoder when load(..., speculative=True)
 
     @property
@@ -141,14 +147,14 @@ class OffloadedModel:
             raise MoeOffloadError(f"{what} must be a non-empty list of token ids")
         vocab = self.config.vocab_size
         for pos, t in enumerate(ids):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise MoeOffloadError(f"{what}: token id {t!r} at position {pos} is out of range "
                                       f"[0, {vocab}) for this model's vocabulary")
         if len(ids) > self.runtime.max_seq_len:
             raise MoeOffloadError(
                 f"{what} has {len(ids)} tokens but the context holds {self.runtime.max_seq_len} "
                 f"(max_seq_len; the model allows up to {self.config.max_position_embeddings})")
-        return list(ids)
+        return [int(t) for t in ids]
 
     # --- compute --------------------------------------------------------------------------------
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -176,7 +182,7 @@ class OffloadedModel:
         called with each text delta as well.
         """
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], numbers.Integral):
             from .batch import generate_batch
 
             return generate_batch(self, [self._check_ids(self.encode(p) if isinstance(p, str) else p,
@@ -227,6 +233,14 @@ class OffloadedModel:
             seconds=seconds, tokens_per_second=len(new) / seconds if seconds > 0 else 0.0,
             stats=self._stats(timing))
 
+    def _recover(self) -> None:
+        """After an exception anywhere in a step: no pin, slot or copy is left dangling (see
+        ExpertCache.recover), the prefetch plan is dropped; the next call runs as on a fresh model."""
+        if self.expert_cache is not None:
+            self.expert_cache.recover()
+            if self.prefetcher is not None:
+                self.prefetcher.reset()
+
     def _reset_stats(self) -> None:
         self.usage.reset()
         if self.speculative is not None:
@@ -235,6 +249,7 @@ class OffloadedModel:
             self.expert_cache.reap()
             self.expert_cache.drain_stalls()
             self.expert_cache.stats.reset()
+            self._retries0 = getattr(self.expert_cache.engine, "retries", 0)
             pf = self.prefetcher
             if pf is not None:
                 pf.issued = pf.cancelled = 0
@@ -266,7 +281,8 @@ class OffloadedModel:
         return {**cache.stats.to_dict(), "capacity_slots": cache.num_slots,
                 "policy": cache.policy.name, "predictor": pf.predictor.name if pf else "none",
                 "lookahead": pf.lookahead if pf else 0,
-                "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0}
+                "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0,
+                "copy_retries": getattr(cache.engine, "retries", 0) - self._retries0}
 
 
 def _refuse_stale(tokens: Iterator[int], is_stale: Callable[[], bool]) -> Iterator[int]:
@@ -290,6 +306,15 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     unknown = sorted(set(runtime_options) - set(RUNTIME_OPTIONS))
     if unknown:
         raise MoeOffloadError(f"unknown runtime option(s) {unknown}; valid: {sorted(RUNTIME_OPTIONS)}")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise MoeOffloadError(f"path must be a model folder (str or os.PathLike) or None, got {path!r}")
+    for name in ("offload", "show_progress", "speculative"):
+        if name in runtime_options:
+            boolean(name, runtime_options[name], allow_none=name == "offload")
+    for name, lo in (("max_seq_len", 1), ("lookahead", 1), ("prefetch_margin", 0), ("prefetch_window", 1),
+                     ("draft_tokens", 1), ("group_size", 1)):
+        if runtime_options.get(name) is not None:
+            runtime_options[name] = integer(name, runtime_options[name], lo)
     path = Path(path) if path is not None else bundled_model_path()
     ckpt = Checkpoint(path)
     cfg = ckpt.config

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MoeOffloadError
-from .generate import SamplingParams, _Timing, sample_next, sampling_probs
+from .generate import SamplingParams, _Timing, check_finite_logits, sample_next, sampling_probs
 from .kernels import run_experts
 from .model.layers import rms_norm
 from .model.moe import route
@@ -240,6 +240,7 @@ class SpeculativeDecoder:
         batch = [tok] + drafts
         ids = torch.tensor([batch], dtype=torch.long, device=dev)  # [1, g+1]
         target = model(ids, pos, cache, host_ids=batch)[0].float().cpu()  # [g+1, V]
+        check_finite_logits(target)
         if params.temperature == 0:
             a, nxt = accept_greedy(drafts, target)
         elif g == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,14 @@ def save_trace(path: str | Path, trace: RoutingTrace, meta: dict) -> Path:
     if trace.embed_preds is not None:
         arrays["embed_next_gate"] = trace.embed_preds
     tmp = path.with_name(path.name + ".partial.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # nothing half-written stays behind
+        if isinstance(exc, OSError):
+            raise MoeOffloadError(f"{path}: cannot write the trace: {exc.strerror or exc}") from None
+        raise
     return path
 
 
@@ -126,8 +133,8 @@ def load_trace(path: str | Path) -> RoutingTrace:
         return RoutingTrace(z["token_ids"], z["routed_ids"], z["routed_weights"], meta.get("window", 0),
                             z["router_probs"] if "router_probs" in z.files else None, preds or None, meta,
                             z["embed_next_gate"] if "embed_next_gate" in z.files else None)
-    except (OSError, KeyError, ValueError) as exc:
-        raise MoeOffloadError(f"{path}: not a moe_offload routing trace (.npz): {exc}") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise MoeOffloadError(f"{path}: not a moe_offload routing trace (.npz), or truncated: {exc}") from None
 
 
 def replay(cache: ExpertCache, routed_ids: np.ndarray) -> dict:

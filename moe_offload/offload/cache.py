@@ -50,6 +50,7 @@ class ExpertCache:
         self.pinned: set[Key] = set()
         self.inflight: dict[Key, LoadHandle] = {}
         self.prefetched_unused: set[Key] = set()
+        self._loading: Key | None = None
         self._dirty_rows: set[int] = set()
         self.stats = CacheStats(L)
         self.late_hits = np.zeros(L, dtype=np.int64)  # hits that had to wait for their copy (simulation)
@@ -171,6 +172,7 @@ class ExpertCache:
 
     def _start_load(self, key: Key, prefetch: bool = False, slot: int | None = None, priority: float = 0.0) -> None:
         slot = self._take_slot(key[0]) if slot is None else slot
+        self._loading = key  # until its handle is recorded: recover() cannot trust this slot's bytes
         self.slot_of[key] = slot
         self.key_of_slot[slot] = key
         self.resident_per_layer[key[0]] += 1
@@ -179,9 +181,49 @@ class ExpertCache:
         handle = self.engine.load(key, self.store.row(*key), self.pool[slot], slot, prefetch=prefetch,
                                   priority=priority)
         self.inflight[key] = handle
+        self._loading = None
         self.stats.bytes_h2d[key[0]] += self.store.expert_bytes
         if prefetch:
             self.prefetched_unused.add(key)
+
+    def recover(self) -> None:
+        """Bring the cache back to a consistent state after an exception (KeyboardInterrupt included)
+        anywhere in a step: wait until the link is idle, unpin everything, retire every load, drop
+        experts whose copy failed or whose load was interrupted before it was recorded, and rebuild
+        the free-slot list from the slot table. Afterwards every resident expert holds its bytes."""
+        drain = getattr(self.engine, "drain", None)
+        if drain is not None:
+            drain()
+        self.pinned.clear()
+        for key, handle in list(self.inflight.items()):
+            del self.inflight[key]
+            if not handle.done() or handle.error is not None:
+                if self.slot_of[key] >= 0:
+                    self._drop(key)
+        if self._loading is not None and self.slot_of[self._loading] >= 0 and self._loading not in self.inflight:
+            self._drop(self._loading)
+        self._loading = None
+        taken = {int(s) for s in self.slot_of[self.slot_of >= 0]}
+        self.free_slots = [s for s in range(self.num_slots - 1, -1, -1) if s not in taken]
+        self.key_of_slot = [None] * self.num_slots
+        for (l, e) in zip(*np.nonzero(self.slot_of >= 0)):
+            self.key_of_slot[int(self.slot_of[l, e])] = (int(l), int(e))
+        self.resident_per_layer = (self.slot_of >= 0).sum(1).astype(np.int64)
+        self._dirty_rows.update(range(self.num_layers))
+        self.check()
+
+    def check(self) -> None:
+        """Assert the bookkeeping invariants (tests, and after recover())."""
+        res = {(int(l), int(e)) for l, e in zip(*np.nonzero(self.slot_of >= 0))}
+        slots = [int(self.slot_of[k]) for k in res]
+        if len(set(slots)) != len(slots):
+            raise AssertionError("expert cache: two experts share a slot")
+        if set(self.free_slots) & set(slots) or len(self.free_slots) + len(slots) != self.num_slots:
+            raise AssertionError("expert cache: free slots and resident experts do not partition the pool")
+        if any(self.key_of_slot[s] != k for k, s in zip(res, slots)):
+            raise AssertionError("expert cache: key_of_slot disagrees with slot_of")
+        if not self.pinned <= res or not set(self.inflight) <= res:
+            raise AssertionError("expert cache: a pinned or in-flight expert is not resident")
 
     def _wait_demand(self, key: Key) -> None:
         """Wait for a needed expert's copy. A failed *prefetch* of it is not this caller's failure:

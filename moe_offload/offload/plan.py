@@ -9,6 +9,7 @@ import torch
 
 from ..config import MixtralConfig
 from ..errors import MoeOffloadError
+from ..validate import integer, real
 from ..quant.formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
 from .store import available_host_bytes
 
@@ -31,11 +32,10 @@ class CacheBudget:
         if len(given) > 1:
             raise MoeOffloadError(f"give at most one cache budget, got {', '.join(given)}")
         for name in ("cache_experts", "cache_per_layer"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
-                raise MoeOffloadError(f"{name} must be an integer, got {v!r}")
-        if self.cache_gb is not None and (not isinstance(self.cache_gb, (int, float)) or self.cache_gb <= 0):
-            raise MoeOffloadError(f"cache_gb must be a positive number, got {self.cache_gb!r}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, integer(name, getattr(self, name), 0))  # frozen; 0 is refused by the plan
+        if self.cache_gb is not None:
+            object.__setattr__(self, "cache_gb", real("cache_gb", self.cache_gb, 0.0, lo_open=True))
 
 
 @dataclass
@@ -112,7 +112,7 @@ def plan_memory(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, ma
         want = int(budget.cache_gb * GB)
         if want > room:
             raise MoeOffloadError(
-                f"cache_gb {budget.cache_gb} ({want:,} bytes) exceeds what is free on {device}: {free:,} bytes "
+                f"cache_gb {budget.cache_gb:g} ({want:,} bytes) exceeds what is free on {device}: {free:,} bytes "
                 f"free minus dense weights {dense:,}, KV cache {kv:,} and reserve {reserve:,} leaves {room:,}")
         slots = want // expert_bytes
     else:

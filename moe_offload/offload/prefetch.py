@@ -58,6 +58,10 @@ class Prefetcher:
         self._x: torch.Tensor | None = None
         self._pos = 0
 
+    def reset(self) -> None:
+        """Forget the current plan (after an interrupted step; the cache recovered separately)."""
+        self.pending, self.protect, self.value, self._x = [], set(), {}, None
+
     # --- model observer -------------------------------------------------------------------------
     def on_step(self, input_ids: torch.Tensor, start_pos: int, host_ids: Sequence[int] | None) -> None:
         self._pos, self._x = start_pos, None

@@ -23,6 +23,10 @@ from .link import DEFAULT_CHUNK_BYTES, LinkScheduler
 from .protocols import Key
 
 
+# A failed copy is tried again this many times before its waiter sees CopyFailed (transient faults).
+COPY_RETRIES = 3
+
+
 class CopyFailed(MoeOffloadError):
     """A host-to-device expert copy failed; the cache has dropped that expert and stays usable."""
 
@@ -86,6 +90,25 @@ def _close_live_engines() -> None:
         engine.close()
 
 
+def _copy_with_retries(state: "_LinkState", handle: LoadHandle, src: torch.Tensor, dst: torch.Tensor,
+                       lo: int, n: int) -> None:
+    """One chunk, tried up to 1 + state.max_retries times (a chunk is idempotent: the same bytes again)."""
+    for attempt in range(state.max_retries + 1):
+        faults = state.faults
+        try:
+            if lo == 0 and faults.delay is not None:
+                time.sleep(faults.delay(handle.key))
+            if lo == 0 and faults.fail is not None and faults.fail(handle.key):
+                raise RuntimeError("injected copy failure")
+            _copy_chunk(dst, src, lo, n)
+            return
+        except Exception:
+            if attempt == state.max_retries:
+                raise
+            with state.cond:
+                state.retries += 1
+
+
 def _copy_worker(state: "_LinkState") -> None:
     """The ThreadCopyEngine's thread: takes chunks from the link scheduler (demand first, then
     prefetches by value) and copies them. It holds the shared state, not the engine, so the engine
@@ -97,25 +120,24 @@ def _copy_worker(state: "_LinkState") -> None:
                 if item is not None or state.closed:
                     break
                 state.cond.wait()
+            if item is not None:
+                state.busy += 1
         if item is None:
             return
         job, lo, n = item
         handle, (src, dst) = job.handle, job.payload
-        faults = state.faults
         try:
-            if lo == 0 and faults.delay is not None:
-                time.sleep(faults.delay(handle.key))
-            if lo == 0 and faults.fail is not None and faults.fail(handle.key):
-                raise RuntimeError("injected copy failure")
-            _copy_chunk(dst, src, lo, n)
+            _copy_with_retries(state, handle, src, dst, lo, n)
         except BaseException as exc:  # reported to the waiter, never lost in the thread
             with state.cond:
+                state.busy -= 1
                 state.sched.fail(job)
                 handle.error = exc
                 handle._done.set()
                 state.cond.notify_all()
             continue
         with state.cond:
+            state.busy -= 1
             if state.sched.chunk_done(job):
                 handle._done.set()
             state.cond.notify_all()
@@ -129,6 +151,9 @@ class _LinkState:
         self.cond = threading.Condition()
         self.faults = faults
         self.closed = False
+        self.max_retries = COPY_RETRIES
+        self.retries = 0  # copies tried again after a failure, since the engine started
+        self.busy = 0  # chunks taken by the worker and not finished
 
     def close(self) -> None:
         with self.cond:
@@ -156,6 +181,25 @@ class ThreadCopyEngine:
     @property
     def faults(self) -> CopyFaults:
         return self._state.faults
+
+    @property
+    def retries(self) -> int:
+        """Copies tried again after a transient failure, since the engine started."""
+        return self._state.retries
+
+    @property
+    def max_retries(self) -> int:
+        return self._state.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self._state.max_retries = value
+
+    def drain(self) -> None:
+        """Wait until every queued copy has finished (or failed): the link is idle."""
+        with self._state.cond:
+            while (len(self._state.sched) or self._state.busy) and self._worker.is_alive():
+                self._state.cond.wait(timeout=1.0)
 
     @faults.setter
     def faults(self, value: CopyFaults) -> None:
@@ -223,6 +267,7 @@ class CudaCopyEngine:
     def __init__(self, device: torch.device, faults: CopyFaults | None = None):
         self.faults = faults or CopyFaults()
         self.device = device
+        self.max_retries, self.retries = COPY_RETRIES, 0
         self.stream = torch.cuda.Stream(device=device)
         # One reusable event per slot (created on first use, re-recorded at every fence): a copy into
         # a slot waits for the latest record, i.e. the compute stream's last use of that slot.
@@ -236,10 +281,15 @@ class CudaCopyEngine:
         handle.prefetch = prefetch
         if self.faults.delay is not None:
             time.sleep(self.faults.delay(key))
-        if self.faults.fail is not None and self.faults.fail(key):
-            handle.error = RuntimeError("injected copy failure")
-            handle._done.set()
-            return handle
+        if self.faults.fail is not None:
+            tries = 0
+            while self.faults.fail(key):  # injected faults are transient: try again, bounded
+                if tries == self.max_retries:
+                    handle.error = RuntimeError("injected copy failure")
+                    handle._done.set()
+                    return handle
+                tries += 1
+                self.retries += 1
         fence = self._last_use.get(slot)
         with torch.cuda.stream(self.stream):
             if fence is not None:
@@ -276,6 +326,10 @@ class CudaCopyEngine:
         if ev is None:
             ev = self._last_use[slot] = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
+
+    def drain(self) -> None:
+        """Wait until every copy on the copy stream has finished (a host sync: error recovery only)."""
+        self.stream.synchronize()
 
     def close(self) -> None:
         pass

@@ -1,0 +1,203 @@
+"""The misuse suite: bad flags, bad API arguments, bad files. Each case must end in the project's one-line
+error (MoeOffloadError, or argparse's usage error for a malformed flag), never a traceback, and leave no
+partial file behind. CASES_CLI and CASES_API are counted in the issue note."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from moe_offload import runtime
+from moe_offload.cli import main
+from moe_offload.errors import MoeOffloadError
+
+TEXT = str(runtime.bundled_heldout_text())
+
+
+def _trace(tmp_path):
+    out = tmp_path / "t.npz"
+    assert main(["trace", "--text", TEXT, "--out", str(out), "--max-tokens", "64"]) == 0
+    return out
+
+
+CASES_CLI = {
+    "cache-gb nan": ["generate", "--cache-gb", "nan"],
+    "cache-gb inf": ["generate", "--cache-gb", "inf"],
+    "cache-gb 0": ["generate", "--cache-gb", "0"],
+    "cache-per-layer 0": ["generate", "--cache-per-layer", "0"],
+    "cache-experts -1": ["generate", "--cache-experts", "-1"],
+    "seed 2**70": ["generate", "--seed", str(2**70)],
+    "seed -1": ["generate", "--seed", "-1"],
+    "temperature 1e-45": ["generate", "--temperature", "1e-45"],
+    "temperature nan": ["generate", "--temperature", "nan"],
+    "temperature -1": ["generate", "--temperature", "-1"],
+    "top-p 0": ["generate", "--top-p", "0"],
+    "top-p 1.5": ["generate", "--top-p", "1.5"],
+    "max-new-tokens -1": ["generate", "--max-new-tokens", "-1"],
+    "max-new-tokens abc": ["generate", "--max-new-tokens", "abc"],
+    "max-seq-len 0": ["generate", "--max-seq-len", "0"],
+    "max-seq-len too long": ["generate", "--max-seq-len", "100000"],
+    "draft-tokens 0": ["generate", "--speculative", "--draft-tokens", "0"],
+    "draft-tokens without speculative": ["generate", "--draft-tokens", "2"],
+    "lookahead 0": ["generate", "--cache-per-layer", "2", "--lookahead", "0"],
+    "prefetch-window 0": ["generate", "--cache-per-layer", "2", "--prefetch-window", "0"],
+    "prefetch-margin -1": ["generate", "--cache-per-layer", "2", "--prefetch-margin", "-1"],
+    "two budgets": ["generate", "--cache-per-layer", "2", "--cache-experts", "12"],
+    "missing model": ["generate", "--model", "/nonexistent/model"],
+    "missing accelerator": ["generate", "--cache-per-layer", "2", "--accelerator", "/nonexistent.safetensors"],
+    "bad device": ["generate", "--device", "tpu"],
+    "trace out missing dir": None,  # built per test (tmp paths)
+    "trace out is a dir": None,
+    "trace missing text": ["trace", "--text", "/nonexistent.txt", "--out", "/tmp/x.npz"],
+    "bench capacities abc": ["bench", "cache", "--capacities", "abc", "--max-tokens", "32"],
+    "bench capacities 0": ["bench", "cache", "--capacities", "0", "--max-tokens", "32"],
+    "bench capacities 99": None,
+    "bench max-tokens 0": ["bench", "cache", "--max-tokens", "0"],
+    "bench unknown hardware": ["bench", "cache", "--hardware", "gtx480", "--max-tokens", "32"],
+    "bench json onto a dir": None,
+    "simulate max-tokens 0": None,
+    "simulate prefetch-window 0": None,
+    "simulate truncated trace": None,
+    "simulate missing trace": ["simulate", "--trace", "/nonexistent.npz", "--hardware", "t4-pcie3"],
+    "simulate unknown model config": None,
+    "train window 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--window", "0"],
+    "train lr nan": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lr", "nan"],
+    "train lr 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lr", "0"],
+    "train heldout 1": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--heldout-fraction", "1"],
+    "train lookaheads 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lookaheads", "0,1"],
+    "train out onto a dir": None,
+    "train draft-only without file": None,
+    "train draft-exit abc": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--draft-exit", "abc"],
+    "info missing config": ["info", "--config", "/nonexistent.json"],
+}
+
+
+def _tmp_case(name, tmp_path):
+    if name == "trace out missing dir":  # the folder is created (before work), so this one succeeds
+        return None
+    if name == "trace out is a dir":
+        return ["trace", "--text", TEXT, "--out", str(tmp_path), "--max-tokens", "16"]
+    if name == "bench capacities 99":
+        return ["bench", "cache", "--trace", str(_trace(tmp_path)), "--capacities", "99"]
+    if name == "bench json onto a dir":
+        return ["bench", "cache", "--json", str(tmp_path), "--max-tokens", "32"]
+    if name == "simulate max-tokens 0":
+        return ["simulate", "--trace", str(_trace(tmp_path)), "--hardware", "t4-pcie3", "--max-tokens", "0"]
+    if name == "simulate prefetch-window 0":
+        return ["simulate", "--trace", str(_trace(tmp_path)), "--hardware", "t4-pcie3", "--prefetch-window", "0"]
+    if name == "simulate truncated trace":
+        t = _trace(tmp_path)
+        cut = tmp_path / "cut.npz"
+        cut.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+        return ["simulate", "--trace", str(cut), "--hardware", "t4-pcie3"]
+    if name == "simulate unknown model config":
+        return ["simulate", "--trace", str(_trace(tmp_path)), "--hardware", "t4-pcie3", "--model-config", "gpt5"]
+    if name == "train out onto a dir":
+        return ["train-accelerator", "--text", TEXT, "--out", str(tmp_path)]
+    if name == "train draft-only without file":
+        return ["train-accelerator", "--text", TEXT, "--out", str(tmp_path / "none.safetensors"),
+                "--draft-exit", "1", "--draft-only"]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", sorted(CASES_CLI))
+def test_cli_misuse_ends_in_one_line_error(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = CASES_CLI[name] or _tmp_case(name, tmp_path)
+    if argv is None:
+        return
+    before = set(p for p in tmp_path.rglob("*"))
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse: usage + one "error:" line
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, (name, rc, err)
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1, err
+    left = set(p for p in tmp_path.rglob("*")) - before
+    assert not [p for p in left if "partial" in p.name or p.suffix in (".npz", ".safetensors", ".json")], left
+
+
+def test_trace_out_into_a_missing_folder_creates_it(tmp_path):
+    out = tmp_path / "new" / "dir" / "t.npz"
+    assert main(["trace", "--text", TEXT, "--out", str(out), "--max-tokens", "16"]) == 0
+    assert out.is_file() and not list(out.parent.glob("*partial*"))
+
+
+def test_train_out_checked_before_training(tmp_path, monkeypatch):
+    import moe_offload.predict.train as train
+
+    monkeypatch.setattr(train, "train_accelerator", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit):
+        main(["train-accelerator", "--text", TEXT, "--out", str(tmp_path), "--window", "0"])
+    assert main(["train-accelerator", "--text", TEXT, "--out", str(tmp_path)]) == 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return runtime.load(device="cpu", offload=False)
+
+
+CASES_API = {
+    "load(123)": lambda m: runtime.load(123),
+    "load(policy=[lru])": lambda m: runtime.load(device="cpu", policy=["lru"], cache_per_layer=2),
+    "load(offload='False')": lambda m: runtime.load(device="cpu", offload="False"),
+    "load(max_seq_len=0)": lambda m: runtime.load(device="cpu", max_seq_len=0),
+    "load(max_seq_len=1.5)": lambda m: runtime.load(device="cpu", max_seq_len=1.5),
+    "load(cache_gb=nan)": lambda m: runtime.load(device="cpu", cache_gb=float("nan")),
+    "load(cache_per_layer=True)": lambda m: runtime.load(device="cpu", cache_per_layer=True),
+    "load(speculative='yes')": lambda m: runtime.load(device="cpu", speculative="yes"),
+    "load(unknown option)": lambda m: runtime.load(device="cpu", cache_size=3),
+    "load(dtype=int8)": lambda m: runtime.load(device="cpu", dtype="int8"),
+    "load(expert_dtype=int3)": lambda m: runtime.load(device="cpu", expert_dtype="int3"),
+    "generate(max_new_tokens=-1)": lambda m: m.generate("x", max_new_tokens=-1),
+    "generate(max_new_tokens=2.0)": lambda m: m.generate("x", max_new_tokens=2.0),
+    "generate(temperature=1e-45)": lambda m: m.generate("x", temperature=1e-45),
+    "generate(temperature=inf)": lambda m: m.generate("x", temperature=float("inf")),
+    "generate(top_p=0)": lambda m: m.generate("x", top_p=0),
+    "generate(seed=2**70)": lambda m: m.generate("x", temperature=1.0, seed=2**70),
+    "generate(seed='1')": lambda m: m.generate("x", temperature=1.0, seed="1"),
+    "generate(prompt=[])": lambda m: m.generate([]),
+    "generate(prompt=[-1])": lambda m: m.generate([-1]),
+    "generate(prompt=[10**6])": lambda m: m.generate([10**6]),
+    "generate(prompt=None)": lambda m: m.generate(None),
+    "logits([[1, 2]])": lambda m: m.logits(np.array([[1, 2]])),
+    "logits(too long)": lambda m: m.logits([1] * 100000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES_API))
+def test_api_misuse_raises_the_project_error(name, model):
+    with pytest.raises(MoeOffloadError):
+        CASES_API[name](model)
+
+
+def test_numpy_scalars_are_numbers(model):
+    want = model.generate([1, 2, 3], max_new_tokens=3).token_ids
+    got = model.generate(list(np.array([1, 2, 3], dtype=np.int64)), max_new_tokens=np.int64(3),
+                         temperature=np.float32(0.0))
+    assert got.token_ids == want
+    r = model.generate("In the", max_new_tokens=3, temperature=np.float32(0.7), top_p=np.float64(0.9), seed=np.int64(5))
+    assert len(r.token_ids) == 3
+
+
+def test_accelerator_whose_metadata_disagrees_with_its_tensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moe_offload.predict.accelerator import META_KEY
+
+    src = runtime.bundled_accelerator_path()
+    with safe_open(str(src), "pt") as f:
+        raw = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for field, value in (("rank", 999), ("lookaheads", [1, 2, 3, 4, 5]), ("hidden", "wide")):
+        meta = json.loads(raw[META_KEY])
+        meta[field] = value
+        bad = tmp_path / f"acc_{field}.safetensors"
+        save_file(tensors, str(bad), metadata={**raw, META_KEY: json.dumps(meta)})
+        with pytest.raises(MoeOffloadError, match="disagrees|adapters are for"):
+            runtime.load(device="cpu", cache_per_layer=2, accelerator=str(bad))
