@@ -1,0 +1,1 @@
+"""Integrations with other libraries: `moe_offload.integrations.transformers.offload(hf_model)`."""
