@@ -23,6 +23,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+PACKED_INT_SUFFIXES = (".weight_packed", ".weight_zero_point", ".weight_shape")  # compressed-tensors
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -95,9 +96,17 @@ def expected_tensors(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
             names = shared_expert_names(layer)
             shapes.update({names["w1"]: (si, h), names["w3"]: (si, h), names["w2"]: (h, si), names["gate"]: (1, h)})
         for e in range(cfg.num_local_experts):
-            shapes[expert_name(layer, e, "w1", cfg.model_type)] = (i, h)
-            shapes[expert_name(layer, e, "w2", cfg.model_type)] = (h, i)
-            shapes[expert_name(layer, e, "w3", cfg.model_type)] = (i, h)
+            for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
+                name = expert_name(layer, e, w, cfg.model_type)
+                if cfg.expert_format is None:
+                    shapes[name] = shape
+                    continue
+                from .quant.ckpt import expected_shapes  # packed experts (compressed-tensors)
+
+                base = name.removesuffix(".weight")
+                shapes.update({f"{base}.{suffix}": shp for suffix, shp in
+                               expected_shapes(*shape, cfg.expert_format, cfg.expert_group_size,
+                                               cfg.expert_symmetric).items()})
     return shapes
 
 
@@ -216,7 +225,10 @@ class Checkpoint:
             if info.shape != shape:
                 problems.append(f"{info.file.name}: tensor {name} has shape {list(info.shape)}, "
                                 f"expected {list(shape)}")
-            if info.dtype not in FLOAT_DTYPES:
+            if name.endswith(PACKED_INT_SUFFIXES):
+                if info.dtype != "I32":
+                    problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, expected I32")
+            elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, "
                                 f"expected one of {sorted(FLOAT_DTYPES)}")
         tied_head = self.config.tie_word_embeddings and "lm_head.weight" in self.tensors

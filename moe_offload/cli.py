@@ -202,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--max-tokens", type=POS, default=4096, metavar="N", help="use the first N tokens of the trace")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
 
+    qz = sub.add_parser("quantize", help="write a checkpoint with int8 / int4 experts (compressed-tensors)",
+                        description="Quantize the routed experts of a model folder into a new folder: config.json "
+                                    "(with a compressed-tensors pack-quantized quantization_config), the tokenizer "
+                                    "files, non-expert weights as they were and packed experts with their scales "
+                                    "(and zero points). Streams one expert at a time; `load(OUT)` then gives "
+                                    "exactly the logits of quantizing on load.")
+    _add_model_args(qz)
+    qz.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, or be empty)")
+    qz.add_argument("--expert-dtype", required=True, choices=["int8", "int4"],
+                    help="int8: symmetric, one scale per output row; int4: asymmetric, groups of --group-size")
+    qz.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
+                    help="int4 group size along the input dimension (default 128)")
+    qz.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+
     i = sub.add_parser("info", help="model config, parameter counts, bytes per expert, memory plan",
                        description="Describe a checkpoint without loading its weights (headers only). "
                                    "With --device or a cache budget, also print the memory plan "
@@ -505,6 +519,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import resource
+    import time
+
+    from .quant.export import quantize_checkpoint
+    from .runtime import bundled_model_path
+
+    t0 = time.perf_counter()
+    s = quantize_checkpoint(args.model or bundled_model_path(), args.out, args.expert_dtype, args.group_size,
+                            force=args.force, show_progress=sys.stderr.isatty())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    print(f"wrote {s['out']}: {args.expert_dtype} experts"
+          + (f" (groups of {s['group_size']})" if s["group_size"] else "")
+          + f", {s['bytes'] / 1e6:.1f} MB in {s['shards']} shards, {time.perf_counter() - t0:.1f} s, "
+            f"peak RSS {peak / 1e6:.0f} MB")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, format_info
 
@@ -528,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "info": cmd_info, "train-accelerator": cmd_train_accelerator,
-                "trace": cmd_trace, "bench": cmd_bench, "simulate": cmd_simulate}[args.command](args)
+                "trace": cmd_trace, "bench": cmd_bench, "simulate": cmd_simulate,
+                "quantize": cmd_quantize}[args.command](args)
     except MoeOffloadError as exc:
         print(f"moe-offload: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -35,7 +35,9 @@ _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCaus
 # Fields added for the non-Mixtral families, with the value a Mixtral has; as_dict() leaves them out
 # at these values so a Mixtral's dict (and the checkpoint fingerprint built on it) is unchanged.
 _FAMILY_FIELDS = {"model_type": "mixtral", "norm_topk_prob": True, "shared_expert_intermediate_size": 0,
-                  "qk_norm": "none", "qkv_bias": False, "clip_qkv": None}
+                  "qk_norm": "none", "qkv_bias": False, "clip_qkv": None,
+                  # a quantized checkpoint (quant/ckpt.py); not part of the model's identity
+                  "expert_format": None, "expert_group_size": 128, "expert_symmetric": False}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -74,6 +76,9 @@ class ModelConfig:
     qk_norm: str = "none"
     qkv_bias: bool = False
     clip_qkv: float | None = None
+    expert_format: str | None = None  # 'int8' / 'int4' when the checkpoint stores packed experts
+    expert_group_size: int = 128
+    expert_symmetric: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -146,8 +151,11 @@ class ModelConfig:
         missing = [k for k in _COMMON_KEYS + (experts_key, width_key) + extra if k not in raw]
         if missing:
             raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+        quant = (None, 128, False)
         if raw.get("quantization_config"):
-            raise ConfigError(f"{source}: quantized checkpoints (quantization_config) are not supported")
+            from .quant.ckpt import parse_quantization_config
+
+            quant = parse_quantization_config(raw["quantization_config"], source)
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} is not supported (these MoE families use 'silu')")
@@ -183,6 +191,7 @@ class ModelConfig:
                 qk_norm={"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none"),
                 qkv_bias=bool(raw.get("qkv_bias", True)) if model_type == "qwen2_moe" else False,
                 clip_qkv=raw.get("clip_qkv") if model_type == "olmoe" else None,
+                expert_format=quant[0], expert_group_size=quant[1], expert_symmetric=quant[2],
             )
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("config.json", source, 1)) from None

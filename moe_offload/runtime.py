@@ -347,7 +347,16 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         raise MoeOffloadError(f"{', '.join(cache_asked)} configure the expert cache, which offload=False "
                               "does not have; drop them or pass offload=True")
     group_size = runtime_options.get("group_size", DEFAULT_GROUP_SIZE)
-    fmt = resolve_expert_format(runtime_options.get("expert_dtype", "auto"), group_size, dt, backend)
+    expert_dtype = runtime_options.get("expert_dtype", "auto")
+    if cfg.expert_format is not None:  # a quantized checkpoint (`moe-offload quantize`, compressed-tensors)
+        if expert_dtype not in ("auto", cfg.expert_format):
+            raise MoeOffloadError(f"{path} holds {cfg.expert_format} experts (a quantized checkpoint); expert_dtype "
+                                  f"{expert_dtype!r} cannot change that: use 'auto' or {cfg.expert_format!r}")
+        if "group_size" in runtime_options and runtime_options["group_size"] != cfg.expert_group_size:
+            raise MoeOffloadError(f"{path} holds int4 experts in groups of {cfg.expert_group_size}; group_size "
+                                  f"{runtime_options['group_size']} cannot change that")
+        expert_dtype, group_size = cfg.expert_format, cfg.expert_group_size
+    fmt = resolve_expert_format(expert_dtype, group_size, dt, backend)
     if fmt is not None and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt,
                                                 group_size=group_size)

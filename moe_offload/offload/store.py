@@ -10,6 +10,7 @@ from ..checkpoint import Checkpoint, expert_name
 from ..errors import MoeOffloadError
 from ..kernels.quant import QuantPool
 from ..quant.formats import DEFAULT_GROUP_SIZE, QUANT_FORMATS, expert_bytes
+from ..quant.ckpt import read_packed_expert
 from ..quant.pack import pool_views as quant_pool_views, quantize_expert, write_expert
 
 # Leave this much RAM to the rest of the machine when checking that the store fits.
@@ -97,13 +98,21 @@ class HostExpertStore:
         """Fill the store straight from the checkpoint's memory map, one expert at a time (quantized
         on the way in when `fmt` is int8/int4: only one expert is ever held unquantized)."""
         cfg = ckpt.config
+        if cfg.expert_format is not None and (fmt, group_size) != (cfg.expert_format, cfg.expert_group_size):
+            raise MoeOffloadError(f"{ckpt.path} holds {cfg.expert_format} experts (group size "
+                                  f"{cfg.expert_group_size}); they cannot be stored as {fmt} / {group_size}")
         store = cls(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
                     dtype, pin, fmt, group_size)
+        H, I = cfg.hidden_size, cfg.intermediate_size
         with torch.no_grad(), tqdm(total=cfg.num_hidden_layers * cfg.num_local_experts, unit="expert",
                                    desc="loading experts to host", disable=not show_progress) as bar:
             for layer in range(cfg.num_hidden_layers):
                 for e in range(cfg.num_local_experts):
-                    store.put(layer, e, *(ckpt.tensor(expert_name(layer, e, w, cfg.model_type))
-                                          for w in ("w1", "w3", "w2")))
+                    names = {w: expert_name(layer, e, w, cfg.model_type) for w in ("w1", "w3", "w2")}
+                    if cfg.expert_format is not None:  # already packed on disk: no requantization
+                        sections = read_packed_expert(ckpt.tensor, names, fmt, group_size, cfg.expert_symmetric, H, I)
+                        write_expert(store.row(layer, e), sections, H, I, fmt, group_size)
+                    else:
+                        store.put(layer, e, *(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")))
                     bar.update()
         return store

@@ -1,0 +1,154 @@
+"""`moe-offload quantize` and quantized checkpoints (compressed-tensors pack-quantized): written then
+loaded equals quantize-on-load bit for bit, offloaded equals resident, bad inputs named in one line,
+nothing half-written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moe_offload as mo
+from moe_offload.cli import main
+from moe_offload.config import MixtralConfig
+from moe_offload.errors import CheckpointError, ConfigError, MoeOffloadError
+from moe_offload.quant.ckpt import (compress_matrix, decompress_matrix, pack_int32, parse_quantization_config,
+                                    unpack_int32)
+from moe_offload.quant.export import quantize_checkpoint
+from moe_offload.quant.pack import quantize_int4, quantize_int8
+
+from helpers import write_model
+
+PROMPT = "In the beginning God created"
+
+
+@pytest.mark.parametrize("bits,dim", [(4, 1), (4, 0), (8, 1), (8, 0)])
+def test_int32_packing_round_trips(bits, dim):
+    g = torch.Generator().manual_seed(bits + dim)
+    u = torch.randint(0, 1 << bits, (13, 21), generator=g, dtype=torch.uint8)  # odd sizes: padded words
+    words = pack_int32(u, bits, dim)
+    assert words.dtype == torch.int32
+    assert torch.equal(unpack_int32(words, bits, u.shape[dim], dim), u)
+    if dim == 1:  # the first value sits in the lowest bits of its word
+        assert int(words[0, 0]) & ((1 << bits) - 1) == int(u[0, 0])
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_compressed_matrix_round_trips_our_sections(fmt, group):
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
+    q, s, z = quantize_int8(w) + (None,) if fmt == "int8" else quantize_int4(w, group)
+    t = compress_matrix(q, s, z, fmt, 256)
+    q2, s2, z2 = decompress_matrix(t, fmt, group, False, 24, 256, "w")
+    assert torch.equal(q2, q) and torch.equal(s2, s.reshape(s2.shape))
+    assert (z is None and z2 is None) or torch.equal(z2, z)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    out = {}
+    for fmt, g in (("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)):
+        d = root / f"{fmt}-g{g}"
+        assert main(["quantize", "--out", str(d), "--expert-dtype", fmt, "--group-size", str(g)]) == 0
+        out[(fmt, g)] = d
+    return out
+
+
+@pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_written_then_loaded_equals_quantize_on_load_bit_for_bit(quantized, fmt, g):
+    d = quantized[(fmt, g)]
+    on_load = mo.load(device="cpu", expert_dtype=fmt, group_size=g)
+    ids = on_load.encode(PROMPT)
+    want = on_load.logits(ids)
+    got = mo.load(d, device="cpu")
+    assert torch.equal(got.logits(ids), want)
+    tokens = on_load.generate(PROMPT, max_new_tokens=12).token_ids
+    for cap in (2, 4):
+        with mo.load(d, device="cpu", cache_per_layer=cap) as off:
+            r = off.generate(PROMPT, max_new_tokens=12)
+            assert r.token_ids == tokens and r.stats["misses"] > 0
+    cfg = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["num_bits"] == (
+        8 if fmt == "int8" else 4)
+
+
+def test_quantized_checkpoint_refuses_another_format(quantized):
+    with pytest.raises(MoeOffloadError, match="holds int4 experts"):
+        mo.load(quantized[("int4", 64)], device="cpu", expert_dtype="int8")
+    with pytest.raises(MoeOffloadError, match="groups of 64"):
+        mo.load(quantized[("int4", 64)], device="cpu", expert_dtype="int4", group_size=128)
+
+
+def _rewrite(d, name, fn):
+    """Apply fn(tensors) to the shard holding tensor `name` (fn may delete it); keep the index consistent."""
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"][name]
+    tensors = load_file(shard)
+    fn(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in tensors or v != shard.name}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_bad_quantized_checkpoints_are_named(quantized, tmp_path):
+    base = "model.layers.1.block_sparse_moe.experts.3.w2"
+    d = tmp_path / "shape"
+    shutil.copytree(quantized[("int4", 128)], d)
+    _rewrite(d, base + ".weight_packed", lambda t: t.update({base + ".weight_packed": t[base + ".weight_packed"][:, :-1].clone()}))
+    with pytest.raises(CheckpointError, match=f"{base}.weight_packed has shape"):
+        mo.load(d, device="cpu")
+    d = tmp_path / "scales"
+    shutil.copytree(quantized[("int4", 128)], d)
+    _rewrite(d, base + ".weight_scale", lambda t: t.pop(base + ".weight_scale"))
+    with pytest.raises(CheckpointError, match=f"missing tensor {base}.weight_scale"):
+        mo.load(d, device="cpu")
+    d = tmp_path / "bits"
+    shutil.copytree(quantized[("int8", 128)], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="num_bits is 3"):
+        mo.load(d, device="cpu")
+
+
+def test_parse_refuses_what_it_cannot_read():
+    with pytest.raises(ConfigError, match="quant_method"):
+        parse_quantization_config({"quant_method": "gptq"}, "c.json")
+    with pytest.raises(ConfigError, match="format"):
+        parse_quantization_config({"quant_method": "compressed-tensors", "format": "marlin-24",
+                                   "config_groups": {"g": {"weights": {"num_bits": 4}}}}, "c.json")
+
+
+def test_quantize_bad_inputs_and_nothing_half_written(tmp_path, monkeypatch, capsys):
+    odd = write_model(tmp_path / "odd", MixtralConfig(vocab_size=50, hidden_size=96, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      num_key_value_heads=1, num_local_experts=4,
+                                                      num_experts_per_tok=2, head_dim=48,
+                                                      max_position_embeddings=32, torch_dtype="float32"))
+    with pytest.raises(MoeOffloadError, match="--group-size 64 does not divide hidden_size 96"):
+        quantize_checkpoint(odd, tmp_path / "o1", "int4", 64)
+    with pytest.raises(MoeOffloadError, match="'int3' cannot be written"):
+        quantize_checkpoint(odd, tmp_path / "o2", "int3")
+    with pytest.raises(SystemExit):  # argparse: --expert-dtype choices
+        main(["quantize", "--out", str(tmp_path / "x"), "--expert-dtype", "int3"])
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    assert main(["quantize", "--out", str(full), "--expert-dtype", "int8"]) == 2
+    assert "not empty; pass --force" in capsys.readouterr().err
+    import moe_offload.quant.export as export
+
+    calls = [0]
+    real = export.quantize_expert
+
+    def dies(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise RuntimeError("disk on fire")
+        return real(*a, **k)
+
+    monkeypatch.setattr(export, "quantize_expert", dies)
+    with pytest.raises(RuntimeError):
+        quantize_checkpoint(odd, tmp_path / "o3", "int8")
+    assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".o3*"))
