@@ -202,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--max-tokens", type=POS, default=4096, metavar="N", help="use the first N tokens of the trace")
     sm.add_argument("--json", action="store_true", help="print one JSON object")
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE streaming)",
+                        description="Serve the model over an OpenAI-compatible HTTP API: GET /v1/models, POST "
+                                    "/v1/completions and /v1/chat/completions (streaming with stream=true), GET "
+                                    "/health and GET /metrics (Prometheus). Requests decode together (continuous "
+                                    "batching up to --max-batch). Binds to localhost unless --host says otherwise.")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    sv.add_argument("--port", type=int_arg(0, 65535), default=8000, help="port (default %(default)s)")
+    sv.add_argument("--max-batch", type=POS, default=8, metavar="N",
+                    help="most requests decoding together (default %(default)s)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require `Authorization: Bearer KEY` on every request but /health (default: the "
+                         "MOE_OFFLOAD_API_KEY environment variable, else none)")
+    sv.add_argument("--model-id", default="moe-offload", help="the model name clients send (default %(default)s)")
+    _add_runtime_args(sv)
+
     qz = sub.add_parser("quantize", help="write a checkpoint with int8 / int4 experts (compressed-tensors)",
                         description="Quantize the routed experts of a model folder into a new folder: config.json "
                                     "(with a compressed-tensors pack-quantized quantization_config), the tokenizer "
@@ -519,6 +535,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .runtime import load
+    from .serve import ServeConfig, create_app
+
+    key = args.api_key if args.api_key is not None else os.environ.get("MOE_OFFLOAD_API_KEY") or None
+    cfg = ServeConfig(model_id=args.model_id, max_batch=args.max_batch, api_key=key)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"moe-offload: warning: serving on {args.host} without an API key: anyone who can reach this "
+              "address can use the model (pass --api-key or set MOE_OFFLOAD_API_KEY)", file=sys.stderr)
+    model = load(args.model, **_runtime_kwargs(args))
+    uvicorn.run(create_app(model, cfg), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import resource
     import time
@@ -561,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "info": cmd_info, "train-accelerator": cmd_train_accelerator,
                 "trace": cmd_trace, "bench": cmd_bench, "simulate": cmd_simulate,
-                "quantize": cmd_quantize}[args.command](args)
+                "quantize": cmd_quantize, "serve": cmd_serve}[args.command](args)
     except MoeOffloadError as exc:
         print(f"moe-offload: error: {_one_line(exc)}", file=sys.stderr)
         return 2
