@@ -163,3 +163,25 @@ def test_bundled_model_bf16_logits_within_bf16_rounding():
 def test_bad_quant_kernels_is_a_one_line_error():
     with pytest.raises(MoeOffloadError, match=r"quant_kernels 'fast' is not one of \['auto', 'reference'\]"):
         moe_offload.load(device="cpu", expert_dtype="int8", quant_kernels="fast")
+
+
+@pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 64)])
+def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g):
+    """The hybrid CPU lane on an int8/int4 store (it once failed on QuantPool views): every miss computed
+    on the host gives the resident reference's greedy tokens (float32: rounding only)."""
+    from moe_offload.offload.cpu_lane import CpuLane, LaneCosts
+
+    text = "In the beginning God created the heaven and the earth."
+    with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, offload=False,
+                          quant_kernels="reference") as ref:
+        expected = ref.generate(text, max_new_tokens=10).token_ids
+    with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, cache_experts=4, predictor="none",
+                          cpu_experts="off") as m:
+        lane = CpuLane(m.expert_cache.store, LaneCosts(copy_seconds=1.0, chunk_seconds=0.0, weight_seconds=0.01,
+                                                       token_seconds=0.0))
+        m.model.experts.cpu_lane = lane
+        res = m.generate(text, max_new_tokens=10)
+    assert res.stats["cpu_experts"] > 0 and res.token_ids == expected
+    assert all(isinstance(p, CpuQuantPool) for p in lane.host.prepared.values()) and lane.host.prepared
+    per_expert = lane.host.extra_bytes / len(lane.host.prepared)  # int8: scales only; int4: repacked weights too
+    assert (per_expert > expert_bytes(128, 256, fmt, g) // 2) == (fmt == "int4")
