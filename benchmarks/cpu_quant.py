@@ -43,8 +43,9 @@ ROTATE_BYTES = 160 * 2**20  # experts cycled per candidate: more than a last-lev
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def time_calls(fn, n_items: int, budget_s: float) -> float:
-    """Median seconds of fn(i) over calls cycling i through n_items (at least one full cycle)."""
+def time_calls(fn, n_items: int, budget_s: float) -> tuple[float, float]:
+    """(median, min) seconds of fn(i) over calls cycling i through n_items (at least one full cycle).
+    On a busy machine the minimum is the better estimate of the quiet speed."""
     fn(0)
     t0 = time.perf_counter()
     fn(1 % n_items)
@@ -55,7 +56,7 @@ def time_calls(fn, n_items: int, budget_s: float) -> float:
         t0 = time.perf_counter()
         fn(c % n_items)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def float_rows(hidden: int, inter: int, dtype: torch.dtype, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,11 +85,13 @@ def kernel_rows(hidden: int, inter: int, tokens: list[int], budget_s: float) -> 
 
     def add(fmt, dname, cand, nbytes, fn_for_tokens, n_items):
         for t in tokens:
-            sec = time_calls(fn_for_tokens(t), n_items, budget_s)
+            sec, best = time_calls(fn_for_tokens(t), n_items, budget_s)
             rows.append({"format": fmt, "compute_dtype": dname, "candidate": cand, "tokens": t,
-                         "us_per_expert": sec * 1e6, "GB_s": nbytes / sec / 1e9, "expert_bytes": nbytes})
+                         "us_per_expert": sec * 1e6, "GB_s": nbytes / sec / 1e9, "us_per_expert_min": best * 1e6,
+                         "GB_s_at_min": nbytes / best / 1e9, "expert_bytes": nbytes})
             print(f"  {fmt:10s} {dname:9s} {cand:22s} tokens {t:4d}: {sec * 1e6:10.0f} us  "
-                  f"{nbytes / sec / 1e9:6.1f} GB/s", flush=True)
+                  f"{nbytes / sec / 1e9:6.1f} GB/s  (min {best * 1e6:.0f} us, {nbytes / best / 1e9:.1f} GB/s)",
+                  flush=True)
 
     for fmt, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         nbytes = 3 * hidden * inter * dt.itemsize
@@ -111,7 +114,8 @@ def kernel_rows(hidden: int, inter: int, tokens: list[int], budget_s: float) -> 
 
 
 def crossovers(rows: list[dict]) -> dict:
-    """Per (format, dtype): the most tokens at which the weight-only op still beats dequantize-then-matmul."""
+    """Per (format, dtype): the most tokens at which the weight-only op still beats dequantize-then-matmul
+    (by the minimum time of each: the least disturbed by other work)."""
     out = {}
     for r in rows:
         if r["candidate"] != "weight_only_op":
@@ -119,7 +123,7 @@ def crossovers(rows: list[dict]) -> dict:
         ref = next(x for x in rows if x["candidate"] == "dequant_then_matmul" and x["format"] == r["format"]
                    and x["compute_dtype"] == r["compute_dtype"] and x["tokens"] == r["tokens"])
         key = f"{r['format']} {r['compute_dtype']}"
-        if r["us_per_expert"] < ref["us_per_expert"]:
+        if r["us_per_expert_min"] < ref["us_per_expert_min"]:
             out[key] = max(out.get(key, 0), r["tokens"])
         else:
             out.setdefault(key, 0)
@@ -180,7 +184,7 @@ def peer_rows(threads: int, new_tokens: int, repeats: int) -> dict:
 
 
 def print_table(kern: list[dict], cross: dict, dec: dict, peer: dict) -> None:
-    print("\nexpert kernels (us per expert / GB/s):")
+    print("\nexpert kernels (median us per expert / GB/s):")
     tokens = sorted({r["tokens"] for r in kern})
     print(f"  {'format':10s} {'dtype':9s} {'candidate':22s} " + " ".join(f"{'t=' + str(t):>16s}" for t in tokens))
     keys = list(dict.fromkeys((r["format"], r["compute_dtype"], r["candidate"]) for r in kern))  # first-seen order

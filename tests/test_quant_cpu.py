@@ -185,3 +185,23 @@ def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g):
     assert all(isinstance(p, CpuQuantPool) for p in lane.host.prepared.values()) and lane.host.prepared
     per_expert = lane.host.extra_bytes / len(lane.host.prepared)  # int8: scales only; int4: repacked weights too
     assert (per_expert > expert_bytes(128, 256, fmt, g) // 2) == (fmt == "int4")
+
+
+def test_cpu_quant_benchmark_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_quant.py"
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert {"command", "git_commit", "date", "device", "torch"} <= set(res)
+    cands = {(k["format"], k["compute_dtype"], k["candidate"]) for k in res["kernels"]}
+    assert ("int4 g128", "bfloat16", "weight_only_op") in cands and ("int8", "float32", "dequant_then_matmul") in cands
+    assert all(k["us_per_expert"] > 0 and k["GB_s"] > 0 for k in res["kernels"])
+    assert res["decode"]["bundled"]["int8 @float32"]["median_tok_s"] > 0
+    assert "expert kernels" in r.stdout and "decode tok/s" in r.stdout
