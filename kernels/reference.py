@@ -19,6 +19,16 @@ def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     return F.linear(F.silu(gate) * up, w2)
 
 
+def pool_expert(w13: torch.Tensor | QuantPool, w2: torch.Tensor | None, slot: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert in `slot` of a pool on x [n, H] -> [n, H]: float views, a QuantPool (dequantized to x's
+    dtype, then run) or a prepared pool with its own `ffn` (quant_cpu.CpuQuantPool; w2 None)."""
+    if isinstance(w13, QuantPool):
+        return expert_ffn(x, *w13.dequant(slot, x.dtype))
+    if w2 is None:
+        return w13.ffn(slot, x)
+    return expert_ffn(x, w13[slot], w2[slot])
+
+
 def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor | QuantPool,
              w2: torch.Tensor | None, slot_of_expert: Sequence[int] | None = None, *,
              ids_host: np.ndarray | None = None, experts: set[int] | None = None,
@@ -26,7 +36,8 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
     """Per-expert loop: for each routed expert e (ascending), gather its tokens, run it, add weighted.
 
     h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I] (or w13 a QuantPool and w2 None: each
-    expert is dequantized to h's dtype, then run); expert e lives in slot
+    expert is dequantized to h's dtype, then run; or w13 a quant_cpu.CpuQuantPool and w2 None: its
+    CPU weight-only ops); expert e lives in slot
     slot_of_expert[e] (identity when None). `ids_host` is the host copy of ids when the caller has
     one already (then this function reads nothing back from the device); otherwise ids are read back
     once. `experts` restricts the loop to those experts, accumulating into `out`: running groups of
@@ -42,8 +53,7 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
             if experts is not None and e not in experts:
                 continue
             slot = e if slot_of_expert is None else int(slot_of_expert[e])
-            w13_e, w2_e = w13.dequant(slot, h.dtype) if isinstance(w13, QuantPool) else (w13[slot], w2[slot])
-            out.add_(expert_ffn(h, w13_e, w2_e).mul_(weights[0, j]).to(h.dtype))  # [1, H]
+            out.add_(pool_expert(w13, w2, slot, h).mul_(weights[0, j]).to(h.dtype))  # [1, H]
         return out
     order = np.argsort(flat_host, kind="stable")  # [N*k] grouped by expert, ascending
     sorted_e = flat_host[order]
@@ -54,10 +64,9 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
         if experts is not None and e not in experts:
             continue
         slot = e if slot_of_expert is None else int(slot_of_expert[e])
-        w13_e, w2_e = w13.dequant(slot, h.dtype) if isinstance(w13, QuantPool) else (w13[slot], w2[slot])
         sel_t = torch.from_numpy(sel).to(h.device)
         tok = sel_t // k  # [c]
-        y = expert_ffn(h[tok], w13_e, w2_e)  # [c, H]
+        y = pool_expert(w13, w2, slot, h[tok])  # [c, H]
         out.index_add_(0, tok, (y * flat_w[sel_t, None]).to(h.dtype))
     return out
 

@@ -52,6 +52,8 @@ RUNTIME_OPTIONS = {
     "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
                     "(per-row scales) or int4 (groups of group_size); quantized on load, one expert at a time",
     "group_size": "int4 group size along the input dimension: 32, 64 or 128 (default 128)",
+    "quant_kernels": "int8/int4 experts resident on cpu: auto (PyTorch's CPU weight-only ops where measured "
+                     "faster, see kernels/quant_cpu.py) or reference (dequantize, then matmul)",
     "speculative": "self-speculative decoding: draft with the draft head of the accelerator file (or the "
                    "bundled one), resident experts only, verify in one pass (default False)",
     "draft_tokens": "most draft tokens per verify pass with speculative=True (default 4; adapts below it)",
@@ -360,7 +362,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
     if fmt is not None and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt,
                                                 group_size=group_size)
-        experts = PackedResidentExperts(store, dev, backend)
+        experts = PackedResidentExperts(store, dev, backend, runtime_options.get("quant_kernels", "auto"))
     if offload:
         budget = CacheBudget(runtime_options.get("cache_experts"), runtime_options.get("cache_per_layer"),
                              runtime_options.get("cache_gb"))

@@ -81,7 +81,9 @@ TEXT = "In the beginning God created the heaven and the earth."
 def resident_logits():
     out = {}
     for fmt, g in (("int8", 128), ("int4", 32)):
-        with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, offload=False) as m:
+        # the dequantize-then-matmul twin of the offloaded run (quant_kernels="auto": tests/test_quant_cpu.py)
+        with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, offload=False,
+                              quant_kernels="reference") as m:
             ids = m.encode(TEXT)
             out[fmt] = (ids, m.logits(ids), m.generate(ids, max_new_tokens=8).token_ids)
     return out

@@ -8,8 +8,10 @@ goes to the lane that would finish it first, given what that lane already took t
 weight_seconds is the expert's bytes over the CPU's measured GB/s for the store's format (a batch-1
 expert GEMV is bound by reading its weights once); token_seconds the per-token flops beyond that.
 
-`CpuLane.run` computes the chosen experts for the layer's tokens on the host (the reference SwiGLU
-expert on the store's rows) and returns their weighted sum, which the backend adds to the device's
+`CpuLane.run` computes the chosen experts for the layer's tokens on the host (`HostExperts`: the
+reference SwiGLU expert on the store's rows; for an int8/int4 store PyTorch's CPU weight-only ops,
+kernels.quant_cpu, each expert prepared on its first use and kept: int8 costs its scales in the
+compute dtype, int4 a repacked copy about the size of the packed expert) and returns their weighted sum, which the backend adds to the device's
 result: equal to the all-device run within the dtype's rounding (only the summation order differs).
 On CUDA the device kernels for the resident experts are launched first, so both lanes run at once.
 """
@@ -26,6 +28,7 @@ import torch
 
 from ..errors import MoeOffloadError
 from ..kernels import expert_ffn
+from ..kernels.quant_cpu import CpuQuantPool
 from .protocols import ExpertStore
 
 CPU_EXPERTS = ("auto", "off")
@@ -69,21 +72,57 @@ def split_misses(misses: Sequence[int], tokens: dict[int, int], costs: LaneCosts
     return on_cpu
 
 
+class HostExperts:
+    """Runs one expert of the store on the host, in the store's compute dtype (see the module docstring)."""
+
+    def __init__(self, store: ExpertStore):
+        self.store = store
+        self.quantized = getattr(store, "fmt", None) is not None
+        self.prepared: dict[tuple[int, int], CpuQuantPool] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: a float store's row dtype, or the dtype a quantized store was built for."""
+        return self.store.dtype if self.quantized else self.store.row(0, 0).dtype
+
+    @property
+    def hidden(self) -> int:
+        w13, _ = self.store.pool_views(self.store.row(0, 0)[None])
+        return w13.hidden if self.quantized else w13.shape[-1]
+
+    @property
+    def extra_bytes(self) -> int:
+        """Host RAM held by the experts prepared so far."""
+        return sum(p.extra_bytes for p in self.prepared.values())
+
+    def ffn(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, H] in the compute dtype -> [n, H]."""
+        pool = self.prepared.get((layer, e))
+        if pool is not None:
+            return pool.ffn(0, x)
+        w13, w2 = self.store.pool_views(self.store.row(layer, e)[None])  # [1, 2I, H], [1, H, I] or a QuantPool
+        if not self.quantized:
+            return expert_ffn(x, w13[0], w2[0])
+        pool = self.prepared[(layer, e)] = CpuQuantPool(w13, self.store.dtype)
+        return pool.ffn(0, x)
+
+
 def measure_cpu_seconds(store: ExpertStore, reps: int = 3) -> tuple[float, float]:
     """(weight_seconds, token_seconds) of one expert computed from the host store on this CPU, measured
     at 1 and 8 tokens (best of `reps`)."""
-    w13, w2 = store.pool_views(store.row(0, 0)[None])  # [1, 2I, H], [1, H, I]
-    hidden = w13.shape[-1]
+    host = HostExperts(store)
+    hidden = host.hidden
 
     def best(n: int) -> float:
-        x = torch.zeros(n, hidden, dtype=w13.dtype)
+        x = torch.zeros(n, hidden, dtype=host.dtype)
         out = math.inf
         for _ in range(reps):
             t0 = time.perf_counter()
-            expert_ffn(x, w13[0], w2[0])
+            host.ffn(0, 0, x)
             out = min(out, time.perf_counter() - t0)
         return out
 
+    host.ffn(0, 0, torch.zeros(1, hidden, dtype=host.dtype))  # prepare (quantized stores) before timing
     t1, t8 = best(1), best(8)
     return t1, max(0.0, (t8 - t1) / 7)
 
@@ -107,6 +146,7 @@ class CpuLane:
 
     def __init__(self, store: ExpertStore, costs: LaneCosts, max_tokens: int = 8):
         self.store, self.costs, self.max_tokens = store, costs, max_tokens
+        self.host = HostExperts(store)
 
     def pick(self, misses: Sequence[int], ids_host: np.ndarray, link_backlog: float = 0.0) -> list[int]:
         """The missed experts (ascending) the CPU should compute for these routed ids [N, k]."""
@@ -118,14 +158,13 @@ class CpuLane:
     def run(self, layer: int, experts: Sequence[int], h: torch.Tensor, ids_host: np.ndarray,
             weights: torch.Tensor) -> torch.Tensor:
         """sum over `experts` of weight * expert(h) for the tokens routed to them: [N, H] on the host."""
-        x = h.to("cpu", self.store.row(layer, experts[0]).dtype)  # [N, H]
+        x = h.to("cpu", self.host.dtype)  # [N, H]
         w = weights.to("cpu", torch.float32)  # [N, k]
         out = torch.zeros(x.shape, dtype=torch.float32)
         for e in experts:
-            w13, w2 = self.store.pool_views(self.store.row(layer, e)[None])  # [1, 2I, H], [1, H, I]
             rows, cols = np.nonzero(ids_host == e)  # tokens routed to e, and at which of their k
             rows_t = torch.from_numpy(rows)
-            y = expert_ffn(x[rows_t], w13[0], w2[0]).float()  # [c, H]
+            y = self.host.ffn(layer, e, x[rows_t]).float()  # [c, H]
             out.index_add_(0, rows_t, y * w[rows_t, torch.from_numpy(cols)][:, None])
         return out.to(h.dtype)
 

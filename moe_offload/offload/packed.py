@@ -11,10 +11,12 @@ import torch
 
 from ..errors import MoeOffloadError
 from ..kernels import run_experts
+from ..kernels.quant_cpu import CpuQuantPool
 from ..quant.formats import DEFAULT_GROUP_SIZE, GROUP_SIZES, QUANT_FORMATS
 from .store import HostExpertStore
 
 EXPERT_DTYPES = ("auto", "bf16", "fp16", "int8", "int4")
+QUANT_KERNELS = ("auto", "reference")
 _FLOAT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,12 +42,22 @@ def resolve_expert_format(expert_dtype: str, group_size: int, dtype: torch.dtype
 
 
 class PackedResidentExperts:
-    """ExpertBackend with every expert packed on `device` ([L, E, row] uint8): no offload, quantized."""
+    """ExpertBackend with every expert packed on `device` ([L, E, row] uint8): no offload, quantized.
 
-    def __init__(self, store: HostExpertStore, device: torch.device, backend: str = "loop"):
+    On cpu with the loop backend and quant_kernels 'auto', each layer's experts are prepared once for
+    PyTorch's CPU weight-only ops (kernels.quant_cpu; `extra_bytes` is the host RAM that costs);
+    'reference' dequantizes, then multiplies (the exact twin of an offloaded quantized run)."""
+
+    def __init__(self, store: HostExpertStore, device: torch.device, backend: str = "loop",
+                 quant_kernels: str = "auto"):
+        if quant_kernels not in QUANT_KERNELS:
+            raise MoeOffloadError(f"quant_kernels {quant_kernels!r} is not one of {list(QUANT_KERNELS)}")
         L, E = store.num_layers, store.num_experts
         self.rows = store.buffer.to(device).view(L, E, -1)  # [L, E, B]
         self.views = [store.pool_views(self.rows[layer]) for layer in range(L)]
+        if quant_kernels == "auto" and backend == "loop" and self.rows.device.type == "cpu":
+            self.views = [(CpuQuantPool(w13, store.dtype), None) for w13, _ in self.views]
+        self.extra_bytes = sum(v.extra_bytes for v, _ in self.views if isinstance(v, CpuQuantPool))
         self.backend = backend
         self.identity_slots = torch.arange(E, dtype=torch.int32, device=device)
         self.prefetcher = None
@@ -55,4 +67,4 @@ class PackedResidentExperts:
         return run_experts(self.backend, h, ids, weights, w13, w2, self.identity_slots)
 
 
-__all__ = ["DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "PackedResidentExperts", "resolve_expert_format"]
+__all__ = ["DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "PackedResidentExperts", "QUANT_KERNELS", "resolve_expert_format"]
