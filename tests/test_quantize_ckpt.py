@@ -63,7 +63,8 @@ def test_written_then_loaded_equals_quantize_on_load_bit_for_bit(quantized, fmt,
     want = on_load.logits(ids)
     got = mo.load(d, device="cpu")
     assert torch.equal(got.logits(ids), want)
-    tokens = on_load.generate(PROMPT, max_new_tokens=12).token_ids
+    reference = mo.load(device="cpu", expert_dtype=fmt, group_size=g, quant_kernels="reference")
+    tokens = reference.generate(PROMPT, max_new_tokens=12).token_ids  # the offloaded path's exact twin
     for cap in (2, 4):
         with mo.load(d, device="cpu", cache_per_layer=cap) as off:
             r = off.generate(PROMPT, max_new_tokens=12)
