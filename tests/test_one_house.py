@@ -247,3 +247,30 @@ def test_inflight_prefetches_are_never_evicted():
     assert not c.prefetch((1, 1), protect={(1, 2)})  # the only unprotected resident is in flight
     assert c.slot_of[1, 3] >= 0 and (1, 1) not in c.inflight
     c.clear()
+
+
+@pytest.mark.parametrize("name", ["lru", "lru-layer", "lfu", "predictive"])
+def test_array_victim_choice_equals_the_policy_on_keys(name):
+    """policy.pick (numpy, used by the cache) chooses exactly what policy.victim chooses on keys."""
+    import numpy as np
+
+    from moe_offload.offload.policy import make_policy
+
+    rng = np.random.default_rng(3)
+    L, E = 6, 128
+    pol = make_policy(name)
+    pol.bind(L, E)
+    for step in range(400):
+        key = (int(rng.integers(L)), int(rng.integers(E)))
+        (pol.on_insert if step % 3 == 0 else pol.on_access)(key)
+        if name == "predictive" and step % 50 == 0:
+            pol.set_next_use({(int(rng.integers(L)), int(rng.integers(E))): float(rng.integers(1, 9))
+                              for _ in range(40)})
+        if step % 7 == 0:
+            flat = np.unique(rng.choice(L * E, size=int(rng.integers(1, 60)), replace=False))
+            keys = [(int(i) // E, int(i) % E) for i in flat]
+            for k in keys:  # every candidate is resident: it was inserted once
+                if k not in pol.last_use:
+                    pol.on_insert(k)
+            want = pol.victim(keys)
+            assert pol.pick(flat) == want[0] * E + want[1]

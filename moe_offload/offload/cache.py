@@ -53,6 +53,9 @@ class ExpertCache:
         self._loading: Key | None = None
         self._dirty_rows: set[int] = set()
         self.stats = CacheStats(L)
+        bind = getattr(policy, "bind", None)
+        if bind is not None:
+            bind(L, E)
         self.late_hits = np.zeros(L, dtype=np.int64)  # hits that had to wait for their copy (simulation)
 
     # --- capacity -----------------------------------------------------------------------------
@@ -258,10 +261,16 @@ class ExpertCache:
         """A slot for a new expert of `layer`: a free one, else the policy's victim among evictable
         residents (never pinned, in flight, or in `protect`). None if a prefetch (protect given) finds
         nothing it may evict; a demand load that finds nothing is an error."""
-        if self.quota is not None and self.resident_per_layer[layer] >= self.quota[layer]:
-            candidates = [k for k in self.resident() if k[0] == layer]
-        elif self.free_slots:
+        per_layer = self.quota is not None and self.resident_per_layer[layer] >= self.quota[layer]
+        if not per_layer and self.free_slots:
             return self.free_slots.pop()
+        fast = self._pick_victim(layer if per_layer else None, protect)
+        if fast is not None:
+            slot = int(self.slot_of[fast])
+            self._drop(fast)  # puts `slot` back on top of free_slots
+            return self.free_slots.pop()
+        if per_layer:
+            candidates = [(layer, int(e)) for e in np.flatnonzero(self.slot_of[layer] >= 0)]
         else:
             candidates = self.resident()
         unpinned = [k for k in candidates if k not in self.pinned]
@@ -289,6 +298,25 @@ class ExpertCache:
         self._drop(victim)  # puts `slot` back on top of free_slots
         assert self.free_slots[-1] == slot
         return self.free_slots.pop()
+
+    def _pick_victim(self, layer: int | None, protect: set[Key] | None) -> Key | None:
+        """The policy's victim among evictable residents (of `layer`, or all), chosen on arrays: no scan
+        over resident keys in Python. None when the policy has no array form or nothing is evictable
+        (the caller then takes the general path, which may wait for an in-flight prefetch)."""
+        E = self.num_experts
+        mask = self.slot_of >= 0  # [L, E] resident
+        if layer is not None:
+            row = mask[layer].copy()
+            mask = np.zeros_like(mask)
+            mask[layer] = row
+        for keys in (self.pinned, self.inflight, protect or ()):
+            for (l, e) in keys:
+                mask[l, e] = False
+        flat = np.flatnonzero(mask)
+        if flat.size == 0:
+            return None
+        i = self.policy.pick(flat) if hasattr(self.policy, "pick") else None
+        return None if i is None else (i // E, i % E)
 
     def _drop(self, key: Key) -> None:
         slot = int(self.slot_of[key])
