@@ -10,6 +10,8 @@ Sections (each timed and isolated: a failure is recorded, the next section still
   copy_engine        pinned vs pageable host->device GB/s for one Mixtral-8x7B expert (352 MB), and
                      overlap of copy-stream loads with a compute-stream kernel
   kernels            benchmarks/kernels.py (Mixtral shapes, bf16, T in 1..256)
+  quant_kernels      fused_moe_quant (int8; int4 at G=32/64/128) vs the torch dequant loop, and weight GB/s
+                     at decode T=1/4/16, bf16, Mixtral (E=8,k=2) and Qwen3-MoE (E=128,k=8,I=768) shapes
   decode             benchmarks/decode.py (only with --only ...,decode: it builds a 17 GB pinned store and
                      takes 3-5 minutes; run it as a second call when the budget allows)
 """
@@ -116,6 +118,67 @@ def copy_engine(device: torch.device, smoke: bool) -> dict:
     return res
 
 
+# Quantized fused MoE vs torch dequant-then-matmul (same dequantized bf16 weights; only accumulation order).
+QUANT_REL_TOL = 3e-2
+
+
+def _random_quant_pool(e: int, h: int, i: int, fmt: str, group: int, device: torch.device):
+    """A packed pool of e random experts (random bytes; sane scales and zeros), built on device."""
+    from moe_offload.quant.formats import expert_bytes
+    from moe_offload.quant.pack import pool_views
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = torch.randint(0, 256, (e, expert_bytes(h, i, fmt, group)), dtype=torch.uint8, device=device, generator=g)
+    pool = pool_views(rows, h, i, fmt, group)
+    for s, fan_in in ((pool.s13, h), (pool.s2, i)):
+        s.copy_(torch.rand(s.shape, device=device, generator=g) * (2.0 / (8 if fmt == "int4" else 127)) / fan_in ** 0.5)
+    for z in (pool.z13, pool.z2):
+        if z is not None:
+            z.copy_(torch.randint(0, 16, z.shape, device=device, generator=g).half())
+    return pool, expert_bytes(h, i, fmt, group)
+
+
+def quant_kernels(device: torch.device, smoke: bool) -> dict:
+    from moe_offload.kernels import fused_moe_reference
+    from moe_offload.kernels.fused_moe_quant import fused_moe_quant
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = {"mixtral": (8, 2, 4096, 14336), "qwen3_moe": (128, 8, 2048, 768)}
+    if smoke:
+        shapes = {"tiny": (8, 2, 64, 96), "tiny_top8": (16, 8, 64, 32)}
+    formats = [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)]
+    out = {"rows": [], "tolerance": QUANT_REL_TOL}
+    for name, (e, k, h, i) in shapes.items():
+        for fmt, group in formats if not smoke else formats[:2]:
+            pool, row_bytes = _random_quant_pool(e, h, i, fmt, group, device)
+            slots = torch.arange(e, dtype=torch.int32, device=device)
+            for t in (1, 4, 16) if not smoke else (1, 4):
+                x = torch.randn(t, h, device=device).to(dtype)
+                ids = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(t)])
+                w = torch.softmax(torch.randn(t, k, device=device), -1)
+                ref = fused_moe_reference(x, ids, w, pool, None, slots)
+                got = fused_moe_quant(x, ids, w, pool, slots)
+                rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                sec = _time(lambda: fused_moe_quant(x, ids, w, pool, slots), device, 2 if smoke else 20)
+                touched = int(ids.unique().numel())
+                out["rows"].append({"shape": name, "fmt": fmt, "group": group, "tokens": t, "max_rel_diff": rel,
+                                    "us": sec * 1e6, "weight_GBps": touched * row_bytes / sec / 1e9})
+            del pool
+    return out
+
+
+def _time(fn, device: torch.device, iters: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
 def script(name: str, smoke: bool, out_dir: Path) -> dict:
     out = out_dir / f"{name}.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(out)] + (["--smoke"] if smoke else [])
@@ -144,6 +207,9 @@ def section_failures(name: str, value: object) -> list[str]:
                                f"{row['prefill_logits_max_rel_diff']:.2e} > {tol:.0e}")
         if value.get("bundled_greedy_tokens_equal_cache_per_layer_2") is False:
             out.append("bundled model: cache_per_layer=2 greedy tokens differ from resident")
+    if name == "quant_kernels":
+        out += [f"{r['shape']} {r['fmt']} G={r['group']} T={r['tokens']}: rel diff {r['max_rel_diff']:.2e} > "
+                f"{QUANT_REL_TOL:.0e}" for r in value["rows"] if not r["max_rel_diff"] <= QUANT_REL_TOL]
     if name == "sync_debug" and value.get("reads_per_layer") != 1:
         out.append(f"decode step made {value.get('reads_per_layer')} device->host reads per MoE layer, want 1")
     if isinstance(value, dict) and value.get("ok") is False:
@@ -192,7 +258,7 @@ def sync_debug(device: torch.device, smoke: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--only", default="offload_exactness,sync_debug,copy_engine,kernels")
+    ap.add_argument("--only", default="offload_exactness,sync_debug,copy_engine,kernels,quant_kernels")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
@@ -201,7 +267,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             fn = {"offload_exactness": offload_exactness, "copy_engine": copy_engine,
-                  "sync_debug": sync_debug}.get(name)
+                  "sync_debug": sync_debug, "quant_kernels": quant_kernels}.get(name)
             value = fn(device, args.smoke) if fn else script(name, args.smoke, out_dir)
             failures = section_failures(name, value)
             results["sections"][name] = {"ok": not failures, "failures": failures,

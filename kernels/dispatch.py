@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .quant import QuantPool
 from .reference import fused_moe_grouped_mm, grouped_mm_aligned, moe_loop
 
 MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
@@ -47,6 +48,10 @@ def run_experts(backend: str, h: torch.Tensor, ids: torch.Tensor, weights: torch
     if backend == "loop":
         return moe_loop(h, ids, weights, w13_pool, w2_pool, slot_list, ids_host=ids_host)
     if backend == "triton":
+        if isinstance(w13_pool, QuantPool):  # int8 / int4: dequantized inside the kernel
+            from .fused_moe_quant import fused_moe_quant
+
+            return fused_moe_quant(h, ids, weights, w13_pool, slot_of_expert)
         from .fused_moe import fused_moe
 
         return fused_moe(h, ids, weights, w13_pool, w2_pool, slot_of_expert)

@@ -34,9 +34,9 @@ def resolve_expert_format(expert_dtype: str, group_size: int, dtype: torch.dtype
                                   f"{str(dtype).removeprefix('torch.')}; int8 / int4 run at any dtype")
         return None
     if expert_dtype in QUANT_FORMATS:
-        if backend != "loop":
-            raise MoeOffloadError(f"expert_dtype {expert_dtype!r} runs on moe_backend 'loop' only for now "
-                                  f"(dequantize, then matmul); got moe_backend {backend!r}")
+        if backend not in ("loop", "triton"):
+            raise MoeOffloadError(f"expert_dtype {expert_dtype!r} runs on moe_backend 'loop' or 'triton' "
+                                  f"(dequantized in-kernel); got moe_backend {backend!r}")
         return expert_dtype
     return None
 
