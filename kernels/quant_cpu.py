@@ -25,9 +25,13 @@ import torch.nn.functional as F
 from .quant import QuantPool, unpack_int4
 from .reference import expert_ffn
 
-# Most tokens per expert for which the weight-only ops beat dequantize-then-matmul, per compute dtype
-# (crossovers measured at Mixtral-734M expert shapes on a 2-core x86 CPU, benchmarks/cpu_quant.py).
-FAST_MAX_TOKENS = {torch.bfloat16: 32, torch.float16: 8, torch.float32: 4}
+# Most tokens per expert for which the weight-only ops beat dequantize-then-matmul, per (format, compute
+# dtype), measured at Mixtral-734M expert shapes (benchmarks/cpu_quant.py, 1 thread on a busy 2-core x86;
+# results/cpu_quant_issue11.json): bf16 int8 600 us vs 6.8 ms at 1 token, still ahead at 64; bf16 int4
+# 0.34 ms vs 45 ms; float32 int8 7.2 ms vs 5.5 ms (the op has no fast float32 path: never used);
+# float32 int4 16 ms vs 44 ms at 1 token, behind from 4. fp16 is not measured: the reference runs.
+FAST_MAX_TOKENS = {("int8", torch.bfloat16): 64, ("int4", torch.bfloat16): 64,
+                   ("int8", torch.float32): 0, ("int4", torch.float32): 1}
 
 
 def int4_shape_ok(n: int, k: int, group_size: int) -> bool:
@@ -91,7 +95,7 @@ class CpuQuantPool:
         if pool.device.type != "cpu":
             raise ValueError(f"CpuQuantPool needs a pool on cpu, got {pool.device}")
         self.pool, self.dtype = pool, dtype
-        self.max_tokens = FAST_MAX_TOKENS.get(dtype, 0) if max_tokens is None else max_tokens
+        self.max_tokens = FAST_MAX_TOKENS.get((pool.fmt, dtype), 0) if max_tokens is None else max_tokens
         self.w13 = [self._prepare(pool, slot, 13) for slot in range(pool.num_slots)]
         self.w2 = [self._prepare(pool, slot, 2) for slot in range(pool.num_slots)]
 
