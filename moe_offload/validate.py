@@ -25,7 +25,7 @@ def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None)
         raise MoeOffloadError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     v = int(value)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise MoeOffloadError(f"{name} must be {_range(lo, hi)}, got {v}")
+        raise MoeOffloadError(f"{name} must be an integer {_range(lo, hi)}, got {v}")
     return v
 
 
