@@ -122,3 +122,17 @@ def test_bundled_model_int4_triton_backend_matches_loop():
             ids = m.encode(text)
             logits[backend] = m.logits(ids)
     assert rel_err(logits["triton"], logits["loop"]) < 1e-4  # fp32 through several layers
+
+
+def test_gpu_check_flags_quant_rows_over_tolerance():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = {"shape": "mixtral", "fmt": "int4", "group": 32, "tokens": 4, "max_rel_diff": 0.5}
+    assert mod.section_failures("quant_kernels", {"rows": [row]})
+    assert not mod.section_failures("quant_kernels", {"rows": [dict(row, max_rel_diff=1e-3)]})
+    assert mod.section_failures("quant_kernels", {"rows": [dict(row, max_rel_diff=float("nan"))]})
