@@ -70,7 +70,7 @@ def test_offload_refuses_what_it_cannot_do():
         offload(transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)))
     model = _model("mixtral")
-    with pytest.raises(MoeOffloadError, match="cache_per_layer must be in \\[2, 8\\]"):
+    with pytest.raises(MoeOffloadError, match="cache_per_layer must be an integer in \\[2, 8\\]"):
         offload(model, cache_per_layer=1)
     with pytest.raises(MoeOffloadError, match="policy must be one of"):
         offload(model, policy="fifo")
