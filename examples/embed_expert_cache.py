@@ -11,7 +11,10 @@ This script builds a small random transformers MixtralForCausalLM, moves its exp
 frees them from the model, and replaces each layer's sparse-MoE block by a thin module that keeps the
 model's own router and sends the expert computation through the cache. The logits must not change.
 
-    python examples/embed_expert_cache.py [--slots 5] [--policy lru] [--device cpu]
+    python examples/embed_expert_cache.py [--slots 5] [--policy lru] [--device cpu] [--integration]
+
+--integration does the same in one call: moe_offload.integrations.transformers.offload(model, ...),
+which keeps the model's whole MoE block (router included) and replaces only its experts module.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_offload.offload import (ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine,
                                  make_policy)
+from moe_offload.integrations.transformers import offload
 from moe_offload.model import route
 
 
@@ -51,11 +55,32 @@ class CachedMoeBlock(nn.Module):
         return self.experts(self.layer, h, ids, weights).reshape(shape)
 
 
+def embed_by_hand(model: nn.Module, cfg: MixtralConfig, slots: int, policy: str,
+                  device: torch.device) -> ExpertCache:
+    """The four building blocks wired by hand: store, cache, copy engine, OffloadedExperts."""
+    blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in model.model.layers]
+    store = HostExpertStore(len(blocks), cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
+                            torch.float32, pin=device.type == "cuda")
+    with torch.no_grad():
+        for l, block in enumerate(blocks):
+            for e in range(cfg.num_local_experts):
+                store.put(l, e, *(w.cpu() for w in expert_weights(block, e)))
+    cache = ExpertCache(store, slots, make_policy(policy), device, make_copy_engine(device))
+    experts = OffloadedExperts(cache, backend="loop")
+    for l, layer in enumerate(model.model.layers):
+        name = "mlp" if hasattr(layer, "mlp") else "block_sparse_moe"
+        gate = blocks[l].gate.weight.detach()
+        setattr(layer, name, CachedMoeBlock(gate, cfg.num_experts_per_tok, l, experts))
+    return cache  # the model no longer holds any expert weight: only the store does
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slots", type=int, default=5, help="device expert slots (of 3 layers x 8 experts)")
     ap.add_argument("--policy", default="lru", choices=["lru", "lru-layer", "lfu", "predictive"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--integration", action="store_true",
+                    help="use moe_offload.integrations.transformers.offload instead of the hand wiring")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -67,20 +92,11 @@ def main() -> None:
     with torch.no_grad():
         reference = model(ids).logits
 
-    blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in model.model.layers]
-    store = HostExpertStore(len(blocks), cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
-                            torch.float32, pin=device.type == "cuda")
-    with torch.no_grad():
-        for l, block in enumerate(blocks):
-            for e in range(cfg.num_local_experts):
-                store.put(l, e, *(w.cpu() for w in expert_weights(block, e)))
-    cache = ExpertCache(store, args.slots, make_policy(args.policy), device, make_copy_engine(device))
-    experts = OffloadedExperts(cache, backend="loop")
-    for l, layer in enumerate(model.model.layers):
-        name = "mlp" if hasattr(layer, "mlp") else "block_sparse_moe"
-        gate = blocks[l].gate.weight.detach()
-        setattr(layer, name, CachedMoeBlock(gate, cfg.num_experts_per_tok, l, experts))
-    del blocks  # the model no longer holds any expert weight: only the store does
+    # --integration: the one-call form; otherwise the building blocks wired by hand (embed_by_hand)
+    if args.integration:
+        cache = offload(model, cache_experts=args.slots, policy=args.policy, device=device).cache
+    else:
+        cache = embed_by_hand(model, cfg, args.slots, args.policy, device)
     with torch.no_grad():
         offloaded = model(ids).logits
     err = ((offloaded - reference).abs().max() / reference.abs().max()).item()

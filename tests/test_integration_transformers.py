@@ -79,3 +79,32 @@ def test_offload_refuses_what_it_cannot_do():
     offload(model, cache_per_layer=2).close()
     with pytest.raises(MoeOffloadError, match="offloaded already"):
         offload(model)
+
+
+@pytest.mark.parametrize("slots,policy", [(2, "lru"), (2, "predictive"), (4, "lfu")])
+def test_a_total_capacity_below_top_k_times_layers_still_gives_the_same_tokens(slots, policy):
+    # 3 layers x top-2 = 6 experts per token; 2 or 4 slots over all layers force evictions within a token.
+    ref = _model("mixtral")
+    want = ref.generate(IDS, max_new_tokens=8, do_sample=False)
+    model = copy.deepcopy(ref)
+    handle = offload(model, cache_experts=slots, policy=policy)
+    handle.reset_stats()
+    got = model.generate(IDS, max_new_tokens=8, do_sample=False)
+    assert got.tolist() == want.tolist()
+    st = handle.stats()
+    assert st["capacity_slots"] == slots and st["policy"] == policy
+    # every decode step needs >= 6 distinct (layer, expert) uses and only `slots` fit: misses every step
+    assert st["misses"] >= 8 * 3 * 2 - slots and st["bytes_h2d"] == st["misses"] * handle.cache.store.expert_bytes
+    handle.close()
+
+
+def test_the_original_expert_parameters_are_freed():
+    import gc
+    import weakref
+
+    model = _model("mixtral")
+    old = [weakref.ref(layer.mlp.experts.gate_up_proj) for layer in model.model.layers]
+    old += [weakref.ref(layer.mlp.experts.down_proj) for layer in model.model.layers]
+    offload(model, cache_per_layer=2).close()
+    gc.collect()
+    assert all(r() is None for r in old), "offload left a reference to the model's expert weights"

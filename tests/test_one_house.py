@@ -36,6 +36,8 @@ MAY_IMPORT = {
     "predict": {"model", "kernels"},
     "analysis": {"offload", "model", "predict", "kernels"},
     "generate": {"model"},
+    # a top-level entry point like cli: anything below it, nothing that imports it
+    "integrations": {"runtime", "generate", "analysis", "predict", "model", "offload", "kernels", "validate"},
 }
 
 
