@@ -266,8 +266,7 @@ class ExpertCache:
             return self.free_slots.pop()
         fast = self._pick_victim(layer if per_layer else None, protect)
         if fast is not None:
-            slot = int(self.slot_of[fast])
-            self._drop(fast)  # puts `slot` back on top of free_slots
+            self._drop(fast)  # puts its slot back on top of free_slots
             return self.free_slots.pop()
         if per_layer:
             candidates = [(layer, int(e)) for e in np.flatnonzero(self.slot_of[layer] >= 0)]
@@ -304,15 +303,14 @@ class ExpertCache:
         over resident keys in Python. None when the policy has no array form or nothing is evictable
         (the caller then takes the general path, which may wait for an in-flight prefetch)."""
         E = self.num_experts
-        mask = self.slot_of >= 0  # [L, E] resident
-        if layer is not None:
-            row = mask[layer].copy()
-            mask = np.zeros_like(mask)
-            mask[layer] = row
+        lo = 0 if layer is None else layer * E  # the layer's own row only, when slots are per layer
+        size = E if layer is not None else self.num_layers * E
+        mask = (self.slot_of >= 0).reshape(-1)[lo: lo + size]  # [size] resident
         for keys in (self.pinned, self.inflight, protect or ()):
             for (l, e) in keys:
-                mask[l, e] = False
-        flat = np.flatnonzero(mask)
+                if lo <= l * E + e < lo + mask.size:
+                    mask[l * E + e - lo] = False
+        flat = np.flatnonzero(mask) + lo
         if flat.size == 0:
             return None
         i = self.policy.pick(flat) if hasattr(self.policy, "pick") else None

@@ -31,7 +31,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels.quant import unpack_int4
 from .formats import QUANT_FORMATS
+from .pack import pack_int4
 
 FORMAT = "pack-quantized"
 BITS = {"int4": 4, "int8": 8}
@@ -119,18 +121,6 @@ def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int) -> torch
     return x.t().contiguous() if dim == 0 else x
 
 
-def _nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Our int4 bytes [N, ceil(K/2)] (even k in the low nibble) -> values [N, K] uint8."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k]
-
-
-def _bytes(u: torch.Tensor) -> torch.Tensor:
-    """Values [N, K] uint8 < 16 -> our int4 bytes [N, ceil(K/2)]."""
-    if u.shape[1] % 2:
-        u = torch.nn.functional.pad(u, (0, 1))
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
 # --- one matrix: our sections <-> compressed-tensors tensors --------------------------------------
 def compress_matrix(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fmt: str, k: int
                     ) -> dict[str, torch.Tensor]:
@@ -140,7 +130,7 @@ def compress_matrix(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fm
         u = (q.to(torch.int16) + 128).to(torch.uint8)
         out = {"weight_packed": pack_int32(u, 8, 1), "weight_scale": s.reshape(-1, 1).clone()}
     else:
-        out = {"weight_packed": pack_int32(_nibbles(q, k), 4, 1), "weight_scale": s.clone(),
+        out = {"weight_packed": pack_int32(unpack_int4(q, k), 4, 1), "weight_scale": s.clone(),
                "weight_zero_point": pack_int32(z.to(torch.uint8), 4, 0)}
     out["weight_shape"] = torch.tensor([q.shape[0], k], dtype=torch.int32)
     return out
@@ -166,7 +156,7 @@ def decompress_matrix(t: dict[str, torch.Tensor], fmt: str, group_size: int, sym
         return q, _fp16(t["weight_scale"].reshape(n), f"{where}.weight_scale"), None
     g = -(-k // group_size)
     _expect(t["weight_scale"], (n, g), None, f"{where}.weight_scale")
-    q = _bytes(unpack_int32(t["weight_packed"], 4, k, 1))
+    q = pack_int4(unpack_int32(t["weight_packed"], 4, k, 1))
     if symmetric:
         z = torch.full((n, g), 8.0, dtype=torch.float16)
     else:

@@ -42,10 +42,14 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     z = torch.round(-lo / s.float()).clamp_(0, 15)  # [N, g] integer zero points
     q = (torch.round(wg / s.float()[..., None]) + z[..., None]).clamp_(0, 15).to(torch.uint8)
     q = q.view(n, -1)[:, :k]  # [N, K]
-    if k % 2:
+    return pack_int4(q), s, z.to(torch.float16)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values uint8 [N, K] in [0, 15] -> bytes [N, ceil(K/2)], even k in the low nibble."""
+    if q.shape[1] % 2:
         q = torch.nn.functional.pad(q, (0, 1))
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # [N, ceil(K/2)]
-    return packed, s, z.to(torch.float16)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
 def quantize_expert(w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, fmt: str,
