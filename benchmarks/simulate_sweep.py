@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Projections of Mixtral-8x7B decode speed from a routing trace, for the README: a 24 GB PCIe 4 card
-(RTX 4090) with bf16 and int4 experts under LRU with no / next-gate / m2r2 prefetch, and the settings of
+(RTX 4090) and a 12 GB PCIe 3 card (RTX 3060) with bf16, int8 and int4 experts (default capacity: what
+fits) under LRU with no / next-gate / m2r2 prefetch, and the settings of
 the mixtral-offloading report (2- and 3-bit experts on T4, RTX 3060, A100). Writes one JSON.
 
     moe-offload trace --text moe_offload/assets/heldout_kjv.txt --out /tmp/heldout.npz \
@@ -18,7 +19,8 @@ from moe_offload.results import result_metadata, write_json_atomic
 from moe_offload.analysis.sim import get_hardware
 from moe_offload.analysis.trace import trace_prefix, load_trace
 
-RUNS = ([("rtx4090-pcie4", dt, p) for dt in ("bf16", "int4") for p in ("none", "next-gate", "m2r2")]
+RUNS = ([(hw, dt, p) for hw in ("rtx4090-pcie4", "rtx3060-pcie3") for dt in ("bf16", "int8", "int4")
+         for p in ("none", "next-gate", "m2r2")]
         + [(hw, dt, "next-gate") for hw in ("t4-pcie3", "rtx3060-pcie3", "a100-pcie4") for dt in ("int2", "int3")])
 
 
