@@ -295,7 +295,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[{len(res.token_ids)} tokens in {res.seconds:.2f} s, {res.tokens_per_second:.1f} tok/s "
           f"({res.stats['decode_tokens_per_second']:.1f} tok/s decode), stop: {res.finish_reason}, "
           f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}, "
-          f"moe backend {model.runtime.moe_backend}, {_offload_choice(model, args.offload)}]", file=sys.stderr)
+          f"moe backend {model.runtime.moe_backend}, experts {model.runtime.expert_format or 'unquantized'}, "
+          f"{_offload_choice(model, args.offload)}]", file=sys.stderr)
+    if model.runtime.expert_format and model.runtime.device.type == "cpu" and str(model.runtime.dtype) == "torch.float32":
+        print(f"[note: {model.runtime.expert_format} experts run fast on the CPU only at --dtype bfloat16: PyTorch's "
+              "weight-only kernels have no fast float32 path (benchmarks/cpu_quant.py: 734M model, 2 threads, int4 "
+              "7 tok/s at float32, 144 at bfloat16)]", file=sys.stderr)
     if res.stats.get("offload"):
         st = res.stats
         print(f"[expert cache: {st['capacity_slots']} slots, {st['policy']}: {st['uses']} uses, {st['hits']} hits, "

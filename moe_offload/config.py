@@ -330,6 +330,7 @@ class RuntimeConfig:
     max_seq_len: int
     moe_backend: str = "loop"
     show_progress: bool = False
+    expert_format: str | None = None  # "int8" / "int4": quantized expert store; None: the compute dtype
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_seq_len, int) or self.max_seq_len <= 0:

@@ -7,6 +7,7 @@ import os
 
 import itertools
 import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -359,6 +360,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                                   f"{runtime_options['group_size']} cannot change that")
         expert_dtype, group_size = cfg.expert_format, cfg.expert_group_size
     fmt = resolve_expert_format(expert_dtype, group_size, dt, backend)
+    runtime = replace(runtime, expert_format=fmt)
     if fmt is not None and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt,
                                                 group_size=group_size)

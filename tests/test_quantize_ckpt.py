@@ -153,3 +153,17 @@ def test_quantize_bad_inputs_and_nothing_half_written(tmp_path, monkeypatch, cap
     with pytest.raises(RuntimeError):
         quantize_checkpoint(odd, tmp_path / "o3", "int8")
     assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".o3*"))
+
+
+def test_generate_names_the_expert_format_and_the_fast_cpu_dtype(capsys):
+    """On the CPU, quantized experts are fast only at bfloat16 (PyTorch's weight-only ops): generate says
+    so at float32, and not at bfloat16."""
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2", "--expert-dtype", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "experts int8" in err and "run fast on the CPU only at --dtype bfloat16" in err
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2", "--expert-dtype", "int8",
+                 "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert "experts int8" in err and "run fast on the CPU only" not in err
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2"]) == 0
+    assert "experts unquantized" in capsys.readouterr().err
