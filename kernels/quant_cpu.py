@@ -17,6 +17,7 @@ enough tokens share an expert. The host store's packed rows are never changed.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,23 @@ def int4_linear(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, 
     return CpuQuantLinear("int4", w, sz.transpose(0, 1).contiguous().to(dtype), group_size)
 
 
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by a preparation back to the OS (glibc malloc_trim; elsewhere a no-op).
+    Repacking int4 makes [N, K] int32 temporaries per projection; glibc keeps such freed blocks in
+    the heap, so without this the resident set of a prepared model grows by several times its size."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
 class CpuQuantPool:
     """A QuantPool's experts prepared once for the CPU ops; `ffn(slot, x)` runs one expert, choosing the
     weight-only ops or dequantize-then-matmul by token count (FAST_MAX_TOKENS)."""
@@ -98,6 +116,8 @@ class CpuQuantPool:
         self.max_tokens = FAST_MAX_TOKENS.get((pool.fmt, dtype), 0) if max_tokens is None else max_tokens
         self.w13 = [self._prepare(pool, slot, 13) for slot in range(pool.num_slots)]
         self.w2 = [self._prepare(pool, slot, 2) for slot in range(pool.num_slots)]
+        if pool.fmt == "int4":
+            release_freed_memory()
 
     def _prepare(self, pool: QuantPool, slot: int, which: int) -> CpuQuantLinear | None:
         q, s, z = (pool.qw13, pool.s13, pool.z13) if which == 13 else (pool.qw2, pool.s2, pool.z2)
