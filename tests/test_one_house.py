@@ -276,3 +276,10 @@ def test_array_victim_choice_equals_the_policy_on_keys(name):
                     pol.on_insert(k)
             want = pol.victim(keys)
             assert pol.pick(flat) == want[0] * E + want[1]
+            mask = np.zeros(L * E, dtype=bool)
+            mask[flat] = True
+            assert pol.pick_masked(mask, 0) == want[0] * E + want[1]  # the cache's form: a mask, all layers
+            row = int(flat[0]) // E  # ... and one layer's row (per-layer slots)
+            in_row = [k for k in keys if k[0] == row]
+            want_row = pol.victim(in_row)
+            assert pol.pick_masked(mask[row * E:(row + 1) * E], row * E) == want_row[0] * E + want_row[1]

@@ -40,6 +40,7 @@ class ExpertCache:
         self.w13_pool, self.w2_pool = store.pool_views(self.pool)  # [S, 2I, H], [S, H, I]
         self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=self.device)  # [L, E]
         self.slot_of = np.full((L, E), -1, dtype=np.int64)  # host mirror, the authority
+        self.resident_flat = np.zeros(L * E, dtype=bool)  # [L*E] slot_of >= 0, kept in step with it
         pin = self.device.type == "cuda"
         self._slot_rows = torch.full((L, E), -1, dtype=torch.int32, pin_memory=pin)  # staging for slot_table
         self.key_of_slot: list[Key | None] = [None] * num_slots
@@ -112,8 +113,10 @@ class ExpertCache:
                     stats.misses[layer] += 1
                     self._start_load(key)
                 self.policy.on_access(key)
+            inflight = self.inflight
             for key in keys:
-                self._wait_demand(key)
+                if key in inflight:
+                    self._wait_demand(key)
         except BaseException:
             self.pinned.difference_update(keys)
             raise
@@ -177,6 +180,7 @@ class ExpertCache:
         slot = self._take_slot(key[0]) if slot is None else slot
         self._loading = key  # until its handle is recorded: recover() cannot trust this slot's bytes
         self.slot_of[key] = slot
+        self.resident_flat[key[0] * self.num_experts + key[1]] = True
         self.key_of_slot[slot] = key
         self.resident_per_layer[key[0]] += 1
         self._dirty_rows.add(key[0])
@@ -212,6 +216,7 @@ class ExpertCache:
         for (l, e) in zip(*np.nonzero(self.slot_of >= 0)):
             self.key_of_slot[int(self.slot_of[l, e])] = (int(l), int(e))
         self.resident_per_layer = (self.slot_of >= 0).sum(1).astype(np.int64)
+        self.resident_flat = (self.slot_of >= 0).reshape(-1).copy()
         self._dirty_rows.update(range(self.num_layers))
         self.check()
 
@@ -225,6 +230,8 @@ class ExpertCache:
             raise AssertionError("expert cache: free slots and resident experts do not partition the pool")
         if any(self.key_of_slot[s] != k for k, s in zip(res, slots)):
             raise AssertionError("expert cache: key_of_slot disagrees with slot_of")
+        if not np.array_equal(self.resident_flat, (self.slot_of >= 0).reshape(-1)):
+            raise AssertionError("expert cache: resident_flat disagrees with slot_of")
         if not self.pinned <= res or not set(self.inflight) <= res:
             raise AssertionError("expert cache: a pinned or in-flight expert is not resident")
 
@@ -305,15 +312,14 @@ class ExpertCache:
         E = self.num_experts
         lo = 0 if layer is None else layer * E  # the layer's own row only, when slots are per layer
         size = E if layer is not None else self.num_layers * E
-        mask = (self.slot_of >= 0).reshape(-1)[lo: lo + size]  # [size] resident
+        mask = self.resident_flat[lo: lo + size].copy()  # [size] resident
         for keys in (self.pinned, self.inflight, protect or ()):
             for (l, e) in keys:
                 if lo <= l * E + e < lo + mask.size:
                     mask[l * E + e - lo] = False
-        flat = np.flatnonzero(mask) + lo
-        if flat.size == 0:
+        if not mask.any():
             return None
-        i = self.policy.pick(flat) if hasattr(self.policy, "pick") else None
+        i = self.policy.pick_masked(mask, lo) if hasattr(self.policy, "pick_masked") else None
         return None if i is None else (i // E, i % E)
 
     def _drop(self, key: Key) -> None:
@@ -322,6 +328,7 @@ class ExpertCache:
             self.stats.prefetch_wasted[key[0]] += 1
             self.prefetched_unused.discard(key)
         self.slot_of[key] = -1
+        self.resident_flat[key[0] * self.num_experts + key[1]] = False
         self.key_of_slot[slot] = None
         self.resident_per_layer[key[0]] -= 1
         self._dirty_rows.add(key[0])

@@ -16,6 +16,9 @@ from ..errors import MoeOffloadError
 from .protocols import Key
 
 
+_NEVER = np.iinfo(np.int64).max  # masks out non-candidates in an argmin
+
+
 class EvictionPolicy(ABC):
     """Base: least-recently-used bookkeeping that every policy keeps (also its tie-breaker)."""
 
@@ -41,6 +44,10 @@ class EvictionPolicy(ABC):
         """The victim among candidates given as flat indices l * E + e (numpy), or None when this
         policy has no array form (the cache then calls `victim` on keys). Same choice as `victim`."""
         return None
+
+    def pick_masked(self, mask: np.ndarray, lo: int) -> int | None:
+        """`pick` over the candidates given as a mask [n] of flat indices lo..lo+n-1 (at least one set)."""
+        return self.pick(np.flatnonzero(mask) + lo)
 
     def on_access(self, key: Key) -> None:
         """A use of a resident expert (every hit and every miss, once)."""
@@ -71,6 +78,12 @@ class LRU(EvictionPolicy):
             return None
         return int(flat[np.argmin(self.stamp.reshape(-1)[flat])])  # stamps are unique: same as victim
 
+    def pick_masked(self, mask: np.ndarray, lo: int) -> int | None:
+        if self.stamp is None:
+            return None
+        stamps = self.stamp.reshape(-1)[lo: lo + mask.size]
+        return lo + int(np.argmin(np.where(mask, stamps, _NEVER)))
+
 
 class LRULayer(LRU):
     """LRU within each layer's own equal share of the slots."""
@@ -92,12 +105,21 @@ class LFU(EvictionPolicy):
     def bind(self, num_layers: int, num_experts: int) -> None:
         super().bind(num_layers, num_experts)
         self.count_arr = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.order = np.zeros((num_layers, num_experts), dtype=np.int64)  # count << 40 | last use (clock < 2^40)
 
     def on_access(self, key: Key) -> None:
-        super().on_access(key)
+        self.clock += 1  # _touch, inlined: this runs for every routed expert of every layer
+        self.last_use[key] = self.clock
         self.count[key] = self.count.get(key, 0) + 1
-        if self.count_arr is not None:
+        if self.stamp is not None:
+            self.stamp[key] = self.clock
             self.count_arr[key] += 1
+            self.order[key] = (int(self.count_arr[key]) << 40) + self.clock  # uses, then recency, in one int
+
+    def on_insert(self, key: Key) -> None:
+        self._touch(key)
+        if self.stamp is not None:
+            self.order[key] = (int(self.count_arr[key]) << 40) + self.clock
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         return min(candidates, key=lambda k: (self.count.get(k, 0), self.last_use.get(k, 0)))
@@ -105,8 +127,12 @@ class LFU(EvictionPolicy):
     def pick(self, flat: np.ndarray) -> int | None:
         if self.stamp is None:
             return None
-        order = np.lexsort((self.stamp.reshape(-1)[flat], self.count_arr.reshape(-1)[flat]))
-        return int(flat[order[0]])  # fewest uses, then least recent
+        return int(flat[np.argmin(self.order.reshape(-1)[flat])])  # fewest uses, then least recent
+
+    def pick_masked(self, mask: np.ndarray, lo: int) -> int | None:
+        if self.stamp is None:
+            return None
+        return lo + int(np.argmin(np.where(mask, self.order.reshape(-1)[lo: lo + mask.size], _NEVER)))
 
 
 class Predictive(EvictionPolicy):
@@ -121,8 +147,18 @@ class Predictive(EvictionPolicy):
     def __init__(self) -> None:
         super().__init__()
         self.next_use: dict[Key, float] = {}
+        self.next_use_arr: np.ndarray | None = None  # [L, E], inf where nothing is predicted
+
+    def bind(self, num_layers: int, num_experts: int) -> None:
+        super().bind(num_layers, num_experts)
+        self.next_use_arr = np.full((num_layers, num_experts), math.inf)
 
     def set_next_use(self, next_use: dict[Key, float]) -> None:
+        if self.next_use_arr is not None:
+            for key in self.next_use:  # only the previous plan's entries are reset: no [L, E] pass
+                self.next_use_arr[key] = math.inf
+            for key, d in next_use.items():
+                self.next_use_arr[key] = d
         self.next_use = dict(next_use)
 
     def victim(self, candidates: Iterable[Key]) -> Key:
@@ -131,13 +167,11 @@ class Predictive(EvictionPolicy):
     def pick(self, flat: np.ndarray) -> int | None:
         if self.stamp is None:
             return None
-        E = self.stamp.shape[1]
-        nu = np.full(len(flat), math.inf)
-        if self.next_use:
-            get = self.next_use.get
-            nu = np.array([get((int(i) // E, int(i) % E), math.inf) for i in flat], dtype=np.float64)
-        order = np.lexsort((self.stamp.reshape(-1)[flat], -nu))
-        return int(flat[order[0]])  # farthest predicted use, then least recent
+        if not self.next_use:  # nothing predicted: plain LRU
+            return int(flat[np.argmin(self.stamp.reshape(-1)[flat])])
+        nu = self.next_use_arr.reshape(-1)[flat]  # [n]
+        far = flat[nu == nu.max()]  # farthest predicted use (inf: none predicted) ...
+        return int(far[np.argmin(self.stamp.reshape(-1)[far])])  # ... then least recent
 
 
 POLICIES = {cls.name: cls for cls in (LRU, LRULayer, LFU, Predictive)}

@@ -98,15 +98,32 @@ class Prefetcher:
 
     # --- planning -------------------------------------------------------------------------------
     def _set_plan(self, ahead: list[tuple[Key, int]]) -> None:
-        """ahead: (key, layers until its use), nearest first; a key planned twice keeps its nearest use."""
+        """ahead: (key, layers until its use), nearest first; a key planned twice keeps its nearest use.
+        Each planned load's value is P(use) / (layers until use): P(use) is 1 for the first top_k
+        keys of a layer, halving per rank beyond (the plan lists a layer's experts by falling score)."""
         dist: dict[Key, int] = {}
+        value: dict[Key, float] = {}
+        rank: dict[int, int] = {}
+        top_k = self.top_k
         for key, d in ahead:
-            dist.setdefault(key, d)
-        plan = list(dist)
+            if key in dist:
+                continue
+            dist[key] = d
+            r = rank.get(d, 0)
+            rank[d] = r + 1
+            value[key] = (1.0 if r < top_k else 0.5 ** (r - top_k + 1)) / max(1, d)
         self.cancelled += sum(1 for key in self.pending if key not in dist)
-        self.pending = plan
-        self.protect = set(plan)
-        self.value = plan_values(plan, dist, self.top_k)
+        self.pending = list(dist)
+        self.protect = set(dist)
+        self.value = value
+        if self.cache.inflight:
+            self._replan_inflight()
+        if isinstance(self.cache.policy, Predictive):
+            self.cache.policy.set_next_use(dist)
+        self.pump()
+
+    def _replan_inflight(self) -> None:
+        """Cancel in-flight prefetches the new plan dropped; re-rank the ones it kept."""
         reprioritize = getattr(self.cache.engine, "reprioritize", None)
         for key, handle in list(self.cache.inflight.items()):
             if not handle.prefetch:
@@ -116,32 +133,26 @@ class Prefetcher:
                     self.cancelled_inflight += 1
             elif reprioritize is not None:  # nearer now: its value under the new plan
                 reprioritize(handle, self.value[key])
-        if isinstance(self.cache.policy, Predictive):
-            self.cache.policy.set_next_use(dist)
-        self.pump()
 
     def pump(self) -> None:
         """Issue pending loads, nearest first, while the in-flight window has room."""
         cache = self.cache
-        while self.pending and cache.inflight_count() < self.max_inflight:
-            key = self.pending.pop(0)
+        room, protect, i = 0, None, 0
+        pending = self.pending
+        while i < len(pending):
+            if room <= 0:  # finished loads leave the window only when looked at
+                room = self.max_inflight - cache.inflight_count()
+                if room <= 0:
+                    break
+            key = pending[i]
+            i += 1
             if cache.slot_of[key] >= 0:
                 continue
-            if not cache.prefetch(key, self.protect | cache.pinned, priority=self.value.get(key, 0.0)):
-                self.pending.clear()  # nothing evictable for this one: later (lower-priority) ones neither
-                return
+            if protect is None:
+                protect = self.protect | cache.pinned
+            if not cache.prefetch(key, protect, priority=self.value.get(key, 0.0)):
+                i = len(pending)  # nothing evictable for this one: later (lower-priority) ones neither
+                break
             self.issued += 1
-
-
-def plan_values(plan: Sequence[Key], dist: dict[Key, int], top_k: int) -> dict[Key, float]:
-    """Expected value of each planned load: P(use) / (layers until use). The plan lists each layer's
-    experts by falling score; P(use) is 1 for the first top_k of a layer, halving per rank beyond."""
-    rank: dict[int, int] = {}
-    out: dict[Key, float] = {}
-    for key in plan:
-        d = dist[key]
-        r = rank.get(d, 0)
-        rank[d] = r + 1
-        p_use = 1.0 if r < top_k else 0.5 ** (r - top_k + 1)
-        out[key] = p_use / max(1, d)
-    return out
+            room -= 1
+        del pending[:i]
