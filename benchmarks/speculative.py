@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Self-speculative decoding, measured: acceptance per draft position, tokens per verify pass, CPU
 tokens/s plain vs speculative (same run, interleaved per prompt), expert bytes copied per generated token
-at several cache sizes, and a projection for Mixtral-8x7B from the recorded verify passes.
+at several cache sizes (speculative with the verify budget, the default, and without it: every drafted
+position verified), and a projection for Mixtral-8x7B from the recorded verify passes.
 
     python benchmarks/speculative.py [--model DIR --accelerator FILE --heldout FILE] [--out JSON]
 
@@ -101,10 +102,12 @@ def resident_speed(model: str, acc: str, prompts, new: int, draft: int) -> dict:
 def offloaded_bytes(model: str, acc: str, prompts, new: int, draft: int, cap: int, policy: str,
                     predictor: str) -> dict:
     out = {}
-    for mode in ("plain", "spec"):
-        kw = dict(speculative=True, accelerator=acc, draft_tokens=draft) if mode == "spec" else {}
+    for mode in ("plain", "spec", "spec_all"):
+        kw = dict(speculative=True, accelerator=acc, draft_tokens=draft) if mode != "plain" else {}
         with runtime.load(model, device="cpu", cache_per_layer=cap, policy=policy, predictor=predictor,
                           **({"accelerator": acc} | kw)) as om:
+            if mode == "spec_all":  # every drafted position verified: no verify budget
+                om.speculative.budget = False
             rec = PassRecorder(om.config.num_hidden_layers)
             toks = nbytes = drafts = 0
             with observing(om.model, rec):
@@ -126,7 +129,7 @@ def project(plain_passes, spec_passes, tokens: int, E: int, Lt: int, exit_layer:
     scale = cfg.num_hidden_layers / Lt
     k = cfg.num_experts_per_tok
     res = {}
-    for mode, passes in (("plain", plain_passes), ("spec", spec_passes)):
+    for mode, passes in (("plain", plain_passes), ("spec", spec_passes)):  # spec: either speculative run
         tl = run_timeline(padded(passes), E, cap * Lt, policy, costs)
         seconds = (tl.seconds - costs.head * tl.tokens) * scale + costs.head * tl.tokens
         if mode == "spec":  # drafting: exit layers' attention + k resident experts, and the head, per draft
@@ -169,18 +172,21 @@ def main() -> int:
         for cap in (int(c) for c in args.capacities.split(",")):
             r = offloaded_bytes(args.model, args.accelerator, prompts, args.new_tokens, args.draft_tokens, cap,
                                 args.policy, pred)
-            row = {m: {"bytes_per_token": r[m]["bytes_per_token"]} for m in ("plain", "spec")}
+            row = {m: {"bytes_per_token": r[m]["bytes_per_token"]} for m in ("plain", "spec", "spec_all")}
             row["plain_over_spec"] = r["plain"]["bytes_per_token"] / r["spec"]["bytes_per_token"]
+            row["plain_over_spec_all"] = r["plain"]["bytes_per_token"] / r["spec_all"]["bytes_per_token"]
             if pred == "none":  # the projection replays demand loads only
                 row["projection"] = {
-                    f"{args.hardware}_{fmt}": project(r["plain"]["passes"], r["spec"]["passes"], r["spec"]["tokens"],
-                                                      r["plain"]["num_experts"], Lt,
-                                                      result["resident"]["draft_exit_layer"], r["spec"]["drafts"],
-                                                      cap, args.policy, args.hardware, fmt)
-                    for fmt in ("bf16", "int4")}
+                    f"{args.hardware}_{fmt}{suffix}": project(r["plain"]["passes"], r[m]["passes"], r[m]["tokens"],
+                                                              r["plain"]["num_experts"], Lt,
+                                                              result["resident"]["draft_exit_layer"], r[m]["drafts"],
+                                                              cap, args.policy, args.hardware, fmt)
+                    for fmt in ("bf16", "int4") for m, suffix in (("spec", ""), ("spec_all", "_no_budget"))}
             result["offloaded"][f"{pred}/{cap}"] = row
             print(f"predictor {pred}, {cap} slots/layer: bytes/token plain {row['plain']['bytes_per_token'] / 1e6:.3f} MB, "
-                  f"spec {row['spec']['bytes_per_token'] / 1e6:.3f} MB (plain/spec {row['plain_over_spec']:.2f}x)"
+                  f"spec {row['spec']['bytes_per_token'] / 1e6:.3f} MB (plain/spec {row['plain_over_spec']:.2f}x; "
+                  f"without the verify budget {row['spec_all']['bytes_per_token'] / 1e6:.3f} MB, "
+                  f"{row['plain_over_spec_all']:.2f}x)"
                   + "".join(f"; {k}: {v['plain']['tokens_per_second']:.2f} -> {v['spec']['tokens_per_second']:.2f} tok/s"
                             for k, v in row.get("projection", {}).items()))
     out = Path(args.out)

@@ -116,7 +116,7 @@ def evaluate(model: MixtralTransformer, ids: torch.Tensor, seq: int, batch: int)
         reuse = hit if reuse is None else reuse + hit
     model.train()
     p = counts.float() / counts.sum(1, keepdim=True)
-    entropy = -(p * p.clamp_min(1e-12).log2()).sum(1)  # bits; log2(8) = 3 is perfectly balanced
+    entropy = -(p * p.clamp_min(1e-12).log2()).sum(1)  # bits; log2(E) is perfectly balanced
     pairs = n * (seq - 1) * model.cfg.num_experts_per_tok
     return {"heldout_loss": (torch.stack(losses).sum() / tokens).item(), "heldout_tokens": tokens,
             "usage_entropy_bits": [round(v, 4) for v in entropy.tolist()],
@@ -147,6 +147,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--intermediate", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--family", choices=["mixtral", "qwen3_moe"], default="mixtral",
+                    help="architecture written: mixtral (default, the bundled model) or qwen3_moe (per-head q/k "
+                         "RMSNorm, hub Qwen3-MoE names), e.g. for routing traces of a many-expert model")
+    ap.add_argument("--experts", type=int, default=8, help="routed experts per layer (default 8)")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--dump-train-text", metavar="FILE", default=None,
@@ -170,11 +175,12 @@ def main() -> None:
 
     cfg = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
                         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                        num_experts_per_tok=2, head_dim=args.hidden // 4, rope_theta=10000.0,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=args.experts,
+                        num_experts_per_tok=args.top_k, head_dim=args.hidden // 4, rope_theta=10000.0,
                         rms_norm_eps=1e-5, max_position_embeddings=args.seq_len, sliding_window=None,
                         tie_word_embeddings=False, bos_token_id=bos, eos_token_ids=(eos,),
-                        torch_dtype="bfloat16")
+                        torch_dtype="bfloat16", model_type=args.family,
+                        qk_norm="per_head" if args.family == "qwen3_moe" else "none")
     cpu = torch.device("cpu")
     model = MixtralTransformer(cfg, empty_resident_experts(cfg, torch.float32, cpu), dtype=torch.float32,
                                device=cpu, max_seq_len=args.seq_len)

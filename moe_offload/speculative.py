@@ -117,6 +117,48 @@ class Drafter:
                            torch.from_numpy(slot_row).to(dev), slot_row, ids_host)
 
 
+class VerifyBudget:
+    """The verify rule of an offloaded model: at each layer, keep the leading positions of the pass whose
+    new misses are worth it, drop the rest (lossless: attention is causal, and a dropped position only
+    means fewer drafts checked this pass).
+
+    Position 0 (the last emitted token) is always kept. Position i >= 1 is useful only if drafts
+    0..i-1 are all accepted: P_i = prod of the measured acceptance rates (0.5 before any data). Its
+    cost at this layer is the experts it needs that are neither resident nor needed by the positions
+    kept before it; a plain decode step would pay c = top_k x (the cache's running miss rate) per
+    token here. Position i is kept while cost_i <= P_i * c and the kept positions' experts fit the
+    layer's capacity at once (no evict-and-reload within the pass)."""
+
+    def __init__(self, cache, top_k: int, stats: "SpecStats"):
+        self.cache, self.top_k, self.stats = cache, top_k, stats
+        self.dropped = 0  # positions dropped, summed over layers and passes
+
+    def _acceptance(self, j: int) -> float:
+        st = self.stats
+        if j < len(st.reached_per_position) and st.reached_per_position[j]:
+            return st.accepted_per_position[j] / st.reached_per_position[j]
+        return 0.5
+
+    def __call__(self, layer: int, ids_host: np.ndarray) -> int:
+        cache = self.cache
+        uses, misses = int(cache.stats.uses.sum()), int(cache.stats.misses.sum())
+        c = self.top_k * (misses + 1) / (uses + 2)  # expected misses of one plain token at a layer
+        resident = cache.slot_of[layer] >= 0  # [E]
+        cap = cache.capacity(layer)
+        needed: set[int] = set()
+        p = 1.0
+        for i, row in enumerate(ids_host.tolist()):
+            new = {e for e in row if e not in needed}
+            if i > 0:
+                p *= self._acceptance(i - 1)
+                misses_i = sum(1 for e in new if not resident[e])
+                if misses_i > p * c or len(needed) + len(new) > cap:
+                    self.dropped += ids_host.shape[0] - i
+                    return i
+            needed |= new
+        return ids_host.shape[0]
+
+
 def rollback(cache: KVCache, keep: int, end: int) -> None:
     """Forget K/V at positions keep..end-1 (rejected drafts) in every layer: the cache then equals a
     plain run's, which never wrote there."""
@@ -159,21 +201,35 @@ def _normalised(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 class SpeculativeDecoder:
     """Holds the drafter and the draft-length rule; `tokens()` replaces the plain decode loop."""
 
-    def __init__(self, model: MixtralTransformer, head: DraftHead, max_draft: int = 4, adaptive: bool = True):
+    def __init__(self, model: MixtralTransformer, head: DraftHead, max_draft: int = 4, adaptive: bool = True,
+                 budget: bool = True):
         if not isinstance(max_draft, int) or isinstance(max_draft, bool) or max_draft < 1:
             raise MoeOffloadError(f"draft_tokens must be an integer >= 1, got {max_draft!r}")
         self.drafter = Drafter(model, head)
         self.model, self.max_draft, self.adaptive = model, max_draft, adaptive
+        self.budget = budget  # offloaded: verify passes drop positions not worth their misses (VerifyBudget)
         self.stats = SpecStats()
+        self._rule: VerifyBudget | None = None
+        self._checked = 0  # drafts the last verify pass checked (fewer than drafted when the budget dropped some)
 
     def reset(self) -> None:
         self.stats = SpecStats()
         self.drafter.substitutions = 0
+        self._rule = None
 
     def stats_dict(self) -> dict[str, Any]:
         self.stats.draft_substitutions = self.drafter.substitutions
         return {**self.stats.to_dict(), "draft_exit_layer": self.drafter.head.exit_layer,
-                "max_draft_tokens": self.max_draft}
+                "max_draft_tokens": self.max_draft,
+                "verify_positions_dropped": self._rule.dropped if self._rule is not None else 0}
+
+    def _verify_rule(self) -> "VerifyBudget | None":
+        experts = self.drafter.offloaded
+        if not self.budget or experts is None:
+            return None
+        if self._rule is None or self._rule.stats is not self.stats:
+            self._rule = VerifyBudget(experts.cache, self.model.cfg.num_experts_per_tok, self.stats)
+        return self._rule
 
     def _next_length(self, g: int, accepted: int) -> int:
         if not self.adaptive:
@@ -210,7 +266,9 @@ class SpeculativeDecoder:
             timing.decode_tokens += len(out)
             timing.decode_seconds += time.perf_counter() - t1
             if g_now > 0:
-                g = self._next_length(g_now, len(out) - 1)
+                a, checked = len(out) - 1, self._checked
+                # all the budget let through were accepted: draft one more than it let through next time
+                g = self._next_length(g_now, a) if a < checked or checked == g_now else min(self.max_draft, checked + 1)
             for t in out:
                 yield t
                 emitted += 1
@@ -239,15 +297,25 @@ class SpeculativeDecoder:
             cur.fill_(d)
         batch = [tok] + drafts
         ids = torch.tensor([batch], dtype=torch.long, device=dev)  # [1, g+1]
-        target = model(ids, pos, cache, host_ids=batch)[0].float().cpu()  # [g+1, V]
+        experts = self.drafter.offloaded
+        if experts is not None and g > 0:
+            experts.verify_rule = self._verify_rule()
+        try:
+            target = model(ids, pos, cache, host_ids=batch)[0].float().cpu()  # [g'+1, V], g' <= g kept
+        finally:
+            if experts is not None:
+                experts.verify_rule = None
         check_finite_logits(target)
+        end = pos + g + 1  # K/V were written up to here (dropped positions: in the layers before the drop)
+        g = self._checked = target.shape[0] - 1
+        drafts, q_rows = drafts[:g], q_rows[:g]
         if params.temperature == 0:
             a, nxt = accept_greedy(drafts, target)
         elif g == 0:
             a, nxt = 0, sample_next(target[0], params, gen)
         else:
             a, nxt = accept_sampling(drafts, torch.stack(q_rows), _normalised(target, params), gen)
-        rollback(cache, pos + a + 1, pos + g + 1)
+        rollback(cache, pos + a + 1, end)
         if g > 0:
             self.stats.record(g, a)
         return drafts[:a] + [nxt]

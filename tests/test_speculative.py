@@ -23,11 +23,14 @@ def test_greedy_speculative_equals_plain_untrained_head(tmp_path):
     acc = _adapter(tmp_path, plain)
     want = [plain.generate(p, max_new_tokens=24).token_ids for p in PROMPTS]
     for kw in (dict(offload=False), dict(cache_per_layer=2), dict(cache_per_layer=4, policy="lfu")):
-        with runtime.load(device="cpu", speculative=True, accelerator=acc, **kw) as s:
-            for p, w in zip(PROMPTS, want):
-                r = s.generate(p, max_new_tokens=24)
-                assert r.token_ids == w, kw
-                assert r.stats["spec_steps"] > 0 and r.stats["draft_tokens"] >= r.stats["accepted_tokens"]
+        for budget in (True, False):  # the verify budget may drop every draft of a pass: exact either way
+            with runtime.load(device="cpu", speculative=True, accelerator=acc, **kw) as s:
+                s.speculative.budget = budget
+                for p, w in zip(PROMPTS, want):
+                    r = s.generate(p, max_new_tokens=24)
+                    assert r.token_ids == w, (kw, budget)
+                    assert r.stats["draft_tokens"] >= r.stats["accepted_tokens"]
+                    assert r.stats["spec_steps"] > 0 or budget
     # the prefetch-adapter loader ignores the draft tensors
     with runtime.load(device="cpu", accelerator=acc, cache_per_layer=4) as a:
         assert a.generate(PROMPTS[0], max_new_tokens=8).token_ids == want[0][:8]
@@ -120,3 +123,66 @@ def test_greedy_speculative_is_exact_with_random_copy_delays():
                 r = s.generate(p, max_new_tokens=20)
                 assert r.token_ids == w, (cap, policy)
                 assert r.stats["misses"] > 0
+
+
+def test_rollback_after_a_verify_pass_that_dropped_positions(monkeypatch):
+    """Offloaded, with the verify budget: passes that carry fewer positions into later layers still leave
+    K/V equal to a plain run's and zero past the emitted tokens, and the tokens are the plain ones."""
+    from moe_offload.speculative import SpeculativeDecoder
+
+    plain = runtime.load(device="cpu", offload=False, dtype="float32")
+    want = plain.generate(PROMPTS[1], max_new_tokens=32)
+    orig_step = SpeculativeDecoder._step
+
+    def step(self, cache, tok, pos, g, *a, **kw):
+        out = orig_step(self, cache, tok, pos, g, *a, **kw)
+        n = pos + len(out)
+        for mine, ref in ((cache.k, plain.kv_cache.k), (cache.v, plain.kv_cache.v)):
+            assert torch.allclose(mine[:, :, :, :n], ref[:, :, :, :n], rtol=1e-5, atol=1e-5)
+            assert mine[:, :, :, n:].abs().max() == 0
+        return out
+
+    monkeypatch.setattr(SpeculativeDecoder, "_step", step)
+    with runtime.load(device="cpu", dtype="float32", speculative=True, draft_tokens=4, cache_per_layer=6) as s:
+        got = s.generate(PROMPTS[1], max_new_tokens=32)
+        assert got.token_ids == want.token_ids
+        assert got.stats["verify_positions_dropped"] > 0 and got.stats["spec_steps"] > 0
+
+
+class _Cache:
+    """What VerifyBudget reads of an ExpertCache: residency, running hit counts, capacity."""
+
+    def __init__(self, resident, uses, misses, cap):
+        import numpy as np
+
+        from moe_offload.offload.stats import CacheStats
+
+        self.slot_of = np.array([[0 if r else -1 for r in resident]])
+        self.stats = CacheStats(1)
+        self.stats.uses[0], self.stats.misses[0] = uses, misses
+        self._cap = cap
+
+    def capacity(self, layer):
+        return self._cap
+
+
+def test_verify_budget_keeps_positions_worth_their_misses():
+    """Hand-made costs. c = top_k * (misses + 1) / (uses + 2): 2 * 99 / 200 = 0.99 misses per plain token.
+    Acceptance 0.5 (no data yet): position 1 may cost <= 0.495 misses, position 2 <= 0.2475."""
+    import numpy as np
+
+    from moe_offload.speculative import SpecStats, VerifyBudget
+
+    resident = [True, True, True, True, False, False, False, False]
+    rule = VerifyBudget(_Cache(resident, 198, 98, cap=8), 2, SpecStats())
+    assert rule(0, np.array([[0, 1], [1, 2], [3, 0]])) == 3  # every position hits: all kept
+    assert rule(0, np.array([[0, 1], [1, 4], [3, 0]])) == 1  # position 1 misses expert 4: dropped, and after it
+    assert rule(0, np.array([[4, 5], [4, 5], [0, 6]])) == 2  # position 1 reuses position 0's misses: free
+    assert rule.dropped == 2 + 1
+    assert VerifyBudget(_Cache(resident, 198, 98, cap=3), 2, SpecStats())(0, np.array([[0, 1], [2, 3]])) == 1  # 4 > 3 slots
+    st = SpecStats()
+    st.record(1, 1)
+    st.record(1, 1)  # acceptance of position 0 measured at 1.0: a miss costing 1 <= 1.0 * 0.99? no
+    assert VerifyBudget(_Cache(resident, 198, 98, cap=8), 2, st)(0, np.array([[0, 1], [0, 4]])) == 1
+    rich = _Cache(resident, 18, 18, cap=8)  # c = 2 * 19 / 20 = 1.9: one miss at acceptance 1.0 is worth it
+    assert VerifyBudget(rich, 2, st)(0, np.array([[0, 1], [0, 4]])) == 2

@@ -292,7 +292,8 @@ class MixtralTransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
                 host_ids: Sequence[int] | None = None) -> torch.Tensor:
-        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H]).
+        """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H]); fewer
+        than T rows when a speculative verify rule of the expert backend dropped trailing positions.
         start_pos may be RowPositions (batched decode, T == 1: row b at its own position).
         host_ids: the same ids on the host when the caller has them (decode), for observers."""
         eps = self.cfg.rms_norm_eps
@@ -300,6 +301,7 @@ class MixtralTransformer(nn.Module):
         for ob in observers:
             ob.on_step(input_ids, start_pos, host_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
+        kept_rows = getattr(self.experts, "pop_kept_rows", None) if input_ids.shape[0] == 1 else None
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
             if observers:
@@ -310,6 +312,9 @@ class MixtralTransformer(nn.Module):
             if router_logits is not None:
                 router_logits.append(logits)
             x = x + y
+            keep = kept_rows() if kept_rows is not None else None
+            if keep is not None:  # a verify pass dropped its trailing positions: causal, so the rest is exact
+                x = x[:, :keep]
         x = rms_norm(x, self.norm, eps)
         return x if return_hidden else F.linear(x, self.lm_head_weight())
 

@@ -34,6 +34,16 @@ class OffloadedExperts:
         self.backend = backend
         self.prefetcher = None  # offload.prefetch.Prefetcher, when a predictor is active
         self.cpu_lane = None  # offload.cpu_lane.CpuLane: missed experts computed on the host (hybrid)
+        # A speculative verify pass sets this: (layer, ids_host [N, k]) -> how many leading rows (>= 1)
+        # are worth their misses; the rest are dropped from this layer on (see pop_kept_rows).
+        self.verify_rule = None
+        self._kept_rows: int | None = None
+
+    def pop_kept_rows(self) -> int | None:
+        """Rows the last call kept when a verify rule dropped trailing ones (the model then carries only
+        those positions into later layers); None when it kept all. Reading it clears it."""
+        kept, self._kept_rows = self._kept_rows, None
+        return kept
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         pf = self.prefetcher
@@ -43,6 +53,18 @@ class OffloadedExperts:
         host = read_back(both)  # [N*k + P]: the layer's one device->host read
         ids_host = host[: flat.numel()].reshape(ids.shape)  # [N, k]
         pred_host = host[flat.numel():] if pred is not None else None
+        n = ids_host.shape[0]
+        if self.verify_rule is not None and n > 1:
+            keep = max(1, min(n, int(self.verify_rule(layer, ids_host))))
+            if keep < n:  # later positions are dropped: their rows of the output stay zero
+                self._kept_rows = keep
+                out = torch.zeros_like(h)
+                out[:keep] = self._compute(layer, h[:keep], ids[:keep], weights[:keep], ids_host[:keep], pred_host)
+                return out
+        return self._compute(layer, h, ids, weights, ids_host, pred_host)
+
+    def _compute(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ids_host: np.ndarray,
+                 pred_host: np.ndarray | None) -> torch.Tensor:
         needed = np.unique(ids_host).tolist()  # ascending
         if self.cpu_lane is not None:
             on_cpu = self._cpu_share(layer, needed, ids_host)
