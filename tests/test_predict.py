@@ -140,7 +140,22 @@ def test_topk_ranking_loss_prefers_the_true_set_on_top():
     good = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
     bad = torch.tensor([[0.0, 2.0, 3.0, 0.0]])
     assert topk_ranking_loss(good, probs, 2) < topk_ranking_loss(bad, probs, 2)
-    # By hand: LSE(0, 0) = log 2; mean(softplus(log 2 - 3), softplus(log 2 - 2)).
-    want = (torch.nn.functional.softplus(torch.tensor(2.0).log() - 3) + torch.nn.functional.softplus(torch.tensor(2.0).log() - 2)) / 2
+    # By hand: the strongest outsider is 0; mean(softplus(0 - 3), softplus(0 - 2)).
+    sp = torch.nn.functional.softplus
+    want = (sp(torch.tensor(-3.0)) + sp(torch.tensor(-2.0))) / 2
     assert topk_ranking_loss(good, probs, 2).item() == pytest.approx(want.item())
+
+
+def test_topk_ranking_loss_does_not_grow_with_the_number_of_experts():
+    """The same ranking (true top-8 one logit above every outsider) costs the same at 16 and 128 experts:
+    a loss against the log-sum-exp of the outsiders grew with E and wrecked training at 128 experts."""
+    from moe_offload.predict.train import topk_ranking_loss
+
+    losses = []
+    for E in (16, 128):
+        logits = torch.zeros(1, E)
+        logits[0, :8] = 1.0
+        probs = torch.softmax(logits * 5, dim=-1)
+        losses.append(topk_ranking_loss(logits, probs, 8).item())
+    assert losses[0] == pytest.approx(losses[1]) and losses[0] < 0.32  # softplus(-1) = 0.313
 

@@ -39,11 +39,15 @@ def true_router_probs(model: MixtralTransformer, xs: torch.Tensor) -> torch.Tens
 
 
 def topk_ranking_loss(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torch.Tensor:
-    """Each true top-k expert's logit above the log-sum-exp of the experts outside the true top-k:
-    mean softplus(LSE_{j not in S} z_j - z_i) over i in S. logits, probs [T, E]."""
+    """Each true top-k expert's logit above the strongest expert outside the true top-k:
+    mean softplus(max_{j not in S} z_j - z_i) over i in S. logits, probs [T, E].
+
+    Against the strongest outsider, not the log-sum-exp of all outsiders: the LSE grows with the number
+    of experts (by up to log(E - k)), so at 128 experts top-8 it asked for margins the router's logits
+    cannot give and training made recall worse than next-gate (0.716 vs 0.777 at d=1; this form 0.850)."""
     top = probs.topk(k, dim=-1).indices  # [T, k]
     inside = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
-    rest = torch.logsumexp(logits.masked_fill(inside, float("-inf")), dim=-1, keepdim=True)  # [T, 1]
+    rest = logits.masked_fill(inside, float("-inf")).amax(dim=-1, keepdim=True)  # [T, 1]
     return F.softplus(rest - logits.gather(1, top)).mean()
 
 
