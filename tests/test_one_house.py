@@ -227,6 +227,31 @@ def test_copy_threads_stop_on_close_and_on_garbage_collection(tmp_path):
     assert not worker.is_alive()
 
 
+def test_workers_of_collected_engines_are_joined_at_exit(tmp_path):
+    """An engine dropped while its worker is still copying: at interpreter exit the worker must be joined
+    (not left running into finalization, where a thread inside a C++ copy aborts the process with
+    "terminate called"). An atexit hook registered before moe_offload's runs after it and checks."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import atexit, threading
+        atexit.register(lambda: print("alive at exit:", [t.name for t in threading.enumerate()
+                                                          if t.name == "moe-offload-copy"]))
+        import gc, torch
+        from moe_offload.offload.transfer import CopyFaults, ThreadCopyEngine
+        engine = ThreadCopyEngine(CopyFaults(delay=lambda key: 0.3))  # the worker is busy for 0.3 s
+        src, dst = torch.ones(1 << 20), torch.empty(1 << 20)
+        engine.load((0, 0), src, dst, 0)
+        del engine
+        gc.collect()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "alive at exit: []" in r.stdout, r.stdout
+
+
 # --- tests that used to pass with the feature broken ------------------------------------------------
 
 def test_step_costs_match_a_hand_computed_mixtral_timeline():

@@ -81,13 +81,20 @@ def _copy_chunk(dst: torch.Tensor, src: torch.Tensor, lo: int, n: int) -> None:
     np.copyto(dst.view(torch.uint8).numpy()[lo:lo + n], src.view(torch.uint8).numpy()[lo:lo + n])
 
 
-_LIVE_ENGINES: "weakref.WeakSet[ThreadCopyEngine]" = weakref.WeakSet()
+# Every copy worker still running, engine collected or not: (its shared state, its thread) by id(state).
+_WORKERS: dict[int, tuple["_LinkState", threading.Thread]] = {}
 
 
 @atexit.register
-def _close_live_engines() -> None:
-    for engine in list(_LIVE_ENGINES):
-        engine.close()
+def _stop_workers() -> None:
+    """Stop and join every copy worker before the interpreter tears down. Also the workers of engines
+    already garbage-collected (their finalizer only asked them to stop): a worker still inside a copy
+    when finalization starts is killed mid-C++ and aborts the process ("terminate called")."""
+    workers = list(_WORKERS.values())
+    for state, _ in workers:
+        state.close()
+    for _, thread in workers:
+        thread.join(timeout=10)
 
 
 def _copy_with_retries(state: "_LinkState", handle: LoadHandle, src: torch.Tensor, dst: torch.Tensor,
@@ -113,6 +120,13 @@ def _copy_worker(state: "_LinkState") -> None:
     """The ThreadCopyEngine's thread: takes chunks from the link scheduler (demand first, then
     prefetches by value) and copies them. It holds the shared state, not the engine, so the engine
     can be garbage-collected (its finalizer then stops this thread)."""
+    try:
+        _copy_loop(state)
+    finally:
+        _WORKERS.pop(id(state), None)
+
+
+def _copy_loop(state: "_LinkState") -> None:
     while True:
         with state.cond:
             while True:
@@ -171,12 +185,10 @@ class ThreadCopyEngine:
         self._state = _LinkState(chunk_bytes, faults or CopyFaults())  # tests swap faults at run time
         self._worker = threading.Thread(target=_copy_worker, args=(self._state,),
                                         name="moe-offload-copy", daemon=True)
+        _WORKERS[id(self._state)] = (self._state, self._worker)
         self._worker.start()
         self._finalizer = weakref.finalize(self, self._state.close)
-        # At interpreter exit, stop and join every worker before the runtime tears down: a thread that
-        # is still running (or exits) during finalization can abort the process ("terminate called").
-        self._finalizer.atexit = False
-        _LIVE_ENGINES.add(self)
+        self._finalizer.atexit = False  # _stop_workers stops and joins it at exit instead
 
     @property
     def faults(self) -> CopyFaults:
