@@ -100,26 +100,24 @@ class LFU(EvictionPolicy):
     def __init__(self) -> None:
         super().__init__()
         self.count: dict[Key, int] = {}
-        self.count_arr: np.ndarray | None = None
+        self.order: np.ndarray | None = None
 
     def bind(self, num_layers: int, num_experts: int) -> None:
         super().bind(num_layers, num_experts)
-        self.count_arr = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.order = np.zeros((num_layers, num_experts), dtype=np.int64)  # count << 40 | last use (clock < 2^40)
 
     def on_access(self, key: Key) -> None:
         self.clock += 1  # _touch, inlined: this runs for every routed expert of every layer
         self.last_use[key] = self.clock
-        self.count[key] = self.count.get(key, 0) + 1
+        n = self.count[key] = self.count.get(key, 0) + 1
         if self.stamp is not None:
             self.stamp[key] = self.clock
-            self.count_arr[key] += 1
-            self.order[key] = (int(self.count_arr[key]) << 40) + self.clock  # uses, then recency, in one int
+            self.order[key] = (n << 40) + self.clock  # uses, then recency, in one int
 
     def on_insert(self, key: Key) -> None:
         self._touch(key)
         if self.stamp is not None:
-            self.order[key] = (int(self.count_arr[key]) << 40) + self.clock
+            self.order[key] = (self.count.get(key, 0) << 40) + self.clock
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         return min(candidates, key=lambda k: (self.count.get(k, 0), self.last_use.get(k, 0)))
