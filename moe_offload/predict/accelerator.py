@@ -1,7 +1,13 @@
 """M2R2 accelerator adapters: low-rank maps that move layer l's residual towards layer l+d's.
 
 r = x + B · silu(A · rms(x)),  A [R, H], B [H, R] per (layer l, lookahead d); B starts at zero, so an
-untrained adapter reproduces next-gate ("residual" variant). The adapter file is safetensors with a
+untrained adapter reproduces next-gate ("residual" variant).
+
+Optional parts (predictor v2; files without their tensors load and predict exactly as before):
+  hint  C [R, E]: r = x + B · silu(A · rms(x) + C · p_l), p_l = layer l's own router distribution on x
+        (what layer l's router already says); C starts at zero. Tensors "C.{l}_{d}".
+  gain  G [H]: layer l+d's router reads rms_norm(r) * w_{l+d} * G (a learned per-(l, d) normalisation
+        gain on top of the target layer's fixed norm weight w_{l+d}); G starts at one. Tensors "G.{l}_{d}". The adapter file is safetensors with a
 metadata fingerprint of the model (config + routers + norms): loading it into another model fails.
 """
 
@@ -96,7 +102,10 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 class Accelerator(nn.Module):
     """Adapters for every (l, d) with l + d < L."""
 
-    def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0):
+    def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
+                 hint_experts: int = 0, gain: bool = False):
+        """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
+        distribution over E experts); gain: adds the learned normalisation gain G [H] per pair."""
         super().__init__()
         if not lookaheads or min(lookaheads) < 1:
             raise MoeOffloadError(f"lookaheads must be positive integers, got {lookaheads}")
@@ -109,19 +118,52 @@ class Accelerator(nn.Module):
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                    for l, d in self.pairs})
         self.B = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(hidden, rank)) for l, d in self.pairs})
+        self.hint_experts, self.gain = int(hint_experts), bool(gain)
+        if self.hint_experts < 0:
+            raise MoeOffloadError(f"hint_experts must be >= 0, got {hint_experts}")
+        if self.hint_experts:
+            self.C = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, self.hint_experts))
+                                       for l, d in self.pairs})
+        if self.gain:
+            self.G = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.ones(hidden)) for l, d in self.pairs})
 
-    def accelerate(self, layer: int, d: int, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d."""
+    def param_groups(self) -> tuple[str, ...]:
+        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G]."""
+        return ("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
+
+    def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
+        if not self.hint_experts:
+            return None
+        return router_probs(model, layer, rms_norm(x, model.layers[layer].post_attention_layernorm,
+                                                   model.cfg.rms_norm_eps)).float()
+
+    def target_norm(self, layer: int, d: int, weight: torch.Tensor) -> torch.Tensor:
+        """The norm weight [H] layer+d's router reads r through: its own weight, times G with gain."""
+        return weight * self.G[f"{layer}_{d}"].to(weight.dtype) if self.gain else weight
+
+    def accelerate(self, layer: int, d: int, x: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d.
+        hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C."""
         key = f"{layer}_{d}"
         xf = x.float()
         z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return xf + F.linear(F.silu(F.linear(z, self.A[key])), self.B[key])
+        a = F.linear(z, self.A[key])  # [N, R]
+        if self.hint_experts:
+            if hint is None:
+                raise MoeOffloadError("these adapters take a router hint: pass hint=acc.hint(model, layer, x)")
+            a = a + F.linear(hint.float(), self.C[key])
+        return xf + F.linear(F.silu(a), self.B[key])
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> None:
-        tensors = {f"{n}.{k}": p.detach().float().contiguous() for n in ("A", "B")
+        tensors = {f"{n}.{k}": p.detach().float().cpu().contiguous() for n in self.param_groups()
                    for k, p in getattr(self, n).items()}
         meta = {**meta, "lookaheads": self.lookaheads, "rank": self.rank, "hidden": self.hidden,
                 "num_layers": self.num_layers}
+        if self.hint_experts:
+            meta["hint_experts"] = self.hint_experts
+        if self.gain:
+            meta["gain"] = True
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -140,12 +182,18 @@ class Accelerator(nn.Module):
                 "`moe-offload train-accelerator`")
         try:
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
-                      int(meta["rank"]))
-            # Only the prefetch adapters ("A.*", "B.*"); other tensors (the draft head) are not ours.
-            acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("A.", "B."))})
+                      int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
+                      gain=bool(meta.get("gain", False)))
+            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*"); other tensors (the draft
+            # head) are not ours. Files from before C/G have neither and load as before.
+            ours = tuple(f"{n}." for n in acc.param_groups())
+            acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(ours)})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if acc.hint_experts and acc.hint_experts != model.cfg.num_local_experts:
+            raise MoeOffloadError(f"{path}: router hint is over {acc.hint_experts} experts; the model has "
+                                  f"{model.cfg.num_local_experts}")
         if acc.hidden != model.cfg.hidden_size or acc.num_layers != model.cfg.num_hidden_layers:
             raise MoeOffloadError(f"{path}: adapters are for hidden {acc.hidden} x {acc.num_layers} layers; the model "
                                   f"has {model.cfg.hidden_size} x {model.cfg.num_hidden_layers}")
@@ -172,10 +220,12 @@ class M2R2Predictor:
     def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         m = self.model
         out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
+        hint = self.acc.hint(m, layer, x) if layer + 1 < m.cfg.num_hidden_layers else None  # [N, E] or None
         for d in range(1, self.lookahead + 1):
             t = layer + d
             if t >= m.cfg.num_hidden_layers:
                 break
-            r = self.acc.accelerate(layer, d, x).to(x.dtype)
-            out[:, d - 1] = router_probs(m, t, rms_norm(r, m.layers[t].post_attention_layernorm, m.cfg.rms_norm_eps))
+            r = self.acc.accelerate(layer, d, x, hint).to(x.dtype)  # [N, H]
+            w = self.acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)  # [H]
+            out[:, d - 1] = router_probs(m, t, rms_norm(r, w, m.cfg.rms_norm_eps))
         return out

@@ -56,9 +56,10 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
     total = 0.0
     for l, d in acc.pairs:
         t = l + d
-        r = acc.accelerate(l, d, xs[:, l])  # [T, H]
-        logits = F.linear(rms_norm(r, model.layers[t].post_attention_layernorm.float(), eps),
-                          model.layers[t].gate.float())  # [T, E]
+        hint = probs[:, l] if acc.hint_experts else None  # [T, E]: layer l's own router distribution
+        r = acc.accelerate(l, d, xs[:, l], hint)  # [T, H]
+        w = acc.target_norm(l, d, model.layers[t].post_attention_layernorm.float())  # [H]
+        logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [T, E]
         logq = F.log_softmax(logits, dim=-1)
         p = probs[:, t]
         kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
