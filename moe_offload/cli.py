@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank-loss-weight", type=float_arg(0), default=1.0, metavar="W",
                    help="weight of a top-k ranking term (true top-k logits above the rest) added to the "
                         "distillation loss (default 1; 0 = distillation only)")
+    t.add_argument("--router-hint", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed layer l's own router distribution into each (l, d) adapter through a learned "
+                        "[rank, experts] matrix (default on; --no-router-hint: the v1 adapter)")
+    t.add_argument("--norm-gain", action=argparse.BooleanOptionalAction, default=True,
+                   help="learn a per-(l, d) gain vector on the target layer's norm before its router "
+                        "(default on; --no-norm-gain: the target layer's fixed norm only)")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
@@ -358,7 +364,8 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
                                     seed=args.seed, show_progress=sys.stderr.isatty(),
-                                    rank_weight=args.rank_loss_weight)
+                                    rank_weight=args.rank_loss_weight, router_hint=args.router_hint,
+                                    norm_gain=args.norm_gain)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,

@@ -111,13 +111,15 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
 
 def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
-                      seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0
-                      ) -> tuple[Accelerator, dict[str, Any]]:
-    """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest."""
+                      seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0,
+                      router_hint: bool = False, norm_gain: bool = False) -> tuple[Accelerator, dict[str, Any]]:
+    """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
+    router_hint / norm_gain: the optional adapter parts (Accelerator's C and G)."""
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
     train_ids, held_ids = ids[:split], ids[split:]
-    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed).to(model.device)
+    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed,
+                      hint_experts=model.cfg.num_local_experts if router_hint else 0, gain=norm_gain).to(model.device)
     before = evaluate(model, acc, held_ids, window)
     opt = torch.optim.Adam(acc.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -139,7 +141,7 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
             curve.append({"epoch": epoch + 1, "heldout_loss": evaluate(model, acc, held_ids, window)["loss"]})
     after = evaluate(model, acc, held_ids, window)
     report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
-              "rank_loss_weight": rank_weight,
+              "rank_loss_weight": rank_weight, "router_hint": router_hint, "norm_gain": norm_gain,
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
     return acc, report
