@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--norm-gain", action=argparse.BooleanOptionalAction, default=True,
                    help="learn a per-(l, d) gain vector on the target layer's norm before its router "
                         "(default on; --no-norm-gain: the target layer's fixed norm only)")
+    t.add_argument("--prev-context", action=argparse.BooleanOptionalAction, default=True,
+                   help="each (l, d) adapter also reads the previous position's residual at layer l (through a "
+                        "learned [rank, hidden] matrix): context the later layers' attention will mix in "
+                        "(default on; --no-prev-context: the current token's residual only)")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
@@ -365,7 +369,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
                                     seed=args.seed, show_progress=sys.stderr.isatty(),
                                     rank_weight=args.rank_loss_weight, router_hint=args.router_hint,
-                                    norm_gain=args.norm_gain)
+                                    norm_gain=args.norm_gain, context=args.prev_context)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,

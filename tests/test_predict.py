@@ -210,3 +210,45 @@ def test_router_hint_and_norm_gain_train_save_and_load(tmp_path):
                           accelerator=tmp_path / "v2.safetensors")
     prompt = m.encode("And God said")
     assert m2.generate(prompt, max_new_tokens=8).token_ids == m.generate(prompt, max_new_tokens=8).token_ids
+
+
+def test_prev_context_predictor_carries_the_previous_row_across_chunks(setup, tmp_path):
+    # Context adapters read each row's previous position: scoring a sequence whole, or as a prefill chunk
+    # followed by one-row decode steps, gives the same scores; a gap in positions reads a zero row.
+    path, m, _, _ = setup
+    acc = Accelerator(CFG.hidden_size, L, [1, 2], rank=8, context=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n in ("B", "P"):
+            for p in getattr(acc, n).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(9, CFG.hidden_size, generator=g)
+    whole = M2R2Predictor(m.model, acc, 2)
+    pieces = M2R2Predictor(m.model, acc, 2)
+    for layer in range(L - 1):
+        want = whole.scores(layer, x, 0)
+        pieces.observe(layer, x[:5], 0)  # prefill, as the prefetcher sees it
+        got = [pieces.scores(layer, x[:5], 0)]
+        for i in range(5, 9):
+            row = x[i:i + 1]
+            pieces.observe(layer, row, i)
+            got.append(pieces.scores(layer, row, i))
+        torch.testing.assert_close(torch.cat(got), want, equal_nan=True)
+    gap = M2R2Predictor(m.model, acc, 2)
+    gap.scores(0, x[:5], 0)
+    torch.testing.assert_close(gap.scores(0, x[6:7], 6), whole.scores(0, x[6:7], 0), equal_nan=True)  # zero prev
+    after_row5 = M2R2Predictor(m.model, acc, 2)
+    assert not torch.allclose(gap.scores(0, x[6:7], 6)[:, 0], after_row5.scores(0, x[5:7], 5)[1:, 0])  # prev matters
+    acc.save(tmp_path / "ctx.safetensors", {"fingerprint": model_fingerprint(m.model), "model": str(path)})
+    loaded, meta = Accelerator.load(tmp_path / "ctx.safetensors", m.model)
+    assert meta["context"] is True and loaded.context
+    torch.testing.assert_close(M2R2Predictor(m.model, loaded, 2).scores(0, x, 0), whole.scores(0, x, 0), rtol=0, atol=0,
+                               equal_nan=True)
+    with pytest.raises(MoeOffloadError, match="previous position"):
+        acc.accelerate(0, 1, x)
+    # Decoding with context adapters through the prefetcher stays exact.
+    prompt = [1, 7, 3, 9]
+    m2 = moe_offload.load(path, device="cpu", cache_experts=3, predictor="m2r2", lookahead=2,
+                          accelerator=tmp_path / "ctx.safetensors")
+    res = m2.generate(prompt, max_new_tokens=8)
+    assert res.token_ids == m.generate(prompt, max_new_tokens=8).token_ids and res.stats["prefetch_issued"] > 0

@@ -7,7 +7,11 @@ Optional parts (predictor v2; files without their tensors load and predict exact
   hint  C [R, E]: r = x + B · silu(A · rms(x) + C · p_l), p_l = layer l's own router distribution on x
         (what layer l's router already says); C starts at zero. Tensors "C.{l}_{d}".
   gain  G [H]: layer l+d's router reads rms_norm(r) * w_{l+d} * G (a learned per-(l, d) normalisation
-        gain on top of the target layer's fixed norm weight w_{l+d}); G starts at one. Tensors "G.{l}_{d}". The adapter file is safetensors with a
+        gain on top of the target layer's fixed norm weight w_{l+d}); G starts at one. Tensors "G.{l}_{d}".
+  context  P [R, H]: r = x + B · silu(A · rms(x) + P · rms(x_prev)), x_prev = the residual entering
+        layer l's MoE at the previous position (zero at position 0): a little of the context that
+        layers l+1.. will attend to. P starts at zero. Tensors "P.{l}_{d}". M2R2Predictor keeps each
+        layer's last row between calls (see `M2R2Predictor.observe`). The adapter file is safetensors with a
 metadata fingerprint of the model (config + routers + norms): loading it into another model fails.
 """
 
@@ -99,13 +103,27 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """x [N, H] float32 scaled to unit root-mean-square (a zero row stays zero)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def previous_rows(x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H] rows at consecutive positions -> [N, H] float32: row i is x[i-1]; row 0 is `first`
+    [1, H] (the row before the chunk) or zero (position 0, or unknown)."""
+    xf = x.float()
+    head = torch.zeros_like(xf[:1]) if first is None else first.float().reshape(1, -1)
+    return torch.cat([head, xf[:-1]])
+
+
 class Accelerator(nn.Module):
     """Adapters for every (l, d) with l + d < L."""
 
     def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
-                 hint_experts: int = 0, gain: bool = False):
+                 hint_experts: int = 0, gain: bool = False, context: bool = False):
         """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
-        distribution over E experts); gain: adds the learned normalisation gain G [H] per pair."""
+        distribution over E experts); gain: adds the learned normalisation gain G [H] per pair;
+        context: adds P [R, H] per pair, reading the previous position's residual."""
         super().__init__()
         if not lookaheads or min(lookaheads) < 1:
             raise MoeOffloadError(f"lookaheads must be positive integers, got {lookaheads}")
@@ -126,10 +144,14 @@ class Accelerator(nn.Module):
                                        for l, d in self.pairs})
         if self.gain:
             self.G = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.ones(hidden)) for l, d in self.pairs})
+        self.context = bool(context)
+        if self.context:
+            self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
 
     def param_groups(self) -> tuple[str, ...]:
-        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G]."""
-        return ("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
+        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P]."""
+        return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
+                + (("P",) if self.context else ()))
 
     def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
@@ -142,17 +164,22 @@ class Accelerator(nn.Module):
         """The norm weight [H] layer+d's router reads r through: its own weight, times G with gain."""
         return weight * self.G[f"{layer}_{d}"].to(weight.dtype) if self.gain else weight
 
-    def accelerate(self, layer: int, d: int, x: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+    def accelerate(self, layer: int, d: int, x: torch.Tensor, hint: torch.Tensor | None = None,
+                   prev: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d.
-        hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C."""
+        hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C.
+        prev [N, H]: each row's previous position's residual (`previous_rows`), needed with P."""
         key = f"{layer}_{d}"
         xf = x.float()
-        z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        a = F.linear(z, self.A[key])  # [N, R]
+        a = F.linear(_rms(xf), self.A[key])  # [N, R]
         if self.hint_experts:
             if hint is None:
                 raise MoeOffloadError("these adapters take a router hint: pass hint=acc.hint(model, layer, x)")
             a = a + F.linear(hint.float(), self.C[key])
+        if self.context:
+            if prev is None:
+                raise MoeOffloadError("these adapters read the previous position: pass prev=previous_rows(x)")
+            a = a + F.linear(_rms(prev.float()), self.P[key])
         return xf + F.linear(F.silu(a), self.B[key])
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> None:
@@ -164,6 +191,8 @@ class Accelerator(nn.Module):
             meta["hint_experts"] = self.hint_experts
         if self.gain:
             meta["gain"] = True
+        if self.context:
+            meta["context"] = True
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -183,9 +212,9 @@ class Accelerator(nn.Module):
         try:
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
                       int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
-                      gain=bool(meta.get("gain", False)))
-            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*"); other tensors (the draft
-            # head) are not ours. Files from before C/G have neither and load as before.
+                      gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)))
+            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*"); other tensors (the
+            # draft head) are not ours. Files from before C/G/P have none of them and load as before.
             ours = tuple(f"{n}." for n in acc.param_groups())
             acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(ours)})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -213,6 +242,31 @@ class M2R2Predictor:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
                                   f"{self.lookahead} also needs {missing}")
         self.first = FirstLayerTable(model, self.lookahead)
+        # With context adapters: per layer, the last chunk seen (x, start, its previous rows) and the
+        # position after it with its last row, so the next chunk's first row finds its predecessor.
+        self._chunk: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._last: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def observe(self, layer: int, x: torch.Tensor, start_pos: Any) -> None:
+        """Every residual x [N, H] entering layer's MoE (prefill chunks and decode steps, in order):
+        remembered for the context adapters' previous-row input. A no-op without them."""
+        if self.acc.context:
+            self._previous(layer, x, start_pos)
+
+    def _previous(self, layer: int, x: torch.Tensor, start_pos: Any) -> torch.Tensor:
+        """[N, H]: the residual of each row's previous position at `layer` (zero where unknown: position 0,
+        a gap since the last chunk, or batched rows at their own positions)."""
+        if not isinstance(start_pos, int):
+            return torch.zeros_like(x, dtype=torch.float32)
+        hit = self._chunk.get(layer)
+        if hit is not None and hit[0] is x and hit[1] == start_pos:
+            return hit[2]
+        last = self._last.get(layer)
+        first = last[1] if last is not None and start_pos > 0 and last[0] == start_pos else None
+        prev = previous_rows(x, first)  # [N, H]
+        self._chunk[layer] = (x, start_pos, prev)
+        self._last[layer] = (start_pos + x.shape[0], x[-1:].float().clone())
+        return prev
 
     def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         return self.first.top(token_id, take)
@@ -220,12 +274,14 @@ class M2R2Predictor:
     def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         m = self.model
         out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
-        hint = self.acc.hint(m, layer, x) if layer + 1 < m.cfg.num_hidden_layers else None  # [N, E] or None
+        last = layer + 1 >= m.cfg.num_hidden_layers
+        hint = None if last else self.acc.hint(m, layer, x)  # [N, E] or None
+        prev = self._previous(layer, x, start_pos) if self.acc.context and not last else None  # [N, H]
         for d in range(1, self.lookahead + 1):
             t = layer + d
             if t >= m.cfg.num_hidden_layers:
                 break
-            r = self.acc.accelerate(layer, d, x, hint).to(x.dtype)  # [N, H]
+            r = self.acc.accelerate(layer, d, x, hint, prev).to(x.dtype)  # [N, H]
             w = self.acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)  # [H]
             out[:, d - 1] = router_probs(m, t, rms_norm(r, w, m.cfg.rms_norm_eps))
         return out
