@@ -113,7 +113,7 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
 def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
                       seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0,
-                      router_hint: bool = False, norm_gain: bool = False, context: bool = False
+                      router_hint: bool = False, norm_gain: bool = False, context: bool = True
                       ) -> tuple[Accelerator, dict[str, Any]]:
     """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
     router_hint / norm_gain / context: the optional adapter parts (Accelerator's C, G and P)."""
