@@ -23,8 +23,9 @@ def setup(tmp_path_factory):
     m = moe_offload.load(path, device="cpu", offload=False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, CFG.vocab_size, (2400,), generator=g).tolist()
+    # The v1 adapter (no context: the random 'text' has none to read); context adapters are tested below.
     acc, report = train_accelerator(m.model, ids, lookaheads=[1], rank=8, epochs=3, lr=1e-2, window=32,
-                                    show_progress=False)
+                                    show_progress=False, context=False)
     acc_file = tmp_path_factory.mktemp("a") / "acc.safetensors"
     acc.save(acc_file, {"fingerprint": model_fingerprint(m.model), "model": str(path)})
     return path, m, acc_file, report
@@ -212,14 +213,32 @@ def test_router_hint_and_norm_gain_train_save_and_load(tmp_path):
     assert m2.generate(prompt, max_new_tokens=8).token_ids == m.generate(prompt, max_new_tokens=8).token_ids
 
 
+def test_context_rows_match_the_recurrence():
+    from moe_offload.predict.accelerator import CONTEXT_DECAY, context_rows
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(150, 6, generator=g)  # more than one block of the recurrence
+    prev, m, want = torch.zeros(6), torch.zeros(6), []
+    for row in x:
+        want.append(torch.cat([prev, m]))
+        m = CONTEXT_DECAY * m + (1 - CONTEXT_DECAY) * row
+        prev = row
+    ctx, state = context_rows(x)
+    torch.testing.assert_close(ctx, torch.stack(want))
+    torch.testing.assert_close(state[0][0], x[-1]) and torch.testing.assert_close(state[1][0], m)
+    a, s1 = context_rows(x[:70])  # in two chunks, the state carried
+    b, _ = context_rows(x[70:], s1)
+    torch.testing.assert_close(torch.cat([a, b]), ctx)
+
+
 def test_prev_context_predictor_carries_the_previous_row_across_chunks(setup, tmp_path):
-    # Context adapters read each row's previous position: scoring a sequence whole, or as a prefill chunk
-    # followed by one-row decode steps, gives the same scores; a gap in positions reads a zero row.
+    # Context adapters read earlier positions: scoring a sequence whole, or as a prefill chunk followed by
+    # one-row decode steps, gives the same scores; a gap in positions reads a zero context.
     path, m, _, _ = setup
     acc = Accelerator(CFG.hidden_size, L, [1, 2], rank=8, context=True)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for n in ("B", "P"):
+        for n in ("B", "P", "Q"):
             for p in getattr(acc, n).values():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     x = torch.randn(9, CFG.hidden_size, generator=g)
@@ -244,7 +263,7 @@ def test_prev_context_predictor_carries_the_previous_row_across_chunks(setup, tm
     assert meta["context"] is True and loaded.context
     torch.testing.assert_close(M2R2Predictor(m.model, loaded, 2).scores(0, x, 0), whole.scores(0, x, 0), rtol=0, atol=0,
                                equal_nan=True)
-    with pytest.raises(MoeOffloadError, match="previous position"):
+    with pytest.raises(MoeOffloadError, match="previous positions"):
         acc.accelerate(0, 1, x)
     # Decoding with context adapters through the prefetcher stays exact.
     prompt = [1, 7, 3, 9]

@@ -8,10 +8,11 @@ Optional parts (predictor v2; files without their tensors load and predict exact
         (what layer l's router already says); C starts at zero. Tensors "C.{l}_{d}".
   gain  G [H]: layer l+d's router reads rms_norm(r) * w_{l+d} * G (a learned per-(l, d) normalisation
         gain on top of the target layer's fixed norm weight w_{l+d}); G starts at one. Tensors "G.{l}_{d}".
-  context  P [R, H]: r = x + B · silu(A · rms(x) + P · rms(x_prev)), x_prev = the residual entering
-        layer l's MoE at the previous position (zero at position 0): a little of the context that
-        layers l+1.. will attend to. P starts at zero. Tensors "P.{l}_{d}". M2R2Predictor keeps each
-        layer's last row between calls (see `M2R2Predictor.observe`). The adapter file is safetensors with a
+  context  P, Q [R, H]: r = x + B · silu(A · rms(x) + P · rms(x_prev) + Q · rms(m_prev)), x_prev = the
+        residual entering layer l's MoE at the previous position, m_prev = a decayed mean of all earlier
+        positions' residuals (m <- CONTEXT_DECAY·m + (1 - CONTEXT_DECAY)·x; both zero at position 0):
+        some of the context that layers l+1.. will attend to. P, Q start at zero. Tensors "P.{l}_{d}",
+        "Q.{l}_{d}". M2R2Predictor carries each layer's state between calls (`M2R2Predictor.observe`). The adapter file is safetensors with a
 metadata fingerprint of the model (config + routers + norms): loading it into another model fails.
 """
 
@@ -37,6 +38,8 @@ from ..model.transformer import MixtralTransformer
 from .predictors import FirstLayerTable, router_probs
 
 META_KEY = "moe_offload_accelerator"
+CONTEXT_DECAY = 0.8  # per position, of the decayed mean of earlier residuals the context part reads
+_BLOCK = 64  # rows per step of the decayed-mean recurrence (a [64, 64] weight matrix per step)
 
 
 def model_fingerprint(model: MixtralTransformer) -> str:
@@ -108,12 +111,26 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def previous_rows(x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, H] rows at consecutive positions -> [N, H] float32: row i is x[i-1]; row 0 is `first`
-    [1, H] (the row before the chunk) or zero (position 0, or unknown)."""
+def context_rows(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 decay: float = CONTEXT_DECAY) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """x [N, H] rows at consecutive positions -> (ctx [N, 2H] float32, state after the chunk).
+    ctx row i = [x_{i-1}, m_i] with m_i = decay·m_{i-1} + (1 - decay)·x_{i-1}; state = (the row before
+    the chunk [1, H], m at the chunk's first row [1, H]), zero at position 0 (state None)."""
     xf = x.float()
-    head = torch.zeros_like(xf[:1]) if first is None else first.float().reshape(1, -1)
-    return torch.cat([head, xf[:-1]])
+    last, m = state if state is not None else (torch.zeros_like(xf[:1]), torch.zeros_like(xf[:1]))
+    prev = torch.cat([last.float().reshape(1, -1), xf[:-1]])  # [N, H]
+    i = torch.arange(_BLOCK, device=xf.device)
+    lag = (i[:, None] - 1 - i[None, :]).float()  # [B, B]: row i weighs row j < i by (1-decay)·decay^(i-1-j)
+    w = torch.where(lag >= 0, (1 - decay) * decay ** lag.clamp_min(0), torch.zeros((), device=xf.device))
+    powers = decay ** i.float()[:, None]  # [B, 1]
+    means, m = [], m.float().reshape(1, -1)
+    for b0 in range(0, xf.shape[0], _BLOCK):
+        xb = xf[b0:b0 + _BLOCK]  # [b, H]
+        n = xb.shape[0]
+        mb = powers[:n] * m + w[:n, :n] @ xb  # [b, H]
+        means.append(mb)
+        m = decay * mb[-1:] + (1 - decay) * xb[-1:]
+    return torch.cat([prev, torch.cat(means)], dim=-1), (xf[-1:].clone(), m)
 
 
 class Accelerator(nn.Module):
@@ -147,11 +164,12 @@ class Accelerator(nn.Module):
         self.context = bool(context)
         if self.context:
             self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
+            self.Q = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
 
     def param_groups(self) -> tuple[str, ...]:
-        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P]."""
+        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
         return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
-                + (("P",) if self.context else ()))
+                + (("P", "Q") if self.context else ()))
 
     def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
@@ -168,7 +186,7 @@ class Accelerator(nn.Module):
                    prev: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d.
         hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C.
-        prev [N, H]: each row's previous position's residual (`previous_rows`), needed with P."""
+        prev [N, 2H]: each row's context (`context_rows`), needed with P and Q."""
         key = f"{layer}_{d}"
         xf = x.float()
         a = F.linear(_rms(xf), self.A[key])  # [N, R]
@@ -178,8 +196,9 @@ class Accelerator(nn.Module):
             a = a + F.linear(hint.float(), self.C[key])
         if self.context:
             if prev is None:
-                raise MoeOffloadError("these adapters read the previous position: pass prev=previous_rows(x)")
-            a = a + F.linear(_rms(prev.float()), self.P[key])
+                raise MoeOffloadError("these adapters read the previous positions: pass prev=context_rows(x)[0]")
+            h = self.hidden
+            a = a + F.linear(_rms(prev[:, :h].float()), self.P[key]) + F.linear(_rms(prev[:, h:].float()), self.Q[key])
         return xf + F.linear(F.silu(a), self.B[key])
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> None:
@@ -192,7 +211,7 @@ class Accelerator(nn.Module):
         if self.gain:
             meta["gain"] = True
         if self.context:
-            meta["context"] = True
+            meta["context"], meta["context_decay"] = True, CONTEXT_DECAY
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -213,8 +232,10 @@ class Accelerator(nn.Module):
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
                       int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
                       gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)))
-            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*"); other tensors (the
-            # draft head) are not ours. Files from before C/G/P have none of them and load as before.
+            if acc.context and float(meta.get("context_decay", CONTEXT_DECAY)) != CONTEXT_DECAY:
+                raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
+            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*"); other tensors
+            # (the draft head) are not ours. Files from before C/G/P/Q have none of them and load as before.
             ours = tuple(f"{n}." for n in acc.param_groups())
             acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(ours)})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -242,10 +263,10 @@ class M2R2Predictor:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
                                   f"{self.lookahead} also needs {missing}")
         self.first = FirstLayerTable(model, self.lookahead)
-        # With context adapters: per layer, the last chunk seen (x, start, its previous rows) and the
-        # position after it with its last row, so the next chunk's first row finds its predecessor.
+        # With context adapters: per layer, the last chunk seen (x, start, its context rows) and the
+        # position after it with the context state there, so the next chunk continues from it.
         self._chunk: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-        self._last: dict[int, tuple[int, torch.Tensor]] = {}
+        self._last: dict[int, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(self, layer: int, x: torch.Tensor, start_pos: Any) -> None:
         """Every residual x [N, H] entering layer's MoE (prefill chunks and decode steps, in order):
@@ -254,19 +275,19 @@ class M2R2Predictor:
             self._previous(layer, x, start_pos)
 
     def _previous(self, layer: int, x: torch.Tensor, start_pos: Any) -> torch.Tensor:
-        """[N, H]: the residual of each row's previous position at `layer` (zero where unknown: position 0,
-        a gap since the last chunk, or batched rows at their own positions)."""
+        """[N, 2H]: each row's context at `layer` (`context_rows`; zero where unknown: position 0, a gap
+        since the last chunk, or batched rows at their own positions)."""
         if not isinstance(start_pos, int):
-            return torch.zeros_like(x, dtype=torch.float32)
+            return torch.zeros(x.shape[0], 2 * x.shape[1], dtype=torch.float32, device=x.device)
         hit = self._chunk.get(layer)
         if hit is not None and hit[0] is x and hit[1] == start_pos:
             return hit[2]
         last = self._last.get(layer)
-        first = last[1] if last is not None and start_pos > 0 and last[0] == start_pos else None
-        prev = previous_rows(x, first)  # [N, H]
-        self._chunk[layer] = (x, start_pos, prev)
-        self._last[layer] = (start_pos + x.shape[0], x[-1:].float().clone())
-        return prev
+        state = last[1] if last is not None and start_pos > 0 and last[0] == start_pos else None
+        ctx, after = context_rows(x, state)  # [N, 2H]
+        self._chunk[layer] = (x, start_pos, ctx)
+        self._last[layer] = (start_pos + x.shape[0], after)
+        return ctx
 
     def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         return self.first.top(token_id, take)
@@ -276,7 +297,7 @@ class M2R2Predictor:
         out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
         last = layer + 1 >= m.cfg.num_hidden_layers
         hint = None if last else self.acc.hint(m, layer, x)  # [N, E] or None
-        prev = self._previous(layer, x, start_pos) if self.acc.context and not last else None  # [N, H]
+        prev = self._previous(layer, x, start_pos) if self.acc.context and not last else None  # [N, 2H]
         for d in range(1, self.lookahead + 1):
             t = layer + d
             if t >= m.cfg.num_hidden_layers:

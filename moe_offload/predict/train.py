@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..model.layers import rms_norm
 from ..model.observers import Observer, observing
 from ..model.transformer import MixtralTransformer
-from .accelerator import Accelerator, M2R2Predictor, previous_rows
+from .accelerator import Accelerator, M2R2Predictor, context_rows
 from .predictors import NextGate, router_probs
 
 ALIGN_WEIGHT = 0.1
@@ -57,7 +57,7 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
     for l, d in acc.pairs:
         t = l + d
         hint = probs[:, l] if acc.hint_experts else None  # [T, E]: layer l's own router distribution
-        prev = previous_rows(xs[:, l]) if acc.context else None  # [T, H]: the window starts at position 0
+        prev = context_rows(xs[:, l])[0] if acc.context else None  # [T, 2H]: the window starts at position 0
         r = acc.accelerate(l, d, xs[:, l], hint, prev)  # [T, H]
         w = acc.target_norm(l, d, model.layers[t].post_attention_layernorm.float())  # [H]
         logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [T, E]
