@@ -111,6 +111,21 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+_WEIGHTS: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _decay_weights(decay: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decayed-mean recurrence over one block: w [B, B] (row i weighs row j < i by
+    (1 - decay)·decay^(i-1-j)) and powers [B, 1] (decay^i, the carried mean's weight); cached per device."""
+    key = (decay, str(device))
+    if key not in _WEIGHTS:
+        i = torch.arange(_BLOCK, device=device)
+        lag = (i[:, None] - 1 - i[None, :]).float()  # [B, B]
+        w = torch.where(lag >= 0, (1 - decay) * decay ** lag.clamp_min(0), torch.zeros((), device=device))
+        _WEIGHTS[key] = (w, decay ** i.float()[:, None])
+    return _WEIGHTS[key]
+
+
 def context_rows(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
                  decay: float = CONTEXT_DECAY) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """x [N, H] rows at consecutive positions -> (ctx [N, 2H] float32, state after the chunk).
@@ -119,10 +134,7 @@ def context_rows(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | Non
     xf = x.float()
     last, m = state if state is not None else (torch.zeros_like(xf[:1]), torch.zeros_like(xf[:1]))
     prev = torch.cat([last.float().reshape(1, -1), xf[:-1]])  # [N, H]
-    i = torch.arange(_BLOCK, device=xf.device)
-    lag = (i[:, None] - 1 - i[None, :]).float()  # [B, B]: row i weighs row j < i by (1-decay)·decay^(i-1-j)
-    w = torch.where(lag >= 0, (1 - decay) * decay ** lag.clamp_min(0), torch.zeros((), device=xf.device))
-    powers = decay ** i.float()[:, None]  # [B, 1]
+    w, powers = _decay_weights(decay, xf.device)
     means, m = [], m.float().reshape(1, -1)
     for b0 in range(0, xf.shape[0], _BLOCK):
         xb = xf[b0:b0 + _BLOCK]  # [b, H]
