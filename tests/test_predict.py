@@ -23,8 +23,9 @@ def setup(tmp_path_factory):
     m = moe_offload.load(path, device="cpu", offload=False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, CFG.vocab_size, (2400,), generator=g).tolist()
+    # The v1 adapter (no context: the random 'text' has none to read); context adapters are tested below.
     acc, report = train_accelerator(m.model, ids, lookaheads=[1], rank=8, epochs=3, lr=1e-2, window=32,
-                                    show_progress=False)
+                                    show_progress=False, context=False)
     acc_file = tmp_path_factory.mktemp("a") / "acc.safetensors"
     acc.save(acc_file, {"fingerprint": model_fingerprint(m.model), "model": str(path)})
     return path, m, acc_file, report
@@ -159,3 +160,129 @@ def test_topk_ranking_loss_does_not_grow_with_the_number_of_experts():
         losses.append(topk_ranking_loss(logits, probs, 8).item())
     assert losses[0] == pytest.approx(losses[1]) and losses[0] < 0.32  # softplus(-1) = 0.313
 
+
+
+def _v1_scores(m, A, B, layer, x):
+    """The v1 adapter's prediction, written out: layer+1's router on x + B·silu(A·rms(x))."""
+    from moe_offload.model.layers import rms_norm
+    z = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    r = x + torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(z, A)), B)
+    t = m.model.layers[layer + 1]
+    return torch.softmax(torch.nn.functional.linear(rms_norm(r, t.post_attention_layernorm, m.model.cfg.rms_norm_eps), t.gate), -1)
+
+
+def test_v1_file_without_hint_or_gain_loads_and_predicts_as_before(setup, tmp_path):
+    # A file written before the router hint (C) and norm gain (G): only A/B tensors and v1 metadata.
+    import json
+    from safetensors.torch import save_file
+    from moe_offload.predict.accelerator import META_KEY
+
+    _, m, _, _ = setup
+    g = torch.Generator().manual_seed(3)
+    pairs = [(l, 1) for l in range(L - 1)]
+    tensors = {f"{n}.{l}_{d}": torch.randn(*shape, generator=g) * 0.3 for l, d in pairs
+               for n, shape in (("A", (8, CFG.hidden_size)), ("B", (CFG.hidden_size, 8)))}
+    meta = {"fingerprint": model_fingerprint(m.model), "lookaheads": [1], "rank": 8,
+            "hidden": CFG.hidden_size, "num_layers": L}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={META_KEY: json.dumps(meta)})
+    acc, _ = Accelerator.load(tmp_path / "v1.safetensors", m.model)
+    assert acc.hint_experts == 0 and not acc.gain and acc.param_groups() == ("A", "B")
+    x = torch.randn(7, CFG.hidden_size, generator=g)
+    pred = M2R2Predictor(m.model, acc, 1)
+    for layer in range(L - 1):
+        want = _v1_scores(m, tensors[f"A.{layer}_1"], tensors[f"B.{layer}_1"], layer, x)
+        torch.testing.assert_close(pred.scores(layer, x)[:, 0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_router_hint_and_norm_gain_train_save_and_load(tmp_path):
+    # Adapters with the v2 parts on the bundled model: untrained == next-gate (C = 0, G = 1); training on a
+    # little text raises held-out recall; the trained C and G move and survive a save/load round trip
+    # with identical predictions; decoding with them stays exact.
+    from moe_offload.runtime import bundled_heldout_text
+
+    m = moe_offload.load(device="cpu", offload=False)
+    cfg = m.model.cfg
+    ids = m.encode_text(bundled_heldout_text().read_text(encoding="utf-8"))[:6000]
+    fresh = Accelerator(cfg.hidden_size, cfg.num_hidden_layers, [1, 2], rank=8, hint_experts=cfg.num_local_experts,
+                        gain=True)
+    x = torch.randn(5, cfg.hidden_size)
+    assert torch.equal(M2R2Predictor(m.model, fresh, 2).scores(0, x), NextGate(m.model, 2, "residual").scores(0, x))
+    acc, report = train_accelerator(m.model, ids, lookaheads=[1, 2], rank=8, epochs=2, lr=1e-2, window=128,
+                                    show_progress=False, rank_weight=1.0, router_hint=True, norm_gain=True)
+    before, after = report["heldout_before"]["recall"]["m2r2"], report["heldout_after"]["recall"]["m2r2"]
+    for d in ("d1", "d2"):
+        assert after[d]["top_k"] > before[d]["top_k"] + 0.03, (d, before, after)
+    assert report["router_hint"] and report["norm_gain"]
+    assert acc.C["0_1"].abs().sum() > 0 and not torch.equal(acc.G["0_1"], torch.ones(cfg.hidden_size))
+    acc.save(tmp_path / "v2.safetensors", {"fingerprint": model_fingerprint(m.model), "model": str(m.path)})
+    loaded, meta = Accelerator.load(tmp_path / "v2.safetensors", m.model)
+    assert meta["hint_experts"] == cfg.num_local_experts and meta["gain"] is True
+    for layer in range(cfg.num_hidden_layers - 1):
+        torch.testing.assert_close(M2R2Predictor(m.model, loaded, 2).scores(layer, x),
+                                   M2R2Predictor(m.model, acc, 2).scores(layer, x), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(MoeOffloadError, match="router hint"):
+        acc.accelerate(0, 1, x)  # the hint is required when the adapters have C
+    m2 = moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=2,
+                          accelerator=tmp_path / "v2.safetensors")
+    prompt = m.encode("And God said")
+    assert m2.generate(prompt, max_new_tokens=8).token_ids == m.generate(prompt, max_new_tokens=8).token_ids
+
+
+def test_context_rows_match_the_recurrence():
+    from moe_offload.predict.accelerator import CONTEXT_DECAY, context_rows
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(150, 6, generator=g)  # more than one block of the recurrence
+    prev, m, want = torch.zeros(6), torch.zeros(6), []
+    for row in x:
+        want.append(torch.cat([prev, m]))
+        m = CONTEXT_DECAY * m + (1 - CONTEXT_DECAY) * row
+        prev = row
+    ctx, state = context_rows(x)
+    torch.testing.assert_close(ctx, torch.stack(want))
+    torch.testing.assert_close(state[0][0], x[-1]) and torch.testing.assert_close(state[1][0], m)
+    a, s1 = context_rows(x[:70])  # in two chunks, the state carried
+    b, _ = context_rows(x[70:], s1)
+    torch.testing.assert_close(torch.cat([a, b]), ctx)
+
+
+def test_prev_context_predictor_carries_the_previous_row_across_chunks(setup, tmp_path):
+    # Context adapters read earlier positions: scoring a sequence whole, or as a prefill chunk followed by
+    # one-row decode steps, gives the same scores; a gap in positions reads a zero context.
+    path, m, _, _ = setup
+    acc = Accelerator(CFG.hidden_size, L, [1, 2], rank=8, context=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n in ("B", "P", "Q"):
+            for p in getattr(acc, n).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(9, CFG.hidden_size, generator=g)
+    whole = M2R2Predictor(m.model, acc, 2)
+    pieces = M2R2Predictor(m.model, acc, 2)
+    for layer in range(L - 1):
+        want = whole.scores(layer, x, 0)
+        pieces.observe(layer, x[:5], 0)  # prefill, as the prefetcher sees it
+        got = [pieces.scores(layer, x[:5], 0)]
+        for i in range(5, 9):
+            row = x[i:i + 1]
+            pieces.observe(layer, row, i)
+            got.append(pieces.scores(layer, row, i))
+        torch.testing.assert_close(torch.cat(got), want, equal_nan=True)
+    gap = M2R2Predictor(m.model, acc, 2)
+    gap.scores(0, x[:5], 0)
+    torch.testing.assert_close(gap.scores(0, x[6:7], 6), whole.scores(0, x[6:7], 0), equal_nan=True)  # zero prev
+    after_row5 = M2R2Predictor(m.model, acc, 2)
+    assert not torch.allclose(gap.scores(0, x[6:7], 6)[:, 0], after_row5.scores(0, x[5:7], 5)[1:, 0])  # prev matters
+    acc.save(tmp_path / "ctx.safetensors", {"fingerprint": model_fingerprint(m.model), "model": str(path)})
+    loaded, meta = Accelerator.load(tmp_path / "ctx.safetensors", m.model)
+    assert meta["context"] is True and loaded.context
+    torch.testing.assert_close(M2R2Predictor(m.model, loaded, 2).scores(0, x, 0), whole.scores(0, x, 0), rtol=0, atol=0,
+                               equal_nan=True)
+    with pytest.raises(MoeOffloadError, match="previous positions"):
+        acc.accelerate(0, 1, x)
+    # Decoding with context adapters through the prefetcher stays exact.
+    prompt = [1, 7, 3, 9]
+    m2 = moe_offload.load(path, device="cpu", cache_experts=3, predictor="m2r2", lookahead=2,
+                          accelerator=tmp_path / "ctx.safetensors")
+    res = m2.generate(prompt, max_new_tokens=8)
+    assert res.token_ids == m.generate(prompt, max_new_tokens=8).token_ids and res.stats["prefetch_issued"] > 0

@@ -57,6 +57,7 @@ class Prefetcher:
         self.issued = 0
         self._x: torch.Tensor | None = None
         self._pos = 0
+        self._observe = getattr(predictor, "observe", None)
 
     def reset(self) -> None:
         """Forget the current plan (after an interrupted step; the cache recovered separately)."""
@@ -70,6 +71,8 @@ class Prefetcher:
             self._set_plan([((t, int(e)), t + 1) for t in range(top.shape[0]) for e in top[t]])
 
     def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+        if self._observe is not None:  # a predictor that reads earlier positions sees every residual
+            self._observe(layer, x, start_pos)
         self._x = x if x.shape[0] == 1 else None  # prefetch plans are made in decode only
 
     def on_routing(self, layer, ids, weights, logits, start_pos) -> None:

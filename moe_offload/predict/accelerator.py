@@ -1,7 +1,18 @@
 """M2R2 accelerator adapters: low-rank maps that move layer l's residual towards layer l+d's.
 
 r = x + B · silu(A · rms(x)),  A [R, H], B [H, R] per (layer l, lookahead d); B starts at zero, so an
-untrained adapter reproduces next-gate ("residual" variant). The adapter file is safetensors with a
+untrained adapter reproduces next-gate ("residual" variant).
+
+Optional parts (predictor v2; files without their tensors load and predict exactly as before):
+  hint  C [R, E]: r = x + B · silu(A · rms(x) + C · p_l), p_l = layer l's own router distribution on x
+        (what layer l's router already says); C starts at zero. Tensors "C.{l}_{d}".
+  gain  G [H]: layer l+d's router reads rms_norm(r) * w_{l+d} * G (a learned per-(l, d) normalisation
+        gain on top of the target layer's fixed norm weight w_{l+d}); G starts at one. Tensors "G.{l}_{d}".
+  context  P, Q [R, H]: r = x + B · silu(A · rms(x) + P · rms(x_prev) + Q · rms(m_prev)), x_prev = the
+        residual entering layer l's MoE at the previous position, m_prev = a decayed mean of all earlier
+        positions' residuals (m <- CONTEXT_DECAY·m + (1 - CONTEXT_DECAY)·x; both zero at position 0):
+        some of the context that layers l+1.. will attend to. P, Q start at zero. Tensors "P.{l}_{d}",
+        "Q.{l}_{d}". M2R2Predictor carries each layer's state between calls (`M2R2Predictor.observe`). The adapter file is safetensors with a
 metadata fingerprint of the model (config + routers + norms): loading it into another model fails.
 """
 
@@ -27,6 +38,8 @@ from ..model.transformer import MixtralTransformer
 from .predictors import FirstLayerTable, router_probs
 
 META_KEY = "moe_offload_accelerator"
+CONTEXT_DECAY = 0.8  # per position, of the decayed mean of earlier residuals the context part reads
+_BLOCK = 64  # rows per step of the decayed-mean recurrence (a [64, 64] weight matrix per step)
 
 
 def model_fingerprint(model: MixtralTransformer) -> str:
@@ -93,10 +106,53 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """x [N, H] float32 scaled to unit root-mean-square (a zero row stays zero)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+_WEIGHTS: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _decay_weights(decay: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decayed-mean recurrence over one block: w [B, B] (row i weighs row j < i by
+    (1 - decay)·decay^(i-1-j)) and powers [B, 1] (decay^i, the carried mean's weight); cached per device."""
+    key = (decay, str(device))
+    if key not in _WEIGHTS:
+        i = torch.arange(_BLOCK, device=device)
+        lag = (i[:, None] - 1 - i[None, :]).float()  # [B, B]
+        w = torch.where(lag >= 0, (1 - decay) * decay ** lag.clamp_min(0), torch.zeros((), device=device))
+        _WEIGHTS[key] = (w, decay ** i.float()[:, None])
+    return _WEIGHTS[key]
+
+
+def context_rows(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 decay: float = CONTEXT_DECAY) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """x [N, H] rows at consecutive positions -> (ctx [N, 2H] float32, state after the chunk).
+    ctx row i = [x_{i-1}, m_i] with m_i = decay·m_{i-1} + (1 - decay)·x_{i-1}; state = (the row before
+    the chunk [1, H], m at the chunk's first row [1, H]), zero at position 0 (state None)."""
+    xf = x.float()
+    last, m = state if state is not None else (torch.zeros_like(xf[:1]), torch.zeros_like(xf[:1]))
+    prev = torch.cat([last.float().reshape(1, -1), xf[:-1]])  # [N, H]
+    w, powers = _decay_weights(decay, xf.device)
+    means, m = [], m.float().reshape(1, -1)
+    for b0 in range(0, xf.shape[0], _BLOCK):
+        xb = xf[b0:b0 + _BLOCK]  # [b, H]
+        n = xb.shape[0]
+        mb = powers[:n] * m + w[:n, :n] @ xb  # [b, H]
+        means.append(mb)
+        m = decay * mb[-1:] + (1 - decay) * xb[-1:]
+    return torch.cat([prev, torch.cat(means)], dim=-1), (xf[-1:].clone(), m)
+
+
 class Accelerator(nn.Module):
     """Adapters for every (l, d) with l + d < L."""
 
-    def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0):
+    def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
+                 hint_experts: int = 0, gain: bool = False, context: bool = False):
+        """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
+        distribution over E experts); gain: adds the learned normalisation gain G [H] per pair;
+        context: adds P [R, H] per pair, reading the previous position's residual."""
         super().__init__()
         if not lookaheads or min(lookaheads) < 1:
             raise MoeOffloadError(f"lookaheads must be positive integers, got {lookaheads}")
@@ -109,19 +165,65 @@ class Accelerator(nn.Module):
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                    for l, d in self.pairs})
         self.B = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(hidden, rank)) for l, d in self.pairs})
+        self.hint_experts, self.gain = int(hint_experts), bool(gain)
+        if self.hint_experts < 0:
+            raise MoeOffloadError(f"hint_experts must be >= 0, got {hint_experts}")
+        if self.hint_experts:
+            self.C = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, self.hint_experts))
+                                       for l, d in self.pairs})
+        if self.gain:
+            self.G = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.ones(hidden)) for l, d in self.pairs})
+        self.context = bool(context)
+        if self.context:
+            self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
+            self.Q = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
 
-    def accelerate(self, layer: int, d: int, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d."""
+    def param_groups(self) -> tuple[str, ...]:
+        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
+        return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
+                + (("P", "Q") if self.context else ()))
+
+    def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
+        if not self.hint_experts:
+            return None
+        return router_probs(model, layer, rms_norm(x, model.layers[layer].post_attention_layernorm,
+                                                   model.cfg.rms_norm_eps)).float()
+
+    def target_norm(self, layer: int, d: int, weight: torch.Tensor) -> torch.Tensor:
+        """The norm weight [H] layer+d's router reads r through: its own weight, times G with gain."""
+        return weight * self.G[f"{layer}_{d}"].to(weight.dtype) if self.gain else weight
+
+    def accelerate(self, layer: int, d: int, x: torch.Tensor, hint: torch.Tensor | None = None,
+                   prev: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d.
+        hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C.
+        prev [N, 2H]: each row's context (`context_rows`), needed with P and Q."""
         key = f"{layer}_{d}"
         xf = x.float()
-        z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return xf + F.linear(F.silu(F.linear(z, self.A[key])), self.B[key])
+        a = F.linear(_rms(xf), self.A[key])  # [N, R]
+        if self.hint_experts:
+            if hint is None:
+                raise MoeOffloadError("these adapters take a router hint: pass hint=acc.hint(model, layer, x)")
+            a = a + F.linear(hint.float(), self.C[key])
+        if self.context:
+            if prev is None:
+                raise MoeOffloadError("these adapters read the previous positions: pass prev=context_rows(x)[0]")
+            h = self.hidden
+            a = a + F.linear(_rms(prev[:, :h].float()), self.P[key]) + F.linear(_rms(prev[:, h:].float()), self.Q[key])
+        return xf + F.linear(F.silu(a), self.B[key])
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> None:
-        tensors = {f"{n}.{k}": p.detach().float().contiguous() for n in ("A", "B")
+        tensors = {f"{n}.{k}": p.detach().float().cpu().contiguous() for n in self.param_groups()
                    for k, p in getattr(self, n).items()}
         meta = {**meta, "lookaheads": self.lookaheads, "rank": self.rank, "hidden": self.hidden,
                 "num_layers": self.num_layers}
+        if self.hint_experts:
+            meta["hint_experts"] = self.hint_experts
+        if self.gain:
+            meta["gain"] = True
+        if self.context:
+            meta["context"], meta["context_decay"] = True, CONTEXT_DECAY
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -140,12 +242,20 @@ class Accelerator(nn.Module):
                 "`moe-offload train-accelerator`")
         try:
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
-                      int(meta["rank"]))
-            # Only the prefetch adapters ("A.*", "B.*"); other tensors (the draft head) are not ours.
-            acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("A.", "B."))})
+                      int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
+                      gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)))
+            if acc.context and float(meta.get("context_decay", CONTEXT_DECAY)) != CONTEXT_DECAY:
+                raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
+            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*"); other tensors
+            # (the draft head) are not ours. Files from before C/G/P/Q have none of them and load as before.
+            ours = tuple(f"{n}." for n in acc.param_groups())
+            acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(ours)})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if acc.hint_experts and acc.hint_experts != model.cfg.num_local_experts:
+            raise MoeOffloadError(f"{path}: router hint is over {acc.hint_experts} experts; the model has "
+                                  f"{model.cfg.num_local_experts}")
         if acc.hidden != model.cfg.hidden_size or acc.num_layers != model.cfg.num_hidden_layers:
             raise MoeOffloadError(f"{path}: adapters are for hidden {acc.hidden} x {acc.num_layers} layers; the model "
                                   f"has {model.cfg.hidden_size} x {model.cfg.num_hidden_layers}")
@@ -165,6 +275,31 @@ class M2R2Predictor:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
                                   f"{self.lookahead} also needs {missing}")
         self.first = FirstLayerTable(model, self.lookahead)
+        # With context adapters: per layer, the last chunk seen (x, start, its context rows) and the
+        # position after it with the context state there, so the next chunk continues from it.
+        self._chunk: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._last: dict[int, tuple[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def observe(self, layer: int, x: torch.Tensor, start_pos: Any) -> None:
+        """Every residual x [N, H] entering layer's MoE (prefill chunks and decode steps, in order):
+        remembered for the context adapters' previous-row input. A no-op without them."""
+        if self.acc.context:
+            self._previous(layer, x, start_pos)
+
+    def _previous(self, layer: int, x: torch.Tensor, start_pos: Any) -> torch.Tensor:
+        """[N, 2H]: each row's context at `layer` (`context_rows`; zero where unknown: position 0, a gap
+        since the last chunk, or batched rows at their own positions)."""
+        if not isinstance(start_pos, int):
+            return torch.zeros(x.shape[0], 2 * x.shape[1], dtype=torch.float32, device=x.device)
+        hit = self._chunk.get(layer)
+        if hit is not None and hit[0] is x and hit[1] == start_pos:
+            return hit[2]
+        last = self._last.get(layer)
+        state = last[1] if last is not None and start_pos > 0 and last[0] == start_pos else None
+        ctx, after = context_rows(x, state)  # [N, 2H]
+        self._chunk[layer] = (x, start_pos, ctx)
+        self._last[layer] = (start_pos + x.shape[0], after)
+        return ctx
 
     def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         return self.first.top(token_id, take)
@@ -172,10 +307,14 @@ class M2R2Predictor:
     def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         m = self.model
         out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
+        last = layer + 1 >= m.cfg.num_hidden_layers
+        hint = None if last else self.acc.hint(m, layer, x)  # [N, E] or None
+        prev = self._previous(layer, x, start_pos) if self.acc.context and not last else None  # [N, 2H]
         for d in range(1, self.lookahead + 1):
             t = layer + d
             if t >= m.cfg.num_hidden_layers:
                 break
-            r = self.acc.accelerate(layer, d, x).to(x.dtype)
-            out[:, d - 1] = router_probs(m, t, rms_norm(r, m.layers[t].post_attention_layernorm, m.cfg.rms_norm_eps))
+            r = self.acc.accelerate(layer, d, x, hint, prev).to(x.dtype)  # [N, H]
+            w = self.acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)  # [H]
+            out[:, d - 1] = router_probs(m, t, rms_norm(r, w, m.cfg.rms_norm_eps))
         return out

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..model.layers import rms_norm
 from ..model.observers import Observer, observing
 from ..model.transformer import MixtralTransformer
-from .accelerator import Accelerator, M2R2Predictor
+from .accelerator import Accelerator, M2R2Predictor, context_rows
 from .predictors import NextGate, router_probs
 
 ALIGN_WEIGHT = 0.1
@@ -60,9 +60,11 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
     total = 0.0
     for l, d in acc.pairs:
         t = l + d
-        r = acc.accelerate(l, d, xs[:, l])  # [T, H]
-        logits = F.linear(rms_norm(r, model.layers[t].post_attention_layernorm.float(), eps),
-                          model.layers[t].gate.float())  # [T, E]
+        hint = probs[:, l] if acc.hint_experts else None  # [T, E]: layer l's own router distribution
+        prev = context_rows(xs[:, l])[0] if acc.context else None  # [T, 2H]: the window starts at position 0
+        r = acc.accelerate(l, d, xs[:, l], hint, prev)  # [T, H]
+        w = acc.target_norm(l, d, model.layers[t].post_attention_layernorm.float())  # [H]
+        logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [T, E]
         logq = F.log_softmax(logits, dim=-1)
         p = probs[:, t]
         kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
@@ -114,13 +116,17 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
 
 def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
-                      seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0
+                      seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0,
+                      router_hint: bool = False, norm_gain: bool = False, context: bool = True
                       ) -> tuple[Accelerator, dict[str, Any]]:
-    """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest."""
+    """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
+    router_hint / norm_gain / context: the optional adapter parts (Accelerator's C, G and P)."""
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
     train_ids, held_ids = ids[:split], ids[split:]
-    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed).to(model.device)
+    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed,
+                      hint_experts=model.cfg.num_local_experts if router_hint else 0, gain=norm_gain,
+                      context=context).to(model.device)
     before = evaluate(model, acc, held_ids, window)
     opt = torch.optim.Adam(acc.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -142,7 +148,8 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
             curve.append({"epoch": epoch + 1, "heldout_loss": evaluate(model, acc, held_ids, window)["loss"]})
     after = evaluate(model, acc, held_ids, window)
     report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
-              "rank_loss_weight": rank_weight,
+              "rank_loss_weight": rank_weight, "router_hint": router_hint, "norm_gain": norm_gain,
+              "context": context,
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
     return acc, report
