@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --draft-exit: add or replace only the draft head in the existing --out file")
     t.add_argument("--draft-rank", type=POS, default=64, help="draft head rank (default 64)")
     t.add_argument("--rank-loss-weight", type=float_arg(0), default=1.0, metavar="W",
-                   help="weight of a top-k ranking term (true top-k logits above the rest) added to the "
-                        "distillation loss (default 1; 0 = distillation only)")
+                   help="weight of a top-k ranking term (each true top-k logit above the strongest other "
+                        "expert's) added to the distillation loss (default 1; 0 = distillation only)")
     t.add_argument("--router-hint", action=argparse.BooleanOptionalAction, default=False,
                    help="feed layer l's own router distribution into each (l, d) adapter through a learned "
                         "[rank, experts] matrix (default off: measured +0.000 held-out recall on the bundled "

@@ -12,8 +12,10 @@ Optional parts (predictor v2; files without their tensors load and predict exact
         residual entering layer l's MoE at the previous position, m_prev = a decayed mean of all earlier
         positions' residuals (m <- CONTEXT_DECAY·m + (1 - CONTEXT_DECAY)·x; both zero at position 0):
         some of the context that layers l+1.. will attend to. P, Q start at zero. Tensors "P.{l}_{d}",
-        "Q.{l}_{d}". M2R2Predictor carries each layer's state between calls (`M2R2Predictor.observe`). The adapter file is safetensors with a
-metadata fingerprint of the model (config + routers + norms): loading it into another model fails.
+        "Q.{l}_{d}". M2R2Predictor carries each layer's state between calls (`M2R2Predictor.observe`).
+
+The adapter file is safetensors with a metadata fingerprint of the model (config + routers + norms):
+loading it into another model fails.
 """
 
 from __future__ import annotations
