@@ -11,6 +11,8 @@ belong to one expert (see align.py); the same compiled kernel serves any residen
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import triton
@@ -101,12 +103,25 @@ def _gemm2_weighted_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_pool: torch.Tensor,
-           w2_pool: torch.Tensor, slot_of_expert: torch.Tensor) -> None:
-    t, h = hidden.shape
+def check_routing(name: str, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  slot_of_expert: torch.Tensor, *weights: torch.Tensor) -> None:
+    """The checks every fused MoE entry point shares: routing shapes, the slot map, one device."""
+    t = hidden.shape[0]
     if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} "
                          f"must both be [T={t}, k]")
+    if slot_of_expert.dim() != 1 or slot_of_expert.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_of_expert must be a 1-D int tensor [E], got {slot_of_expert.dtype} "
+                         f"{list(slot_of_expert.shape)}")
+    devices = {x.device for x in (hidden, topk_ids, topk_weights, slot_of_expert, *weights)}
+    if len(devices) != 1:
+        raise ValueError(f"all {name} inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_pool: torch.Tensor,
+           w2_pool: torch.Tensor, slot_of_expert: torch.Tensor) -> None:
+    check_routing("fused_moe", hidden, topk_ids, topk_weights, slot_of_expert, w13_pool, w2_pool)
+    h = hidden.shape[1]
     if w13_pool.dim() != 3 or w13_pool.shape[2] != h or w13_pool.shape[1] % 2:
         raise ValueError(f"w13_pool must be [S, 2I, H={h}], got {list(w13_pool.shape)}")
     s, two_i, _ = w13_pool.shape
@@ -114,12 +129,6 @@ def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         raise ValueError(f"w2_pool must be [S={s}, H={h}, I={two_i // 2}], got {list(w2_pool.shape)}")
     if hidden.dtype != w13_pool.dtype or hidden.dtype != w2_pool.dtype:
         raise ValueError(f"dtype mismatch: hidden {hidden.dtype}, w13_pool {w13_pool.dtype}, w2_pool {w2_pool.dtype}")
-    if slot_of_expert.dim() != 1 or slot_of_expert.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_of_expert must be a 1-D int tensor [E], got {slot_of_expert.dtype} "
-                         f"{list(slot_of_expert.shape)}")
-    devices = {x.device for x in (hidden, topk_ids, topk_weights, w13_pool, w2_pool, slot_of_expert)}
-    if len(devices) != 1:
-        raise ValueError(f"all fused_moe inputs must be on one device, got {sorted(map(str, devices))}")
 
 
 def check_resident(topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slots: int) -> None:
@@ -154,33 +163,66 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     Slots that no routed token uses are never read (NaN garbage there cannot leak).
     """
     _check(hidden, topk_ids, topk_weights, w13_pool, w2_pool, slot_of_expert)
-    t, h = hidden.shape
-    k = topk_ids.shape[1]
     inter = w13_pool.shape[1] // 2
-    if out is None:
-        out = torch.empty_like(hidden)
-    if t == 0:
-        return out.zero_()
-    if debug:
-        check_resident(topk_ids, slot_of_expert, w13_pool.shape[0])
-    cfg = config or tile_config(t, hidden.device)
-    al = moe_align_block_size(topk_ids, slot_of_expert.shape[0], cfg.block_m)
-    n = al.num_assignments
-    alloc = torch.full if debug else (lambda shape, _v, **kw: torch.empty(shape, **kw))
-    act = alloc((n, inter), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, I]
-    y = alloc((n, h), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, H]
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [N]
-    slots = slot_of_expert.contiguous()
-    upcast = _INTERPRET and hidden.dtype == torch.bfloat16  # interpreter bf16 tl.dot is wrong
-    num_blocks = al.block_expert.numel()
-    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=upcast,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _gemm1_silu_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
-        hidden, w13_pool, act, al.sorted_ids, al.block_expert, slots, n, h, inter, k,
+    run = MoeLaunch.prepare(hidden, topk_ids, topk_weights, slot_of_expert, inter, w13_pool.shape[0], out,
+                            config, debug)
+    if run.empty:
+        return run.out
+    h, cfg, al = hidden.shape[1], run.cfg, run.al
+    _gemm1_silu_kernel[(run.num_blocks, triton.cdiv(inter, cfg.block_n))](
+        hidden, w13_pool, run.act, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter, run.k,
         hidden.stride(0), hidden.stride(1), w13_pool.stride(0), w13_pool.stride(1), w13_pool.stride(2),
-        act.stride(0), act.stride(1), **launch)
-    _gemm2_weighted_kernel[(num_blocks, triton.cdiv(h, cfg.block_n))](
-        act, w2_pool, y, weights, al.sorted_ids, al.block_expert, slots, n, h, inter,
-        act.stride(0), act.stride(1), w2_pool.stride(0), w2_pool.stride(1), w2_pool.stride(2),
-        y.stride(0), y.stride(1), **launch)
-    return torch.sum(y.view(t, k, h), dim=1, out=out)  # deterministic top-k reduction
+        run.act.stride(0), run.act.stride(1), **run.launch)
+    _gemm2_weighted_kernel[(run.num_blocks, triton.cdiv(h, cfg.block_n))](
+        run.act, w2_pool, run.y, run.weights, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter,
+        run.act.stride(0), run.act.stride(1), w2_pool.stride(0), w2_pool.stride(1), w2_pool.stride(2),
+        run.y.stride(0), run.y.stride(1), **run.launch)
+    return run.reduce()
+
+
+@dataclass
+class MoeLaunch:
+    """What both grouped-GEMM launches of one fused MoE call need (fused_moe and fused_moe_quant):
+    the aligned assignment blocks, the intermediate buffers act [N, I] and y [N, H], the routing
+    weights [N] in float32 and the tile config as launch keywords."""
+
+    out: torch.Tensor
+    empty: bool
+    k: int = 0
+    cfg: TileConfig | None = None
+    al: Any = None
+    n: int = 0
+    act: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    num_blocks: int = 0
+    launch: dict = field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                slot_of_expert: torch.Tensor, inter: int, num_slots: int, out: torch.Tensor | None,
+                config: TileConfig | None, debug: bool) -> "MoeLaunch":
+        t, h = hidden.shape
+        out = torch.empty_like(hidden) if out is None else out
+        if t == 0:
+            return cls(out.zero_(), True)
+        if debug:
+            check_resident(topk_ids, slot_of_expert, num_slots)
+        cfg = config or tile_config(t, hidden.device)
+        al = moe_align_block_size(topk_ids, slot_of_expert.shape[0], cfg.block_m)
+        n = al.num_assignments
+        alloc = torch.full if debug else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+        act = alloc((n, inter), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, I]
+        y = alloc((n, h), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, H]
+        upcast = _INTERPRET and hidden.dtype == torch.bfloat16  # interpreter bf16 tl.dot is wrong
+        launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=upcast,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return cls(out, False, topk_ids.shape[1], cfg, al, n, act, y,
+                   topk_weights.reshape(-1).to(torch.float32).contiguous(),  # [N]
+                   slot_of_expert.contiguous(), al.block_expert.numel(), launch)
+
+    def reduce(self) -> torch.Tensor:
+        """out [T, H] = the sum over each token's k weighted expert rows (a deterministic torch sum)."""
+        t, h = self.out.shape
+        return torch.sum(self.y.view(t, self.k, h), dim=1, out=self.out)

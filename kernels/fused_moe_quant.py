@@ -8,18 +8,13 @@ accumulated in float32. The scale/zero tile is gathered per (k, n), so any BLOCK
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .align import moe_align_block_size
-from .configs import TileConfig, tile_config
-from .fused_moe import _block_rows, check_resident
+from .configs import TileConfig
+from .fused_moe import MoeLaunch, _block_rows, check_routing
 from .quant import QuantPool
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -123,20 +118,11 @@ def _pool_args(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, is_int4
 
 def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, pool: QuantPool,
            slot_of_expert: torch.Tensor) -> None:
-    t, h = hidden.shape
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != t or topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} "
-                         f"must both be [T={t}, k]")
-    if pool.hidden != h:
-        raise ValueError(f"quantized pool has hidden size {pool.hidden}, hidden is [T, {h}]")
+    check_routing("fused_moe_quant", hidden, topk_ids, topk_weights, slot_of_expert, pool.qw13)
+    if pool.hidden != hidden.shape[1]:
+        raise ValueError(f"quantized pool has hidden size {pool.hidden}, hidden is [T, {hidden.shape[1]}]")
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"hidden must be float32/float16/bfloat16, got {hidden.dtype}")
-    if slot_of_expert.dim() != 1 or slot_of_expert.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_of_expert must be a 1-D int tensor [E], got {slot_of_expert.dtype} "
-                         f"{list(slot_of_expert.shape)}")
-    devices = {x.device for x in (hidden, topk_ids, topk_weights, pool.qw13, slot_of_expert)}
-    if len(devices) != 1:
-        raise ValueError(f"all fused_moe_quant inputs must be on one device, got {sorted(map(str, devices))}")
 
 
 def fused_moe_quant(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, pool: QuantPool,
@@ -145,35 +131,20 @@ def fused_moe_quant(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     """fused_moe (see fused_moe.py) with experts read from a packed int8/int4 QuantPool and dequantized
     in-kernel. hidden [T, H] float; ids/weights [T, k]; slot_of_expert [E]. Returns [T, H] in hidden's dtype."""
     _check(hidden, topk_ids, topk_weights, pool, slot_of_expert)
-    t, h = hidden.shape
-    k = topk_ids.shape[1]
     inter = pool.inter
-    if out is None:
-        out = torch.empty_like(hidden)
-    if t == 0:
-        return out.zero_()
-    if debug:
-        check_resident(topk_ids, slot_of_expert, pool.num_slots)
+    run = MoeLaunch.prepare(hidden, topk_ids, topk_weights, slot_of_expert, inter, pool.num_slots, out, config,
+                            debug)
+    if run.empty:
+        return run.out
+    h, cfg, al = hidden.shape[1], run.cfg, run.al
     is_int4 = pool.fmt == "int4"
-    cfg = config or tile_config(t, hidden.device)
-    al = moe_align_block_size(topk_ids, slot_of_expert.shape[0], cfg.block_m)
-    n = al.num_assignments
-    alloc = torch.full if debug else (lambda shape, _v, **kw: torch.empty(shape, **kw))
-    act = alloc((n, inter), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, I]
-    y = alloc((n, h), float("nan"), dtype=hidden.dtype, device=hidden.device)  # [N, H]
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [N]
-    slots = slot_of_expert.contiguous()
-    upcast = _INTERPRET and hidden.dtype == torch.bfloat16  # interpreter bf16 tl.dot is wrong
-    num_blocks = al.block_expert.numel()
-    launch = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=upcast,
-                  GROUP=pool.group_size if is_int4 else 1, IS_INT4=is_int4,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = dict(run.launch, GROUP=pool.group_size if is_int4 else 1, IS_INT4=is_int4)
     p13, st13 = _pool_args(pool.qw13, pool.s13, pool.z13, is_int4)
-    _qgemm1_silu_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
-        hidden, *p13, act, al.sorted_ids, al.block_expert, slots, n, h, inter, k,
-        hidden.stride(0), hidden.stride(1), *st13, act.stride(0), act.stride(1), **launch)
+    _qgemm1_silu_kernel[(run.num_blocks, triton.cdiv(inter, cfg.block_n))](
+        hidden, *p13, run.act, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter, run.k,
+        hidden.stride(0), hidden.stride(1), *st13, run.act.stride(0), run.act.stride(1), **launch)
     p2, st2 = _pool_args(pool.qw2, pool.s2, pool.z2, is_int4)
-    _qgemm2_weighted_kernel[(num_blocks, triton.cdiv(h, cfg.block_n))](
-        act, *p2, y, weights, al.sorted_ids, al.block_expert, slots, n, h, inter,
-        act.stride(0), act.stride(1), *st2, y.stride(0), y.stride(1), **launch)
-    return torch.sum(y.view(t, k, h), dim=1, out=out)  # deterministic top-k reduction
+    _qgemm2_weighted_kernel[(run.num_blocks, triton.cdiv(h, cfg.block_n))](
+        run.act, *p2, run.y, run.weights, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter,
+        run.act.stride(0), run.act.stride(1), *st2, run.y.stride(0), run.y.stride(1), **launch)
+    return run.reduce()

@@ -52,8 +52,13 @@ class SpecStats:
         for j in range(accepted):
             self.accepted_per_position[j] += 1
 
+    def acceptance(self, j: int, prior: float = 0.0) -> float:
+        """Measured acceptance rate of draft position j (`prior` before it was ever reached)."""
+        reached = self.reached_per_position[j] if j < len(self.reached_per_position) else 0
+        return self.accepted_per_position[j] / reached if reached else prior
+
     def to_dict(self) -> dict[str, Any]:
-        rate = [a / r if r else 0.0 for a, r in zip(self.accepted_per_position, self.reached_per_position)]
+        rate = [self.acceptance(j) for j in range(len(self.reached_per_position))]
         return {"spec_steps": self.spec_steps, "draft_tokens": self.draft_tokens,
                 "accepted_tokens": self.accepted_tokens, "draft_substitutions": self.draft_substitutions,
                 "acceptance_per_position": rate, "reached_per_position": list(self.reached_per_position),
@@ -134,10 +139,7 @@ class VerifyBudget:
         self.dropped = 0  # positions dropped, summed over layers and passes
 
     def _acceptance(self, j: int) -> float:
-        st = self.stats
-        if j < len(st.reached_per_position) and st.reached_per_position[j]:
-            return st.accepted_per_position[j] / st.reached_per_position[j]
-        return 0.5
+        return self.stats.acceptance(j, prior=0.5)
 
     def __call__(self, layer: int, ids_host: np.ndarray) -> int:
         cache = self.cache

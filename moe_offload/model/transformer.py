@@ -301,7 +301,9 @@ class MixtralTransformer(nn.Module):
         for ob in observers:
             ob.on_step(input_ids, start_pos, host_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
-        kept_rows = getattr(self.experts, "pop_kept_rows", None) if input_ids.shape[0] == 1 else None
+        # a speculative verify pass (one row, several positions) may drop trailing positions per layer
+        verify = input_ids.shape[0] == 1 and input_ids.shape[1] > 1
+        kept_rows = getattr(self.experts, "pop_kept_rows", None) if verify else None
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
             if observers:

@@ -284,8 +284,9 @@ class M2R2Predictor:
 
     def observe(self, layer: int, x: torch.Tensor, start_pos: Any) -> None:
         """Every residual x [N, H] entering layer's MoE (prefill chunks and decode steps, in order):
-        remembered for the context adapters' previous-row input. A no-op without them."""
-        if self.acc.context:
+        remembered for the context adapters' previous-row input. A no-op without them, and at the last
+        layer (no adapter starts there)."""
+        if self.acc.context and layer + 1 < self.model.cfg.num_hidden_layers:
             self._previous(layer, x, start_pos)
 
     def _previous(self, layer: int, x: torch.Tensor, start_pos: Any) -> torch.Tensor:
