@@ -59,6 +59,10 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
                    help="prefetch top-(k + M) experts per predicted layer (default 0)")
     c.add_argument("--prefetch-window", type=POS, default=1, metavar="W",
                    help="most prefetch copies in flight at once (default 1)")
+    c.add_argument("--rank-depth", type=POS, default=None, metavar="N",
+                   help="experts ranked per predicted layer (default: top-k + margin, the ones prefetched); deeper "
+                        "ranks are not loaded but give --policy predictive an expected next use (layers until use / "
+                        "P(use)) for more of the residents")
     c.add_argument("--cpu-experts", default=None, choices=["auto", "off"],
                    help="auto: compute a missed expert on the CPU from host RAM when that beats its copy "
                         "(measured CPU and link speed); off: copy every miss (default: auto on cuda, off on cpu)")
@@ -149,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "learned [rank, hidden] matrix; context the later layers' attention will mix in (default "
                         "on: +0.02/+0.04/+0.07 held-out recall at d=1/2/3 on the bundled model; "
                         "--no-prev-context: the current token's residual only, as files before it)")
+    t.add_argument("--cross-token", action=argparse.BooleanOptionalAction, default=False,
+                   help="also train the (l, d) adapters with l + d past the last layer: they predict the next "
+                        "token's layers (l + d - L), so prefetch plans reach across the token boundary (needs "
+                        "lookaheads up to about L + 2 to matter; report rows 'd{d}-later')")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--lookahead", type=POS, default=2, metavar="D")
     bc.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
     bc.add_argument("--prefetch-window", type=POS, default=1, metavar="W")
+    bc.add_argument("--rank-depth", type=POS, default=None, metavar="N",
+                    help="experts ranked per predicted layer for the predictive policy (default: top-k + margin)")
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
     bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp16", "int8", "int4", "int3", "int2"],
@@ -207,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--lookahead", type=POS, default=None, metavar="D")
     sm.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
     sm.add_argument("--prefetch-window", type=POS, default=1, metavar="W")
+    sm.add_argument("--rank-depth", type=POS, default=None, metavar="N",
+                    help="experts ranked per predicted layer for the predictive policy (default: top-k + margin)")
     sm.add_argument("--bookkeeping-us", type=float_arg(0), default=20.0, help="host cost per layer (default 20 us)")
     sm.add_argument("--implementation", default="moe-offload", metavar="NAME",
                     help="implementation parameter set (assets/reference_impls.json): moe-offload (default: the "
@@ -273,6 +285,8 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(args, "predictor"):
         kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
                   prefetch_margin=args.prefetch_margin, prefetch_window=args.prefetch_window)
+        if args.rank_depth is not None:
+            kw["rank_depth"] = args.rank_depth
         if args.cpu_experts is not None:
             kw["cpu_experts"] = args.cpu_experts
     else:
@@ -372,7 +386,8 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
                                     seed=args.seed, show_progress=sys.stderr.isatty(),
                                     rank_weight=args.rank_loss_weight, router_hint=args.router_hint,
-                                    norm_gain=args.norm_gain, context=args.prev_context)
+                                    norm_gain=args.norm_gain, context=args.prev_context,
+                                    cross_token=args.cross_token)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
@@ -381,10 +396,14 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     write_json_atomic(args.out + ".json", report)
     print(f"held-out recall@d (fraction of the true top-{model.config.num_experts_per_tok} found), "
           f"{report['heldout_tokens']} tokens:")
-    print("| predictor | " + " | ".join(f"d={d} top-k | d={d} top-(k+1)" for d in lookaheads) + " |")
-    print("|---|" + "---|---|" * len(lookaheads))
-    for name in ("next-gate", "next-gate-normed", "m2r2"):
-        cells = [f"{after[name][f'd{d}']['top_k']:.3f} | {after[name][f'd{d}']['top_k_plus_1']:.3f}" for d in lookaheads]
+    cols = [c for c in after["m2r2"]]  # "d{d}" within the token, "d{d}-later" (cross-token rows)
+    print("| predictor | " + " | ".join(f"{c} top-k | {c} top-(k+1)" for c in cols) + " |")
+    print("|---|" + "---|---|" * len(cols))
+    for name in ("next-gate", "next-gate-normed", "m2r2", "repeat"):
+        if name not in after:
+            continue
+        cells = [f"{after[name][c]['top_k']:.3f} | {after[name][c]['top_k_plus_1']:.3f}" if c in after[name] else "- | -"
+                 for c in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"held-out adapter loss {report['heldout_before']['loss']:.4f} -> {report['heldout_after']['loss']:.4f}; "
           f"{report['train_seconds']:.0f} s; wrote {args.out} and {args.out}.json")
@@ -497,13 +516,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     chunk, cpu = _link_settings(args)
     lane = cpu.lane_costs(costs, args.expert_dtype, chunk) if cpu is not None else None
     rows = bench_cache(trace, [c * L for c in per_layer], args.policies.split(","), predictors, costs,
-                       args.lookahead, args.prefetch_margin, args.prefetch_window, chunk, lane)
+                       args.lookahead, args.prefetch_margin, args.prefetch_window, chunk, lane, args.rank_depth)
     print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
           f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
     print(markdown_table(rows))
     settings = {"model": args.model or str(bundled_model_path()), "text": args.text, "trace": args.trace,
                 "tokens": T, "layers": L, "experts": E, "top_k": k, "lookahead": args.lookahead,
-                "prefetch_margin": args.prefetch_margin, "prefetch_window": args.prefetch_window, "hardware": hw.key, "link_model": args.link_model,
+                "prefetch_margin": args.prefetch_margin, "prefetch_window": args.prefetch_window,
+                "rank_depth": args.rank_depth, "hardware": hw.key, "link_model": args.link_model,
                 "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,
                 "link_chunk_bytes": chunk, "cpu": args.cpu,
                 "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle",
@@ -526,7 +546,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     chunk, cpu = _link_settings(args)
     p = simulate(trace_prefix(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
-                 args.prefetch_margin, args.prefetch_window, chunk, cpu, get_impl(args.implementation))
+                 args.prefetch_margin, args.prefetch_window, chunk, cpu, get_impl(args.implementation),
+                 rank_depth=args.rank_depth)
     if args.json:
         from .results import result_metadata
 

@@ -49,6 +49,8 @@ RUNTIME_OPTIONS = {
     "accelerator": "M2R2 adapter file (.safetensors); default: the bundled one when it matches the model",
     "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
+    "rank_depth": "experts ranked per predicted layer (default top_k + prefetch_margin, the ones prefetched); "
+                  "deeper ranks are not loaded but give the predictive policy an expected next use for more residents",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
     "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
                     "(per-row scales) or int4 (groups of group_size); quantized on load, one expert at a time",
@@ -315,7 +317,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         if name in runtime_options:
             boolean(name, runtime_options[name], allow_none=name == "offload")
     for name, lo in (("max_seq_len", 1), ("lookahead", 1), ("prefetch_margin", 0), ("prefetch_window", 1),
-                     ("draft_tokens", 1), ("group_size", 1)):
+                     ("rank_depth", 1), ("draft_tokens", 1), ("group_size", 1)):
         if runtime_options.get(name) is not None:
             runtime_options[name] = integer(name, runtime_options[name], lo)
     path = Path(path) if path is not None else bundled_model_path()
@@ -383,7 +385,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         if predictor is not None:
             pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
                             margin=runtime_options.get("prefetch_margin", 0),
-                            max_inflight=runtime_options.get("prefetch_window", 1))
+                            max_inflight=runtime_options.get("prefetch_window", 1),
+                            rank_depth=runtime_options.get("rank_depth"))
             predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
             experts.prefetcher = pf
             model.observers.append(pf)

@@ -65,7 +65,9 @@ def predictor_from_trace(trace: RoutingTrace, name: str, lookahead: int | None =
             raise MoeOffloadError(f"lookahead {lookahead} exceeds the trace's recorded lookahead {preds.shape[2]}")
         preds = preds[:, :, :lookahead]
     embed = trace.embed_preds[:, : preds.shape[2]] if trace.embed_preds is not None else None
-    return RecordedPredictor(name, preds, embed)
+    # cross-token adapters score rows past the last layer (the next token's layers); others leave them NaN
+    cross = bool(np.isfinite(preds[:, L - 1, 0]).any())
+    return RecordedPredictor(name, preds, embed, cross_token=cross)
 
 
 def deep_oracle(trace: RoutingTrace, E: int, D: int) -> RecordedPredictor:
@@ -86,20 +88,28 @@ def trace_recall(trace: RoutingTrace) -> dict[str, dict[str, dict[str, float]]]:
     """recall@d of each recorded predictor: the fraction of the true top-k experts of layer l+d found in
     the predictor's top-k (and top-(k+1)) computed at layer l, over all tokens and layers."""
     T, L, k = trace.routed_ids.shape
+    ids = trace.routed_ids.astype(np.int64)  # [T, L, k]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, preds in (trace.preds or {}).items():
         out[name] = {}
         for d in range(1, preds.shape[2] + 1):
-            if d >= L:
-                break
-            scores = preds[:, : L - d, d - 1]  # [T, L-d, E], made at layer l for layer l+d
-            true = trace.routed_ids[:, d:].astype(np.int64)  # [T, L-d, k]
-            order = np.argsort(-scores, axis=-1, kind="stable")
-            cell = {}
-            for label, m in (("top_k", k), ("top_k_plus_1", k + 1)):
-                top = order[..., :m]
-                cell[label] = float((true[..., :, None] == top[..., None, :]).any(-1).mean())
-            out[name][f"d{d}"] = cell
+            # "d{d}": targets within the token (layer l+d); "d{d}-later": a cross-token predictor's rows
+            # for a later token (layer (l+d) mod L of token t + (l+d) // L), where it scored them
+            for later in (False, True):
+                hits, total = {"top_k": 0, "top_k_plus_1": 0}, 0
+                for l in range(L):
+                    q, t = divmod(l + d, L)
+                    if (q > 0) != later or T - q <= 0:
+                        continue
+                    scores = preds[: T - q, l, d - 1]  # [n, E], made at layer l of token i for (i + q, t)
+                    if not np.isfinite(scores).all():
+                        continue
+                    order = np.argsort(-scores, axis=-1, kind="stable")
+                    for label, m in (("top_k", k), ("top_k_plus_1", k + 1)):
+                        hits[label] += int((ids[q:, t, :, None] == order[:, None, :m]).any(-1).sum())
+                    total += (T - q) * k
+                if total:
+                    out[name][f"d{d}-later" if later else f"d{d}"] = {lab: h / total for lab, h in hits.items()}
     if trace.embed_preds is not None:  # a token's first layers, predicted from its embedding
         out["embedding-next-gate"] = {}
         for t in range(trace.embed_preds.shape[1]):
@@ -122,11 +132,12 @@ def _row(policy: str, predictor: str, slots: int, L: int, res: TimelineResult) -
 
 def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str], predictors: list[str],
                 costs: StepCosts, lookahead: int | None = None, margin: int = 0, window: int = 1,
-                chunk_bytes: int | None = None, cpu: LaneCosts | None = None) -> list[dict[str, Any]]:
+                chunk_bytes: int | None = None, cpu: LaneCosts | None = None,
+                rank_depth: int | None = None) -> list[dict[str, Any]]:
     """Every capacity (total slots) x policy x predictor, plus the bounds: Belady (no prefetch), oracle
     prefetch (same lookahead and window) and deep oracle (DEEP_ORACLE_LOOKAHEAD layers ahead across
     tokens, DEEP_ORACLE_WINDOW in flight). chunk_bytes: the link's chunk (None: whole-expert FIFO);
-    cpu: CPU lane costs (None: every miss is copied)."""
+    cpu: CPU lane costs (None: every miss is copied); rank_depth: Prefetcher's (not the bounds')."""
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
     rows = []
@@ -141,7 +152,7 @@ def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str],
                 continue
             w = DEEP_ORACLE_WINDOW if name == "deep-oracle" else window
             res = run_timeline(trace.routed_ids, E, slots, policy, costs, preds[name], margin, w,
-                               chunk_bytes=chunk_bytes, cpu=cpu)
+                               chunk_bytes=chunk_bytes, cpu=cpu, rank_depth=None if name == "deep-oracle" else rank_depth)
             rows.append({**_row(policy, name, slots, L, res), "bound": (policy, name) in BOUNDS.values(),
                          "tokens_per_second": T / res.seconds})
     return rows
@@ -203,7 +214,8 @@ class Projection:
 def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
              predictor: str, policy: str = "lru", bookkeeping_us: float = 20.0, lookahead: int | None = None,
              margin: int = 0, window: int = 1, chunk_bytes: int | None = None, cpu: CpuProfile | None = None,
-             impl: ImplParams | None = None, deep_oracle_bound: bool = True) -> Projection:
+             impl: ImplParams | None = None, deep_oracle_bound: bool = True,
+             rank_depth: int | None = None) -> Projection:
     """Project decode tokens/s of `cfg` on `hw` from a routing trace of (possibly) another model.
 
     The trace's L_t layers are simulated with cfg's per-layer costs and the same slots per layer as the
@@ -233,7 +245,7 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                 "bookkeeping": res.bookkeeping_seconds * scale / res.tokens}
 
     res = run_timeline(trace.routed_ids, E, slots, policy, costs, predictor_from_trace(trace, predictor, lookahead),
-                       margin, window, chunk_bytes=chunk_bytes, cpu=lane)
+                       margin, window, chunk_bytes=chunk_bytes, cpu=lane, rank_depth=rank_depth)
     pt = per_token(res)
     belady = run_timeline(trace.routed_ids, E, slots, "belady", costs)
     pt_all = per_token(belady)  # every expert on the device (no CPU lane)

@@ -335,7 +335,8 @@ class TimelineResult:
 def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: str, costs: StepCosts,
                  predictor: RecordedPredictor | None = None, margin: int = 0, window: int = 1,
                  on_step: Callable[[int, int], None] | None = None,
-                 chunk_bytes: int | None = None, cpu: LaneCosts | None = None) -> TimelineResult:
+                 chunk_bytes: int | None = None, cpu: LaneCosts | None = None,
+                 rank_depth: int | None = None) -> TimelineResult:
     """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link.
     chunk_bytes: the link's chunk (None: whole experts, a FIFO link for demand loads). cpu: the CPU
     lane's costs (offload.cpu_lane): missed experts it wins per split_misses run on the CPU from the
@@ -347,7 +348,7 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
     cache = ExpertCache(VirtualStore(L, num_experts, costs.expert_bytes), slots, pol, torch.device("cpu"), engine)
     pf = None
     if predictor is not None:
-        pf = Prefetcher(cache, predictor, L, k, margin=margin, max_inflight=window)
+        pf = Prefetcher(cache, predictor, L, k, margin=margin, max_inflight=window, rank_depth=rank_depth)
     compute = bookkeeping = 0.0
     residual = torch.zeros(1, 1)  # [1, H]: recorded predictors do not read it
     for t in range(T):

@@ -21,7 +21,9 @@ next-use distances.
 A token's first layers are planned before its forward pass starts, from the token id alone
 (`Predictor.first_layers`: next-gate on the token's embedding, precomputed for the vocabulary).
 A predictor with `cross_token = True` also scores layers past the last one (the next token's layers
-0, 1, ..., as rows lookahead > L-1-l): its plans then reach across the token boundary.
+0, 1, ..., as rows lookahead > L-1-l): its plans then reach across the token boundary, and the plan
+made at the previous token's last layers is kept at the token's start, behind the first-layer
+predictions from the token id (which are sharper: they know the token).
 """
 
 from __future__ import annotations
@@ -40,18 +42,26 @@ class Prefetcher:
     """A model observer (model.observers.LayerObserver, structurally) that prefetches predicted experts."""
 
     def __init__(self, cache: ExpertCache, predictor: Predictor, num_layers: int, top_k: int,
-                 margin: int = 0, max_inflight: int = 1):
+                 margin: int = 0, max_inflight: int = 1, rank_depth: int | None = None):
+        """rank_depth: experts ranked per predicted layer (default top_k + margin, the ones loaded);
+        deeper ranks are not loaded but give the `predictive` policy an expected next use for more
+        residents (distance / P(use), P halving per rank past top_k)."""
         if max_inflight < 1 or margin < 0:
             raise ValueError(f"prefetch window must be >= 1 and margin >= 0, got {max_inflight}, {margin}")
         self.cache, self.predictor = cache, predictor
         self.num_layers, self.lookahead = num_layers, predictor.lookahead
         self.take = min(top_k + margin, cache.num_experts)
+        if rank_depth is not None and rank_depth < 1:
+            raise ValueError(f"rank_depth must be >= 1, got {rank_depth}")
+        self.depth = min(cache.num_experts, max(self.take, rank_depth or 0))  # ranked per layer >= loaded
         self.top_k = top_k
         self.value: dict[Key, float] = {}
         self.cancelled_inflight = 0
         self.cross_token = bool(getattr(predictor, "cross_token", False))
         self.margin, self.max_inflight = margin, max_inflight
         self.pending: list[Key] = []
+        self._plan: list[tuple[Key, int]] = []  # the current plan: (key, layers until use from its layer)
+        self._ahead: list[tuple[Key, int]] = []  # its keys in later tokens, distance from the next token's start
         self.protect: set[Key] = set()
         self.cancelled = 0
         self.issued = 0
@@ -61,14 +71,19 @@ class Prefetcher:
 
     def reset(self) -> None:
         """Forget the current plan (after an interrupted step; the cache recovered separately)."""
-        self.pending, self.protect, self.value, self._x = [], set(), {}, None
+        self.pending, self.protect, self.value, self._x, self._ahead = [], set(), {}, None, []
 
     # --- model observer -------------------------------------------------------------------------
     def on_step(self, input_ids: torch.Tensor, start_pos: int, host_ids: Sequence[int] | None) -> None:
         self._pos, self._x = start_pos, None
         if host_ids is not None and len(host_ids) == 1:  # decode: plan this token's first layers now
             top = self.predictor.first_layers(int(host_ids[0]), start_pos, self.take)  # [D', take]
-            self._set_plan([((t, int(e)), t + 1) for t in range(top.shape[0]) for e in top[t]])
+            first = [((t, int(e)), t + 1) for t in range(top.shape[0]) for e in top[t]]
+            # a cross-token plan from the previous token's last layer scored this token's layers at
+            # distance t + 1 from there, which is their distance from here too
+            self._set_plan(first + (self._ahead if self.cross_token else []))
+        else:
+            self._ahead = []
 
     def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
         if self._observe is not None:  # a predictor that reads earlier positions sees every residual
@@ -91,38 +106,51 @@ class Prefetcher:
         if self._x is None or n == 0:
             return None
         scores = self.predictor.scores(layer, self._x, self._pos)[0, :n]  # [n, E]
-        return torch.topk(scores.float(), self.take, dim=-1).indices.reshape(-1)  # [n * take]
+        return torch.topk(scores.float(), self.depth, dim=-1).indices.reshape(-1)  # [n * depth]
 
     def issue(self, layer: int, ids: np.ndarray) -> None:
-        """ids [n * take] (host): predictions from `predict(layer)`; plan them and start loads."""
+        """ids [n * depth] (host): predictions from `predict(layer)`; plan them and start loads."""
         self._x = None
-        L = self.num_layers
-        self._set_plan([(((layer + 1 + i // self.take) % L, int(e)), 1 + i // self.take) for i, e in enumerate(ids)])
+        L, depth = self.num_layers, self.depth
+        self._set_plan([(((layer + 1 + i // depth) % L, int(e)), 1 + i // depth) for i, e in enumerate(ids)])
+        if self.cross_token:
+            self._ahead = self._ahead_from(layer)
+
+    def _ahead_from(self, layer: int) -> list[tuple[Key, int]]:
+        """The current plan's keys past the token's last layer, with their distance from the token's
+        start (the next token's layer t at distance t + 1)."""
+        shift = self.num_layers - 1 - layer
+        return [(key, d - shift) for key, d in self._plan if d > shift]
 
     # --- planning -------------------------------------------------------------------------------
     def _set_plan(self, ahead: list[tuple[Key, int]]) -> None:
-        """ahead: (key, layers until its use), nearest first; a key planned twice keeps its nearest use.
+        """ahead: (key, layers until its use), nearest first; a key planned twice keeps its most valuable use.
         Each planned load's value is P(use) / (layers until use): P(use) is 1 for the first top_k
         keys of a layer, halving per rank beyond (the plan lists a layer's experts by falling score)."""
         dist: dict[Key, int] = {}
         value: dict[Key, float] = {}
         rank: dict[int, int] = {}
-        top_k = self.top_k
+        load: list[Key] = []  # the first `take` ranks of each layer; deeper ranks inform eviction only
+        top_k, take = self.top_k, self.take
+        loading: set[Key] = set()
         for key, d in ahead:
-            if key in dist:
-                continue
-            dist[key] = d
             r = rank.get(d, 0)
             rank[d] = r + 1
-            value[key] = (1.0 if r < top_k else 0.5 ** (r - top_k + 1)) / max(1, d)
+            v = (1.0 if r < top_k else 0.5 ** (r - top_k + 1)) / max(1, d)
+            if v > value.get(key, 0.0):  # planned twice (this token and a later one): the likelier use
+                dist[key], value[key] = d, v
+            if r < take and key not in loading:
+                loading.add(key)
+                load.append(key)
+        self._plan = list(dist.items())
         self.cancelled += sum(1 for key in self.pending if key not in dist)
-        self.pending = list(dist)
-        self.protect = set(dist)
+        self.pending = load
+        self.protect = set(load)
         self.value = value
         if self.cache.inflight:
             self._replan_inflight()
-        if isinstance(self.cache.policy, Predictive):
-            self.cache.policy.set_next_use(dist)
+        if isinstance(self.cache.policy, Predictive):  # expected next use: distance / P(use)
+            self.cache.policy.set_next_use({key: 1.0 / v for key, v in value.items()})
         self.pump()
 
     def _replan_inflight(self) -> None:

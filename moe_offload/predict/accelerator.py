@@ -13,6 +13,10 @@ Optional parts (predictor v2; files without their tensors load and predict exact
         positions' residuals (m <- CONTEXT_DECAY·m + (1 - CONTEXT_DECAY)·x; both zero at position 0):
         some of the context that layers l+1.. will attend to. P, Q start at zero. Tensors "P.{l}_{d}",
         "Q.{l}_{d}". M2R2Predictor carries each layer's state between calls (`M2R2Predictor.observe`).
+  cross-token  pairs with l + d >= L: the adapter at (l, d) predicts layer (l + d) mod L of the token
+        (l + d) // L positions later (the next token's layers, read by its router), so plans reach
+        across the token boundary, as far ahead as a copy lasts. Trained on the shifted targets
+        (`Accelerator.target`); metadata "cross_token": true.
 
 The adapter file is safetensors with a metadata fingerprint of the model (config + routers + norms):
 loading it into another model fails.
@@ -148,13 +152,14 @@ def context_rows(x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | Non
 
 
 class Accelerator(nn.Module):
-    """Adapters for every (l, d) with l + d < L."""
+    """Adapters for every (l, d) with l + d < L (every (l, d) with cross_token)."""
 
     def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
-                 hint_experts: int = 0, gain: bool = False, context: bool = False):
+                 hint_experts: int = 0, gain: bool = False, context: bool = False, cross_token: bool = False):
         """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
         distribution over E experts); gain: adds the learned normalisation gain G [H] per pair;
-        context: adds P [R, H] per pair, reading the previous position's residual."""
+        context: adds P [R, H] per pair, reading the previous position's residual; cross_token: pairs
+        past the last layer predict later tokens' layers (`target`)."""
         super().__init__()
         if not lookaheads or min(lookaheads) < 1:
             raise MoeOffloadError(f"lookaheads must be positive integers, got {lookaheads}")
@@ -162,7 +167,9 @@ class Accelerator(nn.Module):
             raise MoeOffloadError(f"rank must be >= 1, got {rank}")
         self.hidden, self.num_layers, self.rank = hidden, num_layers, rank
         self.lookaheads = sorted(set(lookaheads))
-        self.pairs = [(l, d) for l in range(num_layers) for d in self.lookaheads if l + d < num_layers]
+        self.cross_token = bool(cross_token)
+        self.pairs = [(l, d) for l in range(num_layers) for d in self.lookaheads
+                      if l + d < num_layers or self.cross_token]
         g = torch.Generator().manual_seed(seed)
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                    for l, d in self.pairs})
@@ -179,6 +186,11 @@ class Accelerator(nn.Module):
         if self.context:
             self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
             self.Q = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
+
+    def target(self, layer: int, d: int) -> tuple[int, int]:
+        """(positions ahead, layer) that the adapter at (layer, d) predicts: (0, layer + d) within the
+        token, (q, (layer + d) mod L) for the token q = (layer + d) // L positions later."""
+        return divmod(layer + d, self.num_layers)
 
     def param_groups(self) -> tuple[str, ...]:
         """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
@@ -226,6 +238,8 @@ class Accelerator(nn.Module):
             meta["gain"] = True
         if self.context:
             meta["context"], meta["context_decay"] = True, CONTEXT_DECAY
+        if self.cross_token:
+            meta["cross_token"] = True
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -245,7 +259,8 @@ class Accelerator(nn.Module):
         try:
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
                       int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
-                      gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)))
+                      gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)),
+                      cross_token=bool(meta.get("cross_token", False)))
             if acc.context and float(meta.get("context_decay", CONTEXT_DECAY)) != CONTEXT_DECAY:
                 raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
             # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*"); other tensors
@@ -272,6 +287,7 @@ class M2R2Predictor:
     def __init__(self, model: MixtralTransformer, accelerator: Accelerator, lookahead: int | None = None):
         self.model, self.acc = model, accelerator
         self.lookahead = lookahead or max(accelerator.lookaheads)
+        self.cross_token = accelerator.cross_token  # rows past the last layer: later tokens' layers
         missing = [d for d in range(1, self.lookahead + 1) if d not in accelerator.lookaheads]
         if missing:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
@@ -285,8 +301,8 @@ class M2R2Predictor:
     def observe(self, layer: int, x: torch.Tensor, start_pos: Any) -> None:
         """Every residual x [N, H] entering layer's MoE (prefill chunks and decode steps, in order):
         remembered for the context adapters' previous-row input. A no-op without them, and at the last
-        layer (no adapter starts there)."""
-        if self.acc.context and layer + 1 < self.model.cfg.num_hidden_layers:
+        layer unless the adapters are cross-token (otherwise none starts there)."""
+        if self.acc.context and (self.cross_token or layer + 1 < self.model.cfg.num_hidden_layers):
             self._previous(layer, x, start_pos)
 
     def _previous(self, layer: int, x: torch.Tensor, start_pos: Any) -> torch.Tensor:
@@ -310,12 +326,12 @@ class M2R2Predictor:
     def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         m = self.model
         out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
-        last = layer + 1 >= m.cfg.num_hidden_layers
+        last = layer + 1 >= m.cfg.num_hidden_layers and not self.cross_token  # no adapter starts here
         hint = None if last else self.acc.hint(m, layer, x)  # [N, E] or None
         prev = self._previous(layer, x, start_pos) if self.acc.context and not last else None  # [N, 2H]
         for d in range(1, self.lookahead + 1):
-            t = layer + d
-            if t >= m.cfg.num_hidden_layers:
+            ahead, t = self.acc.target(layer, d)
+            if ahead and not self.cross_token:
                 break
             r = self.acc.accelerate(layer, d, x, hint, prev).to(x.dtype)  # [N, H]
             w = self.acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)  # [H]

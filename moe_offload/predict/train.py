@@ -57,22 +57,28 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
     rank_weight * topk_ranking_loss (the set the router will pick, not only its distribution), averaged."""
     eps = model.cfg.rms_norm_eps
     k = model.cfg.num_experts_per_tok
-    total = 0.0
+    T = xs.shape[0]
+    total, terms = 0.0, 0
+    ctx = {l: context_rows(xs[:, l])[0] for l in {l for l, _ in acc.pairs}} if acc.context else {}  # [T, 2H]
     for l, d in acc.pairs:
-        t = l + d
-        hint = probs[:, l] if acc.hint_experts else None  # [T, E]: layer l's own router distribution
-        prev = context_rows(xs[:, l])[0] if acc.context else None  # [T, 2H]: the window starts at position 0
-        r = acc.accelerate(l, d, xs[:, l], hint, prev)  # [T, H]
+        q, t = acc.target(l, d)  # cross-token pairs: position p predicts layer t of position p + q
+        n = T - q
+        if n <= 0:
+            continue
+        hint = probs[:n, l] if acc.hint_experts else None  # [n, E]: layer l's own router distribution
+        prev = ctx[l][:n] if acc.context else None  # [n, 2H]: the window starts at position 0
+        r = acc.accelerate(l, d, xs[:n, l], hint, prev)  # [n, H]
         w = acc.target_norm(l, d, model.layers[t].post_attention_layernorm.float())  # [H]
-        logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [T, E]
+        logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [n, E]
         logq = F.log_softmax(logits, dim=-1)
-        p = probs[:, t]
+        p = probs[q:, t]  # [n, E]
         kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
-        align = 1 - F.cosine_similarity(r, xs[:, t], dim=-1).mean()
+        align = 1 - F.cosine_similarity(r, xs[q:, t], dim=-1).mean()
         total = total + kl + ALIGN_WEIGHT * align
+        terms += 1
         if rank_weight:
             total = total + rank_weight * topk_ranking_loss(logits, p, k)
-    return total / len(acc.pairs)
+    return total / max(1, terms)
 
 
 def windows(ids: list[int], size: int) -> list[list[int]]:
@@ -83,12 +89,14 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window: int) -> dict[str, Any]:
     """Held-out adapter loss and recall@d (top-k exact and top-(k+1)) for next-gate (both variants)
     and m2r2: the fraction of the true top-k experts of layer l+d found in the predicted set."""
-    k = model.cfg.num_experts_per_tok
+    k, L = model.cfg.num_experts_per_tok, model.cfg.num_hidden_layers
     D = max(acc.lookaheads)
     preds = {"next-gate": NextGate(model, D, "residual"), "next-gate-normed": NextGate(model, D, "normed"),
              "m2r2": M2R2Predictor(model, acc, D)}
-    hits = {(n, d, extra): 0.0 for n in preds for d in range(1, D + 1) for extra in (0, 1)}
-    count = {d: 0 for d in range(1, D + 1)}
+    cells = [(d, later) for d in range(1, D + 1) for later in (False, True) if not later or acc.cross_token]
+    names = (*preds, "repeat")
+    hits = {(n, c, extra): 0.0 for n in names for c in cells for extra in (0, 1)}
+    count = {(n, c): 0 for n in names for c in cells}
     loss, n_windows = 0.0, 0
     for w in windows(ids, window):
         xs = collect_residuals(model, w)
@@ -96,29 +104,43 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
         true = probs.topk(k, dim=-1).indices  # [T, L, k]
         loss += adapter_loss(model, acc, xs, probs).item()
         n_windows += 1
-        for l in range(model.cfg.num_hidden_layers):
+        for l in range(L):
             x = xs[:, l].to(model.dtype)
-            for name, pred in preds.items():
-                s = pred.scores(l, x)  # [T, D, E]
-                for d in range(1, D + 1):
-                    if l + d >= model.cfg.num_hidden_layers:
-                        continue
-                    for extra in (0, 1):
-                        top = s[:, d - 1].topk(k + extra, dim=-1).indices  # [T, k+extra]
-                        hits[(name, d, extra)] += (true[:, l + d, :, None] == top[:, None, :]).any(-1).sum().item()
+            scores = {name: pred.scores(l, x) for name, pred in preds.items()}  # [T, D, E] each
             for d in range(1, D + 1):
-                if l + d < model.cfg.num_hidden_layers:
-                    count[d] += true.shape[0] * k
-    recall = {name: {f"d{d}": {"top_k": hits[(name, d, 0)] / count[d], "top_k_plus_1": hits[(name, d, 1)] / count[d]}
-                     for d in range(1, D + 1)} for name in preds}
-    return {"loss": loss / max(1, n_windows), "recall": recall, "tokens": len(ids)}
+                q, t = divmod(l + d, L)
+                n = x.shape[0] - q
+                if n <= 0:
+                    continue
+                cand = {name: s[:n, d - 1] for name, s in scores.items() if not s[:n, d - 1].isnan().any()}
+                if q and t <= l:  # this token's routing of layer t (known by now), for the later one
+                    cand["repeat"] = probs[:n, t]
+                cell = (d, q > 0)
+                if cell not in cells:
+                    continue
+                for name, s in cand.items():
+                    count[(name, cell)] += n * k
+                    for extra in (0, 1):
+                        top = s.topk(k + extra, dim=-1).indices  # [n, k+extra]
+                        hits[(name, cell, extra)] += (true[q:, t, :, None] == top[:, None, :]).any(-1).sum().item()
+    recall = {name: {recall_label(d, q): {"top_k": hits[(name, (d, q), 0)] / count[(name, (d, q))],
+                                          "top_k_plus_1": hits[(name, (d, q), 1)] / count[(name, (d, q))]}
+                     for d, q in cells if count[(name, (d, q))]} for name in names}
+    return {"loss": loss / max(1, n_windows), "recall": {n: r for n, r in recall.items() if r}, "tokens": len(ids)}
+
+
+def recall_label(d: int, later: bool) -> str:
+    """The report key of recall at lookahead d: "d{d}" for targets within the token (the recall the
+    targets and earlier reports name), "d{d}-later" for the rows of cross-token adapters that land in a
+    later token."""
+    return f"d{d}-later" if later else f"d{d}"
 
 
 def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
                       seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0,
-                      router_hint: bool = False, norm_gain: bool = False, context: bool = True
-                      ) -> tuple[Accelerator, dict[str, Any]]:
+                      router_hint: bool = False, norm_gain: bool = False, context: bool = True,
+                      cross_token: bool = False) -> tuple[Accelerator, dict[str, Any]]:
     """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
     router_hint / norm_gain / context: the optional adapter parts (Accelerator's C, G and P)."""
     t0 = time.time()
@@ -126,7 +148,7 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
     train_ids, held_ids = ids[:split], ids[split:]
     acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed,
                       hint_experts=model.cfg.num_local_experts if router_hint else 0, gain=norm_gain,
-                      context=context).to(model.device)
+                      context=context, cross_token=cross_token).to(model.device)
     before = evaluate(model, acc, held_ids, window)
     opt = torch.optim.Adam(acc.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +171,7 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
     after = evaluate(model, acc, held_ids, window)
     report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
               "rank_loss_weight": rank_weight, "router_hint": router_hint, "norm_gain": norm_gain,
-              "context": context,
+              "context": context, "cross_token": cross_token,
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
     return acc, report
