@@ -218,3 +218,29 @@ def test_cross_token_plans_in_the_timeline_keep_hits_and_bytes_consistent():
     for r in (plain, ranked):
         assert r.stats["hits"] + r.stats["misses"] == r.stats["uses"]
     assert ranked.stats["misses"] < plain.stats["misses"]
+
+
+def test_stacked_scores_equal_the_per_adapter_reference(tmp_path):
+    # M2R2Predictor runs a layer's adapters stacked (one matmul per part, one batched router); each row
+    # must equal adapter (l, d) alone through its target layer's norm and router, within float32 rounding,
+    # with every optional part (hint, gain, context) and rows in this token and the next ones.
+    m = moe_offload.load(write_model(tmp_path), device="cpu", offload=False)
+    acc = Accelerator(CFG.hidden_size, L, [1, 2, 3], rank=4, hint_experts=E, gain=True, context=True, cross_token=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in acc.param_groups():
+            for p in getattr(acc, name).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(4, CFG.hidden_size, generator=g)
+    from moe_offload.predict.accelerator import context_rows
+
+    pred = M2R2Predictor(m.model, acc, 3)
+    for layer in range(L):
+        got = pred.scores(layer, x, 0)  # [4, 3, E]
+        prev = context_rows(x)[0]
+        for d in (1, 2, 3):
+            _, t = acc.target(layer, d)
+            r = acc.accelerate(layer, d, x, acc.hint(m.model, layer, x), prev)
+            w = acc.target_norm(layer, d, m.model.layers[t].post_attention_layernorm)
+            want = router_probs(m.model, t, rms_norm(r, w, CFG.rms_norm_eps))
+            torch.testing.assert_close(got[:, d - 1], want)

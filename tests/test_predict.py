@@ -37,7 +37,8 @@ def test_untrained_m2r2_reproduces_next_gate(setup):
     x = torch.randn(5, CFG.hidden_size)
     a = M2R2Predictor(m.model, acc, 1).scores(0, x)
     b = NextGate(m.model, 1, "residual").scores(0, x)
-    assert torch.equal(a, b)
+    # equal up to float32 rounding: m2r2 runs a layer's routers as one batched matmul, next-gate one by one
+    torch.testing.assert_close(a, b, equal_nan=True)
     assert torch.isnan(NextGate(m.model, 1).scores(L - 1, x)).all()  # nothing past the last layer
 
 
@@ -206,7 +207,7 @@ def test_router_hint_and_norm_gain_train_save_and_load(tmp_path):
     fresh = Accelerator(cfg.hidden_size, cfg.num_hidden_layers, [1, 2], rank=8, hint_experts=cfg.num_local_experts,
                         gain=True)
     x = torch.randn(5, cfg.hidden_size)
-    assert torch.equal(M2R2Predictor(m.model, fresh, 2).scores(0, x), NextGate(m.model, 2, "residual").scores(0, x))
+    torch.testing.assert_close(M2R2Predictor(m.model, fresh, 2).scores(0, x), NextGate(m.model, 2, "residual").scores(0, x))
     acc, report = train_accelerator(m.model, ids, lookaheads=[1, 2], rank=8, epochs=2, lr=1e-2, window=128,
                                     show_progress=False, rank_weight=1.0, router_hint=True, norm_gain=True)
     before, after = report["heldout_before"]["recall"]["m2r2"], report["heldout_after"]["recall"]["m2r2"]

@@ -170,6 +170,7 @@ class Accelerator(nn.Module):
         self.cross_token = bool(cross_token)
         self.pairs = [(l, d) for l in range(num_layers) for d in self.lookaheads
                       if l + d < num_layers or self.cross_token]
+        self.pair_set = set(self.pairs)
         g = torch.Generator().manual_seed(seed)
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                    for l, d in self.pairs})
@@ -293,6 +294,7 @@ class M2R2Predictor:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
                                   f"{self.lookahead} also needs {missing}")
         self.first = FirstLayerTable(model, self.lookahead)
+        self._stacks: dict[int, dict[str, torch.Tensor] | None] = {}  # per layer, built on first use
         # With context adapters: per layer, the last chunk seen (x, start, its context rows) and the
         # position after it with the context state there, so the next chunk continues from it.
         self._chunk: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -324,16 +326,53 @@ class M2R2Predictor:
         return self.first.top(token_id, take)
 
     def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """[N, D, E]: row d-1 scores layer l+d (a later token's layer with cross-token adapters; NaN
+        where no adapter reaches). All of a layer's adapters run stacked: one matmul per adapter part
+        and one batched router, whatever D (a cross-token lookahead of 2L rows costs what 1 did)."""
         m = self.model
-        out = torch.full((x.shape[0], self.lookahead, m.cfg.num_local_experts), float("nan"), device=x.device)
-        last = layer + 1 >= m.cfg.num_hidden_layers and not self.cross_token  # no adapter starts here
-        hint = None if last else self.acc.hint(m, layer, x)  # [N, E] or None
-        prev = self._previous(layer, x, start_pos) if self.acc.context and not last else None  # [N, 2H]
-        for d in range(1, self.lookahead + 1):
-            ahead, t = self.acc.target(layer, d)
-            if ahead and not self.cross_token:
-                break
-            r = self.acc.accelerate(layer, d, x, hint, prev).to(x.dtype)  # [N, H]
-            w = self.acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)  # [H]
-            out[:, d - 1] = router_probs(m, t, rms_norm(r, w, m.cfg.rms_norm_eps))
+        N, E = x.shape[0], m.cfg.num_local_experts
+        out = torch.full((N, self.lookahead, E), float("nan"), device=x.device)
+        st = self._stacks[layer] if layer in self._stacks else self._stack(layer)
+        if st is None:  # no adapter starts at this layer
+            return out
+        n, R = st["rows"].numel(), self.acc.rank
+        xf = x.float()
+        a = F.linear(_rms(xf), st["A"])  # [N, n*R]
+        if self.acc.hint_experts:
+            a = a + F.linear(self.acc.hint(m, layer, x), st["C"])
+        if self.acc.context:
+            prev = self._previous(layer, x, start_pos)  # [N, 2H]
+            h = self.acc.hidden
+            a = a + F.linear(_rms(prev[:, :h]), st["P"]) + F.linear(_rms(prev[:, h:]), st["Q"])
+        h_ = F.silu(a).view(N, n, R).transpose(0, 1)  # [n, N, R]
+        r = xf[None] + torch.bmm(h_, st["Bt"])  # [n, N, H]: accelerated residuals, float32
+        normed = rms_norm(r.to(x.dtype), st["W"], m.cfg.rms_norm_eps)  # [n, N, H]
+        logits = torch.bmm(normed, st["Gt"]).float()  # [n, N, E]
+        out[:, st["rows"]] = torch.softmax(logits, dim=-1).transpose(0, 1)
         return out
+
+    @torch.no_grad()
+    def _stack(self, layer: int) -> dict[str, torch.Tensor] | None:
+        """Layer's adapters for rows d = 1..lookahead stacked once (the adapters are frozen from the
+        first prediction on): A, C, P, Q [n*R, .], B^T [n, R, H], target norm weights W [n, 1, H], routers
+        G^T [n, H, E] in the model's dtype."""
+        m, acc = self.model, self.acc
+        ds = [d for d in range(1, self.lookahead + 1)
+              if (layer, d) in acc.pair_set and (self.cross_token or not acc.target(layer, d)[0])]
+        if not ds:
+            self._stacks[layer] = None
+            return None
+        keys = [f"{layer}_{d}" for d in ds]
+        targets = [acc.target(layer, d)[1] for d in ds]
+        cat = lambda name: torch.cat([getattr(acc, name)[k].float() for k in keys])  # noqa: E731
+        st = {"rows": torch.tensor([d - 1 for d in ds], device=m.device), "A": cat("A"),
+              "Bt": torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
+              "W": torch.stack([acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)
+                                for d, t in zip(ds, targets)])[:, None],
+              "Gt": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()}
+        if acc.hint_experts:
+            st["C"] = cat("C")
+        if acc.context:
+            st["P"], st["Q"] = cat("P"), cat("Q")
+        self._stacks[layer] = st
+        return st
