@@ -53,7 +53,8 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
         return
     c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
                    help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate")
-    c.add_argument("--lookahead", type=POS, default=2, metavar="D", help="layers ahead to prefetch (default 2)")
+    c.add_argument("--lookahead", type=POS, default=None, metavar="D",
+                   help="layers ahead to prefetch (default 2; with cross-token m2r2 adapters, their largest lookahead)")
     c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
     c.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M",
                    help="prefetch top-(k + M) experts per predicted layer (default 0)")

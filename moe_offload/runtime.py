@@ -45,12 +45,15 @@ RUNTIME_OPTIONS = {
     "policy": "eviction policy: lru (default), lru-layer, lfu or predictive",
     "predictor": "prefetch predictor: auto (m2r2 with the bundled/given accelerator, else next-gate), none, "
                  "next-gate, m2r2, oracle (needs oracle_trace)",
-    "lookahead": "layers ahead to predict and prefetch (default 2)",
+    "lookahead": "layers ahead to predict and prefetch (default 2; with cross-token m2r2 adapters, the "
+                 "largest lookahead they were trained for)",
     "accelerator": "M2R2 adapter file (.safetensors); default: the bundled one when it matches the model",
     "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
-    "rank_depth": "experts ranked per predicted layer (default top_k + prefetch_margin, the ones prefetched); "
-                  "deeper ranks are not loaded but give the predictive policy an expected next use for more residents",
+    "rank_depth": "experts ranked per predicted layer (default top_k + prefetch_margin, the ones prefetched; "
+                  "every expert with cross-token m2r2 adapters and the predictive policy, the setting measured "
+                  "best in benchmarks/results/cross_token_ablation.md); deeper ranks are not loaded but give the "
+                  "predictive policy an expected next use for more residents",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
     "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
                     "(per-row scales) or int4 (groups of group_size); quantized on load, one expert at a time",
@@ -386,7 +389,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
             pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
                             margin=runtime_options.get("prefetch_margin", 0),
                             max_inflight=runtime_options.get("prefetch_window", 1),
-                            rank_depth=runtime_options.get("rank_depth"))
+                            rank_depth=default_rank_depth(runtime_options.get("rank_depth"), predictor, policy,
+                                                          cfg.num_local_experts))
             predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
             experts.prefetcher = pf
             model.observers.append(pf)
@@ -414,12 +418,24 @@ def build_speculative(model: MixtralTransformer, path: Path, options: dict[str, 
     return SpeculativeDecoder(model, head, 4 if draft_tokens is None else draft_tokens)
 
 
+def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_experts: int) -> int | None:
+    """rank_depth as asked; unasked, every expert when cross-token predictions meet the predictive policy
+    (their plans then rank the next token's experts for eviction: 1.08x -> 1.22x in the ablation), else
+    the prefetched ones only (deeper ranks cost 0.96x -> 0.95x with within-token plans)."""
+    from .offload.policy import Predictive
+
+    if asked is not None:
+        return asked
+    return num_experts if getattr(predictor, "cross_token", False) and isinstance(policy, Predictive) else None
+
+
 def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):
     """The predictor the options ask for (None for 'none')."""
     from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor
 
     name = options.get("predictor", "auto")
-    lookahead = options.get("lookahead", 2)
+    asked_lookahead = options.get("lookahead")
+    lookahead = 2 if asked_lookahead is None else asked_lookahead
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
         raise MoeOffloadError(f"lookahead must be an integer >= 1, got {lookahead!r}")
     margin = options.get("prefetch_margin", 0)
@@ -455,6 +471,8 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
                                   "`moe-offload train-accelerator`)")
         acc_file = bundled_accelerator_path()
     acc, _ = Accelerator.load(acc_file, model)
+    if acc.cross_token and asked_lookahead is None:  # its plans reach as far as it was trained to see
+        lookahead = max(acc.lookaheads)
     return M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
 
 

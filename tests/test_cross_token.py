@@ -244,3 +244,17 @@ def test_stacked_scores_equal_the_per_adapter_reference(tmp_path):
             w = acc.target_norm(layer, d, m.model.layers[t].post_attention_layernorm)
             want = router_probs(m.model, t, rms_norm(r, w, CFG.rms_norm_eps))
             torch.testing.assert_close(got[:, d - 1], want)
+
+
+def test_cross_token_adapters_set_their_own_lookahead_and_rank_depth_unless_asked(bundled_cross):
+    m, _, _, f = bundled_cross
+    Lb, Eb = m.model.cfg.num_hidden_layers, m.model.cfg.num_local_experts
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive", accelerator=f).model.experts.prefetcher
+    assert (pf.lookahead, pf.depth, pf.cross_token) == (Lb, Eb, True)
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="lru-layer", accelerator=f).model.experts.prefetcher
+    assert (pf.lookahead, pf.depth) == (Lb, m.model.cfg.num_experts_per_tok)  # lru-layer: deeper ranks unused
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive", accelerator=f, lookahead=2,
+                          rank_depth=3).model.experts.prefetcher
+    assert (pf.lookahead, pf.depth) == (2, 3)
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive").model.experts.prefetcher  # shipped file
+    assert (pf.lookahead, pf.depth, pf.cross_token) == (2, m.model.cfg.num_experts_per_tok, False)
