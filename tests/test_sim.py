@@ -115,3 +115,12 @@ def test_simulate_projects_within_its_limits(recorded):
         assert p.per_token["total"] == pytest.approx(p.per_token["compute"] + p.per_token["exposed_copy"]
                                                      + p.per_token["bookkeeping"])
     assert predictor_from_trace(trace, "oracle", 1).preds.shape == (300, 2, 1, CFG.num_local_experts)
+
+
+def test_oracle_with_a_lookahead_past_the_last_layer_fills_only_rows_within_the_token(recorded):
+    # bench cache --lookahead 12 on a 2-layer trace: the oracle has rows d = 1 only (L - 1), the rest NaN.
+    _, trace = recorded
+    pred = predictor_from_trace(trace, "oracle", 12)
+    L = trace.routed_ids.shape[1]
+    assert pred.preds.shape[2] == 12 and np.isfinite(pred.preds[:, : L - 1, 0]).all()
+    assert np.isnan(pred.preds[:, :, L - 1:]).all() and np.isnan(pred.preds[:, L - 1]).all()

@@ -51,7 +51,7 @@ def predictor_from_trace(trace: RoutingTrace, name: str, lookahead: int | None =
         truth = np.zeros((T, L, E), dtype=np.float32)
         np.put_along_axis(truth, trace.routed_ids.astype(np.int64), trace.routed_weights + 1.0, axis=2)
         preds = np.full((T, L, D, E), np.nan, dtype=np.float32)
-        for d in range(1, D + 1):
+        for d in range(1, min(D, L - 1) + 1):  # within the token (deep-oracle crosses tokens)
             preds[:, : L - d, d - 1] = truth[:, d:]
         return RecordedPredictor("oracle", preds, truth[:, :D].copy())
     key = name
