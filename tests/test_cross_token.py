@@ -201,23 +201,28 @@ def test_trace_recall_scores_cross_rows_against_the_next_tokens_routing():
     assert not predictor_from_trace(tr2, "m2r2").cross_token and "d1-later" not in trace_recall(tr2)["m2r2"]
 
 
-def test_cross_token_plans_in_the_timeline_keep_hits_and_bytes_consistent():
-    # A perfect cross-token predictor (the trace's own future) with ranked eviction: every use is a hit
-    # or a miss, and it misses less than the same policy without prediction.
+def test_cross_token_plans_in_the_timeline_beat_the_same_predictor_within_the_token():
+    # A perfect predictor of the next 3 steps (the trace's own future, crossing tokens) on a 3-layer trace:
+    # with its cross-token rows it misses far less than with the same rows cut at the token's end
+    # (cross_token False), and far less than no prediction; every use is a hit or a miss.
     rng = np.random.default_rng(0)
     T, Lt, Et = 60, 3, 6
     ids = np.stack([np.stack([rng.choice(Et, 2, replace=False) for _ in range(Lt)]) for _ in range(T)]).astype(np.int16)
     truth = np.zeros((T * Lt + Lt, Et), np.float32)
     np.put_along_axis(truth[: T * Lt], ids.reshape(T * Lt, 2).astype(np.int64), 1.0, axis=1)
     steps = np.arange(T * Lt)[:, None] + np.arange(1, Lt + 1)[None]
-    preds = truth[steps].reshape(T, Lt, Lt, Et)
-    pred = RecordedPredictor("future", preds, None, cross_token=True)
+    preds = truth[steps].reshape(T, Lt, Lt, Et)  # [T, L, D, E]
+    within = preds.copy()
+    for layer in range(Lt):
+        within[:, layer, Lt - 1 - layer:] = np.nan
     costs = StepCosts(attention=1.0, expert=1.0, bookkeeping=0.0, head=0.0, copy=0.5, expert_bytes=100)
-    plain = run_timeline(ids, Et, 3 * Lt, "predictive", costs)
-    ranked = run_timeline(ids, Et, 3 * Lt, "predictive", costs, pred, window=1, rank_depth=Et)
-    for r in (plain, ranked):
+    runs = {name: run_timeline(ids, Et, 3 * Lt, "predictive", costs, pred, window=1, rank_depth=Et)
+            for name, pred in (("cross", RecordedPredictor("f", preds, None, cross_token=True)),
+                               ("within", RecordedPredictor("f", within, None)))}
+    runs["none"] = run_timeline(ids, Et, 3 * Lt, "predictive", costs)
+    for r in runs.values():
         assert r.stats["hits"] + r.stats["misses"] == r.stats["uses"]
-    assert ranked.stats["misses"] < plain.stats["misses"]
+    assert runs["cross"].stats["misses"] * 10 < runs["within"].stats["misses"] < runs["none"].stats["misses"]
 
 
 def test_stacked_scores_equal_the_per_adapter_reference(tmp_path):
@@ -258,3 +263,18 @@ def test_cross_token_adapters_set_their_own_lookahead_and_rank_depth_unless_aske
     assert (pf.lookahead, pf.depth) == (2, 3)
     pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive").model.experts.prefetcher  # shipped file
     assert (pf.lookahead, pf.depth, pf.cross_token) == (2, m.model.cfg.num_experts_per_tok, False)
+
+
+def test_a_prefetch_never_evicts_a_resident_needed_no_later_than_itself():
+    # Two slots hold (0, 0) and (0, 1). The plan ranks layer 0 deeper than it loads: (0, 0) is expected
+    # 2 layers ahead (rank 2 at distance 1). Prefetching (1, 3), also expected in 2, would have to
+    # evict it: the prefetcher leaves it resident instead.
+    cache = sim_cache(2, 4, 2, "predictive")
+    cache.acquire(0, [0, 1])
+    cache.release(0, [0, 1])
+    pf = Prefetcher(cache, FakeCross([[0.0] * 4]), 2, 1, max_inflight=2, rank_depth=4)
+    pf._set_plan([((0, 1), 1), ((0, 0), 1), ((0, 2), 1), ((0, 3), 1), ((1, 3), 2)])
+    assert cache.policy.next_use[(0, 0)] == 2.0 and cache.policy.next_use[(1, 3)] == 2.0
+    assert pf.issued == 0 and cache.is_resident(0, 0) and not cache.is_resident(1, 3)
+    pf._set_plan([((1, 3), 1), ((0, 1), 2), ((0, 2), 3), ((0, 0), 3)])  # (1, 3) first, (0, 0) in 6: evictable
+    assert pf.issued == 1 and not cache.is_resident(0, 0) and cache.is_resident(1, 3)

@@ -152,7 +152,8 @@ def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str],
                 continue
             w = DEEP_ORACLE_WINDOW if name == "deep-oracle" else window
             res = run_timeline(trace.routed_ids, E, slots, policy, costs, preds[name], margin, w,
-                               chunk_bytes=chunk_bytes, cpu=cpu, rank_depth=None if name == "deep-oracle" else rank_depth)
+                               chunk_bytes=chunk_bytes, cpu=cpu,
+                               rank_depth=None if (policy, name) in BOUNDS.values() else rank_depth)
             rows.append({**_row(policy, name, slots, L, res), "bound": (policy, name) in BOUNDS.values(),
                          "tokens_per_second": T / res.seconds})
     return rows

@@ -82,6 +82,7 @@ class Prefetcher:
             # a cross-token plan from the previous token's last layer scored this token's layers at
             # distance t + 1 from there, which is their distance from here too
             self._set_plan(first + (self._ahead if self.cross_token else []))
+            self._ahead = []  # carried once: a token without a plan (issue) must not carry it again
         else:
             self._ahead = []
 
@@ -116,6 +117,18 @@ class Prefetcher:
         if self.cross_token:
             self._ahead = self._ahead_from(layer)
 
+    def _needed_sooner(self, key: Key) -> set[Key]:
+        """Under the predictive policy: the residents expected to be used no later than `key` (a
+        prefetch must not evict them; with deeper ranks than loads the plan knows more residents than
+        it protects). Empty for other policies."""
+        pol = self.cache.policy
+        if not isinstance(pol, Predictive) or pol.next_use_arr is None:
+            return set()
+        nu = pol.next_use_arr.reshape(-1)  # [L*E]
+        E = self.cache.num_experts
+        flat = np.flatnonzero(self.cache.resident_flat & (nu <= nu[key[0] * E + key[1]]))
+        return {(int(i) // E, int(i) % E) for i in flat}
+
     def _ahead_from(self, layer: int) -> list[tuple[Key, int]]:
         """The current plan's keys past the token's last layer, with their distance from the token's
         start (the next token's layer t at distance t + 1)."""
@@ -133,24 +146,26 @@ class Prefetcher:
         load: list[Key] = []  # the first `take` ranks of each layer; deeper ranks inform eviction only
         top_k, take = self.top_k, self.take
         loading: set[Key] = set()
+        next_use: dict[Key, float] = {}  # expected layers until use: distance / P(use)
         for key, d in ahead:
             r = rank.get(d, 0)
             rank[d] = r + 1
-            v = (1.0 if r < top_k else 0.5 ** (r - top_k + 1)) / max(1, d)
+            p = 1.0 if r < top_k else 0.5 ** (r - top_k + 1)
+            v = p / max(1, d)
             if v > value.get(key, 0.0):  # planned twice (this token and a later one): the likelier use
-                dist[key], value[key] = d, v
+                dist[key], value[key], next_use[key] = d, v, max(1, d) / p
             if r < take and key not in loading:
                 loading.add(key)
                 load.append(key)
         self._plan = list(dist.items())
-        self.cancelled += sum(1 for key in self.pending if key not in dist)
+        self.cancelled += sum(1 for key in self.pending if key not in loading)
         self.pending = load
-        self.protect = set(load)
+        self.protect = loading
         self.value = value
         if self.cache.inflight:
             self._replan_inflight()
-        if isinstance(self.cache.policy, Predictive):  # expected next use: distance / P(use)
-            self.cache.policy.set_next_use({key: 1.0 / v for key, v in value.items()})
+        if isinstance(self.cache.policy, Predictive):
+            self.cache.policy.set_next_use(next_use)
         self.pump()
 
     def _replan_inflight(self) -> None:
@@ -181,7 +196,8 @@ class Prefetcher:
                 continue
             if protect is None:
                 protect = self.protect | cache.pinned
-            if not cache.prefetch(key, protect, priority=self.value.get(key, 0.0)):
+            guard = self._needed_sooner(key)
+            if not cache.prefetch(key, protect | guard if guard else protect, priority=self.value.get(key, 0.0)):
                 i = len(pending)  # nothing evictable for this one: later (lower-priority) ones neither
                 break
             self.issued += 1

@@ -113,7 +113,7 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
                 if n <= 0:
                     continue
                 cand = {name: s[:n, d - 1] for name, s in scores.items() if not s[:n, d - 1].isnan().any()}
-                if q and t <= l:  # this token's routing of layer t (known by now), for the later one
+                if q and d <= L:  # this token's routing of layer t <= l (known by now), for the next one
                     cand["repeat"] = probs[:n, t]
                 cell = (d, q > 0)
                 if cell not in cells:
