@@ -51,8 +51,8 @@ RUNTIME_OPTIONS = {
     "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
     "rank_depth": "experts ranked per predicted layer (default top_k + prefetch_margin, the ones prefetched; "
-                  "every expert with cross-token m2r2 adapters and the predictive policy, the setting measured "
-                  "best in benchmarks/results/cross_token_ablation.md); deeper ranks are not loaded but give the "
+                  "min(experts, 4 top_k) with cross-token m2r2 adapters and the predictive policy, measured best "
+                  "in benchmarks/results/cross_token_ablation.md); deeper ranks are not loaded but give the "
                   "predictive policy an expected next use for more residents",
     "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
     "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
@@ -390,7 +390,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                             margin=runtime_options.get("prefetch_margin", 0),
                             max_inflight=runtime_options.get("prefetch_window", 1),
                             rank_depth=default_rank_depth(runtime_options.get("rank_depth"), predictor, policy,
-                                                          cfg.num_local_experts))
+                                                          cfg.num_local_experts, cfg.num_experts_per_tok))
             predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
             experts.prefetcher = pf
             model.observers.append(pf)
@@ -418,15 +418,19 @@ def build_speculative(model: MixtralTransformer, path: Path, options: dict[str, 
     return SpeculativeDecoder(model, head, 4 if draft_tokens is None else draft_tokens)
 
 
-def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_experts: int) -> int | None:
-    """rank_depth as asked; unasked, every expert when cross-token predictions meet the predictive policy
-    (their plans then rank the next token's experts for eviction: 1.08x -> 1.22x in the ablation), else
-    the prefetched ones only (deeper ranks cost 0.96x -> 0.95x with within-token plans)."""
+def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_experts: int, top_k: int) -> int | None:
+    """rank_depth as asked; unasked, min(E, 4 top_k) when cross-token predictions meet the predictive
+    policy (their plans then rank the next token's experts for eviction: 1.08x -> 1.22x in the ablation
+    at 8 experts, top-2), else the prefetched ones only (deeper ranks cost 0.96x -> 0.95x with
+    within-token plans). The cap bounds host work: a plan of 16 rows costs ~90 us per layer at depth 8,
+    ~340 us at 32, ~1.5 ms at 128 (128 experts, 48 layers, this 2-core CPU)."""
     from .offload.policy import Predictive
 
     if asked is not None:
         return asked
-    return num_experts if getattr(predictor, "cross_token", False) and isinstance(policy, Predictive) else None
+    if getattr(predictor, "cross_token", False) and isinstance(policy, Predictive):
+        return min(num_experts, 4 * top_k)
+    return None
 
 
 def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):

@@ -255,7 +255,7 @@ def test_cross_token_adapters_set_their_own_lookahead_and_rank_depth_unless_aske
     m, _, _, f = bundled_cross
     Lb, Eb = m.model.cfg.num_hidden_layers, m.model.cfg.num_local_experts
     pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive", accelerator=f).model.experts.prefetcher
-    assert (pf.lookahead, pf.depth, pf.cross_token) == (Lb, Eb, True)
+    assert (pf.lookahead, pf.depth, pf.cross_token) == (Lb, min(Eb, 4 * m.model.cfg.num_experts_per_tok), True)
     pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="lru-layer", accelerator=f).model.experts.prefetcher
     assert (pf.lookahead, pf.depth) == (Lb, m.model.cfg.num_experts_per_tok)  # lru-layer: deeper ranks unused
     pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive", accelerator=f, lookahead=2,
