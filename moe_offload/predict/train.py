@@ -88,7 +88,9 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 @torch.no_grad()
 def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window: int) -> dict[str, Any]:
     """Held-out adapter loss and recall@d (top-k exact and top-(k+1)) for next-gate (both variants)
-    and m2r2: the fraction of the true top-k experts of layer l+d found in the predicted set."""
+    and m2r2: the fraction of the true top-k experts of layer l+d found in the predicted set. With
+    cross-token adapters also "d{d}-later" (the rows landing in a later token), beside "repeat": the
+    current token's experts at that layer, for d <= L."""
     k, L = model.cfg.num_experts_per_tok, model.cfg.num_hidden_layers
     D = max(acc.lookaheads)
     preds = {"next-gate": NextGate(model, D, "residual"), "next-gate-normed": NextGate(model, D, "normed"),
@@ -123,9 +125,9 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
                     for extra in (0, 1):
                         top = s.topk(k + extra, dim=-1).indices  # [n, k+extra]
                         hits[(name, cell, extra)] += (true[q:, t, :, None] == top[:, None, :]).any(-1).sum().item()
-    recall = {name: {recall_label(d, q): {"top_k": hits[(name, (d, q), 0)] / count[(name, (d, q))],
-                                          "top_k_plus_1": hits[(name, (d, q), 1)] / count[(name, (d, q))]}
-                     for d, q in cells if count[(name, (d, q))]} for name in names}
+    recall = {name: {recall_label(*c): {"top_k": hits[(name, c, 0)] / count[(name, c)],
+                                        "top_k_plus_1": hits[(name, c, 1)] / count[(name, c)]}
+                     for c in cells if count[(name, c)]} for name in names}
     return {"loss": loss / max(1, n_windows), "recall": {n: r for n, r in recall.items() if r}, "tokens": len(ids)}
 
 
@@ -142,7 +144,8 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
                       router_hint: bool = False, norm_gain: bool = False, context: bool = True,
                       cross_token: bool = False) -> tuple[Accelerator, dict[str, Any]]:
     """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
-    router_hint / norm_gain / context: the optional adapter parts (Accelerator's C, G and P)."""
+    router_hint / norm_gain / context: the optional adapter parts (Accelerator's C, G and P);
+    cross_token: also the pairs past the last layer, trained on the next positions' routing."""
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
     train_ids, held_ids = ids[:split], ids[split:]
