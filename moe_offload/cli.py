@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-prev-context: the current token's residual only, as files before it)")
     t.add_argument("--cross-token", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the (l, d) adapters with l + d past the last layer: they predict the next "
-                        "token's layers (l + d - L), so prefetch plans reach across the token boundary (needs "
-                        "lookaheads up to about L + 2 to matter; report rows 'd{d}-later')")
+                        "token's layers (l + d - L), so prefetch plans reach across the token boundary (give lookaheads "
+                        "up to L at least; 2L measured best on the bundled model, with --policy predictive; "
+                        "report rows 'd{d}-later')")
     _add_runtime_args(t, prefetch=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
