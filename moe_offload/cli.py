@@ -398,7 +398,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     write_json_atomic(args.out + ".json", report)
     print(f"held-out recall@d (fraction of the true top-{model.config.num_experts_per_tok} found), "
           f"{report['heldout_tokens']} tokens:")
-    cols = [c for c in after["m2r2"]]  # "d{d}" within the token, "d{d}-later" (cross-token rows)
+    cols = list(after["m2r2"])  # "d{d}" within the token, "d{d}-later" (cross-token rows)
     print("| predictor | " + " | ".join(f"{c} top-k | {c} top-(k+1)" for c in cols) + " |")
     print("|---|" + "---|---|" * len(cols))
     for name in ("next-gate", "next-gate-normed", "m2r2", "repeat"):

@@ -155,7 +155,7 @@ class ExpertCache:
         evicting a protected (predicted, pinned or in-flight) expert. Returns whether a load started."""
         if self.slot_of[key] >= 0:
             return False
-        slot = self._take_slot(key[0], protect)
+        slot = self._take_slot(key[0], protect, incoming=key)
         if slot is None:
             return False
         self._start_load(key, prefetch=True, slot=slot, priority=priority)
@@ -264,15 +264,18 @@ class ExpertCache:
             raise
         del self.inflight[key]
 
-    def _take_slot(self, layer: int, protect: set[Key] | None = None) -> int | None:
+    def _take_slot(self, layer: int, protect: set[Key] | None = None, incoming: Key | None = None) -> int | None:
         """A slot for a new expert of `layer`: a free one, else the policy's victim among evictable
-        residents (never pinned, in flight, or in `protect`). None if a prefetch (protect given) finds
-        nothing it may evict; a demand load that finds nothing is an error."""
+        residents (never pinned, in flight, or in `protect`). None if a prefetch (protect given; of
+        `incoming`) finds nothing it may evict, or a victim the policy does not let it evict
+        (`EvictionPolicy.admits`); a demand load that finds nothing is an error."""
         per_layer = self.quota is not None and self.resident_per_layer[layer] >= self.quota[layer]
         if not per_layer and self.free_slots:
             return self.free_slots.pop()
         fast = self._pick_victim(layer if per_layer else None, protect)
         if fast is not None:
+            if incoming is not None and not self.policy.admits(fast, incoming):
+                return None
             self._drop(fast)  # puts its slot back on top of free_slots
             return self.free_slots.pop()
         if per_layer:
@@ -300,6 +303,8 @@ class ExpertCache:
             raise MoeOffloadError(f"expert cache: no evictable slot for layer {layer} "
                                   f"({self.num_slots} slots, {len(self.pinned)} pinned, {len(self.inflight)} in flight)")
         victim = self.policy.victim(candidates)
+        if incoming is not None and not self.policy.admits(victim, incoming):
+            return None
         slot = int(self.slot_of[victim])
         self._drop(victim)  # puts `slot` back on top of free_slots
         assert self.free_slots[-1] == slot

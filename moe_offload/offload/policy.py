@@ -60,6 +60,10 @@ class EvictionPolicy(ABC):
     def on_evict(self, key: Key) -> None:
         self.last_use.pop(key, None)
 
+    def admits(self, victim: Key, incoming: Key) -> bool:
+        """Whether a prefetch of `incoming` may evict `victim` (a demand load always may)."""
+        return True
+
     @abstractmethod
     def victim(self, candidates: Iterable[Key]) -> Key:
         """The candidate to evict (candidates are resident, unpinned, not in flight)."""
@@ -161,6 +165,11 @@ class Predictive(EvictionPolicy):
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         return max(candidates, key=lambda k: (self.next_use.get(k, math.inf), -self.last_use.get(k, 0)))
+
+    def admits(self, victim: Key, incoming: Key) -> bool:
+        """Not a resident expected to be used no later than the expert prefetched in its place."""
+        wanted = self.next_use.get(incoming)
+        return wanted is None or self.next_use.get(victim, math.inf) > wanted
 
     def pick(self, flat: np.ndarray) -> int | None:
         if self.stamp is None:

@@ -61,7 +61,7 @@ class Prefetcher:
         self.cross_token = bool(getattr(predictor, "cross_token", False))
         self.margin, self.max_inflight = margin, max_inflight
         self.pending: list[Key] = []
-        self._plan: list[tuple[Key, int]] = []  # the current plan: (key, layers until use from its layer)
+        self._dist: dict[Key, int] = {}  # the current plan: key -> layers until use from its layer
         self._ahead: list[tuple[Key, int]] = []  # its keys in later tokens, distance from the next token's start
         self.protect: set[Key] = set()
         self.cancelled = 0
@@ -118,23 +118,16 @@ class Prefetcher:
         if self.cross_token:
             self._ahead = self._ahead_from(layer)
 
-    def _needed_sooner(self, key: Key) -> set[Key]:
-        """Under the predictive policy: the residents expected to be used no later than `key` (a
-        prefetch must not evict them; with deeper ranks than loads the plan knows more residents than
-        it protects). Empty for other policies, and without deeper ranks (every planned key is protected)."""
-        pol = self.cache.policy
-        if self.depth == self.take or not isinstance(pol, Predictive) or pol.next_use_arr is None:
-            return set()
-        nu = pol.next_use_arr.reshape(-1)  # [L*E]
-        E = self.cache.num_experts
-        flat = np.flatnonzero(self.cache.resident_flat & (nu <= nu[key[0] * E + key[1]]))
-        return {(int(i) // E, int(i) % E) for i in flat}
+    @property
+    def _plan(self) -> list[tuple[Key, int]]:
+        """The current plan as (key, layers until its use), in plan order."""
+        return list(self._dist.items())
 
     def _ahead_from(self, layer: int) -> list[tuple[Key, int]]:
         """The current plan's keys past the token's last layer, with their distance from the token's
         start (the next token's layer t at distance t + 1)."""
         shift = self.num_layers - 1 - layer
-        return [(key, d - shift) for key, d in self._plan if d > shift]
+        return [(key, d - shift) for key, d in self._dist.items() if d > shift]
 
     # --- planning -------------------------------------------------------------------------------
     def _set_plan(self, ahead: list[tuple[Key, int]]) -> None:
@@ -147,25 +140,28 @@ class Prefetcher:
         load: list[Key] = []  # the first `take` ranks of each layer; deeper ranks inform eviction only
         top_k, take = self.top_k, self.take
         loading: set[Key] = set()
-        next_use: dict[Key, float] = {}  # expected layers until use: distance / P(use)
+        predictive = isinstance(self.cache.policy, Predictive)
+        next_use: dict[Key, float] = {}  # expected layers until use, distance / P(use): predictive only
         for key, d in ahead:
             r = rank.get(d, 0)
             rank[d] = r + 1
             p = 1.0 if r < top_k else 0.5 ** (r - top_k + 1)
             v = p / max(1, d)
             if v > value.get(key, 0.0):  # planned twice (this token and a later one): the likelier use
-                dist[key], value[key], next_use[key] = d, v, max(1, d) / p
+                dist[key], value[key] = d, v
+                if predictive:
+                    next_use[key] = max(1, d) / p
             if r < take and key not in loading:
                 loading.add(key)
                 load.append(key)
-        self._plan = list(dist.items())
+        self._dist = dist
         self.cancelled += sum(1 for key in self.pending if key not in loading)
         self.pending = load
         self.protect = loading
         self.value = value
         if self.cache.inflight:
             self._replan_inflight()
-        if isinstance(self.cache.policy, Predictive):
+        if predictive:
             self.cache.policy.set_next_use(next_use)
         self.pump()
 
@@ -197,8 +193,7 @@ class Prefetcher:
                 continue
             if protect is None:
                 protect = self.protect | cache.pinned
-            guard = self._needed_sooner(key)
-            if not cache.prefetch(key, protect | guard if guard else protect, priority=self.value.get(key, 0.0)):
+            if not cache.prefetch(key, protect, priority=self.value.get(key, 0.0)):
                 i = len(pending)  # nothing evictable for this one: later (lower-priority) ones neither
                 break
             self.issued += 1

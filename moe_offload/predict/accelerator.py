@@ -170,7 +170,6 @@ class Accelerator(nn.Module):
         self.cross_token = bool(cross_token)
         self.pairs = [(l, d) for l in range(num_layers) for d in self.lookaheads
                       if l + d < num_layers or self.cross_token]
-        self.pair_set = set(self.pairs)
         g = torch.Generator().manual_seed(seed)
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                    for l, d in self.pairs})
@@ -357,8 +356,7 @@ class M2R2Predictor:
         first prediction on): A, C, P, Q [n*R, .], B^T [n, R, H], target norm weights W [n, 1, H], routers
         G^T [n, H, E] in the model's dtype."""
         m, acc = self.model, self.acc
-        ds = [d for d in range(1, self.lookahead + 1)
-              if (layer, d) in acc.pair_set and (self.cross_token or not acc.target(layer, d)[0])]
+        ds = [d for d in range(1, self.lookahead + 1) if f"{layer}_{d}" in acc.A]  # the pairs it has
         if not ds:
             self._stacks[layer] = None
             return None
