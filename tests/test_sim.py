@@ -124,3 +124,24 @@ def test_oracle_with_a_lookahead_past_the_last_layer_fills_only_rows_within_the_
     L = trace.routed_ids.shape[1]
     assert pred.preds.shape[2] == 12 and np.isfinite(pred.preds[:, : L - 1, 0]).all()
     assert np.isnan(pred.preds[:, :, L - 1:]).all() and np.isnan(pred.preds[:, L - 1]).all()
+
+
+def test_simulate_charges_attention_peek_predictions(recorded):
+    # A trace whose m2r2 adapters peek (meta "m2r2") costs one attention (+ the stand-in) per predicted
+    # layer within the token: here L = 2, one row at layer 0, lookahead 1.
+    import dataclasses
+
+    _, trace = recorded
+    cfg, hw = model_config("mixtral-8x7b"), get_hardware("rtx4090-pcie4")
+    as_m2r2 = dataclasses.replace(trace, preds={"m2r2": trace.preds["next-gate"]})
+    plain = simulate(as_m2r2, cfg, hw, "int4", 128, "m2r2", "lru-layer", deep_oracle_bound=False)
+    assert plain.settings["predictor_ms_per_token"] == 0.0
+    peek = dataclasses.replace(as_m2r2, meta={"m2r2": {"attention_peek": True, "expert_rank": 64}})
+    p = simulate(peek, cfg, hw, "int4", 128, "m2r2", "lru-layer", deep_oracle_bound=False)
+    costs = StepCosts.for_model(cfg, hw, "int4")
+    row = costs.peek_row(cfg, hw, 64)
+    assert row > costs.attention
+    scale = cfg.num_hidden_layers / trace.routed_ids.shape[1]
+    assert p.settings["predictor_ms_per_token"] == pytest.approx(row * scale * 1e3)
+    assert p.per_token["compute"] == pytest.approx(plain.per_token["compute"] + row * scale)
+    assert p.tokens_per_second < plain.tokens_per_second

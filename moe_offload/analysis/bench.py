@@ -212,6 +212,20 @@ class Projection:
     settings: dict[str, Any]
 
 
+def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs: StepCosts, cfg: MixtralConfig,
+                      hw: Hardware, impl: ImplParams | None = None) -> np.ndarray | None:
+    """[L_trace] device seconds the predictor spends per layer, when the trace says what it costs: m2r2
+    with attention-peek adapters (trace meta "m2r2": {"attention_peek", "expert_rank"}) runs one
+    attention and one expert stand-in per predicted layer within the token. None otherwise (the
+    adapters' own low-rank matmuls are not charged)."""
+    form = (trace.meta or {}).get("m2r2") or {}
+    if predictor != "m2r2" or not form.get("attention_peek"):
+        return None
+    L = trace.routed_ids.shape[1]
+    row = costs.peek_row(cfg, hw, int(form.get("expert_rank", 0)), impl)
+    return np.array([min(lookahead, L - 1 - l) * row for l in range(L)])
+
+
 def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
              predictor: str, policy: str = "lru", bookkeeping_us: float = 20.0, lookahead: int | None = None,
              margin: int = 0, window: int = 1, chunk_bytes: int | None = None, cpu: CpuProfile | None = None,
@@ -245,8 +259,11 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                 "exposed_copy": res.exposed_copy_seconds * scale / res.tokens,
                 "bookkeeping": res.bookkeeping_seconds * scale / res.tokens}
 
-    res = run_timeline(trace.routed_ids, E, slots, policy, costs, predictor_from_trace(trace, predictor, lookahead),
-                       margin, window, chunk_bytes=chunk_bytes, cpu=lane, rank_depth=rank_depth)
+    recorded = predictor_from_trace(trace, predictor, lookahead)
+    pred_s = predictor_seconds(trace, predictor, recorded.lookahead, costs, cfg, hw, impl)
+    res = run_timeline(trace.routed_ids, E, slots, policy, costs, recorded,
+                       margin, window, chunk_bytes=chunk_bytes, cpu=lane, rank_depth=rank_depth,
+                       predictor_seconds=pred_s)
     pt = per_token(res)
     belady = run_timeline(trace.routed_ids, E, slots, "belady", costs)
     pt_all = per_token(belady)  # every expert on the device (no CPU lane)
@@ -275,4 +292,5 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                   "link_chunk_bytes": chunk_bytes, "cpu": cpu.key if cpu is not None else None,
                   "cpu_experts_per_token": st["cpu_experts"] * scale / T,
                   "on_time_share_of_hits": (st["hits"] - st["late_hits"]) / st["hits"] if st["hits"] else 0.0,
-                  "implementation": (impl or IMPL_THIS).key})
+                  "implementation": (impl or IMPL_THIS).key,
+                  "predictor_ms_per_token": 0.0 if pred_s is None else float(pred_s.sum()) * scale * 1e3})

@@ -107,6 +107,14 @@ class StepCosts:
     copy: float  # one expert over the link, latency included
     expert_bytes: int
 
+    def peek_row(self, cfg: MixtralConfig, hw: "Hardware", expert_rank: int, impl: "ImplParams | None" = None) -> float:
+        """Seconds of one attention-peek prediction row (predict/accelerator.py): the target layer's
+        attention on the estimated residual plus the stand-in of its experts (float32, dense over E)."""
+        impl = impl or IMPL_THIS
+        stand_in = 4 * cfg.num_local_experts * 2 * expert_rank * cfg.hidden_size
+        return self.attention + (stand_in / (hw.hbm_gbps * 1e9 * impl.kernel_efficiency) + hw.kernel_overhead_us * 1e-6
+                                 if expert_rank else 0.0)
+
     @classmethod
     def for_model(cls, cfg: MixtralConfig, hw: Hardware, expert_dtype: str = "bf16",
                   bookkeeping_us: float = 20.0, impl: "ImplParams | None" = None) -> "StepCosts":
@@ -336,11 +344,12 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
                  predictor: RecordedPredictor | None = None, margin: int = 0, window: int = 1,
                  on_step: Callable[[int, int], None] | None = None,
                  chunk_bytes: int | None = None, cpu: LaneCosts | None = None,
-                 rank_depth: int | None = None) -> TimelineResult:
+                 rank_depth: int | None = None, predictor_seconds: np.ndarray | None = None) -> TimelineResult:
     """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link.
     chunk_bytes: the link's chunk (None: whole experts, a FIFO link for demand loads). cpu: the CPU
     lane's costs (offload.cpu_lane): missed experts it wins per split_misses run on the CPU from the
-    moment the layer's ids are known, concurrently with the device's waits and GEMMs."""
+    moment the layer's ids are known, concurrently with the device's waits and GEMMs.
+    predictor_seconds [L]: the predictor's own device time at each layer (before its plan is issued)."""
     T, L, k = routed_ids.shape
     clock = VirtualClock()
     engine = SimCopyEngine(clock, costs.copy, costs.expert_bytes, chunk_bytes)
@@ -364,6 +373,9 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
             if pf is not None:  # the same calls, in the same order, as OffloadedExperts makes
                 pf.on_residual(l, residual, t)
                 pred = pf.predict(l)
+                if predictor_seconds is not None:
+                    clock.now += predictor_seconds[l]
+                    compute += predictor_seconds[l]
             t_ids = clock.now
             cpu_end = t_ids
             if cpu is not None:  # the same decision, with the same counting, as OffloadedExperts

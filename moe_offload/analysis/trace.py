@@ -61,6 +61,10 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
     embed = np.zeros((n, min(D, L), E), dtype=np.float32) if predictors else None
     cache = KVCache(cfg, 1, window, model.dtype, model.device)
     pos = {"start": 0}  # index into the text of the running chunk's first token
+    # Attention-peek predictors read a later layer's keys at earlier positions: scored once the chunk's
+    # forward has filled the cache, each row seeing the real keys before it (what decode sees).
+    deferred = {name for name, p in (predictors or {}).items() if getattr(getattr(p, "acc", None), "peek", False)}
+    residuals: list[tuple[int, torch.Tensor]] = []
 
     class Recorder(Observer):
         def on_step(self, input_ids, start_pos, host_ids):
@@ -77,7 +81,10 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
         def on_residual(self, layer, x, start_pos):
             s = pos["start"]
             for name, p in (predictors or {}).items():
-                preds[name][s:s + x.shape[0], layer] = p.scores(layer, x, s).float().cpu().numpy()
+                if name not in deferred:
+                    preds[name][s:s + x.shape[0], layer] = p.scores(layer, x, s).float().cpu().numpy()
+            if deferred:
+                residuals.append((layer, x.clone()))
 
     with observing(model, Recorder()), torch.inference_mode(), \
             tqdm(total=n, unit="tok", desc="routing", disable=not show_progress) as bar:
@@ -86,6 +93,11 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
                 c1 = min(n, w0 + window, c0 + chunk)
                 pos["start"] = c0
                 model(torch.tensor([token_ids[c0:c1]], device=model.device), c0 - w0, cache)
+                for layer, x in residuals:
+                    for name in deferred:
+                        history = (cache, c0 - w0, c1 - w0)
+                        preds[name][c0:c1, layer] = predictors[name].scores(layer, x, c0, history).float().cpu().numpy()
+                residuals.clear()
                 bar.update(c1 - c0)
     return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None, embed_preds=embed)
 

@@ -170,6 +170,9 @@ class MixtralTransformer(nn.Module):
         self.experts = experts
         # Everything outside the model that watches or steers a forward pass (see observers.py).
         self.observers: list[LayerObserver] = []
+        # The KV cache of the forward pass in progress (None outside one): what observers that peek at
+        # a later layer's attention read (M2R2Predictor with attention-peek adapters).
+        self.active_cache: KVCache | None = None
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -269,25 +272,72 @@ class MixtralTransformer(nn.Module):
             qkv = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps), v), dim=2)
         return qkv
 
+    def _project(self, x: torch.Tensor, layer: int, start: int | RowPositions
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] (normed) -> q [B, nh, T, hd], k, v [B, nkv, T, hd], RoPE applied at the positions."""
+        cfg = self.cfg
+        t, nh, nkv = x.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = self._qkv(x, self.layers[layer])  # [B, T, nh + 2 nkv, hd]
+        if isinstance(start, RowPositions):  # batched decode: each row at its own position
+            cos, sin = self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]  # [B, 1, 1, hd]
+        else:
+            cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
+        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin).transpose(1, 2)  # q and k heads at once: [B, nh+nkv, T, hd]
+        return qk[:, :nh], qk[:, nh:], qkv[:, :, nh + nkv:].transpose(1, 2)
+
     def _attention(self, x: torch.Tensor, layer: int, start: int | RowPositions, cache: KVCache | None
                    ) -> torch.Tensor:
         b, t, _ = x.shape
-        cfg, w = self.cfg, self.layers[layer]
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv = self._qkv(x, w)  # [B, T, nh + 2 nkv, hd]
-        if isinstance(start, RowPositions):  # batched decode: each row at its own position
-            cos, sin = self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]  # [B, 1, 1, hd]
-            q_start: int | torch.Tensor = start.pos
-        else:
-            cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
-            q_start = start
-        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin).transpose(1, 2)  # q and k heads at once: [B, nh+nkv, T, hd]
-        q, k = qk[:, :nh], qk[:, nh:]  # [B, nh, T, hd], [B, nkv, T, hd]
-        v = qkv[:, :, nh + nkv:].transpose(1, 2)  # [B, nkv, T, hd]
+        q, k, v = self._project(x, layer, start)  # [B, nh, T, hd], [B, nkv, T, hd] x2
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T (or span), hd]
-        o = attention(q, k, v, q_start, cfg.sliding_window)  # [B, nh, T, hd]
-        return F.linear(o.transpose(1, 2).reshape(b, t, -1), w.o_proj)
+        q_start = start.pos if isinstance(start, RowPositions) else start
+        o = attention(q, k, v, q_start, self.cfg.sliding_window)  # [B, nh, T, hd]
+        return F.linear(o.transpose(1, 2).reshape(b, t, -1), self.layers[layer].o_proj)
+
+    def peek_attention(self, layer: int, x: torch.Tensor, start: int | RowPositions, cache: KVCache | None,
+                       real_until: int | None = None) -> torch.Tensor:
+        """Layer `layer`'s attention output [B, T, H] for an *estimated* residual x [B, T, H] entering it,
+        without touching the cache (the M2R2 predictor's attention peek, see predict/accelerator.py).
+
+        Keys and values at positions before `real_until` (default: start, per row with RowPositions)
+        are the cache's real ones for `layer`; the chunk's own positions from there on use x's, causally.
+        real_until past the chunk (a cache already holding the chunk's real K/V, as in training) leaves
+        each position only its own estimated key besides the real earlier ones: what decode sees."""
+        cfg, w = self.cfg, self.layers[layer]
+        b, t, _ = x.shape
+        nkv, hd, win = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
+        rep = cfg.num_attention_heads // nkv
+        q, k, v = self._project(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps), layer, start)
+        if isinstance(start, RowPositions):
+            qpos = start.pos.view(b, 1)  # [B, T=1]
+            limit = qpos if real_until is None else qpos.clamp_max(real_until)
+            span = start.span
+        else:
+            qpos = torch.arange(start, start + t, device=x.device).view(1, t)  # [1, T]
+            limit = qpos.clamp_max(start if real_until is None else real_until)
+            span = start if real_until is None else max(start, min(real_until, start + t))
+        qg = q.float().reshape(b, nkv, rep * t, hd) / math.sqrt(hd)  # heads grouped by their kv head
+        if cache is not None and span > 0:
+            kh, vh = cache.k[layer, :, :, :span].float(), cache.v[layer, :, :, :span].float()  # [B, nkv, S, hd]
+        else:
+            kh = vh = x.new_zeros(b, nkv, 0, hd, dtype=torch.float32)
+        kpos = torch.arange(kh.shape[2], device=x.device).view(1, 1, -1)  # [1, 1, S]
+        seen = kpos < limit[..., None]  # [B|1, T, S]: real earlier keys
+        own_pos = qpos[..., None, :]  # [B|1, 1, T]: the chunk's own key positions
+        own = (own_pos <= qpos[..., None]) & (own_pos >= limit[..., None])  # estimated keys not covered by real ones
+        if win is not None:
+            seen &= kpos > qpos[..., None] - win
+            own &= own_pos > qpos[..., None] - win
+        s_h = (qg @ kh.transpose(-1, -2)).view(b, nkv, rep, t, -1)  # [B, nkv, rep, T, S]
+        s_o = (qg @ k.float().transpose(-1, -2)).view(b, nkv, rep, t, t)  # [B, nkv, rep, T, T]
+        s_h = s_h.masked_fill(~seen[:, None, None], float("-inf"))
+        s_o = s_o.masked_fill(~own[:, None, None], float("-inf"))
+        p = torch.softmax(torch.cat([s_h, s_o], dim=-1), dim=-1)  # [B, nkv, rep, T, S + T]
+        o = (p[..., :kh.shape[2]].reshape(b, nkv, rep * t, -1) @ vh
+             + p[..., kh.shape[2]:].reshape(b, nkv, rep * t, t) @ v.float())  # [B, nkv, rep*T, hd]
+        o = o.view(b, nkv * rep, t, hd).transpose(1, 2).reshape(b, t, -1)  # [B, T, nh*hd]
+        return F.linear(o.to(w.o_proj.dtype), w.o_proj)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
@@ -296,6 +346,15 @@ class MixtralTransformer(nn.Module):
         than T rows when a speculative verify rule of the expert backend dropped trailing positions.
         start_pos may be RowPositions (batched decode, T == 1: row b at its own position).
         host_ids: the same ids on the host when the caller has them (decode), for observers."""
+        self.active_cache = cache
+        try:
+            return self._forward(input_ids, start_pos, cache, router_logits, return_hidden, host_ids)
+        finally:
+            self.active_cache = None
+
+    def _forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions, cache: KVCache | None,
+                 router_logits: list[torch.Tensor] | None, return_hidden: bool, host_ids: Sequence[int] | None
+                 ) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
         observers = self.observers
         for ob in observers:

@@ -17,6 +17,14 @@ Optional parts (predictor v2; files without their tensors load and predict exact
         (l + d) // L positions later (the next token's layers, read by its router), so plans reach
         across the token boundary, as far ahead as a copy lasts. Trained on the shifted targets
         (`Accelerator.target`); metadata "cross_token": true.
+  attention peek  (within-token pairs): the accelerated residual runs through the real attention of
+        the layers it passes: s_0 = x, s_j = s_{j-1} + moe~_{l+j-1}(s_{j-1}) + attn_{l+j}(...) (`chain`),
+        keys and values of earlier positions read from the KV cache (`MixtralTransformer.peek_attention`),
+        and the pair's adapter adds its correction to s_d instead of x: the context the later layers
+        attend to, which the current residual alone lacks. moe~ is zero, or with expert_rank R2 > 0 a
+        low-rank stand-in of each expert (U [E, R2, H], V [E, H, R2] per layer; tensors "U.{l}", "V.{l}"),
+        mixed by the router of that layer on s, fitted to the real experts' output. Costs one attention
+        and one stand-in MoE per predicted layer. Metadata "attention_peek": true, "expert_rank": R2.
 
 The adapter file is safetensors with a metadata fingerprint of the model (config + routers + norms):
 loading it into another model fails.
@@ -41,6 +49,7 @@ from ..checkpoint import Checkpoint, router_name
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
 from ..model.transformer import MixtralTransformer
+from ..model.moe import route
 from .predictors import FirstLayerTable, router_probs
 
 META_KEY = "moe_offload_accelerator"
@@ -155,11 +164,14 @@ class Accelerator(nn.Module):
     """Adapters for every (l, d) with l + d < L (every (l, d) with cross_token)."""
 
     def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
-                 hint_experts: int = 0, gain: bool = False, context: bool = False, cross_token: bool = False):
+                 hint_experts: int = 0, gain: bool = False, context: bool = False, cross_token: bool = False,
+                 peek: bool = False, expert_rank: int = 0, num_experts: int = 0):
         """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
         distribution over E experts); gain: adds the learned normalisation gain G [H] per pair;
         context: adds P [R, H] per pair, reading the previous position's residual; cross_token: pairs
-        past the last layer predict later tokens' layers (`target`)."""
+        past the last layer predict later tokens' layers (`target`); peek: within-token pairs run
+        through the real attention of the layers they pass (`chain`); expert_rank: with peek, low-rank
+        stand-ins of each layer's num_experts experts on the way."""
         super().__init__()
         if not lookaheads or min(lookaheads) < 1:
             raise MoeOffloadError(f"lookaheads must be positive integers, got {lookaheads}")
@@ -168,6 +180,10 @@ class Accelerator(nn.Module):
         self.hidden, self.num_layers, self.rank = hidden, num_layers, rank
         self.lookaheads = sorted(set(lookaheads))
         self.cross_token = bool(cross_token)
+        self.peek, self.expert_rank, self.num_experts = bool(peek), int(expert_rank), int(num_experts)
+        if self.expert_rank < 0 or (self.expert_rank and (not self.peek or self.num_experts < 1)):
+            raise MoeOffloadError(f"expert_rank {expert_rank} needs peek and num_experts >= 1 "
+                                  f"(got peek={peek}, num_experts={num_experts})")
         self.pairs = [(l, d) for l in range(num_layers) for d in self.lookaheads
                       if l + d < num_layers or self.cross_token]
         g = torch.Generator().manual_seed(seed)
@@ -186,16 +202,59 @@ class Accelerator(nn.Module):
         if self.context:
             self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
             self.Q = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
+        if self.expert_rank:  # drawn last: the other parts' draws do not depend on it
+            R2, E = self.expert_rank, self.num_experts
+            self.U = nn.ParameterDict({str(l): nn.Parameter(torch.randn(E, R2, hidden, generator=g) / math.sqrt(hidden))
+                                       for l in range(num_layers - 1)})
+            self.V = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(E, hidden, R2)) for l in range(num_layers - 1)})
 
     def target(self, layer: int, d: int) -> tuple[int, int]:
         """(positions ahead, layer) that the adapter at (layer, d) predicts: (0, layer + d) within the
         token, (q, (layer + d) mod L) for the token q = (layer + d) // L positions later."""
         return divmod(layer + d, self.num_layers)
 
+    def peeks(self, layer: int, d: int) -> bool:
+        """Whether the pair (layer, d) runs through the real attention of layers layer+1..layer+d (within
+        the token only: a later token's attention would need keys that do not exist yet)."""
+        return self.peek and layer + d < self.num_layers
+
+    def stand_in(self, model: MixtralTransformer, layer: int, s: torch.Tensor,
+                 route_on: torch.Tensor | None = None) -> torch.Tensor:
+        """The low-rank stand-in of layer's routed experts on residual s [N, H] -> [N, H] float32 (zero
+        without expert_rank), mixed by layer's router on route_on (default s) as the model mixes them."""
+        if not self.expert_rank:
+            return torch.zeros_like(s, dtype=torch.float32)
+        w = model.layers[layer]
+        eps = model.cfg.rms_norm_eps
+        n = rms_norm(s.to(model.dtype), w.post_attention_layernorm, eps).float()  # [N, H]: the experts' input
+        if route_on is not None:
+            n_route = rms_norm(route_on.to(model.dtype), w.post_attention_layernorm, eps)
+        else:
+            n_route = n.to(model.dtype)
+        weights, ids = route(F.linear(n_route, w.gate), model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob)
+        mix = torch.zeros(s.shape[0], self.num_experts, device=s.device).scatter_(1, ids, weights)  # [N, E]
+        h = F.silu(torch.einsum("erh,nh->ner", self.U[str(layer)], n))  # [N, E, R2]
+        return torch.einsum("ehr,ner,ne->nh", self.V[str(layer)], h, mix)  # [N, H]
+
+    def chain(self, model: MixtralTransformer, layer: int, x: torch.Tensor, depth: int, start: Any, cache: Any,
+              real_until: int | None = None) -> list[torch.Tensor]:
+        """x [N, H] (the residual entering layer's MoE) -> [s_1 .. s_depth], s_j [N, H] float32: the
+        estimated residual entering layer+j's MoE. Each step adds the stand-in of the previous layer's
+        experts and layer+j's real attention (`MixtralTransformer.peek_attention`: earlier positions'
+        keys from `cache`; N = B * T rows of its batch B, or B rows at RowPositions)."""
+        b = x.shape[0] if not isinstance(start, int) else (cache.k.shape[1] if cache is not None else 1)
+        s, out = x.float(), []
+        for j in range(1, min(depth, self.num_layers - 1 - layer) + 1):
+            s = s + self.stand_in(model, layer + j - 1, s)
+            t = s.to(model.dtype).view(b, s.shape[0] // b, -1)  # [B, T, H]
+            s = s + model.peek_attention(layer + j, t, start, cache, real_until).reshape(s.shape).float()
+            out.append(s)
+        return out
+
     def param_groups(self) -> tuple[str, ...]:
         """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
         return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
-                + (("P", "Q") if self.context else ()))
+                + (("P", "Q") if self.context else ()) + (("U", "V") if self.expert_rank else ()))
 
     def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
@@ -209,10 +268,11 @@ class Accelerator(nn.Module):
         return weight * self.G[f"{layer}_{d}"].to(weight.dtype) if self.gain else weight
 
     def accelerate(self, layer: int, d: int, x: torch.Tensor, hint: torch.Tensor | None = None,
-                   prev: torch.Tensor | None = None) -> torch.Tensor:
+                   prev: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d.
         hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C.
-        prev [N, 2H]: each row's context (`context_rows`), needed with P and Q."""
+        prev [N, 2H]: each row's context (`context_rows`), needed with P and Q.
+        base [N, H]: what the correction is added to (default x; the chain's s_d with attention peek)."""
         key = f"{layer}_{d}"
         xf = x.float()
         a = F.linear(_rms(xf), self.A[key])  # [N, R]
@@ -225,7 +285,7 @@ class Accelerator(nn.Module):
                 raise MoeOffloadError("these adapters read the previous positions: pass prev=context_rows(x)[0]")
             h = self.hidden
             a = a + F.linear(_rms(prev[:, :h].float()), self.P[key]) + F.linear(_rms(prev[:, h:].float()), self.Q[key])
-        return xf + F.linear(F.silu(a), self.B[key])
+        return (xf if base is None else base) + F.linear(F.silu(a), self.B[key])
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> None:
         tensors = {f"{n}.{k}": p.detach().float().cpu().contiguous() for n in self.param_groups()
@@ -240,6 +300,10 @@ class Accelerator(nn.Module):
             meta["context"], meta["context_decay"] = True, CONTEXT_DECAY
         if self.cross_token:
             meta["cross_token"] = True
+        if self.peek:
+            meta["attention_peek"] = True
+        if self.expert_rank:
+            meta["expert_rank"], meta["num_experts"] = self.expert_rank, self.num_experts
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -260,16 +324,21 @@ class Accelerator(nn.Module):
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
                       int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
                       gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)),
-                      cross_token=bool(meta.get("cross_token", False)))
+                      cross_token=bool(meta.get("cross_token", False)),
+                      peek=bool(meta.get("attention_peek", False)), expert_rank=int(meta.get("expert_rank", 0)),
+                      num_experts=int(meta.get("num_experts", 0)))
             if acc.context and float(meta.get("context_decay", CONTEXT_DECAY)) != CONTEXT_DECAY:
                 raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
-            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*"); other tensors
+            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*", "U.*", "V.*"); other tensors
             # (the draft head) are not ours. Files from before C/G/P/Q have none of them and load as before.
             ours = tuple(f"{n}." for n in acc.param_groups())
             acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(ours)})
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        if acc.expert_rank and acc.num_experts != model.cfg.num_local_experts:
+            raise MoeOffloadError(f"{path}: expert stand-ins are for {acc.num_experts} experts; the model has "
+                                  f"{model.cfg.num_local_experts}")
         if acc.hint_experts and acc.hint_experts != model.cfg.num_local_experts:
             raise MoeOffloadError(f"{path}: router hint is over {acc.hint_experts} experts; the model has "
                                   f"{model.cfg.num_local_experts}")
@@ -324,10 +393,13 @@ class M2R2Predictor:
     def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         return self.first.top(token_id, take)
 
-    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0, history: tuple | None = None) -> torch.Tensor:
         """[N, D, E]: row d-1 scores layer l+d (a later token's layer with cross-token adapters; NaN
         where no adapter reaches). All of a layer's adapters run stacked: one matmul per adapter part
-        and one batched router, whatever D (a cross-token lookahead of 2L rows costs what 1 did)."""
+        and one batched router, whatever D (a cross-token lookahead of 2L rows costs what 1 did).
+        Attention-peek adapters read earlier positions' keys from `history` = (cache, position of x's
+        first row, real_until) (`MixtralTransformer.peek_attention`); by default the cache of the forward
+        pass in progress at start_pos, which holds the real keys of every position before it."""
         m = self.model
         N, E = x.shape[0], m.cfg.num_local_experts
         out = torch.full((N, self.lookahead, E), float("nan"), device=x.device)
@@ -345,6 +417,11 @@ class M2R2Predictor:
             a = a + F.linear(_rms(prev[:, :h]), st["P"]) + F.linear(_rms(prev[:, h:]), st["Q"])
         h_ = F.silu(a).view(N, n, R).transpose(0, 1)  # [n, N, R]
         r = xf[None] + torch.bmm(h_, st["Bt"])  # [n, N, H]: accelerated residuals, float32
+        if st["peek"]:  # within-token rows start from the chain through the real attention, not from x
+            cache, pos, real_until = history if history is not None else (m.active_cache, start_pos, None)
+            chain = self.acc.chain(m, layer, x, max(st["ds"]), pos, cache, real_until)  # s_1.. [N, H] each
+            r = torch.stack([r[i] + (chain[d - 1] - xf if self.acc.peeks(layer, d) else 0)
+                             for i, d in enumerate(st["ds"])])  # [n, N, H]
         normed = rms_norm(r.to(x.dtype), st["W"], m.cfg.rms_norm_eps)  # [n, N, H]
         logits = torch.bmm(normed, st["Gt"]).float()  # [n, N, E]
         out[:, st["rows"]] = torch.softmax(logits, dim=-1).transpose(0, 1)
@@ -363,7 +440,8 @@ class M2R2Predictor:
         keys = [f"{layer}_{d}" for d in ds]
         targets = [acc.target(layer, d)[1] for d in ds]
         cat = lambda name: torch.cat([getattr(acc, name)[k].float() for k in keys])  # noqa: E731
-        st = {"rows": torch.tensor([d - 1 for d in ds], device=m.device), "A": cat("A"),
+        st = {"rows": torch.tensor([d - 1 for d in ds], device=m.device), "A": cat("A"), "ds": ds,
+              "peek": any(acc.peeks(layer, d) for d in ds),
               "Bt": torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
               "W": torch.stack([acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)
                                 for d, t in zip(ds, targets)])[:, None],

@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 
 from ..model.layers import rms_norm
 from ..model.observers import Observer, observing
-from ..model.transformer import MixtralTransformer
+from ..errors import MoeOffloadError
+from ..model.moe import route
+from ..model.transformer import KVCache, MixtralTransformer
 from .accelerator import Accelerator, M2R2Predictor, context_rows
 from .predictors import NextGate, router_probs
 
@@ -20,15 +22,34 @@ ALIGN_WEIGHT = 0.1
 
 def collect_residuals(model: MixtralTransformer, ids: list[int]) -> torch.Tensor:
     """Residual entering every layer's MoE for one window of tokens: [T, L, H] float32."""
+    return collect_window(model, ids)[0]
+
+
+def collect_window(model: MixtralTransformer, ids: list[int], expert_outputs: bool = False
+                   ) -> tuple[torch.Tensor, KVCache] | tuple[torch.Tensor, KVCache, torch.Tensor]:
+    """collect_residuals plus the window's KV cache (the real keys and values of every layer at positions
+    0..T-1, what attention-peek adapters read), and with expert_outputs the routed experts' output of
+    every layer [T, L, H] float32 (what expert stand-ins are fitted to)."""
     xs = torch.empty(len(ids), model.cfg.num_hidden_layers, model.cfg.hidden_size, device=model.device)
+    cache = KVCache(model.cfg, 1, len(ids), model.dtype, model.device)
 
     class Residuals(Observer):
         def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
             xs[:, layer] = x.float()
 
     with observing(model, Residuals()), torch.inference_mode():
-        model(torch.tensor([ids], device=model.device))
-    return xs.clone()  # out of inference mode, usable as (constant) training input
+        model(torch.tensor([ids], device=model.device), 0, cache)
+    kept = KVCache.__new__(KVCache)  # clones: out of inference mode, usable as (constant) training input
+    kept.k, kept.v, kept.max_seq_len = cache.k.clone(), cache.v.clone(), cache.max_seq_len
+    if not expert_outputs:
+        return xs.clone(), kept
+    out = torch.empty_like(xs)
+    with torch.inference_mode():
+        for l, w in enumerate(model.layers):
+            n = rms_norm(xs[:, l].to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)
+            weights, top = route(F.linear(n, w.gate), model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob)
+            out[:, l] = model.experts(l, n, top, weights).float()
+    return xs.clone(), kept, out.clone()
 
 
 def true_router_probs(model: MixtralTransformer, xs: torch.Tensor) -> torch.Tensor:
@@ -52,14 +73,23 @@ def topk_ranking_loss(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torc
 
 
 def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, probs: torch.Tensor,
-                 rank_weight: float = 0.0) -> torch.Tensor:
+                 rank_weight: float = 0.0, cache: KVCache | None = None,
+                 expert_out: torch.Tensor | None = None) -> torch.Tensor:
     """Router distillation KL(p_true(l+d) || p(r)) plus ALIGN_WEIGHT * (1 - cos(r, x_{l+d})), plus
-    rank_weight * topk_ranking_loss (the set the router will pick, not only its distribution), averaged."""
+    rank_weight * topk_ranking_loss (the set the router will pick, not only its distribution), averaged.
+    Attention-peek adapters need the window's cache (`collect_window`): their r starts from the chain
+    through the real attention over the real earlier keys, as decode computes it; expert stand-ins add
+    `stand_in_loss` against expert_out."""
+    if acc.peek and cache is None:
+        raise MoeOffloadError("adapter_loss: attention-peek adapters need the window's KV cache (collect_window)")
     eps = model.cfg.rms_norm_eps
     k = model.cfg.num_experts_per_tok
     T = xs.shape[0]
     total, terms = 0.0, 0
     ctx = {l: context_rows(xs[:, l])[0] for l in {l for l, _ in acc.pairs}} if acc.context else {}  # [T, 2H]
+    # decode's view: each row sees the real keys before it, its own estimated one
+    chains = {l: acc.chain(model, l, xs[:, l], max(acc.lookaheads), 0, cache, real_until=T)
+              for l in range(model.cfg.num_hidden_layers - 1)} if acc.peek else {}
     for l, d in acc.pairs:
         q, t = acc.target(l, d)  # cross-token pairs: position p predicts layer t of position p + q
         n = T - q
@@ -67,7 +97,8 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
             continue
         hint = probs[:n, l] if acc.hint_experts else None  # [n, E]: layer l's own router distribution
         prev = ctx[l][:n] if acc.context else None  # [n, 2H]: the window starts at position 0
-        r = acc.accelerate(l, d, xs[:n, l], hint, prev)  # [n, H]
+        base = chains[l][d - 1] if acc.peeks(l, d) else None  # [n, H]: through the real attention
+        r = acc.accelerate(l, d, xs[:n, l], hint, prev, base)  # [n, H]
         w = acc.target_norm(l, d, model.layers[t].post_attention_layernorm.float())  # [H]
         logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [n, E]
         logq = F.log_softmax(logits, dim=-1)
@@ -78,7 +109,23 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
         terms += 1
         if rank_weight:
             total = total + rank_weight * topk_ranking_loss(logits, p, k)
-    return total / max(1, terms)
+    total = total / max(1, terms)
+    if acc.expert_rank:
+        total = total + stand_in_loss(model, acc, xs, expert_out)
+    return total
+
+
+def stand_in_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, expert_out: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """Mean over layers of the expert stand-ins' squared error against the real routed experts' output
+    expert_out [T, L, H] (`collect_window(..., expert_outputs=True)`), relative to its mean square."""
+    if expert_out is None:
+        raise MoeOffloadError("adapter_loss: expert stand-ins are fitted to the experts' output: pass "
+                              "expert_out from collect_window(..., expert_outputs=True)")
+    layers = range(model.cfg.num_hidden_layers - 1)
+    errs = [F.mse_loss(acc.stand_in(model, l, xs[:, l]), expert_out[:, l]) / expert_out[:, l].pow(2).mean().clamp_min(1e-12)
+            for l in layers]
+    return torch.stack(errs).mean()
 
 
 def windows(ids: list[int], size: int) -> list[list[int]]:
@@ -101,14 +148,15 @@ def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window
     count = {(n, c): 0 for n in names for c in cells}
     loss, n_windows = 0.0, 0
     for w in windows(ids, window):
-        xs = collect_residuals(model, w)
+        xs, cache, *out = collect_window(model, w, expert_outputs=bool(acc.expert_rank))
         probs = true_router_probs(model, xs)  # [T, L, E]
         true = probs.topk(k, dim=-1).indices  # [T, L, k]
-        loss += adapter_loss(model, acc, xs, probs).item()
+        loss += adapter_loss(model, acc, xs, probs, cache=cache, expert_out=out[0] if out else None).item()
         n_windows += 1
         for l in range(L):
             x = xs[:, l].to(model.dtype)
-            scores = {name: pred.scores(l, x) for name, pred in preds.items()}  # [T, D, E] each
+            scores = {name: pred.scores(l, x) for name, pred in preds.items() if name != "m2r2"}  # [T, D, E] each
+            scores["m2r2"] = preds["m2r2"].scores(l, x, history=(cache, 0, x.shape[0]))  # decode's view
             for d in range(1, D + 1):
                 q, t = divmod(l + d, L)
                 n = x.shape[0] - q
@@ -142,16 +190,20 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
                       seed: int = 0, show_progress: bool = True, rank_weight: float = 0.0,
                       router_hint: bool = False, norm_gain: bool = False, context: bool = True,
-                      cross_token: bool = False) -> tuple[Accelerator, dict[str, Any]]:
+                      cross_token: bool = False, peek: bool = False, expert_rank: int = 0
+                      ) -> tuple[Accelerator, dict[str, Any]]:
     """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
     router_hint / norm_gain / context: the optional adapter parts (Accelerator's C, G and P);
-    cross_token: also the pairs past the last layer, trained on the next positions' routing."""
+    cross_token: also the pairs past the last layer, trained on the next positions' routing;
+    peek: within-token pairs run through the real attention of the layers they pass (Accelerator's
+    attention peek); expert_rank: with peek, low-rank stand-ins of every layer's experts on the way."""
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
     train_ids, held_ids = ids[:split], ids[split:]
     acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed,
                       hint_experts=model.cfg.num_local_experts if router_hint else 0, gain=norm_gain,
-                      context=context, cross_token=cross_token).to(model.device)
+                      context=context, cross_token=cross_token, peek=peek, expert_rank=expert_rank,
+                      num_experts=model.cfg.num_local_experts).to(model.device)
     before = evaluate(model, acc, held_ids, window)
     opt = torch.optim.Adam(acc.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -161,10 +213,11 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
               disable=not show_progress) as bar:
         for epoch in range(epochs):
             for i in torch.randperm(len(chunks), generator=g).tolist():
-                xs = collect_residuals(model, chunks[i])  # streamed: one window in memory at a time
+                # streamed: one window in memory at a time
+                xs, cache, *out = collect_window(model, chunks[i], expert_outputs=bool(acc.expert_rank))
                 probs = true_router_probs(model, xs)
                 with torch.enable_grad():
-                    loss = adapter_loss(model, acc, xs, probs, rank_weight)
+                    loss = adapter_loss(model, acc, xs, probs, rank_weight, cache, out[0] if out else None)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -174,7 +227,8 @@ def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: 
     after = evaluate(model, acc, held_ids, window)
     report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
               "rank_loss_weight": rank_weight, "router_hint": router_hint, "norm_gain": norm_gain,
-              "context": context, "cross_token": cross_token,
+              "context": context, "cross_token": cross_token, "attention_peek": peek,
+              "expert_rank": expert_rank,
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
     return acc, report
