@@ -161,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stand-ins of their experts; the adapters correct the result (default on: held-out recall "
                         "0.96/0.95/0.95 at d=1/2/3 on the bundled model against 0.89/0.86/0.84 without, same "
                         "budget; costs one attention and one stand-in MoE per predicted layer at decode)")
-    t.add_argument("--expert-rank", type=int_arg(0), default=64, metavar="R",
-                   help="rank of each expert's stand-in on the attention-peek chain (default 64; 0 = no stand-ins, "
-                        "attention only: recall 0.93/0.88/0.86); ignored with --no-attention-peek")
+    t.add_argument("--expert-rank", default="auto", metavar="auto|R",
+                   help="rank of each expert's stand-in on the attention-peek chain (default auto: 512 / experts "
+                        "per layer, within 4..64, so 64 for Mixtral's 8 and 4 for 128, bounding the stand-ins' "
+                        "size; 0 = no stand-ins, attention only: recall 0.93/0.88/0.86 on the bundled model against "
+                        "0.96/0.95/0.95 at 64); ignored with --no-attention-peek")
     t.add_argument("--cross-token", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the (l, d) adapters with l + d past the last layer: they predict the next "
                         "token's layers (l + d - L), so prefetch plans reach across the token boundary (give lookaheads "
@@ -400,7 +402,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
                                     rank_weight=_rank_loss_weight(args), router_hint=args.router_hint,
                                     norm_gain=args.norm_gain, context=args.prev_context,
                                     cross_token=args.cross_token, peek=args.attention_peek,
-                                    expert_rank=args.expert_rank if args.attention_peek else 0)
+                                    expert_rank=_expert_rank(args, model.config.num_local_experts))
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
@@ -421,6 +423,23 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     print(f"held-out adapter loss {report['heldout_before']['loss']:.4f} -> {report['heldout_after']['loss']:.4f}; "
           f"{report['train_seconds']:.0f} s; wrote {args.out} and {args.out}.json")
     return 0 if draft_exit is None else _train_draft(args, model, ids, window, draft_exit)
+
+
+def _expert_rank(args: argparse.Namespace, num_experts: int) -> int:
+    """--expert-rank: auto = 512 // experts within 4..64; 0 without --attention-peek."""
+    from .errors import MoeOffloadError
+
+    if not args.attention_peek:
+        return 0
+    if args.expert_rank == "auto":
+        return max(4, min(64, 512 // num_experts))
+    try:
+        rank = int(args.expert_rank)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise MoeOffloadError(f"--expert-rank must be auto or an integer >= 0, got {args.expert_rank!r}")
+    return rank
 
 
 def _rank_loss_weight(args: argparse.Namespace) -> float:
@@ -474,15 +493,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     d = args.lookahead
     trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, d, args.accelerator,
                                     show_progress=sys.stderr.isatty())
-    meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path), "text": args.text,
-            "tokens": len(ids), "lookahead": d, "accelerator": args.accelerator,
+    meta = {**(trace.meta or {}), "fingerprint": model_fingerprint(model.model), "model": str(model.path),
+            "text": args.text, "tokens": len(ids), "lookahead": d, "accelerator": args.accelerator,
             "next_gate_variant": NEXT_GATE_VARIANT}
-    if args.accelerator is not None:  # the adapters' form: what the simulator charges for running them
-        from .predict import Accelerator
-
-        acc, _ = Accelerator.load(args.accelerator, model.model)
-        meta["m2r2"] = {"attention_peek": acc.peek, "expert_rank": acc.expert_rank, "rank": acc.rank,
-                        "lookaheads": acc.lookaheads, "cross_token": acc.cross_token}
     out = save_trace(args.out, trace, meta)
     print(f"wrote {out}: {len(ids)} tokens, {model.config.num_hidden_layers} layers, predictions "
           f"{sorted(trace.preds)} (lookahead {d})")
@@ -513,7 +526,7 @@ def _check_outputs(args: argparse.Namespace, *flags: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .analysis.bench import bench_cache, markdown_table, model_config, plot
+    from .analysis.bench import bench_cache, markdown_table, model_config, plot, predictor_seconds
     from .results import result_metadata, write_json_atomic
     from .runtime import bundled_accelerator_path, bundled_heldout_text, bundled_model_path, load
     from .analysis.sim import StepCosts, get_hardware
@@ -541,8 +554,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ["m2r2"] if trace.preds and "m2r2" in trace.preds else [])
     chunk, cpu = _link_settings(args)
     lane = cpu.lane_costs(costs, args.expert_dtype, chunk) if cpu is not None else None
+    m2r2_cost = predictor_seconds(trace, "m2r2", args.lookahead, costs, model_config(args.link_model), hw)
     rows = bench_cache(trace, [c * L for c in per_layer], args.policies.split(","), predictors, costs,
-                       args.lookahead, args.prefetch_margin, args.prefetch_window, chunk, lane, args.rank_depth)
+                       args.lookahead, args.prefetch_margin, args.prefetch_window, chunk, lane, args.rank_depth,
+                       {"m2r2": m2r2_cost} if m2r2_cost is not None else None)
     print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
           f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
     print(markdown_table(rows))

@@ -17,8 +17,9 @@ from moe_offload.model.transformer import KVCache, RowPositions
 from moe_offload.predict import Accelerator, M2R2Predictor, model_fingerprint
 from moe_offload.predict.train import collect_window, train_accelerator
 
-# three layers (a chain of two steps), GQA, and a sliding window shorter than the sequences
-PEEK_CFG = dataclasses.replace(CFG, num_hidden_layers=3, sliding_window=5)
+# three layers (a chain of two steps), GQA with two kv groups, a window shorter than the sequences
+PEEK_CFG = dataclasses.replace(CFG, num_hidden_layers=3, sliding_window=5, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=4)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,8 @@ def test_peek_on_the_true_input_is_the_layers_attention_in_every_cache_mode(mode
         rows = x[torch.arange(2), pos][:, None]  # [2, 1, H]
         got = rows + m.model.peek_attention(1, rows, RowPositions(pos, torch.arange(2), 10), cache)
         torch.testing.assert_close(got[:, 0], want[torch.arange(2), pos])
+        with pytest.raises(ValueError, match="real_until 3 is before"):
+            m.model.peek_attention(1, x[:, 7:], 7, cache, real_until=3)
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])  # nothing written
 
 
@@ -101,13 +104,27 @@ def test_chain_with_exact_stand_ins_reproduces_the_later_layers(model):
     torch.testing.assert_close(s2, mids[0, :, 2])
 
 
-def test_untrained_stand_ins_are_zero_and_the_pair_without_peek_is_unchanged(model):
+def test_stand_ins_decode_path_equals_the_dense_path_and_cross_rows_do_not_peek(model):
     m = model
     acc = Accelerator(PEEK_CFG.hidden_size, 3, [1, 2], rank=4, peek=True, expert_rank=3,
-                      num_experts=PEEK_CFG.num_local_experts)
+                      num_experts=PEEK_CFG.num_local_experts, cross_token=True)
     x = torch.randn(4, PEEK_CFG.hidden_size)
-    assert torch.equal(acc.stand_in(m.model, 0, x), torch.zeros_like(x))
-    assert acc.peeks(0, 2) and not acc.peeks(1, 2)
+    assert torch.equal(acc.stand_in(m.model, 0, x), torch.zeros_like(x))  # V starts at zero
+    with torch.no_grad():
+        for p in acc.V.values():
+            p.normal_()
+    dense = acc.stand_in(m.model, 0, x)  # 4 rows x top-2 >= 4 experts: every expert, masked
+    one = torch.cat([acc.stand_in(m.model, 0, x[i:i + 1]) for i in range(4)])  # gathered top-k
+    torch.testing.assert_close(one, dense)
+    assert acc.peeks(0, 2) and not acc.peeks(1, 2) and not acc.peeks(2, 1)
+    # a row landing in the next token scores as the same adapter without peek does
+    plain = Accelerator(PEEK_CFG.hidden_size, 3, [1, 2], rank=4, cross_token=True)
+    plain.load_state_dict({k: v for k, v in acc.state_dict().items() if k[0] in "AB"})
+    mids, cache = residuals(m, [list(range(3, 9))])
+    with torch.inference_mode():
+        a = M2R2Predictor(m.model, acc, 2).scores(2, mids[0, :, 2], history=(cache, 0, 6))
+        b = M2R2Predictor(m.model, plain, 2).scores(2, mids[0, :, 2])
+    torch.testing.assert_close(a, b)
     with pytest.raises(MoeOffloadError, match="needs peek"):
         Accelerator(PEEK_CFG.hidden_size, 3, [1], rank=4, expert_rank=3, num_experts=4)
 
@@ -167,6 +184,11 @@ def test_peek_training_beats_the_plain_adapter_and_round_trips(tmp_path):
     acc.save(f, {"fingerprint": model_fingerprint(m.model)})
     loaded, meta = Accelerator.load(f, m.model)
     assert meta["attention_peek"] is True and meta["expert_rank"] == 16 and loaded.expert_rank == 16
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as fh:  # a reader without the chain finds no "B.*" and fails loudly
+        names = list(fh.keys())
+    assert any(n.startswith("Bpeek.") for n in names) and not any(n.startswith("B.") for n in names)
     xs, cache = collect_window(m.model, ids[:40])
     a = M2R2Predictor(m.model, loaded, 3).scores(1, xs[:, 1], history=(cache, 0, 40))
     b = M2R2Predictor(m.model, acc, 3).scores(1, xs[:, 1], history=(cache, 0, 40))
@@ -185,6 +207,10 @@ def test_offloaded_decoding_with_a_peek_adapter_is_exact(model, tmp_path):
     for policy in ("lru-layer", "predictive"):
         off = moe_offload.load(path, device="cpu", cache_per_layer=2, policy=policy, predictor="m2r2",
                                lookahead=2, accelerator=f, prefetch_window=2)
+        peeks = []
+        real = off.model.peek_attention
+        off.model.peek_attention = lambda *a, **kw: peeks.append(a[3] is not None) or real(*a, **kw)
         res = off.generate(prompt, max_new_tokens=12)
         assert res.token_ids == want, policy
         assert res.stats["prefetch_issued"] > 0, res.stats
+        assert peeks and all(peeks), "decode predictions must peek through the forward's KV cache"

@@ -133,11 +133,13 @@ def _row(policy: str, predictor: str, slots: int, L: int, res: TimelineResult) -
 def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str], predictors: list[str],
                 costs: StepCosts, lookahead: int | None = None, margin: int = 0, window: int = 1,
                 chunk_bytes: int | None = None, cpu: LaneCosts | None = None,
-                rank_depth: int | None = None) -> list[dict[str, Any]]:
+                rank_depth: int | None = None, predictor_costs: dict[str, np.ndarray] | None = None
+                ) -> list[dict[str, Any]]:
     """Every capacity (total slots) x policy x predictor, plus the bounds: Belady (no prefetch), oracle
     prefetch (same lookahead and window) and deep oracle (DEEP_ORACLE_LOOKAHEAD layers ahead across
     tokens, DEEP_ORACLE_WINDOW in flight). chunk_bytes: the link's chunk (None: whole-expert FIFO);
-    cpu: CPU lane costs (None: every miss is copied); rank_depth: Prefetcher's (not the bounds')."""
+    cpu: CPU lane costs (None: every miss is copied); rank_depth: Prefetcher's (not the bounds');
+    predictor_costs: {predictor: its device seconds per layer} (`predictor_seconds`)."""
     T, L, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
     rows = []
@@ -153,7 +155,8 @@ def bench_cache(trace: RoutingTrace, capacities: list[int], policies: list[str],
             w = DEEP_ORACLE_WINDOW if name == "deep-oracle" else window
             res = run_timeline(trace.routed_ids, E, slots, policy, costs, preds[name], margin, w,
                                chunk_bytes=chunk_bytes, cpu=cpu,
-                               rank_depth=None if (policy, name) in BOUNDS.values() else rank_depth)
+                               rank_depth=None if (policy, name) in BOUNDS.values() else rank_depth,
+                               predictor_seconds=(predictor_costs or {}).get(name))
             rows.append({**_row(policy, name, slots, L, res), "bound": (policy, name) in BOUNDS.values(),
                          "tokens_per_second": T / res.seconds})
     return rows
@@ -216,14 +219,17 @@ def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs
                       hw: Hardware, impl: ImplParams | None = None) -> np.ndarray | None:
     """[L_trace] device seconds the predictor spends per layer, when the trace says what it costs: m2r2
     with attention-peek adapters (trace meta "m2r2": {"attention_peek", "expert_rank"}) runs one
-    attention and one expert stand-in per predicted layer within the token. None otherwise (the
-    adapters' own low-rank matmuls are not charged)."""
+    attention and one expert stand-in per predicted layer within the token: min(lookahead, L - 1 - l)
+    rows at layer l of cfg's L layers, charged at their mean on every traced layer (the trace's own
+    layer count would undercount a deeper model). None otherwise (the adapters' own low-rank matmuls
+    are not charged)."""
     form = (trace.meta or {}).get("m2r2") or {}
     if predictor != "m2r2" or not form.get("attention_peek"):
         return None
-    L = trace.routed_ids.shape[1]
+    L = cfg.num_hidden_layers
+    rows = sum(min(lookahead, L - 1 - l) for l in range(L)) / L
     row = costs.peek_row(cfg, hw, int(form.get("expert_rank", 0)), impl)
-    return np.array([min(lookahead, L - 1 - l) * row for l in range(L)])
+    return np.full(trace.routed_ids.shape[1], rows * row)
 
 
 def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
@@ -260,7 +266,7 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                 "bookkeeping": res.bookkeeping_seconds * scale / res.tokens}
 
     recorded = predictor_from_trace(trace, predictor, lookahead)
-    pred_s = predictor_seconds(trace, predictor, recorded.lookahead, costs, cfg, hw, impl)
+    pred_s = None if recorded is None else predictor_seconds(trace, predictor, recorded.lookahead, costs, cfg, hw, impl)
     res = run_timeline(trace.routed_ids, E, slots, policy, costs, recorded,
                        margin, window, chunk_bytes=chunk_bytes, cpu=lane, rank_depth=rank_depth,
                        predictor_seconds=pred_s)

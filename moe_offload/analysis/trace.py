@@ -108,10 +108,17 @@ def record_with_predictions(model: MixtralTransformer, token_ids: list[int], win
     from ..predict import Accelerator, M2R2Predictor, NextGate
 
     preds = {"next-gate": NextGate(model, lookahead)}
+    form = None
     if accelerator is not None:
         acc, _ = Accelerator.load(accelerator, model)
         preds["m2r2"] = M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
-    return record_routing(model, token_ids, window, show_progress=show_progress, predictors=preds)
+        # the adapters' form, in the trace's meta: what the simulator charges for running them
+        form = {"attention_peek": acc.peek, "expert_rank": acc.expert_rank, "rank": acc.rank,
+                "lookaheads": acc.lookaheads, "cross_token": acc.cross_token}
+    trace = record_routing(model, token_ids, window, show_progress=show_progress, predictors=preds)
+    if form is not None:
+        trace.meta = {**(trace.meta or {}), "m2r2": form}
+    return trace
 
 
 def save_trace(path: str | Path, trace: RoutingTrace, meta: dict) -> Path:

@@ -307,6 +307,9 @@ class MixtralTransformer(nn.Module):
         cfg, w = self.cfg, self.layers[layer]
         b, t, _ = x.shape
         nkv, hd, win = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
+        if real_until is not None and isinstance(start, int) and real_until < start:
+            raise ValueError(f"peek_attention: real_until {real_until} is before the chunk's start {start}; "
+                             "positions between them would be neither real nor estimated")
         rep = cfg.num_attention_heads // nkv
         q, k, v = self._project(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps), layer, start)
         if isinstance(start, RowPositions):
@@ -317,25 +320,29 @@ class MixtralTransformer(nn.Module):
             qpos = torch.arange(start, start + t, device=x.device).view(1, t)  # [1, T]
             limit = qpos.clamp_max(start if real_until is None else real_until)
             span = start if real_until is None else max(start, min(real_until, start + t))
-        qg = q.float().reshape(b, nkv, rep * t, hd) / math.sqrt(hd)  # heads grouped by their kv head
-        if cache is not None and span > 0:
-            kh, vh = cache.k[layer, :, :, :span].float(), cache.v[layer, :, :, :span].float()  # [B, nkv, S, hd]
+        qg = q.reshape(b, nkv, rep * t, hd) / math.sqrt(hd)  # [B, nkv, rep*T, hd]: heads grouped by their kv head
+        first = 0  # the first cached position any row can see (the sliding window drops older ones)
+        if win is not None and isinstance(start, int):
+            first = max(0, min(span, start - win + 1))
+        if cache is not None and span > first:
+            kh, vh = cache.k[layer, :, :, first:span], cache.v[layer, :, :, first:span]  # [B, nkv, S, hd], cache dtype
         else:
-            kh = vh = x.new_zeros(b, nkv, 0, hd, dtype=torch.float32)
-        kpos = torch.arange(kh.shape[2], device=x.device).view(1, 1, -1)  # [1, 1, S]
+            kh = vh = x.new_zeros(b, nkv, 0, hd, dtype=q.dtype)
+        kpos = first + torch.arange(kh.shape[2], device=x.device).view(1, 1, -1)  # [1, 1, S]
         seen = kpos < limit[..., None]  # [B|1, T, S]: real earlier keys
         own_pos = qpos[..., None, :]  # [B|1, 1, T]: the chunk's own key positions
         own = (own_pos <= qpos[..., None]) & (own_pos >= limit[..., None])  # estimated keys not covered by real ones
         if win is not None:
             seen &= kpos > qpos[..., None] - win
             own &= own_pos > qpos[..., None] - win
-        s_h = (qg @ kh.transpose(-1, -2)).view(b, nkv, rep, t, -1)  # [B, nkv, rep, T, S]
-        s_o = (qg @ k.float().transpose(-1, -2)).view(b, nkv, rep, t, t)  # [B, nkv, rep, T, T]
+        s_h = (qg.to(kh.dtype) @ kh.transpose(-1, -2)).float().view(b, nkv, rep, t, -1)  # [B, nkv, rep, T, S]
+        s_o = (qg @ k.transpose(-1, -2)).float().view(b, nkv, rep, t, t)  # [B, nkv, rep, T, T]
         s_h = s_h.masked_fill(~seen[:, None, None], float("-inf"))
         s_o = s_o.masked_fill(~own[:, None, None], float("-inf"))
         p = torch.softmax(torch.cat([s_h, s_o], dim=-1), dim=-1)  # [B, nkv, rep, T, S + T]
-        o = (p[..., :kh.shape[2]].reshape(b, nkv, rep * t, -1) @ vh
-             + p[..., kh.shape[2]:].reshape(b, nkv, rep * t, t) @ v.float())  # [B, nkv, rep*T, hd]
+        S = kh.shape[2]
+        o = ((p[..., :S].reshape(b, nkv, rep * t, S).to(vh.dtype) @ vh).float()
+             + p[..., S:].reshape(b, nkv, rep * t, t) @ v.float())  # [B, nkv, rep*T, hd] float32
         o = o.view(b, nkv * rep, t, hd).transpose(1, 2).reshape(b, t, -1)  # [B, T, nh*hd]
         return F.linear(o.to(w.o_proj.dtype), w.o_proj)
 

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 from ..checkpoint import Checkpoint, router_name
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
-from ..model.transformer import MixtralTransformer
+from ..model.transformer import MixtralTransformer, RowPositions
 from ..model.moe import route
 from .predictors import FirstLayerTable, router_probs
 
@@ -218,23 +218,30 @@ class Accelerator(nn.Module):
         the token only: a later token's attention would need keys that do not exist yet)."""
         return self.peek and layer + d < self.num_layers
 
-    def stand_in(self, model: MixtralTransformer, layer: int, s: torch.Tensor,
-                 route_on: torch.Tensor | None = None) -> torch.Tensor:
+    def stand_in(self, model: MixtralTransformer, layer: int, s: torch.Tensor) -> torch.Tensor:
         """The low-rank stand-in of layer's routed experts on residual s [N, H] -> [N, H] float32 (zero
-        without expert_rank), mixed by layer's router on route_on (default s) as the model mixes them."""
+        without expert_rank), mixed by layer's router on s as the model mixes them."""
         if not self.expert_rank:
             return torch.zeros_like(s, dtype=torch.float32)
         w = model.layers[layer]
-        eps = model.cfg.rms_norm_eps
-        n = rms_norm(s.to(model.dtype), w.post_attention_layernorm, eps).float()  # [N, H]: the experts' input
-        if route_on is not None:
-            n_route = rms_norm(route_on.to(model.dtype), w.post_attention_layernorm, eps)
-        else:
-            n_route = n.to(model.dtype)
-        weights, ids = route(F.linear(n_route, w.gate), model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob)
+        normed = rms_norm(s.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)  # [N, H]
+        weights, ids = route(F.linear(normed, w.gate), model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob)
+        n, U, V = normed.float(), self.U[str(layer)], self.V[str(layer)]
+        if ids.numel() < self.num_experts:  # decode: only the chosen experts' stand-ins
+            h = F.silu(torch.einsum("nkrh,nh->nkr", U[ids], n))  # [N, k, R2]
+            return torch.einsum("nkhr,nkr,nk->nh", V[ids], h, weights)  # [N, H]
         mix = torch.zeros(s.shape[0], self.num_experts, device=s.device).scatter_(1, ids, weights)  # [N, E]
-        h = F.silu(torch.einsum("erh,nh->ner", self.U[str(layer)], n))  # [N, E, R2]
-        return torch.einsum("ehr,ner,ne->nh", self.V[str(layer)], h, mix)  # [N, H]
+        h = F.silu(torch.einsum("erh,nh->ner", U, n))  # [N, E, R2]: every expert, masked by mix
+        return torch.einsum("ehr,ner,ne->nh", V, h, mix)  # [N, H]
+
+    def moe_estimate(self, model: MixtralTransformer, layer: int, s: torch.Tensor) -> torch.Tensor:
+        """Layer's MoE output on residual s [N, H] as the chain estimates it: the stand-ins of the routed
+        experts plus, for families that have one, the resident shared expert itself. [N, H] float32."""
+        y = self.stand_in(model, layer, s)
+        if model.cfg.has_shared_expert:
+            normed = rms_norm(s.to(model.dtype), model.layers[layer].post_attention_layernorm, model.cfg.rms_norm_eps)
+            y = y + model.shared_expert(normed, layer).float()
+        return y
 
     def chain(self, model: MixtralTransformer, layer: int, x: torch.Tensor, depth: int, start: Any, cache: Any,
               real_until: int | None = None) -> list[torch.Tensor]:
@@ -242,14 +249,20 @@ class Accelerator(nn.Module):
         estimated residual entering layer+j's MoE. Each step adds the stand-in of the previous layer's
         experts and layer+j's real attention (`MixtralTransformer.peek_attention`: earlier positions'
         keys from `cache`; N = B * T rows of its batch B, or B rows at RowPositions)."""
-        b = x.shape[0] if not isinstance(start, int) else (cache.k.shape[1] if cache is not None else 1)
+        b = x.shape[0] if isinstance(start, RowPositions) else (cache.k.shape[1] if cache is not None else 1)
         s, out = x.float(), []
         for j in range(1, min(depth, self.num_layers - 1 - layer) + 1):
-            s = s + self.stand_in(model, layer + j - 1, s)
+            s = s + self.moe_estimate(model, layer + j - 1, s)
             t = s.to(model.dtype).view(b, s.shape[0] // b, -1)  # [B, T, H]
             s = s + model.peek_attention(layer + j, t, start, cache, real_until).reshape(s.shape).float()
             out.append(s)
         return out
+
+    def _file_prefix(self, group: str) -> str:
+        """The file's tensor prefix of a parameter group: the attention-peek correction B is stored as
+        "Bpeek", so a reader that does not know the chain fails on the file (no "B.*") instead of adding
+        the correction to x."""
+        return "Bpeek" if group == "B" and self.peek else group
 
     def param_groups(self) -> tuple[str, ...]:
         """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
@@ -288,7 +301,7 @@ class Accelerator(nn.Module):
         return (xf if base is None else base) + F.linear(F.silu(a), self.B[key])
 
     def save(self, path: str | Path, meta: dict[str, Any]) -> None:
-        tensors = {f"{n}.{k}": p.detach().float().cpu().contiguous() for n in self.param_groups()
+        tensors = {f"{self._file_prefix(n)}.{k}": p.detach().float().cpu().contiguous() for n in self.param_groups()
                    for k, p in getattr(self, n).items()}
         meta = {**meta, "lookaheads": self.lookaheads, "rank": self.rank, "hidden": self.hidden,
                 "num_layers": self.num_layers}
@@ -331,8 +344,11 @@ class Accelerator(nn.Module):
                 raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
             # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*", "U.*", "V.*"); other tensors
             # (the draft head) are not ours. Files from before C/G/P/Q have none of them and load as before.
-            ours = tuple(f"{n}." for n in acc.param_groups())
-            acc.load_state_dict({k: v for k, v in tensors.items() if k.startswith(ours)})
+            prefixes = {f"{acc._file_prefix(n)}.": f"{n}." for n in acc.param_groups()}
+            acc.load_state_dict({prefixes[k.split(".", 1)[0] + "."] + k.split(".", 1)[1]: v
+                                 for k, v in tensors.items() if k.split(".", 1)[0] + "." in prefixes})
+        except MoeOffloadError as exc:
+            raise MoeOffloadError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
