@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier positions' keys read from the KV cache) and, with --expert-rank, low-rank "
                         "stand-ins of their experts; the adapters correct the result (default on: held-out recall "
                         "0.96/0.95/0.95 at d=1/2/3 on the bundled model against 0.89/0.86/0.84 without, same "
-                        "budget; costs one attention and one stand-in MoE per predicted layer at decode)")
+                        "budget; costs one attention and one stand-in MoE per predicted layer at decode: in the "
+                        "Mixtral-8x7B int4 projection it gains <1%% without the CPU lane and loses 5-15%% with it, "
+                        "benchmarks/results/peek_cost_sim.json; --no-attention-peek for the cheaper v2 form)")
     t.add_argument("--expert-rank", default="auto", metavar="auto|R",
                    help="rank of each expert's stand-in on the attention-peek chain (default auto: 512 / experts "
                         "per layer, within 4..64, so 64 for Mixtral's 8 and 4 for 128, bounding the stand-ins' "

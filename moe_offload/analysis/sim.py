@@ -374,8 +374,8 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
                 pf.on_residual(l, residual, t)
                 pred = pf.predict(l)
                 if predictor_seconds is not None:
-                    clock.now += predictor_seconds[l]
-                    compute += predictor_seconds[l]
+                    clock.now += float(predictor_seconds[l])
+                    compute += float(predictor_seconds[l])
             t_ids = clock.now
             cpu_end = t_ids
             if cpu is not None:  # the same decision, with the same counting, as OffloadedExperts
