@@ -477,6 +477,10 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     acc, _ = Accelerator.load(acc_file, model)
     if acc.cross_token and asked_lookahead is None:  # its plans reach as far as it was trained to see
         lookahead = max(acc.lookaheads)
+    if asked_lookahead is not None and asked_lookahead > max(acc.lookaheads):
+        raise MoeOffloadError(f"lookahead {asked_lookahead}: the m2r2 adapters in {acc_file} were trained for "
+                              f"lookaheads {acc.lookaheads}; ask for at most {max(acc.lookaheads)} or train adapters "
+                              f"with `moe-offload train-accelerator --lookahead 1,...,{asked_lookahead}`")
     return M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
 
 

@@ -201,3 +201,12 @@ def test_accelerator_whose_metadata_disagrees_with_its_tensors(tmp_path):
         save_file(tensors, str(bad), metadata={**raw, META_KEY: json.dumps(meta)})
         with pytest.raises(MoeOffloadError, match="disagrees|adapters are for"):
             runtime.load(device="cpu", cache_per_layer=2, accelerator=str(bad))
+
+
+def test_a_lookahead_past_the_adapters_range_is_refused_not_cut():
+    import moe_offload
+
+    with pytest.raises(MoeOffloadError, match=r"lookahead 5: the m2r2 adapters in .* were trained for lookaheads \[1, 2, 3\]"):
+        moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=5)
+    m = moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=3)  # within range: fine
+    assert m.generate(m.encode("And God"), max_new_tokens=2).stats["predictor"] == "m2r2"
