@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "per layer, within 4..64, so 64 for Mixtral's 8 and 4 for 128, bounding the stand-ins' "
                         "size; 0 = no stand-ins, attention only: recall 0.93/0.88/0.86 on the bundled model against "
                         "0.96/0.95/0.95 at 64); ignored with --no-attention-peek")
+    t.add_argument("--cross-heads", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --cross-token: the rows past the last layer share one trunk per layer and keep only a "
+                        "[experts, rank] logit head each (E·R parameters per row instead of 4·R·hidden: what lets "
+                        "cross-token prediction scale to Mixtral's 32 layers)")
     t.add_argument("--cross-token", action=argparse.BooleanOptionalAction, default=False,
                    help="also train the (l, d) adapters with l + d past the last layer: they predict the next "
                         "token's layers (l + d - L), so prefetch plans reach across the token boundary (give lookaheads "
@@ -404,7 +408,8 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
                                     rank_weight=_rank_loss_weight(args), router_hint=args.router_hint,
                                     norm_gain=args.norm_gain, context=args.prev_context,
                                     cross_token=args.cross_token, peek=args.attention_peek,
-                                    expert_rank=_expert_rank(args, model.config.num_local_experts))
+                                    expert_rank=_expert_rank(args, model.config.num_local_experts),
+                                    cross_heads=args.cross_token and args.cross_heads)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,

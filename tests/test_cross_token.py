@@ -14,6 +14,7 @@ from moe_offload.offload.cache import ExpertCache
 from moe_offload.offload.policy import make_policy
 from moe_offload.offload.prefetch import Prefetcher
 from moe_offload.analysis.sim import SimCopyEngine, VirtualClock, VirtualStore
+from moe_offload import MoeOffloadError
 from moe_offload.predict import Accelerator, M2R2Predictor, NextGate, model_fingerprint
 from moe_offload.predict.predictors import router_probs
 from moe_offload.predict.train import adapter_loss, train_accelerator, true_router_probs
@@ -70,15 +71,18 @@ def test_cross_token_loss_reads_the_next_positions_targets(tmp_path):
     assert not torch.equal(adapter_loss(m.model, acc, xs4, true_router_probs(m.model, xs4)), base)
 
 
-@pytest.fixture(scope="module")
-def bundled_cross(tmp_path_factory):
+@pytest.fixture(scope="module", params=["pairs", "heads"])
+def bundled_cross(tmp_path_factory, request):
+    """Cross-token adapters trained on the bundled model: per-pair residual adapters, or (heads) the
+    rows past the last layer as logit heads on a shared trunk per layer."""
     from moe_offload.runtime import bundled_heldout_text
 
     m = moe_offload.load(device="cpu", offload=False)
     ids = m.encode_text(bundled_heldout_text().read_text(encoding="utf-8"))[:6000]
     Lb = m.model.cfg.num_hidden_layers
     acc, report = train_accelerator(m.model, ids, lookaheads=list(range(1, Lb + 1)), rank=16, epochs=2, lr=1e-2,
-                                    window=128, show_progress=False, rank_weight=1.0, cross_token=True)
+                                    window=128, show_progress=False, rank_weight=1.0, cross_token=True,
+                                    cross_heads=request.param == "heads")
     f = tmp_path_factory.mktemp("x") / "cross.safetensors"
     acc.save(f, {"fingerprint": model_fingerprint(m.model), "model": str(m.path)})
     return m, acc, report, f
@@ -278,3 +282,25 @@ def test_a_prefetch_never_evicts_a_resident_needed_no_later_than_itself():
     assert pf.issued == 0 and cache.is_resident(0, 0) and not cache.is_resident(1, 3)
     pf._set_plan([((1, 3), 1), ((0, 1), 2), ((0, 2), 3), ((0, 0), 3)])  # (1, 3) first, (0, 0) in 6: evictable
     assert pf.issued == 1 and not cache.is_resident(0, 0) and cache.is_resident(1, 3)
+
+
+def test_cross_heads_share_a_trunk_and_start_as_the_target_routers(tmp_path):
+    m = moe_offload.load(write_model(tmp_path), device="cpu", offload=False)
+    H = CFG.hidden_size
+    heads = Accelerator(H, L, [1, 2, 3], rank=4, context=True, cross_token=True, cross_heads=True, num_experts=E)
+    pairs = Accelerator(H, L, [1, 2, 3], rank=4, context=True, cross_token=True)
+    assert heads.pairs == pairs.pairs and heads.residual_pairs == [(0, 1)]  # L = 2: one row within the token
+    assert sorted(heads.XH) == ["0_2", "0_3", "1_1", "1_2", "1_3"] and sorted(heads.XA) == ["0", "1"]
+    assert heads.XH["1_1"].shape == (E, 4)
+    x = torch.randn(3, H)
+    # zero heads: each row is its target layer's router on today's residual, as an untrained adapter
+    torch.testing.assert_close(M2R2Predictor(m.model, heads, 3).scores(1, x), M2R2Predictor(m.model, pairs, 3).scores(1, x))
+    with torch.no_grad():
+        for p in heads.XH.values():
+            p.normal_()
+    got = M2R2Predictor(m.model, heads, 3).scores(1, x)  # stacked, with the context of position 0 (zero)
+    prev = torch.zeros(3, 2 * H)
+    for d in (1, 2, 3):
+        torch.testing.assert_close(got[:, d - 1], torch.softmax(heads.head_logits(m.model, 1, d, x, prev), -1))
+    with pytest.raises(MoeOffloadError, match="cross_heads needs cross_token"):
+        Accelerator(H, L, [1], rank=4, cross_heads=True, num_experts=E)

@@ -17,6 +17,12 @@ Optional parts (predictor v2; files without their tensors load and predict exact
         (l + d) // L positions later (the next token's layers, read by its router), so plans reach
         across the token boundary, as far ahead as a copy lasts. Trained on the shifted targets
         (`Accelerator.target`); metadata "cross_token": true.
+  cross heads  (cross_heads, with cross_token): the rows past the last layer share one trunk per layer
+        (XA, XP, XQ [R, H]: h = silu(XA · rms(x) + XP · rms(x_prev) + XQ · rms(m_prev))) and each keeps
+        only a logit head XH [E, R] added to the target router's logits on today's residual:
+        logits = G_t · rms_norm(x, w_t) + XH · h. Per row E·R parameters instead of 4·R·H: for Mixtral
+        (32 layers, lookahead 64, rank 128) ~0.2 GB of float32 instead of ~17 GB. Tensors "XA.{l}",
+        "XP.{l}", "XQ.{l}", "XH.{l}_{d}"; metadata "cross_heads": true.
   attention peek  (within-token pairs): the accelerated residual runs through the real attention of
         the layers it passes: s_0 = x, s_j = s_{j-1} + moe~_{l+j-1}(s_{j-1}) + attn_{l+j}(...) (`chain`),
         keys and values of earlier positions read from the KV cache (`MixtralTransformer.peek_attention`),
@@ -165,13 +171,14 @@ class Accelerator(nn.Module):
 
     def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
                  hint_experts: int = 0, gain: bool = False, context: bool = False, cross_token: bool = False,
-                 peek: bool = False, expert_rank: int = 0, num_experts: int = 0):
+                 peek: bool = False, expert_rank: int = 0, num_experts: int = 0, cross_heads: bool = False):
         """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
         distribution over E experts); gain: adds the learned normalisation gain G [H] per pair;
         context: adds P [R, H] per pair, reading the previous position's residual; cross_token: pairs
         past the last layer predict later tokens' layers (`target`); peek: within-token pairs run
         through the real attention of the layers they pass (`chain`); expert_rank: with peek, low-rank
-        stand-ins of each layer's num_experts experts on the way."""
+        stand-ins of each layer's num_experts experts on the way; cross_heads: the rows past the last
+        layer as a shared trunk per layer and a logit head per row over num_experts (`head_logits`)."""
         super().__init__()
         if not lookaheads or min(lookaheads) < 1:
             raise MoeOffloadError(f"lookaheads must be positive integers, got {lookaheads}")
@@ -184,34 +191,74 @@ class Accelerator(nn.Module):
         if self.expert_rank < 0 or (self.expert_rank and (not self.peek or self.num_experts < 1)):
             raise MoeOffloadError(f"expert_rank {expert_rank} needs peek and num_experts >= 1 "
                                   f"(got peek={peek}, num_experts={num_experts})")
+        self.cross_heads = bool(cross_heads)
+        if self.cross_heads and (not self.cross_token or self.num_experts < 1):
+            raise MoeOffloadError(f"cross_heads needs cross_token and num_experts >= 1 (got cross_token={cross_token}, "
+                                  f"num_experts={num_experts})")
         self.pairs = [(l, d) for l in range(num_layers) for d in self.lookaheads
                       if l + d < num_layers or self.cross_token]
+        # the pairs with their own residual adapter (all of them, or those within the token with heads)
+        self.residual_pairs = [(l, d) for l, d in self.pairs if not self.is_head(l, d)]
         g = torch.Generator().manual_seed(seed)
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
-                                   for l, d in self.pairs})
-        self.B = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(hidden, rank)) for l, d in self.pairs})
+                                   for l, d in self.residual_pairs})
+        self.B = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(hidden, rank)) for l, d in self.residual_pairs})
         self.hint_experts, self.gain = int(hint_experts), bool(gain)
         if self.hint_experts < 0:
             raise MoeOffloadError(f"hint_experts must be >= 0, got {hint_experts}")
         if self.hint_experts:
             self.C = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, self.hint_experts))
-                                       for l, d in self.pairs})
+                                       for l, d in self.residual_pairs})
         if self.gain:
-            self.G = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.ones(hidden)) for l, d in self.pairs})
+            self.G = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.ones(hidden)) for l, d in self.residual_pairs})
         self.context = bool(context)
         if self.context:
-            self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
-            self.Q = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.pairs})
+            self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.residual_pairs})
+            self.Q = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.residual_pairs})
         if self.expert_rank:  # drawn last: the other parts' draws do not depend on it
             R2, E = self.expert_rank, self.num_experts
             self.U = nn.ParameterDict({str(l): nn.Parameter(torch.randn(E, R2, hidden, generator=g) / math.sqrt(hidden))
                                        for l in range(num_layers - 1)})
             self.V = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(E, hidden, R2)) for l in range(num_layers - 1)})
+        if self.cross_heads:  # drawn after the rest, for the same reason
+            trunks = sorted({l for l, d in self.pairs if self.is_head(l, d)})
+            self.XA = nn.ParameterDict({str(l): nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
+                                        for l in trunks})
+            if self.context:
+                self.XP = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(rank, hidden)) for l in trunks})
+                self.XQ = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(rank, hidden)) for l in trunks})
+            self.XH = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(self.num_experts, rank))
+                                        for l, d in self.pairs if self.is_head(l, d)})
 
     def target(self, layer: int, d: int) -> tuple[int, int]:
         """(positions ahead, layer) that the adapter at (layer, d) predicts: (0, layer + d) within the
         token, (q, (layer + d) mod L) for the token q = (layer + d) // L positions later."""
         return divmod(layer + d, self.num_layers)
+
+    def is_head(self, layer: int, d: int) -> bool:
+        """Whether the pair (layer, d) is a logit head on its layer's shared trunk (cross_heads, rows past
+        the last layer) rather than a residual adapter."""
+        return self.cross_heads and layer + d >= self.num_layers
+
+    def trunk(self, layer: int, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The cross heads' shared trunk of `layer` on x [N, H] (and its context prev [N, 2H]) -> [N, R]."""
+        key = str(layer)
+        a = F.linear(_rms(x.float()), self.XA[key])  # [N, R]
+        if self.context:
+            if prev is None:
+                raise MoeOffloadError("these cross heads read the previous positions: pass prev=context_rows(x)[0]")
+            h = self.hidden
+            a = a + F.linear(_rms(prev[:, :h].float()), self.XP[key]) + F.linear(_rms(prev[:, h:].float()), self.XQ[key])
+        return F.silu(a)
+
+    def head_logits(self, model: MixtralTransformer, layer: int, d: int, x: torch.Tensor,
+                    prev: torch.Tensor | None = None) -> torch.Tensor:
+        """A cross head's router logits [N, E] float32 for the layer it targets in a later token: that
+        layer's router on today's residual x [N, H] plus XH · trunk (zero XH: the router alone)."""
+        t = self.target(layer, d)[1]
+        w = model.layers[t]
+        base = F.linear(rms_norm(x.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps), w.gate)
+        return base.float() + F.linear(self.trunk(layer, x, prev), self.XH[f"{layer}_{d}"])
 
     def peeks(self, layer: int, d: int) -> bool:
         """Whether the pair (layer, d) runs through the real attention of layers layer+1..layer+d (within
@@ -267,7 +314,8 @@ class Accelerator(nn.Module):
     def param_groups(self) -> tuple[str, ...]:
         """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
         return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
-                + (("P", "Q") if self.context else ()) + (("U", "V") if self.expert_rank else ()))
+                + (("P", "Q") if self.context else ()) + (("U", "V") if self.expert_rank else ())
+                + ((("XA", "XP", "XQ") if self.context else ("XA",)) + ("XH",) if self.cross_heads else ()))
 
     def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
@@ -315,8 +363,12 @@ class Accelerator(nn.Module):
             meta["cross_token"] = True
         if self.peek:
             meta["attention_peek"] = True
+        if self.expert_rank or self.cross_heads:
+            meta["num_experts"] = self.num_experts
         if self.expert_rank:
-            meta["expert_rank"], meta["num_experts"] = self.expert_rank, self.num_experts
+            meta["expert_rank"] = self.expert_rank
+        if self.cross_heads:
+            meta["cross_heads"] = True
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
@@ -339,7 +391,7 @@ class Accelerator(nn.Module):
                       gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)),
                       cross_token=bool(meta.get("cross_token", False)),
                       peek=bool(meta.get("attention_peek", False)), expert_rank=int(meta.get("expert_rank", 0)),
-                      num_experts=int(meta.get("num_experts", 0)))
+                      num_experts=int(meta.get("num_experts", 0)), cross_heads=bool(meta.get("cross_heads", False)))
             if acc.context and float(meta.get("context_decay", CONTEXT_DECAY)) != CONTEXT_DECAY:
                 raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
             # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*", "U.*", "V.*"); other tensors
@@ -352,8 +404,8 @@ class Accelerator(nn.Module):
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise MoeOffloadError(f"{path}: accelerator metadata disagrees with its tensors "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-        if acc.expert_rank and acc.num_experts != model.cfg.num_local_experts:
-            raise MoeOffloadError(f"{path}: expert stand-ins are for {acc.num_experts} experts; the model has "
+        if (acc.expert_rank or acc.cross_heads) and acc.num_experts != model.cfg.num_local_experts:
+            raise MoeOffloadError(f"{path}: expert stand-ins / cross heads are for {acc.num_experts} experts; the model has "
                                   f"{model.cfg.num_local_experts}")
         if acc.hint_experts and acc.hint_experts != model.cfg.num_local_experts:
             raise MoeOffloadError(f"{path}: router hint is over {acc.hint_experts} experts; the model has "
@@ -422,13 +474,26 @@ class M2R2Predictor:
         st = self._stacks[layer] if layer in self._stacks else self._stack(layer)
         if st is None:  # no adapter starts at this layer
             return out
-        n, R = st["rows"].numel(), self.acc.rank
+        prev = self._previous(layer, x, start_pos) if self.acc.context else None  # [N, 2H]
+        if st["ds"]:
+            out[:, st["rows"]] = self._residual_rows(st, layer, x, prev, start_pos, history)
+        if st["hds"]:  # cross heads: the target routers on x plus each row's head on the shared trunk
+            h = self.acc.trunk(layer, x, prev)  # [N, R]
+            normed = rms_norm(x[None].expand(len(st["hds"]), -1, -1), st["Wh"], m.cfg.rms_norm_eps)  # [n, N, H]
+            logits = torch.bmm(normed, st["Gh"]).float() + torch.einsum("nr,ier->ine", h, st["XH"])  # [n, N, E]
+            out[:, st["hrows"]] = torch.softmax(logits, dim=-1).transpose(0, 1)
+        return out
+
+    def _residual_rows(self, st: dict, layer: int, x: torch.Tensor, prev: torch.Tensor | None, start_pos: Any,
+                       history: tuple | None) -> torch.Tensor:
+        """[N, n, E]: the residual adapters' rows (scores)."""
+        m = self.model
+        N, n, R = x.shape[0], st["rows"].numel(), self.acc.rank
         xf = x.float()
         a = F.linear(_rms(xf), st["A"])  # [N, n*R]
         if self.acc.hint_experts:
             a = a + F.linear(self.acc.hint(m, layer, x), st["C"])
         if self.acc.context:
-            prev = self._previous(layer, x, start_pos)  # [N, 2H]
             h = self.acc.hidden
             a = a + F.linear(_rms(prev[:, :h]), st["P"]) + F.linear(_rms(prev[:, h:]), st["Q"])
         h_ = F.silu(a).view(N, n, R).transpose(0, 1)  # [n, N, R]
@@ -440,31 +505,39 @@ class M2R2Predictor:
                              for i, d in enumerate(st["ds"])])  # [n, N, H]
         normed = rms_norm(r.to(x.dtype), st["W"], m.cfg.rms_norm_eps)  # [n, N, H]
         logits = torch.bmm(normed, st["Gt"]).float()  # [n, N, E]
-        out[:, st["rows"]] = torch.softmax(logits, dim=-1).transpose(0, 1)
-        return out
+        return torch.softmax(logits, dim=-1).transpose(0, 1)
 
     @torch.no_grad()
-    def _stack(self, layer: int) -> dict[str, torch.Tensor] | None:
+    def _stack(self, layer: int) -> dict[str, Any] | None:
         """Layer's adapters for rows d = 1..lookahead stacked once (the adapters are frozen from the
         first prediction on): A, C, P, Q [n*R, .], B^T [n, R, H], target norm weights W [n, 1, H], routers
-        G^T [n, H, E] in the model's dtype."""
+        G^T [n, H, E] in the model's dtype; cross heads: XH [n', E, R] with their targets' Wh, Gh."""
         m, acc = self.model, self.acc
-        ds = [d for d in range(1, self.lookahead + 1) if f"{layer}_{d}" in acc.A]  # the pairs it has
-        if not ds:
+        ds = [d for d in range(1, self.lookahead + 1) if f"{layer}_{d}" in acc.A]  # the residual pairs it has
+        hds = [d for d in range(1, self.lookahead + 1) if acc.cross_heads and f"{layer}_{d}" in acc.XH]
+        if not ds and not hds:
             self._stacks[layer] = None
             return None
-        keys = [f"{layer}_{d}" for d in ds]
-        targets = [acc.target(layer, d)[1] for d in ds]
-        cat = lambda name: torch.cat([getattr(acc, name)[k].float() for k in keys])  # noqa: E731
-        st = {"rows": torch.tensor([d - 1 for d in ds], device=m.device), "A": cat("A"), "ds": ds,
-              "peek": any(acc.peeks(layer, d) for d in ds),
-              "Bt": torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
-              "W": torch.stack([acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)
-                                for d, t in zip(ds, targets)])[:, None],
-              "Gt": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()}
-        if acc.hint_experts:
-            st["C"] = cat("C")
-        if acc.context:
-            st["P"], st["Q"] = cat("P"), cat("Q")
+        st: dict[str, Any] = {"ds": ds, "hds": hds}
+        if ds:
+            keys = [f"{layer}_{d}" for d in ds]
+            targets = [acc.target(layer, d)[1] for d in ds]
+            cat = lambda name: torch.cat([getattr(acc, name)[k].float() for k in keys])  # noqa: E731
+            st.update({"rows": torch.tensor([d - 1 for d in ds], device=m.device), "A": cat("A"),
+                       "peek": any(acc.peeks(layer, d) for d in ds),
+                       "Bt": torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
+                       "W": torch.stack([acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)
+                                         for d, t in zip(ds, targets)])[:, None],
+                       "Gt": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
+            if acc.hint_experts:
+                st["C"] = cat("C")
+            if acc.context:
+                st["P"], st["Q"] = cat("P"), cat("Q")
+        if hds:
+            targets = [acc.target(layer, d)[1] for d in hds]
+            st.update({"hrows": torch.tensor([d - 1 for d in hds], device=m.device),
+                       "XH": torch.stack([acc.XH[f"{layer}_{d}"].float() for d in hds]),  # [n', E, R]
+                       "Wh": torch.stack([m.layers[t].post_attention_layernorm for t in targets])[:, None],
+                       "Gh": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
         self._stacks[layer] = st
         return st
