@@ -5,7 +5,8 @@ prefetch, the deep oracle under each policy and lookahead) and the cross-token m
 predictive policy by lookahead, window and rank depth. Writes JSON and a markdown table.
 
     moe-offload train-accelerator --text TRAIN.txt --out X.safetensors --rank 128 --epochs 2 \
-        --max-tokens 450000 --lookaheads 1,2,3,4,5,6,7,8,9,10,11,12 --cross-token
+        --max-tokens 450000 --lookaheads 1,2,3,4,5,6,7,8,9,10,11,12 --cross-token --no-attention-peek --no-cross-heads
+    (the results in benchmarks/results were made before those two flags existed, with what they now turn off)
     moe-offload trace --text moe_offload/assets/heldout_kjv.txt --out X.npz --accelerator X.safetensors --lookahead 12
     python benchmarks/cross_token_ablation.py --trace X.npz
 """

@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.96/0.95/0.95 at 64); ignored with --no-attention-peek")
     t.add_argument("--cross-heads", action=argparse.BooleanOptionalAction, default=True,
                    help="with --cross-token: the rows past the last layer share one trunk per layer and keep only an "
-                        "[experts, rank] logit head each (E*R parameters per row instead of 4*R*hidden; ~0.2 GB instead "
-                        "of ~17 GB for Mixtral at lookahead 64). Default on: on the bundled model, same budget, "
+                        "[experts, rank] logit head each (E*R parameters per row instead of 4*R*hidden; for Mixtral at "
+                        "lookahead 64, rank 128, those rows take ~0.2 GB instead of ~13 GB). Default on: on the bundled model, same budget, "
                         "next-token recall 0.02-0.03 lower and the Mixtral-8x7B int4 projection 8.75 vs 8.89 tok/s "
                         "(benchmarks/results/simulate_issue12_cross_{heads,pairs}_4096.json); --no-cross-heads: a "
                         "residual adapter per row")

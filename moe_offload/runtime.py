@@ -452,6 +452,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     if name not in valid:
         raise MoeOffloadError(f"predictor {name!r} is not one of {list(valid)}")
     acc_file = options.get("accelerator")
+    chose_adapters = name == "m2r2" or acc_file is not None  # auto with the bundled file is not a choice
     if name == "auto":
         if acc_file is None and path.resolve() == bundled_model_path().resolve() and bundled_accelerator_path().is_file():
             acc_file = bundled_accelerator_path()
@@ -477,7 +478,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     acc, _ = Accelerator.load(acc_file, model)
     if acc.cross_token and asked_lookahead is None:  # its plans reach as far as it was trained to see
         lookahead = max(acc.lookaheads)
-    if asked_lookahead is not None and asked_lookahead > max(acc.lookaheads):
+    if chose_adapters and asked_lookahead is not None and asked_lookahead > max(acc.lookaheads):
         raise MoeOffloadError(f"lookahead {asked_lookahead}: the m2r2 adapters in {acc_file} were trained for "
                               f"lookaheads {acc.lookaheads}; ask for at most {max(acc.lookaheads)} or train adapters "
                               f"with `moe-offload train-accelerator --lookahead 1,...,{asked_lookahead}`")

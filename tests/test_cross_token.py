@@ -229,12 +229,15 @@ def test_cross_token_plans_in_the_timeline_beat_the_same_predictor_within_the_to
     assert runs["cross"].stats["misses"] * 10 < runs["within"].stats["misses"] < runs["none"].stats["misses"]
 
 
-def test_stacked_scores_equal_the_per_adapter_reference(tmp_path):
+@pytest.mark.parametrize("heads", [False, True])
+def test_stacked_scores_equal_the_per_adapter_reference(tmp_path, heads):
     # M2R2Predictor runs a layer's adapters stacked (one matmul per part, one batched router); each row
     # must equal adapter (l, d) alone through its target layer's norm and router, within float32 rounding,
-    # with every optional part (hint, gain, context) and rows in this token and the next ones.
+    # with every optional part (hint, gain, context) and rows in this token and the next ones; with cross
+    # heads, layer 0 mixes a residual row (d = 1) with head rows (d = 2, 3), each equal to head_logits.
     m = moe_offload.load(write_model(tmp_path), device="cpu", offload=False)
-    acc = Accelerator(CFG.hidden_size, L, [1, 2, 3], rank=4, hint_experts=E, gain=True, context=True, cross_token=True)
+    acc = Accelerator(CFG.hidden_size, L, [1, 2, 3], rank=4, hint_experts=E, gain=True, context=True, cross_token=True,
+                      cross_heads=heads, num_experts=E)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name in acc.param_groups():
@@ -249,6 +252,9 @@ def test_stacked_scores_equal_the_per_adapter_reference(tmp_path):
         prev = context_rows(x)[0]
         for d in (1, 2, 3):
             _, t = acc.target(layer, d)
+            if acc.is_head(layer, d):
+                torch.testing.assert_close(got[:, d - 1], torch.softmax(acc.head_logits(m.model, layer, d, x, prev), -1))
+                continue
             r = acc.accelerate(layer, d, x, acc.hint(m.model, layer, x), prev)
             w = acc.target_norm(layer, d, m.model.layers[t].post_attention_layernorm)
             want = router_probs(m.model, t, rms_norm(r, w, CFG.rms_norm_eps))

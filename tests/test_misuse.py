@@ -210,3 +210,6 @@ def test_a_lookahead_past_the_adapters_range_is_refused_not_cut():
         moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=5)
     m = moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=3)  # within range: fine
     assert m.generate(m.encode("And God"), max_new_tokens=2).stats["predictor"] == "m2r2"
+    # predictor auto picked the bundled adapters, the user did not: their range bounds the lookahead
+    auto = moe_offload.load(device="cpu", cache_per_layer=4, lookahead=5)
+    assert auto.generate(auto.encode("And God"), max_new_tokens=2).stats["lookahead"] == 3

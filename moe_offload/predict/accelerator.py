@@ -21,7 +21,8 @@ Optional parts (predictor v2; files without their tensors load and predict exact
         (XA, XP, XQ [R, H]: h = silu(XA · rms(x) + XP · rms(x_prev) + XQ · rms(m_prev))) and each keeps
         only a logit head XH [E, R] added to the target router's logits on today's residual:
         logits = G_t · rms_norm(x, w_t) + XH · h. Per row E·R parameters instead of 4·R·H: for Mixtral
-        (32 layers, lookahead 64, rank 128) ~0.2 GB of float32 instead of ~17 GB. Tensors "XA.{l}",
+        (32 layers, lookahead 64, rank 128) its 1552 rows past the last layer take ~0.2 GB of float32
+        instead of ~13 GB (the 496 rows within the token keep their adapters). Tensors "XA.{l}",
         "XP.{l}", "XQ.{l}", "XH.{l}_{d}"; metadata "cross_heads": true.
   attention peek  (within-token pairs): the accelerated residual runs through the real attention of
         the layers it passes: s_0 = x, s_j = s_{j-1} + moe~_{l+j-1}(s_{j-1}) + attn_{l+j}(...) (`chain`),
@@ -220,7 +221,7 @@ class Accelerator(nn.Module):
             self.U = nn.ParameterDict({str(l): nn.Parameter(torch.randn(E, R2, hidden, generator=g) / math.sqrt(hidden))
                                        for l in range(num_layers - 1)})
             self.V = nn.ParameterDict({str(l): nn.Parameter(torch.zeros(E, hidden, R2)) for l in range(num_layers - 1)})
-        if self.cross_heads:  # drawn after the rest, for the same reason
+        if self.cross_heads:  # drawn after the rest (A is drawn for the residual pairs only)
             trunks = sorted({l for l, d in self.pairs if self.is_head(l, d)})
             self.XA = nn.ParameterDict({str(l): nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                         for l in trunks})
@@ -312,7 +313,8 @@ class Accelerator(nn.Module):
         return "Bpeek" if group == "B" and self.peek else group
 
     def param_groups(self) -> tuple[str, ...]:
-        """Names of the parameter dicts this adapter set has (file tensor prefixes): A, B[, C][, G][, P, Q]."""
+        """Names of the parameter dicts this adapter set has: A, B[, C][, G][, P, Q][, U, V][, XA[, XP, XQ], XH]
+        (file tensor prefixes, `_file_prefix`)."""
         return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
                 + (("P", "Q") if self.context else ()) + (("U", "V") if self.expert_rank else ())
                 + ((("XA", "XP", "XQ") if self.context else ("XA",)) + ("XH",) if self.cross_heads else ()))
