@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per layer, within 4..64, so 64 for Mixtral's 8 and 4 for 128, bounding the stand-ins' "
                         "size; 0 = no stand-ins, attention only: recall 0.93/0.88/0.86 on the bundled model against "
                         "0.96/0.95/0.95 at 64); ignored with --no-attention-peek")
-    t.add_argument("--cross-heads", action=argparse.BooleanOptionalAction, default=True,
+    t.add_argument("--cross-heads", action=argparse.BooleanOptionalAction, default=None,
                    help="with --cross-token: the rows past the last layer share one trunk per layer and keep only an "
                         "[experts, rank] logit head each (E*R parameters per row instead of 4*R*hidden; for Mixtral at "
                         "lookahead 64, rank 128, those rows take ~0.2 GB instead of ~13 GB). Default on: on the bundled model, same budget, "
@@ -393,6 +393,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     if not 0 < args.heldout_fraction < 1:
         raise MoeOffloadError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
     draft_exit = _draft_exit(args.draft_exit)
+    _cross_heads(args), _expert_rank(args, 8)  # flag errors before the model loads
     if args.draft_only and draft_exit is None:
         raise MoeOffloadError("--draft-only needs --draft-exit auto|M")
     _check_outputs(args, "--out")
@@ -412,7 +413,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
                                     norm_gain=args.norm_gain, context=args.prev_context,
                                     cross_token=args.cross_token, peek=args.attention_peek,
                                     expert_rank=_expert_rank(args, model.config.num_local_experts),
-                                    cross_heads=args.cross_token and args.cross_heads)
+                                    cross_heads=_cross_heads(args))
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
@@ -450,6 +451,16 @@ def _expert_rank(args: argparse.Namespace, num_experts: int) -> int:
     if rank < 0:
         raise MoeOffloadError(f"--expert-rank must be auto or an integer >= 0, got {args.expert_rank!r}")
     return rank
+
+
+def _cross_heads(args: argparse.Namespace) -> bool:
+    """--cross-heads: on by default with --cross-token; asked for without it is an error."""
+    from .errors import MoeOffloadError
+
+    if args.cross_heads and not args.cross_token:
+        raise MoeOffloadError("--cross-heads shapes the rows past the last layer, which only --cross-token trains; "
+                              "add --cross-token or drop --cross-heads")
+    return args.cross_token and args.cross_heads is not False
 
 
 def _rank_loss_weight(args: argparse.Namespace) -> float:

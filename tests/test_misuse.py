@@ -66,6 +66,8 @@ CASES_CLI = {
     "train lr 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lr", "0"],
     "train heldout 1": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--heldout-fraction", "1"],
     "train lookaheads 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lookaheads", "0,1"],
+    "train cross-heads alone": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--cross-heads"],
+    "train expert-rank -1": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--expert-rank", "-1"],
     "train out onto a dir": None,
     "train draft-only without file": None,
     "train draft-exit abc": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--draft-exit", "abc"],
