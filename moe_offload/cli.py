@@ -14,6 +14,12 @@ from .validate import SEED_MAX, float_arg, int_arg, output_file
 MAX_PROBLEM_LINES = 20
 POS = int_arg(1)  # argparse types (validate.py): the error names the flag
 NONNEG = int_arg(0)
+
+
+def auto_or_rank(text: str) -> int | str:
+    """argparse type: "auto" or a whole number >= 0."""
+    return "auto" if text == "auto" else NONNEG(text)
+NONNEG = int_arg(0)
 SEED = int_arg(0, SEED_MAX)
 
 
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget; costs one attention and one stand-in MoE per predicted layer at decode: in the "
                         "Mixtral-8x7B int4 projection it gains <1%% without the CPU lane and loses 5-15%% with it, "
                         "benchmarks/results/peek_cost_sim.json; --no-attention-peek for the cheaper v2 form)")
-    t.add_argument("--expert-rank", default="auto", metavar="auto|R",
+    t.add_argument("--expert-rank", type=auto_or_rank, default="auto", metavar="auto|R",
                    help="rank of each expert's stand-in on the attention-peek chain (default auto: 512 / experts "
                         "per layer, within 4..64, so 64 for Mixtral's 8 and 4 for 128, bounding the stand-ins' "
                         "size; 0 = no stand-ins, attention only: recall 0.93/0.88/0.86 on the bundled model against "
@@ -393,7 +399,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     if not 0 < args.heldout_fraction < 1:
         raise MoeOffloadError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
     draft_exit = _draft_exit(args.draft_exit)
-    _cross_heads(args), _expert_rank(args, 8)  # flag errors before the model loads
+    _cross_heads(args)  # a flag error before the model loads
     if args.draft_only and draft_exit is None:
         raise MoeOffloadError("--draft-only needs --draft-exit auto|M")
     _check_outputs(args, "--out")
@@ -438,19 +444,9 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
 
 def _expert_rank(args: argparse.Namespace, num_experts: int) -> int:
     """--expert-rank: auto = 512 // experts within 4..64; 0 without --attention-peek."""
-    from .errors import MoeOffloadError
-
     if not args.attention_peek:
         return 0
-    if args.expert_rank == "auto":
-        return max(4, min(64, 512 // num_experts))
-    try:
-        rank = int(args.expert_rank)
-    except ValueError:
-        rank = -1
-    if rank < 0:
-        raise MoeOffloadError(f"--expert-rank must be auto or an integer >= 0, got {args.expert_rank!r}")
-    return rank
+    return max(4, min(64, 512 // num_experts)) if args.expert_rank == "auto" else args.expert_rank
 
 
 def _cross_heads(args: argparse.Namespace) -> bool:

@@ -93,9 +93,9 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
                 c1 = min(n, w0 + window, c0 + chunk)
                 pos["start"] = c0
                 model(torch.tensor([token_ids[c0:c1]], device=model.device), c0 - w0, cache)
+                history = (cache, c0 - w0, c1 - w0)  # the chunk's real keys are in the cache now
                 for layer, x in residuals:
                     for name in deferred:
-                        history = (cache, c0 - w0, c1 - w0)
                         preds[name][c0:c1, layer] = predictors[name].scores(layer, x, c0, history).float().cpu().numpy()
                 residuals.clear()
                 bar.update(c1 - c0)

@@ -481,7 +481,8 @@ class M2R2Predictor:
             out[:, st["rows"]] = self._residual_rows(st, layer, x, prev, start_pos, history)
         if st["hds"]:  # cross heads: the target routers on x plus each row's head on the shared trunk
             h = self.acc.trunk(layer, x, prev)  # [N, R]
-            normed = rms_norm(x[None].expand(len(st["hds"]), -1, -1), st["Wh"], m.cfg.rms_norm_eps)  # [n, N, H]
+            unit = rms_norm(x, torch.ones_like(x[0]), m.cfg.rms_norm_eps)  # [N, H]: normalised once for all rows
+            normed = st["Wh"] * unit  # [n, N, H]: each target layer's norm weight (rms_norm's own order)
             logits = torch.bmm(normed, st["Gh"]).float() + torch.einsum("nr,ier->ine", h, st["XH"])  # [n, N, E]
             out[:, st["hrows"]] = torch.softmax(logits, dim=-1).transpose(0, 1)
         return out
