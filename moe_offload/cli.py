@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="FILE.npz")
     r.add_argument("--max-tokens", type=POS, default=None, metavar="N")
     r.add_argument("--accelerator", default=None, metavar="FILE", help="also record m2r2 predictions")
-    r.add_argument("--lookahead", type=POS, default=3, metavar="D", help="lookahead of the recorded predictions (default 3)")
+    r.add_argument("--lookahead", type=POS, default=None, metavar="D",
+                   help="lookahead of the recorded predictions (default 3; m2r2 from cross-token adapters: their whole "
+                        "range). Past the --accelerator's range it is refused")
     _add_runtime_args(r, prefetch=False)
 
     b = sub.add_parser("bench", help="benchmarks (bench cache: hit rates of policies and predictors)")
@@ -507,15 +509,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     _check_outputs(args, "--out")
     model = load(args.model, **_runtime_kwargs(args))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
-    d = args.lookahead
-    trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, d, args.accelerator,
+    trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, args.lookahead, args.accelerator,
                                     show_progress=sys.stderr.isatty())
+    d = max(trace.meta["lookaheads"].values())
     meta = {**(trace.meta or {}), "fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "text": args.text, "tokens": len(ids), "lookahead": d, "accelerator": args.accelerator,
             "next_gate_variant": NEXT_GATE_VARIANT}
     out = save_trace(args.out, trace, meta)
     print(f"wrote {out}: {len(ids)} tokens, {model.config.num_hidden_layers} layers, predictions "
-          f"{sorted(trace.preds)} (lookahead {d})")
+          + ", ".join(f"{name} (lookahead {la})" for name, la in sorted(trace.meta["lookaheads"].items())))
     from .analysis.bench import trace_recall
 
     for name, cells in trace_recall(trace).items():

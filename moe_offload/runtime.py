@@ -435,7 +435,7 @@ def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_exper
 
 def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):
     """The predictor the options ask for (None for 'none')."""
-    from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor
+    from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor, m2r2_lookahead
 
     name = options.get("predictor", "auto")
     asked_lookahead = options.get("lookahead")
@@ -476,13 +476,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
                                   "`moe-offload train-accelerator`)")
         acc_file = bundled_accelerator_path()
     acc, _ = Accelerator.load(acc_file, model)
-    if acc.cross_token and asked_lookahead is None:  # its plans reach as far as it was trained to see
-        lookahead = max(acc.lookaheads)
-    if chose_adapters and asked_lookahead is not None and asked_lookahead > max(acc.lookaheads):
-        raise MoeOffloadError(f"lookahead {asked_lookahead}: the m2r2 adapters in {acc_file} were trained for "
-                              f"lookaheads {acc.lookaheads}; ask for at most {max(acc.lookaheads)} or train adapters "
-                              f"with `moe-offload train-accelerator --lookahead 1,...,{asked_lookahead}`")
-    return M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
+    return M2R2Predictor(model, acc, m2r2_lookahead(acc, asked_lookahead, lookahead, acc_file, chose_adapters))
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:

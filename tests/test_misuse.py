@@ -215,3 +215,21 @@ def test_a_lookahead_past_the_adapters_range_is_refused_not_cut():
     # predictor auto picked the bundled adapters, the user did not: their range bounds the lookahead
     auto = moe_offload.load(device="cpu", cache_per_layer=4, lookahead=5)
     assert auto.generate(auto.encode("And God"), max_new_tokens=2).stats["lookahead"] == 3
+
+
+def test_trace_and_bench_refuse_a_lookahead_past_the_adapters_range(tmp_path, capsys):
+    acc = str(runtime.bundled_accelerator_path())  # lookaheads 1, 2, 3
+    out = tmp_path / "t.npz"
+    for argv in (["trace", "--text", TEXT, "--out", str(out), "--max-tokens", "16", "--accelerator", acc,
+                  "--lookahead", "4"],
+                 ["bench", "cache", "--max-tokens", "16", "--lookahead", "4", "--capacities", "2"]):
+        assert main(argv) == 2
+        assert "lookahead 4: the m2r2 adapters in" in capsys.readouterr().err
+    assert not out.exists()
+    # unasked, the trace records next-gate 3 ahead and m2r2 as far as the runtime would use it
+    assert main(["trace", "--text", TEXT, "--out", str(out), "--max-tokens", "16", "--accelerator", acc]) == 0
+    from moe_offload.analysis.trace import load_trace
+
+    t = load_trace(out)
+    assert t.meta["lookaheads"] == {"next-gate": 3, "m2r2": 3}
+    assert t.preds["m2r2"].shape[2] == 3 and t.preds["next-gate"].shape[2] == 3

@@ -102,22 +102,28 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
     return RoutingTrace(np.asarray(token_ids), ids_out, w_out, window, probs_out, preds or None, embed_preds=embed)
 
 
-def record_with_predictions(model: MixtralTransformer, token_ids: list[int], window: int, lookahead: int,
-                            accelerator: str | Path | None = None, show_progress: bool = False) -> RoutingTrace:
-    """record_routing plus next-gate scores and, given adapters, m2r2 scores (lookahead D each)."""
-    from ..predict import Accelerator, M2R2Predictor, NextGate
+DEFAULT_TRACE_LOOKAHEAD = 3
 
-    preds = {"next-gate": NextGate(model, lookahead)}
+
+def record_with_predictions(model: MixtralTransformer, token_ids: list[int], window: int, lookahead: int | None,
+                            accelerator: str | Path | None = None, show_progress: bool = False) -> RoutingTrace:
+    """record_routing plus next-gate scores and, given adapters, m2r2 scores. lookahead None: next-gate
+    DEFAULT_TRACE_LOOKAHEAD ahead, m2r2 as the runtime would (cross-token adapters: their whole range);
+    an explicit lookahead past the adapters' range is refused. meta["lookaheads"] says what was recorded."""
+    from ..predict import Accelerator, M2R2Predictor, NextGate, m2r2_lookahead
+
+    preds = {"next-gate": NextGate(model, lookahead or DEFAULT_TRACE_LOOKAHEAD)}
     form = None
     if accelerator is not None:
         acc, _ = Accelerator.load(accelerator, model)
-        preds["m2r2"] = M2R2Predictor(model, acc, min(lookahead, max(acc.lookaheads)))
+        preds["m2r2"] = M2R2Predictor(model, acc, m2r2_lookahead(acc, lookahead, DEFAULT_TRACE_LOOKAHEAD, accelerator))
         # the adapters' form, in the trace's meta: what the simulator charges for running them
         form = {"attention_peek": acc.peek, "expert_rank": acc.expert_rank, "rank": acc.rank,
                 "lookaheads": acc.lookaheads, "cross_token": acc.cross_token}
     trace = record_routing(model, token_ids, window, show_progress=show_progress, predictors=preds)
+    trace.meta = {**(trace.meta or {}), "lookaheads": {name: p.lookahead for name, p in preds.items()}}
     if form is not None:
-        trace.meta = {**(trace.meta or {}), "m2r2": form}
+        trace.meta["m2r2"] = form
     return trace
 
 

@@ -418,6 +418,20 @@ class Accelerator(nn.Module):
         return acc.to(model.device), meta
 
 
+def m2r2_lookahead(acc: Accelerator, asked: int | None, default: int, source: str | Path, chosen: bool = True) -> int:
+    """How far m2r2 adapters predict: `asked` when given (refused past the adapters' range if the user
+    chose them); unasked, cross-token adapters reach as far as they were trained to see, others use
+    `default` within their range. `source` names the file in the error."""
+    top = max(acc.lookaheads)
+    if asked is None:
+        return top if acc.cross_token else min(default, top)
+    if asked > top and chosen:
+        raise MoeOffloadError(f"lookahead {asked}: the m2r2 adapters in {source} were trained for lookaheads "
+                              f"{acc.lookaheads}; ask for at most {top} or train adapters with "
+                              f"`moe-offload train-accelerator --lookahead 1,...,{asked}`")
+    return min(asked, top)
+
+
 class M2R2Predictor:
     """Layer l+d's norm and router applied to the accelerated residual r_{l,d}(x)."""
 
