@@ -287,3 +287,46 @@ def test_prev_context_predictor_carries_the_previous_row_across_chunks(setup, tm
                           accelerator=tmp_path / "ctx.safetensors")
     res = m2.generate(prompt, max_new_tokens=8)
     assert res.token_ids == m.generate(prompt, max_new_tokens=8).token_ids and res.stats["prefetch_issued"] > 0
+
+
+def test_predictor_stacks_share_the_adapters_storage(setup, tmp_path):
+    # The predictor's stacked weights are the adapters' own storage (held once), an in-place change to an
+    # adapter reaches a predictor built before it, and the adapters still save and train afterwards.
+    _, m, _, _ = setup
+    g = torch.Generator().manual_seed(5)
+    acc = Accelerator(CFG.hidden_size, L, [1, 2], rank=4, context=True, cross_token=True, cross_heads=True,
+                      num_experts=E)
+    with torch.no_grad():
+        for p in acc.parameters():
+            p.normal_(0, 0.2, generator=g)
+    opt = torch.optim.Adam(acc.parameters(), lr=1e-2)  # made before the predictor re-points the tensors
+    x = torch.randn(6, CFG.hidden_size, generator=g)
+    pred = M2R2Predictor(m.model, acc, 2)
+    pred.scores(0, x)
+    pred.scores(L - 1, x)  # a layer with cross heads
+    st, sx = pred._stacks[0], pred._stacks[L - 1]
+    assert acc.A["0_1"].untyped_storage().data_ptr() == st["A"].untyped_storage().data_ptr()
+    assert acc.B["0_1"].untyped_storage().data_ptr() == st["Bt"].untyped_storage().data_ptr()
+    assert acc.XH["0_2"].untyped_storage().data_ptr() == st["XH"].untyped_storage().data_ptr()
+    assert acc.XH[f"{L - 1}_1"].untyped_storage().data_ptr() == sx["XH"].untyped_storage().data_ptr()
+    before = pred.scores(0, x, 0)
+    with torch.no_grad():
+        acc.B["0_1"].mul_(3.0)
+        acc.XH["0_2"].add_(0.5)
+    after = pred.scores(0, x, 0)
+    assert not torch.equal(after, before)
+    fresh = Accelerator(CFG.hidden_size, L, [1, 2], rank=4, context=True, cross_token=True, cross_heads=True,
+                        num_experts=E)
+    fresh.load_state_dict(acc.state_dict())
+    torch.testing.assert_close(after, M2R2Predictor(m.model, fresh, 2).scores(0, x, 0), rtol=0, atol=0, equal_nan=True)
+    acc.save(tmp_path / "a.safetensors", {"fingerprint": model_fingerprint(m.model)})  # views: saved as copies
+    loaded, _ = Accelerator.load(tmp_path / "a.safetensors", m.model)
+    torch.testing.assert_close(M2R2Predictor(m.model, loaded, 2).scores(0, x, 0), after, rtol=0, atol=0, equal_nan=True)
+    # an optimizer made before the stacking still trains the tensors the predictor reads
+    from moe_offload.predict.accelerator import context_rows
+
+    loss = acc.accelerate(0, 1, x, prev=context_rows(x)[0]).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(pred.scores(0, x, 0), after)

@@ -432,6 +432,18 @@ def m2r2_lookahead(acc: Accelerator, asked: int | None, default: int, source: st
     return min(asked, top)
 
 
+def _shared(params: nn.ParameterDict, keys: list[str], stacked: torch.Tensor, part: Any) -> torch.Tensor:
+    """Re-point each params[keys[i]] at part(stacked, i), its slice of the stack built from them, so the
+    weights are held once. A parameter of another dtype or device than the stack keeps its own copy."""
+    for i, k in enumerate(keys):
+        p = params[k]
+        if p.dtype == stacked.dtype and p.device == stacked.device:
+            view = part(stacked, i)
+            assert view.shape == p.shape, (k, view.shape, p.shape)
+            p.data = view  # the same Parameter object: an optimizer holding it keeps training it
+    return stacked
+
+
 class M2R2Predictor:
     """Layer l+d's norm and router applied to the accelerated residual r_{l,d}(x)."""
 
@@ -526,9 +538,10 @@ class M2R2Predictor:
 
     @torch.no_grad()
     def _stack(self, layer: int) -> dict[str, Any] | None:
-        """Layer's adapters for rows d = 1..lookahead stacked once (the adapters are frozen from the
-        first prediction on): A, C, P, Q [n*R, .], B^T [n, R, H], target norm weights W [n, 1, H], routers
-        G^T [n, H, E] in the model's dtype; cross heads: XH [n', E, R] with their targets' Wh, Gh."""
+        """Layer's adapters for rows d = 1..lookahead stacked once: A, C, P, Q [n*R, .], B^T [n, R, H],
+        target norm weights W [n, 1, H], routers G^T [n, H, E] in the model's dtype; cross heads:
+        XH [n', E, R] with their targets' Wh, Gh. The adapter tensors become views of the stacks
+        (`_shared`): one copy in memory, and in-place changes to A, B, C, P, Q, XH reach the predictor."""
         m, acc = self.model, self.acc
         ds = [d for d in range(1, self.lookahead + 1) if f"{layer}_{d}" in acc.A]  # the residual pairs it has
         hds = [d for d in range(1, self.lookahead + 1) if acc.cross_heads and f"{layer}_{d}" in acc.XH]
@@ -539,10 +552,12 @@ class M2R2Predictor:
         if ds:
             keys = [f"{layer}_{d}" for d in ds]
             targets = [acc.target(layer, d)[1] for d in ds]
-            cat = lambda name: torch.cat([getattr(acc, name)[k].float() for k in keys])  # noqa: E731
+            cat = lambda name: _shared(getattr(acc, name), keys, torch.cat([getattr(acc, name)[k].float() for k in keys]),  # noqa: E731
+                                       lambda t, i: t[i * acc.rank:(i + 1) * acc.rank])
             st.update({"rows": torch.tensor([d - 1 for d in ds], device=m.device), "A": cat("A"),
                        "peek": any(acc.peeks(layer, d) for d in ds),
-                       "Bt": torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
+                       "Bt": _shared(acc.B, keys, torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
+                                     lambda t, i: t[i].t()),
                        "W": torch.stack([acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)
                                          for d, t in zip(ds, targets)])[:, None],
                        "Gt": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
@@ -553,7 +568,8 @@ class M2R2Predictor:
         if hds:
             targets = [acc.target(layer, d)[1] for d in hds]
             st.update({"hrows": torch.tensor([d - 1 for d in hds], device=m.device),
-                       "XH": torch.stack([acc.XH[f"{layer}_{d}"].float() for d in hds]),  # [n', E, R]
+                       "XH": _shared(acc.XH, [f"{layer}_{d}" for d in hds],  # [n', E, R]
+                                     torch.stack([acc.XH[f"{layer}_{d}"].float() for d in hds]), lambda t, i: t[i]),
                        "Wh": torch.stack([m.layers[t].post_attention_layernorm for t in targets])[:, None],
                        "Gh": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
         self._stacks[layer] = st
