@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from moe_offload.analysis.bench import model_config, simulate
-from moe_offload.analysis.sim import get_hardware
+from moe_offload.analysis.sim import get_cpu, get_hardware
 from moe_offload.analysis.trace import load_trace, trace_prefix
 from moe_offload.results import result_metadata, write_json_atomic
 
@@ -23,7 +23,8 @@ def row(name: str, base: float, p, lookahead: int, window: int) -> dict:
     s = p.settings
     return {"trace": name, "predictor": s["predictor"], "lookahead": lookahead, "window": window,
             "tokens_per_second": p.tokens_per_second, "speedup": p.tokens_per_second / base,
-            "hit_rate": s["hit_rate"], "on_time_share_of_hits": s["on_time_share_of_hits"]}
+            "hit_rate": s["hit_rate"], "on_time_share_of_hits": s["on_time_share_of_hits"],
+            "cpu_experts_per_token": s["cpu_experts_per_token"]}
 
 
 def main() -> None:
@@ -38,14 +39,16 @@ def main() -> None:
     ap.add_argument("--lookaheads", default="2,4,8,16,32", help="deep-oracle lookaheads, in the trace's layers")
     ap.add_argument("--windows", default="1,2,4")
     ap.add_argument("--m2r2-lookahead", type=int, default=3)
+    ap.add_argument("--cpu", default="none", help="CPU lane profile (assets/cpu_profiles.json) or none")
     ap.add_argument("--out", default="benchmarks/results/policy_ceiling.json")
     args = ap.parse_args()
     cfg, hw = model_config(args.model_config), get_hardware(args.hardware)
+    cpu = None if args.cpu == "none" else get_cpu(args.cpu)
     rows = []
 
     def sim(tr, pred, D, W):
         return simulate(tr, cfg, hw, args.expert_dtype, args.capacity, pred, args.policy, lookahead=D, window=W,
-                        chunk_bytes=CHUNK, deep_oracle_bound=False)
+                        chunk_bytes=CHUNK, cpu=cpu, deep_oracle_bound=False)
 
     for path in args.trace:
         tr = trace_prefix(load_trace(path), args.max_tokens)
@@ -63,7 +66,7 @@ def main() -> None:
     print(f"highest on-time share of any deep-oracle run: {best['on_time_share_of_hits']:.3f} "
           f"(x{best['speedup']:.3f}, {best['trace']}, D={best['lookahead']}, W={best['window']})")
     settings = {k: getattr(args, k) for k in ("trace", "policy", "hardware", "model_config", "expert_dtype",
-                                              "capacity", "max_tokens", "lookaheads", "windows")}
+                                              "capacity", "max_tokens", "lookaheads", "windows", "cpu")}
     settings["link_chunk_bytes"] = CHUNK
     print(f"wrote {write_json_atomic(args.out, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
 

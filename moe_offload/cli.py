@@ -628,6 +628,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"deep oracle {p.limits['deep_oracle_tokens_per_second']:.2f} tokens/s "
           f"(on time {p.limits['deep_oracle_on_time_hit_rate']:.3f})")
     print(f"  (trace: {s['trace_tokens']} tokens x {s['trace_layers']} layers, scaled to {s['model_layers']} layers)")
+    if s["predictor"] == "m2r2":
+        print(f"  (m2r2 itself: {s['predictor_ms_per_token']:.2f} ms per token of device time)" if s["predictor_charged"]
+              else "  (m2r2 itself is not charged: the trace does not record the adapters' form; record it again "
+                   "with `moe-offload trace --accelerator FILE`)")
     if (s["trace_experts"], s["trace_top_k"]) != (s["model_experts"], s["model_top_k"]):
         print(f"  (trace routes top-{s['trace_top_k']} of {s['trace_experts']} experts per layer, the model top-"
               f"{s['model_top_k']} of {s['model_experts']}: the trace's residency share is kept, "

@@ -7,7 +7,7 @@ import torch
 
 import moe_offload
 from helpers import CFG, write_model
-from moe_offload.analysis.bench import bench_cache, model_config, predictor_from_trace, simulate
+from moe_offload.analysis.bench import bench_cache, model_config, predictor_from_trace, predictor_seconds, simulate
 from moe_offload.analysis.sim import RecordedPredictor, StepCosts, get_hardware, run_timeline
 from moe_offload.analysis.trace import record_routing
 
@@ -128,22 +128,54 @@ def test_oracle_with_a_lookahead_past_the_last_layer_fills_only_rows_within_the_
 
 def test_simulate_charges_attention_peek_predictions(recorded):
     # A trace whose m2r2 adapters peek (meta "m2r2") costs one attention (+ the stand-in) per predicted
-    # layer within the token of the projected model (not of the 2-layer trace), lookahead 1.
+    # layer within the token of the projected model (not of the 2-layer trace), lookahead 1, beside the
+    # adapters' own bytes (rank 0 here: only each row's target router) and a launch allowance per layer.
     import dataclasses
 
     _, trace = recorded
     cfg, hw = model_config("mixtral-8x7b"), get_hardware("rtx4090-pcie4")
     as_m2r2 = dataclasses.replace(trace, preds={"m2r2": trace.preds["next-gate"]})
     plain = simulate(as_m2r2, cfg, hw, "int4", 128, "m2r2", "lru-layer", deep_oracle_bound=False)
-    assert plain.settings["predictor_ms_per_token"] == 0.0
-    peek = dataclasses.replace(as_m2r2, meta={"m2r2": {"attention_peek": True, "expert_rank": 64}})
+    assert plain.settings["predictor_ms_per_token"] == 0.0 and not plain.settings["predictor_charged"]
+    peek = dataclasses.replace(as_m2r2, meta={"m2r2": {"attention_peek": True, "expert_rank": 64, "rank": 0}})
     p = simulate(peek, cfg, hw, "int4", 128, "m2r2", "lru-layer", deep_oracle_bound=False)
     costs = StepCosts.for_model(cfg, hw, "int4")
     row = costs.peek_row(cfg, hw, 64)
     assert row > costs.attention
     # Mixtral's 32 layers each predict min(1, 31 - l) layers ahead: 31 rows per token
-    assert p.settings["predictor_ms_per_token"] == pytest.approx(31 * row * 1e3)
-    assert p.per_token["compute"] == pytest.approx(plain.per_token["compute"] + 31 * row)
+    bw = hw.hbm_gbps * 1e9  # kernel efficiency 1 in this runtime's parameter set
+    rows = 31 * (row + 2 * 4096 * 8 / bw + hw.kernel_overhead_us * 1e-6)
+    assert p.settings["predictor_ms_per_token"] == pytest.approx(rows * 1e3)
+    assert p.per_token["compute"] == pytest.approx(plain.per_token["compute"] + rows)
     assert p.tokens_per_second < plain.tokens_per_second
     none = simulate(peek, cfg, hw, "int4", 128, "none", "lru-layer", deep_oracle_bound=False)
     assert none.settings["predictor_ms_per_token"] == 0.0
+
+
+def test_simulate_charges_the_adapters_bytes_per_row_and_heads_cost_less(recorded):
+    # Hand-computed: Mixtral (H 4096, E 8), rank 64, context, no hint, lookahead 2, cross-token. Every
+    # layer has 2 rows: within the token min(2, 31 - l), the rest past the last layer. A pair row reads
+    # A, B, P, Q (4 x 64 x 4096 float32) and its router (4096 x 8 bf16); a cross head reads its [8, 64]
+    # head and its router, plus the layer's trunk (XA, XP, XQ) once.
+    import dataclasses
+
+    _, trace = recorded
+    cfg, hw = model_config("mixtral-8x7b"), get_hardware("rtx4090-pcie4")
+    form = {"rank": 64, "context": True, "hint_experts": 0, "cross_token": True, "lookaheads": [1, 2]}
+    m2r2 = dataclasses.replace(trace, preds={"m2r2": np.repeat(trace.preds["next-gate"], 2, axis=2)})
+    costs = StepCosts.for_model(cfg, hw, "int4")
+    bw, over = hw.hbm_gbps * 1e9, hw.kernel_overhead_us * 1e-6
+    pair, router, head, trunk = 4 * 64 * 4096 * 4, 2 * 4096 * 8, 4 * 8 * 64, 4 * 64 * 4096 * 3
+    per_token = {}
+    for heads in (False, True):
+        t = dataclasses.replace(m2r2, meta={"m2r2": {**form, "cross_heads": heads}})
+        per_token[heads] = predictor_seconds(t, "m2r2", 2, costs, cfg, hw).sum() / t.routed_ids.shape[1] * 32
+    # within-token rows: 30 layers x 2, layer 30 x 1, layer 31 x 0; the rest (1 + 2) cross rows
+    assert per_token[False] == pytest.approx((64 * (pair + router)) / bw + 32 * over)
+    assert per_token[True] == pytest.approx((61 * (pair + router) + 3 * (head + router) + 2 * trunk) / bw + 32 * over)
+    assert per_token[True] < per_token[False]
+    # an older meta without context / hint keys is charged as the v2 defaults (context and hint on)
+    old = dataclasses.replace(m2r2, meta={"m2r2": {"rank": 64, "cross_token": True}})
+    hinted = 4 * 64 * (4096 * 4 + 8)
+    assert predictor_seconds(old, "m2r2", 2, costs, cfg, hw).sum() / old.routed_ids.shape[1] * 32 == pytest.approx(
+        64 * (hinted + router) / bw + 32 * over)

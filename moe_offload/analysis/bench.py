@@ -217,19 +217,37 @@ class Projection:
 
 def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs: StepCosts, cfg: MixtralConfig,
                       hw: Hardware, impl: ImplParams | None = None) -> np.ndarray | None:
-    """[L_trace] device seconds the predictor spends per layer, when the trace says what it costs: m2r2
-    with attention-peek adapters (trace meta "m2r2": {"attention_peek", "expert_rank"}) runs one
-    attention and one expert stand-in per predicted layer within the token: min(lookahead, L - 1 - l)
-    rows at layer l of cfg's L layers, charged at their mean on every traced layer (the trace's own
-    layer count would undercount a deeper model). None otherwise (the adapters' own low-rank matmuls
-    are not charged)."""
-    form = (trace.meta or {}).get("m2r2") or {}
-    if predictor != "m2r2" or not form.get("attention_peek"):
+    """[L_trace] device seconds m2r2 spends per layer, from the adapters' form in the trace's meta
+    ("m2r2", written by `record_with_predictions`), projected onto cfg's L layers and charged at their
+    mean on every traced layer (the trace's own layer count would undercount a deeper model). Layer l
+    runs min(D, L - 1 - l) rows within the token, plus D minus that past the last layer with cross-token
+    adapters. Each row reads its adapter (float32: A and B, P and Q with context, C with the router
+    hint; a cross head reads only its [E, R] head, its layer's shared trunk once) and its target router;
+    a layer with rows adds one kernel-overhead allowance; an attention-peek row adds
+    `StepCosts.peek_row`. None for other predictors or a trace without the form (not charged)."""
+    form = (trace.meta or {}).get("m2r2")
+    if predictor != "m2r2" or not form:
         return None
-    L = cfg.num_hidden_layers
-    rows = sum(min(lookahead, L - 1 - l) for l in range(L)) / L
-    row = costs.peek_row(cfg, hw, int(form.get("expert_rank", 0)), impl)
-    return np.full(trace.routed_ids.shape[1], rows * row)
+    impl = impl or IMPL_THIS
+    L, H, E = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_local_experts
+    R, context = int(form.get("rank", 0)), bool(form.get("context", True))  # older metas: the v2 defaults
+    hint = E if form.get("hint_experts", 1) else 0
+    pair = 4 * R * (H * (2 + 2 * context) + hint)  # A, B (+ P, Q) (+ C), float32
+    router = 2 * H * E
+    peek = costs.peek_row(cfg, hw, int(form.get("expert_rank", 0)), impl) if form.get("attention_peek") else 0.0
+    total = 0.0
+    for l in range(L):
+        within = min(lookahead, L - 1 - l)
+        cross = lookahead - within if form.get("cross_token") else 0
+        nbytes = within * (pair + router)
+        if cross and form.get("cross_heads"):
+            nbytes += 4 * R * H * (1 + 2 * context) + cross * (4 * E * R + router)  # trunk once, a head per row
+        else:
+            nbytes += cross * (pair + router)
+        if within + cross:
+            total += nbytes / (hw.hbm_gbps * 1e9 * impl.kernel_efficiency) + hw.kernel_overhead_us * 1e-6
+        total += within * peek
+    return np.full(trace.routed_ids.shape[1], total / L)
 
 
 def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
@@ -299,4 +317,5 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
                   "cpu_experts_per_token": st["cpu_experts"] * scale / T,
                   "on_time_share_of_hits": (st["hits"] - st["late_hits"]) / st["hits"] if st["hits"] else 0.0,
                   "implementation": (impl or IMPL_THIS).key,
-                  "predictor_ms_per_token": 0.0 if pred_s is None else float(pred_s.sum()) * scale * 1e3})
+                  "predictor_ms_per_token": 0.0 if pred_s is None else float(pred_s.sum()) * scale * 1e3,
+                  "predictor_charged": pred_s is not None})
