@@ -70,6 +70,10 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
                    help="experts ranked per predicted layer (default: top-k + margin, the ones prefetched); deeper "
                         "ranks are not loaded but give --policy predictive an expected next use (layers until use / "
                         "P(use)) for more of the residents")
+    c.add_argument("--link-chunk-mb", type=float_arg(0), default=None, metavar="MB",
+                   help="demand-first link: prefetch copies move in chunks of MB MiB and a demand copy overtakes "
+                        "the queued ones (on cuda at most two chunks are on the copy stream ahead of it); default 8; "
+                        "0 = whole experts (on cuda: every copy in issue order)")
     c.add_argument("--cpu-experts", default=None, choices=["auto", "off"],
                    help="auto: compute a missed expert on the CPU from host RAM when that beats its copy "
                         "(measured CPU and link speed); off: copy every miss (default: auto on cuda, off on cpu)")
@@ -320,6 +324,8 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             kw["rank_depth"] = args.rank_depth
         if args.cpu_experts is not None:
             kw["cpu_experts"] = args.cpu_experts
+        if args.link_chunk_mb is not None:
+            kw["link_chunk_mb"] = args.link_chunk_mb
     else:
         kw["predictor"] = "none"
     return kw

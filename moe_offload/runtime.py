@@ -27,7 +27,7 @@ from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
 from .offload.packed import DEFAULT_GROUP_SIZE, PackedResidentExperts, resolve_expert_format
 from .offload.cpu_lane import build_cpu_lane
-from .offload.link import DEFAULT_CHUNK_BYTES
+from .offload.link import DEFAULT_CHUNK_BYTES, link_chunk_bytes
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
 
@@ -63,6 +63,9 @@ RUNTIME_OPTIONS = {
     "speculative": "self-speculative decoding: draft with the draft head of the accelerator file (or the "
                    "bundled one), resident experts only, verify in one pass (default False)",
     "draft_tokens": "most draft tokens per verify pass with speculative=True (default 4; adapts below it)",
+    "link_chunk_mb": "the demand-first link on cuda (offload.cuda_link): prefetches queue on the host and reach the "
+                     "copy stream in chunks of this many MiB, two at a time, so a demand copy waits behind at most two "
+                     "chunks (default 8); 0: every copy goes onto the stream whole, in issue order (the FIFO engine)",
     "cpu_experts": "auto: a missed expert is computed on the CPU from host RAM when that beats its copy "
                    "(measured CPU and link speed); off: every miss is copied. Default: auto on cuda, off on cpu",
 }
@@ -376,9 +379,10 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt, group_size)
         store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress,
                                                 fmt=fmt, group_size=group_size)
-        cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev))
+        chunk = link_chunk_bytes(runtime_options.get("link_chunk_mb", DEFAULT_CHUNK_BYTES / (1 << 20)))
+        cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev, chunk_bytes=chunk))
         experts = OffloadedExperts(cache, backend)
-        experts.cpu_lane = build_cpu_lane(cache, DEFAULT_CHUNK_BYTES,
+        experts.cpu_lane = build_cpu_lane(cache,
                                           runtime_options.get("cpu_experts", "auto" if dev.type == "cuda" else "off"))
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moe_offload
+from moe_offload.offload import ThreadCopyEngine
 from helpers import write_model
 from moe_offload import MoeOffloadError
 from moe_offload.offload import CopyFaults
@@ -116,9 +117,19 @@ def test_cpu_experts_option(setup):
     m = moe_offload.load(path, device="cpu", cache_experts=3, cpu_experts="auto")
     costs = m.model.experts.cpu_lane.costs
     assert costs.copy_seconds > 0 and costs.weight_seconds > 0
-    lane = build_cpu_lane(m.expert_cache, 1 << 30, "auto")
-    assert lane.costs.chunk_seconds == lane.costs.copy_seconds
+    # a demand copy waits behind the engine's bound: one chunk of the thread engine's link (8 MiB here,
+    # more than this model's experts: a whole one), less with smaller chunks, a whole expert on a FIFO link
+    assert costs.chunk_seconds == costs.copy_seconds
+    m.expert_cache.engine.close()
+    m.expert_cache.engine = ThreadCopyEngine(chunk_bytes=m.expert_cache.store.expert_bytes // 4)
+    lane = build_cpu_lane(m.expert_cache, "auto")
+    assert lane.costs.chunk_seconds == pytest.approx(lane.costs.copy_seconds / 4, rel=0.01)
     assert np.isfinite(lane.costs.token_seconds)
+    for mb in (-1, float("nan"), 1e-9, "8"):
+        with pytest.raises(MoeOffloadError, match="link_chunk_mb"):
+            moe_offload.load(path, device="cpu", cache_experts=3, link_chunk_mb=mb)
+    whole = moe_offload.load(path, device="cpu", cache_experts=3, link_chunk_mb=0)
+    assert whole.expert_cache.engine.demand_wait_bytes > whole.expert_cache.store.expert_bytes
 
 
 def test_hybrid_with_the_triton_kernels(setup):

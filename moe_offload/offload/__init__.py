@@ -18,9 +18,11 @@ from .prefetch import Prefetcher
 from .protocols import CopyEngine, ExpertStore, Key, Predictor
 from .stats import CacheStats
 from .store import HostExpertStore
-from .transfer import CopyFailed, CopyFaults, CudaCopyEngine, LoadHandle, ThreadCopyEngine, make_copy_engine
+from .cuda_link import CudaLinkEngine
+from .engines import make_copy_engine
+from .transfer import CopyFailed, CopyFaults, CudaCopyEngine, LoadHandle, ThreadCopyEngine
 
 __all__ = ["CacheBudget", "CacheStats", "CopyEngine", "CopyFailed", "CopyFaults", "CudaCopyEngine",
-           "EvictionPolicy", "ExpertCache", "ExpertStore", "HostExpertStore", "Key", "LFU", "LRU", "LRULayer",
+           "CudaLinkEngine",            "EvictionPolicy", "ExpertCache", "ExpertStore", "HostExpertStore", "Key", "LFU", "LRU", "LRULayer",
            "LoadHandle", "MemoryPlan", "OffloadedExperts", "POLICIES", "Predictive", "Predictor", "Prefetcher",
            "ThreadCopyEngine", "make_copy_engine", "make_policy", "plan_memory"]

@@ -183,13 +183,15 @@ def measure_copy_seconds(store: ExpertStore, pool: torch.Tensor, reps: int = 3) 
     return best
 
 
-def build_cpu_lane(cache, chunk_bytes: int, mode: str = "auto") -> CpuLane | None:
-    """The CPU lane for `cache` with measured costs (mode 'auto'), or None ('off')."""
+def build_cpu_lane(cache, mode: str = "auto") -> CpuLane | None:
+    """The CPU lane for `cache` with measured costs (mode 'auto'), or None ('off'). A demand copy waits
+    behind the engine's `demand_wait_bytes` of prefetch (a whole prefetch on the FIFO CudaCopyEngine)."""
     if mode not in CPU_EXPERTS:
         raise MoeOffloadError(f"cpu_experts {mode!r} is not one of {list(CPU_EXPERTS)}")
     if mode == "off":
         return None
     copy = measure_copy_seconds(cache.store, cache.pool)
     weight, token = measure_cpu_seconds(cache.store)
-    chunk = copy * min(1.0, chunk_bytes / max(1, cache.store.expert_bytes))
+    behind = getattr(cache.engine, "demand_wait_bytes", cache.store.expert_bytes)
+    chunk = copy * min(1.0, behind / max(1, cache.store.expert_bytes))
     return CpuLane(cache.store, LaneCosts(copy, chunk, weight, token))

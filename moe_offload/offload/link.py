@@ -88,6 +88,12 @@ class LinkScheduler:
         del self._jobs[id(handle)]
         return job.remaining
 
+    def take(self, handle: Any) -> LinkJob | None:
+        """Remove a load from the queue whatever its state, for an engine that copies the rest of it
+        at once (a demand load put straight onto a stream). A chunk of it already on the link still
+        reports chunk_done."""
+        return self._jobs.pop(id(handle), None)
+
     def next_chunk(self) -> tuple[LinkJob, int, int] | None:
         """The chunk to copy next as (job, byte offset, byte count), marked on the link; None if idle.
         Jobs with a chunk on the link are not eligible (one link: one chunk at a time)."""
@@ -119,6 +125,18 @@ class LinkScheduler:
         """A chunk of `job` failed: the job leaves the queue (the caller reports the error)."""
         job.on_link = False
         self._jobs.pop(id(job.handle), None)
+
+
+def link_chunk_bytes(mb: Any) -> int | None:
+    """The link_chunk_mb option in bytes (None for 0: whole experts), validated."""
+    import math
+
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb) or mb < 0:
+        raise MoeOffloadError(f"link_chunk_mb must be a finite number of MiB >= 0 (0 = whole experts), got {mb!r}")
+    n = int(mb * (1 << 20))
+    if mb > 0 and n < 1:
+        raise MoeOffloadError(f"link_chunk_mb {mb!r} is under one byte; give 0 for whole experts")
+    return n or None
 
 
 def chunk_count(nbytes: int, chunk_bytes: int) -> int:

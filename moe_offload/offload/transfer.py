@@ -195,6 +195,11 @@ class ThreadCopyEngine:
         return self._state.faults
 
     @property
+    def demand_wait_bytes(self) -> int:
+        """The most prefetch bytes a demand copy waits behind: the one chunk on the link."""
+        return self._state.sched.chunk_bytes
+
+    @property
     def retries(self) -> int:
         """Copies tried again after a transient failure, since the engine started."""
         return self._state.retries
@@ -345,7 +350,3 @@ class CudaCopyEngine:
 
     def close(self) -> None:
         pass
-
-
-def make_copy_engine(device: torch.device, faults: CopyFaults | None = None):
-    return CudaCopyEngine(device, faults) if device.type == "cuda" else ThreadCopyEngine(faults)
