@@ -7,6 +7,8 @@
 Sections (each timed and isolated: a failure is recorded, the next section still runs):
   offload_exactness  offloaded == resident on CUDA (bf16, fp16; triton backend), tokens and logits,
                      several capacities; the bundled model's greedy tokens with a small cache
+  cuda_link          the demand-first link on real streams: exact decoding with small chunks and with FIFO; a
+                     demand copy behind 6 queued prefetch experts, chunked vs FIFO; chunked prefetch GB/s
   copy_engine        pinned vs pageable host->device GB/s for one Mixtral-8x7B expert (352 MB), and
                      overlap of copy-stream loads with a compute-stream kernel
   kernels            benchmarks/kernels.py (Mixtral shapes, bf16, T in 1..256)
@@ -118,6 +120,47 @@ def copy_engine(device: torch.device, smoke: bool) -> dict:
     return res
 
 
+def cuda_link(device: torch.device, smoke: bool) -> dict:
+    """The demand-first link on real streams (offload.cuda_link): offloaded decoding exact with small
+    chunks and with the FIFO engine; how long a demand copy takes behind 6 queued prefetch experts on
+    each engine; prefetch throughput of the chunked engine against FIFO (worker wake-up gaps)."""
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    from helpers import write_model
+    from moe_offload.offload import CudaCopyEngine, CudaLinkEngine
+
+    res: dict = {}
+    prompt = [1, 7, 3, 9, 11, 4, 2, 8, 5, 13, 6, 21]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_model(Path(tmp))
+        ref = moe_offload.load(path, device=device, offload=False).generate(prompt, max_new_tokens=16).token_ids
+        for mb in (0.001, 0.0):  # ~1 KiB chunks (several per expert here), and whole experts in issue order
+            m = moe_offload.load(path, device=device, cache_experts=3, predictor="next-gate", lookahead=1,
+                                 prefetch_margin=1, prefetch_window=4, link_chunk_mb=mb)
+            res[f"tokens_equal_link_chunk_mb_{mb:g}"] = m.generate(prompt, max_new_tokens=16).token_ids == ref
+    nbytes = (1 << 20) if smoke else 3 * 4096 * 14336 * 2  # one Mixtral-8x7B expert in bf16
+    src = torch.empty(7, nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(7, nbytes, dtype=torch.uint8, device=device)
+    for name, make in (("fifo", lambda: CudaCopyEngine(device)), ("chunked", lambda: CudaLinkEngine(device))):
+        eng = make()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hs = [eng.load((0, i), src[i], dst[i], i, prefetch=True, priority=1.0) for i in range(6)]
+        d = eng.load((1, 0), src[6], dst[6], 6)
+        eng.wait(d)
+        d.cuda_event.synchronize()
+        t_demand = time.perf_counter() - t0
+        for h in hs:
+            eng.wait(h)
+        torch.cuda.synchronize()
+        t_all = time.perf_counter() - t0
+        eng.close()
+        res[name] = {"demand_seconds": t_demand, "all_seconds": t_all, "gbps": 7 * nbytes / t_all / 1e9}
+    res["demand_speedup"] = res["fifo"]["demand_seconds"] / res["chunked"]["demand_seconds"]
+    res["throughput_ratio"] = res["chunked"]["gbps"] / res["fifo"]["gbps"]
+    return res
+
+
 # Quantized fused MoE vs torch dequant-then-matmul (same dequantized bf16 weights; only accumulation order).
 QUANT_REL_TOL = 3e-2
 
@@ -210,6 +253,13 @@ def section_failures(name: str, value: object) -> list[str]:
     if name == "quant_kernels":
         out += [f"{r['shape']} {r['fmt']} G={r['group']} T={r['tokens']}: rel diff {r['max_rel_diff']:.2e} > "
                 f"{QUANT_REL_TOL:.0e}" for r in value["rows"] if not r["max_rel_diff"] <= QUANT_REL_TOL]
+    if name == "cuda_link" and "skipped" not in value:
+        out += [f"offloaded tokens differ from resident with {k}" for k, v in value.items()
+                if k.startswith("tokens_equal") and not v]
+        if not value["demand_speedup"] > 2:  # behind 6 whole experts (FIFO) vs about one expert plus 2 chunks
+            out.append(f"a demand copy behind 6 prefetches is only {value['demand_speedup']:.2f}x faster than FIFO")
+        if not value["throughput_ratio"] > 0.8:
+            out.append(f"chunked prefetch throughput is {value['throughput_ratio']:.2f} of FIFO's (idle gaps)")
     if name == "sync_debug" and value.get("reads_per_layer") != 1:
         out.append(f"decode step made {value.get('reads_per_layer')} device->host reads per MoE layer, want 1")
     if isinstance(value, dict) and value.get("ok") is False:
@@ -258,7 +308,7 @@ def sync_debug(device: torch.device, smoke: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--only", default="offload_exactness,sync_debug,copy_engine,kernels,quant_kernels")
+    ap.add_argument("--only", default="offload_exactness,sync_debug,cuda_link,copy_engine,kernels,quant_kernels")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
@@ -266,7 +316,7 @@ def main() -> None:
     for name in args.only.split(","):
         t0 = time.perf_counter()
         try:
-            fn = {"offload_exactness": offload_exactness, "copy_engine": copy_engine,
+            fn = {"offload_exactness": offload_exactness, "copy_engine": copy_engine, "cuda_link": cuda_link,
                   "sync_debug": sync_debug, "quant_kernels": quant_kernels}.get(name)
             value = fn(device, args.smoke) if fn else script(name, args.smoke, out_dir)
             failures = section_failures(name, value)

@@ -31,6 +31,10 @@ def test_decision_rule_on_hand_made_costs():
     assert split_misses([1, 2], {1: 1, 2: 1}, slow_cpu) == [2]
     dev = LaneCosts(copy_seconds=1.0, chunk_seconds=0.0, weight_seconds=1.1, token_seconds=0.0, device_seconds=0.2)
     assert split_misses([1], {1: 1}, dev) == [1]  # 1.1 < 1.0 + 0.2 of device compute after the copy
+    # an expert whose copy is in flight: the CPU takes it only if it finishes before the copy lands, and
+    # waiting for it does not delay the copies after it
+    assert split_misses([2, 4], {2: 1, 4: 1}, COSTS, landing={2: 0.4}) == [4]  # 0.6 > 0.4; 4: 0.6 < 1.25
+    assert split_misses([2, 4], {2: 1, 4: 1}, COSTS, landing={2: 3.0}) == [2, 4]  # 0.6 < 3.0; 1.2 < 1.25
     with pytest.raises(MoeOffloadError, match="cpu lane cost copy_seconds must be a finite number >= 0"):
         LaneCosts(copy_seconds=-1.0, chunk_seconds=0, weight_seconds=0, token_seconds=0)
 
@@ -86,9 +90,13 @@ def test_hybrid_counts_and_leaves_no_pins(setup):
     m = hybrid(path, CPU_WINS, predictor="none")
     m.generate(PROMPT, max_new_tokens=4)
     c = m.expert_cache
-    # Prefill (6 tokens <= max_tokens 8) and decode: every miss went to the CPU; each was then copied in
-    # the background (a fill), so later uses of it hit the cache.
-    assert c.stats.cpu_experts.sum() == c.stats.misses.sum() > 0 and c.stats.hits.sum() > 0
+    # Prefill (6 tokens <= max_tokens 8) and decode: every miss went to the CPU (a fill still in flight
+    # too: the CPU wins against it); each was then copied in the background (a fill), so once the fills
+    # have landed, uses of them hit the cache.
+    assert c.stats.cpu_experts.sum() == c.stats.misses.sum() > 0
+    c.engine.drain()
+    m.generate(PROMPT, max_new_tokens=4)
+    assert c.stats.cpu_experts.sum() == c.stats.misses.sum() and c.stats.hits.sum() > 0
     assert c.stats.bytes_h2d.sum() > 0 and not c.pinned
     c.stats.check()
 
@@ -141,3 +149,30 @@ def test_hybrid_with_the_triton_kernels(setup):
     got, want = decode_logits(m, PROMPT), decode_logits(ref, PROMPT)
     assert m.cache_stats()["cpu_experts"] > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_computes_experts_whose_prefetch_is_still_in_flight(setup):
+    # A slow link (every copy 20 ms) and a wide prefetch window: needed experts are often still in
+    # flight. The lane computes them (the copies land anyway) and the run stays exact.
+    path, ref, expected = setup
+    m = moe_offload.load(path, device="cpu", cache_experts=5, cpu_experts="off", predictor="next-gate", lookahead=1,
+                         prefetch_margin=1, prefetch_window=4)
+    c = m.expert_cache
+    c.engine.faults = CopyFaults(delay=lambda key: 0.02)
+    lane = m.model.experts.cpu_lane = CpuLane(c.store, LaneCosts(copy_seconds=0.02, chunk_seconds=0.0,
+                                                                 weight_seconds=1e-4, token_seconds=0.0))
+    taken_in_flight = []
+    pick = lane.pick
+
+    def spy(misses, ids_host, link_backlog=0.0, landing=None):
+        chosen = pick(misses, ids_host, link_backlog, landing)
+        taken_in_flight.extend(e for e in chosen if e in (landing or {}))
+        return chosen
+    lane.pick = spy
+    got = decode_logits(m, PROMPT)
+    res = m.generate(PROMPT, max_new_tokens=12)
+    torch.testing.assert_close(got, decode_logits(ref, PROMPT), rtol=1e-5, atol=1e-5)
+    assert res.token_ids == expected
+    assert taken_in_flight  # the CPU computed experts whose copy had not landed
+    c.stats.check()
+    assert not c.pinned

@@ -149,3 +149,22 @@ def test_chunked_copies_with_delays_and_failed_prefetches_keep_outputs_exact(mod
         assert st["hits"] + st["misses"] == st["uses"] and st["prefetch_issued"] > 0
         c.stats.check()
         assert not c.pinned
+
+
+def test_bytes_before_landing_in_virtual_time():
+    # One expert = 4 bytes = 1 s; chunks of 1 byte. At 0.25 s the first chunk has landed and the second
+    # is on the link until 0.5 s: 1 byte of link time on it plus 2 unsent bytes. An older demand load
+    # goes first when the prefetch is waited for; a newer one does not (demands keep their age order).
+    clock, eng = sim(1)
+    old_demand = eng.load((1, 0), EMPTY, EMPTY, 9)
+    h = prefetch(eng, 0, 1.0)
+    clock.now = 1.25
+    assert eng.bytes_before_landing(h) == 3
+    assert eng.bytes_before_landing(old_demand) is None  # landed at 1.0
+    clock, eng = sim(1)
+    h = prefetch(eng, 0, 1.0)
+    clock.now = 0.25
+    eng.load((1, 0), EMPTY, EMPTY, 9)  # a demand, newer than the prefetch
+    assert eng.bytes_before_landing(h) == 3
+    clock.now = 5.0
+    assert eng.bytes_before_landing(h) is None

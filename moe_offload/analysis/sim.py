@@ -24,7 +24,7 @@ from ..config import MixtralConfig
 from ..errors import MoeOffloadError
 from ..offload.cache import ExpertCache
 from ..offload.policy import EvictionPolicy, make_policy
-from ..offload.cpu_lane import LaneCosts, fill_after_cpu, split_misses
+from ..offload.cpu_lane import LaneCosts, fill_after_cpu, lane_candidates, split_misses
 from ..offload.link import LinkScheduler
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import Key
@@ -234,6 +234,16 @@ class SimCopyEngine:
         self.advance(self.clock.now)  # an idle link starts it now
         return handle
 
+    def bytes_before_landing(self, handle: LoadHandle) -> int | None:
+        """Bytes (of link time) before this load lands if it is needed now, or None once it landed."""
+        self.advance(self.clock.now)
+        if handle.t_done is not None:
+            return None if handle.t_done <= self.clock.now else int(
+                (handle.t_done - self.clock.now) / self.copy_seconds * self.expert_bytes)
+        on_link = 0.0 if self._on_link is None else max(0.0, self._on_link[1] - self.clock.now)
+        ahead = self.sched.demand_bytes_ahead(handle) or 0
+        return ahead + int(on_link / self.copy_seconds * self.expert_bytes)
+
     def promote(self, handle: LoadHandle) -> None:
         self.sched.promote(handle)
 
@@ -379,7 +389,8 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
             t_ids = clock.now
             cpu_end = t_ids
             if cpu is not None:  # the same decision, with the same counting, as OffloadedExperts
-                on_cpu = split_misses([e for e in experts if not cache.is_resident(l, e)], dict.fromkeys(experts, 1), cpu)
+                misses, landing = lane_candidates(cache, l, experts, cpu.copy_seconds)
+                on_cpu = split_misses(misses, dict.fromkeys(experts, 1), cpu, landing=landing)
                 if len(experts) - len(on_cpu) > cache.capacity(l):
                     on_cpu = []
                 experts = [e for e in experts if e not in on_cpu]

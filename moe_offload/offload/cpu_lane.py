@@ -5,6 +5,9 @@ Decision rule (`split_misses`), per layer, for the layer's missed experts in asc
 goes to the lane that would finish it first, given what that lane already took this layer:
     link lane: backlog + [wait behind one prefetch chunk] + n_copies * copy_seconds (+ device compute)
     cpu lane:  sum over taken experts of (weight_seconds + tokens * token_seconds)
+An expert whose copy is in flight (a prefetch not landed yet) is a candidate too, its link time the
+engine's estimate of when it lands if waited for now (`lane_candidates`); the CPU takes it only if it
+finishes sooner, and the copy lands anyway for later layers and tokens.
 weight_seconds is the expert's bytes over the CPU's measured GB/s for the store's format (a batch-1
 expert GEMV is bound by reading its weights once); token_seconds the per-token flops beyond that.
 
@@ -55,21 +58,45 @@ class LaneCosts:
 
 
 def split_misses(misses: Sequence[int], tokens: dict[int, int], costs: LaneCosts,
-                 link_backlog: float = 0.0) -> list[int]:
+                 link_backlog: float = 0.0, landing: dict[int, float] | None = None) -> list[int]:
     """Which of a layer's missed experts the CPU computes (the rest are copied). tokens[e]: how many
-    of the layer's tokens are routed to e; link_backlog: seconds of demand copies already queued."""
+    of the layer's tokens are routed to e; link_backlog: seconds of demand copies already queued;
+    landing[e]: for an expert whose copy is in flight (in `misses` too), the seconds until it lands if
+    waited for now: the CPU takes it only if it finishes sooner (the copy lands anyway, for later)."""
+    landing = landing or {}
     link_t = link_backlog + costs.chunk_seconds
     cpu_t = 0.0
     on_cpu = []
     for e in misses:
-        t_link = link_t + costs.copy_seconds
+        t_link = landing[e] if e in landing else link_t + costs.copy_seconds
         t_cpu = cpu_t + costs.cpu(tokens[e])
         if t_cpu < t_link + costs.device_seconds:
             on_cpu.append(e)
             cpu_t = t_cpu
-        else:
+        elif e not in landing:
             link_t = t_link
     return on_cpu
+
+
+def lane_candidates(cache, layer: int, needed: Sequence[int], copy_seconds: float) -> tuple[list[int], dict[int, float]]:
+    """The experts of `needed` the CPU lane may take: those not resident, and those whose copy is still
+    in flight, with the seconds until each of those lands if waited for now (`landing`, from the
+    engine's bytes_before_landing at `copy_seconds` per expert; engines without it: none in flight)."""
+    ahead = getattr(cache.engine, "bytes_before_landing", None)
+    per_byte = copy_seconds / max(1, cache.store.expert_bytes)
+    misses, landing = [], {}
+    for e in needed:
+        if not cache.is_resident(layer, e):
+            misses.append(e)
+            continue
+        handle = cache.inflight.get((layer, e))
+        if handle is None or ahead is None or handle.error is not None:
+            continue
+        nbytes = ahead(handle)
+        if nbytes is not None:
+            misses.append(e)
+            landing[e] = nbytes * per_byte
+    return misses, landing
 
 
 class HostExperts:
@@ -148,12 +175,13 @@ class CpuLane:
         self.store, self.costs, self.max_tokens = store, costs, max_tokens
         self.host = HostExperts(store)
 
-    def pick(self, misses: Sequence[int], ids_host: np.ndarray, link_backlog: float = 0.0) -> list[int]:
+    def pick(self, misses: Sequence[int], ids_host: np.ndarray, link_backlog: float = 0.0,
+             landing: dict[int, float] | None = None) -> list[int]:
         """The missed experts (ascending) the CPU should compute for these routed ids [N, k]."""
         if not misses or ids_host.shape[0] > self.max_tokens:
             return []
         tokens = {e: int((ids_host == e).any(1).sum()) for e in misses}
-        return split_misses(misses, tokens, self.costs, link_backlog)
+        return split_misses(misses, tokens, self.costs, link_backlog, landing)
 
     def run(self, layer: int, experts: Sequence[int], h: torch.Tensor, ids_host: np.ndarray,
             weights: torch.Tensor) -> torch.Tensor:

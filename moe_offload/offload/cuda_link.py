@@ -250,6 +250,17 @@ class CudaLinkEngine:
             st.retire()
             st.fill()
 
+    def bytes_before_landing(self, handle: LoadHandle) -> int | None:
+        """Bytes the link moves before this load lands if it is needed now (the chunks on the stream
+        counted whole), or None once it has landed. A query per chunk on the stream, no wait."""
+        st = self._state
+        with st.cond:
+            st.retire()
+            if handle.cuda_event is not None and self.ops.query(handle.cuda_event) or handle._done.is_set():
+                return None
+            ahead = st.sched.demand_bytes_ahead(handle)
+            return (ahead or 0) + len(st.on_stream) * st.sched.chunk_bytes
+
     def promote(self, handle: LoadHandle) -> None:
         with self._state.cond:
             self._state.sched.promote(handle)

@@ -7,7 +7,7 @@ import torch
 
 from ..kernels import moe_loop, run_experts
 from .cache import ExpertCache
-from .cpu_lane import fill_after_cpu
+from .cpu_lane import fill_after_cpu, lane_candidates
 
 
 def read_back(t: torch.Tensor) -> np.ndarray:
@@ -95,10 +95,10 @@ class OffloadedExperts:
         return out
 
     def _cpu_share(self, layer: int, needed: list[int], ids_host: np.ndarray) -> list[int]:
-        """The missed experts (not resident, no copy in flight) the CPU lane should compute."""
+        """The missed experts (not resident, or their copy still in flight) the CPU lane should compute."""
         cache = self.cache
-        misses = [e for e in needed if not cache.is_resident(layer, e)]
-        on_cpu = self.cpu_lane.pick(misses, ids_host)
+        misses, landing = lane_candidates(cache, layer, needed, self.cpu_lane.costs.copy_seconds)
+        on_cpu = self.cpu_lane.pick(misses, ids_host, landing=landing)
         return on_cpu if len(needed) - len(on_cpu) <= cache.capacity(layer) else []
 
     def _run_hybrid(self, layer: int, needed: list[int], on_cpu: list[int], h: torch.Tensor, ids: torch.Tensor,

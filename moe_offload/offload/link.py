@@ -88,6 +88,15 @@ class LinkScheduler:
         del self._jobs[id(handle)]
         return job.remaining
 
+    def demand_bytes_ahead(self, handle: Any) -> int | None:
+        """Bytes the link sends before `handle`'s last byte once it is a demand load (as a waiter would
+        make it): the older demand loads' unsent bytes and its own, not counting a chunk on the link now.
+        None if it is not queued (landed, failed or unknown)."""
+        job = self._jobs.get(id(handle))
+        if job is None:
+            return None
+        return job.remaining + sum(j.remaining for j in self._jobs.values() if j.demand and j.seq < job.seq)
+
     def take(self, handle: Any) -> LinkJob | None:
         """Remove a load from the queue whatever its state, for an engine that copies the rest of it
         at once (a demand load put straight onto a stream). A chunk of it already on the link still

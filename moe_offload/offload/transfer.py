@@ -234,6 +234,15 @@ class ThreadCopyEngine:
             self._state.cond.notify_all()
         return handle
 
+    def bytes_before_landing(self, handle: LoadHandle) -> int | None:
+        """Bytes the link moves before this load lands if it is needed now (a chunk on the link counted
+        whole), or None once it has landed."""
+        if handle._done.is_set():
+            return None
+        with self._state.cond:
+            ahead = self._state.sched.demand_bytes_ahead(handle)
+            return (ahead or 0) + self._state.busy * self._state.sched.chunk_bytes
+
     def promote(self, handle: LoadHandle) -> None:
         """Someone needs this (prefetch) load now: it overtakes the queued prefetches."""
         with self._state.cond:
