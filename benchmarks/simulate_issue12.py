@@ -4,7 +4,9 @@ and the old whole-expert FIFO link for comparison. Replays a trace from `moe-off
 With --cross-trace (a trace recorded with cross-token adapters, `train-accelerator --cross-token`; the
 per-row adapters of simulate_issue12_cross*.json: add --no-cross-heads --no-attention-peek), adds
 rows "m2r2-cross": the predictive policy with its plans across the token boundary (lookahead
---cross-lookahead) and every expert of a predicted layer ranked (--rank-depth = experts per layer).
+--cross-lookahead) and every expert of a predicted layer ranked (--rank-depth = experts per layer), and
+rows "m2r2-cross-lru": the same plans under lru-layer with --cross-margin. Every row also gives its speedup
+over no prefetch with the same CPU lane setting (speedup_vs_no_prefetch_same_lane).
 
     python benchmarks/simulate_issue12.py --trace T.npz [--cross-trace X.npz] [--max-tokens 1024] [--out ...json]
 """
@@ -31,6 +33,8 @@ def main() -> None:
     ap.add_argument("--cross-trace", default=None, help="a trace with cross-token m2r2 rows (adds m2r2-cross rows)")
     ap.add_argument("--cross-lookahead", type=int, default=12)
     ap.add_argument("--cross-window", type=int, default=1)
+    ap.add_argument("--cross-margin", type=int, default=2,
+                    help="prefetch margin of the m2r2-cross-lru rows (lru-layer, CPU lane on and off)")
     args = ap.parse_args()
     trace = trace_prefix(load_trace(args.trace), args.max_tokens)
     cross = trace_prefix(load_trace(args.cross_trace), args.max_tokens) if args.cross_trace else None
@@ -42,9 +46,19 @@ def main() -> None:
             runs = [("none", None, CHUNK, 1), ("m2r2", None, CHUNK, 1), ("m2r2", None, None, 1),
                     ("none", cpu, CHUNK, 1), ("m2r2", cpu, CHUNK, 1)]
             if cross is not None:
-                runs += [("m2r2-cross", None, CHUNK, args.cross_window), ("m2r2-cross", cpu, CHUNK, args.cross_window)]
+                runs += [("m2r2-cross", None, CHUNK, args.cross_window), ("m2r2-cross", cpu, CHUNK, args.cross_window),
+                         ("m2r2-cross-lru", None, CHUNK, 1), ("m2r2-cross-lru", cpu, CHUNK, 1)]
             for pred, lane, chunk, window in runs:
-                if pred == "m2r2-cross":  # predictive policy, plans across tokens, whole layers ranked
+                if pred == "m2r2-cross-lru":  # the target's policy, plans across tokens, margin --cross-margin
+                    for policy in ("lru-layer", "lru"):  # lru where fewer than top_k slots per layer fit
+                        try:
+                            p = simulate(cross, cfg, get_hardware(hw_key), dtype, capacity, "m2r2", policy,
+                                         lookahead=args.cross_lookahead, window=1, margin=args.cross_margin,
+                                         chunk_bytes=chunk, cpu=lane)
+                            break
+                        except MoeOffloadError:
+                            continue
+                elif pred == "m2r2-cross":  # predictive policy, plans across tokens, whole layers ranked
                     E = cross.router_probs.shape[2]
                     p = simulate(cross, cfg, get_hardware(hw_key), dtype, capacity, "m2r2", "predictive",
                                  lookahead=args.cross_lookahead, window=window, chunk_bytes=chunk, cpu=lane,
@@ -57,23 +71,28 @@ def main() -> None:
                         p = simulate(trace, cfg, get_hardware(hw_key), dtype, capacity, pred, "lru", lookahead=3,
                                      window=window, chunk_bytes=chunk, cpu=lane)
                 s = p.settings
+                same = [r for r in rows if (r["hardware"], r["expert_dtype"], r["predictor"], r["cpu"]) ==
+                        (hw_key, dtype, "none", s["cpu"])]  # no prefetch, same lane: the like-for-like baseline
                 row = {"hardware": hw_key, "expert_dtype": dtype, "slots_per_layer": s["slots_per_layer"],
-                       "policy": s["policy"], "lookahead": args.cross_lookahead if pred == "m2r2-cross" else 3, "prefetch_window": window,
+                       "policy": s["policy"], "lookahead": args.cross_lookahead if pred.startswith("m2r2-cross") else 3, "prefetch_window": window,
                        "rank_depth": E if pred == "m2r2-cross" else None,
+                       "prefetch_margin": args.cross_margin if pred == "m2r2-cross-lru" else 0,
+                       "speedup_vs_no_prefetch_same_lane": (p.tokens_per_second / same[0]["tokens_per_second"]
+                                                            if same else 1.0),
                        "predictor": pred, "cpu": s["cpu"], "link": "chunked 8 MiB" if chunk else "whole-expert FIFO",
                        "tokens_per_second": p.tokens_per_second, "hit_rate": s["hit_rate"],
                        "on_time_hit_rate": s["on_time_hit_rate"], "on_time_share_of_hits": s["on_time_share_of_hits"],
                        "cpu_experts_per_token": s["cpu_experts_per_token"], **p.limits}
                 rows.append(row)
-                print(f"{hw_key:14s} {dtype:5s} {s['slots_per_layer']:4.1f}/layer {s['policy']:10s} {pred:10s} cpu={str(s['cpu']):17s} "
-                      f"{row['link']:18s} {p.tokens_per_second:7.2f} tok/s  hit {s['hit_rate']:.3f} on-time "
+                print(f"{hw_key:14s} {dtype:5s} {s['slots_per_layer']:4.1f}/layer {s['policy']:10s} {pred:14s} cpu={str(s['cpu']):17s} "
+                      f"{row['link']:18s} {p.tokens_per_second:7.2f} tok/s (x{row['speedup_vs_no_prefetch_same_lane']:.3f})  hit {s['hit_rate']:.3f} on-time "
                       f"{s['on_time_hit_rate']:.3f} ({s['on_time_share_of_hits']:.3f} of hits)  cpu/tok "
                       f"{s['cpu_experts_per_token']:.1f}  | resident {p.limits['all_resident_tokens_per_second']:.1f} "
                       f"belady-link {p.limits['link_bound_belady_tokens_per_second']:.1f} deep-oracle "
                       f"{p.limits['deep_oracle_tokens_per_second']:.1f}", flush=True)
     settings = {"trace": args.trace, "tokens": int(trace.routed_ids.shape[0]), "lookahead": 3,
                 "cpu_profile": args.cpu, "cross_trace": args.cross_trace, "cross_lookahead": args.cross_lookahead,
-                "cross_window": args.cross_window}
+                "cross_window": args.cross_window, "cross_margin": args.cross_margin}
     print(f"wrote {write_json_atomic(args.out, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
 
 

@@ -58,12 +58,15 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
     if not prefetch:
         return
     c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
-                   help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate")
+                   help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate; with the "
+                        "CPU lane on (--cpu-experts auto, the default on cuda) only cross-token m2r2 adapters prefetch, "
+                        "since within-token prefetch loses there (benchmarks/results/hybrid_prefetch.json)")
     c.add_argument("--lookahead", type=POS, default=None, metavar="D",
                    help="layers ahead to prefetch (default 2; with cross-token m2r2 adapters, their largest lookahead)")
     c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
-    c.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M",
-                   help="prefetch top-(k + M) experts per predicted layer (default 0)")
+    c.add_argument("--prefetch-margin", type=NONNEG, default=None, metavar="M",
+                   help="prefetch top-(k + M) experts per predicted layer (default 0; 3 for cross-token m2r2 adapters "
+                        "with the CPU lane on)")
     c.add_argument("--prefetch-window", type=POS, default=1, metavar="W",
                    help="most prefetch copies in flight at once (default 1)")
     c.add_argument("--rank-depth", type=POS, default=None, metavar="N",
@@ -336,8 +339,9 @@ def _offload_choice(model: Any, asked: bool | None) -> str:
     if model.expert_cache is None:
         return f"experts all resident ({why})"
     pf = model.prefetcher
+    note = getattr(model.model.experts, "prefetch_note", None)
     return (f"experts offloaded ({why}): {model.expert_cache.num_slots} slots, {model.expert_cache.policy.name}, "
-            f"prefetch {pf.predictor.name if pf else 'none'}")
+            f"prefetch {pf.predictor.name if pf else 'none'}" + (f" ({note})" if note and not pf else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -43,12 +43,14 @@ RUNTIME_OPTIONS = {
     "cache_per_layer": "expert slots per layer (times the number of layers)",
     "cache_gb": "gigabytes of expert slots on the device",
     "policy": "eviction policy: lru (default), lru-layer, lfu or predictive",
-    "predictor": "prefetch predictor: auto (m2r2 with the bundled/given accelerator, else next-gate), none, "
+    "predictor": "prefetch predictor: auto (m2r2 with the bundled/given accelerator, else next-gate; with the CPU "
+                 "lane on, only cross-token m2r2 adapters: within-token prefetch loses there), none, "
                  "next-gate, m2r2, oracle (needs oracle_trace)",
     "lookahead": "layers ahead to predict and prefetch (default 2; with cross-token m2r2 adapters, the "
                  "largest lookahead they were trained for)",
     "accelerator": "M2R2 adapter file (.safetensors); default: the bundled one when it matches the model",
-    "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0)",
+    "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0; 3 for cross-token m2r2 "
+                       "adapters with the CPU lane on)",
     "prefetch_window": "most prefetch copies in flight at once (default 1)",
     "rank_depth": "experts ranked per predicted layer (default top_k + prefetch_margin, the ones prefetched; "
                   "min(experts, 4 top_k) with cross-token m2r2 adapters and the predictive policy, measured best "
@@ -388,10 +390,13 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)
     if isinstance(experts, OffloadedExperts):
-        predictor = build_predictor(model, path, runtime_options)
+        lane_on = experts.cpu_lane is not None
+        predictor = build_predictor(model, path, runtime_options, cpu_lane=lane_on)
+        if predictor is None and lane_on and runtime_options.get("predictor", "auto") == "auto":
+            experts.prefetch_note = LANE_AUTO_OFF
         if predictor is not None:
             pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
-                            margin=runtime_options.get("prefetch_margin", 0),
+                            margin=default_margin(runtime_options.get("prefetch_margin"), predictor, lane_on),
                             max_inflight=runtime_options.get("prefetch_window", 1),
                             rank_depth=default_rank_depth(runtime_options.get("rank_depth"), predictor, policy,
                                                           cfg.num_local_experts, cfg.num_experts_per_tok))
@@ -437,8 +442,25 @@ def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_exper
     return None
 
 
-def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any]):
-    """The predictor the options ask for (None for 'none')."""
+# With the CPU lane on, prefetch from within-token predictions loses against no prefetch (geometric mean
+# 0.91x over 8 Mixtral-8x7B projections: RTX 4090 / 3060, DDR5 / DDR4 host, int4 / bf16), and cross-token
+# plans win best at margin 3 (1.03x geometric mean; 1.27-1.29x on the RTX 4090 int4 4-of-8 row):
+# benchmarks/hybrid_prefetch.py, benchmarks/results/hybrid_prefetch.json.
+LANE_CROSS_MARGIN = 3
+LANE_AUTO_OFF = "auto: off with the CPU lane for within-token predictions (benchmarks/results/hybrid_prefetch.json)"
+
+
+def default_margin(asked: int | None, predictor: Any, cpu_lane: bool) -> int:
+    """prefetch_margin as asked; unasked, LANE_CROSS_MARGIN for cross-token predictions with the CPU
+    lane on, else 0."""
+    if asked is not None:
+        return asked
+    return LANE_CROSS_MARGIN if cpu_lane and getattr(predictor, "cross_token", False) else 0
+
+
+def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any], cpu_lane: bool = False):
+    """The predictor the options ask for (None for 'none'; also for 'auto' with the CPU lane on and
+    predictions that stay within the token, which do not pay there: see LANE_AUTO_OFF)."""
     from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor, m2r2_lookahead
 
     name = options.get("predictor", "auto")
@@ -446,8 +468,8 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     lookahead = 2 if asked_lookahead is None else asked_lookahead
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
         raise MoeOffloadError(f"lookahead must be an integer >= 1, got {lookahead!r}")
-    margin = options.get("prefetch_margin", 0)
-    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+    margin = options.get("prefetch_margin")
+    if margin is not None and (not isinstance(margin, int) or isinstance(margin, bool) or margin < 0):
         raise MoeOffloadError(f"prefetch_margin must be an integer >= 0, got {margin!r}")
     window = options.get("prefetch_window", 1)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -457,11 +479,12 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
         raise MoeOffloadError(f"predictor {name!r} is not one of {list(valid)}")
     acc_file = options.get("accelerator")
     chose_adapters = name == "m2r2" or acc_file is not None  # auto with the bundled file is not a choice
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         if acc_file is None and path.resolve() == bundled_model_path().resolve() and bundled_accelerator_path().is_file():
             acc_file = bundled_accelerator_path()
         name = "m2r2" if acc_file is not None else "next-gate"
-    if name == "none":
+    if name == "none" or (auto and cpu_lane and name == "next-gate"):
         return None
     if name == "next-gate":
         return NextGate(model, lookahead)
@@ -480,6 +503,8 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
                                   "`moe-offload train-accelerator`)")
         acc_file = bundled_accelerator_path()
     acc, _ = Accelerator.load(acc_file, model)
+    if auto and cpu_lane and not acc.cross_token:
+        return None
     return M2R2Predictor(model, acc, m2r2_lookahead(acc, asked_lookahead, lookahead, acc_file, chose_adapters))
 
 

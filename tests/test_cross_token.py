@@ -310,3 +310,18 @@ def test_cross_heads_share_a_trunk_and_start_as_the_target_routers(tmp_path):
         torch.testing.assert_close(got[:, d - 1], torch.softmax(heads.head_logits(m.model, 1, d, x, prev), -1))
     with pytest.raises(MoeOffloadError, match="cross_heads needs cross_token"):
         Accelerator(H, L, [1], rank=4, cross_heads=True, num_experts=E)
+
+
+def test_with_the_cpu_lane_auto_prefetches_only_cross_token_plans_at_margin_3(bundled_cross):
+    # hybrid_prefetch.json: with the CPU lane, within-token prefetch loses (auto turns it off, saying so)
+    # and cross-token plans pay best at margin 3; what the user asks for is kept.
+    _, _, _, f = bundled_cross
+    kw = dict(device="cpu", cache_per_layer=4, policy="lru-layer")
+    shipped = moe_offload.load(cpu_experts="auto", **kw).model.experts
+    assert shipped.prefetcher is None and "CPU lane" in shipped.prefetch_note
+    assert moe_offload.load(cpu_experts="auto", predictor="m2r2", **kw).model.experts.prefetcher.margin == 0
+    assert moe_offload.load(**kw).model.experts.prefetcher.margin == 0  # no lane: as before
+    cross = moe_offload.load(cpu_experts="auto", accelerator=f, **kw).model.experts.prefetcher
+    assert cross.cross_token and cross.margin == 3
+    assert moe_offload.load(accelerator=f, **kw).model.experts.prefetcher.margin == 0
+    assert moe_offload.load(cpu_experts="auto", accelerator=f, prefetch_margin=1, **kw).model.experts.prefetcher.margin == 1
