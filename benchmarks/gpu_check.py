@@ -136,7 +136,7 @@ def cuda_link(device: torch.device, smoke: bool) -> dict:
         ref = moe_offload.load(path, device=device, offload=False).generate(prompt, max_new_tokens=16).token_ids
         for mb in (0.001, 0.0):  # ~1 KiB chunks (several per expert here), and whole experts in issue order
             m = moe_offload.load(path, device=device, cache_experts=3, predictor="next-gate", lookahead=1,
-                                 prefetch_margin=1, prefetch_window=4, link_chunk_mb=mb)
+                                 prefetch_margin=1, prefetch_window=4, link_chunk_mb=mb, cpu_experts="off")
             res[f"tokens_equal_link_chunk_mb_{mb:g}"] = m.generate(prompt, max_new_tokens=16).token_ids == ref
     nbytes = (1 << 20) if smoke else 3 * 4096 * 14336 * 2  # one Mixtral-8x7B expert in bf16
     src = torch.empty(7, nbytes, dtype=torch.uint8, pin_memory=True)
@@ -156,8 +156,18 @@ def cuda_link(device: torch.device, smoke: bool) -> dict:
         t_all = time.perf_counter() - t0
         eng.close()
         res[name] = {"demand_seconds": t_demand, "all_seconds": t_all, "gbps": 7 * nbytes / t_all / 1e9}
+        # one prefetch alone, nobody waiting: the chunked engine's worker feeds it chunk by chunk
+        eng = make()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        h = eng.load((2, 0), src[0], dst[0], 0, prefetch=True, priority=1.0)
+        eng.drain() if hasattr(eng, "drain") else None
+        eng.wait(h)
+        torch.cuda.synchronize()
+        res[name]["one_prefetch_gbps"] = nbytes / (time.perf_counter() - t0) / 1e9
+        eng.close()
     res["demand_speedup"] = res["fifo"]["demand_seconds"] / res["chunked"]["demand_seconds"]
-    res["throughput_ratio"] = res["chunked"]["gbps"] / res["fifo"]["gbps"]
+    res["throughput_ratio"] = res["chunked"]["one_prefetch_gbps"] / res["fifo"]["one_prefetch_gbps"]
     return res
 
 
@@ -259,7 +269,7 @@ def section_failures(name: str, value: object) -> list[str]:
         if not value["demand_speedup"] > 2:  # behind 6 whole experts (FIFO) vs about one expert plus 2 chunks
             out.append(f"a demand copy behind 6 prefetches is only {value['demand_speedup']:.2f}x faster than FIFO")
         if not value["throughput_ratio"] > 0.8:
-            out.append(f"chunked prefetch throughput is {value['throughput_ratio']:.2f} of FIFO's (idle gaps)")
+            out.append(f"one chunked prefetch moves at {value['throughput_ratio']:.2f} of FIFO's GB/s (idle gaps)")
     if name == "sync_debug" and value.get("reads_per_layer") != 1:
         out.append(f"decode step made {value.get('reads_per_layer')} device->host reads per MoE layer, want 1")
     if isinstance(value, dict) and value.get("ok") is False:

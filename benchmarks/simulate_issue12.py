@@ -50,6 +50,7 @@ def main() -> None:
                          ("m2r2-cross-lru", None, CHUNK, 1), ("m2r2-cross-lru", cpu, CHUNK, 1)]
             for pred, lane, chunk, window in runs:
                 if pred == "m2r2-cross-lru":  # the target's policy, plans across tokens, margin --cross-margin
+                    p = None
                     for policy in ("lru-layer", "lru"):  # lru where fewer than top_k slots per layer fit
                         try:
                             p = simulate(cross, cfg, get_hardware(hw_key), dtype, capacity, "m2r2", policy,
@@ -70,6 +71,8 @@ def main() -> None:
                     except MoeOffloadError:  # fewer than top_k slots per layer fit: lru-layer cannot run, use lru
                         p = simulate(trace, cfg, get_hardware(hw_key), dtype, capacity, pred, "lru", lookahead=3,
                                      window=window, chunk_bytes=chunk, cpu=lane)
+                if p is None:
+                    continue
                 s = p.settings
                 same = [r for r in rows if (r["hardware"], r["expert_dtype"], r["predictor"], r["cpu"]) ==
                         (hw_key, dtype, "none", s["cpu"])]  # no prefetch, same lane: the like-for-like baseline

@@ -503,7 +503,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
                                   "`moe-offload train-accelerator`)")
         acc_file = bundled_accelerator_path()
     acc, _ = Accelerator.load(acc_file, model)
-    if auto and cpu_lane and not acc.cross_token:
+    if auto and cpu_lane and not acc.cross_token and options.get("accelerator") is None:  # a file given is kept
         return None
     return M2R2Predictor(model, acc, m2r2_lookahead(acc, asked_lookahead, lookahead, acc_file, chose_adapters))
 

@@ -67,7 +67,7 @@ class FakeOps:
     def compute_stream(self):
         return self.compute
 
-    def event(self, timing=False):
+    def event(self, timing=False, blocking=False):
         return FakeEvent()
 
     def record(self, ev, stream):
@@ -214,3 +214,21 @@ def test_decoding_on_the_cuda_link_engine_is_exact_with_delays_and_failed_prefet
         c.stats.check()
         assert not c.pinned
         c.engine.close()
+
+
+def test_one_prefetch_keeps_depth_chunks_on_the_stream():
+    # With the default window of one prefetch, the link must not idle between its chunks while the worker
+    # wakes up: depth chunks of the same load are on the stream at once.
+    ops = FakeOps()
+    gate = threading.Event()
+    ops.copy_stream.put(gate.wait)
+    eng = engine(ops, chunk_bytes=256, depth=2)
+    src, dst = torch.arange(256, dtype=torch.float32), torch.zeros(256)
+    h = eng.load((0, 0), src, dst, 0, prefetch=True)
+    assert [(lo_n[3]) for lo_n in eng._state.on_stream] == [256, 256]
+    assert eng.bytes_before_landing(h) == 1024  # 512 on the stream, 512 queued
+    gate.set()
+    eng.wait(h)
+    eng.drain()
+    eng.close()
+    assert torch.equal(dst, src) and eng.bytes_before_landing(h) is None

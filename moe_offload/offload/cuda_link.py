@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -45,8 +46,9 @@ class CudaOps:
     def compute_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
 
-    def event(self, timing: bool = False) -> Any:
-        return torch.cuda.Event(enable_timing=timing)
+    def event(self, timing: bool = False, blocking: bool = False) -> Any:
+        # blocking: the worker's synchronize() sleeps instead of spinning a core the CPU lane needs
+        return torch.cuda.Event(enable_timing=timing, blocking=blocking)
 
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
@@ -71,8 +73,9 @@ class CudaOps:
 
 
 def _bytes(t: torch.Tensor, lo: int, n: int) -> torch.Tensor:
-    """Bytes [lo, lo + n) of a contiguous tensor, as a uint8 view."""
-    return t.reshape(-1).view(torch.uint8)[lo:lo + n]
+    """Bytes [lo, lo + n) of a contiguous tensor, as a uint8 view (view: a non-contiguous one fails loudly
+    instead of copying into a temporary)."""
+    return t.view(-1).view(torch.uint8)[lo:lo + n]
 
 
 class _LinkState:
@@ -84,7 +87,7 @@ class _LinkState:
         self.max_retries, self.retries = COPY_RETRIES, 0
         self.sched = LinkScheduler(chunk_bytes)
         self.cond = threading.Condition()
-        self.on_stream: deque[tuple[LinkJob, Any, bool]] = deque()  # (job, event after it, from the queue)
+        self.on_stream: deque[tuple[LinkJob, Any, bool, int]] = deque()  # (job, event after it, from the queue, bytes)
         self.closed = False
 
     def close(self) -> None:
@@ -109,33 +112,36 @@ class _LinkState:
 
     def enqueue(self, job: LinkJob, lo: int, n: int, from_queue: bool) -> None:
         """Put bytes [lo, lo + n) of `job` on the copy stream (under cond). The job's first bytes wait
-        for its slot's fence; its last bytes get the handle's event."""
+        for its slot's fence; its last bytes get the handle's event. Any failure fails the load (its
+        waiter sees it) and leaves the queue consistent; an interrupt is re-raised after that."""
         src, dst, fence = job.payload
         ops = self.ops
-        if lo == 0 and self.failed(job):
-            return
-        if lo == 0 and fence is not None:
-            ops.stream_wait(ops.copy_stream, fence)
-        if n:
-            whole = lo == 0 and n == job.nbytes
-            try:
-                ops.copy(dst if whole else _bytes(dst, lo, n), src if whole else _bytes(src, lo, n))
-            except Exception as exc:  # reported to the waiter, never lost in the worker thread
-                self.sched.take(job.handle)
-                job.handle.error = exc
-                job.handle._done.set()
+        try:
+            if lo == 0 and self.failed(job):
                 return
-        last = job.remaining == 0
-        ev = ops.event(timing=last)
-        ops.record(ev, ops.copy_stream)
+            if lo == 0 and fence is not None:
+                ops.stream_wait(ops.copy_stream, fence)
+            if n:
+                whole = lo == 0 and n == job.nbytes
+                ops.copy(dst if whole else _bytes(dst, lo, n), src if whole else _bytes(src, lo, n))
+            last = job.remaining == 0
+            ev = ops.event(timing=last, blocking=True)
+            ops.record(ev, ops.copy_stream)
+        except BaseException as exc:  # reported to the waiter, never lost in the worker thread
+            self.sched.fail(job)
+            job.handle.error = exc
+            job.handle._done.set()
+            if not isinstance(exc, Exception):
+                raise
+            return
         if last:
             job.handle.cuda_event = ev
-        self.on_stream.append((job, ev, from_queue))
+        self.on_stream.append((job, ev, from_queue, n))
 
     def retire(self) -> None:
         """Drop the finished chunks at the head of the stream (a query each, no wait; under cond)."""
         while self.on_stream and self.ops.query(self.on_stream[0][1]):
-            job, _, from_queue = self.on_stream.popleft()
+            job, _, from_queue, _ = self.on_stream.popleft()
             if from_queue:
                 self.sched.chunk_done(job)
 
@@ -185,6 +191,8 @@ class CudaLinkEngine:
                                         daemon=True)
         _WORKERS[id(self._state)] = (self._state, self._thread)
         self._thread.start()
+        self._finalizer = weakref.finalize(self, self._state.close)
+        self._finalizer.atexit = False  # transfer._stop_workers stops and joins it at exit instead
 
     @property
     def chunk_bytes(self) -> int:
@@ -259,7 +267,7 @@ class CudaLinkEngine:
             if handle.cuda_event is not None and self.ops.query(handle.cuda_event) or handle._done.is_set():
                 return None
             ahead = st.sched.demand_bytes_ahead(handle)
-            return (ahead or 0) + len(st.on_stream) * st.sched.chunk_bytes
+            return (ahead or 0) + sum(n for *_, n in st.on_stream)
 
     def promote(self, handle: LoadHandle) -> None:
         with self._state.cond:
@@ -323,10 +331,14 @@ class CudaLinkEngine:
         """Wait until every queued copy is on the stream and has finished (error recovery only)."""
         st = self._state
         with st.cond:
-            while (len(st.sched) or st.on_stream) and self._thread.is_alive():
-                st.cond.wait(timeout=1.0)
+            while len(st.sched) or st.on_stream:
+                st.retire()
+                st.fill()  # progress even without the worker (error recovery)
+                if not st.on_stream:
+                    break
+                st.cond.wait(timeout=0.01)
 
     def close(self) -> None:
         """Stop the worker after the queued copies; idempotent."""
-        self._state.close()
+        self._finalizer()
         self._thread.join(timeout=10)

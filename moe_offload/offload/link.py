@@ -37,7 +37,7 @@ class LinkJob:
     priority: float
     seq: int
     next_offset: int = 0
-    on_link: bool = False  # a chunk of this job is being copied right now
+    chunks_out: int = 0  # chunks of this job handed out and not yet done (an engine may keep several in flight)
     payload: Any = field(default=None, repr=False)  # engine data (src, dst)
 
     @property
@@ -83,7 +83,7 @@ class LinkScheduler:
         """Drop a queued load. Returns the bytes that will never be copied, or None when it cannot be
         cancelled (unknown/finished, or one of its chunks is on the link now)."""
         job = self._jobs.get(id(handle))
-        if job is None or job.on_link:
+        if job is None or job.chunks_out:
             return None
         del self._jobs[id(handle)]
         return job.remaining
@@ -105,10 +105,11 @@ class LinkScheduler:
 
     def next_chunk(self) -> tuple[LinkJob, int, int] | None:
         """The chunk to copy next as (job, byte offset, byte count), marked on the link; None if idle.
-        Jobs with a chunk on the link are not eligible (one link: one chunk at a time)."""
+        A job with chunks out stays eligible for its next chunk (an engine keeping several chunks on a
+        stream); one that has handed out all its bytes is not."""
         best = None
         for job in self._jobs.values():
-            if job.on_link:
+            if not job.remaining and (job.nbytes or job.chunks_out):  # all handed out (an empty load: once)
                 continue
             rank = (not job.demand, -job.priority if not job.demand else 0.0, job.seq)
             if best is None or rank < best[0]:
@@ -119,20 +120,20 @@ class LinkScheduler:
         lo = job.next_offset
         n = min(self.chunk_bytes, job.remaining)
         job.next_offset += n
-        job.on_link = True
+        job.chunks_out += 1
         return job, lo, n
 
     def chunk_done(self, job: LinkJob) -> bool:
         """The chunk of `job` on the link has landed. Returns True when that was the job's last chunk."""
-        job.on_link = False
-        if job.remaining > 0:
+        job.chunks_out -= 1
+        if job.remaining > 0 or job.chunks_out:
             return False
         self._jobs.pop(id(job.handle), None)
         return True
 
     def fail(self, job: LinkJob) -> None:
         """A chunk of `job` failed: the job leaves the queue (the caller reports the error)."""
-        job.on_link = False
+        job.chunks_out = 0
         self._jobs.pop(id(job.handle), None)
 
 

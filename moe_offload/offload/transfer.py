@@ -136,6 +136,7 @@ def _copy_loop(state: "_LinkState") -> None:
                 state.cond.wait()
             if item is not None:
                 state.busy += 1
+                state.busy_bytes += item[2]
         if item is None:
             return
         job, lo, n = item
@@ -145,6 +146,7 @@ def _copy_loop(state: "_LinkState") -> None:
         except BaseException as exc:  # reported to the waiter, never lost in the thread
             with state.cond:
                 state.busy -= 1
+                state.busy_bytes -= n
                 state.sched.fail(job)
                 handle.error = exc
                 handle._done.set()
@@ -152,6 +154,7 @@ def _copy_loop(state: "_LinkState") -> None:
             continue
         with state.cond:
             state.busy -= 1
+            state.busy_bytes -= n
             if state.sched.chunk_done(job):
                 handle._done.set()
             state.cond.notify_all()
@@ -168,6 +171,7 @@ class _LinkState:
         self.max_retries = COPY_RETRIES
         self.retries = 0  # copies tried again after a failure, since the engine started
         self.busy = 0  # chunks taken by the worker and not finished
+        self.busy_bytes = 0  # their bytes
 
     def close(self) -> None:
         with self.cond:
@@ -241,7 +245,7 @@ class ThreadCopyEngine:
             return None
         with self._state.cond:
             ahead = self._state.sched.demand_bytes_ahead(handle)
-            return (ahead or 0) + self._state.busy * self._state.sched.chunk_bytes
+            return (ahead or 0) + self._state.busy_bytes
 
     def promote(self, handle: LoadHandle) -> None:
         """Someone needs this (prefetch) load now: it overtakes the queued prefetches."""

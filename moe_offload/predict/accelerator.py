@@ -541,7 +541,8 @@ class M2R2Predictor:
         """Layer's adapters for rows d = 1..lookahead stacked once: A, C, P, Q [n*R, .], B^T [n, R, H],
         target norm weights W [n, 1, H], routers G^T [n, H, E] in the model's dtype; cross heads:
         XH [n', E, R] with their targets' Wh, Gh. The adapter tensors become views of the stacks
-        (`_shared`): one copy in memory, and in-place changes to A, B, C, P, Q, XH reach the predictor."""
+        (`_shared`): one copy in memory, and in-place changes to A, B, C, P, Q, XH reach the predictor
+        built last on these adapters (an earlier one keeps its own stacks from then on)."""
         m, acc = self.model, self.acc
         ds = [d for d in range(1, self.lookahead + 1) if f"{layer}_{d}" in acc.A]  # the residual pairs it has
         hds = [d for d in range(1, self.lookahead + 1) if acc.cross_heads and f"{layer}_{d}" in acc.XH]
