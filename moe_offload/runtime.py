@@ -443,8 +443,8 @@ def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_exper
 
 
 # With the CPU lane on, prefetch from within-token predictions loses against no prefetch (geometric mean
-# 0.91x over 8 Mixtral-8x7B projections: RTX 4090 / 3060, DDR5 / DDR4 host, int4 / bf16), and cross-token
-# plans win best at margin 3 (1.03x geometric mean; 1.27-1.29x on the RTX 4090 int4 4-of-8 row):
+# 0.90x over 6 Mixtral-8x7B projections: RTX 4090 int4 / bf16, RTX 3060 int4, DDR5 / DDR4 host), and
+# cross-token plans win, best at margin 3 (1.06x geometric mean; 1.27-1.29x on the RTX 4090 int4 4-of-8 row):
 # benchmarks/hybrid_prefetch.py, benchmarks/results/hybrid_prefetch.json.
 LANE_CROSS_MARGIN = 3
 LANE_AUTO_OFF = "auto: off with the CPU lane for within-token predictions (benchmarks/results/hybrid_prefetch.json)"
