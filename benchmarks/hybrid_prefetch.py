@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--cpu", default="desktop-ddr5-2ch,desktop-ddr4-2ch")
     ap.add_argument("--expert-dtype", default="int4,bf16")
     ap.add_argument("--margins", default="0,1,2,3")
+    ap.add_argument("--policy", default="lru-layer", help="eviction policy of both runs (lru-layer: issue 12's target)")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/hybrid_prefetch.json")
     args = ap.parse_args()
@@ -45,7 +46,7 @@ def main() -> None:
                     capacity = 128 if (hw_key, dtype) == ("rtx4090-pcie4", "int4") else None  # 4 of 8: the target row
 
                     def sim(pred, margin=0):
-                        return simulate(tr, cfg, hw, dtype, capacity, pred, "lru-layer", lookahead=D, margin=margin,
+                        return simulate(tr, cfg, hw, dtype, capacity, pred, args.policy, lookahead=D, margin=margin,
                                         window=1, chunk_bytes=CHUNK, cpu=cpu, deep_oracle_bound=False)
                     try:
                         base = sim("none")
@@ -82,7 +83,7 @@ def main() -> None:
             print(f"geometric-mean speedup over no prefetch by margin, {name}: " + ", ".join(f"{m}: {v:.3f}" for m, v in g.items()))
     print(f"best margin for cross-token adapters with the CPU lane: {best}")
     settings = {"traces": args.trace, "hardware": args.hardware, "cpu": args.cpu, "expert_dtype": args.expert_dtype,
-                "policy": "lru-layer", "link_chunk_bytes": CHUNK, "max_tokens": args.max_tokens,
+                "policy": args.policy, "link_chunk_bytes": CHUNK, "max_tokens": args.max_tokens,
                 "geomean_speedup_by_margin": geo, "geomean_cross_token": cross, "geomean_within_token": within,
                 "best_margin_cross_token": best}
     print(f"wrote {write_json_atomic(args.out, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")

@@ -59,8 +59,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
         return
     c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
                    help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate; with the "
-                        "CPU lane on (--cpu-experts auto, the default on cuda) only cross-token m2r2 adapters prefetch, "
-                        "since within-token prefetch loses there (benchmarks/results/hybrid_prefetch.json)")
+                        "CPU lane on (--cpu-experts auto, the default on cuda) and --policy lru-layer only cross-token "
+                        "m2r2 adapters prefetch, since within-token prefetch loses there "
+                        "(benchmarks/results/hybrid_prefetch.json)")
     c.add_argument("--lookahead", type=POS, default=None, metavar="D",
                    help="layers ahead to prefetch (default 2; with cross-token m2r2 adapters, their largest lookahead)")
     c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
@@ -94,9 +95,12 @@ def _add_link_args(p: argparse.ArgumentParser) -> None:
 def _link_settings(args: argparse.Namespace):
     from .analysis.sim import get_cpu
 
-    chunk = int(args.link_chunk_mb * (1 << 20)) if args.link_chunk_mb > 0 else None
-    if args.link_chunk_mb < 0:
-        raise MoeOffloadError(f"--link-chunk-mb must be >= 0, got {args.link_chunk_mb}")
+    from .offload.link import link_chunk_bytes
+
+    try:
+        chunk = link_chunk_bytes(args.link_chunk_mb)
+    except MoeOffloadError as exc:
+        raise MoeOffloadError(f"--link-chunk-mb: {exc}") from None
     return chunk, (get_cpu(args.cpu) if args.cpu != "none" else None)
 
 
@@ -335,7 +339,13 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _offload_choice(model: Any, asked: bool | None) -> str:
-    why = "asked" if asked is not None else f"default on {model.runtime.device.type}"
+    dev = model.runtime.device.type
+    if asked is not None:
+        why = "asked"
+    elif model.expert_cache is not None and dev == "cpu":  # on cpu a cache option turns the cache on
+        why = "a cache option was given"
+    else:
+        why = f"default on {dev}"
     if model.expert_cache is None:
         return f"experts all resident ({why})"
     pf = model.prefetcher
@@ -571,7 +581,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         model = load(args.model, device="cpu", offload=False)
         acc = args.accelerator
-        if acc is None and args.model is None and bundled_accelerator_path().is_file():
+        wants_m2r2 = args.predictors is None or "m2r2" in args.predictors.split(",")
+        if acc is None and args.model is None and bundled_accelerator_path().is_file() and wants_m2r2:
             acc = str(bundled_accelerator_path())
         ids = model.encode_text(_read_text(args.text or str(bundled_heldout_text())))[: args.max_tokens]
         trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, max(args.lookahead, 1), acc,
@@ -632,14 +643,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{s['on_time_hit_rate']:.3f}; {s['on_time_share_of_hits']:.3f} of hits on time; CPU-computed experts "
           f"per token {s['cpu_experts_per_token']:.2f}; implementation {s['implementation']})")
     print(f"  per token      {t['total'] * 1e3:7.1f} ms = compute {t['compute'] * 1e3:.1f} + exposed copy "
-          f"{t['exposed_copy'] * 1e3:.1f} + bookkeeping {t['bookkeeping'] * 1e3:.1f}")
+          f"{t['exposed_copy'] * 1e3:.1f} + bookkeeping {t['bookkeeping'] * 1e3:.1f}"
+          + (f" + waiting for the CPU lane {t['cpu_wait'] * 1e3:.1f}" if t.get("cpu_wait") else ""))
     print(f"  limits         all experts resident {p.limits['all_resident_tokens_per_second']:.2f} tokens/s; "
           f"link-bound with Belady hits {p.limits['link_bound_belady_tokens_per_second']:.2f} tokens/s; "
           f"deep oracle {p.limits['deep_oracle_tokens_per_second']:.2f} tokens/s "
           f"(on time {p.limits['deep_oracle_on_time_hit_rate']:.3f})")
     print(f"  (trace: {s['trace_tokens']} tokens x {s['trace_layers']} layers, scaled to {s['model_layers']} layers)")
     if s["predictor"] == "m2r2":
-        print(f"  (m2r2 itself: {s['predictor_ms_per_token']:.2f} ms per token of device time)" if s["predictor_charged"]
+        print(f"  (m2r2 itself: {s['predictor_ms_per_token']:.2f} ms per token of device time, in compute)" if s["predictor_charged"]
               else "  (m2r2 itself is not charged: the trace does not record the adapters' form; record it again "
                    "with `moe-offload trace --accelerator FILE`)")
     if (s["trace_experts"], s["trace_top_k"]) != (s["model_experts"], s["model_top_k"]):

@@ -26,7 +26,7 @@ from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
 from .offload.packed import DEFAULT_GROUP_SIZE, PackedResidentExperts, resolve_expert_format
-from .offload.cpu_lane import build_cpu_lane
+from .offload.cpu_lane import CPU_EXPERTS, build_cpu_lane
 from .offload.link import DEFAULT_CHUNK_BYTES, link_chunk_bytes
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
@@ -44,7 +44,7 @@ RUNTIME_OPTIONS = {
     "cache_gb": "gigabytes of expert slots on the device",
     "policy": "eviction policy: lru (default), lru-layer, lfu or predictive",
     "predictor": "prefetch predictor: auto (m2r2 with the bundled/given accelerator, else next-gate; with the CPU "
-                 "lane on, only cross-token m2r2 adapters: within-token prefetch loses there), none, "
+                 "lane on and policy lru-layer, only cross-token m2r2 adapters: within-token prefetch loses there), none, "
                  "next-gate, m2r2, oracle (needs oracle_trace)",
     "lookahead": "layers ahead to predict and prefetch (default 2; with cross-token m2r2 adapters, the "
                  "largest lookahead they were trained for)",
@@ -328,6 +328,10 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                      ("rank_depth", 1), ("draft_tokens", 1), ("group_size", 1)):
         if runtime_options.get(name) is not None:
             runtime_options[name] = integer(name, runtime_options[name], lo)
+    if "link_chunk_mb" in runtime_options:  # checked whether a cache is made or not
+        link_chunk_bytes(runtime_options["link_chunk_mb"])
+    if runtime_options.get("cpu_experts", "auto") not in CPU_EXPERTS:
+        raise MoeOffloadError(f"cpu_experts {runtime_options['cpu_experts']!r} is not one of {list(CPU_EXPERTS)}")
     path = Path(path) if path is not None else bundled_model_path()
     ckpt = Checkpoint(path)
     cfg = ckpt.config
@@ -391,7 +395,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
                                                show_progress=runtime.show_progress)
     if isinstance(experts, OffloadedExperts):
         lane_on = experts.cpu_lane is not None
-        predictor = build_predictor(model, path, runtime_options, cpu_lane=lane_on)
+        predictor = build_predictor(model, path, runtime_options, cpu_lane=lane_on, policy=policy.name)
         if predictor is None and lane_on and runtime_options.get("predictor", "auto") == "auto":
             experts.prefetch_note = LANE_AUTO_OFF
         if predictor is not None:
@@ -442,12 +446,15 @@ def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_exper
     return None
 
 
-# With the CPU lane on, prefetch from within-token predictions loses against no prefetch (geometric mean
-# 0.90x over 6 Mixtral-8x7B projections: RTX 4090 int4 / bf16, RTX 3060 int4, DDR5 / DDR4 host), and
-# cross-token plans win, best at margin 3 (1.06x geometric mean; 1.27-1.29x on the RTX 4090 int4 4-of-8 row):
-# benchmarks/hybrid_prefetch.py, benchmarks/results/hybrid_prefetch.json.
+# With the CPU lane on (benchmarks/hybrid_prefetch.py; 6-8 Mixtral-8x7B projections: RTX 4090 / 3060,
+# DDR5 / DDR4 host, int4 / bf16): under lru-layer, prefetch from within-token predictions loses against no
+# prefetch (geometric mean 0.90x, benchmarks/results/hybrid_prefetch.json), while under lru it still gains
+# (1.03x, hybrid_prefetch_lru.json); cross-token plans gain under both, best at margin 3 (1.06x and 1.12x;
+# 1.27-1.29x on the RTX 4090 int4 4-of-8 lru-layer row).
 LANE_CROSS_MARGIN = 3
-LANE_AUTO_OFF = "auto: off with the CPU lane for within-token predictions (benchmarks/results/hybrid_prefetch.json)"
+LANE_AUTO_OFF_POLICIES = ("lru-layer",)
+LANE_AUTO_OFF = ("auto: off with the CPU lane, lru-layer and within-token predictions "
+                 "(benchmarks/results/hybrid_prefetch.json)")
 
 
 def default_margin(asked: int | None, predictor: Any, cpu_lane: bool) -> int:
@@ -458,9 +465,10 @@ def default_margin(asked: int | None, predictor: Any, cpu_lane: bool) -> int:
     return LANE_CROSS_MARGIN if cpu_lane and getattr(predictor, "cross_token", False) else 0
 
 
-def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any], cpu_lane: bool = False):
-    """The predictor the options ask for (None for 'none'; also for 'auto' with the CPU lane on and
-    predictions that stay within the token, which do not pay there: see LANE_AUTO_OFF)."""
+def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any], cpu_lane: bool = False,
+                    policy: str = "lru"):
+    """The predictor the options ask for (None for 'none'; also for 'auto' with the CPU lane on, a policy
+    in LANE_AUTO_OFF_POLICIES and predictions that stay within the token, which do not pay there)."""
     from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor, m2r2_lookahead
 
     name = options.get("predictor", "auto")
@@ -484,7 +492,9 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
         if acc_file is None and path.resolve() == bundled_model_path().resolve() and bundled_accelerator_path().is_file():
             acc_file = bundled_accelerator_path()
         name = "m2r2" if acc_file is not None else "next-gate"
-    if name == "none" or (auto and cpu_lane and name == "next-gate"):
+    tuned = [k for k in ("lookahead", "prefetch_margin", "prefetch_window", "rank_depth") if options.get(k) is not None]
+    auto_off = auto and cpu_lane and policy in LANE_AUTO_OFF_POLICIES and not tuned  # prefetch options given: kept
+    if name == "none" or (auto_off and name == "next-gate"):
         return None
     if name == "next-gate":
         return NextGate(model, lookahead)
@@ -503,7 +513,7 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
                                   "`moe-offload train-accelerator`)")
         acc_file = bundled_accelerator_path()
     acc, _ = Accelerator.load(acc_file, model)
-    if auto and cpu_lane and not acc.cross_token and options.get("accelerator") is None:  # a file given is kept
+    if auto_off and not acc.cross_token and options.get("accelerator") is None:  # a file given is kept
         return None
     return M2R2Predictor(model, acc, m2r2_lookahead(acc, asked_lookahead, lookahead, acc_file, chose_adapters))
 

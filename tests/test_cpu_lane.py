@@ -94,6 +94,7 @@ def test_hybrid_counts_and_leaves_no_pins(setup):
     # too: the CPU wins against it); each was then copied in the background (a fill), so once the fills
     # have landed, uses of them hit the cache.
     assert c.stats.cpu_experts.sum() == c.stats.misses.sum() > 0
+    assert c.stats.prefetch_hits.sum() == 0  # the fills are not prefetches
     c.engine.drain()
     m.generate(PROMPT, max_new_tokens=4)
     assert c.stats.cpu_experts.sum() == c.stats.misses.sum() and c.stats.hits.sum() > 0
@@ -133,9 +134,11 @@ def test_cpu_experts_option(setup):
     lane = build_cpu_lane(m.expert_cache, "auto")
     assert lane.costs.chunk_seconds == pytest.approx(lane.costs.copy_seconds / 4, rel=0.01)
     assert np.isfinite(lane.costs.token_seconds)
-    for mb in (-1, float("nan"), 1e-9, "8"):
+    for mb in (-1, float("nan"), 1e-9, 1e-6, "8"):
         with pytest.raises(MoeOffloadError, match="link_chunk_mb"):
             moe_offload.load(path, device="cpu", cache_experts=3, link_chunk_mb=mb)
+        with pytest.raises(MoeOffloadError, match="link_chunk_mb"):  # checked with no cache too
+            moe_offload.load(path, device="cpu", link_chunk_mb=mb)
     whole = moe_offload.load(path, device="cpu", cache_experts=3, link_chunk_mb=0)
     assert whole.expert_cache.engine.demand_wait_bytes > whole.expert_cache.store.expert_bytes
 
@@ -176,3 +179,14 @@ def test_hybrid_computes_experts_whose_prefetch_is_still_in_flight(setup):
     assert taken_in_flight  # the CPU computed experts whose copy had not landed
     c.stats.check()
     assert not c.pinned
+
+
+def test_auto_prefetch_with_the_lane_and_lru_layer():
+    # lru-layer + lane + within-token adapters: auto turns prefetch off and says why; a prefetch option the
+    # user gave keeps it on; under lru it stays on (benchmarks/results/hybrid_prefetch*.json)
+    kw = dict(device="cpu", cache_per_layer=4, cpu_experts="auto")
+    off = moe_offload.load(policy="lru-layer", **kw).model.experts
+    assert off.prefetcher is None and "lru-layer" in off.prefetch_note
+    assert moe_offload.load(policy="lru-layer", prefetch_margin=1, **kw).model.experts.prefetcher.margin == 1
+    assert moe_offload.load(policy="lru-layer", lookahead=1, **kw).model.experts.prefetcher is not None
+    assert moe_offload.load(**kw).model.experts.prefetcher is not None

@@ -313,14 +313,17 @@ def test_cross_heads_share_a_trunk_and_start_as_the_target_routers(tmp_path):
 
 
 def test_with_the_cpu_lane_auto_prefetches_only_cross_token_plans_at_margin_3(bundled_cross):
-    # hybrid_prefetch.json: with the CPU lane, within-token prefetch loses (auto turns it off, saying so)
-    # and cross-token plans pay best at margin 3; what the user asks for is kept.
+    # hybrid_prefetch.json: with the CPU lane and lru-layer, within-token prefetch loses (auto turns it
+    # off, saying so; under lru it still gains and stays on) and cross-token plans pay best at margin 3;
+    # what the user asks for is kept.
     _, _, _, f = bundled_cross
     kw = dict(device="cpu", cache_per_layer=4, policy="lru-layer")
     shipped = moe_offload.load(cpu_experts="auto", **kw).model.experts
     assert shipped.prefetcher is None and "CPU lane" in shipped.prefetch_note
     assert moe_offload.load(cpu_experts="auto", predictor="m2r2", **kw).model.experts.prefetcher.margin == 0
     assert moe_offload.load(**kw).model.experts.prefetcher.margin == 0  # no lane: as before
+    lru = moe_offload.load(cpu_experts="auto", device="cpu", cache_per_layer=4).model.experts  # policy lru: kept
+    assert lru.prefetcher is not None and lru.prefetcher.margin == 0
     cross = moe_offload.load(cpu_experts="auto", accelerator=f, **kw).model.experts.prefetcher
     assert cross.cross_token and cross.margin == 3
     assert moe_offload.load(accelerator=f, **kw).model.experts.prefetcher.margin == 0

@@ -226,6 +226,9 @@ def test_trace_and_bench_refuse_a_lookahead_past_the_adapters_range(tmp_path, ca
         assert main(argv) == 2
         assert "lookahead 4: the m2r2 adapters in" in capsys.readouterr().err
     assert not out.exists()
+    # without m2r2 among the predictors, the adapters' range does not bound bench's lookahead
+    assert main(["bench", "cache", "--max-tokens", "16", "--lookahead", "4", "--capacities", "2",
+                 "--predictors", "none,next-gate"]) == 0
     # unasked, the trace records next-gate 3 ahead and m2r2 as far as the runtime would use it
     assert main(["trace", "--text", TEXT, "--out", str(out), "--max-tokens", "16", "--accelerator", acc]) == 0
     from moe_offload.analysis.trace import load_trace

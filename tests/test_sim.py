@@ -114,6 +114,13 @@ def test_simulate_projects_within_its_limits(recorded):
         assert p.tokens_per_second <= p.limits["all_resident_tokens_per_second"] * (1 + 1e-9)
         assert p.per_token["total"] == pytest.approx(p.per_token["compute"] + p.per_token["exposed_copy"]
                                                      + p.per_token["bookkeeping"])
+        # with the CPU lane the device also waits for the host's experts: the parts still add up
+        from moe_offload.analysis.sim import get_cpu
+
+        lane = simulate(trace, cfg, hw, dtype, 64, "next-gate", cpu=get_cpu("desktop-ddr5-2ch"))
+        t = lane.per_token
+        assert t["cpu_wait"] > 0 and t["total"] == pytest.approx(t["compute"] + t["exposed_copy"] + t["bookkeeping"]
+                                                                  + t["cpu_wait"])
     assert predictor_from_trace(trace, "oracle", 1).preds.shape == (300, 2, 1, CFG.num_local_experts)
 
 

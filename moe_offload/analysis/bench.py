@@ -281,7 +281,8 @@ def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype
         return {"total": ((res.seconds - head) * scale + head) / res.tokens,
                 "compute": ((res.compute_seconds - head) * scale + head) / res.tokens,
                 "exposed_copy": res.exposed_copy_seconds * scale / res.tokens,
-                "bookkeeping": res.bookkeeping_seconds * scale / res.tokens}
+                "bookkeeping": res.bookkeeping_seconds * scale / res.tokens,
+                "cpu_wait": res.cpu_wait_seconds * scale / res.tokens}
 
     recorded = predictor_from_trace(trace, predictor, lookahead)
     pred_s = None if recorded is None else predictor_seconds(trace, predictor, recorded.lookahead, costs, cfg, hw, impl)

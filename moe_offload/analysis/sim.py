@@ -345,6 +345,7 @@ class TimelineResult:
     bookkeeping_seconds: float
     link_busy_seconds: float
     stats: dict[str, Any]
+    cpu_wait_seconds: float = 0.0  # the device idle, waiting for the CPU lane's experts
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -368,7 +369,7 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
     pf = None
     if predictor is not None:
         pf = Prefetcher(cache, predictor, L, k, margin=margin, max_inflight=window, rank_depth=rank_depth)
-    compute = bookkeeping = 0.0
+    compute = bookkeeping = cpu_wait = 0.0
     residual = torch.zeros(1, 1)  # [1, H]: recorded predictors do not read it
     for t in range(T):
         if pf is not None:
@@ -408,6 +409,8 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
                 if gi == 0 and cpu is not None and on_cpu:
                     fill_after_cpu(cache, l, on_cpu, pf.protect if pf is not None else set())
                 work = costs.expert * len(group)
+                if gi == 0 and cpu_end > clock.now + work:  # the device done, the CPU lane not yet
+                    cpu_wait += cpu_end - (clock.now + work)
                 clock.now = max(clock.now + work, cpu_end if gi == 0 else 0.0)
                 compute += work
                 cache.release(l, group)
@@ -424,4 +427,4 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
         st.update(prefetch_issued=pf.issued, prefetch_cancelled=pf.cancelled,
                   prefetch_cancelled_inflight=pf.cancelled_inflight)
     return TimelineResult(T, clock.now, compute, float(cache.stats.stall_seconds.sum()), bookkeeping,
-                          engine.busy_seconds, st)
+                          engine.busy_seconds, st, cpu_wait)

@@ -150,15 +150,19 @@ class ExpertCache:
         self.engine.close()
 
     # --- internals ------------------------------------------------------------------------------
-    def prefetch(self, key: Key, protect: set[Key], priority: float = 0.0) -> bool:
+    def prefetch(self, key: Key, protect: set[Key], priority: float = 0.0, fill: bool = False) -> bool:
         """Start loading `key` ahead of its use unless it is resident or no slot can be taken without
-        evicting a protected (predicted, pinned or in-flight) expert. Returns whether a load started."""
+        evicting a protected (predicted, pinned or in-flight) expert. Returns whether a load started.
+        fill: a background copy of an expert the CPU lane computed, not a prediction (not counted as a
+        prefetch in the stats)."""
         if self.slot_of[key] >= 0:
             return False
         slot = self._take_slot(key[0], protect, incoming=key)
         if slot is None:
             return False
         self._start_load(key, prefetch=True, slot=slot, priority=priority)
+        if fill:
+            self.prefetched_unused.discard(key)
         return True
 
     def cancel_prefetch(self, key: Key) -> bool:

@@ -165,7 +165,7 @@ def fill_after_cpu(cache, layer: int, experts: Sequence[int], protect: set) -> N
     if not hasattr(cache.engine, "promote"):
         return
     for e in experts:
-        cache.prefetch((layer, int(e)), protect | cache.pinned, priority=FILL_PRIORITY)
+        cache.prefetch((layer, int(e)), protect | cache.pinned, priority=FILL_PRIORITY, fill=True)
 
 
 class CpuLane:

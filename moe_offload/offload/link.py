@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import MoeOffloadError
 
+MIN_CHUNK_BYTES = 1 << 10  # smaller chunks cost more per-chunk overhead than they save (1e-6 MiB ran for minutes)
 DEFAULT_CHUNK_BYTES = 8 << 20  # 8 MiB: ~0.3 ms at 25 GB/s, ~1/11 of an int4 Mixtral-8x7B expert
 
 
@@ -144,8 +145,9 @@ def link_chunk_bytes(mb: Any) -> int | None:
     if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb) or mb < 0:
         raise MoeOffloadError(f"link_chunk_mb must be a finite number of MiB >= 0 (0 = whole experts), got {mb!r}")
     n = int(mb * (1 << 20))
-    if mb > 0 and n < 1:
-        raise MoeOffloadError(f"link_chunk_mb {mb!r} is under one byte; give 0 for whole experts")
+    if 0 < n < MIN_CHUNK_BYTES or (mb > 0 and n == 0):
+        raise MoeOffloadError(f"link_chunk_mb {mb!r} is under the smallest chunk, {MIN_CHUNK_BYTES // 1024} KiB "
+                              f"({MIN_CHUNK_BYTES / (1 << 20):g} MiB); give 0 for whole experts")
     return n or None
 
 
