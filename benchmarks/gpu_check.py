@@ -143,6 +143,9 @@ def cuda_link(device: torch.device, smoke: bool) -> dict:
     dst = torch.empty(7, nbytes, dtype=torch.uint8, device=device)
     for name, make in (("fifo", lambda: CudaCopyEngine(device)), ("chunked", lambda: CudaLinkEngine(device))):
         eng = make()
+        if name == "chunked":
+            time.sleep(0.1)
+            res["worker_alive"] = eng._thread.is_alive()  # it binds the device first thing
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         hs = [eng.load((0, i), src[i], dst[i], i, prefetch=True, priority=1.0) for i in range(6)]
@@ -266,6 +269,8 @@ def section_failures(name: str, value: object) -> list[str]:
     if name == "cuda_link" and "skipped" not in value:
         out += [f"offloaded tokens differ from resident with {k}" for k, v in value.items()
                 if k.startswith("tokens_equal") and not v]
+        if not value.get("worker_alive"):
+            out.append("the CudaLinkEngine worker thread died at start (see the output for its traceback)")
         if not value["demand_speedup"] > 2:  # behind 6 whole experts (FIFO) vs about one expert plus 2 chunks
             out.append(f"a demand copy behind 6 prefetches is only {value['demand_speedup']:.2f}x faster than FIFO")
         if not value["throughput_ratio"] > 0.8:

@@ -232,3 +232,19 @@ def test_one_prefetch_keeps_depth_chunks_on_the_stream():
     eng.drain()
     eng.close()
     assert torch.equal(dst, src) and eng.bytes_before_landing(h) is None
+
+
+def test_cuda_ops_bind_the_worker_to_an_indexed_device(monkeypatch):
+    # "cuda" without an index is the caller's current device; torch.cuda.set_device refuses it without
+    # one, which would kill the worker thread at start on a GPU.
+    from moe_offload.offload.cuda_link import CudaOps
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: ("stream", device))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    ops = CudaOps(torch.device("cuda"))
+    ops.bind_thread()
+    assert ops.copy_stream == ("stream", 1) and calls == [1]
+    CudaOps(torch.device("cuda", 0)).bind_thread()
+    assert calls == [1, 0]

@@ -38,10 +38,13 @@ class CudaOps:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device=device)
+        # the index now, in the caller's thread: "cuda" without one means the caller's current device,
+        # and set_device refuses a device without an index
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.copy_stream = torch.cuda.Stream(device=self.index)
 
     def bind_thread(self) -> None:
-        torch.cuda.set_device(self.device)
+        torch.cuda.set_device(self.index)
 
     def compute_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
