@@ -68,7 +68,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None
     c.add_argument("--prefetch-margin", type=NONNEG, default=None, metavar="M",
                    help="prefetch top-(k + M) experts per predicted layer (default 0; 3 for cross-token m2r2 adapters "
                         "with the CPU lane on)")
-    c.add_argument("--prefetch-window", type=POS, default=1, metavar="W",
+    c.add_argument("--prefetch-window", type=POS, default=None, metavar="W",
                    help="most prefetch copies in flight at once (default 1)")
     c.add_argument("--rank-depth", type=POS, default=None, metavar="N",
                    help="experts ranked per predicted layer (default: top-k + margin, the ones prefetched); deeper "
@@ -351,7 +351,8 @@ def _offload_choice(model: Any, asked: bool | None) -> str:
     pf = model.prefetcher
     note = getattr(model.model.experts, "prefetch_note", None)
     return (f"experts offloaded ({why}): {model.expert_cache.num_slots} slots, {model.expert_cache.policy.name}, "
-            f"prefetch {pf.predictor.name if pf else 'none'}" + (f" ({note})" if note and not pf else ""))
+            f"prefetch {pf.predictor.name if pf else 'none'}"
+            + (f" (lookahead {pf.lookahead}, margin {pf.margin})" if pf else f" ({note})" if note else ""))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

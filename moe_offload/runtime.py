@@ -401,7 +401,7 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
         if predictor is not None:
             pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
                             margin=default_margin(runtime_options.get("prefetch_margin"), predictor, lane_on),
-                            max_inflight=runtime_options.get("prefetch_window", 1),
+                            max_inflight=runtime_options.get("prefetch_window") or 1,
                             rank_depth=default_rank_depth(runtime_options.get("rank_depth"), predictor, policy,
                                                           cfg.num_local_experts, cfg.num_experts_per_tok))
             predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
@@ -479,8 +479,8 @@ def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, An
     margin = options.get("prefetch_margin")
     if margin is not None and (not isinstance(margin, int) or isinstance(margin, bool) or margin < 0):
         raise MoeOffloadError(f"prefetch_margin must be an integer >= 0, got {margin!r}")
-    window = options.get("prefetch_window", 1)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    window = options.get("prefetch_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise MoeOffloadError(f"prefetch_window must be an integer >= 1, got {window!r}")
     valid = ("auto", "none", "next-gate", "m2r2", "oracle")
     if name not in valid:

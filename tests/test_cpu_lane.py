@@ -190,3 +190,16 @@ def test_auto_prefetch_with_the_lane_and_lru_layer():
     assert moe_offload.load(policy="lru-layer", prefetch_margin=1, **kw).model.experts.prefetcher.margin == 1
     assert moe_offload.load(policy="lru-layer", lookahead=1, **kw).model.experts.prefetcher is not None
     assert moe_offload.load(**kw).model.experts.prefetcher is not None
+
+
+def test_cli_summary_says_what_prefetch_runs(capsys):
+    # The CLI passes unset prefetch options as None, so auto's choice is the API's; the summary line says it.
+    from moe_offload.cli import main
+
+    base = ["generate", "--cache-per-layer", "4", "--max-new-tokens", "2", "--cpu-experts", "auto"]
+    assert main(base + ["--policy", "lru-layer"]) == 0
+    assert "prefetch none (auto: off with the CPU lane, lru-layer" in capsys.readouterr().err
+    assert main(base + ["--policy", "lru-layer", "--prefetch-window", "2"]) == 0
+    assert "prefetch m2r2 (lookahead 2, margin 0)" in capsys.readouterr().err
+    assert main(base) == 0
+    assert "lru, prefetch m2r2 (lookahead 2, margin 0)" in capsys.readouterr().err
