@@ -67,3 +67,50 @@ def write_model(path: Path, cfg: MixtralConfig = CFG, seed: int = 0, **kw) -> Pa
     tensors = {n: torch.randn(s, generator=g) * 0.1 for n, s in expected_tensors(cfg).items()}
     save_checkpoint(path, cfg, tensors, **kw)
     return path
+
+
+def decode_with_failing_prefetches(model_path, make_engine) -> list:
+    """Greedy decoding and prefill logits of the model at `model_path` with an expert cache (3 and 5
+    slots, next-gate prefetch, wide windows) whose copy engine is make_engine(fail, rng), copies in
+    chunks of 128 bytes; `fail` fails about a third of the prefetches, never a demand load. Asserts
+    outputs equal to the resident model's and consistent stats; returns the caches for further checks."""
+    import random
+
+    import moe_offload
+
+    prompt = [1, 7, 3, 9, 11, 4]
+    ref = moe_offload.load(model_path, device="cpu", offload=False)
+    expected = ref.generate(prompt, max_new_tokens=12).token_ids
+    caches = []
+    for slots, window in ((3, 3), (5, 6)):
+        m = moe_offload.load(model_path, device="cpu", cache_experts=slots, predictor="next-gate", lookahead=1,
+                             prefetch_margin=1, prefetch_window=window)
+        c = m.expert_cache
+        rng = random.Random(slots)
+        prefetching = set()  # keys inside cache.prefetch: an engine may start a prefetch before it is recorded
+        plain_prefetch = c.prefetch
+
+        def tracked_prefetch(key, *args, plain_prefetch=plain_prefetch, prefetching=prefetching, **kw):
+            prefetching.add(key)
+            try:
+                return plain_prefetch(key, *args, **kw)
+            finally:
+                prefetching.discard(key)
+        c.prefetch = tracked_prefetch
+
+        def fail(key, c=c, rng=rng, prefetching=prefetching):
+            h = c.inflight.get(key)
+            return (key in prefetching or (h is not None and h.prefetch)) and rng.random() < 0.35
+
+        c.engine.close()
+        c.engine = make_engine(fail, rng)
+        assert c.store.expert_bytes > 5 * 128  # an expert row here is ~10 chunks
+        res = m.generate(prompt, max_new_tokens=12)
+        assert res.token_ids == expected, slots
+        assert torch.equal(m.logits(prompt), ref.logits(prompt))
+        st = res.stats
+        assert st["hits"] + st["misses"] == st["uses"] and st["prefetch_issued"] > 0
+        c.stats.check()
+        assert not c.pinned
+        caches.append(c)
+    return caches

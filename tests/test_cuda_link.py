@@ -5,15 +5,13 @@ are recorded once, which is how the engine uses them). The GPU run (benchmarks/g
 same engine on real streams."""
 
 import queue
-import random
 import threading
 import time
 
 import pytest
 import torch
 
-import moe_offload
-from helpers import write_model
+from helpers import decode_with_failing_prefetches, write_model
 from moe_offload.offload import CopyFaults
 from moe_offload.offload.cuda_link import CudaLinkEngine
 from moe_offload.offload.transfer import CopyFailed
@@ -177,42 +175,11 @@ def model_path(tmp_path_factory):
 
 def test_decoding_on_the_cuda_link_engine_is_exact_with_delays_and_failed_prefetches(model_path):
     # The real cache, prefetcher and offloaded experts on the engine (fake device, compute in step with
-    # the host), copies in chunks of 128 bytes with random delays, a third of the prefetches failing.
-    prompt = [1, 7, 3, 9, 11, 4]
-    ref = moe_offload.load(model_path, device="cpu", offload=False)
-    expected = ref.generate(prompt, max_new_tokens=12).token_ids
-    for slots, window in ((3, 3), (5, 6)):
-        m = moe_offload.load(model_path, device="cpu", cache_experts=slots, predictor="next-gate", lookahead=1,
-                             prefetch_margin=1, prefetch_window=window)
-        c = m.expert_cache
-        rng = random.Random(slots)
-
-        prefetching = set()  # keys inside cache.prefetch: this engine may put them on the stream at once
-        plain_prefetch = c.prefetch
-
-        def tracked_prefetch(key, *args, **kw):
-            prefetching.add(key)
-            try:
-                return plain_prefetch(key, *args, **kw)
-            finally:
-                prefetching.discard(key)
-        c.prefetch = tracked_prefetch
-
-        def fail(key, c=c, rng=rng):  # fail about a third of the prefetches, never a demand load
-            h = c.inflight.get(key)
-            return (key in prefetching or (h is not None and h.prefetch)) and rng.random() < 0.35
-
-        c.engine.close()
-        c.engine = engine(FakeOps(copy_seconds=0.0005), faults=CopyFaults(fail=fail), chunk_bytes=128)
-        assert c.store.expert_bytes > 5 * 128
-        res = m.generate(prompt, max_new_tokens=12)
-        assert res.token_ids == expected, slots
-        assert torch.equal(m.logits(prompt), ref.logits(prompt))
-        st = res.stats
-        assert st["hits"] + st["misses"] == st["uses"] and st["prefetch_issued"] > 0
+    # the host), copies in chunks of 128 bytes with delays, a third of the prefetches failing.
+    caches = decode_with_failing_prefetches(model_path, lambda fail, rng: engine(
+        FakeOps(copy_seconds=0.0005), faults=CopyFaults(fail=fail), chunk_bytes=128))
+    for c in caches:
         assert c.engine.retries > 0
-        c.stats.check()
-        assert not c.pinned
         c.engine.close()
 
 
@@ -248,3 +215,17 @@ def test_cuda_ops_bind_the_worker_to_an_indexed_device(monkeypatch):
     assert ops.copy_stream == ("stream", 1) and calls == [1]
     CudaOps(torch.device("cuda", 0)).bind_thread()
     assert calls == [1, 0]
+
+
+def test_a_copy_that_keeps_failing_reaches_its_waiter_after_the_retries():
+    eng = engine(FakeOps(), faults=CopyFaults(fail=lambda key: key == (0, 1)), chunk_bytes=64)
+    src, dst = torch.ones(32), torch.zeros(32)
+    ok = eng.load((0, 0), src, dst, 0)
+    bad = eng.load((0, 1), src, torch.zeros(32), 1)
+    eng.wait(ok)
+    with pytest.raises(CopyFailed, match="injected copy failure"):
+        eng.wait(bad)
+    assert eng.retries == eng.max_retries and bad.done()
+    eng.drain()
+    eng.close()
+    assert torch.equal(dst, src)

@@ -2,14 +2,13 @@
 engine (which runs the runtime's scheduler), the thread engine's ordering in real time, and exact outputs
 with chunked copies, random delays and failed prefetches."""
 
-import random
 import threading
 
 import pytest
 import torch
 
 import moe_offload
-from helpers import CFG, write_model
+from helpers import CFG, decode_with_failing_prefetches, write_model
 from moe_offload.analysis.sim import SimCopyEngine, VirtualClock
 from moe_offload.offload import CopyFaults, ThreadCopyEngine
 from moe_offload.offload.link import LinkScheduler
@@ -125,30 +124,8 @@ def model_path(tmp_path_factory):
 
 
 def test_chunked_copies_with_delays_and_failed_prefetches_keep_outputs_exact(model_path):
-    prompt = [1, 7, 3, 9, 11, 4]
-    ref = moe_offload.load(model_path, device="cpu", offload=False)
-    expected = ref.generate(prompt, max_new_tokens=12).token_ids
-    for slots, window in ((3, 3), (5, 6)):
-        m = moe_offload.load(model_path, device="cpu", cache_experts=slots, predictor="next-gate", lookahead=1,
-                             prefetch_margin=1, prefetch_window=window)
-        c = m.expert_cache
-        rng = random.Random(slots)
-
-        def fail(key, c=c, rng=rng):  # fail about a third of the prefetches, never a demand load
-            h = c.inflight.get(key)
-            return h is not None and h.prefetch and rng.random() < 0.35
-
-        c.engine.close()
-        c.engine = ThreadCopyEngine(CopyFaults(delay=lambda key, rng=rng: rng.uniform(0, 0.002), fail=fail),
-                                    chunk_bytes=128)  # an expert row here is ~10 chunks
-        assert c.store.expert_bytes > 5 * 128
-        res = m.generate(prompt, max_new_tokens=12)
-        assert res.token_ids == expected, slots
-        assert torch.equal(m.logits(prompt), ref.logits(prompt))
-        st = res.stats
-        assert st["hits"] + st["misses"] == st["uses"] and st["prefetch_issued"] > 0
-        c.stats.check()
-        assert not c.pinned
+    decode_with_failing_prefetches(model_path, lambda fail, rng: ThreadCopyEngine(
+        CopyFaults(delay=lambda key: rng.uniform(0, 0.002), fail=fail), chunk_bytes=128))
 
 
 def test_bytes_before_landing_in_virtual_time():

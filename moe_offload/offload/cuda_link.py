@@ -28,7 +28,8 @@ import torch
 
 from .link import DEFAULT_CHUNK_BYTES, LinkJob, LinkScheduler
 from .protocols import Key
-from .transfer import _WORKERS, COPY_RETRIES, CopyCancelled, CopyFaults, LoadHandle, copy_failure
+from .transfer import (_WORKERS, COPY_RETRIES, CopyCancelled, CopyFaults, EngineKnobs, LoadHandle, copy_failure,
+                       injected_failure)
 
 LINK_DEPTH = 2  # chunks on the copy stream at once: 1 leaves the link idle while the worker wakes up
 
@@ -81,7 +82,7 @@ def _bytes(t: torch.Tensor, lo: int, n: int) -> torch.Tensor:
     return t.view(-1).view(torch.uint8)[lo:lo + n]
 
 
-class _LinkState:
+class _StreamState:
     """What the engine and its worker share (the worker holds this, not the engine, so the engine can
     be garbage-collected; its finalizer closes this)."""
 
@@ -101,17 +102,12 @@ class _LinkState:
     def failed(self, job: LinkJob) -> bool:
         """Injected faults (tests), checked when a load's first bytes would go onto the stream; a
         failure is transient up to max_retries, then the load fails (its waiter sees CopyFailed)."""
-        fail = self.faults.fail
-        tries = 0
-        while fail is not None and fail(job.handle.key):
-            if tries == self.max_retries:
-                self.sched.take(job.handle)
-                job.handle.error = RuntimeError("injected copy failure")
-                job.handle._done.set()
-                return True
-            tries += 1
-            self.retries += 1
-        return False
+        if not injected_failure(self.faults, job.handle.key, self):
+            return False
+        self.sched.take(job.handle)
+        job.handle.error = RuntimeError("injected copy failure")
+        job.handle._done.set()
+        return True
 
     def enqueue(self, job: LinkJob, lo: int, n: int, from_queue: bool) -> None:
         """Put bytes [lo, lo + n) of `job` on the copy stream (under cond). The job's first bytes wait
@@ -157,7 +153,7 @@ class _LinkState:
             self.enqueue(*item, from_queue=True)
 
 
-def _worker(state: _LinkState) -> None:
+def _worker(state: _StreamState) -> None:
     try:
         state.ops.bind_thread()
         while True:
@@ -177,7 +173,7 @@ def _worker(state: _LinkState) -> None:
         _WORKERS.pop(id(state), None)
 
 
-class CudaLinkEngine:
+class CudaLinkEngine(EngineKnobs):
     """Copy engine with a demand-first chunked link on a CUDA copy stream (see the module docstring).
     Same interface as CudaCopyEngine plus promote / reprioritize / cancel (protocols.CopyEngine)."""
 
@@ -187,7 +183,7 @@ class CudaLinkEngine:
             raise ValueError(f"link depth must be an integer >= 1, got {depth!r}")
         self.device = device
         self.ops = ops or CudaOps(device)
-        self._state = _LinkState(self.ops, chunk_bytes, depth, faults or CopyFaults())
+        self._state = _StreamState(self.ops, chunk_bytes, depth, faults or CopyFaults())
         self._last_use: dict[int, Any] = {}  # slot -> the compute-stream event of its last use
         self._waits: list[tuple[int, Any, Any]] = []  # (layer, copy done, needed)
         self._thread = threading.Thread(target=_worker, args=(self._state,), name="moe-offload-cuda-link",
@@ -205,27 +201,6 @@ class CudaLinkEngine:
     def demand_wait_bytes(self) -> int:
         """The most prefetch bytes a demand copy waits behind: the chunks already on the stream."""
         return self._state.depth * self._state.sched.chunk_bytes
-
-    @property
-    def faults(self) -> CopyFaults:
-        return self._state.faults
-
-    @faults.setter
-    def faults(self, value: CopyFaults) -> None:
-        self._state.faults = value
-
-    @property
-    def retries(self) -> int:
-        """Copies tried again after a transient failure, since the engine started."""
-        return self._state.retries
-
-    @property
-    def max_retries(self) -> int:
-        return self._state.max_retries
-
-    @max_retries.setter
-    def max_retries(self, value: int) -> None:
-        self._state.max_retries = value
 
     def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
              priority: float = 0.0) -> LoadHandle:

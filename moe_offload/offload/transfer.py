@@ -179,7 +179,45 @@ class _LinkState:
             self.cond.notify_all()
 
 
-class ThreadCopyEngine:
+class EngineKnobs:
+    """faults, retries and max_retries of an engine whose worker thread shares them through `self._state`
+    (tests swap faults at run time)."""
+
+    @property
+    def faults(self) -> CopyFaults:
+        return self._state.faults
+
+    @faults.setter
+    def faults(self, value: CopyFaults) -> None:
+        self._state.faults = value
+
+    @property
+    def retries(self) -> int:
+        """Copies tried again after a transient failure, since the engine started."""
+        return self._state.retries
+
+    @property
+    def max_retries(self) -> int:
+        return self._state.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self._state.max_retries = value
+
+
+def injected_failure(faults: CopyFaults, key: Key, counter) -> bool:
+    """Whether the test hook faults.fail fails `key` for good: a failure is transient, tried again up to
+    counter.max_retries times (each retry counted in counter.retries)."""
+    tries = 0
+    while faults.fail is not None and faults.fail(key):
+        if tries == counter.max_retries:
+            return True
+        tries += 1
+        counter.retries += 1
+    return False
+
+
+class ThreadCopyEngine(EngineKnobs):
     """CPU twin: one worker thread is the link; copies move in chunks, demand loads first, then
     prefetches by expected value (offload.link.LinkScheduler). A queued prefetch can be promoted
     (someone waits for it) or cancelled. close() (or garbage collection of the engine) stops the
@@ -195,36 +233,15 @@ class ThreadCopyEngine:
         self._finalizer.atexit = False  # _stop_workers stops and joins it at exit instead
 
     @property
-    def faults(self) -> CopyFaults:
-        return self._state.faults
-
-    @property
     def demand_wait_bytes(self) -> int:
         """The most prefetch bytes a demand copy waits behind: the one chunk on the link."""
         return self._state.sched.chunk_bytes
-
-    @property
-    def retries(self) -> int:
-        """Copies tried again after a transient failure, since the engine started."""
-        return self._state.retries
-
-    @property
-    def max_retries(self) -> int:
-        return self._state.max_retries
-
-    @max_retries.setter
-    def max_retries(self, value: int) -> None:
-        self._state.max_retries = value
 
     def drain(self) -> None:
         """Wait until every queued copy has finished (or failed): the link is idle."""
         with self._state.cond:
             while (len(self._state.sched) or self._state.busy) and self._worker.is_alive():
                 self._state.cond.wait(timeout=1.0)
-
-    @faults.setter
-    def faults(self, value: CopyFaults) -> None:
-        self._state.faults = value
 
     def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
              priority: float = 0.0) -> LoadHandle:
@@ -311,15 +328,10 @@ class CudaCopyEngine:
         handle.prefetch = prefetch
         if self.faults.delay is not None:
             time.sleep(self.faults.delay(key))
-        if self.faults.fail is not None:
-            tries = 0
-            while self.faults.fail(key):  # injected faults are transient: try again, bounded
-                if tries == self.max_retries:
-                    handle.error = RuntimeError("injected copy failure")
-                    handle._done.set()
-                    return handle
-                tries += 1
-                self.retries += 1
+        if injected_failure(self.faults, key, self):
+            handle.error = RuntimeError("injected copy failure")
+            handle._done.set()
+            return handle
         fence = self._last_use.get(slot)
         with torch.cuda.stream(self.stream):
             if fence is not None:
