@@ -5,7 +5,9 @@ Two launches plus a reduction, whatever the token count:
   GEMM2  y[a]   = (act[a] @ w2[s]^T) * topk_weight[a]
   sum    out[t] = sum_j y[t*k + j]                              (a torch sum over k: deterministic)
 where s = slot_of_expert[expert of a]. Rows are processed in blocks of BLOCK_M assignments that all
-belong to one expert (see align.py); the same compiled kernel serves any residency state.
+belong to one expert (see align.py); the same compiled kernel serves any residency state. The weight
+format (float, int8, int4; pool.py) is a compile-time flag, WEIGHT_FORMAT: one kernel pair, one variant
+per format, differing only in how a weight tile is loaded (`_weight_tile`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import triton.language as tl
 
 from .align import moe_align_block_size
 from .configs import TileConfig, tile_config
+from .pool import WEIGHT_FLOAT, WeightPool, as_pool
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -36,11 +39,36 @@ def _block_rows(block_expert_ptr, slot_ptr, sorted_ids_ptr, num_assignments, BLO
 
 
 @triton.jit
+def _weight_tile(w_base, s_base, z_base, kk, cols, mask, stride_wn, stride_wk, stride_sn, stride_sg,
+                 WEIGHT_FORMAT: tl.constexpr, GROUP: tl.constexpr):
+    """[BK, BN] weight tile w[cols, kk]^T of one slot (kk: [BK] input indices, cols: [BN] output rows).
+    WEIGHT_FLOAT: as stored. WEIGHT_INT8: q * s[n]. WEIGHT_INT4: (nibble(q[n, k // 2], k % 2) - z[n, k // G])
+    * s[n, k // G], low nibble = even k. Quantized tiles come back in float32; the scale/zero tile is
+    gathered per (k, n), so any BLOCK_K works with any group size."""
+    if WEIGHT_FORMAT == 2:  # WEIGHT_INT4
+        byte = tl.load(w_base + cols[None, :] * stride_wn + (kk // 2)[:, None] * stride_wk,
+                       mask=mask, other=0).to(tl.int32)  # [BK, BN] packed pairs
+        q = ((byte >> ((kk % 2) * 4)[:, None]) & 0xF).to(tl.float32)
+        g_off = cols[None, :] * stride_sn + (kk // GROUP)[:, None] * stride_sg  # [BK, BN]
+        s = tl.load(s_base + g_off, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_base + g_off, mask=mask, other=0.0).to(tl.float32)
+        return (q - z) * s
+    elif WEIGHT_FORMAT == 1:  # WEIGHT_INT8
+        q = tl.load(w_base + cols[None, :] * stride_wn + kk[:, None] * stride_wk, mask=mask, other=0)
+        s = tl.load(s_base + cols[None, :] * stride_sn + kk[:, None] * 0, mask=mask, other=0.0)  # [BK, BN]
+        return q.to(tl.float32) * s.to(tl.float32)
+    else:  # WEIGHT_FLOAT
+        return tl.load(w_base + kk[:, None] * stride_wk + cols[None, :] * stride_wn, mask=mask, other=0.0)
+
+
+@triton.jit
 def _gemm1_silu_kernel(
-    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
     num_assignments, hidden, inter, top_k,
-    stride_xt, stride_xh, stride_ws, stride_wn, stride_wk, stride_aa, stride_ai,
+    stride_xt, stride_xh, stride_ws, stride_wn, stride_wk, stride_ss, stride_sn, stride_sg,
+    stride_aa, stride_ai,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, GROUP: tl.constexpr,
 ):
     expert, slot, assign, row_ok = _block_rows(block_expert_ptr, slot_ptr, sorted_ids_ptr, num_assignments, BLOCK_M)
     if expert < 0:
@@ -50,18 +78,19 @@ def _gemm1_silu_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
-    w_base = w13_ptr + slot * stride_ws
+    w_base, s_base, z_base = w_ptr + slot * stride_ws, s_ptr + slot * stride_ss, z_ptr + slot * stride_ss
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        k_ok = (k0 + ks) < hidden
-        a = tl.load(x_ptr + token[:, None] * stride_xt + (k0 + ks)[None, :] * stride_xh,
+        kk = k0 + ks
+        k_ok = kk < hidden
+        a = tl.load(x_ptr + token[:, None] * stride_xt + kk[None, :] * stride_xh,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         w_mask = k_ok[:, None] & col_ok[None, :]
-        wg = tl.load(w_base + (k0 + ks)[:, None] * stride_wk + cols[None, :] * stride_wn,
-                     mask=w_mask, other=0.0)  # [BK, BN] = w1^T tile
-        wu = tl.load(w_base + (k0 + ks)[:, None] * stride_wk + (cols + inter)[None, :] * stride_wn,
-                     mask=w_mask, other=0.0)  # [BK, BN] = w3^T tile
+        wg = _weight_tile(w_base, s_base, z_base, kk, cols, w_mask, stride_wn, stride_wk, stride_sn, stride_sg,
+                          WEIGHT_FORMAT, GROUP).to(x_ptr.dtype.element_ty)  # [BK, BN] = w1^T tile
+        wu = _weight_tile(w_base, s_base, z_base, kk, cols + inter, w_mask, stride_wn, stride_wk, stride_sn,
+                          stride_sg, WEIGHT_FORMAT, GROUP).to(x_ptr.dtype.element_ty)  # [BK, BN] = w3^T tile
         if UPCAST:
             a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
         acc_gate = tl.dot(a, wg, acc_gate)
@@ -73,10 +102,12 @@ def _gemm1_silu_kernel(
 
 @triton.jit
 def _gemm2_weighted_kernel(
-    act_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
+    act_ptr, w_ptr, s_ptr, z_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_expert_ptr, slot_ptr,
     num_assignments, hidden, inter,
-    stride_aa, stride_ai, stride_ws, stride_wn, stride_wk, stride_ya, stride_yh,
+    stride_aa, stride_ai, stride_ws, stride_wn, stride_wk, stride_ss, stride_sn, stride_sg,
+    stride_ya, stride_yh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr, GROUP: tl.constexpr,
 ):
     expert, slot, assign, row_ok = _block_rows(block_expert_ptr, slot_ptr, sorted_ids_ptr, num_assignments, BLOCK_M)
     if expert < 0:
@@ -86,14 +117,15 @@ def _gemm2_weighted_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden columns
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
-    w_base = w2_ptr + slot * stride_ws
+    w_base, s_base, z_base = w_ptr + slot * stride_ws, s_ptr + slot * stride_ss, z_ptr + slot * stride_ss
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        k_ok = (k0 + ks) < inter
-        a = tl.load(act_ptr + assign64[:, None] * stride_aa + (k0 + ks)[None, :] * stride_ai,
+        kk = k0 + ks
+        k_ok = kk < inter
+        a = tl.load(act_ptr + assign64[:, None] * stride_aa + kk[None, :] * stride_ai,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        w = tl.load(w_base + (k0 + ks)[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BK, BN] = w2^T tile
+        w = _weight_tile(w_base, s_base, z_base, kk, cols, k_ok[:, None] & col_ok[None, :], stride_wn, stride_wk,
+                         stride_sn, stride_sg, WEIGHT_FORMAT, GROUP).to(act_ptr.dtype.element_ty)  # [BK, BN] = w2^T
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc)
@@ -118,10 +150,17 @@ def check_routing(name: str, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_
         raise ValueError(f"all {name} inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13_pool: torch.Tensor,
-           w2_pool: torch.Tensor, slot_of_expert: torch.Tensor) -> None:
-    check_routing("fused_moe", hidden, topk_ids, topk_weights, slot_of_expert, w13_pool, w2_pool)
+def _check(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, pool: WeightPool,
+           slot_of_expert: torch.Tensor) -> None:
+    check_routing("fused_moe", hidden, topk_ids, topk_weights, slot_of_expert, pool.w13, pool.w2)
     h = hidden.shape[1]
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"hidden must be float32/float16/bfloat16, got {hidden.dtype}")
+    if pool.weight_format != WEIGHT_FLOAT:
+        if pool.hidden != h:
+            raise ValueError(f"quantized pool has hidden size {pool.hidden}, hidden is [T, {h}]")
+        return
+    w13_pool, w2_pool = pool.w13, pool.w2
     if w13_pool.dim() != 3 or w13_pool.shape[2] != h or w13_pool.shape[1] % 2:
         raise ValueError(f"w13_pool must be [S, 2I, H={h}], got {list(w13_pool.shape)}")
     s, two_i, _ = w13_pool.shape
@@ -141,18 +180,30 @@ def check_resident(topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slo
                          f"(slot_of_expert gives {sorted(set(slots[bad].tolist()))}; pool has {num_slots})")
 
 
+def _weight_args(w: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None) -> tuple[tuple, tuple]:
+    """Pointers (weights, scales, zeros) and strides (slot, row, k; scale slot, row, group) of one
+    projection. Missing scales / zeros pass another tensor of the call in their place (never read)."""
+    s_ptr = w if s is None else s
+    z_ptr = s_ptr if z is None else z
+    ss, sn = (0, 0) if s is None else (s.stride(0), s.stride(1))
+    sg = s.stride(2) if s is not None and s.dim() == 3 else 0
+    return (w, s_ptr, z_ptr), (w.stride(0), w.stride(1), w.stride(2), ss, sn, sg)
+
+
 def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              w13_pool: torch.Tensor, w2_pool: torch.Tensor, slot_of_expert: torch.Tensor, *,
+              w13_pool: torch.Tensor | WeightPool, w2_pool: torch.Tensor | None, slot_of_expert: torch.Tensor, *,
               out: torch.Tensor | None = None, config: TileConfig | None = None,
               debug: bool = False) -> torch.Tensor:
-    """Mixture-of-experts SwiGLU FFN in two Triton grouped-GEMM launches.
+    """Mixture-of-experts SwiGLU FFN in two Triton grouped-GEMM launches, any weight format.
 
     Args:
         hidden:         [T, H] float32 / float16 / bfloat16, the (normed) token activations.
         topk_ids:       [T, k] int32/int64 expert ids per token.
         topk_weights:   [T, k] routing weights (any float dtype; applied in float32).
-        w13_pool:       [S, 2I, H] slot pool of gate (rows 0..I-1) and up (rows I..2I-1) projections.
-        w2_pool:        [S, H, I] slot pool of down projections.
+        w13_pool:       either [S, 2I, H] slot pool (hidden's dtype) of gate (rows 0..I-1) and up (rows
+                        I..2I-1) projections, or a WeightPool (pool.py: float, int8 or int4 views; its
+                        weight_format picks the kernel's compile-time variant) with w2_pool None.
+        w2_pool:        [S, H, I] slot pool of down projections, or None with a WeightPool.
         slot_of_expert: [E] int32/int64: the slot holding each expert (-1 if not resident).
         out:            optional [T, H] output of hidden's dtype, written in full.
         config:         tile config; default: nearest-M entry of the tile-config table.
@@ -160,29 +211,39 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
                         intermediate buffers with NaN so that a row never written shows up.
     Returns:
         [T, H] in hidden's dtype: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]).
-    Slots that no routed token uses are never read (NaN garbage there cannot leak).
+    Quantized weights are dequantized in registers (float32, then hidden's dtype), as the pool's torch
+    reference does. Slots that no routed token uses are never read (NaN garbage there cannot leak).
     """
-    _check(hidden, topk_ids, topk_weights, w13_pool, w2_pool, slot_of_expert)
-    inter = w13_pool.shape[1] // 2
-    run = MoeLaunch.prepare(hidden, topk_ids, topk_weights, slot_of_expert, inter, w13_pool.shape[0], out,
+    pool = as_pool(w13_pool, w2_pool)
+    _check(hidden, topk_ids, topk_weights, pool, slot_of_expert)
+    inter = pool.inter
+    run = MoeLaunch.prepare(hidden, topk_ids, topk_weights, slot_of_expert, inter, pool.num_slots, out,
                             config, debug)
     if run.empty:
         return run.out
     h, cfg, al = hidden.shape[1], run.cfg, run.al
+    launch = dict(run.launch, WEIGHT_FORMAT=pool.weight_format, GROUP=pool.group_size)
+    p13, st13 = _weight_args(pool.w13, pool.s13, pool.z13)
     _gemm1_silu_kernel[(run.num_blocks, triton.cdiv(inter, cfg.block_n))](
-        hidden, w13_pool, run.act, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter, run.k,
-        hidden.stride(0), hidden.stride(1), w13_pool.stride(0), w13_pool.stride(1), w13_pool.stride(2),
-        run.act.stride(0), run.act.stride(1), **run.launch)
+        hidden, *p13, run.act, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter, run.k,
+        hidden.stride(0), hidden.stride(1), *st13, run.act.stride(0), run.act.stride(1), **launch)
+    p2, st2 = _weight_args(pool.w2, pool.s2, pool.z2)
     _gemm2_weighted_kernel[(run.num_blocks, triton.cdiv(h, cfg.block_n))](
-        run.act, w2_pool, run.y, run.weights, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter,
-        run.act.stride(0), run.act.stride(1), w2_pool.stride(0), w2_pool.stride(1), w2_pool.stride(2),
-        run.y.stride(0), run.y.stride(1), **run.launch)
+        run.act, *p2, run.y, run.weights, al.sorted_ids, al.block_expert, run.slots, run.n, h, inter,
+        run.act.stride(0), run.act.stride(1), *st2, run.y.stride(0), run.y.stride(1), **launch)
     return run.reduce()
+
+
+def fused_moe_quant(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, pool: WeightPool,
+                    slot_of_expert: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """fused_moe over a WeightPool (int8 / int4 / float views): fused_moe(hidden, ids, weights, pool, None,
+    slot_of_expert, **kwargs). hidden [T, H] float; ids/weights [T, k]; slot_of_expert [E] -> [T, H]."""
+    return fused_moe(hidden, topk_ids, topk_weights, pool, None, slot_of_expert, **kwargs)
 
 
 @dataclass
 class MoeLaunch:
-    """What both grouped-GEMM launches of one fused MoE call need (fused_moe and fused_moe_quant):
+    """What both grouped-GEMM launches of one fused MoE call need:
     the aligned assignment blocks, the intermediate buffers act [N, I] and y [N, H], the routing
     weights [N] in float32 and the tile config as launch keywords."""
 

@@ -6,87 +6,83 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .errors import MoeOffloadError
+from .options import (DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS, OffloadConfig,
+                      parse_tuning, tuning_help)
 from .validate import SEED_MAX, float_arg, int_arg, output_file
 
 MAX_PROBLEM_LINES = 20
+DRAFT_RANK = 64  # the draft head's rank (the bundled head's)
 POS = int_arg(1)  # argparse types (validate.py): the error names the flag
-NONNEG = int_arg(0)
-
-
-def auto_or_rank(text: str) -> int | str:
-    """argparse type: "auto" or a whole number >= 0."""
-    return "auto" if text == "auto" else NONNEG(text)
 NONNEG = int_arg(0)
 SEED = int_arg(0, SEED_MAX)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read more, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", default=None,
-                   help="Hugging Face Mixtral folder (config.json, *.safetensors, tokenizer.json); "
+                   help="Hugging Face MoE folder (config.json, *.safetensors, tokenizer.json); "
                         "default: the bundled tiny model")
 
 
-def _add_runtime_args(p: argparse.ArgumentParser, prefetch: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="compute dtype; auto = float32 on cpu, the checkpoint's half type on cuda")
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "triton", "grouped_mm", "loop"],
-                   help="expert compute: auto = triton on cuda, loop on cpu; triton on cpu needs "
-                        "TRITON_INTERPRET=1 (slow, for tests)")
-    p.add_argument("--max-seq-len", type=POS, default=None,
-                   help="context length for the KV cache (default min(max_position_embeddings, 4096))")
-    p.add_argument("--expert-dtype", default="auto", choices=["auto", "bf16", "fp16", "int8", "int4"],
-                   help="expert storage: auto = the compute dtype; int8 (per-row scales) or int4 (asymmetric, "
-                        "groups of --group-size) are quantized on load (moe backend loop)")
-    p.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
-                   help="int4 group size along the input dimension (default 128)")
-    c = p.add_argument_group("expert cache (give at most one budget; default: fill free device memory)")
-    c.add_argument("--cache-experts", type=POS, default=None, metavar="N", help="expert slots over all layers")
-    c.add_argument("--cache-per-layer", type=POS, default=None, metavar="K", help="expert slots per layer")
-    c.add_argument("--cache-gb", type=float_arg(0, lo_open=True), default=None, metavar="X", help="gigabytes of expert slots")
-    c.add_argument("--policy", default="lru", choices=["lru", "lru-layer", "lfu", "predictive"],
-                   help="eviction policy (default lru)")
-    o = c.add_mutually_exclusive_group()
+def _field_help(name: str) -> str:
+    return TOP_FIELDS[name].metadata["help"]
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, full: bool = True) -> None:
+    """The runtime flags, one per OffloadConfig field in options.FLAG_FIELDS, plus --tuning for the rest
+    (full=False: --device, --dtype and --tuning only, for the research commands)."""
+    g = p.add_argument_group("runtime (moe_offload.OffloadConfig; the rest through --tuning)")
+    g.add_argument("--device", default=None, help=_field_help("device") + " (default auto)")
+    g.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES), help=_field_help("dtype"))
+    if full:
+        _add_cache_args(g)
+    g.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting (repeatable), or a JSON file of them; `--tuning help` lists them "
+                        "with defaults and ranges")
+
+
+def _add_cache_args(g: Any) -> None:
+    g.add_argument("--expert-dtype", default=None, choices=list(EXPERT_DTYPES), help=_field_help("expert_dtype"))
+    o = g.add_mutually_exclusive_group()
     o.add_argument("--offload", dest="offload", action="store_const", const=True, default=None,
-                   help="experts in host RAM with a device expert cache (default on cuda)")
+                   help=_field_help("offload"))
     o.add_argument("--no-offload", dest="offload", action="store_const", const=False,
-                   help="keep every expert on the device (no cache; the reference for exactness; default "
-                        "on cpu, where host RAM is the device and a cache would only hold experts twice)")
-    if not prefetch:
-        return
-    c.add_argument("--predictor", default="auto", choices=["auto", "none", "next-gate", "m2r2"],
-                   help="prefetch predictor; auto = m2r2 with the bundled/given accelerator, else next-gate; with the "
-                        "CPU lane on (--cpu-experts auto, the default on cuda) and --policy lru-layer only cross-token "
-                        "m2r2 adapters prefetch, since within-token prefetch loses there "
-                        "(benchmarks/results/hybrid_prefetch.json)")
-    c.add_argument("--lookahead", type=POS, default=None, metavar="D",
-                   help="layers ahead to prefetch (default 2; with cross-token m2r2 adapters, their largest lookahead)")
-    c.add_argument("--accelerator", default=None, metavar="FILE", help="M2R2 adapters (.safetensors)")
-    c.add_argument("--prefetch-margin", type=NONNEG, default=None, metavar="M",
-                   help="prefetch top-(k + M) experts per predicted layer (default 0; 3 for cross-token m2r2 adapters "
-                        "with the CPU lane on)")
-    c.add_argument("--prefetch-window", type=POS, default=None, metavar="W",
-                   help="most prefetch copies in flight at once (default 1)")
-    c.add_argument("--rank-depth", type=POS, default=None, metavar="N",
-                   help="experts ranked per predicted layer (default: top-k + margin, the ones prefetched); deeper "
-                        "ranks are not loaded but give --policy predictive an expected next use (layers until use / "
-                        "P(use)) for more of the residents")
-    c.add_argument("--link-chunk-mb", type=float_arg(0), default=None, metavar="MB",
-                   help="demand-first link: prefetch copies move in chunks of MB MiB and a demand copy overtakes "
-                        "the queued ones (on cuda at most two chunks are on the copy stream ahead of it); default 8; "
-                        "0 = whole experts (on cuda: every copy in issue order)")
-    c.add_argument("--cpu-experts", default=None, choices=["auto", "off"],
-                   help="auto: compute a missed expert on the CPU from host RAM when that beats its copy "
-                        "(measured CPU and link speed); off: copy every miss (default: auto on cuda, off on cpu)")
+                   help="keep every expert on the device (no cache; the exactness reference)")
+    g.add_argument("--cache-per-layer", type=POS, default=None, metavar="K", help=_field_help("cache_per_layer"))
+    g.add_argument("--cache-gb", type=float_arg(0, lo_open=True), default=None, metavar="X",
+                   help=_field_help("cache_gb"))
+    g.add_argument("--predictor", default=None, choices=list(PREDICTORS), help=_field_help("predictor"))
+    g.add_argument("--accelerator", default=None, metavar="FILE", help=_field_help("accelerator"))
+
+
+def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:
+    """The OffloadConfig the runtime flags and --tuning items ask for (a flag and a --tuning item may not
+    both set the same field)."""
+    if "help" in args.tuning:
+        print(tuning_help())
+        raise SystemExit(0)
+    settings = parse_tuning(args.tuning)
+    flags = {field: getattr(args, flag[2:].replace("-", "_"), None) for flag, field in FLAG_FIELDS.items()}
+    flags["offload"] = getattr(args, "offload", None)
+    flags = {k: v for k, v in flags.items() if v is not None}
+    both = sorted(set(flags) & set(settings))
+    if both:
+        raise MoeOffloadError(f"{', '.join(both)} given both as a flag and in --tuning; give it once")
+    if "show_progress" not in settings:
+        settings["show_progress"] = sys.stderr.isatty()
+    return OffloadConfig.make(**{**settings, **flags, **fixed})
 
 
 def _add_link_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--link-chunk-mb", type=float_arg(0), default=8.0, metavar="MB",
-                   help="demand-first link: prefetch copies move in chunks of MB megabytes (MiB) and a demand "
-                        "copy overtakes them at the next chunk; 0 = whole experts (default 8)")
     p.add_argument("--cpu", default="none", metavar="PROFILE",
                    help="CPU lane: compute a missed expert on this CPU profile (assets/cpu_profiles.json: "
                         "ci-epyc-2core, desktop-ddr4-2ch, desktop-ddr5-2ch) when that beats its copy; none = off")
@@ -94,21 +90,17 @@ def _add_link_args(p: argparse.ArgumentParser) -> None:
 
 def _link_settings(args: argparse.Namespace):
     from .analysis.sim import get_cpu
+    from .offload.link import DEFAULT_CHUNK_BYTES
 
-    from .offload.link import link_chunk_bytes
-
-    try:
-        chunk = link_chunk_bytes(args.link_chunk_mb)
-    except MoeOffloadError as exc:
-        raise MoeOffloadError(f"--link-chunk-mb: {exc}") from None
-    return chunk, (get_cpu(args.cpu) if args.cpu != "none" else None)
+    return DEFAULT_CHUNK_BYTES, (get_cpu(args.cpu) if args.cpu != "none" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="moe-offload",
-        description="Run Mixtral-class Mixture-of-Experts models with experts offloaded to host RAM.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        description="Run Mixture-of-Experts models with experts offloaded to host RAM, a device expert cache "
+                    "and predictive prefetch.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
                        description="Generate text. Streams the new text to stdout and a one-line summary "
@@ -116,21 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--prompt", default="In the beginning", help="prompt text (default: %(default)r)")
     g.add_argument("--max-new-tokens", type=NONNEG, default=64, metavar="N", help="default %(default)s")
-    _add_runtime_args(g)
     g.add_argument("--temperature", type=float_arg(0), default=0.0, metavar="T",
                    help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float_arg(0, 1, lo_open=True), default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--top-p", type=float_arg(0, 1, lo_open=True), default=1.0, metavar="P",
+                   help="nucleus sampling mass (default 1.0)")
     g.add_argument("--seed", type=SEED, default=None, metavar="S", help="sampling seed (reproducible output)")
-    g.add_argument("--stats", action="store_true", help="print the expert-cache stats to stderr at the end")
     g.add_argument("--speculative", action="store_true",
-                   help="self-speculative decoding: draft tokens with the draft head of the accelerator file "
-                        "(--accelerator, or the bundled one) from an early layer, with resident experts only, "
-                        "and verify them in one pass; output is exactly that of plain decoding")
-    g.add_argument("--draft-tokens", type=POS, default=None, metavar="G",
-                   help="most draft tokens per verify pass with --speculative (default 4; adapts below it)")
+                   help="self-speculative decoding: draft tokens with the adapter file's draft head (--accelerator, "
+                        "or the bundled one) and verify them in one pass; output is exactly that of plain decoding")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object: text, token_ids, prompt_token_ids, stats, seconds, "
                         "tokens_per_second, finish_reason")
+    _add_runtime_args(g)
 
     t = sub.add_parser("train-accelerator", help="train M2R2 accelerator adapters for a model",
                        description="Run the frozen model over a text (offloaded when it does not fit; many "
@@ -145,59 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=POS, default=32, help="adapter rank R (default 32)")
     t.add_argument("--max-tokens", type=POS, default=None, metavar="N", help="use at most N tokens of the text")
     t.add_argument("--epochs", type=POS, default=4, help="passes over the training split (default 4)")
-    t.add_argument("--lr", type=float_arg(0, lo_open=True), default=3e-3)
+    t.add_argument("--lr", type=float_arg(0, lo_open=True), default=3e-3, help="learning rate (default 3e-3)")
     t.add_argument("--window", type=int_arg(2), default=256, help="tokens per forward window (default 256)")
-    t.add_argument("--heldout-fraction", type=float_arg(0, 1, lo_open=True), default=0.1, help="tail of the text held out (default 0.1)")
+    t.add_argument("--heldout-fraction", type=float_arg(0, 1, lo_open=True), default=0.1,
+                   help="tail of the text held out (default 0.1)")
     t.add_argument("--seed", type=SEED, default=0)
+    t.add_argument("--attention-peek", action="store_true",
+                   help="within-token predictions run through the real attention of the layers they pass and "
+                        "low-rank stand-ins of their experts (higher recall: 0.96/0.95/0.95 at d=1/2/3 on the "
+                        "bundled model against 0.89/0.86/0.84; but one extra attention per predicted layer at "
+                        "decode, which measured a loss of 5-15%% of tokens/s with the CPU lane and under 1%% gain "
+                        "without it in the Mixtral-8x7B int4 projection, lab/README.md; default off)")
+    t.add_argument("--cross-token", action="store_true",
+                   help="also train rows that predict the next token's layers (lookaheads past the last layer), so "
+                        "prefetch plans reach across the token boundary (give lookaheads up to 2L; measured best "
+                        "with --tuning policy=predictive)")
     t.add_argument("--draft-exit", default=None, metavar="auto|M",
                    help="also train a draft head for --speculative at exit layer M (auto: the layer with the best "
                         "expected speedup on held-out text) into the same file")
     t.add_argument("--draft-only", action="store_true",
                    help="with --draft-exit: add or replace only the draft head in the existing --out file")
-    t.add_argument("--draft-rank", type=POS, default=64, help="draft head rank (default 64)")
-    t.add_argument("--rank-loss-weight", type=float_arg(0), default=None, metavar="W",
-                   help="weight of a top-k ranking term (each true top-k logit above the strongest other "
-                        "expert's) added to the distillation loss (default: 0 with --attention-peek, where it "
-                        "cost -0.03 recall at d=1-2 on the bundled model; 1 without it, where it helped)")
-    t.add_argument("--router-hint", action=argparse.BooleanOptionalAction, default=False,
-                   help="feed layer l's own router distribution into each (l, d) adapter through a learned "
-                        "[rank, experts] matrix (default off: measured +0.000 held-out recall on the bundled "
-                        "model, benchmarks/results/predictor_v2_ablation.txt)")
-    t.add_argument("--norm-gain", action=argparse.BooleanOptionalAction, default=False,
-                   help="learn a per-(l, d) gain vector on the target layer's norm before its router "
-                        "(default off: measured +0.000 held-out recall on the bundled model)")
-    t.add_argument("--prev-context", action=argparse.BooleanOptionalAction, default=True,
-                   help="each (l, d) adapter also reads the earlier positions at layer l: the previous "
-                        "position's residual and a decayed mean of all earlier ones (decay 0.8), each through a "
-                        "learned [rank, hidden] matrix; context the later layers' attention will mix in (default "
-                        "on: +0.02/+0.04/+0.07 held-out recall at d=1/2/3 on the bundled model; "
-                        "--no-prev-context: the current token's residual only, as files before it)")
-    t.add_argument("--attention-peek", action=argparse.BooleanOptionalAction, default=True,
-                   help="within-token predictions run through the real attention of the layers they pass (the "
-                        "earlier positions' keys read from the KV cache) and, with --expert-rank, low-rank "
-                        "stand-ins of their experts; the adapters correct the result (default on: held-out recall "
-                        "0.96/0.95/0.95 at d=1/2/3 on the bundled model against 0.89/0.86/0.84 without, same "
-                        "budget; costs one attention and one stand-in MoE per predicted layer at decode: in the "
-                        "Mixtral-8x7B int4 projection it gains <1%% without the CPU lane and loses 5-15%% with it, "
-                        "benchmarks/results/peek_cost_sim.json; --no-attention-peek for the cheaper v2 form)")
-    t.add_argument("--expert-rank", type=auto_or_rank, default="auto", metavar="auto|R",
-                   help="rank of each expert's stand-in on the attention-peek chain (default auto: 512 / experts "
-                        "per layer, within 4..64, so 64 for Mixtral's 8 and 4 for 128, bounding the stand-ins' "
-                        "size; 0 = no stand-ins, attention only: recall 0.93/0.88/0.86 on the bundled model against "
-                        "0.96/0.95/0.95 at 64); ignored with --no-attention-peek")
-    t.add_argument("--cross-heads", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --cross-token: the rows past the last layer share one trunk per layer and keep only an "
-                        "[experts, rank] logit head each (E*R parameters per row instead of 4*R*hidden; for Mixtral at "
-                        "lookahead 64, rank 128, those rows take ~0.2 GB instead of ~13 GB). Default on: on the bundled model, same budget, "
-                        "next-token recall 0.02-0.03 lower and the Mixtral-8x7B int4 projection 8.75 vs 8.89 tok/s "
-                        "(benchmarks/results/simulate_issue12_cross_{heads,pairs}_4096.json); --no-cross-heads: a "
-                        "residual adapter per row")
-    t.add_argument("--cross-token", action=argparse.BooleanOptionalAction, default=False,
-                   help="also train the (l, d) adapters with l + d past the last layer: they predict the next "
-                        "token's layers (l + d - L), so prefetch plans reach across the token boundary (give lookaheads "
-                        "up to L at least; 2L measured best on the bundled model, with --policy predictive; "
-                        "report rows 'd{d}-later')")
-    _add_runtime_args(t, prefetch=False)
+    _add_runtime_args(t, full=False)
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
                        description="Record decode-order routing of a text (teacher forcing, chunked prefill): "
@@ -211,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lookahead", type=POS, default=None, metavar="D",
                    help="lookahead of the recorded predictions (default 3; m2r2 from cross-token adapters: their whole "
                         "range). Past the --accelerator's range it is refused")
-    _add_runtime_args(r, prefetch=False)
+    _add_runtime_args(r, full=False)
 
     b = sub.add_parser("bench", help="benchmarks (bench cache: hit rates of policies and predictors)")
     bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -231,9 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--predictors", default=None, help="default: none,next-gate and m2r2 when the trace has it")
     bc.add_argument("--lookahead", type=POS, default=2, metavar="D")
     bc.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
-    bc.add_argument("--prefetch-window", type=POS, default=1, metavar="W")
-    bc.add_argument("--rank-depth", type=POS, default=None, metavar="N",
-                    help="experts ranked per predicted layer for the predictive policy (default: top-k + margin)")
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
     bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp16", "int8", "int4", "int3", "int2"],
@@ -258,9 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--policy", default="lru")
     sm.add_argument("--lookahead", type=POS, default=None, metavar="D")
     sm.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
-    sm.add_argument("--prefetch-window", type=POS, default=1, metavar="W")
-    sm.add_argument("--rank-depth", type=POS, default=None, metavar="N",
-                    help="experts ranked per predicted layer for the predictive policy (default: top-k + margin)")
     sm.add_argument("--bookkeeping-us", type=float_arg(0), default=20.0, help="host cost per layer (default 20 us)")
     sm.add_argument("--implementation", default="moe-offload", metavar="NAME",
                     help="implementation parameter set (assets/reference_impls.json): moe-offload (default: the "
@@ -311,33 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "moe_backend": args.moe_backend,
-                          "show_progress": sys.stderr.isatty()}
-    if args.max_seq_len is not None:
-        kw["max_seq_len"] = args.max_seq_len
-    if getattr(args, "expert_dtype", "auto") != "auto":
-        kw.update(expert_dtype=args.expert_dtype, group_size=args.group_size)
-    kw.update(offload=args.offload, policy=args.policy, cache_experts=args.cache_experts,
-              cache_per_layer=args.cache_per_layer, cache_gb=args.cache_gb)
-    if getattr(args, "speculative", False):
-        kw.update(speculative=True, draft_tokens=args.draft_tokens)
-    elif getattr(args, "draft_tokens", None) is not None:
-        kw["draft_tokens"] = args.draft_tokens
-    if hasattr(args, "predictor"):
-        kw.update(predictor=args.predictor, lookahead=args.lookahead, accelerator=args.accelerator,
-                  prefetch_margin=args.prefetch_margin, prefetch_window=args.prefetch_window)
-        if args.rank_depth is not None:
-            kw["rank_depth"] = args.rank_depth
-        if args.cpu_experts is not None:
-            kw["cpu_experts"] = args.cpu_experts
-        if args.link_chunk_mb is not None:
-            kw["link_chunk_mb"] = args.link_chunk_mb
-    else:
-        kw["predictor"] = "none"
-    return kw
-
-
 def _offload_choice(model: Any, asked: bool | None) -> str:
     dev = model.runtime.device.type
     if asked is not None:
@@ -358,7 +282,7 @@ def _offload_choice(model: Any, asked: bool | None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime import load
 
-    model = load(args.model, **_runtime_kwargs(args))
+    model = load(args.model, offload_config(args, speculative=True) if args.speculative else offload_config(args))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               seed=args.seed)
     if args.json:
@@ -385,8 +309,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[expert cache: {st['capacity_slots']} slots, {st['policy']}: {st['uses']} uses, {st['hits']} hits, "
               f"{st['misses']} misses ({100 * st['hit_rate']:.1f}% hit rate), {st['bytes_h2d'] / 1e6:.1f} MB "
               f"copied, {st['stall_seconds'] * 1e3:.1f} ms stalled]", file=sys.stderr)
-    if args.stats:
-        print(json.dumps({k: v for k, v in res.stats.items() if k != "expert_uses"}, indent=1), file=sys.stderr)
     return 0
 
 
@@ -422,13 +344,12 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     if not 0 < args.heldout_fraction < 1:
         raise MoeOffloadError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
     draft_exit = _draft_exit(args.draft_exit)
-    _cross_heads(args)  # a flag error before the model loads
     if args.draft_only and draft_exit is None:
         raise MoeOffloadError("--draft-only needs --draft-exit auto|M")
     _check_outputs(args, "--out")
     if args.draft_only and not os.path.isfile(args.out):
         raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
-    model = load(args.model, **_runtime_kwargs(args))
+    model = load(args.model, offload_config(args, predictor="none"))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
     window = min(args.window, model.runtime.max_seq_len)
     if len(ids) < 4 * window:
@@ -438,11 +359,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
                                     lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
                                     seed=args.seed, show_progress=sys.stderr.isatty(),
-                                    rank_weight=_rank_loss_weight(args), router_hint=args.router_hint,
-                                    norm_gain=args.norm_gain, context=args.prev_context,
-                                    cross_token=args.cross_token, peek=args.attention_peek,
-                                    expert_rank=_expert_rank(args, model.config.num_local_experts),
-                                    cross_heads=_cross_heads(args))
+                                    cross_token=args.cross_token, peek=args.attention_peek)
     after = report["heldout_after"]["recall"]
     meta = {"fingerprint": model_fingerprint(model.model), "model": str(model.path),
             "tokens_seen": report["train_tokens"] * args.epochs, "heldout_recall": after,
@@ -463,30 +380,6 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     print(f"held-out adapter loss {report['heldout_before']['loss']:.4f} -> {report['heldout_after']['loss']:.4f}; "
           f"{report['train_seconds']:.0f} s; wrote {args.out} and {args.out}.json")
     return 0 if draft_exit is None else _train_draft(args, model, ids, window, draft_exit)
-
-
-def _expert_rank(args: argparse.Namespace, num_experts: int) -> int:
-    """--expert-rank: auto = 512 // experts within 4..64; 0 without --attention-peek."""
-    if not args.attention_peek:
-        return 0
-    return max(4, min(64, 512 // num_experts)) if args.expert_rank == "auto" else args.expert_rank
-
-
-def _cross_heads(args: argparse.Namespace) -> bool:
-    """--cross-heads: on by default with --cross-token; asked for without it is an error."""
-    from .errors import MoeOffloadError
-
-    if args.cross_heads and not args.cross_token:
-        raise MoeOffloadError("--cross-heads shapes the rows past the last layer, which only --cross-token trains; "
-                              "add --cross-token or drop --cross-heads")
-    return args.cross_token and args.cross_heads is not False
-
-
-def _rank_loss_weight(args: argparse.Namespace) -> float:
-    """--rank-loss-weight, or its default for the adapter form: 0 with attention peek, 1 without."""
-    if args.rank_loss_weight is not None:
-        return args.rank_loss_weight
-    return 0.0 if args.attention_peek else 1.0
 
 
 def _draft_exit(value: str | None) -> int | str | None:
@@ -510,7 +403,7 @@ def _train_draft(args: argparse.Namespace, model: Any, ids: list[int], window: i
 
     if not Path(args.out).is_file():
         raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
-    head, report = train_draft(model.model, ids, exit_layer=exit_layer, rank=args.draft_rank, epochs=args.epochs,
+    head, report = train_draft(model.model, ids, exit_layer=exit_layer, rank=DRAFT_RANK, epochs=args.epochs,
                                lr=args.lr, window=window, heldout_fraction=args.heldout_fraction, seed=args.seed,
                                show_progress=sys.stderr.isatty())
     write_draft(args.out, head, model.model, {"model": str(model.path), "train_seconds": report["train_seconds"]})
@@ -528,7 +421,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .analysis.trace import record_with_predictions, save_trace
 
     _check_outputs(args, "--out")
-    model = load(args.model, **_runtime_kwargs(args))
+    model = load(args.model, offload_config(args, predictor="none"))
     ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
     trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, args.lookahead, args.accelerator,
                                     show_progress=sys.stderr.isatty())
@@ -597,15 +490,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lane = cpu.lane_costs(costs, args.expert_dtype, chunk) if cpu is not None else None
     m2r2_cost = predictor_seconds(trace, "m2r2", args.lookahead, costs, model_config(args.link_model), hw)
     rows = bench_cache(trace, [c * L for c in per_layer], args.policies.split(","), predictors, costs,
-                       args.lookahead, args.prefetch_margin, args.prefetch_window, chunk, lane, args.rank_depth,
+                       args.lookahead, args.prefetch_margin, 1, chunk, lane, None,
                        {"m2r2": m2r2_cost} if m2r2_cost is not None else None)
     print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
           f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
     print(markdown_table(rows))
     settings = {"model": args.model or str(bundled_model_path()), "text": args.text, "trace": args.trace,
                 "tokens": T, "layers": L, "experts": E, "top_k": k, "lookahead": args.lookahead,
-                "prefetch_margin": args.prefetch_margin, "prefetch_window": args.prefetch_window,
-                "rank_depth": args.rank_depth, "hardware": hw.key, "link_model": args.link_model,
+                "prefetch_margin": args.prefetch_margin, "hardware": hw.key, "link_model": args.link_model,
                 "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,
                 "link_chunk_bytes": chunk, "cpu": args.cpu,
                 "bounds": {"belady": "policy belady, predictor none", "oracle": "policy predictive, predictor oracle",
@@ -615,7 +507,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {write_json_atomic(args.json, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")
     if args.plot:
         title = (f"{T} tokens, {L} layers x {E} experts; on time: {args.link_model} {args.expert_dtype} over "
-                 f"{hw.name}, chunk {args.link_chunk_mb:g} MiB, cpu {args.cpu}")
+                 f"{hw.name}, cpu {args.cpu}")
         print(f"wrote {args.plot}" if plot(rows, args.plot, title) else "no plot: matplotlib is not installed (pip install matplotlib)")
     return 0
 
@@ -628,8 +520,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     chunk, cpu = _link_settings(args)
     p = simulate(trace_prefix(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
-                 args.prefetch_margin, args.prefetch_window, chunk, cpu, get_impl(args.implementation),
-                 rank_depth=args.rank_depth)
+                 args.prefetch_margin, 1, chunk, cpu, get_impl(args.implementation))
     if args.json:
         from .results import result_metadata
 
@@ -673,7 +564,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"moe-offload: warning: serving on {args.host} without an API key: anyone who can reach this "
               "address can use the model (pass --api-key or set MOE_OFFLOAD_API_KEY)", file=sys.stderr)
-    model = load(args.model, **_runtime_kwargs(args))
+    model = load(args.model, offload_config(args))
     uvicorn.run(create_app(model, cfg), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -700,11 +591,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, format_info
 
     plan_kw = None
-    if args.device != "auto" or any(v is not None for v in (args.cache_experts, args.cache_per_layer, args.cache_gb)):
-        plan_kw = _runtime_kwargs(args)
+    config = offload_config(args)
+    if config.device != "auto" or config.cache_per_layer or config.cache_gb or config.tuning.cache_experts:
+        plan_kw = config
     info = describe(args.model, args.config, plan_kw)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
+
+
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> NoReturn:
+    """An unknown flag: the error names the subcommand's own --help and the closest flag it has."""
+    import difflib
+
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    if getattr(args, "bench_command", None):
+        sub = sub._subparsers._group_actions[0].choices[args.bench_command]  # type: ignore[union-attr]
+    flags = [o for a in sub._actions for o in a.option_strings]
+    close = difflib.get_close_matches(extra[0].split("=")[0], flags, n=1, cutoff=0.6)
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -716,7 +620,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser, args, extra)
     try:
         return {"generate": cmd_generate, "info": cmd_info, "train-accelerator": cmd_train_accelerator,
                 "trace": cmd_trace, "bench": cmd_bench, "simulate": cmd_simulate,

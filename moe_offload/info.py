@@ -20,9 +20,9 @@ def expert_bytes(cfg: MixtralConfig) -> dict[str, int]:
 
 
 def describe(path: str | Path | None, config_file: str | Path | None = None,
-             plan: dict[str, Any] | None = None) -> dict[str, Any]:
+             plan: Any = None) -> dict[str, Any]:
     """Facts about a model folder (validated, headers only), or about a bare config.json; with `plan`
-    (device, dtype, max_seq_len, policy and a cache budget) also the memory plan."""
+    (an OffloadConfig) also the memory plan."""
     from .runtime import bundled_model_path
 
     if config_file is not None:
@@ -49,16 +49,21 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
     }
 
 
-def _plan(cfg: MixtralConfig, ckpt_dtype: str, kw: dict[str, Any]):
+def _plan(cfg: MixtralConfig, ckpt_dtype: str, config: Any):
+    """The memory plan for an OffloadConfig: device, dtype, context, policy, budget and expert storage."""
     from .config import resolve_device, resolve_dtype
     from .offload import CacheBudget, make_policy, plan_memory
+    from .options import check_against_model
     from .runtime import DEFAULT_MAX_SEQ_LEN
 
-    dev = resolve_device(kw["device"])
-    dt = resolve_dtype(kw["dtype"], dev, ckpt_dtype)
-    seq = kw.get("max_seq_len") or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    budget = CacheBudget(kw.get("cache_experts"), kw.get("cache_per_layer"), kw.get("cache_gb"))
-    return plan_memory(cfg, dev, dt, seq, budget, make_policy(kw.get("policy", "lru")).per_layer)
+    check_against_model(config, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
+    t = config.tuning
+    dev = resolve_device(config.device)
+    dt = resolve_dtype(config.dtype, dev, ckpt_dtype)
+    seq = t.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    budget = CacheBudget(t.cache_experts, config.cache_per_layer, config.cache_gb)
+    fmt = config.expert_dtype if config.expert_dtype in ("int8", "int4") else cfg.expert_format
+    return plan_memory(cfg, dev, dt, seq, budget, make_policy(t.policy).per_layer, fmt, config.group_size)
 
 
 def _size(n: float) -> str:

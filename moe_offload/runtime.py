@@ -19,58 +19,19 @@ from .checkpoint import Checkpoint
 from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .guard import CallGuard
-from .validate import boolean, integer
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
-from .offload.packed import DEFAULT_GROUP_SIZE, PackedResidentExperts, resolve_expert_format
-from .offload.cpu_lane import CPU_EXPERTS, build_cpu_lane
-from .offload.link import DEFAULT_CHUNK_BYTES, link_chunk_bytes
+from .offload.packed import PackedResidentExperts, resolve_expert_format
+from .offload.cpu_lane import build_cpu_lane
+from .offload.link import link_chunk_bytes
+from .options import DEFAULT_DRAFT_TOKENS, OffloadConfig, check_against_model
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
 
 DEFAULT_MAX_SEQ_LEN = 4096
-RUNTIME_OPTIONS = {
-    "max_seq_len": "context length the KV cache is allocated for (default: min(max_position_embeddings, 4096))",
-    "show_progress": "show a progress bar while loading weights (default False)",
-    "moe_backend": "auto (triton on cuda, loop on cpu), triton, grouped_mm or loop",
-    "offload": "True: experts in host RAM, a device slot cache; False: every expert on the device; "
-               "default: True on cuda or when a cache budget is given, else False on cpu (there host RAM "
-               "is the device: a cache and prefetch would only keep every expert twice and cost time)",
-    "cache_experts": "expert slots on the device, over all layers",
-    "cache_per_layer": "expert slots per layer (times the number of layers)",
-    "cache_gb": "gigabytes of expert slots on the device",
-    "policy": "eviction policy: lru (default), lru-layer, lfu or predictive",
-    "predictor": "prefetch predictor: auto (m2r2 with the bundled/given accelerator, else next-gate; with the CPU "
-                 "lane on and policy lru-layer, only cross-token m2r2 adapters: within-token prefetch loses there), none, "
-                 "next-gate, m2r2, oracle (needs oracle_trace)",
-    "lookahead": "layers ahead to predict and prefetch (default 2; with cross-token m2r2 adapters, the "
-                 "largest lookahead they were trained for)",
-    "accelerator": "M2R2 adapter file (.safetensors); default: the bundled one when it matches the model",
-    "prefetch_margin": "prefetch top-(k + margin) experts per predicted layer (default 0; 3 for cross-token m2r2 "
-                       "adapters with the CPU lane on)",
-    "prefetch_window": "most prefetch copies in flight at once (default 1)",
-    "rank_depth": "experts ranked per predicted layer (default top_k + prefetch_margin, the ones prefetched; "
-                  "min(experts, 4 top_k) with cross-token m2r2 adapters and the predictive policy, measured best "
-                  "in benchmarks/results/cross_token_ablation.md); deeper ranks are not loaded but give the "
-                  "predictive policy an expected next use for more residents",
-    "oracle_trace": "a RoutingTrace (or .npz from `moe-offload trace`) for predictor='oracle'",
-    "expert_dtype": "expert storage: auto (the compute dtype), bf16 / fp16 (must equal dtype), int8 "
-                    "(per-row scales) or int4 (groups of group_size); quantized on load, one expert at a time",
-    "group_size": "int4 group size along the input dimension: 32, 64 or 128 (default 128)",
-    "quant_kernels": "int8/int4 experts resident on cpu: auto (PyTorch's CPU weight-only ops where measured "
-                     "faster, see kernels/quant_cpu.py) or reference (dequantize, then matmul)",
-    "speculative": "self-speculative decoding: draft with the draft head of the accelerator file (or the "
-                   "bundled one), resident experts only, verify in one pass (default False)",
-    "draft_tokens": "most draft tokens per verify pass with speculative=True (default 4; adapts below it)",
-    "link_chunk_mb": "the demand-first link on cuda (offload.cuda_link): prefetches queue on the host and reach the "
-                     "copy stream in chunks of this many MiB, two at a time, so a demand copy waits behind at most two "
-                     "chunks (default 8); 0: every copy goes onto the stream whole, in issue order (the FIFO engine)",
-    "cpu_experts": "auto: a missed expert is computed on the CPU from host RAM when that beats its copy "
-                   "(measured CPU and link speed); off: every miss is copied. Default: auto on cuda, off on cpu",
-}
 
 
 def bundled_model_path() -> Path:
@@ -92,8 +53,10 @@ class OffloadedModel:
     """A loaded Mixtral: `generate()` text, `logits()` of a fresh sequence, `config` of the model."""
 
     def __init__(self, path: Path, model: MixtralTransformer, runtime: RuntimeConfig,
-                 tokenizer: Tokenizer | None, memory_plan: MemoryPlan | None = None):
+                 tokenizer: Tokenizer | None, memory_plan: MemoryPlan | None = None,
+                 offload_config: OffloadConfig | None = None):
         self.path = path
+        self.offload_config = offload_config or OffloadConfig()  # as asked, before "auto" was resolved
         self.memory_plan = memory_plan
         self.expert_cache: ExpertCache | None = (model.experts.cache if isinstance(model.experts, OffloadedExperts)
                                                  else None)
@@ -308,139 +271,138 @@ def _refuse_stale(tokens: Iterator[int], is_stale: Callable[[], bool]) -> Iterat
                                   "used it; consume it first, or load a second model")
 
 
-def load(path: str | Path | None = None, *, device: str | torch.device = "auto",
-         dtype: str | torch.dtype = "auto", **runtime_options: Any) -> OffloadedModel:
-    """Load a Hugging Face Mixtral folder (or the bundled model when path is None).
+def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
+         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         offload: bool | None = None, cache_per_layer: int | None = None, predictor: str | None = None,
+         expert_dtype: str | None = None) -> OffloadedModel:
+    """Load a Hugging Face MoE folder (or the bundled model when path is None).
 
-    device: "auto" (cuda if available, else cpu), "cpu" or "cuda[:N]". dtype: "auto" (float32 on cpu,
-    the checkpoint's half type on cuda), "float32", "float16" or "bfloat16". runtime_options: see
-    RUNTIME_OPTIONS. The checkpoint is validated completely before any weight is read.
+    config: an OffloadConfig (default: OffloadConfig()); the keywords are shortcuts that replace its
+    field of the same name when given (not None). device: "auto" (cuda if available, else cpu), "cpu"
+    or "cuda[:N]". dtype: "auto" (float32 on cpu, the checkpoint's half type on cuda), "float32",
+    "float16" or "bfloat16". The checkpoint is validated completely before any weight is read.
     """
-    unknown = sorted(set(runtime_options) - set(RUNTIME_OPTIONS))
-    if unknown:
-        raise MoeOffloadError(f"unknown runtime option(s) {unknown}; valid: {sorted(RUNTIME_OPTIONS)}")
+    if config is None:
+        config = OffloadConfig()
+    elif not isinstance(config, OffloadConfig):
+        raise MoeOffloadError(f"config must be a moe_offload.OffloadConfig, got {type(config).__name__} (build one "
+                              "with OffloadConfig(...) or OffloadConfig.make(name=value, ...))")
+    shortcuts = dict(device=device, dtype=dtype, offload=offload, cache_per_layer=cache_per_layer,
+                     predictor=predictor, expert_dtype=expert_dtype)
+    config = config.replace(**{k: v for k, v in shortcuts.items() if v is not None})
+    if isinstance(path, OffloadConfig):
+        raise MoeOffloadError("the first argument of load() is the model path; pass the config as load(path, config) "
+                              "or load(config=...)")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise MoeOffloadError(f"path must be a model folder (str or os.PathLike) or None, got {path!r}")
-    for name in ("offload", "show_progress", "speculative"):
-        if name in runtime_options:
-            boolean(name, runtime_options[name], allow_none=name == "offload")
-    for name, lo in (("max_seq_len", 1), ("lookahead", 1), ("prefetch_margin", 0), ("prefetch_window", 1),
-                     ("rank_depth", 1), ("draft_tokens", 1), ("group_size", 1)):
-        if runtime_options.get(name) is not None:
-            runtime_options[name] = integer(name, runtime_options[name], lo)
-    if "link_chunk_mb" in runtime_options:  # checked whether a cache is made or not
-        link_chunk_bytes(runtime_options["link_chunk_mb"])
-    if runtime_options.get("cpu_experts", "auto") not in CPU_EXPERTS:
-        raise MoeOffloadError(f"cpu_experts {runtime_options['cpu_experts']!r} is not one of {list(CPU_EXPERTS)}")
     path = Path(path) if path is not None else bundled_model_path()
     ckpt = Checkpoint(path)
     cfg = ckpt.config
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev, ckpt.dtype_name)
-    max_seq_len = runtime_options.get("max_seq_len") or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    if isinstance(max_seq_len, int) and max_seq_len > cfg.max_position_embeddings:
-        raise MoeOffloadError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
-                              f"({cfg.max_position_embeddings})")
+    check_against_model(config, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
+    tune = config.tuning
+    dev = resolve_device(config.device)
+    dt = resolve_dtype(config.dtype, dev, ckpt.dtype_name)
+    max_seq_len = tune.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if max_seq_len > cfg.max_position_embeddings:
+        raise MoeOffloadError(f"tuning.max_seq_len must be in [1, {cfg.max_position_embeddings}] for this model "
+                              f"(its max_position_embeddings), got {max_seq_len}")
     try:
-        backend = resolve_moe_backend(runtime_options.get("moe_backend", "auto"), dev, dt, cfg.hidden_size,
-                                      cfg.intermediate_size)
+        backend = resolve_moe_backend(tune.moe_backend, dev, dt, cfg.hidden_size, cfg.intermediate_size)
     except ValueError as exc:
         raise MoeOffloadError(str(exc)) from None
     runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len, moe_backend=backend,
-                            show_progress=bool(runtime_options.get("show_progress", False)))
+                            show_progress=tune.show_progress)
     ckpt.validate()  # every problem reported before a single weight is read
     tokenizer = _load_tokenizer(path)
     experts, plan = None, None
-    offload = runtime_options.get("offload")
-    policy = make_policy(runtime_options.get("policy", "lru"))  # validated whether used or not
-    speculative = bool(runtime_options.get("speculative", False))
-    cache_asked = [n for n in ("cache_experts", "cache_per_layer", "cache_gb", "accelerator", "oracle_trace")
-                   if runtime_options.get(n) is not None and not (n == "accelerator" and speculative)]
-    if runtime_options.get("predictor", "auto") not in ("auto", "none"):
-        cache_asked.append("predictor")
-    if offload is None:  # on cpu, host RAM is the device (RUNTIME_OPTIONS["offload"]), unless the cache is asked for
-        offload = dev.type == "cuda" or bool(cache_asked)
-    elif not offload and cache_asked:
-        raise MoeOffloadError(f"{', '.join(cache_asked)} configure the expert cache, which offload=False "
-                              "does not have; drop them or pass offload=True")
-    group_size = runtime_options.get("group_size", DEFAULT_GROUP_SIZE)
-    expert_dtype = runtime_options.get("expert_dtype", "auto")
-    if cfg.expert_format is not None:  # a quantized checkpoint (`moe-offload quantize`, compressed-tensors)
-        if expert_dtype not in ("auto", cfg.expert_format):
-            raise MoeOffloadError(f"{path} holds {cfg.expert_format} experts (a quantized checkpoint); expert_dtype "
-                                  f"{expert_dtype!r} cannot change that: use 'auto' or {cfg.expert_format!r}")
-        if "group_size" in runtime_options and runtime_options["group_size"] != cfg.expert_group_size:
-            raise MoeOffloadError(f"{path} holds int4 experts in groups of {cfg.expert_group_size}; group_size "
-                                  f"{runtime_options['group_size']} cannot change that")
-        expert_dtype, group_size = cfg.expert_format, cfg.expert_group_size
+    policy = make_policy(tune.policy)
+    offload = config.offload
+    if offload is None:  # on cpu, host RAM is the device (OffloadConfig.offload), unless the cache is asked for
+        offload = dev.type == "cuda" or bool(config.cache_options())
+    expert_dtype, group_size = _expert_storage(config, cfg, path)
     fmt = resolve_expert_format(expert_dtype, group_size, dt, backend)
     runtime = replace(runtime, expert_format=fmt)
     if fmt is not None and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt,
                                                 group_size=group_size)
-        experts = PackedResidentExperts(store, dev, backend, runtime_options.get("quant_kernels", "auto"))
+        experts = PackedResidentExperts(store, dev, backend)
     if offload:
-        budget = CacheBudget(runtime_options.get("cache_experts"), runtime_options.get("cache_per_layer"),
-                             runtime_options.get("cache_gb"))
+        budget = CacheBudget(tune.cache_experts, config.cache_per_layer, config.cache_gb)
         plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt, group_size)
         store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress,
                                                 fmt=fmt, group_size=group_size)
-        chunk = link_chunk_bytes(runtime_options.get("link_chunk_mb", DEFAULT_CHUNK_BYTES / (1 << 20)))
+        chunk = link_chunk_bytes(tune.link_chunk_mb)
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev, chunk_bytes=chunk))
         experts = OffloadedExperts(cache, backend)
-        experts.cpu_lane = build_cpu_lane(cache,
-                                          runtime_options.get("cpu_experts", "auto" if dev.type == "cuda" else "off"))
+        experts.cpu_lane = build_cpu_lane(cache, config.cpu_experts or ("auto" if dev.type == "cuda" else "off"))
     model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)
     if isinstance(experts, OffloadedExperts):
-        lane_on = experts.cpu_lane is not None
-        predictor = build_predictor(model, path, runtime_options, cpu_lane=lane_on, policy=policy.name)
-        if predictor is None and lane_on and runtime_options.get("predictor", "auto") == "auto":
-            experts.prefetch_note = LANE_AUTO_OFF
-        if predictor is not None:
-            pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
-                            margin=default_margin(runtime_options.get("prefetch_margin"), predictor, lane_on),
-                            max_inflight=runtime_options.get("prefetch_window") or 1,
-                            rank_depth=default_rank_depth(runtime_options.get("rank_depth"), predictor, policy,
-                                                          cfg.num_local_experts, cfg.num_experts_per_tok))
-            predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
-            experts.prefetcher = pf
-            model.observers.append(pf)
-    loaded = OffloadedModel(path, model, runtime, tokenizer, plan)
-    if speculative:
-        loaded.speculative = build_speculative(model, path, runtime_options)
-    elif runtime_options.get("draft_tokens") is not None:
-        raise MoeOffloadError("draft_tokens needs speculative=True (--speculative)")
+        _attach_prefetcher(model, experts, path, config, policy)
+    loaded = OffloadedModel(path, model, runtime, tokenizer, plan, config)
+    if config.speculative:
+        loaded.speculative = build_speculative(model, path, config)
     return loaded
 
 
-def build_speculative(model: MixtralTransformer, path: Path, options: dict[str, Any]):
-    """The speculative decoder: the draft head from options['accelerator'] or the bundled file."""
+def _expert_storage(config: OffloadConfig, cfg: MixtralConfig, path: Path) -> tuple[str, int]:
+    """(expert_dtype, group_size): as asked, or as a quantized checkpoint stores them (which cannot change)."""
+    expert_dtype, group_size = config.expert_dtype, config.group_size
+    if cfg.expert_format is not None:  # a quantized checkpoint (`moe-offload quantize`, compressed-tensors)
+        if expert_dtype not in ("auto", cfg.expert_format):
+            raise MoeOffloadError(f"{path} holds {cfg.expert_format} experts (a quantized checkpoint); expert_dtype "
+                                  f"{expert_dtype!r} cannot change that: use 'auto' or {cfg.expert_format!r}")
+        if config.tuning.group_size is not None and config.tuning.group_size != cfg.expert_group_size:
+            raise MoeOffloadError(f"{path} holds int4 experts in groups of {cfg.expert_group_size}; "
+                                  f"tuning.group_size {config.tuning.group_size} cannot change that")
+        return cfg.expert_format, cfg.expert_group_size
+    if config.tuning.group_size is not None and expert_dtype != "int4":
+        raise MoeOffloadError(f"tuning.group_size={config.tuning.group_size} applies to int4 experts only; "
+                              f"expert_dtype is {expert_dtype!r}")
+    return expert_dtype, group_size
+
+
+def _attach_prefetcher(model: MixtralTransformer, experts: OffloadedExperts, path: Path, config: OffloadConfig,
+                       policy: Any) -> None:
+    cfg = model.cfg
+    lane_on = experts.cpu_lane is not None
+    predictor = build_predictor(model, path, config, cpu_lane=lane_on, policy=policy.name)
+    if predictor is None and lane_on and config.predictor == "auto":
+        experts.prefetch_note = LANE_AUTO_OFF
+    if predictor is None:
+        return
+    pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
+                    margin=default_margin(config.tuning.prefetch_margin, predictor, lane_on),
+                    rank_depth=default_rank_depth(predictor, policy, cfg.num_local_experts, cfg.num_experts_per_tok))
+    predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
+    experts.prefetcher = pf
+    model.observers.append(pf)
+
+
+def build_speculative(model: MixtralTransformer, path: Path, config: OffloadConfig):
+    """The speculative decoder: the draft head from config.accelerator or the bundled file."""
     from .predict.draft import load_draft
     from .speculative import SpeculativeDecoder
 
-    acc_file = options.get("accelerator")
+    acc_file = config.accelerator
     if acc_file is None:
         if path.resolve() != bundled_model_path().resolve():
             raise MoeOffloadError("speculative=True needs accelerator=FILE with a draft head (train one with "
                                   "`moe-offload train-accelerator --draft-exit auto`)")
         acc_file = bundled_accelerator_path()
     head, _ = load_draft(acc_file, model)
-    draft_tokens = options.get("draft_tokens")
-    return SpeculativeDecoder(model, head, 4 if draft_tokens is None else draft_tokens)
+    return SpeculativeDecoder(model, head, config.tuning.draft_tokens or DEFAULT_DRAFT_TOKENS)
 
 
-def default_rank_depth(asked: int | None, predictor: Any, policy: Any, num_experts: int, top_k: int) -> int | None:
-    """rank_depth as asked; unasked, min(E, 4 top_k) when cross-token predictions meet the predictive
-    policy (their plans then rank the next token's experts for eviction: 1.08x -> 1.22x in the ablation
-    at 8 experts, top-2), else the prefetched ones only (deeper ranks cost 0.96x -> 0.95x with
-    within-token plans). The cap bounds host work: a plan of 16 rows costs ~90 us per layer at depth 8,
-    ~340 us at 32, ~1.5 ms at 128 (128 experts, 48 layers, this 2-core CPU)."""
+def default_rank_depth(predictor: Any, policy: Any, num_experts: int, top_k: int) -> int | None:
+    """Experts ranked per predicted layer: min(E, 4 top_k) when cross-token predictions meet the
+    predictive policy (their plans then rank the next token's experts for eviction: 1.08x -> 1.22x in
+    lab/README.md's rank-depth ablation at 8 experts, top-2), else the prefetched ones only (deeper
+    ranks cost 0.96x -> 0.95x with within-token plans). The cap bounds host work: a plan of 16 rows
+    costs ~90 us per layer at depth 8, ~340 us at 32, ~1.5 ms at 128 (128 experts, 48 layers, 2-core CPU)."""
     from .offload.policy import Predictive
 
-    if asked is not None:
-        return asked
     if getattr(predictor, "cross_token", False) and isinstance(policy, Predictive):
         return min(num_experts, 4 * top_k)
     return None
@@ -465,55 +427,38 @@ def default_margin(asked: int | None, predictor: Any, cpu_lane: bool) -> int:
     return LANE_CROSS_MARGIN if cpu_lane and getattr(predictor, "cross_token", False) else 0
 
 
-def build_predictor(model: MixtralTransformer, path: Path, options: dict[str, Any], cpu_lane: bool = False,
+def build_predictor(model: MixtralTransformer, path: Path, config: OffloadConfig, cpu_lane: bool = False,
                     policy: str = "lru"):
-    """The predictor the options ask for (None for 'none'; also for 'auto' with the CPU lane on, a policy
+    """The predictor the config asks for (None for 'none'; also for 'auto' with the CPU lane on, a policy
     in LANE_AUTO_OFF_POLICIES and predictions that stay within the token, which do not pay there)."""
-    from .predict import Accelerator, M2R2Predictor, NextGate, OraclePredictor, m2r2_lookahead
+    from .predict import Accelerator, M2R2Predictor, NextGate, m2r2_lookahead
 
-    name = options.get("predictor", "auto")
-    asked_lookahead = options.get("lookahead")
+    name = config.predictor
+    asked_lookahead = config.tuning.lookahead
     lookahead = 2 if asked_lookahead is None else asked_lookahead
-    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 1:
-        raise MoeOffloadError(f"lookahead must be an integer >= 1, got {lookahead!r}")
-    margin = options.get("prefetch_margin")
-    if margin is not None and (not isinstance(margin, int) or isinstance(margin, bool) or margin < 0):
-        raise MoeOffloadError(f"prefetch_margin must be an integer >= 0, got {margin!r}")
-    window = options.get("prefetch_window")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise MoeOffloadError(f"prefetch_window must be an integer >= 1, got {window!r}")
-    valid = ("auto", "none", "next-gate", "m2r2", "oracle")
-    if name not in valid:
-        raise MoeOffloadError(f"predictor {name!r} is not one of {list(valid)}")
-    acc_file = options.get("accelerator")
+    acc_file = config.accelerator
     chose_adapters = name == "m2r2" or acc_file is not None  # auto with the bundled file is not a choice
     auto = name == "auto"
     if auto:
         if acc_file is None and path.resolve() == bundled_model_path().resolve() and bundled_accelerator_path().is_file():
             acc_file = bundled_accelerator_path()
         name = "m2r2" if acc_file is not None else "next-gate"
-    tuned = [k for k in ("lookahead", "prefetch_margin", "prefetch_window", "rank_depth") if options.get(k) is not None]
+    tuned = config.tuning.lookahead is not None or config.tuning.prefetch_margin is not None
     auto_off = auto and cpu_lane and policy in LANE_AUTO_OFF_POLICIES and not tuned  # prefetch options given: kept
     if name == "none" or (auto_off and name == "next-gate"):
         return None
     if name == "next-gate":
+        if lookahead >= model.cfg.num_hidden_layers:
+            raise MoeOffloadError(f"tuning.lookahead must be in [1, {model.cfg.num_hidden_layers - 1}] for next-gate "
+                                  f"on this {model.cfg.num_hidden_layers}-layer model, got {lookahead}")
         return NextGate(model, lookahead)
-    if name == "oracle":
-        trace = options.get("oracle_trace")
-        if trace is None:
-            raise MoeOffloadError("predictor 'oracle' needs oracle_trace (a routing trace of the text being run)")
-        if isinstance(trace, (str, Path)):
-            from .analysis.trace import load_trace
-
-            trace = load_trace(trace)
-        return OraclePredictor(trace.routed_ids, trace.routed_weights, model.cfg.num_local_experts, lookahead)
     if acc_file is None:
         if path.resolve() != bundled_model_path().resolve():
             raise MoeOffloadError("predictor 'm2r2' needs accelerator=FILE (train one with "
                                   "`moe-offload train-accelerator`)")
         acc_file = bundled_accelerator_path()
     acc, _ = Accelerator.load(acc_file, model)
-    if auto_off and not acc.cross_token and options.get("accelerator") is None:  # a file given is kept
+    if auto_off and not acc.cross_token and config.accelerator is None:  # a file given is kept
         return None
     return M2R2Predictor(model, acc, m2r2_lookahead(acc, asked_lookahead, lookahead, acc_file, chose_adapters))
 

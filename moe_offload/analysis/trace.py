@@ -120,7 +120,7 @@ def record_with_predictions(model: MixtralTransformer, token_ids: list[int], win
         # the adapters' form, in the trace's meta: what the simulator charges for running them
         form = {"attention_peek": acc.peek, "expert_rank": acc.expert_rank, "rank": acc.rank,
                 "lookaheads": acc.lookaheads, "cross_token": acc.cross_token, "cross_heads": acc.cross_heads,
-                "context": acc.context, "hint_experts": acc.hint_experts}
+                "context": acc.context, "hint_experts": 0}  # no router hint (older metas default to one)
     trace = record_routing(model, token_ids, window, show_progress=show_progress, predictors=preds)
     trace.meta = {**(trace.meta or {}), "lookaheads": {name: p.lookahead for name, p in preds.items()}}
     if form is not None:

@@ -3,11 +3,7 @@
 r = x + B · silu(A · rms(x)),  A [R, H], B [H, R] per (layer l, lookahead d); B starts at zero, so an
 untrained adapter reproduces next-gate ("residual" variant).
 
-Optional parts (predictor v2; files without their tensors load and predict exactly as before):
-  hint  C [R, E]: r = x + B · silu(A · rms(x) + C · p_l), p_l = layer l's own router distribution on x
-        (what layer l's router already says); C starts at zero. Tensors "C.{l}_{d}".
-  gain  G [H]: layer l+d's router reads rms_norm(r) * w_{l+d} * G (a learned per-(l, d) normalisation
-        gain on top of the target layer's fixed norm weight w_{l+d}); G starts at one. Tensors "G.{l}_{d}".
+Optional parts (files without their tensors load and predict exactly as before):
   context  P, Q [R, H]: r = x + B · silu(A · rms(x) + P · rms(x_prev) + Q · rms(m_prev)), x_prev = the
         residual entering layer l's MoE at the previous position, m_prev = a decayed mean of all earlier
         positions' residuals (m <- CONTEXT_DECAY·m + (1 - CONTEXT_DECAY)·x; both zero at position 0):
@@ -171,11 +167,9 @@ class Accelerator(nn.Module):
     """Adapters for every (l, d) with l + d < L (every (l, d) with cross_token)."""
 
     def __init__(self, hidden: int, num_layers: int, lookaheads: list[int], rank: int, seed: int = 0,
-                 hint_experts: int = 0, gain: bool = False, context: bool = False, cross_token: bool = False,
-                 peek: bool = False, expert_rank: int = 0, num_experts: int = 0, cross_heads: bool = False):
-        """hint_experts: E > 0 adds the router hint C [R, E] per pair (input: layer l's router
-        distribution over E experts); gain: adds the learned normalisation gain G [H] per pair;
-        context: adds P [R, H] per pair, reading the previous position's residual; cross_token: pairs
+                 context: bool = False, cross_token: bool = False, peek: bool = False, expert_rank: int = 0,
+                 num_experts: int = 0, cross_heads: bool = False):
+        """context: adds P [R, H] per pair, reading the previous position's residual; cross_token: pairs
         past the last layer predict later tokens' layers (`target`); peek: within-token pairs run
         through the real attention of the layers they pass (`chain`); expert_rank: with peek, low-rank
         stand-ins of each layer's num_experts experts on the way; cross_heads: the rows past the last
@@ -204,14 +198,6 @@ class Accelerator(nn.Module):
         self.A = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.randn(rank, hidden, generator=g) / math.sqrt(hidden))
                                    for l, d in self.residual_pairs})
         self.B = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(hidden, rank)) for l, d in self.residual_pairs})
-        self.hint_experts, self.gain = int(hint_experts), bool(gain)
-        if self.hint_experts < 0:
-            raise MoeOffloadError(f"hint_experts must be >= 0, got {hint_experts}")
-        if self.hint_experts:
-            self.C = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, self.hint_experts))
-                                       for l, d in self.residual_pairs})
-        if self.gain:
-            self.G = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.ones(hidden)) for l, d in self.residual_pairs})
         self.context = bool(context)
         if self.context:
             self.P = nn.ParameterDict({f"{l}_{d}": nn.Parameter(torch.zeros(rank, hidden)) for l, d in self.residual_pairs})
@@ -313,36 +299,19 @@ class Accelerator(nn.Module):
         return "Bpeek" if group == "B" and self.peek else group
 
     def param_groups(self) -> tuple[str, ...]:
-        """Names of the parameter dicts this adapter set has: A, B[, C][, G][, P, Q][, U, V][, XA[, XP, XQ], XH]
+        """Names of the parameter dicts this adapter set has: A, B[, P, Q][, U, V][, XA[, XP, XQ], XH]
         (file tensor prefixes, `_file_prefix`)."""
-        return (("A", "B") + (("C",) if self.hint_experts else ()) + (("G",) if self.gain else ())
-                + (("P", "Q") if self.context else ()) + (("U", "V") if self.expert_rank else ())
+        return (("A", "B") + (("P", "Q") if self.context else ()) + (("U", "V") if self.expert_rank else ())
                 + ((("XA", "XP", "XQ") if self.context else ("XA",)) + ("XH",) if self.cross_heads else ()))
 
-    def hint(self, model: MixtralTransformer, layer: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Layer `layer`'s own router distribution on x [N, H] -> [N, E] float32 (None without hint)."""
-        if not self.hint_experts:
-            return None
-        return router_probs(model, layer, rms_norm(x, model.layers[layer].post_attention_layernorm,
-                                                   model.cfg.rms_norm_eps)).float()
-
-    def target_norm(self, layer: int, d: int, weight: torch.Tensor) -> torch.Tensor:
-        """The norm weight [H] layer+d's router reads r through: its own weight, times G with gain."""
-        return weight * self.G[f"{layer}_{d}"].to(weight.dtype) if self.gain else weight
-
-    def accelerate(self, layer: int, d: int, x: torch.Tensor, hint: torch.Tensor | None = None,
-                   prev: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    def accelerate(self, layer: int, d: int, x: torch.Tensor, prev: torch.Tensor | None = None,
+                   base: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, H] (residual entering layer's MoE) -> r [N, H], the predicted residual of layer+d.
-        hint [N, E]: layer's router distribution (`hint()`), needed when the adapters have C.
         prev [N, 2H]: each row's context (`context_rows`), needed with P and Q.
         base [N, H]: what the correction is added to (default x; the chain's s_d with attention peek)."""
         key = f"{layer}_{d}"
         xf = x.float()
         a = F.linear(_rms(xf), self.A[key])  # [N, R]
-        if self.hint_experts:
-            if hint is None:
-                raise MoeOffloadError("these adapters take a router hint: pass hint=acc.hint(model, layer, x)")
-            a = a + F.linear(hint.float(), self.C[key])
         if self.context:
             if prev is None:
                 raise MoeOffloadError("these adapters read the previous positions: pass prev=context_rows(x)[0]")
@@ -355,10 +324,6 @@ class Accelerator(nn.Module):
                    for k, p in getattr(self, n).items()}
         meta = {**meta, "lookaheads": self.lookaheads, "rank": self.rank, "hidden": self.hidden,
                 "num_layers": self.num_layers}
-        if self.hint_experts:
-            meta["hint_experts"] = self.hint_experts
-        if self.gain:
-            meta["gain"] = True
         if self.context:
             meta["context"], meta["context_decay"] = True, CONTEXT_DECAY
         if self.cross_token:
@@ -387,17 +352,21 @@ class Accelerator(nn.Module):
                 f"{path}: accelerator was trained for a different model (fingerprint {meta.get('fingerprint')}, "
                 f"{meta.get('model', '?')}); this model's fingerprint is {want}. Train one for it with "
                 "`moe-offload train-accelerator`")
+        retired = [k for k in ("hint_experts", "gain") if meta.get(k)]
+        if retired:
+            raise MoeOffloadError(f"{path}: adapters with a router hint or norm gain ({', '.join(retired)}) are no longer "
+                                  "read (they measured +0.000 recall and were retired); train new ones with "
+                                  "`moe-offload train-accelerator`")
         try:
             acc = cls(int(meta["hidden"]), int(meta["num_layers"]), [int(d) for d in meta["lookaheads"]],
-                      int(meta["rank"]), hint_experts=int(meta.get("hint_experts", 0)),
-                      gain=bool(meta.get("gain", False)), context=bool(meta.get("context", False)),
+                      int(meta["rank"]), context=bool(meta.get("context", False)),
                       cross_token=bool(meta.get("cross_token", False)),
                       peek=bool(meta.get("attention_peek", False)), expert_rank=int(meta.get("expert_rank", 0)),
                       num_experts=int(meta.get("num_experts", 0)), cross_heads=bool(meta.get("cross_heads", False)))
             if acc.context and float(meta.get("context_decay", CONTEXT_DECAY)) != CONTEXT_DECAY:
                 raise ValueError(f"context_decay {meta['context_decay']} (this version reads {CONTEXT_DECAY})")
-            # Only the prefetch adapters ("A.*", "B.*", optional "C.*", "G.*", "P.*", "Q.*", "U.*", "V.*"); other tensors
-            # (the draft head) are not ours. Files from before C/G/P/Q have none of them and load as before.
+            # Only the prefetch adapters ("A.*", "B.*", optional "P.*", "Q.*", "U.*", "V.*", "X*.*"); other tensors
+            # (the draft head) are not ours. Files without P/Q have none of them and load as before.
             prefixes = {f"{acc._file_prefix(n)}.": f"{n}." for n in acc.param_groups()}
             acc.load_state_dict({prefixes[k.split(".", 1)[0] + "."] + k.split(".", 1)[1]: v
                                  for k, v in tensors.items() if k.split(".", 1)[0] + "." in prefixes})
@@ -408,9 +377,6 @@ class Accelerator(nn.Module):
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
         if (acc.expert_rank or acc.cross_heads) and acc.num_experts != model.cfg.num_local_experts:
             raise MoeOffloadError(f"{path}: expert stand-ins / cross heads are for {acc.num_experts} experts; the model has "
-                                  f"{model.cfg.num_local_experts}")
-        if acc.hint_experts and acc.hint_experts != model.cfg.num_local_experts:
-            raise MoeOffloadError(f"{path}: router hint is over {acc.hint_experts} experts; the model has "
                                   f"{model.cfg.num_local_experts}")
         if acc.hidden != model.cfg.hidden_size or acc.num_layers != model.cfg.num_hidden_layers:
             raise MoeOffloadError(f"{path}: adapters are for hidden {acc.hidden} x {acc.num_layers} layers; the model "
@@ -520,8 +486,6 @@ class M2R2Predictor:
         N, n, R = x.shape[0], st["rows"].numel(), self.acc.rank
         xf = x.float()
         a = F.linear(_rms(xf), st["A"])  # [N, n*R]
-        if self.acc.hint_experts:
-            a = a + F.linear(self.acc.hint(m, layer, x), st["C"])
         if self.acc.context:
             h = self.acc.hidden
             a = a + F.linear(_rms(prev[:, :h]), st["P"]) + F.linear(_rms(prev[:, h:]), st["Q"])
@@ -538,10 +502,10 @@ class M2R2Predictor:
 
     @torch.no_grad()
     def _stack(self, layer: int) -> dict[str, Any] | None:
-        """Layer's adapters for rows d = 1..lookahead stacked once: A, C, P, Q [n*R, .], B^T [n, R, H],
+        """Layer's adapters for rows d = 1..lookahead stacked once: A, P, Q [n*R, .], B^T [n, R, H],
         target norm weights W [n, 1, H], routers G^T [n, H, E] in the model's dtype; cross heads:
         XH [n', E, R] with their targets' Wh, Gh. The adapter tensors become views of the stacks
-        (`_shared`): one copy in memory, and in-place changes to A, B, C, P, Q, XH reach the predictor
+        (`_shared`): one copy in memory, and in-place changes to A, B, P, Q, XH reach the predictor
         built last on these adapters (an earlier one keeps its own stacks from then on)."""
         m, acc = self.model, self.acc
         ds = [d for d in range(1, self.lookahead + 1) if f"{layer}_{d}" in acc.A]  # the residual pairs it has
@@ -559,11 +523,8 @@ class M2R2Predictor:
                        "peek": any(acc.peeks(layer, d) for d in ds),
                        "Bt": _shared(acc.B, keys, torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
                                      lambda t, i: t[i].t()),
-                       "W": torch.stack([acc.target_norm(layer, d, m.layers[t].post_attention_layernorm)
-                                         for d, t in zip(ds, targets)])[:, None],
+                       "W": torch.stack([m.layers[t].post_attention_layernorm for t in targets])[:, None],
                        "Gt": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
-            if acc.hint_experts:
-                st["C"] = cat("C")
             if acc.context:
                 st["P"], st["Q"] = cat("P"), cat("Q")
         if hds:
