@@ -25,6 +25,8 @@ import torch
 import moe_offload
 from moe_offload.results import result_metadata, write_json_atomic
 
+from _paths import shown
+
 PROMPT = "And it came to pass"
 RSS_PROBE = """
 import resource, json, psutil
@@ -107,7 +109,7 @@ def bench_model(path: str, prompt_ids: list[int], n: int, repeats: int) -> dict:
     ratios = {name: r["end_to_end_tok_s"] / hf["end_to_end_tok_s"] for name, r in rows.items()}
     print("  end-to-end vs transformers: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
     rss = {name: peak_rss(path, opts) for name, opts in (("default", {}), ("no_offload", {"offload": False}))}
-    return {"path": path, "prompt_ids": prompt_ids,
+    return {"path": shown(path), "prompt_ids": prompt_ids,
             "ours": {k: {kk: vv for kk, vv in v.items() if kk != "token_ids"} for k, v in rows.items()},
             "transformers": {"end_to_end_tok_s": hf["end_to_end_tok_s"], "same_tokens_as_ours": same},
             "ratio_over_transformers": ratios, "peak_rss": rss}
@@ -129,7 +131,7 @@ def main() -> None:
     for name, path in models.items():
         m = moe_offload.load(path, device="cpu")
         prompt_ids = m.encode(PROMPT) if m.tokenizer is not None else [1, 17, 230, 42, 9, 311]
-        print(f"{name}: {path}", flush=True)
+        print(f"{name}: {shown(path)}", flush=True)
         results[name] = bench_model(path, prompt_ids, args.new_tokens, args.repeats)
     out = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
            "repeats": args.repeats, "models": results}

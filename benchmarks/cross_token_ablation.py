@@ -21,6 +21,8 @@ from moe_offload.analysis.sim import get_hardware
 from moe_offload.analysis.trace import load_trace, trace_prefix
 from moe_offload.results import result_metadata, write_json_atomic
 
+from _paths import shown
+
 CHUNK = 8 << 20
 
 
@@ -59,7 +61,7 @@ def main() -> None:
         print(f"{policy:10s} {pred:11s} la={la} w={window} depth={depth} {row['link']:17s} "
               f"{p.tokens_per_second:6.2f} tok/s ({row['vs_lru_layer_none']:.3f}x)  hit {s['hit_rate']:.3f}  on time "
               f"{s['on_time_hit_rate']:.3f} ({s['on_time_share_of_hits']:.3f} of hits)", flush=True)
-    meta = {**result_metadata("cpu"), "trace": args.trace, "tokens": len(trace.token_ids), "hardware": hw.key,
+    meta = {**result_metadata("cpu"), "trace": shown(args.trace), "tokens": len(trace.token_ids), "hardware": hw.key,
             "model": "mixtral-8x7b", "expert_dtype": "int4", "slots": 128}
     out = write_json_atomic(args.out, {**meta, "results": rows})
     lines = ["| policy | predictor | lookahead | window | rank depth | link | tok/s | vs none | hit | on time | on-time share |",

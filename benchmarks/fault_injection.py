@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rates", default="0.01,0.05,0.10")
     ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--out", default="benchmarks/results/fault_injection_issue10.json")
+    ap.add_argument("--out", default="benchmarks/results/fault_injection.json")
     args = ap.parse_args()
     want = runtime.load(device="cpu", offload=False).generate(PROMPT, max_new_tokens=args.tokens).token_ids
     rows = []

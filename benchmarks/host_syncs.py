@@ -19,6 +19,8 @@ import json
 import moe_offload
 from moe_offload.analysis.host_reads import count_reads
 
+from _paths import shown
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -34,7 +36,7 @@ def main() -> None:
     per_step = {k: v for k, v in sorted(per_step.items()) if v}
     total = sum(per_step.values())
     out = {"layers": L, "per_decode_step": per_step, "per_decode_step_total": total,
-           "per_moe_layer": total / L, "version": moe_offload.__file__}
+           "per_moe_layer": total / L, "version": shown(moe_offload.__file__)}
     print(json.dumps(out, indent=1))
     if args.json:
         from moe_offload.results import result_metadata, write_json_atomic

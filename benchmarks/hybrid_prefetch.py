@@ -18,6 +18,8 @@ from moe_offload.analysis.sim import get_cpu, get_hardware
 from moe_offload.analysis.trace import load_trace, trace_prefix
 from moe_offload.results import result_metadata, write_json_atomic
 
+from _paths import shown
+
 CHUNK = 8 << 20
 
 
@@ -56,7 +58,7 @@ def main() -> None:
                     for m in margins:
                         p = sim("m2r2", m)
                         s = p.settings
-                        r = {"trace": path, "hardware": hw_key, "cpu": cpu_key, "expert_dtype": dtype,
+                        r = {"trace": shown(path), "hardware": hw_key, "cpu": cpu_key, "expert_dtype": dtype,
                              "slots_per_layer": s["slots_per_layer"], "lookahead": D, "margin": m,
                              "none_tokens_per_second": base.tokens_per_second, "tokens_per_second": p.tokens_per_second,
                              "speedup": p.tokens_per_second / base.tokens_per_second, "hit_rate": s["hit_rate"],

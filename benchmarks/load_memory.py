@@ -63,7 +63,8 @@ def main() -> int:
     rows = []
     for path, fmt, dt in cases:
         r = subprocess.run([sys.executable, "-c", CHILD, path, fmt, dt], capture_output=True, text=True, check=True)
-        row = {"model": path if path == "bundled" else shown(path), "expert_dtype": fmt, "dtype": dt, **json.loads(r.stdout.strip().splitlines()[-1])}
+        row = {"model": path if path == "bundled" else shown(path), "expert_dtype": fmt, "dtype": dt,
+               **json.loads(r.stdout.strip().splitlines()[-1])}
         rows.append(row)
         print(f"{path} {fmt} @{dt}: peak +{row['peak_above_baseline_mb']:.0f} MB, after load "
               f"+{row['after_load_above_baseline_mb']:.0f} MB (baseline {row['baseline_mb']:.0f} MB)", flush=True)

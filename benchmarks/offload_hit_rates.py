@@ -22,6 +22,8 @@ from moe_offload.offload import ExpertCache, make_copy_engine, make_policy
 from moe_offload.results import result_metadata, write_json_atomic
 from moe_offload.analysis.trace import record_routing, replay
 
+from _paths import shown
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +62,7 @@ def main() -> None:
         print(f"| {r['policy']} | {r['fraction_resident']:.0%} | {r['slots']} | {r['hit_rate']:.3f} | "
               f"{r['misses_per_token']:.2f} | {r['bookkeeping_us_per_layer']:.1f} |")
     out = args.out or os.path.join("benchmarks", "results", "offload_hit_rates.json")
-    result = {**result_metadata("cpu"), "model": str(m.path), "tokens": len(ids), "results": rows}
+    result = {**result_metadata("cpu"), "model": shown(m.path), "tokens": len(ids), "results": rows}
     print(f"wrote {write_json_atomic(out, result)}")
 
 

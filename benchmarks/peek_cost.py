@@ -2,7 +2,7 @@
 1/2/3 for a v2 trace and a peek trace (the simulator charges the peek's attention and stand-in per predicted
 layer), int4 experts, RTX 4090 (4 of 8 slots per layer) and RTX 3060 (what fits), with and without the CPU lane.
 
-    python benchmarks/predictor_v2/peek_cost.py --v2 V2.npz --peek PEEK.npz [--max-tokens 2048]
+    python benchmarks/peek_cost.py --v2 V2.npz --peek PEEK.npz [--max-tokens 2048]
 """
 import argparse
 

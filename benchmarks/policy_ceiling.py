@@ -16,6 +16,8 @@ from moe_offload.analysis.sim import get_cpu, get_hardware
 from moe_offload.analysis.trace import load_trace, trace_prefix
 from moe_offload.results import result_metadata, write_json_atomic
 
+from _paths import shown
+
 CHUNK = 8 << 20
 
 
@@ -58,7 +60,7 @@ def main() -> None:
         if "m2r2" in (tr.preds or {}):
             runs.insert(1, ("m2r2", min(args.m2r2_lookahead, tr.preds["m2r2"].shape[2]), 1))
         for pred, D, W in runs:
-            r = row(path, base, sim(tr, pred, D, W), D, W)
+            r = row(shown(path), base, sim(tr, pred, D, W), D, W)
             rows.append(r)
             print(f"{path}  {pred:11s} D={str(D):4s} W={W}  {r['tokens_per_second']:6.2f} tok/s  x{r['speedup']:.3f}  "
                   f"hit {r['hit_rate']:.3f}  on time {r['on_time_share_of_hits']:.3f} of hits", flush=True)

@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/serve_issue15.json")
+    ap.add_argument("--out", default="benchmarks/results/serve.json")
     args = ap.parse_args()
     res = {**result_metadata("cpu"), "tokens": args.tokens, "slots_per_layer": args.slots,
            "aggregate_tokens_per_second": aggregate(args.tokens),

@@ -21,6 +21,8 @@ from moe_offload.analysis.sim import get_cpu, get_hardware
 from moe_offload.analysis.trace import load_trace, trace_prefix
 from moe_offload.results import result_metadata, write_json_atomic
 
+from _paths import shown
+
 CHUNK = 8 << 20
 
 
@@ -93,7 +95,7 @@ def main() -> None:
                       f"{s['cpu_experts_per_token']:.1f}  | resident {p.limits['all_resident_tokens_per_second']:.1f} "
                       f"belady-link {p.limits['link_bound_belady_tokens_per_second']:.1f} deep-oracle "
                       f"{p.limits['deep_oracle_tokens_per_second']:.1f}", flush=True)
-    settings = {"trace": args.trace, "tokens": int(trace.routed_ids.shape[0]), "lookahead": 3,
+    settings = {"trace": shown(args.trace), "tokens": int(trace.routed_ids.shape[0]), "lookahead": 3,
                 "cpu_profile": args.cpu, "cross_trace": args.cross_trace, "cross_lookahead": args.cross_lookahead,
                 "cross_window": args.cross_window, "cross_margin": args.cross_margin}
     print(f"wrote {write_json_atomic(args.out, {**result_metadata('cpu'), 'settings': settings, 'results': rows})}")

@@ -4,9 +4,9 @@
 fits) under LRU with no / next-gate / m2r2 prefetch, and the settings of
 the mixtral-offloading report (2- and 3-bit experts on T4, RTX 3060, A100). Writes one JSON.
 
-    moe-offload trace --text moe_offload/assets/heldout_kjv.txt --out /tmp/heldout.npz \
+    moe-offload trace --text moe_offload/assets/heldout_kjv.txt --out heldout.npz \
         --accelerator moe_offload/assets/tiny-mixtral-accelerator.safetensors --lookahead 3
-    python benchmarks/simulate_sweep.py --trace /tmp/heldout.npz
+    python benchmarks/simulate_sweep.py --trace heldout.npz
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from moe_offload.analysis.bench import model_config, simulate
 from moe_offload.results import result_metadata, write_json_atomic
 from moe_offload.analysis.sim import get_hardware
 from moe_offload.analysis.trace import trace_prefix, load_trace
+
+from _paths import shown
 
 RUNS = ([(hw, dt, p) for hw in ("rtx4090-pcie4", "rtx3060-pcie3") for dt in ("bf16", "int8", "int4")
          for p in ("none", "next-gate", "m2r2")]
@@ -40,7 +42,7 @@ def main() -> None:
         print(f"{hw:14s} {dt:5s} {pred:9s} {p.tokens_per_second:7.2f} tok/s  (all resident "
               f"{p.limits['all_resident_tokens_per_second']:.1f}, Belady link bound "
               f"{p.limits['link_bound_belady_tokens_per_second']:.2f})", flush=True)
-    meta = {**result_metadata("cpu"), "trace": args.trace, "trace_meta": trace.meta, "tokens": len(trace.token_ids)}
+    meta = {**result_metadata("cpu"), "trace": shown(args.trace), "trace_meta": trace.meta, "tokens": len(trace.token_ids)}
     print(f"wrote {write_json_atomic(args.out, {**meta, 'results': rows})}")
 
 

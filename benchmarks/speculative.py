@@ -37,6 +37,8 @@ from moe_offload.analysis.bench import model_config
 from moe_offload.analysis.sim import StepCosts, get_hardware, run_timeline
 from moe_offload.model.observers import Observer, observing
 
+from _paths import shown
+
 
 class PassRecorder(Observer):
     """Per forward pass after the prefill: the routed expert ids of every layer (all positions)."""
@@ -154,13 +156,13 @@ def main() -> int:
     ap.add_argument("--predictors", default="none,auto", help="prefetch predictors to run the cache with")
     ap.add_argument("--hardware", default="rtx4090-pcie4")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/speculative_issue13.json")
+    ap.add_argument("--out", default="benchmarks/results/speculative.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     probe = runtime.load(args.model, device="cpu", offload=False)
     prompts = heldout_prompts(probe, Path(args.heldout), args.prompts, args.prompt_tokens)
     Lt = probe.config.num_hidden_layers
-    result = {"model": args.model, "accelerator": args.accelerator, "prompts": len(prompts),
+    result = {"model": shown(args.model), "accelerator": shown(args.accelerator), "prompts": len(prompts),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "max_draft_tokens": args.draft_tokens, "policy": args.policy, "threads": args.threads,
               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",

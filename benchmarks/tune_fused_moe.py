@@ -5,7 +5,7 @@ For each token count M, times every config of a small grid with triton.testing.d
 the fastest one that is also correct. The runtime then looks configs up by nearest M.
 
     python benchmarks/tune_fused_moe.py [--tokens 1,4,16,64,256,1024] [--out FILE]   # GPU, a few minutes
-    TRITON_INTERPRET=1 python benchmarks/tune_fused_moe.py --smoke --out /tmp/t.json  # checks the script
+    TRITON_INTERPRET=1 python benchmarks/tune_fused_moe.py --smoke --out t.json  # checks the script
 """
 
 from __future__ import annotations

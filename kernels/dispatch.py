@@ -1,19 +1,19 @@
 """Which code runs a layer's experts: Triton kernels, torch._grouped_mm, or the per-expert loop.
 
 All three share one contract (see fused_moe.py): hidden [N, H], ids/weights [N, k], a slot pool
-(w13 [S, 2I, H], w2 [S, H, I]) and a slot table [E] expert -> slot. This module imports nothing from
+(w13 [S, 2I, H], w2 [S, H, I], or a pool.WeightPool and None) and a slot table [E] expert -> slot. This module imports nothing from
 the model: errors are ValueError, which the runtime turns into its own.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .quant import QuantPool
+from .fused_moe import fused_moe
 from .reference import fused_moe_grouped_mm, grouped_mm_aligned, moe_loop
 
 MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
@@ -41,19 +41,13 @@ def resolve_moe_backend(name: str, device: torch.device, dtype: torch.dtype, hid
 
 
 def run_experts(backend: str, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                w13_pool: torch.Tensor, w2_pool: torch.Tensor, slot_of_expert: torch.Tensor,
+                w13_pool: Any, w2_pool: torch.Tensor | None, slot_of_expert: torch.Tensor,
                 slot_list: Sequence[int] | None = None, ids_host: np.ndarray | None = None) -> torch.Tensor:
     """h [N, H], ids/weights [N, k] -> [N, H]. For the loop: slot_list is the host copy of
     slot_of_expert (None: identity) and ids_host the host copy of ids, so it reads nothing back."""
     if backend == "loop":
         return moe_loop(h, ids, weights, w13_pool, w2_pool, slot_list, ids_host=ids_host)
-    if backend == "triton":
-        if isinstance(w13_pool, QuantPool):  # int8 / int4: dequantized inside the kernel
-            from .fused_moe_quant import fused_moe_quant
-
-            return fused_moe_quant(h, ids, weights, w13_pool, slot_of_expert)
-        from .fused_moe import fused_moe
-
+    if backend == "triton":  # float tensors, or a pool object and None (any weight format)
         return fused_moe(h, ids, weights, w13_pool, w2_pool, slot_of_expert)
     if backend == "grouped_mm":
         return fused_moe_grouped_mm(h, ids, weights, w13_pool, w2_pool, slot_of_expert)

@@ -1,16 +1,14 @@
 """Torch references for fused_moe: a per-expert loop (the oracle, and the CPU path) and
 torch._grouped_mm. Same contract as fused_moe: hidden [N, H], ids/weights [N, k], a slot pool
-(w13 [S, 2I, H], w2 [S, H, I]) and the slot of each expert."""
+(w13 [S, 2I, H], w2 [S, H, I], or a pool object and None) and the slot of each expert."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .quant import QuantPool
 
 
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -19,25 +17,23 @@ def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
     return F.linear(F.silu(gate) * up, w2)
 
 
-def pool_expert(w13: torch.Tensor | QuantPool, w2: torch.Tensor | None, slot: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert in `slot` of a pool on x [n, H] -> [n, H]: float views, a QuantPool (dequantized to x's
-    dtype, then run) or a prepared pool with its own `ffn` (quant_cpu.CpuQuantPool; w2 None)."""
-    if isinstance(w13, QuantPool):
-        return expert_ffn(x, *w13.dequant(slot, x.dtype))
+def pool_expert(w13: Any, w2: torch.Tensor | None, slot: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert in `slot` of a pool on x [n, H] -> [n, H]: float views (w13, w2), or (pool, None) for a
+    pool object with its own `ffn(slot, x)` (a pool.WeightPool: dequantize, then matmul; a
+    quant_cpu.CpuQuantPool: the format's CPU weight-only op)."""
     if w2 is None:
         return w13.ffn(slot, x)
     return expert_ffn(x, w13[slot], w2[slot])
 
 
-def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor | QuantPool,
+def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Any,
              w2: torch.Tensor | None, slot_of_expert: Sequence[int] | None = None, *,
              ids_host: np.ndarray | None = None, experts: set[int] | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-expert loop: for each routed expert e (ascending), gather its tokens, run it, add weighted.
 
-    h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I] (or w13 a QuantPool and w2 None: each
-    expert is dequantized to h's dtype, then run; or w13 a quant_cpu.CpuQuantPool and w2 None: its
-    CPU weight-only ops); expert e lives in slot
+    h [N, H]; ids, weights [N, k]; w13 [S, 2I, H]; w2 [S, H, I] (or w13 a pool object and w2 None,
+    see pool_expert); expert e lives in slot
     slot_of_expert[e] (identity when None). `ids_host` is the host copy of ids when the caller has
     one already (then this function reads nothing back from the device); otherwise ids are read back
     once. `experts` restricts the loop to those experts, accumulating into `out`: running groups of
@@ -72,9 +68,9 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: tor
 
 
 def fused_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        w13_pool: torch.Tensor | QuantPool, w2_pool: torch.Tensor | None,
+                        w13_pool: Any, w2_pool: torch.Tensor | None,
                         slot_of_expert: torch.Tensor) -> torch.Tensor:
-    """Same contract as fused_moe (or a QuantPool and w2_pool None); a plain loop over experts in
+    """Same contract as fused_moe (float pools, or a pool object and w2_pool None); a plain loop over experts in
     ascending id (shapes as there)."""
     return moe_loop(hidden, topk_ids.long(), topk_weights.float(), w13_pool, w2_pool,
                     slot_of_expert.tolist())

@@ -15,6 +15,8 @@ from .validate import SEED_MAX, float_arg, int_arg, output_file
 
 MAX_PROBLEM_LINES = 20
 DRAFT_RANK = 64  # the draft head's rank (the bundled head's)
+HELDOUT_FRACTION = 0.1  # tail of a training text held out for the recall report
+BOOKKEEPING_US = 20.0  # simulated host work per layer (benchmarks/bookkeeping.py measures 10-20 us)
 POS = int_arg(1)  # argparse types (validate.py): the error names the flag
 NONNEG = int_arg(0)
 SEED = int_arg(0, SEED_MAX)
@@ -37,29 +39,33 @@ def _field_help(name: str) -> str:
     return TOP_FIELDS[name].metadata["help"]
 
 
-def _add_runtime_args(p: argparse.ArgumentParser, full: bool = True) -> None:
-    """The runtime flags, one per OffloadConfig field in options.FLAG_FIELDS, plus --tuning for the rest
-    (full=False: --device, --dtype and --tuning only, for the research commands)."""
+def _add_runtime_args(p: argparse.ArgumentParser, kind: str = "full") -> None:
+    """The runtime flags, one per OffloadConfig field in options.FLAG_FIELDS, plus --tuning for the rest.
+    kind "full": all of them; "plan": what a memory plan reads (device, dtype, expert storage, budget);
+    "light": --device, --dtype and --tuning, for the research commands."""
     g = p.add_argument_group("runtime (moe_offload.OffloadConfig; the rest through --tuning)")
     g.add_argument("--device", default=None, help=_field_help("device") + " (default auto)")
     g.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES), help=_field_help("dtype"))
-    if full:
-        _add_cache_args(g)
+    if kind != "light":
+        _add_cache_args(g, kind == "full")
     g.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting (repeatable), or a JSON file of them; `--tuning help` lists them "
                         "with defaults and ranges")
+    p.set_defaults(runtime_flags=[a.dest for a in g._group_actions])
 
 
-def _add_cache_args(g: Any) -> None:
+def _add_cache_args(g: Any, full: bool) -> None:
     g.add_argument("--expert-dtype", default=None, choices=list(EXPERT_DTYPES), help=_field_help("expert_dtype"))
+    g.add_argument("--cache-per-layer", type=POS, default=None, metavar="K", help=_field_help("cache_per_layer"))
+    g.add_argument("--cache-gb", type=float_arg(0, lo_open=True), default=None, metavar="X",
+                   help=_field_help("cache_gb"))
+    if not full:
+        return
     o = g.add_mutually_exclusive_group()
     o.add_argument("--offload", dest="offload", action="store_const", const=True, default=None,
                    help=_field_help("offload"))
     o.add_argument("--no-offload", dest="offload", action="store_const", const=False,
                    help="keep every expert on the device (no cache; the exactness reference)")
-    g.add_argument("--cache-per-layer", type=POS, default=None, metavar="K", help=_field_help("cache_per_layer"))
-    g.add_argument("--cache-gb", type=float_arg(0, lo_open=True), default=None, metavar="X",
-                   help=_field_help("cache_gb"))
     g.add_argument("--predictor", default=None, choices=list(PREDICTORS), help=_field_help("predictor"))
     g.add_argument("--accelerator", default=None, metavar="FILE", help=_field_help("accelerator"))
 
@@ -71,9 +77,8 @@ def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:
         print(tuning_help())
         raise SystemExit(0)
     settings = parse_tuning(args.tuning)
-    flags = {field: getattr(args, flag[2:].replace("-", "_"), None) for flag, field in FLAG_FIELDS.items()}
-    flags["offload"] = getattr(args, "offload", None)
-    flags = {k: v for k, v in flags.items() if v is not None}
+    dests = {flag[2:].replace("-", "_"): field for flag, field in FLAG_FIELDS.items()} | {"offload": "offload"}
+    flags = {dests[d]: getattr(args, d) for d in args.runtime_flags if d in dests and getattr(args, d) is not None}
     both = sorted(set(flags) & set(settings))
     if both:
         raise MoeOffloadError(f"{', '.join(both)} given both as a flag and in --tuning; give it once")
@@ -129,15 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--text", required=True, metavar="FILE", help="UTF-8 training text (paragraphs split by blank lines)")
     t.add_argument("--out", required=True, metavar="FILE.safetensors", help="adapter file to write")
-    t.add_argument("--lookahead", "--lookaheads", dest="lookaheads", default="1,2,3",
+    t.add_argument("--lookahead", dest="lookaheads", default="1,2,3",
                    help="lookaheads d to train adapters for, comma list (default 1,2,3)")
     t.add_argument("--rank", type=POS, default=32, help="adapter rank R (default 32)")
     t.add_argument("--max-tokens", type=POS, default=None, metavar="N", help="use at most N tokens of the text")
     t.add_argument("--epochs", type=POS, default=4, help="passes over the training split (default 4)")
     t.add_argument("--lr", type=float_arg(0, lo_open=True), default=3e-3, help="learning rate (default 3e-3)")
     t.add_argument("--window", type=int_arg(2), default=256, help="tokens per forward window (default 256)")
-    t.add_argument("--heldout-fraction", type=float_arg(0, 1, lo_open=True), default=0.1,
-                   help="tail of the text held out (default 0.1)")
     t.add_argument("--seed", type=SEED, default=0)
     t.add_argument("--attention-peek", action="store_true",
                    help="within-token predictions run through the real attention of the layers they pass and "
@@ -154,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "expected speedup on held-out text) into the same file")
     t.add_argument("--draft-only", action="store_true",
                    help="with --draft-exit: add or replace only the draft head in the existing --out file")
-    _add_runtime_args(t, full=False)
+    _add_runtime_args(t, "light")
 
     r = sub.add_parser("trace", help="record routing (and predictions) over a text to .npz",
                        description="Record decode-order routing of a text (teacher forcing, chunked prefill): "
@@ -168,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lookahead", type=POS, default=None, metavar="D",
                    help="lookahead of the recorded predictions (default 3; m2r2 from cross-token adapters: their whole "
                         "range). Past the --accelerator's range it is refused")
-    _add_runtime_args(r, full=False)
+    _add_runtime_args(r, "light")
 
     b = sub.add_parser("bench", help="benchmarks (bench cache: hit rates of policies and predictors)")
     bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -212,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--policy", default="lru")
     sm.add_argument("--lookahead", type=POS, default=None, metavar="D")
     sm.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
-    sm.add_argument("--bookkeeping-us", type=float_arg(0), default=20.0, help="host cost per layer (default 20 us)")
     sm.add_argument("--implementation", default="moe-offload", metavar="NAME",
                     help="implementation parameter set (assets/reference_impls.json): moe-offload (default: the "
                          "hardware figures as they are) or a fitted reference such as mixtral-offloading")
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --device or a cache budget, also print the memory plan "
                                    "(dense weights, KV cache, expert slots, reserve).")
     _add_model_args(i)
-    _add_runtime_args(i)
+    _add_runtime_args(i, "plan")
     i.add_argument("--config", metavar="FILE", default=None,
                    help="describe a bare config.json instead of a model folder (no weights needed)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -341,8 +343,6 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     from .runtime import load
 
     lookaheads = _lookaheads(args.lookaheads)
-    if not 0 < args.heldout_fraction < 1:
-        raise MoeOffloadError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
     draft_exit = _draft_exit(args.draft_exit)
     if args.draft_only and draft_exit is None:
         raise MoeOffloadError("--draft-only needs --draft-exit auto|M")
@@ -357,7 +357,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     if args.draft_only:
         return _train_draft(args, model, ids, window, draft_exit)
     acc, report = train_accelerator(model.model, ids, lookaheads=lookaheads, rank=args.rank, epochs=args.epochs,
-                                    lr=args.lr, window=window, heldout_fraction=args.heldout_fraction,
+                                    lr=args.lr, window=window, heldout_fraction=HELDOUT_FRACTION,
                                     seed=args.seed, show_progress=sys.stderr.isatty(),
                                     cross_token=args.cross_token, peek=args.attention_peek)
     after = report["heldout_after"]["recall"]
@@ -404,7 +404,7 @@ def _train_draft(args: argparse.Namespace, model: Any, ids: list[int], window: i
     if not Path(args.out).is_file():
         raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
     head, report = train_draft(model.model, ids, exit_layer=exit_layer, rank=DRAFT_RANK, epochs=args.epochs,
-                               lr=args.lr, window=window, heldout_fraction=args.heldout_fraction, seed=args.seed,
+                               lr=args.lr, window=window, heldout_fraction=HELDOUT_FRACTION, seed=args.seed,
                                show_progress=sys.stderr.isatty())
     write_draft(args.out, head, model.model, {"model": str(model.path), "train_seconds": report["train_seconds"]})
     write_json_atomic(args.out + ".draft.json", report)
@@ -519,7 +519,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     chunk, cpu = _link_settings(args)
     p = simulate(trace_prefix(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
-                 args.expert_dtype, args.capacity, args.predictor, args.policy, args.bookkeeping_us, args.lookahead,
+                 args.expert_dtype, args.capacity, args.predictor, args.policy, BOOKKEEPING_US, args.lookahead,
                  args.prefetch_margin, 1, chunk, cpu, get_impl(args.implementation))
     if args.json:
         from .results import result_metadata

@@ -80,6 +80,7 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < params.top_p  # smallest prefix reaching top_p
+        keep[..., 0] = True  # the most likely token always stays (a top_p below float32's range keeps only it)
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return probs

@@ -8,11 +8,11 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .config import MixtralConfig
 
-from .quant.formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
+from .formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
 
 
 def expert_bytes(cfg: MixtralConfig) -> dict[str, int]:
-    """Bytes of one expert per storage format (moe_offload.quant.formats; int4 at the default group size)."""
+    """Bytes of one expert per storage format (moe_offload.formats; int4 at the default group size)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     return {"float32": format_bytes(h, i, "fp32"), "bfloat16": format_bytes(h, i, "bf16"),
             "float16": format_bytes(h, i, "fp16"), "int8": format_bytes(h, i, "int8"),

@@ -225,7 +225,7 @@ class OffloadedModel:
             self.expert_cache.reap()
             self.expert_cache.drain_stalls()
             self.expert_cache.stats.reset()
-            self._retries0 = getattr(self.expert_cache.engine, "retries", 0)
+            self._retries0 = self.expert_cache.engine.retries
             pf = self.prefetcher
             if pf is not None:
                 pf.issued = pf.cancelled = 0
@@ -258,7 +258,7 @@ class OffloadedModel:
                 "policy": cache.policy.name, "predictor": pf.predictor.name if pf else "none",
                 "lookahead": pf.lookahead if pf else 0,
                 "prefetch_issued": pf.issued if pf else 0, "prefetch_cancelled": pf.cancelled if pf else 0,
-                "copy_retries": getattr(cache.engine, "retries", 0) - self._retries0}
+                "copy_retries": cache.engine.retries - self._retries0}
 
 
 def _refuse_stale(tokens: Iterator[int], is_stale: Callable[[], bool]) -> Iterator[int]:
@@ -403,7 +403,7 @@ def default_rank_depth(predictor: Any, policy: Any, num_experts: int, top_k: int
     costs ~90 us per layer at depth 8, ~340 us at 32, ~1.5 ms at 128 (128 experts, 48 layers, 2-core CPU)."""
     from .offload.policy import Predictive
 
-    if getattr(predictor, "cross_token", False) and isinstance(policy, Predictive):
+    if predictor.cross_token and isinstance(policy, Predictive):
         return min(num_experts, 4 * top_k)
     return None
 
@@ -424,7 +424,7 @@ def default_margin(asked: int | None, predictor: Any, cpu_lane: bool) -> int:
     lane on, else 0."""
     if asked is not None:
         return asked
-    return LANE_CROSS_MARGIN if cpu_lane and getattr(predictor, "cross_token", False) else 0
+    return LANE_CROSS_MARGIN if cpu_lane and predictor.cross_token else 0
 
 
 def build_predictor(model: MixtralTransformer, path: Path, config: OffloadConfig, cpu_lane: bool = False,

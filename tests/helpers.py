@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moe_offload import MixtralConfig
 from moe_offload.checkpoint import expected_tensors, save_checkpoint
+from moe_offload.options import OffloadConfig
 
 # Shapes chosen to cover: odd sizes, 1 and 2 layers, GQA and MHA, top-1 and top-2, tied and untied
 # embeddings, a sliding window shorter than the test sequences, and a sharded checkpoint.
@@ -83,8 +85,9 @@ def decode_with_failing_prefetches(model_path, make_engine) -> list:
     expected = ref.generate(prompt, max_new_tokens=12).token_ids
     caches = []
     for slots, window in ((3, 3), (5, 6)):
-        m = moe_offload.load(model_path, device="cpu", cache_experts=slots, predictor="next-gate", lookahead=1,
-                             prefetch_margin=1, prefetch_window=window)
+        m = moe_offload.load(model_path, device="cpu", predictor="next-gate",
+                             config=OffloadConfig.make(cache_experts=slots, lookahead=1, prefetch_margin=1))
+        m.prefetcher.max_inflight = window  # many copies in flight at once: more interleavings
         c = m.expert_cache
         rng = random.Random(slots)
         prefetching = set()  # keys inside cache.prefetch: an engine may start a prefetch before it is recorded
@@ -114,3 +117,44 @@ def decode_with_failing_prefetches(model_path, make_engine) -> list:
         assert not c.pinned
         caches.append(c)
     return caches
+
+
+class OraclePredictor:
+    """A test predictor: true future routing from a trace (an upper bound): the routed weights of layers l+1..l+D for
+    the token at trace index start_pos."""
+
+    name = "oracle"
+    cross_token = False
+
+    def __init__(self, routed_ids, routed_weights, num_experts: int, lookahead: int):
+        self.ids, self.weights = routed_ids, routed_weights  # [T, L, k]
+        self.num_experts, self.lookahead = num_experts, lookahead
+
+    def _row(self, t: int, layer: int) -> torch.Tensor:
+        row = torch.zeros(self.num_experts)
+        if t < self.ids.shape[0]:
+            row[torch.as_tensor(self.ids[t, layer].astype("int64"))] = torch.as_tensor(self.weights[t, layer]) + 1.0
+        return row
+
+    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        L = self.ids.shape[1]
+        out = torch.full((x.shape[0], self.lookahead, self.num_experts), float("nan"))
+        for d in range(1, self.lookahead + 1):
+            if layer + d < L:
+                for n in range(x.shape[0]):
+                    out[n, d - 1] = self._row(start_pos + n, layer + d)
+        return out.to(x.device)
+
+    def observe(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+        pass
+
+    def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
+        rows = torch.stack([self._row(pos, t) for t in range(min(self.lookahead, self.ids.shape[1]))])
+        return torch.topk(rows, take, dim=-1).indices.numpy()  # [D, take]
+
+
+
+def use_oracle(model, trace, lookahead: int = 1) -> None:
+    """Swap an offloaded model's prefetch predictor for the oracle of `trace` (a RoutingTrace)."""
+    model.prefetcher.predictor = OraclePredictor(trace.routed_ids, trace.routed_weights,
+                                                 model.config.num_local_experts, lookahead)

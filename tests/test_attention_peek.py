@@ -15,7 +15,8 @@ from moe_offload.model.layers import rms_norm
 from moe_offload.model.observers import Observer, observing
 from moe_offload.model.transformer import KVCache, RowPositions
 from moe_offload.predict import Accelerator, M2R2Predictor, model_fingerprint
-from moe_offload.predict.train import collect_window, train_accelerator
+from moe_offload.predict.train import collect_window, expert_rank_for, train_accelerator
+from moe_offload.options import OffloadConfig
 
 # three layers (a chain of two steps), GQA with two kv groups, a window shorter than the sequences
 PEEK_CFG = dataclasses.replace(CFG, num_hidden_layers=3, sliding_window=5, num_attention_heads=4,
@@ -131,7 +132,7 @@ def test_stand_ins_decode_path_equals_the_dense_path_and_cross_rows_do_not_peek(
 
 def trained(m, ids, **kw):
     acc, _ = train_accelerator(m.model, ids, lookaheads=[1, 2], rank=4, epochs=1, lr=1e-2, window=16,
-                               show_progress=False, peek=True, expert_rank=3, **kw)
+                               show_progress=False, peek=True, **kw)
     return acc
 
 
@@ -175,7 +176,7 @@ def test_peek_training_beats_the_plain_adapter_and_round_trips(tmp_path):
     m = moe_offload.load(device="cpu", offload=False)
     ids = m.encode_text(bundled_heldout_text().read_text(encoding="utf-8"))[:5000]
     kw = dict(lookaheads=[1, 2, 3], rank=16, epochs=1, lr=3e-3, window=128, show_progress=False)
-    acc, peek = train_accelerator(m.model, ids, peek=True, expert_rank=16, **kw)
+    acc, peek = train_accelerator(m.model, ids, peek=True, **kw)
     _, plain = train_accelerator(m.model, ids, **kw)
     for d in ("d1", "d2", "d3"):
         got, base = peek["heldout_after"]["recall"]["m2r2"][d]["top_k"], plain["heldout_after"]["recall"]["m2r2"][d]["top_k"]
@@ -183,7 +184,7 @@ def test_peek_training_beats_the_plain_adapter_and_round_trips(tmp_path):
     f = tmp_path / "p.safetensors"
     acc.save(f, {"fingerprint": model_fingerprint(m.model)})
     loaded, meta = Accelerator.load(f, m.model)
-    assert meta["attention_peek"] is True and meta["expert_rank"] == 16 and loaded.expert_rank == 16
+    assert meta["attention_peek"] is True and meta["expert_rank"] == expert_rank_for(8) == loaded.expert_rank
     from safetensors import safe_open
 
     with safe_open(str(f), "pt") as fh:  # a reader without the chain finds no "B.*" and fails loudly
@@ -205,8 +206,9 @@ def test_offloaded_decoding_with_a_peek_adapter_is_exact(model, tmp_path):
     prompt = [1, 7, 3, 9, 11, 4]
     want = m.generate(prompt, max_new_tokens=12).token_ids
     for policy in ("lru-layer", "predictive"):
-        off = moe_offload.load(path, device="cpu", cache_per_layer=2, policy=policy, predictor="m2r2",
-                               lookahead=2, accelerator=f, prefetch_window=2)
+        off = moe_offload.load(path, device="cpu", cache_per_layer=2, predictor="m2r2",
+                               config=OffloadConfig.make(policy=policy, lookahead=2, accelerator=f))
+        off.prefetcher.max_inflight = 2
         peeks = []
         real = off.model.peek_attention
         off.model.peek_attention = lambda *a, **kw: peeks.append(a[3] is not None) or real(*a, **kw)

@@ -2,6 +2,7 @@
 
 import moe_offload
 from helpers import write_model
+from moe_offload.options import OffloadConfig
 
 PROMPTS = ["In the beginning", "And God said, Let there be light", "Jesus wept.", "The LORD is my shepherd"]
 
@@ -18,6 +19,6 @@ def test_batched_greedy_equals_solo_runs_bundled():
 def test_batched_greedy_equals_solo_offloaded(tmp_path):
     path = write_model(tmp_path)
     prompts = [[1, 7, 3], [1, 9], [1, 4, 4, 8, 2, 6], [1]]
-    m = moe_offload.load(path, device="cpu", cache_experts=3)
+    m = moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3))
     solo = [m.generate(p, max_new_tokens=8).token_ids for p in prompts]
     assert [r.token_ids for r in m.generate(prompts, max_new_tokens=8, max_batch=3)] == solo

@@ -6,6 +6,7 @@ import torch
 
 import moe_offload
 from moe_offload.checkpoint import Checkpoint
+from moe_offload.options import OffloadConfig
 
 PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the"]
 
@@ -41,7 +42,7 @@ def test_bundled_greedy_generation_equals_transformers():
 
 def test_bundled_model_with_bundled_accelerator_is_exact():
     ref = moe_offload.load(device="cpu", offload=False)
-    m = moe_offload.load(device="cpu", cache_per_layer=2, policy="predictive")  # predictor auto -> m2r2
+    m = moe_offload.load(device="cpu", cache_per_layer=2, config=OffloadConfig.make(policy="predictive"))  # predictor auto -> m2r2
     res = m.generate(PROMPTS[0], max_new_tokens=24)
     assert res.stats["predictor"] == "m2r2"
     assert res.token_ids == ref.generate(PROMPTS[0], max_new_tokens=24).token_ids
@@ -57,6 +58,6 @@ def test_bundled_offloaded_equals_resident_across_capacities_and_policies():
         for policy in ("lru", "lru-layer", "lfu", "predictive"):
             if policy == "lru-layer" and slots < k * L:
                 continue
-            m = moe_offload.load(device="cpu", cache_experts=slots, policy=policy)
+            m = moe_offload.load(device="cpu", config=OffloadConfig.make(cache_experts=slots, policy=policy))
             assert torch.equal(m.logits(prompt), ref_logits), (slots, policy)
             assert m.generate(prompt, max_new_tokens=8).token_ids == ref_tokens, (slots, policy)

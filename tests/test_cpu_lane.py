@@ -14,6 +14,7 @@ from helpers import write_model
 from moe_offload import MoeOffloadError
 from moe_offload.offload import CopyFaults
 from moe_offload.offload.cpu_lane import CpuLane, LaneCosts, build_cpu_lane, split_misses
+from moe_offload.options import OffloadConfig
 
 COSTS = LaneCosts(copy_seconds=1.0, chunk_seconds=0.25, weight_seconds=0.5, token_seconds=0.1)
 
@@ -58,7 +59,7 @@ def decode_logits(m, ids, n_prefill=3):
 
 
 def hybrid(path, costs, **kw):
-    m = moe_offload.load(path, device="cpu", cache_experts=3, cpu_experts="off", **kw)
+    m = moe_offload.load(path, config=OffloadConfig.make(device="cpu", cache_experts=3, cpu_experts="off", **kw))
     c = m.expert_cache
     rng = random.Random(0)
     c.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.002))  # a slow link
@@ -121,9 +122,9 @@ def test_lane_is_skipped_for_many_tokens(setup):
 def test_cpu_experts_option(setup):
     path, _, _ = setup
     with pytest.raises(MoeOffloadError, match="cpu_experts 'always' is not one of \\['auto', 'off'\\]"):
-        moe_offload.load(path, device="cpu", cache_experts=3, cpu_experts="always")
-    assert moe_offload.load(path, device="cpu", cache_experts=3).model.experts.cpu_lane is None  # off on cpu
-    m = moe_offload.load(path, device="cpu", cache_experts=3, cpu_experts="auto")
+        moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3, cpu_experts="always"))
+    assert moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3)).model.experts.cpu_lane is None  # off on cpu
+    m = moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3, cpu_experts="auto"))
     costs = m.model.experts.cpu_lane.costs
     assert costs.copy_seconds > 0 and costs.weight_seconds > 0
     # a demand copy waits behind the engine's bound: one chunk of the thread engine's link (8 MiB here,
@@ -134,20 +135,16 @@ def test_cpu_experts_option(setup):
     lane = build_cpu_lane(m.expert_cache, "auto")
     assert lane.costs.chunk_seconds == pytest.approx(lane.costs.copy_seconds / 4, rel=0.01)
     assert np.isfinite(lane.costs.token_seconds)
-    for mb in (-1, float("nan"), 1e-9, 1e-6, "8"):
+    for mb in (-1, 0, float("nan"), 1e-9, 1e-6, "8"):
         with pytest.raises(MoeOffloadError, match="link_chunk_mb"):
-            moe_offload.load(path, device="cpu", cache_experts=3, link_chunk_mb=mb)
-        with pytest.raises(MoeOffloadError, match="link_chunk_mb"):  # checked with no cache too
-            moe_offload.load(path, device="cpu", link_chunk_mb=mb)
-    whole = moe_offload.load(path, device="cpu", cache_experts=3, link_chunk_mb=0)
-    assert whole.expert_cache.engine.demand_wait_bytes > whole.expert_cache.store.expert_bytes
+            moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3, link_chunk_mb=mb))
 
 
 def test_hybrid_with_the_triton_kernels(setup):
     # Kernel backends get the CPU experts' assignments redirected to a device expert at weight 0.
     path, _, _ = setup
-    ref = moe_offload.load(path, device="cpu", offload=False, moe_backend="triton")
-    m = moe_offload.load(path, device="cpu", cache_experts=3, cpu_experts="off", predictor="none", moe_backend="triton")
+    ref = moe_offload.load(path, device="cpu", offload=False, config=OffloadConfig.make(moe_backend="triton"))
+    m = moe_offload.load(path, device="cpu", predictor="none", config=OffloadConfig.make(cache_experts=3, cpu_experts="off", moe_backend="triton"))
     m.model.experts.cpu_lane = CpuLane(m.expert_cache.store, CPU_WINS)
     got, want = decode_logits(m, PROMPT), decode_logits(ref, PROMPT)
     assert m.cache_stats()["cpu_experts"] > 0
@@ -158,8 +155,9 @@ def test_hybrid_computes_experts_whose_prefetch_is_still_in_flight(setup):
     # A slow link (every copy 20 ms) and a wide prefetch window: needed experts are often still in
     # flight. The lane computes them (the copies land anyway) and the run stays exact.
     path, ref, expected = setup
-    m = moe_offload.load(path, device="cpu", cache_experts=5, cpu_experts="off", predictor="next-gate", lookahead=1,
-                         prefetch_margin=1, prefetch_window=4)
+    m = moe_offload.load(path, device="cpu", predictor="next-gate",
+                         config=OffloadConfig.make(cache_experts=5, cpu_experts="off", lookahead=1, prefetch_margin=1))
+    m.prefetcher.max_inflight = 4  # a wide window: many prefetches still in flight when needed
     c = m.expert_cache
     c.engine.faults = CopyFaults(delay=lambda key: 0.02)
     lane = m.model.experts.cpu_lane = CpuLane(c.store, LaneCosts(copy_seconds=0.02, chunk_seconds=0.0,
@@ -185,11 +183,11 @@ def test_auto_prefetch_with_the_lane_and_lru_layer():
     # lru-layer + lane + within-token adapters: auto turns prefetch off and says why; a prefetch option the
     # user gave keeps it on; under lru it stays on (benchmarks/results/hybrid_prefetch*.json)
     kw = dict(device="cpu", cache_per_layer=4, cpu_experts="auto")
-    off = moe_offload.load(policy="lru-layer", **kw).model.experts
+    off = moe_offload.load(config=OffloadConfig.make(policy="lru-layer", **kw)).model.experts
     assert off.prefetcher is None and "lru-layer" in off.prefetch_note
-    assert moe_offload.load(policy="lru-layer", prefetch_margin=1, **kw).model.experts.prefetcher.margin == 1
-    assert moe_offload.load(policy="lru-layer", lookahead=1, **kw).model.experts.prefetcher is not None
-    assert moe_offload.load(**kw).model.experts.prefetcher is not None
+    assert moe_offload.load(config=OffloadConfig.make(policy="lru-layer", prefetch_margin=1, **kw)).model.experts.prefetcher.margin == 1
+    assert moe_offload.load(config=OffloadConfig.make(policy="lru-layer", lookahead=1, **kw)).model.experts.prefetcher is not None
+    assert moe_offload.load(config=OffloadConfig.make(**kw)).model.experts.prefetcher is not None
 
 
 def test_cli_summary_says_what_prefetch_runs(capsys):

@@ -19,6 +19,7 @@ from moe_offload.predict import Accelerator, M2R2Predictor, NextGate, model_fing
 from moe_offload.predict.predictors import router_probs
 from moe_offload.predict.train import adapter_loss, train_accelerator, true_router_probs
 from moe_offload.model.layers import rms_norm
+from moe_offload.options import OffloadConfig
 
 L, E, K = CFG.num_hidden_layers, CFG.num_local_experts, CFG.num_experts_per_tok
 
@@ -71,18 +72,17 @@ def test_cross_token_loss_reads_the_next_positions_targets(tmp_path):
     assert not torch.equal(adapter_loss(m.model, acc, xs4, true_router_probs(m.model, xs4)), base)
 
 
-@pytest.fixture(scope="module", params=["pairs", "heads"])
-def bundled_cross(tmp_path_factory, request):
-    """Cross-token adapters trained on the bundled model: per-pair residual adapters, or (heads) the
-    rows past the last layer as logit heads on a shared trunk per layer."""
+@pytest.fixture(scope="module")
+def bundled_cross(tmp_path_factory):
+    """Cross-token adapters trained on the bundled model: the rows past the last layer as logit heads
+    on a shared trunk per layer (per-pair residual rows are only read from older files)."""
     from moe_offload.runtime import bundled_heldout_text
 
     m = moe_offload.load(device="cpu", offload=False)
     ids = m.encode_text(bundled_heldout_text().read_text(encoding="utf-8"))[:6000]
     Lb = m.model.cfg.num_hidden_layers
     acc, report = train_accelerator(m.model, ids, lookaheads=list(range(1, Lb + 1)), rank=16, epochs=2, lr=1e-2,
-                                    window=128, show_progress=False, rank_weight=1.0, cross_token=True,
-                                    cross_heads=request.param == "heads")
+                                    window=128, show_progress=False, cross_token=True)
     f = tmp_path_factory.mktemp("x") / "cross.safetensors"
     acc.save(f, {"fingerprint": model_fingerprint(m.model), "model": str(m.path)})
     return m, acc, report, f
@@ -108,9 +108,10 @@ def test_cross_token_file_round_trip_and_exact_decoding(bundled_cross):
                                M2R2Predictor(m.model, acc, Lb).scores(Lb - 1, x), rtol=0, atol=0)
     prompt = m.encode("And God said")
     want = m.generate(prompt, max_new_tokens=10).token_ids
-    for policy, depth in (("predictive", 8), ("lru-layer", None)):
-        off = moe_offload.load(device="cpu", cache_per_layer=3, policy=policy, predictor="m2r2", lookahead=Lb,
-                               accelerator=f, rank_depth=depth, prefetch_window=2)
+    for policy in ("predictive", "lru-layer"):
+        off = moe_offload.load(device="cpu", cache_per_layer=3, predictor="m2r2",
+                               config=OffloadConfig.make(policy=policy, lookahead=Lb, accelerator=f))
+        off.prefetcher.max_inflight = 2
         res = off.generate(prompt, max_new_tokens=10)
         assert res.token_ids == want and res.stats["prefetch_issued"] > 0, policy
 
@@ -125,6 +126,9 @@ class FakeCross:
 
     def scores(self, layer, x, start_pos):
         return torch.tensor(self.rows, dtype=torch.float32)[None]
+
+    def observe(self, layer, x, start_pos):
+        pass
 
     def first_layers(self, token_id, pos, take):
         return np.array([[3, 2]])[:, :take]  # layer 0 only
@@ -233,11 +237,11 @@ def test_cross_token_plans_in_the_timeline_beat_the_same_predictor_within_the_to
 def test_stacked_scores_equal_the_per_adapter_reference(tmp_path, heads):
     # M2R2Predictor runs a layer's adapters stacked (one matmul per part, one batched router); each row
     # must equal adapter (l, d) alone through its target layer's norm and router, within float32 rounding,
-    # with every optional part (hint, gain, context) and rows in this token and the next ones; with cross
+    # with every optional part (context) and rows in this token and the next ones; with cross
     # heads, layer 0 mixes a residual row (d = 1) with head rows (d = 2, 3), each equal to head_logits.
     m = moe_offload.load(write_model(tmp_path), device="cpu", offload=False)
-    acc = Accelerator(CFG.hidden_size, L, [1, 2, 3], rank=4, hint_experts=E, gain=True, context=True, cross_token=True,
-                      cross_heads=heads, num_experts=E)
+    acc = Accelerator(CFG.hidden_size, L, [1, 2, 3], rank=4, context=True, cross_token=True, cross_heads=heads,
+                      num_experts=E)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name in acc.param_groups():
@@ -255,23 +259,22 @@ def test_stacked_scores_equal_the_per_adapter_reference(tmp_path, heads):
             if acc.is_head(layer, d):
                 torch.testing.assert_close(got[:, d - 1], torch.softmax(acc.head_logits(m.model, layer, d, x, prev), -1))
                 continue
-            r = acc.accelerate(layer, d, x, acc.hint(m.model, layer, x), prev)
-            w = acc.target_norm(layer, d, m.model.layers[t].post_attention_layernorm)
+            r = acc.accelerate(layer, d, x, prev)
+            w = m.model.layers[t].post_attention_layernorm
             want = router_probs(m.model, t, rms_norm(r, w, CFG.rms_norm_eps))
             torch.testing.assert_close(got[:, d - 1], want)
 
 
-def test_cross_token_adapters_set_their_own_lookahead_and_rank_depth_unless_asked(bundled_cross):
+def test_cross_token_adapters_set_their_own_lookahead_and_rank_depth(bundled_cross):
     m, _, _, f = bundled_cross
     Lb, Eb = m.model.cfg.num_hidden_layers, m.model.cfg.num_local_experts
-    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive", accelerator=f).model.experts.prefetcher
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(policy="predictive", accelerator=f)).model.experts.prefetcher
     assert (pf.lookahead, pf.depth, pf.cross_token) == (Lb, min(Eb, 4 * m.model.cfg.num_experts_per_tok), True)
-    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="lru-layer", accelerator=f).model.experts.prefetcher
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(policy="lru-layer", accelerator=f)).model.experts.prefetcher
     assert (pf.lookahead, pf.depth) == (Lb, m.model.cfg.num_experts_per_tok)  # lru-layer: deeper ranks unused
-    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive", accelerator=f, lookahead=2,
-                          rank_depth=3).model.experts.prefetcher
-    assert (pf.lookahead, pf.depth) == (2, 3)
-    pf = moe_offload.load(device="cpu", cache_per_layer=4, policy="predictive").model.experts.prefetcher  # shipped file
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(policy="predictive", accelerator=f, lookahead=2)).model.experts.prefetcher
+    assert (pf.lookahead, pf.depth) == (2, min(Eb, 4 * m.model.cfg.num_experts_per_tok))
+    pf = moe_offload.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(policy="predictive")).model.experts.prefetcher  # shipped file
     assert (pf.lookahead, pf.depth, pf.cross_token) == (2, m.model.cfg.num_experts_per_tok, False)
 
 
@@ -318,13 +321,13 @@ def test_with_the_cpu_lane_auto_prefetches_only_cross_token_plans_at_margin_3(bu
     # what the user asks for is kept.
     _, _, _, f = bundled_cross
     kw = dict(device="cpu", cache_per_layer=4, policy="lru-layer")
-    shipped = moe_offload.load(cpu_experts="auto", **kw).model.experts
+    shipped = moe_offload.load(config=OffloadConfig.make(cpu_experts="auto", **kw)).model.experts
     assert shipped.prefetcher is None and "CPU lane" in shipped.prefetch_note
-    assert moe_offload.load(cpu_experts="auto", predictor="m2r2", **kw).model.experts.prefetcher.margin == 0
-    assert moe_offload.load(**kw).model.experts.prefetcher.margin == 0  # no lane: as before
-    lru = moe_offload.load(cpu_experts="auto", device="cpu", cache_per_layer=4).model.experts  # policy lru: kept
+    assert moe_offload.load(config=OffloadConfig.make(cpu_experts="auto", predictor="m2r2", **kw)).model.experts.prefetcher.margin == 0
+    assert moe_offload.load(config=OffloadConfig.make(**kw)).model.experts.prefetcher.margin == 0  # no lane: as before
+    lru = moe_offload.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(cpu_experts="auto")).model.experts  # policy lru: kept
     assert lru.prefetcher is not None and lru.prefetcher.margin == 0
-    cross = moe_offload.load(cpu_experts="auto", accelerator=f, **kw).model.experts.prefetcher
+    cross = moe_offload.load(config=OffloadConfig.make(cpu_experts="auto", accelerator=f, **kw)).model.experts.prefetcher
     assert cross.cross_token and cross.margin == 3
-    assert moe_offload.load(accelerator=f, **kw).model.experts.prefetcher.margin == 0
-    assert moe_offload.load(cpu_experts="auto", accelerator=f, prefetch_margin=1, **kw).model.experts.prefetcher.margin == 1
+    assert moe_offload.load(config=OffloadConfig.make(accelerator=f, **kw)).model.experts.prefetcher.margin == 0
+    assert moe_offload.load(config=OffloadConfig.make(cpu_experts="auto", accelerator=f, prefetch_margin=1, **kw)).model.experts.prefetcher.margin == 1

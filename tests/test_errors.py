@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import moe_offload
 from moe_offload import CheckpointError, ConfigError, MixtralConfig, MoeOffloadError
 from helpers import CFG, write_model
+from moe_offload.options import OffloadConfig
 
 # The published Mixtral configs, shipped with the package for the simulator.
 FIXTURES = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"
@@ -117,13 +118,13 @@ def test_bad_runtime_arguments(tmp_path):
         with pytest.raises(MoeOffloadError, match="CUDA is not available"):
             moe_offload.load(tmp_path, device="cuda")
     with pytest.raises(MoeOffloadError, match=r"unknown runtime option\(s\) \['cache_size'\]"):
-        moe_offload.load(tmp_path, device="cpu", cache_size=3)
+        moe_offload.load(tmp_path, device="cpu", config=OffloadConfig.make(cache_size=3))
     with pytest.raises(MoeOffloadError, match="max_seq_len 64 exceeds the model's max_position_embeddings"):
-        moe_offload.load(tmp_path, device="cpu", max_seq_len=64)
+        moe_offload.load(tmp_path, device="cpu", config=OffloadConfig.make(max_seq_len=64))
 
 
 def test_bad_prompts_and_sampling_settings(tmp_path):
-    m = moe_offload.load(write_model(tmp_path), device="cpu", max_seq_len=16)
+    m = moe_offload.load(write_model(tmp_path), device="cpu", config=OffloadConfig.make(max_seq_len=16))
     with pytest.raises(MoeOffloadError, match="prompt has 17 tokens but the context holds 16"):
         m.generate(list(range(1, 18)))
     with pytest.raises(MoeOffloadError, match="token id 50 at position 2 is out of range"):

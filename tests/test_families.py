@@ -12,6 +12,7 @@ import moe_offload
 from moe_offload import ConfigError
 from moe_offload.checkpoint import CheckpointError, expected_tensors
 from moe_offload.config import ModelConfig, MixtralConfig
+from moe_offload.options import OffloadConfig
 
 # float32, 2 layers: the same bound as the Mixtral parity tests (observed max relative error ~1e-7; a
 # wrong norm, rope, bias, clip or routing detail moves the logits by > 1e-2).
@@ -107,7 +108,7 @@ def test_offloaded_equals_resident_at_several_capacities(hf_models, family):
     ref_prefill, ref_decode = resident.logits(IDS), decode_logits(resident, IDS, 12)
     ref_tokens = resident.generate(IDS[:6], max_new_tokens=8).token_ids
     for cap in (K, E, L * E // 2 + 1, L * E):
-        m = moe_offload.load(path, device="cpu", dtype="float32", cache_experts=cap)
+        m = moe_offload.load(path, device="cpu", dtype="float32", config=OffloadConfig.make(cache_experts=cap))
         assert m.expert_cache.num_slots == cap
         assert torch.equal(m.logits(IDS), ref_prefill), (family, cap)
         assert torch.equal(decode_logits(m, IDS, 12), ref_decode), (family, cap)
@@ -118,7 +119,7 @@ def test_offloaded_equals_resident_at_several_capacities(hf_models, family):
 
 def test_shared_expert_stays_on_the_device_with_its_gate(hf_models):
     path, hf = hf_models["qwen2_moe"]
-    m = moe_offload.load(path, device="cpu", dtype="float32", cache_experts=K)
+    m = moe_offload.load(path, device="cpu", dtype="float32", config=OffloadConfig.make(cache_experts=K))
     layer = m.model.layers[1]
     ref = hf.model.layers[1].mlp
     assert torch.equal(layer.shared_w1, ref.shared_expert.gate_proj.weight)
@@ -249,7 +250,7 @@ def test_triton_fused_moe_top8_of_128_narrow_experts(t, dtype, tol):
 def test_offloaded_triton_backend_matches_loop_with_shared_expert(hf_models):
     path, _ = hf_models["qwen2_moe"]
     ref = moe_offload.load(path, device="cpu", dtype="float32").logits(IDS[:8])
-    m = moe_offload.load(path, device="cpu", dtype="float32", cache_experts=E, moe_backend="triton")
+    m = moe_offload.load(path, device="cpu", dtype="float32", config=OffloadConfig.make(cache_experts=E, moe_backend="triton"))
     assert m.runtime.moe_backend == "triton"
     assert rel_err(m.logits(IDS[:8]), ref) < REL_TOL
 
@@ -258,13 +259,13 @@ def test_offloaded_triton_backend_matches_loop_with_shared_expert(hf_models):
 def test_quantized_routed_experts_offloaded_equal_resident(hf_models, fmt):
     path, _ = hf_models["qwen2_moe"]  # the shared expert stays in float32 with the dense weights
     kw = dict(device="cpu", dtype="float32", expert_dtype=fmt, group_size=32)
-    resident = moe_offload.load(path, offload=False, quant_kernels="reference", **kw)  # the offloaded path's twin
+    resident = moe_offload.load(path, config=OffloadConfig.make(offload=False, **kw))  # the offloaded path's twin
     full = moe_offload.load(path, device="cpu", dtype="float32").logits(IDS)
     want = resident.logits(IDS)
     assert not torch.equal(want, full)  # the experts really are quantized
     assert resident.model.layers[0].shared_w13.dtype == torch.float32
     for cap in (K, L * E):
-        m = moe_offload.load(path, cache_experts=cap, predictor="none", **kw)
+        m = moe_offload.load(path, config=OffloadConfig.make(cache_experts=cap, predictor="none", **kw))
         assert torch.equal(m.logits(IDS), want), (fmt, cap)
 
 

@@ -5,6 +5,7 @@ import torch
 import moe_offload
 from helpers import CFG, write_model
 from moe_offload.generate import SamplingParams, sample_next
+from moe_offload.options import OffloadConfig
 
 
 def test_greedy_is_argmax_and_top_p_keeps_the_nucleus():
@@ -27,7 +28,7 @@ def test_sampling_is_reproducible_with_a_seed(tmp_path):
 
 
 def test_stops_on_eos_length_and_context(tmp_path):
-    m = moe_offload.load(write_model(tmp_path), device="cpu", max_seq_len=10)
+    m = moe_offload.load(write_model(tmp_path), device="cpu", config=OffloadConfig.make(max_seq_len=10))
     greedy = m.generate([1, 4], max_new_tokens=5)
     assert greedy.finish_reason == "length" and len(greedy.token_ids) == 5
     assert greedy.stats["prefill_tokens"] == 2 and greedy.stats["decode_tokens"] == 4

@@ -1,13 +1,12 @@
-"""Triton fused_moe_quant (int8 / int4 dequantized in-kernel, TRITON_INTERPRET=1 on CPU) against the
-torch dequantize-then-matmul loop over the same packed pool."""
+"""Triton fused_moe over packed pools (the int8 / int4 variants of the one kernel, dequantized in-kernel,
+TRITON_INTERPRET=1 on CPU) against the torch dequantize-then-matmul loop over the same packed pool."""
 
 import pytest
 import torch
 
-from moe_offload.kernels import TileConfig, fused_moe_reference, resolve_moe_backend, run_experts
-from moe_offload.kernels.fused_moe_quant import fused_moe_quant
-from moe_offload.quant.formats import expert_bytes
-from moe_offload.quant.pack import pool_views, quantize_expert, write_expert
+from moe_offload.formats import get_format
+from moe_offload.kernels import TileConfig, fused_moe_quant, fused_moe_reference, resolve_moe_backend, run_experts
+from moe_offload.options import OffloadConfig
 
 # Kernel and reference dequantize to the same dtype-rounded weights; they differ only in fp32
 # accumulation order and the one rounding of the SiLU*up intermediate: a few ulps of the dtype.
@@ -18,13 +17,14 @@ SMALL = TileConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1
 def make_quant_case(t, e, k, h, i, fmt, group, dtype=torch.float32, seed=0, ids=None, extra_slots=2):
     g = torch.Generator().manual_seed(seed)
     s = e + extra_slots
-    rows = torch.full((s, expert_bytes(h, i, fmt, group)), 0xFF, dtype=torch.uint8)  # unused slots: garbage
+    fmt = get_format(fmt, group)
+    rows = torch.full((s, fmt.expert_bytes(h, i)), 0xFF, dtype=torch.uint8)  # unused slots: garbage
     slot_of = torch.randperm(s, generator=g)[:e].to(torch.int32)  # random residency
     for x in range(e):
         w1, w3 = (torch.randn(i, h, generator=g) / h ** 0.5 for _ in range(2))
         w2 = torch.randn(h, i, generator=g) / i ** 0.5
-        write_expert(rows[slot_of[x]], quantize_expert(w1, w3, w2, fmt, group), h, i, fmt, group)
-    pool = pool_views(rows, h, i, fmt, group)
+        fmt.put(rows[slot_of[x]], w1, w3, w2, h, i)
+    pool = fmt.pool_views(rows, h, i)
     hidden = torch.randn(t, h, generator=g).to(dtype)
     if ids is None:
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])  # [T, k] distinct
@@ -91,7 +91,7 @@ def test_int4_nibble_order_matters():
     """Swapping the nibbles of every byte must change the output: the kernel reads low = even k."""
     hidden, ids, w, pool, slot_of = make_quant_case(3, 3, 1, 64, 32, "int4", 32, seed=2)
     ref = fused_moe_reference(hidden, ids, w, pool, None, slot_of)
-    pool.qw13.copy_((pool.qw13 >> 4) | (pool.qw13 << 4))
+    pool.w13.copy_((pool.w13 >> 4) | (pool.w13 << 4))
     got = fused_moe_quant(hidden, ids, w, pool, slot_of, config=SMALL)
     assert rel_err(got, ref) > 10 * TOL[torch.float32]
 
@@ -117,8 +117,7 @@ def test_bundled_model_int4_triton_backend_matches_loop():
     text = "In the beginning"
     logits = {}
     for backend in ("loop", "triton"):
-        with moe_offload.load(device="cpu", expert_dtype="int4", group_size=32, offload=False,
-                              moe_backend=backend) as m:
+        with moe_offload.load(device="cpu", expert_dtype="int4", offload=False, config=OffloadConfig.make(group_size=32, moe_backend=backend)) as m:
             ids = m.encode(text)
             logits[backend] = m.logits(ids)
     assert rel_err(logits["triton"], logits["loop"]) < 1e-4  # fp32 through several layers

@@ -11,6 +11,7 @@ import pytest
 from moe_offload import runtime
 from moe_offload.cli import main
 from moe_offload.errors import MoeOffloadError
+from moe_offload.options import OffloadConfig
 
 TEXT = str(runtime.bundled_heldout_text())
 
@@ -26,7 +27,19 @@ CASES_CLI = {
     "cache-gb inf": ["generate", "--cache-gb", "inf"],
     "cache-gb 0": ["generate", "--cache-gb", "0"],
     "cache-per-layer 0": ["generate", "--cache-per-layer", "0"],
-    "cache-experts -1": ["generate", "--cache-experts", "-1"],
+    "cache-experts -1": ["generate", "--tuning", "cache_experts=-1"],
+    "cache-per-layer 9 of 8": ["generate", "--cache-per-layer", "9"],
+    "cache-per-layer below top-k": ["generate", "--cache-per-layer", "1"],
+    "group-size with bf16 experts": ["generate", "--expert-dtype", "bf16", "--dtype", "bfloat16", "--tuning",
+                                     "group_size=64"],
+    "group-size 48": ["generate", "--expert-dtype", "int4", "--tuning", "group_size=48"],
+    "tuning unknown key": ["generate", "--tuning", "polcy=lru"],
+    "tuning bad value": ["generate", "--tuning", "lookahead=two"],
+    "tuning no value": ["generate", "--tuning", "lookahead"],
+    "tuning key twice": ["generate", "--cache-per-layer", "4", "--tuning", "cache_per_layer=4"],
+    "tuning link chunk 0": ["generate", "--cache-per-layer", "4", "--tuning", "link_chunk_mb=0"],
+    "unknown flag": ["generate", "--cache-per-layr", "4"],
+    "top-p 1e-300": ["generate", "--top-p", "1e-300", "--temperature", "1", "--max-new-tokens", "2"],
     "seed 2**70": ["generate", "--seed", str(2**70)],
     "seed -1": ["generate", "--seed", "-1"],
     "temperature 1e-45": ["generate", "--temperature", "1e-45"],
@@ -36,14 +49,15 @@ CASES_CLI = {
     "top-p 1.5": ["generate", "--top-p", "1.5"],
     "max-new-tokens -1": ["generate", "--max-new-tokens", "-1"],
     "max-new-tokens abc": ["generate", "--max-new-tokens", "abc"],
-    "max-seq-len 0": ["generate", "--max-seq-len", "0"],
-    "max-seq-len too long": ["generate", "--max-seq-len", "100000"],
-    "draft-tokens 0": ["generate", "--speculative", "--draft-tokens", "0"],
-    "draft-tokens without speculative": ["generate", "--draft-tokens", "2"],
-    "lookahead 0": ["generate", "--cache-per-layer", "2", "--lookahead", "0"],
-    "prefetch-window 0": ["generate", "--cache-per-layer", "2", "--prefetch-window", "0"],
-    "prefetch-margin -1": ["generate", "--cache-per-layer", "2", "--prefetch-margin", "-1"],
-    "two budgets": ["generate", "--cache-per-layer", "2", "--cache-experts", "12"],
+    "max-seq-len 0": ["generate", "--tuning", "max_seq_len=0"],
+    "max-seq-len too long": ["generate", "--tuning", "max_seq_len=100000"],
+    "draft-tokens 0": ["generate", "--speculative", "--tuning", "draft_tokens=0"],
+    "draft-tokens without speculative": ["generate", "--tuning", "draft_tokens=2"],
+    "lookahead 0": ["generate", "--cache-per-layer", "2", "--tuning", "lookahead=0"],
+    "lookahead 100": ["generate", "--cache-per-layer", "2", "--tuning", "lookahead=100"],
+    "prefetch-window (retired)": ["generate", "--cache-per-layer", "2", "--tuning", "prefetch_window=2"],
+    "prefetch-margin -1": ["generate", "--cache-per-layer", "2", "--tuning", "prefetch_margin=-1"],
+    "two budgets": ["generate", "--cache-per-layer", "2", "--cache-gb", "1"],
     "missing model": ["generate", "--model", "/nonexistent/model"],
     "missing accelerator": ["generate", "--cache-per-layer", "2", "--accelerator", "/nonexistent.safetensors"],
     "bad device": ["generate", "--device", "tpu"],
@@ -57,7 +71,6 @@ CASES_CLI = {
     "bench unknown hardware": ["bench", "cache", "--hardware", "gtx480", "--max-tokens", "32"],
     "bench json onto a dir": None,
     "simulate max-tokens 0": None,
-    "simulate prefetch-window 0": None,
     "simulate truncated trace": None,
     "simulate missing trace": ["simulate", "--trace", "/nonexistent.npz", "--hardware", "t4-pcie3"],
     "simulate unknown model config": None,
@@ -66,8 +79,6 @@ CASES_CLI = {
     "train lr 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lr", "0"],
     "train heldout 1": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--heldout-fraction", "1"],
     "train lookaheads 0": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--lookaheads", "0,1"],
-    "train cross-heads alone": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--cross-heads"],
-    "train expert-rank -1": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--expert-rank", "-1"],
     "train out onto a dir": None,
     "train draft-only without file": None,
     "train draft-exit abc": ["train-accelerator", "--text", TEXT, "--out", "/tmp/a.safetensors", "--draft-exit", "abc"],
@@ -86,8 +97,6 @@ def _tmp_case(name, tmp_path):
         return ["bench", "cache", "--json", str(tmp_path), "--max-tokens", "32"]
     if name == "simulate max-tokens 0":
         return ["simulate", "--trace", str(_trace(tmp_path)), "--hardware", "t4-pcie3", "--max-tokens", "0"]
-    if name == "simulate prefetch-window 0":
-        return ["simulate", "--trace", str(_trace(tmp_path)), "--hardware", "t4-pcie3", "--prefetch-window", "0"]
     if name == "simulate truncated trace":
         t = _trace(tmp_path)
         cut = tmp_path / "cut.npz"
@@ -112,13 +121,13 @@ def test_cli_misuse_ends_in_one_line_error(name, tmp_path, capsys, monkeypatch):
     before = set(p for p in tmp_path.rglob("*"))
     try:
         rc = main(argv)
-    except SystemExit as exc:  # argparse: usage + one "error:" line
+    except SystemExit as exc:  # argparse: one "error:" line naming the flag
         rc = exc.code
     err = capsys.readouterr().err
     assert rc == 2, (name, rc, err)
     assert "Traceback" not in err
-    lines = [l for l in err.splitlines() if "error:" in l]
-    assert len(lines) == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], err  # one line: no usage dump, no traceback
     left = set(p for p in tmp_path.rglob("*")) - before
     assert not [p for p in left if "partial" in p.name or p.suffix in (".npz", ".safetensors", ".json")], left
 
@@ -145,14 +154,19 @@ def model():
 
 CASES_API = {
     "load(123)": lambda m: runtime.load(123),
-    "load(policy=[lru])": lambda m: runtime.load(device="cpu", policy=["lru"], cache_per_layer=2),
+    "load(policy=[lru])": lambda m: runtime.load(device="cpu", cache_per_layer=2, config=OffloadConfig.make(policy=["lru"])),
     "load(offload='False')": lambda m: runtime.load(device="cpu", offload="False"),
-    "load(max_seq_len=0)": lambda m: runtime.load(device="cpu", max_seq_len=0),
-    "load(max_seq_len=1.5)": lambda m: runtime.load(device="cpu", max_seq_len=1.5),
-    "load(cache_gb=nan)": lambda m: runtime.load(device="cpu", cache_gb=float("nan")),
+    "load(max_seq_len=0)": lambda m: runtime.load(device="cpu", config=OffloadConfig.make(max_seq_len=0)),
+    "load(max_seq_len=1.5)": lambda m: runtime.load(device="cpu", config=OffloadConfig.make(max_seq_len=1.5)),
+    "load(cache_gb=nan)": lambda m: runtime.load(device="cpu", config=OffloadConfig.make(cache_gb=float("nan"))),
     "load(cache_per_layer=True)": lambda m: runtime.load(device="cpu", cache_per_layer=True),
-    "load(speculative='yes')": lambda m: runtime.load(device="cpu", speculative="yes"),
-    "load(unknown option)": lambda m: runtime.load(device="cpu", cache_size=3),
+    "load(speculative='yes')": lambda m: runtime.load(device="cpu", config=OffloadConfig.make(speculative="yes")),
+    "load(unknown option)": lambda m: runtime.load(device="cpu", config=OffloadConfig.make(cache_size=3)),
+    "load(config=dict)": lambda m: runtime.load(config={"device": "cpu"}),
+    "load(OffloadConfig first)": lambda m: runtime.load(OffloadConfig()),
+    "OffloadConfig(accelerator=123)": lambda m: OffloadConfig(accelerator=123),
+    "OffloadConfig(cache_per_layer=9)": lambda m: runtime.load(device="cpu", cache_per_layer=9),
+    "Tuning(policy=lru-lfu)": lambda m: OffloadConfig.make(policy="lru-lfu"),
     "load(dtype=int8)": lambda m: runtime.load(device="cpu", dtype="int8"),
     "load(expert_dtype=int3)": lambda m: runtime.load(device="cpu", expert_dtype="int3"),
     "generate(max_new_tokens=-1)": lambda m: m.generate("x", max_new_tokens=-1),
@@ -202,18 +216,18 @@ def test_accelerator_whose_metadata_disagrees_with_its_tensors(tmp_path):
         bad = tmp_path / f"acc_{field}.safetensors"
         save_file(tensors, str(bad), metadata={**raw, META_KEY: json.dumps(meta)})
         with pytest.raises(MoeOffloadError, match="disagrees|adapters are for"):
-            runtime.load(device="cpu", cache_per_layer=2, accelerator=str(bad))
+            runtime.load(device="cpu", cache_per_layer=2, config=OffloadConfig.make(accelerator=str(bad)))
 
 
 def test_a_lookahead_past_the_adapters_range_is_refused_not_cut():
     import moe_offload
 
     with pytest.raises(MoeOffloadError, match=r"lookahead 5: the m2r2 adapters in .* were trained for lookaheads \[1, 2, 3\]"):
-        moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=5)
-    m = moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=3)  # within range: fine
+        moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", config=OffloadConfig.make(lookahead=5))
+    m = moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", config=OffloadConfig.make(lookahead=3))  # within range: fine
     assert m.generate(m.encode("And God"), max_new_tokens=2).stats["predictor"] == "m2r2"
     # predictor auto picked the bundled adapters, the user did not: their range bounds the lookahead
-    auto = moe_offload.load(device="cpu", cache_per_layer=4, lookahead=5)
+    auto = moe_offload.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(lookahead=5))
     assert auto.generate(auto.encode("And God"), max_new_tokens=2).stats["lookahead"] == 3
 
 
@@ -236,3 +250,42 @@ def test_trace_and_bench_refuse_a_lookahead_past_the_adapters_range(tmp_path, ca
     t = load_trace(out)
     assert t.meta["lookaheads"] == {"next-gate": 3, "m2r2": 3}
     assert t.preds["m2r2"].shape[2] == 3 and t.preds["next-gate"].shape[2] == 3
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_quantize_never_writes_into_its_source(tmp_path, capsys, where):
+    import hashlib
+
+    src = tmp_path / "m"
+    shutil.copytree(runtime.bundled_model_path(), src)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    out = {"same": src, "inside": src / "q", "parent": tmp_path}[where]
+    assert main(["quantize", "--model", str(src), "--out", str(out), "--expert-dtype", "int8", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "the --model folder" in err, err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing half-written beside it either
+
+
+def test_option_counts_stay_small():
+    # The product surface: generate lists at most 22 options; every subcommand together at most 110
+    # option strings (-h/--help not counted); load() at most 10 keyword parameters and no **kwargs.
+    import argparse
+    import inspect
+
+    from moe_offload.cli import build_parser
+
+    def parsers(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield sub
+                    yield from parsers(sub)
+
+    subs = {s.prog: s for s in parsers(build_parser())}
+    listed = lambda p: [a for a in p._actions if a.option_strings and "--help" not in a.option_strings]  # noqa: E731
+    assert len(listed(subs["moe-offload generate"])) <= 22
+    strings = sum(len(a.option_strings) for s in subs.values() for a in listed(s))
+    assert strings <= 110, strings
+    params = inspect.signature(runtime.load).parameters.values()
+    assert len(params) <= 10 and all(p.kind != p.VAR_KEYWORD for p in params)

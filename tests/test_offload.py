@@ -12,6 +12,7 @@ from moe_offload import MoeOffloadError
 from moe_offload.offload import (CopyFailed, CopyFaults, ExpertCache, HostExpertStore, ThreadCopyEngine,
                                  make_policy)
 from moe_offload.offload import store as store_mod
+from moe_offload.options import OffloadConfig
 
 L, E, K = CFG.num_hidden_layers, CFG.num_local_experts, CFG.num_experts_per_tok
 PROMPT = [1, 7, 3, 9, 11, 4, 2, 8, 5, 13, 6, 21]  # 12 tokens: prefill needs every expert of a layer
@@ -43,7 +44,7 @@ def test_offloaded_equals_resident_at_every_capacity(model_path, reference, poli
     ref_logits, ref_tokens, ref_decode = reference
     lowest = K * L if policy == "lru-layer" else K
     for cap in range(lowest, L * E + 1):
-        m = moe_offload.load(model_path, device="cpu", cache_experts=cap, policy=policy)
+        m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=cap, policy=policy))
         assert m.expert_cache.num_slots == cap
         assert torch.equal(m.logits(PROMPT), ref_logits), (policy, cap)  # prefill, grouped when cap < E
         st = m.cache_stats()
@@ -57,7 +58,7 @@ def test_offloaded_equals_resident_at_every_capacity(model_path, reference, poli
 
 
 def test_all_experts_resident_means_no_misses_after_warmup(model_path):
-    m = moe_offload.load(model_path, device="cpu", cache_experts=L * E)
+    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=L * E))
     m.logits(PROMPT)
     assert m.cache_stats()["misses"] == L * E  # the first pass loads every expert once
     m.logits(PROMPT)
@@ -67,7 +68,7 @@ def test_all_experts_resident_means_no_misses_after_warmup(model_path):
 
 def test_random_copy_delays_keep_results_exact(model_path, reference):
     ref_logits, ref_tokens, _ = reference
-    m = moe_offload.load(model_path, device="cpu", cache_experts=3)
+    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=3))
     rng = random.Random(0)
     m.expert_cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.004))
     assert torch.equal(m.logits(PROMPT), ref_logits)
@@ -77,7 +78,7 @@ def test_random_copy_delays_keep_results_exact(model_path, reference):
 
 def test_failed_copy_raises_and_cache_stays_consistent(model_path, reference):
     ref_logits, ref_tokens, _ = reference
-    m = moe_offload.load(model_path, device="cpu", cache_experts=3)
+    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=3))
     m.expert_cache.engine.faults = CopyFaults(fail=lambda key: key == (1, 2))
     with pytest.raises(CopyFailed, match="copy of expert 2 of layer 1 into slot"):
         m.logits(PROMPT)
@@ -154,26 +155,26 @@ def test_pinned_and_inflight_experts_are_never_evicted():
 def test_budget_errors_and_clamping(model_path, monkeypatch):
     for kw in ({"cache_experts": 0}, {"cache_experts": 1}, {"cache_per_layer": 1}):
         with pytest.raises(MoeOffloadError, match="below the minimum 2 \\(top_k=2\\)"):
-            moe_offload.load(model_path, device="cpu", **kw)
+            moe_offload.load(model_path, config=OffloadConfig.make(device="cpu", **kw))
     with pytest.raises(MoeOffloadError, match="below the minimum 4 \\(top_k=2 per layer x 2 layers"):
-        moe_offload.load(model_path, device="cpu", cache_experts=3, policy="lru-layer")
-    m = moe_offload.load(model_path, device="cpu", cache_experts=100)
+        moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=3, policy="lru-layer"))
+    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=100))
     assert m.expert_cache.num_slots == L * E and any("clamped to 8" in n for n in m.memory_plan.notes)
     m = moe_offload.load(model_path, device="cpu", cache_per_layer=9)
     assert m.expert_cache.num_slots == L * E
     with pytest.raises(MoeOffloadError, match="cache_gb 100000 .* exceeds what is free on cpu"):
-        moe_offload.load(model_path, device="cpu", cache_gb=100000)
+        moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_gb=100000))
     with pytest.raises(MoeOffloadError, match="at most one cache budget"):
-        moe_offload.load(model_path, device="cpu", cache_gb=1, cache_experts=3)
+        moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_gb=1, cache_experts=3))
     with pytest.raises(MoeOffloadError, match="policy 'fifo' is not one of"):
-        moe_offload.load(model_path, device="cpu", policy="fifo")
+        moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(policy="fifo"))
     monkeypatch.setattr(store_mod, "available_host_bytes", lambda: store_mod.HOST_RAM_MARGIN + 1000)
     with pytest.raises(MoeOffloadError, match="host RAM too small for the host expert store: needs 36,864 bytes"):
         HostExpertStore(L, E, 16, 24, torch.float32)
 
 
 def test_stats_reach_generate_json_with_contract_keys(model_path):
-    m = moe_offload.load(model_path, device="cpu", cache_experts=3)
+    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=3))
     st = m.generate(PROMPT, max_new_tokens=4).to_json()["stats"]
     keys = {"uses", "hits", "misses", "prefetch_hits", "prefetch_wasted", "bytes_h2d", "stall_seconds"}
     assert keys <= set(st) and all(keys <= set(p) for p in st["per_layer"]) and len(st["per_layer"]) == L

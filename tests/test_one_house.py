@@ -20,6 +20,7 @@ from moe_offload.analysis.sim import StepCosts
 from moe_offload.analysis.bench import model_config
 from moe_offload.analysis.sim import get_hardware
 from moe_offload.offload import (CopyFaults, ExpertCache, HostExpertStore, ThreadCopyEngine, make_policy)
+from moe_offload.options import OffloadConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,7 @@ def test_import_graph_check_can_fail(monkeypatch):
 @pytest.mark.parametrize("options", [dict(cache_per_layer=4), dict(cache_per_layer=4, predictor="next-gate"),
                                      dict(offload=False)], ids=["m2r2-prefetch", "next-gate-prefetch", "resident"])
 def test_decode_step_reads_back_once_per_moe_layer(options):
-    m = moe_offload.load(device="cpu", **options)
+    m = moe_offload.load(config=OffloadConfig.make(device="cpu", **options))
     L = m.config.num_hidden_layers
     prompt = "In the beginning God created"
     m.generate(prompt, max_new_tokens=2)  # warm-up
@@ -213,7 +214,7 @@ def test_gpu_check_is_not_ok_when_offloaded_tokens_differ():
 
 
 def test_copy_threads_stop_on_close_and_on_garbage_collection(tmp_path):
-    with moe_offload.load(write_model(tmp_path), device="cpu", cache_experts=3) as m:
+    with moe_offload.load(write_model(tmp_path), device="cpu", config=OffloadConfig.make(cache_experts=3)) as m:
         m.generate([1, 2, 3], max_new_tokens=2)
         worker = m.expert_cache.engine._worker
         assert worker.is_alive()

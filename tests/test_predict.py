@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import moe_offload
-from helpers import CFG, write_model
+from helpers import CFG, use_oracle, write_model
 from moe_offload import MoeOffloadError
 from moe_offload.offload import CopyFaults
 from moe_offload.predict import Accelerator, M2R2Predictor, NextGate, model_fingerprint
 from moe_offload.predict.train import train_accelerator
 from moe_offload.analysis.trace import record_routing
+from moe_offload.options import OffloadConfig
 
 L, E, K = CFG.num_hidden_layers, CFG.num_local_experts, CFG.num_experts_per_tok
 
@@ -23,9 +24,8 @@ def setup(tmp_path_factory):
     m = moe_offload.load(path, device="cpu", offload=False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, CFG.vocab_size, (2400,), generator=g).tolist()
-    # The v1 adapter (no context: the random 'text' has none to read); context adapters are tested below.
     acc, report = train_accelerator(m.model, ids, lookaheads=[1], rank=8, epochs=3, lr=1e-2, window=32,
-                                    show_progress=False, context=False)
+                                    show_progress=False)
     acc_file = tmp_path_factory.mktemp("a") / "acc.safetensors"
     acc.save(acc_file, {"fingerprint": model_fingerprint(m.model), "model": str(path)})
     return path, m, acc_file, report
@@ -56,7 +56,7 @@ def test_accelerator_for_another_model_is_rejected(setup, tmp_path):
     with pytest.raises(MoeOffloadError, match="trained for a different model"):
         Accelerator.load(acc_file, other.model)
     with pytest.raises(MoeOffloadError, match="trained for a different model"):
-        moe_offload.load(tmp_path, device="cpu", predictor="m2r2", accelerator=acc_file)
+        moe_offload.load(tmp_path, device="cpu", predictor="m2r2", config=OffloadConfig.make(accelerator=acc_file))
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(MoeOffloadError, match="not a moe_offload accelerator file"):
         Accelerator.load(tmp_path / "junk.safetensors", other.model)
@@ -74,11 +74,12 @@ def test_every_predictor_keeps_outputs_exact(setup, predictor):
     prompt = [1, 7, 3, 9, 11, 4]
     expected = ref.generate(prompt, max_new_tokens=12).token_ids
     extra = {"accelerator": acc_file} if predictor == "m2r2" else {}
-    if predictor == "oracle":
-        extra["oracle_trace"] = oracle_for(ref, prompt, 12)
     for policy, slots in (("lru", 3), ("predictive", 3), ("lfu", 5)):
-        m = moe_offload.load(path, device="cpu", cache_experts=slots, policy=policy, predictor=predictor,
-                             lookahead=1, **extra)
+        m = moe_offload.load(path, config=OffloadConfig.make(
+            device="cpu", cache_experts=slots, policy=policy, lookahead=1,
+            predictor="next-gate" if predictor == "oracle" else predictor, **extra))
+        if predictor == "oracle":
+            use_oracle(m, oracle_for(ref, prompt, 12))
         rng = random.Random(1)
         m.expert_cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.002))
         res = m.generate(prompt, max_new_tokens=12)
@@ -95,34 +96,38 @@ def test_oracle_prefetch_leaves_no_demand_misses_after_warmup(setup):
     prompt = [1]
     trace = oracle_for(ref, prompt, 16)
     # A window of 2 * k: the prefetcher runs once per layer and must keep a whole layer ahead.
-    m = moe_offload.load(path, device="cpu", cache_experts=6, predictor="oracle", oracle_trace=trace,
-                         lookahead=1, prefetch_margin=0, prefetch_window=2 * K)
+    m = moe_offload.load(path, device="cpu", predictor="next-gate",
+                         config=OffloadConfig.make(cache_experts=6, lookahead=1, prefetch_margin=0))
+    use_oracle(m, trace)
+    m.prefetcher.max_inflight = 2 * K
     res = m.generate(prompt, max_new_tokens=16)
     assert res.token_ids == trace.token_ids[1:].tolist()
     # Only the first forward (the 1-token prompt's layer 0, before any prediction existed) may miss.
     assert res.stats["misses"] <= K
     assert res.stats["per_layer"][1]["misses"] == 0
-    without = moe_offload.load(path, device="cpu", cache_experts=6, predictor="none").generate(prompt, max_new_tokens=16)
+    without = moe_offload.load(path, device="cpu", predictor="none", config=OffloadConfig.make(cache_experts=6)).generate(prompt, max_new_tokens=16)
     assert without.stats["misses"] > 2 * K  # the same cache without the oracle does miss
 
 
 def test_bad_predictor_options(setup):
     path, _, _, _ = setup
-    for kw, needle in [({"predictor": "magic"}, "predictor 'magic' is not one of"),
+    for kw, needle in [({"predictor": "magic"}, "predictor must be one of"),
                        ({"predictor": "m2r2"}, "needs accelerator=FILE"),
-                       ({"predictor": "oracle"}, "needs oracle_trace"),
-                       ({"lookahead": 0}, "lookahead must be an integer >= 1"),
-                       ({"prefetch_margin": -1}, "prefetch_margin must be"),
-                       ({"prefetch_window": 0}, "prefetch_window must be")]:
+                       ({"predictor": "oracle"}, "predictor must be one of"),
+                       ({"lookahead": 0}, r"tuning.lookahead must be >= 1, got 0"),
+                       ({"lookahead": 13}, r"tuning.lookahead must be in \[1, 12\] for this model"),
+                       ({"prefetch_margin": -1}, "tuning.prefetch_margin must be >= 0"),
+                       ({"prefetch_margin": 7}, r"tuning.prefetch_margin must be in \[0, 6\]"),
+                       ({"prefetch_window": 0}, "unknown setting 'prefetch_window'")]:
         with pytest.raises(MoeOffloadError, match=needle):
-            moe_offload.load(path, device="cpu", cache_experts=3, **kw)
+            moe_offload.load(path, config=OffloadConfig.make(device="cpu", cache_experts=3, **kw))
 
 
 def test_next_gate_earns_more_prefetch_hits_than_random_scores(monkeypatch):
     # The bundled (trained) model, half the experts resident: next-gate's prefetches must be used far
     # more often than those of a predictor that scores at random (same cache, same text).
     def prefetch_hits():
-        m = moe_offload.load(device="cpu", cache_per_layer=4, predictor="next-gate", lookahead=2)
+        m = moe_offload.load(device="cpu", cache_per_layer=4, predictor="next-gate", config=OffloadConfig.make(lookahead=2))
         st = m.generate("And God said, Let there be light", max_new_tokens=48).stats
         return st["prefetch_hits"], st["prefetch_issued"]
 
@@ -172,8 +177,8 @@ def _v1_scores(m, A, B, layer, x):
     return torch.softmax(torch.nn.functional.linear(rms_norm(r, t.post_attention_layernorm, m.model.cfg.rms_norm_eps), t.gate), -1)
 
 
-def test_v1_file_without_hint_or_gain_loads_and_predicts_as_before(setup, tmp_path):
-    # A file written before the router hint (C) and norm gain (G): only A/B tensors and v1 metadata.
+def test_v1_file_without_context_loads_and_predicts_as_before(setup, tmp_path):
+    # A file written before the context part (P, Q): only A/B tensors and v1 metadata.
     import json
     from safetensors.torch import save_file
     from moe_offload.predict.accelerator import META_KEY
@@ -187,7 +192,7 @@ def test_v1_file_without_hint_or_gain_loads_and_predicts_as_before(setup, tmp_pa
             "hidden": CFG.hidden_size, "num_layers": L}
     save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={META_KEY: json.dumps(meta)})
     acc, _ = Accelerator.load(tmp_path / "v1.safetensors", m.model)
-    assert acc.hint_experts == 0 and not acc.gain and acc.param_groups() == ("A", "B")
+    assert acc.param_groups() == ("A", "B")
     x = torch.randn(7, CFG.hidden_size, generator=g)
     pred = M2R2Predictor(m.model, acc, 1)
     for layer in range(L - 1):
@@ -195,38 +200,19 @@ def test_v1_file_without_hint_or_gain_loads_and_predicts_as_before(setup, tmp_pa
         torch.testing.assert_close(pred.scores(layer, x)[:, 0], want, rtol=1e-5, atol=1e-6)
 
 
-def test_router_hint_and_norm_gain_train_save_and_load(tmp_path):
-    # Adapters with the v2 parts on the bundled model: untrained == next-gate (C = 0, G = 1); training on a
-    # little text raises held-out recall; the trained C and G move and survive a save/load round trip
-    # with identical predictions; decoding with them stays exact.
-    from moe_offload.runtime import bundled_heldout_text
+def test_files_with_the_retired_router_hint_or_norm_gain_are_refused(setup, tmp_path):
+    import json
+    from safetensors.torch import save_file
+    from moe_offload.predict.accelerator import META_KEY
 
-    m = moe_offload.load(device="cpu", offload=False)
-    cfg = m.model.cfg
-    ids = m.encode_text(bundled_heldout_text().read_text(encoding="utf-8"))[:6000]
-    fresh = Accelerator(cfg.hidden_size, cfg.num_hidden_layers, [1, 2], rank=8, hint_experts=cfg.num_local_experts,
-                        gain=True)
-    x = torch.randn(5, cfg.hidden_size)
-    torch.testing.assert_close(M2R2Predictor(m.model, fresh, 2).scores(0, x), NextGate(m.model, 2, "residual").scores(0, x))
-    acc, report = train_accelerator(m.model, ids, lookaheads=[1, 2], rank=8, epochs=2, lr=1e-2, window=128,
-                                    show_progress=False, rank_weight=1.0, router_hint=True, norm_gain=True)
-    before, after = report["heldout_before"]["recall"]["m2r2"], report["heldout_after"]["recall"]["m2r2"]
-    for d in ("d1", "d2"):
-        assert after[d]["top_k"] > before[d]["top_k"] + 0.03, (d, before, after)
-    assert report["router_hint"] and report["norm_gain"]
-    assert acc.C["0_1"].abs().sum() > 0 and not torch.equal(acc.G["0_1"], torch.ones(cfg.hidden_size))
-    acc.save(tmp_path / "v2.safetensors", {"fingerprint": model_fingerprint(m.model), "model": str(m.path)})
-    loaded, meta = Accelerator.load(tmp_path / "v2.safetensors", m.model)
-    assert meta["hint_experts"] == cfg.num_local_experts and meta["gain"] is True
-    for layer in range(cfg.num_hidden_layers - 1):
-        torch.testing.assert_close(M2R2Predictor(m.model, loaded, 2).scores(layer, x),
-                                   M2R2Predictor(m.model, acc, 2).scores(layer, x), rtol=0, atol=0, equal_nan=True)
-    with pytest.raises(MoeOffloadError, match="router hint"):
-        acc.accelerate(0, 1, x)  # the hint is required when the adapters have C
-    m2 = moe_offload.load(device="cpu", cache_per_layer=4, predictor="m2r2", lookahead=2,
-                          accelerator=tmp_path / "v2.safetensors")
-    prompt = m.encode("And God said")
-    assert m2.generate(prompt, max_new_tokens=8).token_ids == m.generate(prompt, max_new_tokens=8).token_ids
+    _, m, _, _ = setup
+    for key, value in (("hint_experts", 8), ("gain", True)):
+        meta = {"fingerprint": model_fingerprint(m.model), "lookaheads": [1], "rank": 8, "hidden": CFG.hidden_size,
+                "num_layers": L, key: value}
+        f = tmp_path / f"{key}.safetensors"
+        save_file({"A.0_1": torch.zeros(8, CFG.hidden_size)}, str(f), metadata={META_KEY: json.dumps(meta)})
+        with pytest.raises(MoeOffloadError, match=f"router hint or norm gain \\({key}\\) are no longer read"):
+            Accelerator.load(f, m.model)
 
 
 def test_context_rows_match_the_recurrence():
@@ -283,8 +269,7 @@ def test_prev_context_predictor_carries_the_previous_row_across_chunks(setup, tm
         acc.accelerate(0, 1, x)
     # Decoding with context adapters through the prefetcher stays exact.
     prompt = [1, 7, 3, 9]
-    m2 = moe_offload.load(path, device="cpu", cache_experts=3, predictor="m2r2", lookahead=2,
-                          accelerator=tmp_path / "ctx.safetensors")
+    m2 = moe_offload.load(path, device="cpu", predictor="m2r2", config=OffloadConfig.make(cache_experts=3, lookahead=2, accelerator=tmp_path / "ctx.safetensors"))
     res = m2.generate(prompt, max_new_tokens=8)
     assert res.token_ids == m.generate(prompt, max_new_tokens=8).token_ids and res.stats["prefetch_issued"] > 0
 

@@ -11,6 +11,7 @@ from moe_offload.errors import MoeOffloadError
 from moe_offload.kernels.quant import dequant_int4, dequant_int8, unpack_int4
 from moe_offload.quant.formats import expert_bytes, expert_layout
 from moe_offload.quant.pack import pool_views, quantize_expert, quantize_int4, quantize_int8, write_expert
+from moe_offload.options import OffloadConfig
 
 
 @pytest.mark.parametrize("fmt,h,i,g", [("int8", 36, 22, 128), ("int4", 36, 22, 32), ("int4", 33, 17, 64),
@@ -82,8 +83,7 @@ def resident_logits():
     out = {}
     for fmt, g in (("int8", 128), ("int4", 32)):
         # the dequantize-then-matmul twin of the offloaded run (quant_kernels="auto": tests/test_quant_cpu.py)
-        with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, offload=False,
-                              quant_kernels="reference") as m:
+        with moe_offload.load(device="cpu", expert_dtype=fmt, offload=False, config=OffloadConfig.make(group_size=g, quant_kernels="reference")) as m:
             ids = m.encode(TEXT)
             out[fmt] = (ids, m.logits(ids), m.generate(ids, max_new_tokens=8).token_ids)
     return out
@@ -93,8 +93,7 @@ def resident_logits():
 @pytest.mark.parametrize("slots", [2, 7, 48])  # below top_k * layers, odd, all
 def test_offloaded_quantized_equals_resident_quantized(resident_logits, fmt, g, slots):
     ids, logits, tokens = resident_logits[fmt]
-    with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, cache_experts=slots,
-                          predictor="none") as m:
+    with moe_offload.load(device="cpu", expert_dtype=fmt, predictor="none", config=OffloadConfig.make(group_size=g, cache_experts=slots)) as m:
         assert torch.equal(m.logits(ids), logits)
         res = m.generate(ids, max_new_tokens=8)
         assert res.token_ids == tokens
@@ -114,7 +113,7 @@ def test_quantized_logits_close_to_fp32_and_differ_from_it(resident_logits):
 
 def test_bad_expert_options_are_one_line_errors():
     with pytest.raises(MoeOffloadError, match="group_size 48"):
-        moe_offload.load(device="cpu", expert_dtype="int4", group_size=48)
+        moe_offload.load(device="cpu", expert_dtype="int4", config=OffloadConfig.make(group_size=48))
     with pytest.raises(MoeOffloadError, match="expert_dtype 'int5'"):
         moe_offload.load(device="cpu", expert_dtype="int5")
     with pytest.raises(MoeOffloadError, match="needs the compute dtype bfloat16"):

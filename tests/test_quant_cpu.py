@@ -20,6 +20,7 @@ from moe_offload.kernels.quant import QuantPool, unpack_int4
 from moe_offload.kernels.quant_cpu import CpuQuantPool, int4_linear, int8_linear
 from moe_offload.quant.formats import expert_bytes
 from moe_offload.quant.pack import pool_views, quantize_expert, quantize_int4, quantize_int8, write_expert
+from moe_offload.options import OffloadConfig
 
 DTYPES = [torch.float32, torch.bfloat16]
 FORMATS = [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -138,8 +139,7 @@ def test_bundled_model_float32_greedy_tokens_equal_reference(fmt, g):
     ids = None
     out = {}
     for kern in ("auto", "reference"):
-        with moe_offload.load(device="cpu", dtype="float32", expert_dtype=fmt, group_size=g,
-                              quant_kernels=kern) as m:
+        with moe_offload.load(device="cpu", dtype="float32", expert_dtype=fmt, config=OffloadConfig.make(group_size=g, quant_kernels=kern)) as m:
             ids = m.encode("In the beginning God created the heaven and the earth.")
             out[kern] = (m.logits(ids), m.generate(ids, max_new_tokens=12).token_ids)
     assert out["auto"][1] == out["reference"][1]
@@ -159,7 +159,7 @@ def test_bundled_model_bf16_logits_within_bf16_rounding(fmt):
     dequantized weight is rounded), so logits agree to a few bf16 roundings of the largest logit."""
     out = {}
     for kern in ("auto", "reference"):
-        with moe_offload.load(device="cpu", dtype="bfloat16", expert_dtype=fmt, quant_kernels=kern) as m:
+        with moe_offload.load(device="cpu", dtype="bfloat16", expert_dtype=fmt, config=OffloadConfig.make(quant_kernels=kern)) as m:
             ids = m.encode("In the beginning God created the heaven and the earth.")
             out[kern] = m.logits(ids).float()
     ref = out["reference"]
@@ -169,7 +169,7 @@ def test_bundled_model_bf16_logits_within_bf16_rounding(fmt):
 
 def test_bad_quant_kernels_is_a_one_line_error():
     with pytest.raises(MoeOffloadError, match=r"quant_kernels 'fast' is not one of \['auto', 'reference'\]"):
-        moe_offload.load(device="cpu", expert_dtype="int8", quant_kernels="fast")
+        moe_offload.load(device="cpu", expert_dtype="int8", config=OffloadConfig.make(quant_kernels="fast"))
 
 
 @pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 64)])
@@ -179,11 +179,9 @@ def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g):
     from moe_offload.offload.cpu_lane import CpuLane, LaneCosts
 
     text = "In the beginning God created the heaven and the earth."
-    with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, offload=False,
-                          quant_kernels="reference") as ref:
+    with moe_offload.load(device="cpu", expert_dtype=fmt, offload=False, config=OffloadConfig.make(group_size=g, quant_kernels="reference")) as ref:
         expected = ref.generate(text, max_new_tokens=10).token_ids
-    with moe_offload.load(device="cpu", expert_dtype=fmt, group_size=g, cache_experts=4, predictor="none",
-                          cpu_experts="off") as m:
+    with moe_offload.load(device="cpu", expert_dtype=fmt, predictor="none", config=OffloadConfig.make(group_size=g, cache_experts=4, cpu_experts="off")) as m:
         lane = CpuLane(m.expert_cache.store, LaneCosts(copy_seconds=1.0, chunk_seconds=0.0, weight_seconds=0.01,
                                                        token_seconds=0.0))
         m.model.experts.cpu_lane = lane

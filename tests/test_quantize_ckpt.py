@@ -19,6 +19,7 @@ from moe_offload.quant.export import quantize_checkpoint
 from moe_offload.quant.pack import quantize_int4, quantize_int8
 
 from helpers import write_model
+from moe_offload.options import OffloadConfig
 
 PROMPT = "In the beginning God created"
 
@@ -58,12 +59,12 @@ def quantized(tmp_path_factory):
 @pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_written_then_loaded_equals_quantize_on_load_bit_for_bit(quantized, fmt, g):
     d = quantized[(fmt, g)]
-    on_load = mo.load(device="cpu", expert_dtype=fmt, group_size=g)
+    on_load = mo.load(device="cpu", expert_dtype=fmt, config=OffloadConfig.make(group_size=g))
     ids = on_load.encode(PROMPT)
     want = on_load.logits(ids)
     got = mo.load(d, device="cpu")
     assert torch.equal(got.logits(ids), want)
-    reference = mo.load(device="cpu", expert_dtype=fmt, group_size=g, quant_kernels="reference")
+    reference = mo.load(device="cpu", expert_dtype=fmt, config=OffloadConfig.make(group_size=g, quant_kernels="reference"))
     tokens = reference.generate(PROMPT, max_new_tokens=12).token_ids  # the offloaded path's exact twin
     for cap in (2, 4):
         with mo.load(d, device="cpu", cache_per_layer=cap) as off:
@@ -78,7 +79,7 @@ def test_quantized_checkpoint_refuses_another_format(quantized):
     with pytest.raises(MoeOffloadError, match="holds int4 experts"):
         mo.load(quantized[("int4", 64)], device="cpu", expert_dtype="int8")
     with pytest.raises(MoeOffloadError, match="groups of 64"):
-        mo.load(quantized[("int4", 64)], device="cpu", expert_dtype="int4", group_size=128)
+        mo.load(quantized[("int4", 64)], device="cpu", expert_dtype="int4", config=OffloadConfig.make(group_size=128))
 
 
 def _rewrite(d, name, fn):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from moe_offload import runtime
 from moe_offload.errors import NonFiniteError
 from moe_offload.offload.transfer import COPY_RETRIES, CopyFailed, CopyFaults
+from moe_offload.options import OffloadConfig
 
 PROMPT = "And God said, Let there be light"
 N = 12
@@ -42,7 +43,7 @@ def test_transient_copy_failures_are_retried_and_requests_stay_exact(want, rate)
     seed = 7
     # precondition of a deterministic test: no copy of this seed's stream fails more than COPY_RETRIES times
     assert _longest_failure_run(rate, seed) <= COPY_RETRIES
-    with runtime.load(device="cpu", cache_per_layer=2, policy="lru") as m:
+    with runtime.load(device="cpu", cache_per_layer=2, config=OffloadConfig.make(policy="lru")) as m:
         m.expert_cache.engine.faults = _seeded_faults(rate, seed)
         retries = 0
         for _ in range(3):
@@ -94,7 +95,7 @@ def test_interrupt_at_every_hook_leaves_the_model_exact(monkeypatch, want, hook)
                 raise KeyboardInterrupt
             return _orig(*a, **kw)
 
-        with runtime.load(device="cpu", cache_per_layer=3, policy="lru", prefetch_window=2) as m:
+        with runtime.load(device="cpu", cache_per_layer=3, config=OffloadConfig.make(policy="lru", prefetch_window=2)) as m:
             m.expert_cache.engine.faults = CopyFaults(delay=lambda key: 0.0001)  # copies stay on the link a while
             monkeypatch.setattr(obj, attr, boom)
             interrupted = False
@@ -147,5 +148,5 @@ def test_float16_runs_of_the_bundled_model_use_its_bundled_adapters():
         assert m.prefetcher is not None and m.prefetcher.predictor.name == "m2r2"
         r = m.generate(PROMPT, max_new_tokens=8)
         assert len(r.token_ids) == 8
-    with runtime.load(device="cpu", dtype="float16", speculative=True) as s:
+    with runtime.load(device="cpu", dtype="float16", config=OffloadConfig.make(speculative=True)) as s:
         assert len(s.generate(PROMPT, max_new_tokens=8).token_ids) == 8

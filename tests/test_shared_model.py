@@ -14,6 +14,7 @@ from moe_offload.errors import MoeOffloadError
 from moe_offload.checkpoint import expected_tensors, save_checkpoint
 
 from helpers import CFG
+from moe_offload.options import OffloadConfig
 
 PROMPTS = [[1, 5, 9, 3], [1, 7, 7, 2, 11, 4], [1, 30, 12]]
 N = 12
@@ -31,7 +32,7 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(path):
-    m = mo.load(path, cache_experts=3, predictor="next-gate")  # a small cache: evictions every layer
+    m = mo.load(path, predictor="next-gate", config=OffloadConfig.make(cache_experts=3))  # a small cache: evictions every layer
     m.tokenizer = _FakeTok()  # one text delta per token, so streams and callbacks step token by token
     yield m
     m.close()

@@ -10,6 +10,7 @@ from helpers import CFG, write_model
 from moe_offload.analysis.bench import bench_cache, model_config, predictor_from_trace, predictor_seconds, simulate
 from moe_offload.analysis.sim import RecordedPredictor, StepCosts, get_hardware, run_timeline
 from moe_offload.analysis.trace import record_routing
+from moe_offload.options import OffloadConfig
 
 UNIT = StepCosts(attention=1.0, expert=1.0, bookkeeping=0.0, head=0.0, copy=0.5, expert_bytes=100)
 
@@ -57,7 +58,7 @@ def test_bench_numbers_equal_the_runtime_stats(recorded, tmp_path):
     path = write_model(tmp_path)
     rows = bench_cache(trace, [3, 5], ["lru", "lfu"], ["none"], UNIT)
     for row in (r for r in rows if r["predictor"] == "none" and r["policy"] in ("lru", "lfu")):
-        rt = moe_offload.load(path, device="cpu", cache_experts=row["capacity"], policy=row["policy"], predictor="none")
+        rt = moe_offload.load(path, device="cpu", predictor="none", config=OffloadConfig.make(cache_experts=row["capacity"], policy=row["policy"]))
         rt.expert_cache.stats.reset()
         with torch.inference_mode():  # the same tokens, decode order, same windows as the trace
             ids = trace.token_ids.tolist()

@@ -7,6 +7,7 @@ import torch
 from moe_offload import runtime
 from moe_offload.predict.draft import DraftHead, write_draft
 from moe_offload.speculative import accept_sampling
+from moe_offload.options import OffloadConfig
 
 PROMPTS = ["In the beginning God", "And the LORD said unto Moses"]
 
@@ -24,7 +25,7 @@ def test_greedy_speculative_equals_plain_untrained_head(tmp_path):
     want = [plain.generate(p, max_new_tokens=24).token_ids for p in PROMPTS]
     for kw in (dict(offload=False), dict(cache_per_layer=2), dict(cache_per_layer=4, policy="lfu")):
         for budget in (True, False):  # the verify budget may drop every draft of a pass: exact either way
-            with runtime.load(device="cpu", speculative=True, accelerator=acc, **kw) as s:
+            with runtime.load(config=OffloadConfig.make(device="cpu", speculative=True, accelerator=acc, **kw)) as s:
                 s.speculative.budget = budget
                 for p, w in zip(PROMPTS, want):
                     r = s.generate(p, max_new_tokens=24)
@@ -32,7 +33,7 @@ def test_greedy_speculative_equals_plain_untrained_head(tmp_path):
                     assert r.stats["draft_tokens"] >= r.stats["accepted_tokens"]
                     assert r.stats["spec_steps"] > 0 or budget
     # the prefetch-adapter loader ignores the draft tensors
-    with runtime.load(device="cpu", accelerator=acc, cache_per_layer=4) as a:
+    with runtime.load(device="cpu", cache_per_layer=4, config=OffloadConfig.make(accelerator=acc)) as a:
         assert a.generate(PROMPTS[0], max_new_tokens=8).token_ids == want[0][:8]
 
 
@@ -75,7 +76,7 @@ def test_drafting_never_copies_and_the_bundled_head_is_exact_under_every_policy(
     monkeypatch.setattr(Drafter, "logits", drafter_logits)
     monkeypatch.setattr(ExpertCache, "_start_load", start_load)
     for policy in ("lru", "lru-layer", "lfu", "predictive"):
-        with runtime.load(device="cpu", speculative=True, cache_per_layer=3, policy=policy) as s:  # bundled head
+        with runtime.load(device="cpu", cache_per_layer=3, config=OffloadConfig.make(speculative=True, policy=policy)) as s:  # bundled head
             r = s.generate(PROMPTS[1], max_new_tokens=20)
             assert r.token_ids == want, policy
             assert r.stats["draft_tokens"] > 0
@@ -102,7 +103,7 @@ def test_rollback_leaves_the_kv_cache_equal_to_a_plain_run(monkeypatch):
         return out
 
     monkeypatch.setattr(SpeculativeDecoder, "_step", step)
-    with runtime.load(device="cpu", offload=False, dtype="float32", speculative=True, draft_tokens=4) as s:
+    with runtime.load(device="cpu", offload=False, dtype="float32", config=OffloadConfig.make(speculative=True, draft_tokens=4)) as s:
         got = s.generate(PROMPTS[0], max_new_tokens=24)
     assert got.token_ids == want.token_ids
     assert any(checked), "no pass rejected a draft: the test checked no rollback"
@@ -117,7 +118,7 @@ def test_greedy_speculative_is_exact_with_random_copy_delays():
     want = [plain.generate(p, max_new_tokens=20).token_ids for p in PROMPTS]
     rng = random.Random(0)
     for cap, policy in ((2, "lru"), (4, "lru-layer"), (6, "lfu")):
-        with runtime.load(device="cpu", speculative=True, cache_per_layer=cap, policy=policy) as s:
+        with runtime.load(device="cpu", cache_per_layer=cap, config=OffloadConfig.make(speculative=True, policy=policy)) as s:
             s.expert_cache.engine.faults = CopyFaults(delay=lambda key: rng.uniform(0, 0.003))
             for p, w in zip(PROMPTS, want):
                 r = s.generate(p, max_new_tokens=20)
@@ -143,7 +144,7 @@ def test_rollback_after_a_verify_pass_that_dropped_positions(monkeypatch):
         return out
 
     monkeypatch.setattr(SpeculativeDecoder, "_step", step)
-    with runtime.load(device="cpu", dtype="float32", speculative=True, draft_tokens=4, cache_per_layer=6) as s:
+    with runtime.load(device="cpu", dtype="float32", cache_per_layer=6, config=OffloadConfig.make(speculative=True, draft_tokens=4)) as s:
         got = s.generate(PROMPTS[1], max_new_tokens=32)
         assert got.token_ids == want.token_ids
         assert got.stats["verify_positions_dropped"] > 0 and got.stats["spec_steps"] > 0

@@ -8,6 +8,7 @@ from moe_offload.model import Observer, observing
 from helpers import CFG, write_model
 from moe_offload.offload import ExpertCache, ThreadCopyEngine, make_policy
 from moe_offload.analysis.trace import record_routing, replay
+from moe_offload.options import OffloadConfig
 
 TOKENS = [1, 5, 9, 3, 7, 11, 2, 30, 4, 8, 6, 12, 13, 40, 22, 17, 19, 1, 3, 5]
 
@@ -36,7 +37,7 @@ def test_chunked_prefill_routing_equals_token_by_token_decode(tmp_path):
 def test_replay_stats_equal_runtime_stats(tmp_path):
     path = write_model(tmp_path)
     for policy, slots in (("lru", 3), ("lfu", 5), ("lru-layer", 4)):
-        m = moe_offload.load(path, device="cpu", cache_experts=slots, policy=policy, predictor="none")
+        m = moe_offload.load(path, device="cpu", predictor="none", config=OffloadConfig.make(cache_experts=slots, policy=policy))
         m.expert_cache.stats.reset()
         routing = decode_routing(m, TOKENS, window=32)
         runtime = m.expert_cache.stats.to_dict()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-# Usage: python benchmarks/predictor_v2/rank_loss_form.py orig|lse|lme|hardest|none MODEL TEXT OUT.safetensors
+# Usage: python lab/predictor_v2/rank_loss_form.py orig|lse|lme|hardest|none MODEL TEXT OUT.safetensors
 # (orig = the form now in moe_offload.predict.train: the strongest outsider; lse = the old one)
 """Compare top-k ranking loss variants by monkeypatching train.topk_ranking_loss."""
 import sys, json, math, torch, torch.nn.functional as F

@@ -22,7 +22,7 @@ out = {"setup": "bundled tiny-mixtral; train = first 360k tokens of the KJV trai
        "moe_offload/assets/heldout_kjv.txt (48.7k tokens). Recall = fraction of layer l+d's true top-2 found in the "
        "predicted top-2, averaged over l. Seeds 0, same window order for every run.",
        "ceiling_no_training": ceil, "runs": {n: {"what": desc.get(n, n), **r} for n, r in runs.items()}}
-json.dump(out, open("benchmarks/results/predictor_v2_ablation.json", "w"), indent=1)
+json.dump(out, open("lab/results/predictor_v2_ablation.json", "w"), indent=1)
 lines = ["# predictor v2 ablation (issue 12 part 1); held = 40k-token held-out split of the train text, kjv = assets/heldout_kjv.txt",
          "", "## no training: layer l+d's router on ...", "| input | held d1 | d2 | d3 | kjv d1 | d2 | d3 |", "|---|---|---|---|---|---|---|"]
 for src in ceil["held"]:
@@ -37,5 +37,5 @@ POST = "after layer l's MoE (post_l)"
 lines.append("| next-gate on post_l | " + " | ".join(f"{ceil['held'][POST][p]:.3f}" for p in pairs) + " |")
 for n, r in out["runs"].items():
     lines.append(f"| {n} | " + " | ".join(f"{r['held'][p]:.3f}" for p in pairs) + " |")
-open("benchmarks/results/predictor_v2_ablation.txt", "w").write("\n".join(lines) + "\n")
+open("lab/results/predictor_v2_ablation.txt", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

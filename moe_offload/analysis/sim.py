@@ -27,7 +27,7 @@ from ..offload.policy import EvictionPolicy, make_policy
 from ..offload.cpu_lane import LaneCosts, fill_after_cpu, lane_candidates, split_misses
 from ..offload.link import LinkScheduler
 from ..offload.prefetch import Prefetcher
-from ..offload.protocols import Key
+from ..offload.protocols import CopyEngine, Key
 from ..offload.transfer import LoadHandle
 from ..quant.formats import expert_bytes as format_bytes
 
@@ -190,7 +190,7 @@ class _SimHandle(LoadHandle):
         return self.t_done is not None and self.t_done <= now
 
 
-class SimCopyEngine:
+class SimCopyEngine(CopyEngine):
     """protocols.CopyEngine in virtual time over the runtime's link scheduler (offload.link): one
     link moving one chunk at a time, demand loads first, prefetches by value; a load of one expert
     takes `copy_seconds` of link time (latency included), split over its chunks by bytes.
@@ -233,6 +233,10 @@ class SimCopyEngine:
         self.sched.submit(handle, self.expert_bytes, demand=not prefetch, priority=priority)
         self.advance(self.clock.now)  # an idle link starts it now
         return handle
+
+    @property
+    def demand_wait_bytes(self) -> int:
+        return self.sched.chunk_bytes
 
     def bytes_before_landing(self, handle: LoadHandle) -> int | None:
         """Bytes (of link time) before this load lands if it is needed now, or None once it landed."""
@@ -329,6 +333,9 @@ class RecordedPredictor:
 
     def scores(self, layer: int, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         return torch.from_numpy(np.nan_to_num(self.preds[start_pos, layer], nan=-1.0))[None]  # [1, D, E]
+
+    def observe(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+        pass
 
     def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         if self.embed is None:

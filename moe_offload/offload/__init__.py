@@ -20,9 +20,9 @@ from .stats import CacheStats
 from .store import HostExpertStore
 from .cuda_link import CudaLinkEngine
 from .engines import make_copy_engine
-from .transfer import CopyFailed, CopyFaults, CudaCopyEngine, LoadHandle, ThreadCopyEngine
+from .transfer import CopyFailed, CopyFaults, LoadHandle, ThreadCopyEngine
 
-__all__ = ["CacheBudget", "CacheStats", "CopyEngine", "CopyFailed", "CopyFaults", "CudaCopyEngine",
+__all__ = ["CacheBudget", "CacheStats", "CopyEngine", "CopyFailed", "CopyFaults", 
            "CudaLinkEngine",            "EvictionPolicy", "ExpertCache", "ExpertStore", "HostExpertStore", "Key", "LFU", "LRU", "LRULayer",
            "LoadHandle", "MemoryPlan", "OffloadedExperts", "POLICIES", "Predictive", "Predictor", "Prefetcher",
            "ThreadCopyEngine", "make_copy_engine", "make_policy", "plan_memory"]

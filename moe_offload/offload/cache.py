@@ -54,9 +54,7 @@ class ExpertCache:
         self._loading: Key | None = None
         self._dirty_rows: set[int] = set()
         self.stats = CacheStats(L)
-        bind = getattr(policy, "bind", None)
-        if bind is not None:
-            bind(L, E)
+        policy.bind(L, E)
         self.late_hits = np.zeros(L, dtype=np.int64)  # hits that had to wait for their copy (simulation)
 
     # --- capacity -----------------------------------------------------------------------------
@@ -139,10 +137,8 @@ class ExpertCache:
 
     def drain_stalls(self) -> None:
         """Fold device-measured stalls (CUDA engine) into the stats."""
-        drain = getattr(self.engine, "drain_stalls", None)
-        if drain is not None:
-            for layer, seconds in drain():
-                self.stats.stall_seconds[layer] += seconds
+        for layer, seconds in self.engine.drain_stalls():
+            self.stats.stall_seconds[layer] += seconds
 
     def close(self) -> None:
         """Finish in-flight copies and stop the copy engine."""
@@ -169,10 +165,9 @@ class ExpertCache:
         """Cancel an in-flight prefetch of `key` that no chunk of has reached the link yet (engines
         with a link scheduler only): its slot is freed and the bytes never sent are not counted."""
         handle = self.inflight.get(key)
-        cancel = getattr(self.engine, "cancel", None)
-        if handle is None or not handle.prefetch or key in self.pinned or cancel is None:
+        if handle is None or not handle.prefetch or key in self.pinned:
             return False
-        unsent = cancel(handle)
+        unsent = self.engine.cancel(handle)
         if unsent is None:
             return False
         del self.inflight[key]
@@ -202,9 +197,7 @@ class ExpertCache:
         anywhere in a step: wait until the link is idle, unpin everything, retire every load, drop
         experts whose copy failed or whose load was interrupted before it was recorded, and rebuild
         the free-slot list from the slot table. Afterwards every resident expert holds its bytes."""
-        drain = getattr(self.engine, "drain", None)
-        if drain is not None:
-            drain()
+        self.engine.drain()
         self.pinned.clear()
         for key, handle in list(self.inflight.items()):
             del self.inflight[key]
@@ -328,7 +321,7 @@ class ExpertCache:
                     mask[l * E + e - lo] = False
         if not mask.any():
             return None
-        i = self.policy.pick_masked(mask, lo) if hasattr(self.policy, "pick_masked") else None
+        i = self.policy.pick_masked(mask, lo)
         return None if i is None else (i // E, i % E)
 
     def _drop(self, key: Key) -> None:

@@ -12,8 +12,8 @@ weight_seconds is the expert's bytes over the CPU's measured GB/s for the store'
 expert GEMV is bound by reading its weights once); token_seconds the per-token flops beyond that.
 
 `CpuLane.run` computes the chosen experts for the layer's tokens on the host (`HostExperts`: the
-reference SwiGLU expert on the store's rows; for an int8/int4 store PyTorch's CPU weight-only ops,
-kernels.quant_cpu, each expert prepared on its first use and kept: int8 costs its scales in the
+reference SwiGLU expert on the store's rows; for an int8/int4 store the format's CPU op (PyTorch's
+weight-only ops), each expert prepared on its first use and kept: int8 costs its scales in the
 compute dtype, int4 a repacked copy about the size of the packed expert) and returns their weighted sum, which the backend adds to the device's
 result: equal to the all-device run within the dtype's rounding (only the summation order differs).
 On CUDA the device kernels for the resident experts are launched first, so both lanes run at once.
@@ -24,14 +24,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import MoeOffloadError
-from ..kernels import expert_ffn
-from ..kernels.quant_cpu import CpuQuantPool
 from .protocols import ExpertStore
 
 CPU_EXPERTS = ("auto", "off")
@@ -81,8 +79,7 @@ def split_misses(misses: Sequence[int], tokens: dict[int, int], costs: LaneCosts
 def lane_candidates(cache, layer: int, needed: Sequence[int], copy_seconds: float) -> tuple[list[int], dict[int, float]]:
     """The experts of `needed` the CPU lane may take: those not resident, and those whose copy is still
     in flight, with the seconds until each of those lands if waited for now (`landing`, from the
-    engine's bytes_before_landing at `copy_seconds` per expert; engines without it: none in flight)."""
-    ahead = getattr(cache.engine, "bytes_before_landing", None)
+    engine's bytes_before_landing at `copy_seconds` per expert)."""
     per_byte = copy_seconds / max(1, cache.store.expert_bytes)
     misses, landing = [], {}
     for e in needed:
@@ -90,9 +87,9 @@ def lane_candidates(cache, layer: int, needed: Sequence[int], copy_seconds: floa
             misses.append(e)
             continue
         handle = cache.inflight.get((layer, e))
-        if handle is None or ahead is None or handle.error is not None:
+        if handle is None or handle.error is not None:
             continue
-        nbytes = ahead(handle)
+        nbytes = cache.engine.bytes_before_landing(handle)
         if nbytes is not None:
             misses.append(e)
             landing[e] = nbytes * per_byte
@@ -104,18 +101,16 @@ class HostExperts:
 
     def __init__(self, store: ExpertStore):
         self.store = store
-        self.quantized = getattr(store, "fmt", None) is not None
-        self.prepared: dict[tuple[int, int], CpuQuantPool] = {}
+        self.prepared: dict[tuple[int, int], Any] = {}  # (layer, e) -> store.cpu_expert(layer, e)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype: a float store's row dtype, or the dtype a quantized store was built for."""
-        return self.store.dtype if self.quantized else self.store.row(0, 0).dtype
+        """The compute dtype the store was built for."""
+        return self.store.dtype
 
     @property
     def hidden(self) -> int:
-        w13, _ = self.store.pool_views(self.store.row(0, 0)[None])
-        return w13.hidden if self.quantized else w13.shape[-1]
+        return self.store.hidden
 
     @property
     def extra_bytes(self) -> int:
@@ -124,14 +119,10 @@ class HostExperts:
 
     def ffn(self, layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, H] in the compute dtype -> [n, H]."""
-        pool = self.prepared.get((layer, e))
-        if pool is not None:
-            return pool.ffn(0, x)
-        w13, w2 = self.store.pool_views(self.store.row(layer, e)[None])  # [1, 2I, H], [1, H, I] or a QuantPool
-        if not self.quantized:
-            return expert_ffn(x, w13[0], w2[0])
-        pool = self.prepared[(layer, e)] = CpuQuantPool(w13, self.store.dtype)
-        return pool.ffn(0, x)
+        expert = self.prepared.get((layer, e))
+        if expert is None:
+            expert = self.prepared[(layer, e)] = self.store.cpu_expert(layer, e)
+        return expert.ffn(0, x)
 
 
 def measure_cpu_seconds(store: ExpertStore, reps: int = 3) -> tuple[float, float]:
@@ -160,10 +151,7 @@ FILL_PRIORITY = 1e-3  # a CPU-computed expert is still copied in the background,
 def fill_after_cpu(cache, layer: int, experts: Sequence[int], protect: set) -> None:
     """Copy CPU-computed experts into the cache behind the predictions (prefetch class, lowest value),
     so reuse can hit later; a copy that would evict a protected (pinned/planned) expert is skipped.
-    Only on engines with a link scheduler (demand loads overtake it); on a FIFO link (CudaCopyEngine
-    today) a fill would delay the next demand copy by a whole expert, so there is none."""
-    if not hasattr(cache.engine, "promote"):
-        return
+    Demand loads overtake these fills on the link, so they never delay a needed copy by more than a chunk."""
     for e in experts:
         cache.prefetch((layer, int(e)), protect | cache.pinned, priority=FILL_PRIORITY, fill=True)
 
@@ -220,6 +208,6 @@ def build_cpu_lane(cache, mode: str = "auto") -> CpuLane | None:
         return None
     copy = measure_copy_seconds(cache.store, cache.pool)
     weight, token = measure_cpu_seconds(cache.store)
-    behind = getattr(cache.engine, "demand_wait_bytes", cache.store.expert_bytes)
+    behind = cache.engine.demand_wait_bytes
     chunk = copy * min(1.0, behind / max(1, cache.store.expert_bytes))
     return CpuLane(cache.store, LaneCosts(copy, chunk, weight, token))

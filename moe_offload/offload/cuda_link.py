@@ -175,7 +175,7 @@ def _worker(state: _StreamState) -> None:
 
 class CudaLinkEngine(EngineKnobs):
     """Copy engine with a demand-first chunked link on a CUDA copy stream (see the module docstring).
-    Same interface as CudaCopyEngine plus promote / reprioritize / cancel (protocols.CopyEngine)."""
+    The protocols.CopyEngine of cuda devices."""
 
     def __init__(self, device: torch.device, faults: CopyFaults | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = LINK_DEPTH, ops: CudaOps | None = None):
@@ -206,7 +206,7 @@ class CudaLinkEngine(EngineKnobs):
              priority: float = 0.0) -> LoadHandle:
         handle = LoadHandle(key, slot)
         handle.prefetch = prefetch
-        if self.faults.delay is not None:  # a test hook, as in CudaCopyEngine: the caller is slowed
+        if self.faults.delay is not None:  # a test hook: the caller is slowed
             time.sleep(self.faults.delay(key))
         st = self._state
         with st.cond:

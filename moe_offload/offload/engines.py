@@ -6,17 +6,12 @@ import torch
 
 from .cuda_link import CudaLinkEngine
 from .link import DEFAULT_CHUNK_BYTES
-from .transfer import CopyFaults, CudaCopyEngine, ThreadCopyEngine
-
-WHOLE = 1 << 62  # a chunk no expert reaches: whole-expert copies
-
+from .transfer import CopyFaults, ThreadCopyEngine
 
 def make_copy_engine(device: torch.device, faults: CopyFaults | None = None,
-                     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES):
-    """The copy engine for `device`: on cuda the demand-first chunked link (CudaLinkEngine), or with
-    chunk_bytes None the FIFO CudaCopyEngine; on cpu the ThreadCopyEngine (None: whole experts)."""
+                     chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """The copy engine for `device`: on cuda the demand-first chunked link (CudaLinkEngine), on cpu
+    its thread twin (ThreadCopyEngine)."""
     if device.type != "cuda":
-        return ThreadCopyEngine(faults, chunk_bytes or WHOLE)
-    if chunk_bytes is None:
-        return CudaCopyEngine(device, faults)
+        return ThreadCopyEngine(faults, chunk_bytes)
     return CudaLinkEngine(device, faults, chunk_bytes)

@@ -138,19 +138,10 @@ class LinkScheduler:
         self._jobs.pop(id(job.handle), None)
 
 
-def link_chunk_bytes(mb: Any) -> int | None:
-    """The link_chunk_mb option in bytes (None for 0: whole experts), validated."""
-    import math
-
-    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb) or mb < 0:
-        raise MoeOffloadError(f"link_chunk_mb must be a finite number of MiB >= 0 (0 = whole experts), got {mb!r}")
+def link_chunk_bytes(mb: float) -> int:
+    """Tuning.link_chunk_mb (validated there: > 0) in bytes, at least MIN_CHUNK_BYTES."""
     n = int(mb * (1 << 20))
-    if 0 < n < MIN_CHUNK_BYTES or (mb > 0 and n == 0):
-        raise MoeOffloadError(f"link_chunk_mb {mb!r} is under the smallest chunk, {MIN_CHUNK_BYTES // 1024} KiB "
-                              f"({MIN_CHUNK_BYTES / (1 << 20):g} MiB); give 0 for whole experts")
-    return n or None
-
-
-def chunk_count(nbytes: int, chunk_bytes: int) -> int:
-    """How many chunks a load of nbytes takes (at least one)."""
-    return max(1, -(-int(nbytes) // chunk_bytes))
+    if n < MIN_CHUNK_BYTES:
+        raise MoeOffloadError(f"tuning.link_chunk_mb {mb!r} is under the smallest chunk, {MIN_CHUNK_BYTES // 1024} KiB "
+                              f"({MIN_CHUNK_BYTES / (1 << 20):g} MiB)")
+    return n

@@ -9,9 +9,9 @@ import torch
 
 from ..config import MixtralConfig
 from ..errors import MoeOffloadError
+from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat
 from ..validate import integer, real
-from ..quant.formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
-from .store import available_host_bytes
+from .store import as_format, available_host_bytes
 
 GB = 1e9
 # Kept free on the device for activations, the allocator and CUDA itself.
@@ -83,14 +83,13 @@ def free_device_bytes(device: torch.device) -> tuple[int, int]:
 
 
 def plan_memory(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int,
-                budget: CacheBudget, per_layer_policy: bool, expert_fmt: str | None = None,
+                budget: CacheBudget, per_layer_policy: bool, expert_fmt: ExpertFormat | str | None = None,
                 group_size: int = DEFAULT_GROUP_SIZE) -> MemoryPlan:
     """Resolve the budget into a slot count, checking it against the device's free memory.
-    expert_fmt: 'int8' / 'int4' for quantized experts (None: experts in `dtype`)."""
+    expert_fmt: the experts' format (an ExpertFormat or its name; None: experts in `dtype`)."""
     item = torch.tensor([], dtype=dtype).element_size()
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-    expert_bytes = (format_bytes(cfg.hidden_size, cfg.intermediate_size, expert_fmt, group_size)
-                    if expert_fmt is not None else cfg.expert_params * item)
+    expert_bytes = as_format(expert_fmt, group_size, dtype).expert_bytes(cfg.hidden_size, cfg.intermediate_size)
     dense = cfg.dense_params * item
     kv = 2 * L * cfg.num_key_value_heads * max_seq_len * cfg.head_dim * item
     store = L * E * expert_bytes

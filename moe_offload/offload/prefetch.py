@@ -58,7 +58,7 @@ class Prefetcher:
         self.top_k = top_k
         self.value: dict[Key, float] = {}
         self.cancelled_inflight = 0
-        self.cross_token = bool(getattr(predictor, "cross_token", False))
+        self.cross_token = bool(predictor.cross_token)
         self.margin, self.max_inflight = margin, max_inflight
         self.pending: list[Key] = []
         self._dist: dict[Key, int] = {}  # the current plan: key -> layers until use from its layer
@@ -68,7 +68,6 @@ class Prefetcher:
         self.issued = 0
         self._x: torch.Tensor | None = None
         self._pos = 0
-        self._observe = getattr(predictor, "observe", None)
 
     def reset(self) -> None:
         """Forget the current plan (after an interrupted step; the cache recovered separately)."""
@@ -88,8 +87,7 @@ class Prefetcher:
             self._ahead = []
 
     def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
-        if self._observe is not None:  # a predictor that reads earlier positions sees every residual
-            self._observe(layer, x, start_pos)
+        self.predictor.observe(layer, x, start_pos)  # one that reads earlier positions sees every residual
         self._x = x if x.shape[0] == 1 else None  # prefetch plans are made in decode only
 
     def on_routing(self, layer, ids, weights, logits, start_pos) -> None:
@@ -167,15 +165,14 @@ class Prefetcher:
 
     def _replan_inflight(self) -> None:
         """Cancel in-flight prefetches the new plan dropped; re-rank the ones it kept."""
-        reprioritize = getattr(self.cache.engine, "reprioritize", None)
         for key, handle in list(self.cache.inflight.items()):
             if not handle.prefetch:
                 continue
             if key not in self.protect:
                 if self.cache.cancel_prefetch(key):
                     self.cancelled_inflight += 1
-            elif reprioritize is not None:  # nearer now: its value under the new plan
-                reprioritize(handle, self.value[key])
+            else:  # nearer now: its value under the new plan
+                self.cache.engine.reprioritize(handle, self.value[key])
 
     def pump(self) -> None:
         """Issue pending loads, nearest first, while the in-flight window has room."""

@@ -1,10 +1,11 @@
 """The engine's interfaces, written down: what the expert cache needs of a host store and a copy
 engine, and what the prefetcher needs of a predictor. Implementations: store.HostExpertStore,
-transfer.ThreadCopyEngine / CudaCopyEngine, moe_offload.predict.*, and the simulator's virtual-time
+transfer.ThreadCopyEngine / cuda_link.CudaLinkEngine, moe_offload.predict.*, and the simulator's virtual-time
 twins in moe_offload.analysis.sim."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -39,24 +40,61 @@ class LoadHandleLike(Protocol):
     def done(self) -> bool: ...
 
 
-@runtime_checkable
-class CopyEngine(Protocol):
-    """Moves host rows into device slots. load() queues a copy; wait() makes compute wait for it
-    (returns the seconds the host stalled, 0 where the wait is on the device); fence(slot) marks that
-    compute has used a slot, so no later load overwrites it before that use."""
+class CopyEngine(ABC):
+    """Moves host rows into device slots over one link (offload.link's scheduler): demand loads first,
+    then prefetches by expected value, in chunks so a demand load overtakes queued prefetches.
 
+    Every method the expert cache, the prefetcher and the CPU lane call is here; implementations:
+    transfer.ThreadCopyEngine (cpu), cuda_link.CudaLinkEngine (cuda), analysis.sim.SimCopyEngine
+    (virtual time). `retries` counts copies tried again after a transient failure."""
+
+    retries: int = 0
+
+    @abstractmethod
     def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
              priority: float = 0.0) -> LoadHandleLike:
-        """Queue a copy. prefetch: nobody waits for it yet (engines with a link scheduler put demand
-        loads first); priority: its expected value among prefetches (higher goes first). Engines
-        with a link scheduler also offer promote(handle) and cancel(handle) -> unsent bytes | None
-        (see offload.link)."""
+        """Queue a copy. prefetch: nobody waits for it yet (demand loads go first); priority: its
+        expected value among prefetches (higher goes first)."""
 
-    def wait(self, handle: LoadHandleLike) -> float: ...
+    @abstractmethod
+    def wait(self, handle: LoadHandleLike) -> float:
+        """Make compute wait for the load; the seconds the host stalled (0 where the wait is on the device)."""
 
-    def fence(self, slot: int) -> None: ...
+    @abstractmethod
+    def fence(self, slot: int) -> None:
+        """Compute has used `slot`: no later load overwrites it before that use."""
 
-    def close(self) -> None: ...
+    @abstractmethod
+    def promote(self, handle: LoadHandleLike) -> None:
+        """Someone now waits for this queued prefetch: it moves with the demand loads."""
+
+    @abstractmethod
+    def reprioritize(self, handle: LoadHandleLike, priority: float) -> None:
+        """A queued prefetch's expected value changed."""
+
+    @abstractmethod
+    def cancel(self, handle: LoadHandleLike) -> int | None:
+        """Drop a queued prefetch: its unsent bytes, or None when it can no longer be cancelled."""
+
+    @abstractmethod
+    def bytes_before_landing(self, handle: LoadHandleLike) -> int | None:
+        """Bytes of link time before this load lands if it were needed now; None once it landed."""
+
+    @property
+    @abstractmethod
+    def demand_wait_bytes(self) -> int:
+        """The most prefetch bytes a demand load can wait behind (what is already on the link)."""
+
+    def drain_stalls(self) -> list[tuple[int, float]]:
+        """(layer, seconds compute waited) of late copies measured since the last call (device-side
+        waits are measured afterwards; host-side engines report through wait())."""
+        return []
+
+    def drain(self) -> None:
+        """Wait until no copy is in flight (error recovery only; may sync the host)."""
+
+    def close(self) -> None:
+        """Stop the engine after the queued copies; idempotent."""
 
 
 @runtime_checkable
@@ -65,6 +103,11 @@ class Predictor(Protocol):
 
     name: str
     lookahead: int  # D
+    cross_token: bool  # scores past the last layer are the next token's layers
+
+    def observe(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+        """Every residual entering a layer's MoE, in order (a predictor reading earlier positions keeps
+        its state here; others do nothing)."""
 
     def scores(self, layer: int, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x [N, H] at layer `layer`, rows at positions start_pos.. -> [N, D, E] scores for layers

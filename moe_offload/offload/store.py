@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psutil
 import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, expert_name
 from ..errors import MoeOffloadError
-from ..kernels.quant import QuantPool
-from ..quant.formats import DEFAULT_GROUP_SIZE, QUANT_FORMATS, expert_bytes
+from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat, float_format, get_format
 from ..quant.ckpt import read_packed_expert
-from ..quant.pack import pool_views as quant_pool_views, quantize_expert, write_expert
 
 # Leave this much RAM to the rest of the machine when checking that the store fits.
 HOST_RAM_MARGIN = 1 << 30
@@ -31,78 +31,80 @@ def check_host_ram(needed: int, what: str) -> None:
             "use a smaller expert dtype or a machine with more RAM")
 
 
+def as_format(fmt: ExpertFormat | str | None, group_size: int, dtype: torch.dtype) -> ExpertFormat:
+    """An expert format given as an object, a name, or None (experts in the compute dtype `dtype`)."""
+    if isinstance(fmt, ExpertFormat):
+        return fmt
+    return float_format(dtype) if fmt is None else get_format(fmt, group_size, dtype)
+
+
 class HostExpertStore:
-    """All experts of a model in host memory, one contiguous row per expert: [w1 | w3 | w2] flattened.
+    """All experts of a model in host memory, one contiguous row per expert (layout: the expert format's;
+    [w1 | w3 | w2] flattened for float experts, packed sections for int8 / int4).
 
     `row(layer, e)` is one expert, so one host-to-device copy moves it. The buffer is pinned when
-    `pin` is True (CUDA runs), so copies can run asynchronously on a copy stream.
-    With `fmt` 'int8' or 'int4' a row is instead the packed bytes of one quantized expert (uint8;
-    layout in moe_offload.quant.formats), quantized as it is put, and `pool_views` gives a QuantPool.
+    `pin` is True (CUDA runs), so copies can run asynchronously on a copy stream. `format` (an
+    ExpertFormat, moe_offload.formats; `fmt` as a name or None: the compute dtype `dtype`) packs experts
+    as they are put and gives the views the kernels read (`pool_views`).
     """
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                 pin: bool = False, fmt: str | None = None, group_size: int = DEFAULT_GROUP_SIZE):
+                 pin: bool = False, fmt: ExpertFormat | str | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         self.num_layers, self.num_experts = num_layers, num_experts
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
-        self.fmt = fmt if fmt in QUANT_FORMATS else None
-        self.group_size = group_size
-        if self.fmt is not None:
-            self.expert_elems = self.expert_bytes = expert_bytes(hidden, inter, self.fmt, group_size)
-            row_dtype = torch.uint8
-        else:
-            self.expert_elems = 3 * hidden * inter
-            self.expert_bytes = self.expert_elems * torch.tensor([], dtype=dtype).element_size()
-            row_dtype = dtype
+        self.format = as_format(fmt, group_size, dtype)
+        self.expert_bytes = self.format.expert_bytes(hidden, inter)
+        self.expert_elems = self.format.row_length(hidden, inter)
         check_host_ram(num_layers * num_experts * self.expert_bytes, "the host expert store")
-        self.buffer = torch.empty(num_layers * num_experts, self.expert_elems, dtype=row_dtype, pin_memory=pin)
+        self.buffer = torch.empty(num_layers * num_experts, self.expert_elems, dtype=self.format.row_dtype,
+                                  pin_memory=pin)
         self.pinned = pin
 
     def row(self, layer: int, e: int) -> torch.Tensor:
-        """Expert (layer, e) as one contiguous [3*H*I] row."""
+        """Expert (layer, e) as one contiguous row."""
         return self.buffer[layer * self.num_experts + e]
 
     def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
         """An uninitialised device pool [S, row] in the store's row dtype."""
         return torch.empty(num_slots, self.expert_elems, dtype=self.buffer.dtype, device=device)
 
-    def pool_views(self, pool: torch.Tensor) -> tuple[torch.Tensor | QuantPool, torch.Tensor | None]:
-        """w13 [S, 2I, H] and w2 [S, H, I] views of a pool (rows laid out as in the store); for a
-        quantized store (QuantPool of the pool's sections, None)."""
-        if self.fmt is not None:
-            return quant_pool_views(pool, self.hidden, self.inter, self.fmt, self.group_size), None
-        s, h, i = pool.shape[0], self.hidden, self.inter
-        return pool[:, : 2 * i * h].view(s, 2 * i, h), pool[:, 2 * i * h:].view(s, h, i)
+    def pool_views(self, pool: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """(w13, w2) of a pool [S, row] (rows laid out as in the store) as the kernels take them: float
+        views [S, 2I, H] and [S, H, I], or (the format's WeightPool, None) for a packed format."""
+        return self.format.pool_views(pool, self.hidden, self.inter).as_views()
+
+    def cpu_expert(self, layer: int, e: int) -> Any:
+        """Expert (layer, e) prepared to run on the host in the compute dtype: an object whose ffn(0, x)
+        runs it (the format's CPU op where it has one) and whose extra_bytes is the RAM that costs."""
+        pool = self.format.pool_views(self.row(layer, e)[None], self.hidden, self.inter)
+        return self.format.cpu_pool(pool, self.dtype)
 
     def w13(self, layer: int, e: int) -> torch.Tensor:
+        """Float stores: expert (layer, e)'s w13 [2I, H] (a view of its row)."""
         return self.row(layer, e)[: 2 * self.inter * self.hidden].view(2 * self.inter, self.hidden)
 
     def w2(self, layer: int, e: int) -> torch.Tensor:
+        """Float stores: expert (layer, e)'s w2 [H, I] (a view of its row)."""
         return self.row(layer, e)[2 * self.inter * self.hidden:].view(self.hidden, self.inter)
 
     def put(self, layer: int, e: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I]), quantizing it when
-        the store is quantized."""
-        if self.fmt is not None:
-            write_expert(self.row(layer, e), quantize_expert(w1, w3, w2, self.fmt, self.group_size),
-                         self.hidden, self.inter, self.fmt, self.group_size)
-            return
-        w13 = self.w13(layer, e)
-        w13[: self.inter].copy_(w1)
-        w13[self.inter:].copy_(w3)
-        self.w2(layer, e).copy_(w2)
+        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I]), packed by the format."""
+        self.format.put(self.row(layer, e), w1, w3, w2, self.hidden, self.inter)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False,
-                        show_progress: bool = False, fmt: str | None = None,
+                        show_progress: bool = False, fmt: ExpertFormat | str | None = None,
                         group_size: int = DEFAULT_GROUP_SIZE) -> "HostExpertStore":
         """Fill the store straight from the checkpoint's memory map, one expert at a time (quantized
-        on the way in when `fmt` is int8/int4: only one expert is ever held unquantized)."""
+        on the way in for a packed format: only one expert is ever held unquantized)."""
         cfg = ckpt.config
-        if cfg.expert_format is not None and (fmt, group_size) != (cfg.expert_format, cfg.expert_group_size):
+        fmt = as_format(fmt, group_size, dtype)
+        group_size = fmt.group_size
+        if cfg.expert_format is not None and (fmt.name, group_size) != (cfg.expert_format, cfg.expert_group_size):
             raise MoeOffloadError(f"{ckpt.path} holds {cfg.expert_format} experts (group size "
-                                  f"{cfg.expert_group_size}); they cannot be stored as {fmt} / {group_size}")
+                                  f"{cfg.expert_group_size}); they cannot be stored as {fmt.name} / {group_size}")
         store = cls(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
-                    dtype, pin, fmt, group_size)
+                    dtype, pin, fmt)
         H, I = cfg.hidden_size, cfg.intermediate_size
         with torch.no_grad(), tqdm(total=cfg.num_hidden_layers * cfg.num_local_experts, unit="expert",
                                    desc="loading experts to host", disable=not show_progress) as bar:
@@ -110,8 +112,9 @@ class HostExpertStore:
                 for e in range(cfg.num_local_experts):
                     names = {w: expert_name(layer, e, w, cfg.model_type) for w in ("w1", "w3", "w2")}
                     if cfg.expert_format is not None:  # already packed on disk: no requantization
-                        sections = read_packed_expert(ckpt.tensor, names, fmt, group_size, cfg.expert_symmetric, H, I)
-                        write_expert(store.row(layer, e), sections, H, I, fmt, group_size)
+                        sections = read_packed_expert(ckpt.tensor, names, fmt.name, group_size, cfg.expert_symmetric,
+                                                      H, I)
+                        fmt.write(store.row(layer, e), sections, H, I)
                     else:
                         store.put(layer, e, *(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")))
                     bar.update()

@@ -1,6 +1,6 @@
 """Copy engines: host expert rows -> device slots, asynchronously, with a handle per load.
 
-CudaCopyEngine uses a dedicated copy stream and events; ThreadCopyEngine is its CPU twin (a worker
+cuda_link.CudaLinkEngine uses a dedicated copy stream and events; ThreadCopyEngine is its CPU twin (a worker
 thread does the copies) with the same interface and semantics, so CI exercises the real logic.
 Both take fault-injection hooks (delay a copy, fail a copy) for tests. Both implement
 protocols.CopyEngine.
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MoeOffloadError
 from .link import DEFAULT_CHUNK_BYTES, LinkScheduler
-from .protocols import Key
+from .protocols import CopyEngine, Key
 
 
 # A failed copy is tried again this many times before its waiter sees CopyFailed (transient faults).
@@ -179,7 +179,7 @@ class _LinkState:
             self.cond.notify_all()
 
 
-class EngineKnobs:
+class EngineKnobs(CopyEngine):
     """faults, retries and max_retries of an engine whose worker thread shares them through `self._state`
     (tests swap faults at run time)."""
 
@@ -299,79 +299,3 @@ class ThreadCopyEngine(EngineKnobs):
         """Stop the worker after the copies already queued; idempotent."""
         self._finalizer()
         self._worker.join(timeout=10)
-
-
-class CudaCopyEngine:
-    """Copies on a dedicated CUDA stream from pinned memory; one event per load; slot fences.
-
-    wait(): the compute stream waits on the load's event (a device-side wait: the host does not
-    block), so a kernel never reads a slot before its copy completed. How long compute waited is
-    measured from timed events afterwards (`drain_stalls`), not by blocking the host.
-    fence(slot): an event on the compute stream after the slot's last use; the next load into that
-    slot makes the copy stream wait on it, so a slot is never overwritten while a kernel may read it.
-    """
-
-    def __init__(self, device: torch.device, faults: CopyFaults | None = None):
-        self.faults = faults or CopyFaults()
-        self.device = device
-        self.max_retries, self.retries = COPY_RETRIES, 0
-        self.stream = torch.cuda.Stream(device=device)
-        # One reusable event per slot (created on first use, re-recorded at every fence): a copy into
-        # a slot waits for the latest record, i.e. the compute stream's last use of that slot.
-        self._last_use: dict[int, torch.cuda.Event] = {}
-        self._waits: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []  # (layer, copy done, needed)
-
-    def load(self, key: Key, src: torch.Tensor, dst: torch.Tensor, slot: int, prefetch: bool = False,
-             priority: float = 0.0) -> LoadHandle:
-        """Copies go on the copy stream in issue order (FIFO; no chunking or demand-first here yet)."""
-        handle = LoadHandle(key, slot)
-        handle.prefetch = prefetch
-        if self.faults.delay is not None:
-            time.sleep(self.faults.delay(key))
-        if injected_failure(self.faults, key, self):
-            handle.error = RuntimeError("injected copy failure")
-            handle._done.set()
-            return handle
-        fence = self._last_use.get(slot)
-        with torch.cuda.stream(self.stream):
-            if fence is not None:
-                self.stream.wait_event(fence)
-            dst.copy_(src, non_blocking=True)
-            handle.cuda_event = torch.cuda.Event(enable_timing=True)
-            handle.cuda_event.record(self.stream)
-        return handle
-
-    def wait(self, handle: LoadHandle) -> float:
-        if handle.error is not None:
-            raise copy_failure(handle)
-        compute = torch.cuda.current_stream(self.device)
-        if not handle.cuda_event.query():
-            needed = torch.cuda.Event(enable_timing=True)
-            needed.record(compute)
-            self._waits.append((handle.key[0], handle.cuda_event, needed))
-        compute.wait_event(handle.cuda_event)
-        return 0.0
-
-    def drain_stalls(self) -> list[tuple[int, float]]:
-        """(layer, seconds compute waited) for every late copy whose events have completed."""
-        out, keep = [], []
-        for layer, done, needed in self._waits:
-            if done.query() and needed.query():
-                out.append((layer, max(0.0, needed.elapsed_time(done)) / 1e3))
-            else:
-                keep.append((layer, done, needed))
-        self._waits = keep
-        return out
-
-    def fence(self, slot: int) -> None:
-        ev = self._last_use.get(slot)
-        if ev is None:
-            ev = self._last_use[slot] = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-
-    def drain(self) -> None:
-        """Wait until every copy on the copy stream has finished (a host sync: error recovery only)."""
-        self.stream.synchronize()
-
-    def close(self) -> None:
-        pass

@@ -69,6 +69,7 @@ class NextGate:
     """Layer l+d's router on today's residual: variant "residual" (l+d's norm) or "normed" (l's norm)."""
 
     name = "next-gate"
+    cross_token = False
 
     def __init__(self, model: MixtralTransformer, lookahead: int, variant: str = NEXT_GATE_VARIANT):
         if variant not in ("residual", "normed"):
@@ -89,35 +90,8 @@ class NextGate:
             out[:, d - 1] = router_probs(m, t, h)
         return out
 
+    def observe(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
+        pass  # reads today's residual only
+
     def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
         return self.first.top(token_id, take)
-
-
-class OraclePredictor:
-    """True future routing from a trace (an upper bound): the routed weights of layers l+1..l+D for
-    the token at trace index start_pos."""
-
-    name = "oracle"
-
-    def __init__(self, routed_ids, routed_weights, num_experts: int, lookahead: int):
-        self.ids, self.weights = routed_ids, routed_weights  # [T, L, k]
-        self.num_experts, self.lookahead = num_experts, lookahead
-
-    def _row(self, t: int, layer: int) -> torch.Tensor:
-        row = torch.zeros(self.num_experts)
-        if t < self.ids.shape[0]:
-            row[torch.as_tensor(self.ids[t, layer].astype("int64"))] = torch.as_tensor(self.weights[t, layer]) + 1.0
-        return row
-
-    def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        L = self.ids.shape[1]
-        out = torch.full((x.shape[0], self.lookahead, self.num_experts), float("nan"))
-        for d in range(1, self.lookahead + 1):
-            if layer + d < L:
-                for n in range(x.shape[0]):
-                    out[n, d - 1] = self._row(start_pos + n, layer + d)
-        return out.to(x.device)
-
-    def first_layers(self, token_id: int, pos: int, take: int) -> np.ndarray:
-        rows = torch.stack([self._row(pos, t) for t in range(min(self.lookahead, self.ids.shape[1]))])
-        return torch.topk(rows, take, dim=-1).indices.numpy()  # [D, take]

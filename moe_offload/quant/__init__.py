@@ -1,7 +1,2 @@
-"""Expert storage formats: byte layout and sizes (formats.py, one formula for info, the memory plan
-and the simulator) and quantize / pack (pack.py)."""
-
-from .formats import (DEFAULT_GROUP_SIZE, EXPERT_FORMATS, GROUP_SIZES, QUANT_FORMATS, expert_bytes,
-                      expert_layout)
-
-__all__ = ["DEFAULT_GROUP_SIZE", "EXPERT_FORMATS", "GROUP_SIZES", "QUANT_FORMATS", "expert_bytes", "expert_layout"]
+"""Quantized checkpoints on disk (compressed-tensors pack-quantized: ckpt.py) and `moe-offload quantize`
+(export.py). The expert formats themselves are moe_offload.formats."""

@@ -31,13 +31,11 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..kernels.quant import unpack_int4
-from .formats import QUANT_FORMATS
-from .pack import pack_int4
+from ..formats import GROUP_SIZES
+from ..formats.int4 import pack_int4, unpack_int4
 
 FORMAT = "pack-quantized"
 BITS = {"int4": 4, "int8": 8}
-GROUP_SIZES = (32, 64, 128)
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
@@ -194,8 +192,8 @@ def expected_shapes(n: int, k: int, fmt: str, group_size: int, symmetric: bool) 
 
 
 def check_format(fmt: str) -> None:
-    if fmt not in QUANT_FORMATS:
-        raise ConfigError(f"expert format {fmt!r} cannot be written; one of {list(QUANT_FORMATS)}")
+    if fmt not in BITS:
+        raise ConfigError(f"expert format {fmt!r} cannot be written; one of {list(BITS)}")
 
 
 def read_packed_expert(get: Any, names: dict[str, str], fmt: str, group_size: int, symmetric: bool, hidden: int,

@@ -4,8 +4,8 @@
 Streaming: the source is read through its memory map one expert at a time and written one shard per
 layer (shard 0: the non-expert weights), so peak RAM is about one layer's quantized experts plus the
 largest non-expert tensor. The folder is built under a temporary name next to --out and renamed at
-the end: a failure leaves nothing behind. Quantization is the quantize-on-load code (quant/pack.py)
-on the same input, so `load(out)` gives bit for bit the logits of `load(model, expert_dtype=...)`.
+the end: a failure leaves nothing behind. Quantization is the quantize-on-load code (the format's
+pack, moe_offload.formats) on the same input, so `load(out)` gives bit for bit the logits of `load(model, expert_dtype=...)`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expert_name
 from ..errors import MoeOffloadError
+from ..formats import get_format
 from .ckpt import check_format, packed_expert_tensors, quantization_config
-from .pack import quantize_expert
 
 
 def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, fmt: str, group_size: int = 128,
@@ -40,6 +40,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, fmt: s
             if dim % group_size:
                 raise MoeOffloadError(f"--group-size {group_size} does not divide {what} {dim} of {src}; "
                                       "choose 32, 64 or 128 dividing it")
+    _check_separate(src, dst)
     _check_out(dst, force)
     ckpt.validate()
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -54,6 +55,15 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, fmt: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**summary, "out": str(dst)}
+
+
+def _check_separate(src: Path, dst: Path) -> None:
+    """The output folder may not be, contain or lie inside the source folder: the source is never written."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        where = "is" if s == d else "lies inside" if s in d.parents else "contains"
+        raise MoeOffloadError(f"--out {dst} {where} the --model folder {src}; write the quantized checkpoint to a "
+                              "separate folder (the source is never modified)")
 
 
 def _check_out(dst: Path, force: bool) -> None:
@@ -84,6 +94,7 @@ def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, sh
     raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
     raw["quantization_config"] = quantization_config(fmt, group_size, _ignore_list(cfg))
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    packer = get_format(fmt, group_size)
     L, E, H, I = cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     expert_names = {expert_name(l, e, w, cfg.model_type) for l in range(L) for e in range(E) for w in ("w1", "w2", "w3")}
     n_shards = L + 1
@@ -104,7 +115,7 @@ def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, sh
             shard: dict[str, torch.Tensor] = {}
             for e in range(E):
                 names = {w: expert_name(layer, e, w, cfg.model_type) for w in ("w1", "w3", "w2")}
-                sections = quantize_expert(*(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")), fmt, group_size)
+                sections = packer.pack(*(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")))
                 shard.update(packed_expert_tensors(sections, names, fmt, H, I))
                 bar.update()
             save(shard, layer + 1)

@@ -1,0 +1,107 @@
+"""Slot pools as the fused MoE kernel and the reference loop read them: per-slot views of one device
+pool plus the WEIGHT_FORMAT value that selects, at compile time, how the kernel loads a weight tile.
+
+  WEIGHT_FLOAT  w13 [S, 2I, H], w2 [S, H, I] in the activation dtype.
+  WEIGHT_INT8   w13 int8 [S, 2I, H], s13 [S, 2I]; w2 int8 [S, H, I], s2 [S, H]. w = q * s[n] (symmetric,
+                one scale per output row).
+  WEIGHT_INT4   w13 uint8 [S, 2I, ceil(H/2)], s13 / z13 [S, 2I, ceil(H/G)]; w2 uint8 [S, H, ceil(I/2)],
+                s2 / z2 [S, H, ceil(I/G)]. Weight k of a row is the low nibble of byte k // 2 when k is
+                even, the high nibble when k is odd; w = (q - z) * s with the scale and zero of group k // G.
+Scales and zeros are fp16; a quantized weight is dequantized in float32, then cast to the activation dtype.
+
+Which format a pool holds is decided by the code that packs it (moe_offload.formats): a quantized
+format subclasses WeightPool with its torch dequantization (the reference) and, optionally, its CPU
+weight-only op. This module knows the formats only as the integers the kernel branches on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .reference import expert_ffn
+
+WEIGHT_FLOAT, WEIGHT_INT8, WEIGHT_INT4 = 0, 1, 2
+
+
+@dataclass
+class WeightPool(ABC):
+    """Per-slot views of a slot pool (slot dimension first; see the module docstring). s* / z* are None
+    where the format has no scales / zero points; group_size is 1 where it has no groups."""
+
+    hidden: int
+    inter: int
+    w13: torch.Tensor
+    w2: torch.Tensor
+    s13: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    z13: torch.Tensor | None = None
+    z2: torch.Tensor | None = None
+    group_size: int = 1
+
+    weight_format: ClassVar[int] = WEIGHT_FLOAT  # the kernel's WEIGHT_FORMAT constexpr, one per subclass
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.device
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory held beyond the pool's rows (none for views)."""
+        return 0
+
+    @abstractmethod
+    def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert in `slot` as (w13 [2I, H], w2 [H, I]) in `dtype` (the torch reference)."""
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """One SwiGLU expert on x [n, H] -> [n, H]: dequantize, then matmul."""
+        return expert_ffn(x, *self.dequant(slot, x.dtype))
+
+    def as_views(self) -> tuple[Any, torch.Tensor | None]:
+        """(w13, w2) as run_experts and moe_loop take them: (self, None)."""
+        return self, None
+
+    def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> Any:
+        """Projection `which` ('w13' or 'w2') of `slot` prepared for a weight-only CPU op in `dtype`
+        (a quant_cpu.CpuLinear), or None where the format has none for this shape."""
+        return None
+
+    def cpu_max_tokens(self, dtype: torch.dtype) -> int:
+        """Most tokens per expert for which the CPU op beats dequantize-then-matmul (0: never)."""
+        return 0
+
+
+@dataclass
+class FloatPool(WeightPool):
+    """A pool whose weights are stored in the activation dtype: w13 [S, 2I, H], w2 [S, H, I]."""
+
+    def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13[slot].to(dtype), self.w2[slot].to(dtype)
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        return expert_ffn(x, self.w13[slot], self.w2[slot])
+
+    def as_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float tensors themselves: every backend (grouped_mm too) reads them."""
+        return self.w13, self.w2
+
+    @classmethod
+    def of(cls, w13: torch.Tensor, w2: torch.Tensor) -> "FloatPool":
+        return cls(w13.shape[-1], w2.shape[-1], w13, w2)
+
+
+def as_pool(w13: torch.Tensor | WeightPool, w2: torch.Tensor | None) -> WeightPool:
+    """The kernels' two calling conventions, as one pool: float tensors (w13, w2), or a pool and None."""
+    if w2 is None:
+        if not isinstance(w13, WeightPool):
+            raise ValueError(f"w2_pool is None, so w13_pool must be a WeightPool, got {type(w13).__name__}")
+        return w13
+    return FloatPool.of(w13, w2)

@@ -1,0 +1,80 @@
+"""int8 experts: symmetric, one fp16 scale per output row: s = max|w| / 127, q = round(w / s) in
+[-127, 127], w ~ q * s. The scale is rounded to fp16 before q is computed, so dequantization uses
+exactly the stored scale.
+
+Row sections (16-byte aligned): qw13 int8 [2I, H], qw2 int8 [H, I], s13 fp16 [2I], s2 fp16 [H].
+Ops: the fused kernel's WEIGHT_INT8 variant; on the CPU torch.ops.aten._weight_int8pack_mm(x [M, K],
+q int8 [N, K], scales [N]) = (x @ q.T) * s, which reads the row's int8 weights in place (only the scales
+are cast, once, to the compute dtype, as the op requires).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.pool import WEIGHT_INT8, WeightPool
+from ..kernels.quant_cpu import CpuLinear
+from .base import PackedFormat, safe_scale
+
+# Most tokens per expert for which the CPU op beats dequantize-then-matmul, per compute dtype, measured at
+# Mixtral-734M expert shapes (benchmarks/cpu_quant.py, 1 thread on a 2-core x86): bf16 600 us vs 6.8 ms
+# at 1 token, still ahead at 64; float32 7.2 ms vs 5.5 ms (the op has no fast float32 path: never used).
+# fp16 is not measured: the reference runs.
+FAST_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 0}
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], s fp16 [N])."""
+    w = w.float()
+    s = safe_scale(w.abs().amax(dim=1) / 127)  # [N]
+    q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, s
+
+
+def dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K], s [N] -> float32 [N, K]."""
+    return q.float() * s.float()[:, None]
+
+
+def int8_linear(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> CpuLinear:
+    """q int8 [N, K] (used in place), s [N] -> the int8 CPU op's projection in `dtype`."""
+    return CpuLinear(torch.ops.aten._weight_int8pack_mm, q, s.to(dtype).contiguous())
+
+
+@dataclass
+class Int8Pool(WeightPool):
+    """int8 views: w13 int8 [S, 2I, H], s13 fp16 [S, 2I]; w2 int8 [S, H, I], s2 fp16 [S, H]."""
+
+    weight_format = WEIGHT_INT8
+
+    def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dequant_int8(self.w13[slot], self.s13[slot]).to(dtype),
+                dequant_int8(self.w2[slot], self.s2[slot]).to(dtype))
+
+    def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear:
+        q, s = (self.w13, self.s13) if which == "w13" else (self.w2, self.s2)
+        return int8_linear(q[slot], s[slot], dtype)
+
+    def cpu_max_tokens(self, dtype: torch.dtype) -> int:
+        return FAST_MAX_TOKENS.get(dtype, 0)
+
+
+class Int8Format(PackedFormat):
+    """Symmetric int8 with one scale per output row (see the module docstring)."""
+
+    name = "int8"
+    moe_backends = ("loop", "triton")
+
+    def section_specs(self, hidden: int, inter: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [("qw13", torch.int8, (2 * inter, hidden)), ("qw2", torch.int8, (hidden, inter)),
+                ("s13", torch.float16, (2 * inter,)), ("s2", torch.float16, (hidden,))]
+
+    def pack(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        (q13, s13), (q2, s2) = quantize_int8(torch.cat([w1, w3], dim=0)), quantize_int8(w2)
+        return {"qw13": q13, "qw2": q2, "s13": s13, "s2": s2}
+
+    def pool_views(self, rows: torch.Tensor, hidden: int, inter: int) -> Int8Pool:
+        v = self.views(rows, hidden, inter)
+        return Int8Pool(hidden, inter, v["qw13"], v["qw2"], s13=v["s13"], s2=v["s2"])
