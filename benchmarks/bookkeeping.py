@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Host bookkeeping per MoE layer (issue 14 part 4) on a synthetic routing trace, two ways:
+"""Host bookkeeping per MoE layer on a synthetic routing trace, two ways:
 
-- `host` (the number the issue asks for): exactly the host calls OffloadedExperts makes per MoE layer
+- `host` (the headline number): exactly the host calls OffloadedExperts makes per MoE layer
   in decode -- np.unique of the routed ids, `cache.acquire`, the prefetcher's `issue` (plan, cancel,
   pump prefetches), `cache.release` -- on the real ExpertCache, policy and Prefetcher, with an
   instant copy engine (every load lands at once, so the cache evicts and prefetches at full rate).

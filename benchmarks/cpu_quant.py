@@ -8,7 +8,7 @@
    several (prefill). Reports us per expert and GB/s (the format's expert bytes over that time; experts
    are rotated over more memory than the last-level cache holds) and the crossover token count.
 2. decode: tokens/s of `generate` per format (fp32, bf16, int8, int4 g128; quantized ones at float32 and
-   bfloat16 compute; plus int8 through the reference path) on the bundled model and on the 734M model.
+   bfloat16 compute) on the bundled model and on the 734M model.
 3. peer: llama-bench on the 734M GGUFs (f32, bf16, q8_0) with the same thread count.
 
 The 734M model and its GGUFs live in a peer folder (--peer-dir DIR or MOE_OFFLOAD_PEER_DIR), made once:
@@ -148,13 +148,12 @@ DECODE_VARIANTS = {  # name -> load options
     "int8 @bfloat16": {"dtype": "bfloat16", "expert_dtype": "int8"},
     "int4 g128 @float32": {"dtype": "float32", "expert_dtype": "int4", "group_size": 128},
     "int4 g128 @bfloat16": {"dtype": "bfloat16", "expert_dtype": "int4", "group_size": 128},
-    "int8 @float32 reference": {"dtype": "float32", "expert_dtype": "int8", "quant_kernels": "reference"},
 }
 
 
 def decode_row(path: str, opts: dict, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     t0 = time.perf_counter()
-    m = moe_offload.load(path, device="cpu", offload=False, **opts)
+    m = moe_offload.load(path, moe_offload.OffloadConfig.make(device="cpu", offload=False, **opts))
     load_s = time.perf_counter() - t0
     object.__setattr__(m.config, "eos_token_ids", ())  # full-length runs
     m.generate(prompt, max_new_tokens=4)
@@ -287,8 +286,9 @@ def main() -> None:
     out = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "shapes": {"hidden": shapes[0],
            "intermediate": shapes[1]}, "kernels": kern, "weight_only_op_wins_up_to_tokens": cross,
            "decode": dec, "llama_cpp": peer, "missing": missing,
-           "note": "decode rows: load(path, device='cpu', offload=False, **options), prompt [1, 17, 230], EOS off, "
-                   "one warm-up, then `repeats` runs of new_tokens; load_s includes quantizing on load"}
+           "note": "decode rows: load(path, OffloadConfig.make(device='cpu', offload=False, **options)), "
+                   "prompt [1, 17, 230], EOS off, one warm-up, then `repeats` runs of new_tokens; load_s includes "
+                   "quantizing on load"}
     print(f"wrote {write_json_atomic(args.out, out)}")
 
 

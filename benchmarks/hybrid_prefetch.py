@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--cpu", default="desktop-ddr5-2ch,desktop-ddr4-2ch")
     ap.add_argument("--expert-dtype", default="int4,bf16")
     ap.add_argument("--margins", default="0,1,2,3")
-    ap.add_argument("--policy", default="lru-layer", help="eviction policy of both runs (lru-layer: issue 12's target)")
+    ap.add_argument("--policy", default="lru-layer", help="eviction policy of both runs")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/hybrid_prefetch.json")
     args = ap.parse_args()

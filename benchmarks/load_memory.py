@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Anonymous memory of `load(..., expert_dtype=...)` (issue 11: quantize on load, one expert at a time).
+"""Anonymous memory of `load(..., expert_dtype=...)` (quantized on load, one expert at a time).
 
 Each case runs in a fresh subprocess: RssAnon after importing moe_offload is the baseline; a thread
 samples RssAnon every 5 ms during load() for the peak; the value after load() is what the model holds.

@@ -1,7 +1,7 @@
 """Ceiling of prefetching under one eviction policy: the deep oracle (perfect knowledge of the next D
 layers, across token boundaries) with that policy, swept over lookahead D and prefetch window W, beside
 the trace's m2r2 and no prefetch. Answers "can any predictor reach speedup S with share H of its hits on
-time under this policy?" for a trace (issue 12's lru-layer target: 1.25x and 0.90 at 4 of 8, int4).
+time under this policy?" for a trace (e.g. lru-layer, 1.25x with 0.90 of hits on time at 4 of 8 slots, int4).
 
     python benchmarks/policy_ceiling.py --trace T.npz [--trace T2.npz] [--policy lru-layer] \
         [--hardware rtx4090-pcie4] [--expert-dtype int4] [--capacity 128] [--max-tokens 4096] [--out ...json]

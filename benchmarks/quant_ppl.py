@@ -1,4 +1,4 @@
-"""Held-out perplexity and CPU decode tokens/s of the bundled model per expert format (issue 11).
+"""Held-out perplexity and CPU decode tokens/s of the bundled model per expert format.
 
     python benchmarks/quant_ppl.py [--max-tokens 2048] [--decode-tokens 32]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Serving numbers (issue 15), bundled model on this CPU:
+"""Serving numbers, bundled model on this CPU:
 
   1. aggregate decode tokens/s of batched generation at batch 1, 2, 4, 8 (`generate([...], max_batch=b)`,
      b prompts of held-out text, --tokens new tokens each, experts resident: the CPU default);

@@ -1,4 +1,4 @@
-"""Issue 12 projection table: Mixtral-8x7B decode tokens/s on the RTX 4090 and RTX 3060 profiles, bf16 and
+"""Prefetch and CPU-lane projection table: Mixtral-8x7B decode tokens/s on the RTX 4090 and RTX 3060 profiles, bf16 and
 int4 experts, lru-layer, with and without prefetch (m2r2) and the CPU lane, plus the deep-oracle ceiling
 and the old whole-expert FIFO link for comparison. Replays a trace from `moe-offload trace` (with m2r2).
 With --cross-trace (a trace recorded with cross-token adapters, `train-accelerator --cross-token`; the

@@ -57,9 +57,19 @@ class WeightPool(ABC):
         """Memory held beyond the pool's rows (none for views)."""
         return 0
 
+    def projection(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+        """(weights, scales, zeros, K) of projection 'w13' (K = hidden) or 'w2' (K = inter)."""
+        if which == "w13":
+            return self.w13, self.s13, self.z13, self.hidden
+        return self.w2, self.s2, self.z2, self.inter
+
     @abstractmethod
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        """Projection `which` of `slot` as float weights [N, K] (float32 for quantized formats)."""
+
     def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert in `slot` as (w13 [2I, H], w2 [H, I]) in `dtype` (the torch reference)."""
+        return self.dequant_projection("w13", slot).to(dtype), self.dequant_projection("w2", slot).to(dtype)
 
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """One SwiGLU expert on x [n, H] -> [n, H]: dequantize, then matmul."""
@@ -69,22 +79,26 @@ class WeightPool(ABC):
         """(w13, w2) as run_experts and moe_loop take them: (self, None)."""
         return self, None
 
+    # Most tokens per expert for which the format's CPU op beats dequantize-then-matmul, per compute dtype
+    # (absent: never; the format's own measurements).
+    fast_max_tokens: ClassVar[dict[torch.dtype, int]] = {}
+
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> Any:
         """Projection `which` ('w13' or 'w2') of `slot` prepared for a weight-only CPU op in `dtype`
         (a quant_cpu.CpuLinear), or None where the format has none for this shape."""
         return None
 
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
-        """Most tokens per expert for which the CPU op beats dequantize-then-matmul (0: never)."""
-        return 0
+        """Most tokens per expert for which the CPU op runs instead of dequantize-then-matmul (0: never)."""
+        return self.fast_max_tokens.get(dtype, 0)
 
 
 @dataclass
 class FloatPool(WeightPool):
     """A pool whose weights are stored in the activation dtype: w13 [S, 2I, H], w2 [S, H, I]."""
 
-    def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.w13[slot].to(dtype), self.w2[slot].to(dtype)
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        return self.projection(which)[0][slot]
 
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         return expert_ffn(x, self.w13[slot], self.w2[slot])

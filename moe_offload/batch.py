@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -29,8 +29,23 @@ from .errors import MoeOffloadError
 from .generate import SamplingParams, sample_next
 from .model.transformer import KVCache, RowPositions
 
-if TYPE_CHECKING:
-    from .runtime import OffloadedModel
+
+
+class BatchHost(Protocol):
+    """What the scheduler needs of a loaded model (runtime.OffloadedModel is one)."""
+
+    runtime: Any  # config.RuntimeConfig
+    model: Any  # model.transformer.MixtralTransformer
+    config: Any  # config.ModelConfig
+    expert_cache: Any  # offload.ExpertCache | None
+
+    def cache_stats(self) -> dict[str, Any]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def _reset_stats(self) -> None: ...
+
+    def _recover(self) -> None: ...
 
 _ids = itertools.count()
 
@@ -62,7 +77,7 @@ class BatchRequest:
 class BatchScheduler:
     """Runs BatchRequests with continuous batching up to `max_batch` rows (see the module docstring)."""
 
-    def __init__(self, om: "OffloadedModel", max_batch: int = 8):
+    def __init__(self, om: BatchHost, max_batch: int = 8):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise MoeOffloadError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         rt = om.runtime
@@ -194,7 +209,7 @@ class BatchScheduler:
             req.on_finish(req)
 
 
-def generate_batch(om: "OffloadedModel", prompts: list[list[int]], params: SamplingParams,
+def generate_batch(om: BatchHost, prompts: list[list[int]], params: SamplingParams,
                    max_batch: int) -> list:
     """`OffloadedModel.generate([...])`: every prompt through one scheduler; results in prompt order.
     Each result's stats are those of the whole batch (expert-cache counters are shared)."""

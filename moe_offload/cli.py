@@ -9,7 +9,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from .errors import MoeOffloadError
-from .options import (DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS, OffloadConfig,
+from .options import (CPU_EXPERTS, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS, OffloadConfig,
                       parse_tuning, tuning_help)
 from .validate import SEED_MAX, float_arg, int_arg, output_file
 
@@ -68,6 +68,7 @@ def _add_cache_args(g: Any, full: bool) -> None:
                    help="keep every expert on the device (no cache; the exactness reference)")
     g.add_argument("--predictor", default=None, choices=list(PREDICTORS), help=_field_help("predictor"))
     g.add_argument("--accelerator", default=None, metavar="FILE", help=_field_help("accelerator"))
+    g.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERTS), help=_field_help("cpu_experts"))
 
 
 def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:

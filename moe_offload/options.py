@@ -154,7 +154,7 @@ TUNING_FIELDS = {f.name: f for f in fields(Tuning)}
 # config is reached with --tuning KEY=VALUE (any Tuning field, or an OffloadConfig field without a flag).
 FLAG_FIELDS = {"--device": "device", "--dtype": "dtype", "--expert-dtype": "expert_dtype",
                "--cache-per-layer": "cache_per_layer", "--cache-gb": "cache_gb", "--predictor": "predictor",
-               "--accelerator": "accelerator"}
+               "--accelerator": "accelerator", "--cpu-experts": "cpu_experts"}
 
 
 def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -172,6 +172,12 @@ def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _suggest(name: str, names: Iterable[str]) -> str:
     close = difflib.get_close_matches(name.replace("-", "_"), list(names), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(names))}"
+
+
+def _close(name: str, names: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for a near miss among names already listed, else nothing."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _plain(value: Any) -> Any:
@@ -222,7 +228,7 @@ def _check(name: str, value: Any, meta: dict[str, Any]) -> Any:
         raise MoeOffloadError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise MoeOffloadError(f"{name} must be one of {list(meta['choices'])}, got {value!r}"
-                              + (_suggest(value, meta["choices"]) if isinstance(value, str) else ""))
+                              + (_close(value, meta["choices"]) if isinstance(value, str) else ""))
     lo, hi, lo_open = meta["lo"], meta["hi"], meta["lo_open"]
     if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
         raise MoeOffloadError(f"{name} must be {_range(lo, hi, lo_open)}, got {value}")
@@ -255,7 +261,7 @@ def _dtype(name: str, value: Any) -> Any:
         return value
     if value not in DTYPE_NAMES:
         raise MoeOffloadError(f"{name} must be one of {list(DTYPE_NAMES)}, got {value!r}"
-                              + (_suggest(value, DTYPE_NAMES) if isinstance(value, str) else ""))
+                              + (_close(value, DTYPE_NAMES) if isinstance(value, str) else ""))
     return value
 
 

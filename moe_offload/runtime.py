@@ -448,10 +448,11 @@ def build_predictor(model: MixtralTransformer, path: Path, config: OffloadConfig
     if name == "none" or (auto_off and name == "next-gate"):
         return None
     if name == "next-gate":
-        if lookahead >= model.cfg.num_hidden_layers:
-            raise MoeOffloadError(f"tuning.lookahead must be in [1, {model.cfg.num_hidden_layers - 1}] for next-gate "
-                                  f"on this {model.cfg.num_hidden_layers}-layer model, got {lookahead}")
-        return NextGate(model, lookahead)
+        L = model.cfg.num_hidden_layers
+        if asked_lookahead is not None and asked_lookahead >= L:
+            raise MoeOffloadError(f"tuning.lookahead must be in [1, {L - 1}] for next-gate on this {L}-layer model "
+                                  f"(it predicts later layers of the same token), got {asked_lookahead}")
+        return NextGate(model, max(1, min(lookahead, L - 1)))
     if acc_file is None:
         if path.resolve() != bundled_model_path().resolve():
             raise MoeOffloadError("predictor 'm2r2' needs accelerator=FILE (train one with "

@@ -121,7 +121,7 @@ def test_lane_is_skipped_for_many_tokens(setup):
 
 def test_cpu_experts_option(setup):
     path, _, _ = setup
-    with pytest.raises(MoeOffloadError, match="cpu_experts 'always' is not one of \\['auto', 'off'\\]"):
+    with pytest.raises(MoeOffloadError, match="cpu_experts must be one of \\['auto', 'off'\\], got 'always'"):
         moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3, cpu_experts="always"))
     assert moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3)).model.experts.cpu_lane is None  # off on cpu
     m = moe_offload.load(path, device="cpu", config=OffloadConfig.make(cache_experts=3, cpu_experts="auto"))
@@ -195,9 +195,9 @@ def test_cli_summary_says_what_prefetch_runs(capsys):
     from moe_offload.cli import main
 
     base = ["generate", "--cache-per-layer", "4", "--max-new-tokens", "2", "--cpu-experts", "auto"]
-    assert main(base + ["--policy", "lru-layer"]) == 0
+    assert main(base + ["--tuning", "policy=lru-layer"]) == 0
     assert "prefetch none (auto: off with the CPU lane, lru-layer" in capsys.readouterr().err
-    assert main(base + ["--policy", "lru-layer", "--prefetch-window", "2"]) == 0
+    assert main(base + ["--tuning", "policy=lru-layer", "--tuning", "lookahead=2"]) == 0
     assert "prefetch m2r2 (lookahead 2, margin 0)" in capsys.readouterr().err
     assert main(base) == 0
     assert "lru, prefetch m2r2 (lookahead 2, margin 0)" in capsys.readouterr().err

@@ -1,9 +1,13 @@
 """Triton fused_moe (under TRITON_INTERPRET=1 on CPU) against the per-expert torch loop."""
 
+import ast
+import importlib.metadata
 import itertools
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +130,63 @@ def test_tile_configs_are_data_with_nearest_m_lookup():
         TileConfig(16, 32, 8)
 
 
-def test_top_level_kernels_package_is_not_importable(tmp_path):
-    code = "import importlib.util, moe_offload.kernels; print(importlib.util.find_spec('kernels'))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr
+# Our kernels/ folder ships as moe_offload.kernels only. A PyPI package named `kernels` exists (transformers
+# installs it and imports it when found), so ours must never be what `import kernels` finds. A script file,
+# not `python -c`: -c puts the cwd on sys.path, and from a source checkout's root any folder is importable.
+FIND_KERNELS = """import importlib.util, json, os
+import moe_offload.kernels
+spec = importlib.util.find_spec("kernels")
+found = None if spec is None else [spec.origin] + list(spec.submodule_search_locations or [])
+print(json.dumps({"found": found, "ours": os.path.dirname(moe_offload.kernels.__file__)}))
+"""
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+@pytest.mark.parametrize("cwd", ["tmp", "repo"])
+def test_our_kernels_folder_is_never_importable_as_kernels(tmp_path, cwd):
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "find_kernels.py"
+    script.write_text(FIND_KERNELS)
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path if cwd == "tmp" else repo, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    ours = [Path(res["ours"]), repo / "kernels"]  # the installed moe_offload.kernels, and the source folder
+    for place in res["found"] or []:  # None, or the PyPI package: anything but our folder
+        assert place is None or not any(_inside(place, folder) for folder in ours), res
+
+
+def _editable_mapping(dist) -> dict:
+    """The package -> folder map of a setuptools editable install (empty for a wheel install)."""
+    mapping = {}
+    for f in dist.files or []:
+        if f.name.startswith("__editable__") and f.name.endswith("_finder.py"):
+            for node in ast.parse(Path(dist.locate_file(f)).read_text()).body:
+                if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(
+                        node.targets[0] if isinstance(node, ast.Assign) else node.target, "id", "") == "MAPPING":
+                    mapping.update(ast.literal_eval(node.value))
+    return mapping
+
+
+def test_installed_distribution_declares_no_top_level_kernels():
+    dist = importlib.metadata.distribution("moe_offload")
+    assert "kernels" not in (dist.read_text("top_level.txt") or "").split()
+    files = [str(f).replace("\\", "/") for f in dist.files or []]
+    assert not [f for f in files if f.startswith("kernels/")]  # a wheel's RECORD: only moe_offload/kernels/...
+    mapping = _editable_mapping(dist)
+    assert "kernels" not in mapping and (not mapping or "moe_offload.kernels" in mapping), mapping
+
+
+def test_package_build_declares_no_top_level_kernels(tmp_path):
+    """What a build of this checkout would install (setup.py's package list, through egg_info): only
+    moe_offload at the top level. -P: the repo root off sys.path (else setuptools' egg_info plugins,
+    the PyPI kernels package's among them, would import our folder as `kernels`)."""
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-P", "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], cwd=repo,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (info,) = tmp_path.glob("*.egg-info")
+    assert (info / "top_level.txt").read_text().split() == ["moe_offload"]

@@ -153,20 +153,22 @@ def test_pinned_and_inflight_experts_are_never_evicted():
 
 
 def test_budget_errors_and_clamping(model_path, monkeypatch):
-    for kw in ({"cache_experts": 0}, {"cache_experts": 1}, {"cache_per_layer": 1}):
-        with pytest.raises(MoeOffloadError, match="below the minimum 2 \\(top_k=2\\)"):
+    for kw, needle in (({"cache_experts": 0}, "tuning.cache_experts must be >= 1, got 0"),
+                       ({"cache_experts": 1}, r"tuning.cache_experts must be in \[2, 8\] for this model"),
+                       ({"cache_experts": 100}, r"tuning.cache_experts must be in \[2, 8\] for this model"),
+                       ({"cache_per_layer": 1}, r"cache_per_layer must be in \[2, 4\] for this model"),
+                       ({"cache_per_layer": 9}, r"cache_per_layer must be in \[2, 4\] for this model")):
+        with pytest.raises(MoeOffloadError, match=needle):
             moe_offload.load(model_path, config=OffloadConfig.make(device="cpu", **kw))
     with pytest.raises(MoeOffloadError, match="below the minimum 4 \\(top_k=2 per layer x 2 layers"):
         moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=3, policy="lru-layer"))
-    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=100))
-    assert m.expert_cache.num_slots == L * E and any("clamped to 8" in n for n in m.memory_plan.notes)
-    m = moe_offload.load(model_path, device="cpu", cache_per_layer=9)
+    m = moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_experts=L * E))
     assert m.expert_cache.num_slots == L * E
     with pytest.raises(MoeOffloadError, match="cache_gb 100000 .* exceeds what is free on cpu"):
         moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_gb=100000))
     with pytest.raises(MoeOffloadError, match="at most one cache budget"):
         moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(cache_gb=1, cache_experts=3))
-    with pytest.raises(MoeOffloadError, match="policy 'fifo' is not one of"):
+    with pytest.raises(MoeOffloadError, match="tuning.policy must be one of"):
         moe_offload.load(model_path, device="cpu", config=OffloadConfig.make(policy="fifo"))
     monkeypatch.setattr(store_mod, "available_host_bytes", lambda: store_mod.HOST_RAM_MARGIN + 1000)
     with pytest.raises(MoeOffloadError, match="host RAM too small for the host expert store: needs 36,864 bytes"):

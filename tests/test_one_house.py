@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What each part of the package may import (besides the leaves config, checkpoint, errors, quant,
 # results and itself). Top to bottom: cli -> runtime -> generate/analysis/predict -> model -> offload
 # -> kernels. kernels imports nothing from moe_offload at all.
-LEAVES = {"config", "checkpoint", "errors", "quant", "results", "validate"}
+LEAVES = {"config", "checkpoint", "errors", "formats", "options", "quant", "results", "validate"}
 MAY_IMPORT = {
     "kernels": set(),
     "offload": {"kernels"},
@@ -57,11 +57,7 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
     pkg = name if is_pkg else name.rsplit(".", 1)[0]
     out = set()
     tree = ast.parse(path.read_text())
-    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                 and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
-    for node in ast.walk(tree):
-        if id(node) in type_only:  # `if TYPE_CHECKING:` imports never run
-            continue
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports count too: a cycle of types is a cycle
         targets = []
         if isinstance(node, ast.ImportFrom):
             if node.level:

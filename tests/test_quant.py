@@ -8,16 +8,16 @@ import torch
 
 import moe_offload
 from moe_offload.errors import MoeOffloadError
-from moe_offload.kernels.quant import dequant_int4, dequant_int8, unpack_int4
-from moe_offload.quant.formats import expert_bytes, expert_layout
-from moe_offload.quant.pack import pool_views, quantize_expert, quantize_int4, quantize_int8, write_expert
+from moe_offload.formats import expert_bytes, get_format
+from moe_offload.formats.int4 import dequant_int4, quantize_int4, unpack_int4
+from moe_offload.formats.int8 import dequant_int8, quantize_int8
 from moe_offload.options import OffloadConfig
 
 
 @pytest.mark.parametrize("fmt,h,i,g", [("int8", 36, 22, 128), ("int4", 36, 22, 32), ("int4", 33, 17, 64),
                                        ("int4", 128, 256, 128)])
 def test_layout_is_aligned_and_fills_expert_bytes(fmt, h, i, g):
-    secs = expert_layout(h, i, fmt, g)
+    secs = get_format(fmt, g).layout(h, i)
     total = expert_bytes(h, i, fmt, g)
     assert all(s.offset % 16 == 0 for s in secs) and total % 16 == 0
     for a, b in zip(secs, secs[1:]):
@@ -67,10 +67,11 @@ def test_pool_views_dequantize_the_written_expert(fmt):
     torch.manual_seed(2)
     h, i, g = 36, 22, 32
     w1, w3, w2 = torch.randn(i, h), torch.randn(i, h), torch.randn(h, i)
-    rows = torch.full((3, expert_bytes(h, i, fmt, g)), 255, dtype=torch.uint8)
-    write_expert(rows[1], quantize_expert(w1, w3, w2, fmt, g), h, i, fmt, g)
-    w13_d, w2_d = pool_views(rows, h, i, fmt, g).dequant(1, torch.float32)
-    tol = 0.02 if fmt == "int8" else 0.3  # half a quantization step of randn weights
+    fmt = get_format(fmt, g)
+    rows = torch.full((3, fmt.expert_bytes(h, i)), 255, dtype=torch.uint8)
+    fmt.put(rows[1], w1, w3, w2, h, i)
+    w13_d, w2_d = fmt.pool_views(rows, h, i).dequant(1, torch.float32)
+    tol = 0.02 if fmt.name == "int8" else 0.3  # half a quantization step of randn weights
     torch.testing.assert_close(w13_d, torch.cat([w1, w3]), atol=tol, rtol=0)
     torch.testing.assert_close(w2_d, w2, atol=tol, rtol=0)
 

@@ -1,4 +1,4 @@
-"""PyTorch's CPU weight-only ops for quantized experts (kernels/quant_cpu.py) against the dequantize-then-
+"""PyTorch's CPU weight-only ops for quantized experts (the formats' cpu_linear, run by kernels/quant_cpu.py) against the dequantize-then-
 matmul reference: per projection, per expert, through moe_loop, and on the bundled model.
 
 Tolerances. A projection's exact value is x @ W.T with W the dequantized weights (float64 here). The
@@ -16,10 +16,11 @@ import torch
 import moe_offload
 from moe_offload.errors import MoeOffloadError
 from moe_offload.kernels import expert_ffn, moe_loop
-from moe_offload.kernels.quant import QuantPool, unpack_int4
-from moe_offload.kernels.quant_cpu import CpuQuantPool, int4_linear, int8_linear
-from moe_offload.quant.formats import expert_bytes
-from moe_offload.quant.pack import pool_views, quantize_expert, quantize_int4, quantize_int8, write_expert
+from moe_offload.formats import expert_bytes, get_format
+from moe_offload.formats.int4 import int4_linear, quantize_int4, unpack_int4
+from moe_offload.formats.int8 import int8_linear, quantize_int8
+from moe_offload.kernels import WeightPool
+from moe_offload.kernels.quant_cpu import CpuQuantPool
 from moe_offload.options import OffloadConfig
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -68,15 +69,15 @@ def test_projection_within_rounding_of_the_dequantized_weights(fmt, g, dtype, m)
     assert bound.mean() < 0.5 * ref.abs().mean()  # well below the values: a wrong nibble order or zero fails
 
 
-def make_pool(fmt: str, g: int, hidden: int, inter: int, slots: int) -> QuantPool:
+def make_pool(fmt: str, g: int, hidden: int, inter: int, slots: int) -> WeightPool:
     torch.manual_seed(1)
-    nbytes = expert_bytes(hidden, inter, fmt, g)
-    rows = torch.empty(slots, nbytes, dtype=torch.uint8)
+    fmt = get_format(fmt, g)
+    rows = torch.empty(slots, fmt.expert_bytes(hidden, inter), dtype=torch.uint8)
     for sl in range(slots):
         w1, w3 = torch.randn(inter, hidden) * 0.1, torch.randn(inter, hidden) * 0.1
         w2 = torch.randn(hidden, inter) * 0.1
-        write_expert(rows[sl], quantize_expert(w1, w3, w2, fmt, g), hidden, inter, fmt, g)
-    return pool_views(rows, hidden, inter, fmt, g)
+        fmt.put(rows[sl], w1, w3, w2, hidden, inter)
+    return fmt.pool_views(rows, hidden, inter)
 
 
 # Whole MoE layer vs moe_loop on the dequantized pool in the same dtype. Both sides round each projection
@@ -128,7 +129,7 @@ def test_extra_ram_is_the_cast_scales_for_int8_and_the_repacked_weights_for_int4
     h, i, g = 128, 256, 64
     p8 = CpuQuantPool(make_pool("int8", g, h, i, 3), torch.bfloat16)
     assert p8.extra_bytes == 3 * (2 * i + h) * 2  # bf16 scales only; int8 weights read in place
-    assert p8.w13[1].weight.data_ptr() == p8.pool.qw13[1].data_ptr()
+    assert p8.w13[1].weight.data_ptr() == p8.pool.w13[1].data_ptr()
     p4 = CpuQuantPool(make_pool("int4", g, h, i, 3), torch.float32)
     assert p4.extra_bytes == 3 * (3 * h * i // 2 + 2 * 4 * (2 * i * h + h * i) // g)
 

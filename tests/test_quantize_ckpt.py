@@ -16,7 +16,8 @@ from moe_offload.errors import CheckpointError, ConfigError, MoeOffloadError
 from moe_offload.quant.ckpt import (compress_matrix, decompress_matrix, pack_int32, parse_quantization_config,
                                     unpack_int32)
 from moe_offload.quant.export import quantize_checkpoint
-from moe_offload.quant.pack import quantize_int4, quantize_int8
+from moe_offload.formats.int4 import quantize_int4
+from moe_offload.formats.int8 import Int8Format, quantize_int8
 
 from helpers import write_model
 from moe_offload.options import OffloadConfig
@@ -139,10 +140,8 @@ def test_quantize_bad_inputs_and_nothing_half_written(tmp_path, monkeypatch, cap
     (full / "keep.txt").write_text("x")
     assert main(["quantize", "--out", str(full), "--expert-dtype", "int8"]) == 2
     assert "not empty; pass --force" in capsys.readouterr().err
-    import moe_offload.quant.export as export
-
     calls = [0]
-    real = export.quantize_expert
+    real = Int8Format.pack
 
     def dies(*a, **k):
         calls[0] += 1
@@ -150,7 +149,7 @@ def test_quantize_bad_inputs_and_nothing_half_written(tmp_path, monkeypatch, cap
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(export, "quantize_expert", dies)
+    monkeypatch.setattr(Int8Format, "pack", dies)
     with pytest.raises(RuntimeError):
         quantize_checkpoint(odd, tmp_path / "o3", "int8")
     assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".o3*"))

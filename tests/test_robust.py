@@ -95,7 +95,8 @@ def test_interrupt_at_every_hook_leaves_the_model_exact(monkeypatch, want, hook)
                 raise KeyboardInterrupt
             return _orig(*a, **kw)
 
-        with runtime.load(device="cpu", cache_per_layer=3, config=OffloadConfig.make(policy="lru", prefetch_window=2)) as m:
+        with runtime.load(device="cpu", cache_per_layer=3) as m:
+            m.prefetcher.max_inflight = 2
             m.expert_cache.engine.faults = CopyFaults(delay=lambda key: 0.0001)  # copies stay on the link a while
             monkeypatch.setattr(obj, attr, boom)
             interrupted = False

@@ -106,18 +106,15 @@ class Int4Pool(WeightPool):
 
     weight_format = WEIGHT_INT4
 
-    def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.group_size
-        return (dequant_int4(self.w13[slot], self.s13[slot], self.z13[slot], self.hidden, g).to(dtype),
-                dequant_int4(self.w2[slot], self.s2[slot], self.z2[slot], self.inter, g).to(dtype))
+    fast_max_tokens = FAST_MAX_TOKENS
+
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        q, s, z, k = self.projection(which)
+        return dequant_int4(q[slot], s[slot], z[slot], k, self.group_size)
 
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear | None:
-        if which == "w13":
-            return int4_linear(self.w13[slot], self.s13[slot], self.z13[slot], self.hidden, self.group_size, dtype)
-        return int4_linear(self.w2[slot], self.s2[slot], self.z2[slot], self.inter, self.group_size, dtype)
-
-    def cpu_max_tokens(self, dtype: torch.dtype) -> int:
-        return FAST_MAX_TOKENS.get(dtype, 0)
+        q, s, z, k = self.projection(which)
+        return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype)
 
 
 class Int4Format(PackedFormat):

@@ -49,16 +49,15 @@ class Int8Pool(WeightPool):
 
     weight_format = WEIGHT_INT8
 
-    def dequant(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return (dequant_int8(self.w13[slot], self.s13[slot]).to(dtype),
-                dequant_int8(self.w2[slot], self.s2[slot]).to(dtype))
+    fast_max_tokens = FAST_MAX_TOKENS
+
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        q, s, _, _ = self.projection(which)
+        return dequant_int8(q[slot], s[slot])
 
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear:
-        q, s = (self.w13, self.s13) if which == "w13" else (self.w2, self.s2)
+        q, s, _, _ = self.projection(which)
         return int8_linear(q[slot], s[slot], dtype)
-
-    def cpu_max_tokens(self, dtype: torch.dtype) -> int:
-        return FAST_MAX_TOKENS.get(dtype, 0)
 
 
 class Int8Format(PackedFormat):
