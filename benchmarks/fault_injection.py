@@ -20,6 +20,7 @@ import time
 from moe_offload import runtime
 from moe_offload.offload.transfer import COPY_RETRIES, CopyFailed, CopyFaults
 from moe_offload.results import result_metadata, write_json_atomic
+from moe_offload.options import OffloadConfig
 
 PROMPT = "And God said, Let there be light"
 
@@ -38,7 +39,7 @@ def main() -> int:
         t0 = time.perf_counter()
         for run in range(args.runs):
             rng = random.Random(1000 * run + int(rate * 1000))
-            with runtime.load(device="cpu", cache_per_layer=2, policy="lru") as m:
+            with runtime.load(device="cpu", cache_per_layer=2, config=OffloadConfig.make(policy="lru")) as m:
                 m.expert_cache.engine.faults = CopyFaults(fail=lambda key: rng.random() < rate)
                 try:
                     r = m.generate(PROMPT, max_new_tokens=args.tokens)

@@ -17,6 +17,7 @@ import time
 import torch
 
 import moe_offload
+from moe_offload.options import OffloadConfig
 from moe_offload.results import result_metadata, write_json_atomic
 
 FORMATS = [("fp32", {}), ("bf16", {"dtype": "bfloat16", "expert_dtype": "bf16"}),
@@ -56,7 +57,7 @@ def main() -> None:
     rows = []
     for name, opts in (f for f in FORMATS if f[0] in wanted):
         t0 = time.perf_counter()
-        with moe_offload.load(args.model, device="cpu", **opts) as m:
+        with moe_offload.load(args.model, config=OffloadConfig.make(device="cpu", **opts)) as m:
             load_s = time.perf_counter() - t0
             ids = m.encode_text(text)[: args.max_tokens]
             window = min(m.runtime.max_seq_len, 256)

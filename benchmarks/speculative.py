@@ -38,6 +38,7 @@ from moe_offload.analysis.sim import StepCosts, get_hardware, run_timeline
 from moe_offload.model.observers import Observer, observing
 
 from _paths import shown
+from moe_offload.options import OffloadConfig
 
 
 class PassRecorder(Observer):
@@ -74,7 +75,7 @@ def padded(passes: list[list[np.ndarray]]) -> np.ndarray:
 
 def resident_speed(model: str, acc: str, prompts, new: int, draft: int) -> dict:
     plain = runtime.load(model, device="cpu", offload=False)
-    spec = runtime.load(model, device="cpu", offload=False, speculative=True, accelerator=acc, draft_tokens=draft)
+    spec = runtime.load(model, device="cpu", offload=False, config=OffloadConfig.make(speculative=True, accelerator=acc, draft_tokens=draft))
     rows = {"plain": [0, 0.0], "spec": [0, 0.0]}
     acc_n, reach_n, steps, accepted = np.zeros(draft), np.zeros(draft), 0, 0
     for p in prompts:
@@ -106,8 +107,8 @@ def offloaded_bytes(model: str, acc: str, prompts, new: int, draft: int, cap: in
     out = {}
     for mode in ("plain", "spec", "spec_all"):
         kw = dict(speculative=True, accelerator=acc, draft_tokens=draft) if mode != "plain" else {}
-        with runtime.load(model, device="cpu", cache_per_layer=cap, policy=policy, predictor=predictor,
-                          **({"accelerator": acc} | kw)) as om:
+        with runtime.load(model, config=OffloadConfig.make(device="cpu", cache_per_layer=cap, policy=policy,
+                                                          predictor=predictor, **({"accelerator": acc} | kw))) as om:
             if mode == "spec_all":  # every drafted position verified: no verify budget
                 om.speculative.budget = False
             rec = PassRecorder(om.config.num_hidden_layers)

@@ -105,7 +105,6 @@ class Int4Pool(WeightPool):
     [S, H, ceil(I/2)], s2 / z2 fp16 [S, H, ceil(I/G)]."""
 
     weight_format = WEIGHT_INT4
-
     fast_max_tokens = FAST_MAX_TOKENS
 
     def dequant_projection(self, which: str, slot: int) -> torch.Tensor:

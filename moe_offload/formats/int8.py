@@ -48,7 +48,6 @@ class Int8Pool(WeightPool):
     """int8 views: w13 int8 [S, 2I, H], s13 fp16 [S, 2I]; w2 int8 [S, H, I], s2 fp16 [S, H]."""
 
     weight_format = WEIGHT_INT8
-
     fast_max_tokens = FAST_MAX_TOKENS
 
     def dequant_projection(self, which: str, slot: int) -> torch.Tensor:

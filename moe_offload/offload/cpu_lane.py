@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import MoeOffloadError
-from .protocols import ExpertStore
+from .protocols import ExpertStore, HostComputeStore
 
 CPU_EXPERTS = ("auto", "off")
 
@@ -99,7 +99,7 @@ def lane_candidates(cache, layer: int, needed: Sequence[int], copy_seconds: floa
 class HostExperts:
     """Runs one expert of the store on the host, in the store's compute dtype (see the module docstring)."""
 
-    def __init__(self, store: ExpertStore):
+    def __init__(self, store: HostComputeStore):
         self.store = store
         self.prepared: dict[tuple[int, int], Any] = {}  # (layer, e) -> store.cpu_expert(layer, e)
 
@@ -125,7 +125,7 @@ class HostExperts:
         return expert.ffn(0, x)
 
 
-def measure_cpu_seconds(store: ExpertStore, reps: int = 3) -> tuple[float, float]:
+def measure_cpu_seconds(store: HostComputeStore, reps: int = 3) -> tuple[float, float]:
     """(weight_seconds, token_seconds) of one expert computed from the host store on this CPU, measured
     at 1 and 8 tokens (best of `reps`)."""
     host = HostExperts(store)
@@ -159,7 +159,7 @@ def fill_after_cpu(cache, layer: int, experts: Sequence[int], protect: set) -> N
 class CpuLane:
     """Computes chosen missed experts on the host from the store (see the module docstring)."""
 
-    def __init__(self, store: ExpertStore, costs: LaneCosts, max_tokens: int = 8):
+    def __init__(self, store: HostComputeStore, costs: LaneCosts, max_tokens: int = 8):
         self.store, self.costs, self.max_tokens = store, costs, max_tokens
         self.host = HostExperts(store)
 

@@ -6,7 +6,7 @@ twins in moe_offload.analysis.sim."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,8 +28,20 @@ class ExpertStore(Protocol):
     def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
         """An uninitialised device pool [S, row] for num_slots experts."""
 
-    def pool_views(self, pool: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(w13 [S, 2I, H], w2 [S, H, I]) views of a pool from allocate_pool, as the kernels read them."""
+    def pool_views(self, pool: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """(w13 [S, 2I, H], w2 [S, H, I]) views of a pool from allocate_pool, as the kernels read them
+        (for a packed expert format: the format's kernels.WeightPool and None)."""
+
+
+@runtime_checkable
+class HostComputeStore(ExpertStore, Protocol):
+    """A store whose experts can also run on the host (the CPU lane)."""
+
+    dtype: torch.dtype  # the compute dtype
+    hidden: int
+
+    def cpu_expert(self, layer: int, e: int) -> Any:
+        """Expert (layer, e) prepared for the host: ffn(0, x [n, H]) -> [n, H]; extra_bytes of RAM held."""
 
 
 class LoadHandleLike(Protocol):
