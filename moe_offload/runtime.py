@@ -24,7 +24,8 @@ from .generate import (GenerationResult, GenerationStream, SamplingParams, TextS
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MixtralTransformer
-from .offload.packed import PackedResidentExperts, resolve_expert_format
+from .formats import choose_format
+from .offload.packed import PackedResidentExperts
 from .offload.cpu_lane import build_cpu_lane
 from .offload.link import link_chunk_bytes
 from .options import DEFAULT_DRAFT_TOKENS, OffloadConfig, check_against_model
@@ -320,17 +321,16 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     if offload is None:  # on cpu, host RAM is the device (OffloadConfig.offload), unless the cache is asked for
         offload = dev.type == "cuda" or bool(config.cache_options())
     expert_dtype, group_size = _expert_storage(config, cfg, path)
-    fmt = resolve_expert_format(expert_dtype, group_size, dt, backend)
-    runtime = replace(runtime, expert_format=fmt)
-    if fmt is not None and not offload:
-        store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt,
-                                                group_size=group_size)
+    fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
+    runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)
+    if fmt.quantized and not offload:
+        store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt)
         experts = PackedResidentExperts(store, dev, backend)
     if offload:
         budget = CacheBudget(tune.cache_experts, config.cache_per_layer, config.cache_gb)
-        plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt, group_size)
+        plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt)
         store = HostExpertStore.from_checkpoint(ckpt, dt, pin=dev.type == "cuda", show_progress=runtime.show_progress,
-                                                fmt=fmt, group_size=group_size)
+                                                fmt=fmt)
         chunk = link_chunk_bytes(tune.link_chunk_mb)
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev, chunk_bytes=chunk))
         experts = OffloadedExperts(cache, backend)

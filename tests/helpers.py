@@ -158,3 +158,15 @@ def use_oracle(model, trace, lookahead: int = 1) -> None:
     """Swap an offloaded model's prefetch predictor for the oracle of `trace` (a RoutingTrace)."""
     model.prefetcher.predictor = OraclePredictor(trace.routed_ids, trace.routed_weights,
                                                  model.config.num_local_experts, lookahead)
+
+
+def as_reference(model):
+    """A resident quantized model with its experts run by dequantize-then-matmul: the exact twin of
+    the offloaded loop backend (the CPU ops round differently)."""
+    model.model.experts = model.model.experts.reference()
+    return model
+
+
+def group(fmt: str, g: int) -> int | None:
+    """The group_size setting for an expert format: g for int4, none for the others (they have no groups)."""
+    return g if fmt == "int4" else None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moe_offload
+from helpers import as_reference, group
 from moe_offload.errors import MoeOffloadError
 from moe_offload.formats import expert_bytes, get_format
 from moe_offload.formats.int4 import dequant_int4, quantize_int4, unpack_int4
@@ -83,8 +84,9 @@ TEXT = "In the beginning God created the heaven and the earth."
 def resident_logits():
     out = {}
     for fmt, g in (("int8", 128), ("int4", 32)):
-        # the dequantize-then-matmul twin of the offloaded run (quant_kernels="auto": tests/test_quant_cpu.py)
-        with moe_offload.load(device="cpu", expert_dtype=fmt, offload=False, config=OffloadConfig.make(group_size=g, quant_kernels="reference")) as m:
+        # the dequantize-then-matmul twin of the offloaded run (the CPU ops: tests/test_quant_cpu.py)
+        with as_reference(moe_offload.load(device="cpu", expert_dtype=fmt, offload=False,
+                                           config=OffloadConfig.make(group_size=group(fmt, g)))) as m:
             ids = m.encode(TEXT)
             out[fmt] = (ids, m.logits(ids), m.generate(ids, max_new_tokens=8).token_ids)
     return out
@@ -94,7 +96,7 @@ def resident_logits():
 @pytest.mark.parametrize("slots", [2, 7, 48])  # below top_k * layers, odd, all
 def test_offloaded_quantized_equals_resident_quantized(resident_logits, fmt, g, slots):
     ids, logits, tokens = resident_logits[fmt]
-    with moe_offload.load(device="cpu", expert_dtype=fmt, predictor="none", config=OffloadConfig.make(group_size=g, cache_experts=slots)) as m:
+    with moe_offload.load(device="cpu", expert_dtype=fmt, predictor="none", config=OffloadConfig.make(group_size=group(fmt, g), cache_experts=slots)) as m:
         assert torch.equal(m.logits(ids), logits)
         res = m.generate(ids, max_new_tokens=8)
         assert res.token_ids == tokens
@@ -113,9 +115,9 @@ def test_quantized_logits_close_to_fp32_and_differ_from_it(resident_logits):
 
 
 def test_bad_expert_options_are_one_line_errors():
-    with pytest.raises(MoeOffloadError, match="group_size 48"):
+    with pytest.raises(MoeOffloadError, match=r"tuning.group_size must be one of \[32, 64, 128\], got 48"):
         moe_offload.load(device="cpu", expert_dtype="int4", config=OffloadConfig.make(group_size=48))
-    with pytest.raises(MoeOffloadError, match="expert_dtype 'int5'"):
+    with pytest.raises(MoeOffloadError, match=r"expert_dtype must be one of .*, got 'int5'"):
         moe_offload.load(device="cpu", expert_dtype="int5")
     with pytest.raises(MoeOffloadError, match="needs the compute dtype bfloat16"):
         moe_offload.load(device="cpu", expert_dtype="bf16", dtype="float32")

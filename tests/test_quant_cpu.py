@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moe_offload
-from moe_offload.errors import MoeOffloadError
+from helpers import as_reference, group
 from moe_offload.kernels import expert_ffn, moe_loop
 from moe_offload.formats import expert_bytes, get_format
 from moe_offload.formats.int4 import int4_linear, quantize_int4, unpack_int4
@@ -140,7 +140,8 @@ def test_bundled_model_float32_greedy_tokens_equal_reference(fmt, g):
     ids = None
     out = {}
     for kern in ("auto", "reference"):
-        with moe_offload.load(device="cpu", dtype="float32", expert_dtype=fmt, config=OffloadConfig.make(group_size=g, quant_kernels=kern)) as m:
+        m = moe_offload.load(device="cpu", dtype="float32", expert_dtype=fmt, config=OffloadConfig.make(group_size=group(fmt, g)))
+        with (as_reference(m) if kern == "reference" else m):
             ids = m.encode("In the beginning God created the heaven and the earth.")
             out[kern] = (m.logits(ids), m.generate(ids, max_new_tokens=12).token_ids)
     assert out["auto"][1] == out["reference"][1]
@@ -160,17 +161,13 @@ def test_bundled_model_bf16_logits_within_bf16_rounding(fmt):
     dequantized weight is rounded), so logits agree to a few bf16 roundings of the largest logit."""
     out = {}
     for kern in ("auto", "reference"):
-        with moe_offload.load(device="cpu", dtype="bfloat16", expert_dtype=fmt, config=OffloadConfig.make(quant_kernels=kern)) as m:
+        m = moe_offload.load(device="cpu", dtype="bfloat16", expert_dtype=fmt)
+        with (as_reference(m) if kern == "reference" else m):
             ids = m.encode("In the beginning God created the heaven and the earth.")
             out[kern] = m.logits(ids).float()
     ref = out["reference"]
     err = (out["auto"] - ref).abs().max()
     assert 0 < err <= 4 * torch.finfo(torch.bfloat16).eps * ref.abs().max()
-
-
-def test_bad_quant_kernels_is_a_one_line_error():
-    with pytest.raises(MoeOffloadError, match=r"quant_kernels 'fast' is not one of \['auto', 'reference'\]"):
-        moe_offload.load(device="cpu", expert_dtype="int8", config=OffloadConfig.make(quant_kernels="fast"))
 
 
 @pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 64)])
@@ -180,9 +177,10 @@ def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g):
     from moe_offload.offload.cpu_lane import CpuLane, LaneCosts
 
     text = "In the beginning God created the heaven and the earth."
-    with moe_offload.load(device="cpu", expert_dtype=fmt, offload=False, config=OffloadConfig.make(group_size=g, quant_kernels="reference")) as ref:
+    with as_reference(moe_offload.load(device="cpu", expert_dtype=fmt, offload=False,
+                                       config=OffloadConfig.make(group_size=group(fmt, g)))) as ref:
         expected = ref.generate(text, max_new_tokens=10).token_ids
-    with moe_offload.load(device="cpu", expert_dtype=fmt, predictor="none", config=OffloadConfig.make(group_size=g, cache_experts=4, cpu_experts="off")) as m:
+    with moe_offload.load(device="cpu", expert_dtype=fmt, predictor="none", config=OffloadConfig.make(group_size=group(fmt, g), cache_experts=4, cpu_experts="off")) as m:
         lane = CpuLane(m.expert_cache.store, LaneCosts(copy_seconds=1.0, chunk_seconds=0.0, weight_seconds=0.01,
                                                        token_seconds=0.0))
         m.model.experts.cpu_lane = lane

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moe_offload as mo
+from helpers import as_reference, group
 from moe_offload.cli import main
 from moe_offload.config import MixtralConfig
 from moe_offload.errors import CheckpointError, ConfigError, MoeOffloadError
@@ -60,12 +61,12 @@ def quantized(tmp_path_factory):
 @pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
 def test_written_then_loaded_equals_quantize_on_load_bit_for_bit(quantized, fmt, g):
     d = quantized[(fmt, g)]
-    on_load = mo.load(device="cpu", expert_dtype=fmt, config=OffloadConfig.make(group_size=g))
+    on_load = mo.load(device="cpu", expert_dtype=fmt, config=OffloadConfig.make(group_size=group(fmt, g)))
     ids = on_load.encode(PROMPT)
     want = on_load.logits(ids)
     got = mo.load(d, device="cpu")
     assert torch.equal(got.logits(ids), want)
-    reference = mo.load(device="cpu", expert_dtype=fmt, config=OffloadConfig.make(group_size=g, quant_kernels="reference"))
+    reference = as_reference(mo.load(device="cpu", expert_dtype=fmt, offload=False, config=OffloadConfig.make(group_size=group(fmt, g))))
     tokens = reference.generate(PROMPT, max_new_tokens=12).token_ids  # the offloaded path's exact twin
     for cap in (2, 4):
         with mo.load(d, device="cpu", cache_per_layer=cap) as off:
