@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 import moe_offload
-from moe_offload.config import MixtralConfig
+from moe_offload.config import ModelConfig
 from moe_offload.offload import ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine, make_policy
 from moe_offload.offload.prefetch import Prefetcher
 from moe_offload.model.observers import ForcedRouting
-from moe_offload.model.transformer import KVCache, MixtralTransformer, empty_resident_experts, init_random_
+from moe_offload.model.transformer import KVCache, MoeModel, empty_resident_experts, init_random_
 from moe_offload.results import result_metadata, write_json_atomic
 from moe_offload.analysis.sim import RecordedPredictor
 from moe_offload.analysis.trace import RoutingTrace, load_trace, record_with_predictions
@@ -40,8 +40,8 @@ def bundled_trace(tokens: int) -> RoutingTrace:
     return record_with_predictions(m.model, ids, m.runtime.max_seq_len, 2, acc_file if acc_file.is_file() else None)
 
 
-def build(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, experts) -> MixtralTransformer:
-    model = MixtralTransformer(cfg, experts, dtype=dtype, device=device, max_seq_len=cfg.max_position_embeddings)
+def build(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, experts) -> MoeModel:
+    model = MoeModel(cfg, experts, dtype=dtype, device=device, max_seq_len=cfg.max_position_embeddings)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
@@ -53,7 +53,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def decode(model: MixtralTransformer, trace: RoutingTrace, tokens: int, device: torch.device) -> float:
+def decode(model: MoeModel, trace: RoutingTrace, tokens: int, device: torch.device) -> float:
     """Decode `tokens` steps (teacher-forced token ids, forced routing); returns tokens/s."""
     cache = KVCache(model.cfg, 1, tokens + 1, model.dtype, device)
     x = torch.empty(1, 1, dtype=torch.long, device=device)
@@ -70,7 +70,7 @@ def decode(model: MixtralTransformer, trace: RoutingTrace, tokens: int, device: 
     return (tokens - 1) / (time.perf_counter() - t0)
 
 
-def per_layer_times(model: MixtralTransformer, device: torch.device) -> dict:
+def per_layer_times(model: MoeModel, device: torch.device) -> dict:
     """Median ms of one layer's attention and of one routed expert at batch 1 (CUDA events)."""
     if device.type != "cuda":
         return {}
@@ -112,7 +112,7 @@ def main() -> None:
     E = trace.router_probs.shape[2]
     h, inter, heads, kv = (64, 96, 4, 2) if args.smoke else (4096, 14336, 32, 8)
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    cfg = MixtralConfig(vocab_size=32000 if not args.smoke else 4096, hidden_size=h, intermediate_size=inter,
+    cfg = ModelConfig(vocab_size=32000 if not args.smoke else 4096, hidden_size=h, intermediate_size=inter,
                         num_hidden_layers=L, num_attention_heads=heads, num_key_value_heads=kv, num_local_experts=E,
                         num_experts_per_tok=k, head_dim=h // heads, max_position_embeddings=args.tokens + 1)
     tokens = min(args.tokens, T)

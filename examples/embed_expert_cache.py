@@ -23,7 +23,7 @@ import argparse
 
 import torch
 import torch.nn as nn
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import ModelConfig, MixtralForCausalLM
 
 from moe_offload.offload import (ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine,
                                  make_policy)
@@ -55,7 +55,7 @@ class CachedMoeBlock(nn.Module):
         return self.experts(self.layer, h, ids, weights).reshape(shape)
 
 
-def embed_by_hand(model: nn.Module, cfg: MixtralConfig, slots: int, policy: str,
+def embed_by_hand(model: nn.Module, cfg: ModelConfig, slots: int, policy: str,
                   device: torch.device) -> ExpertCache:
     """The four building blocks wired by hand: store, cache, copy engine, OffloadedExperts."""
     blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in model.model.layers]
@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                         num_experts_per_tok=2, max_position_embeddings=64, experts_implementation="eager")
     model = MixtralForCausalLM(cfg).eval().to(device)

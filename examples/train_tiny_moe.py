@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moe_offload.checkpoint import save_checkpoint
-from moe_offload.config import MixtralConfig
-from moe_offload.model.transformer import MixtralTransformer, empty_resident_experts, init_random_
+from moe_offload.config import ModelConfig
+from moe_offload.model.transformer import MoeModel, empty_resident_experts, init_random_
 
 ASSETS = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"
 SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Mixtral
@@ -95,7 +95,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model: MixtralTransformer, ids: torch.Tensor, seq: int, batch: int) -> dict:
+def evaluate(model: MoeModel, ids: torch.Tensor, seq: int, batch: int) -> dict:
     """Held-out loss over non-overlapping windows, plus routing statistics over the same tokens."""
     n = (ids.numel() - 1) // seq
     losses, counts, reuse, tokens = [], None, None, 0
@@ -173,7 +173,7 @@ def main() -> None:
     print(f"corpus: {len(chapters)} chapters; train {train_ids.numel()} tokens, held-out {held_ids.numel()} "
           f"tokens ({sum(map(len, held))} chars)", flush=True)
 
-    cfg = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
                         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=args.experts,
                         num_experts_per_tok=args.top_k, head_dim=args.hidden // 4, rope_theta=10000.0,
@@ -182,7 +182,7 @@ def main() -> None:
                         torch_dtype="bfloat16", model_type=args.family,
                         qk_norm="per_head" if args.family == "qwen3_moe" else "none")
     cpu = torch.device("cpu")
-    model = MixtralTransformer(cfg, empty_resident_experts(cfg, torch.float32, cpu), dtype=torch.float32,
+    model = MoeModel(cfg, empty_resident_experts(cfg, torch.float32, cpu), dtype=torch.float32,
                                device=cpu, max_seq_len=args.seq_len)
     init_random_(model, args.seed)
     params = [p.requires_grad_(True) for p in model.parameters()]

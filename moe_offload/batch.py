@@ -35,7 +35,7 @@ class BatchHost(Protocol):
     """What the scheduler needs of a loaded model (runtime.OffloadedModel is one)."""
 
     runtime: Any  # config.RuntimeConfig
-    model: Any  # model.transformer.MixtralTransformer
+    model: Any  # model.transformer.MoeModel
     config: Any  # config.ModelConfig
     expert_cache: Any  # offload.ExpertCache | None
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import MixtralConfig
+from .config import ModelConfig
 from .errors import CheckpointError, NonFiniteError
 
 SINGLE_FILE = "model.safetensors"
@@ -59,7 +59,7 @@ def shared_expert_names(layer: int) -> dict[str, str]:
     return out
 
 
-def attention_extra_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+def attention_extra_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Per-layer attention tensors beyond q/k/v/o (suffix after 'model.layers.L.'): biases, q/k norms."""
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     out: dict[str, tuple[int, ...]] = {}
@@ -72,7 +72,7 @@ def attention_extra_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def expected_tensors(cfg: MixtralConfig) -> dict[str, tuple[int, ...]]:
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the family's hub layout, with its shape."""
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -191,7 +191,7 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: model folder does not exist")
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: expected a model folder (config.json + *.safetensors)")
-        self.config = MixtralConfig.from_file(self.path / "config.json")
+        self.config = ModelConfig.from_file(self.path / "config.json")
         self.tensors = self._read_tensors()
         self._handles: dict[Path, object] = {}
 
@@ -299,7 +299,7 @@ class Checkpoint:
         self._handles.clear()
 
 
-def save_checkpoint(path: str | os.PathLike, cfg: MixtralConfig, tensors: dict[str, torch.Tensor],
+def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
                     max_shard_bytes: int | None = None) -> None:
     """Write config.json and the weights in the family's hub layout (sharded when asked)."""
     path = Path(path)

@@ -287,7 +287,7 @@ class ModelConfig:
         return out
 
 
-MixtralConfig = ModelConfig  # the name before other families were supported
+MixtralConfig = ModelConfig  # the name before other families were supported (an alias for one release)
 
 
 def _refuse_unsupported(raw: dict[str, Any], model_type: str, source: str) -> None:

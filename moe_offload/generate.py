@@ -11,7 +11,7 @@ import torch
 
 from .errors import MoeOffloadError, NonFiniteError
 from .validate import SEED_MAX, integer, real
-from .model.transformer import KVCache, MixtralTransformer
+from .model.transformer import KVCache, MoeModel
 
 
 # Far below this, logits / temperature overflow float32 (NaN probabilities); no use needs less.
@@ -95,7 +95,7 @@ class _Timing:
     finish_reason: str = "length"
 
 
-def decode_tokens(model: MixtralTransformer, cache: KVCache, prompt: list[int], params: SamplingParams,
+def decode_tokens(model: MoeModel, cache: KVCache, prompt: list[int], params: SamplingParams,
                   eos_ids: tuple[int, ...], timing: _Timing,
                   is_stale: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids: prefill the prompt, then one decode step per token until a stop rule.

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .config import MixtralConfig
+from .config import ModelConfig
 
 from .formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
 
 
-def expert_bytes(cfg: MixtralConfig) -> dict[str, int]:
+def expert_bytes(cfg: ModelConfig) -> dict[str, int]:
     """Bytes of one expert per storage format (moe_offload.formats; int4 at the default group size)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     return {"float32": format_bytes(h, i, "fp32"), "bfloat16": format_bytes(h, i, "bf16"),
@@ -26,7 +26,7 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
     from .runtime import bundled_model_path
 
     if config_file is not None:
-        cfg, where, dtype = MixtralConfig.from_file(config_file), str(config_file), None
+        cfg, where, dtype = ModelConfig.from_file(config_file), str(config_file), None
     else:
         ckpt = Checkpoint(path if path is not None else bundled_model_path())
         ckpt.validate()
@@ -49,7 +49,7 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
     }
 
 
-def _plan(cfg: MixtralConfig, ckpt_dtype: str, config: Any):
+def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
     """The memory plan for an OffloadConfig: device, dtype, context, policy, budget and expert storage."""
     from .config import resolve_device, resolve_dtype
     from .offload import CacheBudget, make_policy, plan_memory

@@ -16,14 +16,14 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import Checkpoint
-from .config import MixtralConfig, RuntimeConfig, resolve_device, resolve_dtype
+from .config import ModelConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .guard import CallGuard
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
-from .model.transformer import KVCache, MixtralTransformer
+from .model.transformer import KVCache, MoeModel
 from .formats import choose_format
 from .offload.packed import PackedResidentExperts
 from .offload.cpu_lane import build_cpu_lane
@@ -53,7 +53,7 @@ def bundled_heldout_text() -> Path:
 class OffloadedModel:
     """A loaded Mixtral: `generate()` text, `logits()` of a fresh sequence, `config` of the model."""
 
-    def __init__(self, path: Path, model: MixtralTransformer, runtime: RuntimeConfig,
+    def __init__(self, path: Path, model: MoeModel, runtime: RuntimeConfig,
                  tokenizer: Tokenizer | None, memory_plan: MemoryPlan | None = None,
                  offload_config: OffloadConfig | None = None):
         self.path = path
@@ -64,7 +64,7 @@ class OffloadedModel:
         self.model = model
         self.runtime = runtime
         self.tokenizer = tokenizer
-        self.config: MixtralConfig = model.cfg
+        self.config: ModelConfig = model.cfg
         self.kv_cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
         self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
@@ -335,7 +335,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev, chunk_bytes=chunk))
         experts = OffloadedExperts(cache, backend)
         experts.cpu_lane = build_cpu_lane(cache, config.cpu_experts or ("auto" if dev.type == "cuda" else "off"))
-    model = MixtralTransformer.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
+    model = MoeModel.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
                                                experts=experts, moe_backend=backend,
                                                show_progress=runtime.show_progress)
     if isinstance(experts, OffloadedExperts):
@@ -346,7 +346,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     return loaded
 
 
-def _expert_storage(config: OffloadConfig, cfg: MixtralConfig, path: Path) -> tuple[str, int]:
+def _expert_storage(config: OffloadConfig, cfg: ModelConfig, path: Path) -> tuple[str, int]:
     """(expert_dtype, group_size): as asked, or as a quantized checkpoint stores them (which cannot change)."""
     expert_dtype, group_size = config.expert_dtype, config.group_size
     if cfg.expert_format is not None:  # a quantized checkpoint (`moe-offload quantize`, compressed-tensors)
@@ -363,7 +363,7 @@ def _expert_storage(config: OffloadConfig, cfg: MixtralConfig, path: Path) -> tu
     return expert_dtype, group_size
 
 
-def _attach_prefetcher(model: MixtralTransformer, experts: OffloadedExperts, path: Path, config: OffloadConfig,
+def _attach_prefetcher(model: MoeModel, experts: OffloadedExperts, path: Path, config: OffloadConfig,
                        policy: Any) -> None:
     cfg = model.cfg
     lane_on = experts.cpu_lane is not None
@@ -380,7 +380,7 @@ def _attach_prefetcher(model: MixtralTransformer, experts: OffloadedExperts, pat
     model.observers.append(pf)
 
 
-def build_speculative(model: MixtralTransformer, path: Path, config: OffloadConfig):
+def build_speculative(model: MoeModel, path: Path, config: OffloadConfig):
     """The speculative decoder: the draft head from config.accelerator or the bundled file."""
     from .predict.draft import load_draft
     from .speculative import SpeculativeDecoder
@@ -427,7 +427,7 @@ def default_margin(asked: int | None, predictor: Any, cpu_lane: bool) -> int:
     return LANE_CROSS_MARGIN if cpu_lane and predictor.cross_token else 0
 
 
-def build_predictor(model: MixtralTransformer, path: Path, config: OffloadConfig, cpu_lane: bool = False,
+def build_predictor(model: MoeModel, path: Path, config: OffloadConfig, cpu_lane: bool = False,
                     policy: str = "lru"):
     """The predictor the config asks for (None for 'none'; also for 'auto' with the CPU lane on, a policy
     in LANE_AUTO_OFF_POLICIES and predictions that stay within the token, which do not pay there)."""

@@ -23,7 +23,7 @@ from .generate import SamplingParams, _Timing, check_finite_logits, sample_next,
 from .kernels import run_experts
 from .model.layers import rms_norm
 from .model.moe import route
-from .model.transformer import KVCache, MixtralTransformer
+from .model.transformer import KVCache, MoeModel
 from .offload import OffloadedExperts
 from .predict.draft import DraftHead, resident_route
 
@@ -73,7 +73,7 @@ class Drafter:
     restricted to them (best-scoring resident replaces a non-resident choice), no acquire, no copy, no
     cache statistics or policy updates. Model observers are not called (drafts are not model steps)."""
 
-    def __init__(self, model: MixtralTransformer, head: DraftHead):
+    def __init__(self, model: MoeModel, head: DraftHead):
         if head.hidden != model.cfg.hidden_size or not 1 <= head.exit_layer < model.cfg.num_hidden_layers:
             raise MoeOffloadError(f"draft head (hidden {head.hidden}, exit layer {head.exit_layer}) does not fit "
                                   f"this model (hidden {model.cfg.hidden_size}, {model.cfg.num_hidden_layers} layers)")
@@ -203,7 +203,7 @@ def _normalised(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 class SpeculativeDecoder:
     """Holds the drafter and the draft-length rule; `tokens()` replaces the plain decode loop."""
 
-    def __init__(self, model: MixtralTransformer, head: DraftHead, max_draft: int = 4, adaptive: bool = True,
+    def __init__(self, model: MoeModel, head: DraftHead, max_draft: int = 4, adaptive: bool = True,
                  budget: bool = True):
         if not isinstance(max_draft, int) or isinstance(max_draft, bool) or max_draft < 1:
             raise MoeOffloadError(f"draft_tokens must be an integer >= 1, got {max_draft!r}")

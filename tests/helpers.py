@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_offload import MixtralConfig
+from moe_offload import ModelConfig
 from moe_offload.checkpoint import expected_tensors, save_checkpoint
 from moe_offload.options import OffloadConfig
 
@@ -31,13 +31,13 @@ SHAPES = {
 
 def make_hf_checkpoint(path: Path, max_shard_size: str | None = None, **kw):
     """Build a random MixtralForCausalLM, save it with save_pretrained, return the (eval) model."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import ModelConfig, MixtralForCausalLM
 
     # The eager (per-expert loop) experts path is the oracle; the grouped_mm path needs 16-byte strides.
     cfg = dict(experts_implementation="eager", max_position_embeddings=128, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
                tie_word_embeddings=False, sliding_window=None)
     cfg.update(kw)
-    model = MixtralForCausalLM(MixtralConfig(**cfg)).eval()
+    model = MixtralForCausalLM(ModelConfig(**cfg)).eval()
     # Norm weights are ones at init; perturb them so a wrong norm shows up in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -59,12 +59,12 @@ def edit_config(path: Path, **changes) -> None:
 
 
 # A small model written by this project's own saver (fast; no transformers needed).
-CFG = MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+CFG = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
                     num_experts_per_tok=2, head_dim=8, max_position_embeddings=32, torch_dtype="float32")
 
 
-def write_model(path: Path, cfg: MixtralConfig = CFG, seed: int = 0, **kw) -> Path:
+def write_model(path: Path, cfg: ModelConfig = CFG, seed: int = 0, **kw) -> Path:
     g = torch.Generator().manual_seed(seed)
     tensors = {n: torch.randn(s, generator=g) * 0.1 for n, s in expected_tensors(cfg).items()}
     save_checkpoint(path, cfg, tensors, **kw)

@@ -11,25 +11,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moe_offload
-from moe_offload import CheckpointError, ConfigError, MixtralConfig, MoeOffloadError
+from moe_offload import CheckpointError, ConfigError, ModelConfig, MoeOffloadError
 from helpers import CFG, write_model
 from moe_offload.options import OffloadConfig
 
 # The published Mixtral configs, shipped with the package for the simulator.
 FIXTURES = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"
 def test_fixture_configs_parse_in_both_spellings():
-    c7 = MixtralConfig.from_file(FIXTURES / "mixtral-8x7b-v0.1.config.json")
+    c7 = ModelConfig.from_file(FIXTURES / "mixtral-8x7b-v0.1.config.json")
     assert (c7.hidden_size, c7.num_hidden_layers, c7.num_local_experts, c7.head_dim) == (4096, 32, 8, 128)
     assert c7.rope_theta == 1e6 and c7.torch_dtype == "bfloat16"
     assert 46.6e9 < c7.total_params < 46.8e9  # Mixtral-8x7B's published 46.7B
-    c22 = MixtralConfig.from_file(FIXTURES / "mixtral-8x22b-v0.1.config.json")
+    c22 = ModelConfig.from_file(FIXTURES / "mixtral-8x22b-v0.1.config.json")
     assert c22.num_hidden_layers == 56 and 140e9 < c22.total_params < 142e9
     raw = json.loads((FIXTURES / "mixtral-8x7b-v0.1.config.json").read_text())
     theta = raw.pop("rope_theta")
     raw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     raw["dtype"] = raw.pop("torch_dtype")
     raw["head_dim"] = None
-    assert MixtralConfig.from_dict(raw) == c7
+    assert ModelConfig.from_dict(raw) == c7
 
 
 @pytest.mark.parametrize("change, needle", [

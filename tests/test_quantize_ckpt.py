@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import moe_offload as mo
 from helpers import as_reference, group
 from moe_offload.cli import main
-from moe_offload.config import MixtralConfig
+from moe_offload.config import ModelConfig
 from moe_offload.errors import CheckpointError, ConfigError, MoeOffloadError
 from moe_offload.quant.ckpt import (compress_matrix, decompress_matrix, pack_int32, parse_quantization_config,
                                     unpack_int32)
@@ -125,7 +125,7 @@ def test_parse_refuses_what_it_cannot_read():
 
 
 def test_quantize_bad_inputs_and_nothing_half_written(tmp_path, monkeypatch, capsys):
-    odd = write_model(tmp_path / "odd", MixtralConfig(vocab_size=50, hidden_size=96, intermediate_size=64,
+    odd = write_model(tmp_path / "odd", ModelConfig(vocab_size=50, hidden_size=96, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=2,
                                                       num_key_value_heads=1, num_local_experts=4,
                                                       num_experts_per_tok=2, head_dim=48,

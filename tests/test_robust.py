@@ -79,7 +79,7 @@ def _hooks():
             (prefetch.Prefetcher, "issue"), (prefetch.Prefetcher, "pump"),
             (transfer.ThreadCopyEngine, "load"), (transfer.ThreadCopyEngine, "wait"),
             (transfer.ThreadCopyEngine, "cancel"), (experts, "moe_loop"), (experts, "read_back"),
-            (transformer.MixtralTransformer, "_attention")]
+            (transformer.MoeModel, "_attention")]
 
 
 @pytest.mark.parametrize("hook", range(len(_hooks())), ids=[f"{o.__name__}.{a}" for o, a in _hooks()])

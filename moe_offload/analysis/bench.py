@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import MixtralConfig
+from ..config import ModelConfig
 from ..errors import MoeOffloadError
 from ..offload.plan import device_reserve_bytes
 from ..offload.cpu_lane import LaneCosts
@@ -30,11 +30,11 @@ DEEP_ORACLE_WINDOW = 2
 BOUNDS = {"belady": ("belady", "none"), "oracle": ("predictive", "oracle"), "deep-oracle": ("belady", "deep-oracle")}
 
 
-def model_config(name_or_path: str) -> MixtralConfig:
+def model_config(name_or_path: str) -> ModelConfig:
     if name_or_path in MODEL_CONFIGS:
-        return MixtralConfig.from_file(Path(str(resources.files("moe_offload") / "assets" / MODEL_CONFIGS[name_or_path])))
+        return ModelConfig.from_file(Path(str(resources.files("moe_offload") / "assets" / MODEL_CONFIGS[name_or_path])))
     if Path(name_or_path).is_file():
-        return MixtralConfig.from_file(name_or_path)
+        return ModelConfig.from_file(name_or_path)
     raise MoeOffloadError(f"model config {name_or_path!r}: not one of {sorted(MODEL_CONFIGS)} nor a config.json file")
 
 
@@ -215,7 +215,7 @@ class Projection:
     settings: dict[str, Any]
 
 
-def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs: StepCosts, cfg: MixtralConfig,
+def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs: StepCosts, cfg: ModelConfig,
                       hw: Hardware, impl: ImplParams | None = None) -> np.ndarray | None:
     """[L_trace] device seconds m2r2 spends per layer, from the adapters' form in the trace's meta
     ("m2r2", written by `record_with_predictions`), projected onto cfg's L layers and charged at their
@@ -250,7 +250,7 @@ def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs
     return np.full(trace.routed_ids.shape[1], total / L)
 
 
-def simulate(trace: RoutingTrace, cfg: MixtralConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
+def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: str, capacity: int | None,
              predictor: str, policy: str = "lru", bookkeeping_us: float = 20.0, lookahead: int | None = None,
              margin: int = 0, window: int = 1, chunk_bytes: int | None = None, cpu: CpuProfile | None = None,
              impl: ImplParams | None = None, deep_oracle_bound: bool = True,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import MixtralConfig
+from ..config import ModelConfig
 from ..errors import MoeOffloadError
 from ..offload.cache import ExpertCache
 from ..offload.policy import EvictionPolicy, make_policy
@@ -107,7 +107,7 @@ class StepCosts:
     copy: float  # one expert over the link, latency included
     expert_bytes: int
 
-    def peek_row(self, cfg: MixtralConfig, hw: "Hardware", expert_rank: int, impl: "ImplParams | None" = None) -> float:
+    def peek_row(self, cfg: ModelConfig, hw: "Hardware", expert_rank: int, impl: "ImplParams | None" = None) -> float:
         """Seconds of one attention-peek prediction row (predict/accelerator.py): the target layer's
         attention on the estimated residual plus the stand-in of its experts (float32, dense over E)."""
         impl = impl or IMPL_THIS
@@ -116,7 +116,7 @@ class StepCosts:
                                  if expert_rank else 0.0)
 
     @classmethod
-    def for_model(cls, cfg: MixtralConfig, hw: Hardware, expert_dtype: str = "bf16",
+    def for_model(cls, cfg: ModelConfig, hw: Hardware, expert_dtype: str = "bf16",
                   bookkeeping_us: float = 20.0, impl: "ImplParams | None" = None) -> "StepCosts":
         """Costs of `cfg` on `hw`; `impl` (default: this runtime's, IMPL_THIS) holds what belongs to the
         implementation rather than the hardware: kernel efficiency, per-layer overhead, link use."""

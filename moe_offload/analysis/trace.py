@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MoeOffloadError
 from ..model.observers import Observer, observing
-from ..model.transformer import KVCache, MixtralTransformer
+from ..model.transformer import KVCache, MoeModel
 from ..offload.cache import ExpertCache
 from ..predict.predictors import embedding_router_probs
 
@@ -46,7 +46,7 @@ def trace_prefix(trace: RoutingTrace, n: int | None) -> RoutingTrace:
                         trace.meta, cut(trace.embed_preds))
 
 
-def record_routing(model: MixtralTransformer, token_ids: list[int], window: int, chunk: int = 128,
+def record_routing(model: MoeModel, token_ids: list[int], window: int, chunk: int = 128,
                    show_progress: bool = False, predictors: dict | None = None) -> RoutingTrace:
     """Route every token of `token_ids` as decode would: sequences of `window` tokens, each prefilled
     in chunks of `chunk` through the KV cache (routing at a position depends only on the tokens up to
@@ -105,7 +105,7 @@ def record_routing(model: MixtralTransformer, token_ids: list[int], window: int,
 DEFAULT_TRACE_LOOKAHEAD = 3
 
 
-def record_with_predictions(model: MixtralTransformer, token_ids: list[int], window: int, lookahead: int | None,
+def record_with_predictions(model: MoeModel, token_ids: list[int], window: int, lookahead: int | None,
                             accelerator: str | Path | None = None, show_progress: bool = False) -> RoutingTrace:
     """record_routing plus next-gate scores and, given adapters, m2r2 scores. lookahead None: next-gate
     DEFAULT_TRACE_LOOKAHEAD ahead, m2r2 as the runtime would (cross-token adapters: their whole range);

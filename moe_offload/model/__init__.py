@@ -2,7 +2,7 @@
 
 from .moe import ExpertBackend, ResidentExperts, route
 from .observers import ForcedRouting, LayerObserver, Observer, UsageCounter, observing
-from .transformer import KVCache, MixtralTransformer
+from .transformer import KVCache, MoeModel
 
-__all__ = ["ExpertBackend", "ForcedRouting", "KVCache", "LayerObserver", "MixtralTransformer", "Observer",
+__all__ = ["ExpertBackend", "ForcedRouting", "KVCache", "LayerObserver", "MoeModel", "Observer",
            "ResidentExperts", "UsageCounter", "observing", "route"]

@@ -1,6 +1,6 @@
 """Per-layer observers of the model's forward pass: the one way anything outside the model (the
 prefetcher, trace recording, predictor training, statistics, forced routing in benchmarks) sees or
-steers what happens inside it. `MixtralTransformer.observers` is a list of them, called in order."""
+steers what happens inside it. `MoeModel.observers` is a list of them, called in order."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, attention_extra_shapes, expert_name, router_name, shared_expert_names
-from ..config import MixtralConfig
+from ..config import ModelConfig
 from .layers import apply_rope, attention, rms_norm, rope_tables
 from .moe import ExpertBackend, ResidentExperts, route
 from .observers import LayerObserver
@@ -35,7 +35,7 @@ class RowPositions:
 class KVCache:
     """Preallocated keys/values for every layer: [L, B, n_kv, max_seq_len, head_dim] each."""
 
-    def __init__(self, cfg: MixtralConfig, batch: int, max_seq_len: int, dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, dtype: torch.dtype,
                  device: torch.device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -65,7 +65,7 @@ class KVCache:
 class DenseLayer(nn.Module):
     """The non-expert weights of one decoder layer (names follow the checkpoint)."""
 
-    def __init__(self, cfg: MixtralConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
@@ -133,7 +133,7 @@ class DenseLayer(nn.Module):
     }
 
     @staticmethod
-    def checkpoint_names(cfg: MixtralConfig, layer: int) -> dict[str, str]:
+    def checkpoint_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
         """attribute (or view) -> full checkpoint name of layer `layer`, in the family's hub layout."""
         p = f"model.layers.{layer}."
         names = {attr: p + suffix for attr, suffix in DenseLayer.CHECKPOINT_NAMES.items() if attr != "gate"}
@@ -149,14 +149,14 @@ class DenseLayer(nn.Module):
         return names
 
 
-class MixtralTransformer(nn.Module):
+class MoeModel(nn.Module):
     """A Mixtral decoder whose expert computation is delegated to an `ExpertBackend`.
 
     `forward(input_ids [B, T], start_pos, cache)` -> logits [B, T, V]. With a KVCache it serves
     prefill (T > 1) and decode (T == 1); without one it attends within the given tokens (training).
     """
 
-    def __init__(self, cfg: MixtralConfig, experts: ExpertBackend, *, dtype: torch.dtype,
+    def __init__(self, cfg: ModelConfig, experts: ExpertBackend, *, dtype: torch.dtype,
                  device: torch.device, max_seq_len: int):
         super().__init__()
         self.cfg = cfg
@@ -181,7 +181,7 @@ class MixtralTransformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device,
                         max_seq_len: int, experts: ExpertBackend | None = None,
-                        moe_backend: str = "loop", show_progress: bool = False) -> "MixtralTransformer":
+                        moe_backend: str = "loop", show_progress: bool = False) -> "MoeModel":
         """Load dense weights (and, unless `experts` is given, all experts) one tensor at a time."""
         cfg = ckpt.config
         ckpt.validate()
@@ -387,7 +387,7 @@ class MixtralTransformer(nn.Module):
         return x if return_hidden else F.linear(x, self.lm_head_weight())
 
 
-def empty_resident_experts(cfg: MixtralConfig, dtype: torch.dtype, device: torch.device,
+def empty_resident_experts(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                            moe_backend: str = "loop") -> ResidentExperts:
     L, E, H, I = cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
@@ -402,7 +402,7 @@ def load_expert_into(ckpt: Checkpoint, layer: int, e: int, w13: torch.Tensor, w2
     w2.copy_(ckpt.tensor(expert_name(layer, e, "w2", family)))
 
 
-def init_random_(model: MixtralTransformer, seed: int, std: float = 0.02) -> None:
+def init_random_(model: MoeModel, seed: int, std: float = 0.02) -> None:
     """Initialise weights for training: normal(std), residual outputs scaled by 1/sqrt(2L), norms 1."""
     g = torch.Generator().manual_seed(seed)
     out_std = std / math.sqrt(2 * model.cfg.num_hidden_layers)
@@ -413,3 +413,6 @@ def init_random_(model: MixtralTransformer, seed: int, std: float = 0.02) -> Non
                 continue
             s = out_std if name.endswith(("o_proj", "w2")) else std
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s).to(p.dtype))
+
+
+MixtralTransformer = MoeModel  # the name before other families were supported (an alias for one release)

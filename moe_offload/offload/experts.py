@@ -17,7 +17,7 @@ def read_back(t: torch.Tensor) -> np.ndarray:
 
 
 class OffloadedExperts:
-    """ExpertBackend over an ExpertCache (plugs into MixtralTransformer.moe_block).
+    """ExpertBackend over an ExpertCache (plugs into MoeModel.moe_block).
 
     Per layer, the host reads the routed ids back, with the prefetcher's predictions for the layers
     ahead folded into the same transfer: ONE device->host read per MoE layer (the host must know

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..config import MixtralConfig
+from ..config import ModelConfig
 from ..errors import MoeOffloadError
 from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat
 from ..validate import integer, real
@@ -82,7 +82,7 @@ def free_device_bytes(device: torch.device) -> tuple[int, int]:
     return avail, avail
 
 
-def plan_memory(cfg: MixtralConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int,
+def plan_memory(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int,
                 budget: CacheBudget, per_layer_policy: bool, expert_fmt: ExpertFormat | str | None = None,
                 group_size: int = DEFAULT_GROUP_SIZE) -> MemoryPlan:
     """Resolve the budget into a slot count, checking it against the device's free memory.

@@ -22,7 +22,7 @@ Optional parts (files without their tensors load and predict exactly as before):
         "XP.{l}", "XQ.{l}", "XH.{l}_{d}"; metadata "cross_heads": true.
   attention peek  (within-token pairs): the accelerated residual runs through the real attention of
         the layers it passes: s_0 = x, s_j = s_{j-1} + moe~_{l+j-1}(s_{j-1}) + attn_{l+j}(...) (`chain`),
-        keys and values of earlier positions read from the KV cache (`MixtralTransformer.peek_attention`),
+        keys and values of earlier positions read from the KV cache (`MoeModel.peek_attention`),
         and the pair's adapter adds its correction to s_d instead of x: the context the later layers
         attend to, which the current residual alone lacks. moe~ is zero, or with expert_rank R2 > 0 a
         low-rank stand-in of each expert (U [E, R2, H], V [E, H, R2] per layer; tensors "U.{l}", "V.{l}"),
@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from ..checkpoint import Checkpoint, router_name
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
-from ..model.transformer import MixtralTransformer, RowPositions
+from ..model.transformer import MoeModel, RowPositions
 from ..model.moe import route
 from .predictors import FirstLayerTable, router_probs
 
@@ -60,13 +60,13 @@ CONTEXT_DECAY = 0.8  # per position, of the decayed mean of earlier residuals th
 _BLOCK = 64  # rows per step of the decayed-mean recurrence (a [64, 64] weight matrix per step)
 
 
-def model_fingerprint(model: MixtralTransformer) -> str:
+def model_fingerprint(model: MoeModel) -> str:
     """The model's identity from its checkpoint's bytes (Checkpoint.fingerprint: config + every router
     and post-attention norm tensor as stored), so it does not depend on the compute dtype or device."""
     fp = getattr(model, "source_fingerprint", None)
     if fp is None:
         raise MoeOffloadError("model_fingerprint: this model was not loaded from a checkpoint "
-                              "(MixtralTransformer.from_checkpoint sets its fingerprint)")
+                              "(MoeModel.from_checkpoint sets its fingerprint)")
     return fp
 
 
@@ -238,7 +238,7 @@ class Accelerator(nn.Module):
             a = a + F.linear(_rms(prev[:, :h].float()), self.XP[key]) + F.linear(_rms(prev[:, h:].float()), self.XQ[key])
         return F.silu(a)
 
-    def head_logits(self, model: MixtralTransformer, layer: int, d: int, x: torch.Tensor,
+    def head_logits(self, model: MoeModel, layer: int, d: int, x: torch.Tensor,
                     prev: torch.Tensor | None = None) -> torch.Tensor:
         """A cross head's router logits [N, E] float32 for the layer it targets in a later token: that
         layer's router on today's residual x [N, H] plus XH · trunk (zero XH: the router alone)."""
@@ -252,7 +252,7 @@ class Accelerator(nn.Module):
         the token only: a later token's attention would need keys that do not exist yet)."""
         return self.peek and layer + d < self.num_layers
 
-    def stand_in(self, model: MixtralTransformer, layer: int, s: torch.Tensor) -> torch.Tensor:
+    def stand_in(self, model: MoeModel, layer: int, s: torch.Tensor) -> torch.Tensor:
         """The low-rank stand-in of layer's routed experts on residual s [N, H] -> [N, H] float32 (zero
         without expert_rank), mixed by layer's router on s as the model mixes them."""
         if not self.expert_rank:
@@ -268,7 +268,7 @@ class Accelerator(nn.Module):
         h = F.silu(torch.einsum("erh,nh->ner", U, n))  # [N, E, R2]: every expert, masked by mix
         return torch.einsum("ehr,ner,ne->nh", V, h, mix)  # [N, H]
 
-    def moe_estimate(self, model: MixtralTransformer, layer: int, s: torch.Tensor) -> torch.Tensor:
+    def moe_estimate(self, model: MoeModel, layer: int, s: torch.Tensor) -> torch.Tensor:
         """Layer's MoE output on residual s [N, H] as the chain estimates it: the stand-ins of the routed
         experts plus, for families that have one, the resident shared expert itself. [N, H] float32."""
         y = self.stand_in(model, layer, s)
@@ -277,11 +277,11 @@ class Accelerator(nn.Module):
             y = y + model.shared_expert(normed, layer).float()
         return y
 
-    def chain(self, model: MixtralTransformer, layer: int, x: torch.Tensor, depth: int, start: Any, cache: Any,
+    def chain(self, model: MoeModel, layer: int, x: torch.Tensor, depth: int, start: Any, cache: Any,
               real_until: int | None = None) -> list[torch.Tensor]:
         """x [N, H] (the residual entering layer's MoE) -> [s_1 .. s_depth], s_j [N, H] float32: the
         estimated residual entering layer+j's MoE. Each step adds the stand-in of the previous layer's
-        experts and layer+j's real attention (`MixtralTransformer.peek_attention`: earlier positions'
+        experts and layer+j's real attention (`MoeModel.peek_attention`: earlier positions'
         keys from `cache`; N = B * T rows of its batch B, or B rows at RowPositions)."""
         b = x.shape[0] if isinstance(start, RowPositions) else (cache.k.shape[1] if cache is not None else 1)
         s, out = x.float(), []
@@ -342,7 +342,7 @@ class Accelerator(nn.Module):
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, model: MixtralTransformer) -> tuple["Accelerator", dict[str, Any]]:
+    def load(cls, path: str | Path, model: MoeModel) -> tuple["Accelerator", dict[str, Any]]:
         """Load adapters for `model`; a file trained for another model is a clear error."""
         path = Path(path)
         meta, tensors = _read_file(path)
@@ -415,7 +415,7 @@ class M2R2Predictor:
 
     name = "m2r2"
 
-    def __init__(self, model: MixtralTransformer, accelerator: Accelerator, lookahead: int | None = None):
+    def __init__(self, model: MoeModel, accelerator: Accelerator, lookahead: int | None = None):
         self.model, self.acc = model, accelerator
         self.lookahead = lookahead or max(accelerator.lookaheads)
         self.cross_token = accelerator.cross_token  # rows past the last layer: later tokens' layers
@@ -460,7 +460,7 @@ class M2R2Predictor:
         where no adapter reaches). All of a layer's adapters run stacked: one matmul per adapter part
         and one batched router, whatever D (a cross-token lookahead of 2L rows costs what 1 did).
         Attention-peek adapters read earlier positions' keys from `history` = (cache, position of x's
-        first row, real_until) (`MixtralTransformer.peek_attention`); by default the cache of the forward
+        first row, real_until) (`MoeModel.peek_attention`); by default the cache of the forward
         pass in progress at start_pos, which holds the real keys of every position before it."""
         m = self.model
         N, E = x.shape[0], m.cfg.num_local_experts

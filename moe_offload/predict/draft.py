@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
 from ..model.moe import route
-from ..model.transformer import MixtralTransformer
+from ..model.transformer import MoeModel
 from .accelerator import model_fingerprint
 
 DRAFT_META_KEY = "moe_offload_draft"
@@ -56,14 +56,14 @@ class DraftHead(nn.Module):
         z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
         return xf + F.linear(F.silu(F.linear(z, self.A)), self.B)
 
-    def logits(self, model: MixtralTransformer, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, model: MoeModel, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> draft logits [N, V] float32 (final norm + LM head on the accelerated residual)."""
         r = rms_norm(self(x), model.norm.float(), model.cfg.rms_norm_eps)
         return F.linear(r, model.lm_head_weight().float())
 
 
 # --- file format ------------------------------------------------------------------------------------
-def write_draft(path: str | Path, head: DraftHead, model: MixtralTransformer, meta: dict[str, Any]) -> None:
+def write_draft(path: str | Path, head: DraftHead, model: MoeModel, meta: dict[str, Any]) -> None:
     """Add (or replace) the draft head in adapter file `path`, keeping its other tensors and metadata.
     A new file is created if `path` does not exist. Written to a temp file, then renamed."""
     path = Path(path)
@@ -86,7 +86,7 @@ def write_draft(path: str | Path, head: DraftHead, model: MixtralTransformer, me
     tmp.replace(path)
 
 
-def load_draft(path: str | Path, model: MixtralTransformer) -> tuple[DraftHead, dict[str, Any]]:
+def load_draft(path: str | Path, model: MoeModel) -> tuple[DraftHead, dict[str, Any]]:
     """The draft head stored in `path` for `model`; a clear error if absent or for another model."""
     path = Path(path)
     if not path.is_file():
@@ -131,7 +131,7 @@ def _other_fingerprint(metadata: dict[str, str]) -> str | None:
 
 # --- training -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def collect_states(model: MixtralTransformer, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_states(model: MoeModel, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One window through the frozen model (causal, no cache): the residual entering every layer and the
     final residual, xs [T, L+1, H] float32, and the full model's next-token log-probs [T, V]."""
     eps = model.cfg.rms_norm_eps
@@ -146,7 +146,7 @@ def collect_states(model: MixtralTransformer, ids: list[int]) -> tuple[torch.Ten
     return torch.stack(xs, dim=1).clone(), logp.clone()
 
 
-def draft_loss(model: MixtralTransformer, head: DraftHead, xs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+def draft_loss(model: MoeModel, head: DraftHead, xs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(full || draft) over the vocabulary plus ALIGN_WEIGHT * (1 - cos(r, final residual))."""
     r = head(xs[:, head.exit_layer])  # [T, H]
     logq = F.log_softmax(F.linear(rms_norm(r, model.norm.float(), model.cfg.rms_norm_eps),
@@ -161,7 +161,7 @@ def _windows(ids: list[int], size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def greedy_agreement(model: MixtralTransformer, heads: dict[int, DraftHead], states: list) -> dict[int, float]:
+def greedy_agreement(model: MoeModel, heads: dict[int, DraftHead], states: list) -> dict[int, float]:
     """Fraction of held-out positions where the draft's argmax equals the full model's, per exit layer."""
     hit = {m: 0 for m in heads}
     n = 0
@@ -183,7 +183,7 @@ def expected_speedup(accept: float, exit_layer: int, num_layers: int, max_draft:
     return best
 
 
-def train_draft(model: MixtralTransformer, ids: list[int], *, exit_layer: int | str = "auto", rank: int = 64,
+def train_draft(model: MoeModel, ids: list[int], *, exit_layer: int | str = "auto", rank: int = 64,
                 epochs: int = 2, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
                 seed: int = 0, show_progress: bool = True) -> tuple[DraftHead, dict[str, Any]]:
     """Train draft heads on the frozen model (one per candidate exit layer when exit_layer is "auto",

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from ..model.layers import rms_norm
-from ..model.transformer import MixtralTransformer
+from ..model.transformer import MoeModel
 
 
-def router_probs(model: MixtralTransformer, layer: int, h: torch.Tensor) -> torch.Tensor:
+def router_probs(model: MoeModel, layer: int, h: torch.Tensor) -> torch.Tensor:
     """softmax of layer's router on already-normed h [N, H] -> [N, E] float32."""
     return torch.softmax(F.linear(h, model.layers[layer].gate).float(), dim=-1)
 
 
 @torch.no_grad()
-def embedding_router_probs(model: MixtralTransformer, x: torch.Tensor, layers: int) -> torch.Tensor:
+def embedding_router_probs(model: MoeModel, x: torch.Tensor, layers: int) -> torch.Tensor:
     """Next-gate on token embeddings x [N, H]: [N, layers, E] for layers 0..layers-1."""
     eps = model.cfg.rms_norm_eps
     return torch.stack([router_probs(model, t, rms_norm(x, model.layers[t].post_attention_layernorm, eps))
@@ -40,7 +40,7 @@ class FirstLayerTable:
 
     CHUNK = 4096
 
-    def __init__(self, model: MixtralTransformer, lookahead: int):
+    def __init__(self, model: MoeModel, lookahead: int):
         self.model, self.layers = model, min(lookahead, model.cfg.num_hidden_layers)
         self._tables: dict[int, np.ndarray] = {}
 
@@ -71,7 +71,7 @@ class NextGate:
     name = "next-gate"
     cross_token = False
 
-    def __init__(self, model: MixtralTransformer, lookahead: int, variant: str = NEXT_GATE_VARIANT):
+    def __init__(self, model: MoeModel, lookahead: int, variant: str = NEXT_GATE_VARIANT):
         if variant not in ("residual", "normed"):
             raise ValueError(f"next-gate variant must be 'residual' or 'normed', got {variant!r}")
         self.model, self.lookahead, self.variant = model, lookahead, variant

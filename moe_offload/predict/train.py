@@ -13,19 +13,19 @@ from ..model.layers import rms_norm
 from ..model.observers import Observer, observing
 from ..errors import MoeOffloadError
 from ..model.moe import route
-from ..model.transformer import KVCache, MixtralTransformer
+from ..model.transformer import KVCache, MoeModel
 from .accelerator import Accelerator, M2R2Predictor, context_rows
 from .predictors import NextGate, router_probs
 
 ALIGN_WEIGHT = 0.1
 
 
-def collect_residuals(model: MixtralTransformer, ids: list[int]) -> torch.Tensor:
+def collect_residuals(model: MoeModel, ids: list[int]) -> torch.Tensor:
     """Residual entering every layer's MoE for one window of tokens: [T, L, H] float32."""
     return collect_window(model, ids)[0]
 
 
-def collect_window(model: MixtralTransformer, ids: list[int], expert_outputs: bool = False
+def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
                    ) -> tuple[torch.Tensor, KVCache] | tuple[torch.Tensor, KVCache, torch.Tensor]:
     """collect_residuals plus the window's KV cache (the real keys and values of every layer at positions
     0..T-1, what attention-peek adapters read), and with expert_outputs the routed experts' output of
@@ -52,7 +52,7 @@ def collect_window(model: MixtralTransformer, ids: list[int], expert_outputs: bo
     return xs.clone(), kept, out.clone()
 
 
-def true_router_probs(model: MixtralTransformer, xs: torch.Tensor) -> torch.Tensor:
+def true_router_probs(model: MoeModel, xs: torch.Tensor) -> torch.Tensor:
     """[T, L, E]: each layer's router distribution on its own residual."""
     eps = model.cfg.rms_norm_eps
     return torch.stack([router_probs(model, l, rms_norm(xs[:, l].to(model.dtype), model.layers[l].post_attention_layernorm, eps))
@@ -72,7 +72,7 @@ def topk_ranking_loss(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torc
     return F.softplus(rest - logits.gather(1, top)).mean()
 
 
-def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, probs: torch.Tensor,
+def adapter_loss(model: MoeModel, acc: Accelerator, xs: torch.Tensor, probs: torch.Tensor,
                  rank_weight: float = 0.0, cache: KVCache | None = None,
                  expert_out: torch.Tensor | None = None) -> torch.Tensor:
     """Router distillation KL(p_true(l+d) || p(r)) plus ALIGN_WEIGHT * (1 - cos(r, x_{l+d})), plus
@@ -118,7 +118,7 @@ def adapter_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, 
     return total
 
 
-def stand_in_loss(model: MixtralTransformer, acc: Accelerator, xs: torch.Tensor, expert_out: torch.Tensor | None
+def stand_in_loss(model: MoeModel, acc: Accelerator, xs: torch.Tensor, expert_out: torch.Tensor | None
                   ) -> torch.Tensor:
     """Mean over layers of the expert stand-ins' squared error against the real routed experts' output
     expert_out [T, L, H] (`collect_window(..., expert_outputs=True)`), relative to its mean square."""
@@ -136,7 +136,7 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(model: MixtralTransformer, acc: Accelerator, ids: list[int], window: int) -> dict[str, Any]:
+def evaluate(model: MoeModel, acc: Accelerator, ids: list[int], window: int) -> dict[str, Any]:
     """Held-out adapter loss and recall@d (top-k exact and top-(k+1)) for next-gate (both variants)
     and m2r2: the fraction of the true top-k experts of layer l+d found in the predicted set. With
     cross-token adapters also "d{d}-later" (the rows landing in a later token), beside "repeat": the
@@ -195,7 +195,7 @@ def expert_rank_for(num_experts: int) -> int:
     return max(4, min(64, 512 // num_experts))
 
 
-def train_accelerator(model: MixtralTransformer, ids: list[int], *, lookaheads: list[int], rank: int = 32,
+def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
                       seed: int = 0, show_progress: bool = True, cross_token: bool = False,
                       peek: bool = False) -> tuple[Accelerator, dict[str, Any]]:
