@@ -35,6 +35,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the bundled tiny model")
 
 
+def _add_text_args(p: argparse.ArgumentParser, out_metavar: str, out_help: str) -> None:
+    """--model, --text, --out and --max-tokens of the commands that run a model over a text."""
+    _add_model_args(p)
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text (paragraphs split by blank lines)")
+    p.add_argument("--out", required=True, metavar=out_metavar, help=out_help)
+    p.add_argument("--max-tokens", type=POS, default=None, metavar="N", help="use at most N tokens of the text")
+
+
 def _field_help(name: str) -> str:
     return TOP_FIELDS[name].metadata["help"]
 
@@ -132,13 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens per expert load) and train low-rank adapters that predict the router "
                                    "choices of layers l+d from layer l. Reports held-out recall@d of next-gate "
                                    "and m2r2 at the end.")
-    _add_model_args(t)
-    t.add_argument("--text", required=True, metavar="FILE", help="UTF-8 training text (paragraphs split by blank lines)")
-    t.add_argument("--out", required=True, metavar="FILE.safetensors", help="adapter file to write")
+    _add_text_args(t, "FILE.safetensors", "adapter file to write")
     t.add_argument("--lookahead", dest="lookaheads", default="1,2,3",
                    help="lookaheads d to train adapters for, comma list (default 1,2,3)")
     t.add_argument("--rank", type=POS, default=32, help="adapter rank R (default 32)")
-    t.add_argument("--max-tokens", type=POS, default=None, metavar="N", help="use at most N tokens of the text")
     t.add_argument("--epochs", type=POS, default=4, help="passes over the training split (default 4)")
     t.add_argument("--lr", type=float_arg(0, lo_open=True), default=3e-3, help="learning rate (default 3e-3)")
     t.add_argument("--window", type=int_arg(2), default=256, help="tokens per forward window (default 256)")
@@ -164,10 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Record decode-order routing of a text (teacher forcing, chunked prefill): "
                                    "routed_ids, routed_weights, router_probs, pred_next_gate and, with "
                                    "--accelerator, pred_m2r2; plus token_ids and a JSON meta string.")
-    _add_model_args(r)
-    r.add_argument("--text", required=True, metavar="FILE")
-    r.add_argument("--out", required=True, metavar="FILE.npz")
-    r.add_argument("--max-tokens", type=POS, default=None, metavar="N")
+    _add_text_args(r, "FILE.npz", "trace file to write")
     r.add_argument("--accelerator", default=None, metavar="FILE", help="also record m2r2 predictions")
     r.add_argument("--lookahead", type=POS, default=None, metavar="D",
                    help="lookahead of the recorded predictions (default 3; m2r2 from cross-token adapters: their whole "

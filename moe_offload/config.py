@@ -3,7 +3,6 @@ validated runtime config."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, MoeOffloadError
+from .validate import json_object
 
 # Keys without which a model cannot be built; everything else has Hugging Face's default.
 _COMMON_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
@@ -200,15 +200,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found (a Hugging Face MoE model folder has a config.json)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not readable JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object at the top level")
+        raw = json_object(path, "file not found (a Hugging Face MoE model folder has a config.json)", ConfigError)
         return cls.from_dict(raw, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:

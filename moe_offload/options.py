@@ -12,12 +12,10 @@ layer) are made by `check_against_model` when the model's config is known.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import numbers
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import MoeOffloadError
@@ -287,15 +285,9 @@ def parse_tuning(items: Iterable[str]) -> dict[str, Any]:
 
 
 def _json_settings(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise MoeOffloadError(f"--tuning {path!r}: expected KEY=VALUE or a JSON file of settings; no such file")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MoeOffloadError(f"--tuning {path}: not readable JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise MoeOffloadError(f"--tuning {path}: expected a JSON object of settings, e.g. {{\"policy\": \"lfu\"}}")
+    from .validate import json_object
+
+    raw = json_object(path, "--tuning expects KEY=VALUE or a JSON file of settings; no such file")
     _split(raw)  # unknown keys named with a suggestion
     return raw
 

@@ -8,6 +8,7 @@ plain int / float; booleans are never numbers and strings are never booleans. As
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import numbers
 import os
@@ -53,6 +54,21 @@ def choice(name: str, value: Any, valid: tuple[str, ...] | list[str]) -> str:
     if not isinstance(value, str) or value not in valid:
         raise MoeOffloadError(f"{name} must be one of {list(valid)}, got {value!r}")
     return value
+
+
+def json_object(path: str | os.PathLike, missing: str, error: type[MoeOffloadError] = MoeOffloadError) -> dict:
+    """A JSON file holding an object, read; `missing` says what was expected when there is no such file.
+    Errors (no file, not JSON, not an object) name the path and raise `error`."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not readable JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object at the top level")
+    return raw
 
 
 def output_file(path: str | os.PathLike, flag: str, create_parent: bool = True) -> Path:

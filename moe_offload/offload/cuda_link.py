@@ -28,7 +28,7 @@ import torch
 
 from .link import DEFAULT_CHUNK_BYTES, LinkJob, LinkScheduler
 from .protocols import Key
-from .transfer import (_WORKERS, COPY_RETRIES, CopyCancelled, CopyFaults, EngineKnobs, LoadHandle, copy_failure,
+from .transfer import (_WORKERS, COPY_RETRIES, CopyFaults, EngineKnobs, LoadHandle, copy_failure,
                        injected_failure)
 
 LINK_DEPTH = 2  # chunks on the copy stream at once: 1 leaves the link idle while the worker wakes up
@@ -246,24 +246,6 @@ class CudaLinkEngine(EngineKnobs):
                 return None
             ahead = st.sched.demand_bytes_ahead(handle)
             return (ahead or 0) + sum(n for *_, n in st.on_stream)
-
-    def promote(self, handle: LoadHandle) -> None:
-        with self._state.cond:
-            self._state.sched.promote(handle)
-
-    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
-        with self._state.cond:
-            self._state.sched.reprioritize(handle, priority)
-
-    def cancel(self, handle: LoadHandle) -> int | None:
-        """Cancel a queued prefetch none of whose chunks is on the stream; returns the bytes never
-        copied, or None. A cancelled handle is done, with a CopyCancelled error."""
-        with self._state.cond:
-            unsent = self._state.sched.cancel(handle)
-            if unsent is not None:
-                handle.error = CopyCancelled(f"load of expert {handle.key} cancelled")
-                handle._done.set()
-            return unsent
 
     def wait(self, handle: LoadHandle) -> float:
         """The compute stream waits (on the device) for the load; a load still queued goes onto the

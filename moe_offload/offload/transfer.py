@@ -179,30 +179,50 @@ class _LinkState:
             self.cond.notify_all()
 
 
+class _OnState:
+    """An engine attribute that lives on its worker's shared state (`engine._state.<name>`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, engine, owner=None):
+        return self if engine is None else getattr(engine._state, self.name)
+
+    def __set__(self, engine, value) -> None:
+        setattr(engine._state, self.name, value)
+
+
 class EngineKnobs(CopyEngine):
-    """faults, retries and max_retries of an engine whose worker thread shares them through `self._state`
-    (tests swap faults at run time)."""
+    """What the thread and CUDA engines share through `self._state` (their worker thread's state, under
+    its condition): faults (tests swap them at run time), retries, max_retries, and the link
+    scheduler's promote / reprioritize / cancel."""
 
-    @property
-    def faults(self) -> CopyFaults:
-        return self._state.faults
-
-    @faults.setter
-    def faults(self, value: CopyFaults) -> None:
-        self._state.faults = value
+    faults = _OnState()  # CopyFaults
+    max_retries = _OnState()  # int
 
     @property
     def retries(self) -> int:
         """Copies tried again after a transient failure, since the engine started."""
         return self._state.retries
 
-    @property
-    def max_retries(self) -> int:
-        return self._state.max_retries
+    def promote(self, handle: LoadHandle) -> None:
+        """Someone needs this (prefetch) load now: it overtakes the queued prefetches."""
+        with self._state.cond:
+            self._state.sched.promote(handle)
 
-    @max_retries.setter
-    def max_retries(self, value: int) -> None:
-        self._state.max_retries = value
+    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
+        with self._state.cond:
+            self._state.sched.reprioritize(handle, priority)
+
+    def cancel(self, handle: LoadHandle) -> int | None:
+        """Cancel a queued load; returns the bytes never copied, or None if a chunk of it is on the
+        link now (or it already finished). A cancelled handle is done, with a CopyCancelled error."""
+        with self._state.cond:
+            unsent = self._state.sched.cancel(handle)
+            if unsent is not None:
+                handle.error = CopyCancelled(f"load of expert {handle.key} cancelled")
+                handle._done.set()
+            return unsent
 
 
 def injected_failure(faults: CopyFaults, key: Key, counter) -> bool:
@@ -263,25 +283,6 @@ class ThreadCopyEngine(EngineKnobs):
         with self._state.cond:
             ahead = self._state.sched.demand_bytes_ahead(handle)
             return (ahead or 0) + self._state.busy_bytes
-
-    def promote(self, handle: LoadHandle) -> None:
-        """Someone needs this (prefetch) load now: it overtakes the queued prefetches."""
-        with self._state.cond:
-            self._state.sched.promote(handle)
-
-    def reprioritize(self, handle: LoadHandle, priority: float) -> None:
-        with self._state.cond:
-            self._state.sched.reprioritize(handle, priority)
-
-    def cancel(self, handle: LoadHandle) -> int | None:
-        """Cancel a queued load; returns the bytes never copied, or None if a chunk of it is on the
-        link now (or it already finished). A cancelled handle is done, with a CopyCancelled error."""
-        with self._state.cond:
-            unsent = self._state.sched.cancel(handle)
-            if unsent is not None:
-                handle.error = CopyCancelled(f"load of expert {handle.key} cancelled")
-                handle._done.set()
-            return unsent
 
     def wait(self, handle: LoadHandle) -> float:
         t0 = time.perf_counter()
