@@ -7,6 +7,23 @@ same fields (`FLAG_FIELDS`, `parse_tuning`), so help, ranges and defaults live h
 
 Checks that need the model (a cache of 9 slots per layer for 8 experts, a lookahead past the last
 layer) are made by `check_against_model` when the model's config is known.
+
+Defaults and the measurement behind each (figures in benchmarks/results/ and lab/README.md):
+  policy lru           with the CPU lane (on by default on cuda) prefetch still gains under lru (1.03x
+                       geometric mean) and loses under lru-layer (0.90x): hybrid_prefetch_lru.json,
+                       hybrid_prefetch.json; without the lane the policies are within 0.01-0.03 hit rate
+                       of each other (bench_cache_*.json)
+  lookahead 2          the bundled adapters' recall falls 0.910 / 0.884 / 0.866 at d = 1 / 2 / 3 while
+                       a copy needs several layers of lead; cross-token adapters use their whole range
+  prefetch_margin 0/3  3 only for cross-token plans with the CPU lane (1.06-1.12x, hybrid_prefetch.json)
+  link_chunk_mb 8      the chunked link beats whole-expert FIFO copies (7.43 vs 7.18 tok/s, 8.99 vs 8.30
+                       with cross-token plans; lab/README.md); 8 MiB is ~0.3 ms of PCIe 4, 1/11 of an int4
+                       Mixtral-8x7B expert
+  cpu_experts auto     misses computed on the host when that beats the copy: 7.28 -> 10.50 tok/s
+  (on cuda)            projected (simulate_lane_mixtral8x7b.json)
+  draft_tokens 4       the speculative decoder adapts below it from measured acceptance (speculative.json)
+  attention peek off   (train-accelerator) one extra attention per predicted layer: -5-15% tok/s with the
+                       CPU lane, <1% gain without (peek_cost_sim.json)
 """
 
 from __future__ import annotations
