@@ -21,7 +21,8 @@ Defaults and the measurement behind each (figures in benchmarks/results/ and lab
                        Mixtral-8x7B expert
   cpu_experts auto     misses computed on the host when that beats the copy: 7.28 -> 10.50 tok/s
   (on cuda)            projected (simulate_lane_mixtral8x7b.json)
-  draft_tokens 4       the speculative decoder adapts below it from measured acceptance (speculative.json)
+  draft_tokens 4       a cap: the decoder adapts below it from measured acceptance, which on the bundled
+                       model falls 0.49 / 0.38 / 0.20 / 0.0 by position (speculative.json)
   attention peek off   (train-accelerator) one extra attention per predicted layer: -5-15% tok/s with the
                        CPU lane, <1% gain without (peek_cost_sim.json)
 """
