@@ -78,10 +78,10 @@ def time_hf(path, prompt_ids: list[int], n: int, repeats: int) -> dict:
 
 def second_model(folder: Path) -> Path:
     """8 layers, hidden 256, 8 experts, top-2, random weights, no EOS (so every run is full length)."""
-    from transformers import ModelConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+    cfg = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                         num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=None, sliding_window=None,
                         tie_word_embeddings=False)

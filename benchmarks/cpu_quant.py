@@ -213,10 +213,10 @@ def print_table(kern: list[dict], cross: dict, dec: dict, peer: dict) -> None:
 def build_734m(folder: Path) -> None:
     """The random 734M Mixtral-shaped model: hidden 1024, intermediate 3584, 8 layers, 32 heads / 8 KV heads,
     8 experts, top-2, vocab 4096, seed 0."""
-    from transformers import ModelConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+    cfg = MixtralConfig(vocab_size=4096, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=None, sliding_window=None,
                         tie_word_embeddings=False)

@@ -23,7 +23,7 @@ import argparse
 
 import torch
 import torch.nn as nn
-from transformers import ModelConfig, MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_offload.offload import (ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine,
                                  make_policy)
@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                         num_experts_per_tok=2, max_position_embeddings=64, experts_implementation="eager")
     model = MixtralForCausalLM(cfg).eval().to(device)

@@ -31,13 +31,13 @@ SHAPES = {
 
 def make_hf_checkpoint(path: Path, max_shard_size: str | None = None, **kw):
     """Build a random MixtralForCausalLM, save it with save_pretrained, return the (eval) model."""
-    from transformers import ModelConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     # The eager (per-expert loop) experts path is the oracle; the grouped_mm path needs 16-byte strides.
     cfg = dict(experts_implementation="eager", max_position_embeddings=128, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
                tie_word_embeddings=False, sliding_window=None)
     cfg.update(kw)
-    model = MixtralForCausalLM(ModelConfig(**cfg)).eval()
+    model = MixtralForCausalLM(MixtralConfig(**cfg)).eval()
     # Norm weights are ones at init; perturb them so a wrong norm shows up in the logits.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -17,7 +17,7 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention
 def _model(family: str):
     torch.manual_seed(0)
     if family == "mixtral":
-        cfg = transformers.ModelConfig(intermediate_size=96, num_local_experts=8, **COMMON)
+        cfg = transformers.MixtralConfig(intermediate_size=96, num_local_experts=8, **COMMON)
         cls = transformers.MixtralForCausalLM
     elif family == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=48, intermediate_size=96, num_experts=16,
