@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Host bookkeeping per MoE layer on a synthetic routing trace, two ways:
 
-- `host` (the headline number): exactly the host calls OffloadedExperts makes per MoE layer
-  in decode -- np.unique of the routed ids, `cache.acquire`, the prefetcher's `issue` (plan, cancel,
-  pump prefetches), `cache.release` -- on the real ExpertCache, policy and Prefetcher, with an
-  instant copy engine (every load lands at once, so the cache evicts and prefetches at full rate).
+- `host` (the headline number): the step planner OffloadedExperts runs per MoE layer in decode
+  (offload.planner.StepPlanner.run: np.unique of the routed ids, `cache.acquire`, the prefetcher's
+  `issue` (plan, cancel, pump prefetches), `cache.release`), with no compute, on the real ExpertCache,
+  policy and Prefetcher, with an instant copy engine (every load lands at once, so the cache evicts
+  and prefetches at full rate).
   The predictions' device side (scores, top-k) is not host work and is not timed.
 - `timeline`: the whole `run_timeline` replay, which adds the simulator's virtual link and clock
   (an upper bound; simulation overhead, not runtime overhead).
@@ -28,6 +29,7 @@ import torch
 
 from moe_offload.analysis.sim import RecordedPredictor, StepCosts, VirtualStore, run_timeline
 from moe_offload.offload import ExpertCache, Prefetcher, make_policy
+from moe_offload.offload.planner import StepPlanner
 from moe_offload.results import result_metadata, write_json_atomic
 
 SHAPES = [(8, 2, 32), (64, 8, 16), (128, 8, 48)]
@@ -71,6 +73,16 @@ class _Landed:
         return True
 
 
+class NoCompute:
+    """planner.StepLanes that compute nothing: the host bookkeeping alone."""
+
+    def device(self, layer, group, on_cpu, part) -> None:
+        pass
+
+    def cpu(self, layer, on_cpu) -> None:
+        pass
+
+
 class InstantEngine:
     """protocols.CopyEngine where every copy has landed when load() returns: no link, no waiting."""
 
@@ -99,16 +111,13 @@ def host_us_per_layer(ids: np.ndarray, E: int, slots: int, policy: str, D: int |
             pf = Prefetcher(cache, rec, L, k, max_inflight=4)
             plans = [[np.concatenate([ids[t, l + d] for d in range(1, D + 1) if l + d < L] or [np.zeros(0, np.int64)])
                       for l in range(L)] for t in range(T)]  # [T][L] host ids, nearest layer first
+        planner, lanes = StepPlanner(cache, pf), NoCompute()
         t0 = time.perf_counter()
         for t in range(T):
             if pf is not None:
                 pf.on_step(None, t, [0])
             for l in range(L):
-                needed = np.unique(ids[t, l]).tolist()
-                cache.acquire(l, needed)
-                if pf is not None and plans[t][l].size:
-                    pf.issue(l, plans[t][l])
-                cache.release(l, needed)
+                planner.run(l, ids[t, l][None], plans[t][l] if pf is not None and plans[t][l].size else None, lanes)
         best = min(best, (time.perf_counter() - t0) / (T * L) * 1e6)
         hit = cache.stats.to_dict()["hit_rate"]
     return best, hit

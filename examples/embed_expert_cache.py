@@ -55,7 +55,7 @@ class CachedMoeBlock(nn.Module):
         return self.experts(self.layer, h, ids, weights).reshape(shape)
 
 
-def embed_by_hand(model: nn.Module, cfg: ModelConfig, slots: int, policy: str,
+def embed_by_hand(model: nn.Module, cfg: MixtralConfig, slots: int, policy: str,
                   device: torch.device) -> ExpertCache:
     """The four building blocks wired by hand: store, cache, copy engine, OffloadedExperts."""
     blocks = [getattr(layer, "mlp", None) or layer.block_sparse_moe for layer in model.model.layers]

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import families
 from .config import ModelConfig
 from .errors import CheckpointError, NonFiniteError
 
@@ -35,69 +36,15 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-# Per family: the MoE block's prefix and the routed experts' weight names (this project calls the
-# three w1 (gate), w3 (up), w2 (down), as Mixtral does).
-_MOE_PREFIX = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "olmoe": "mlp"}
-_EXPERT_WEIGHTS = {"mixtral": {"w1": "w1", "w3": "w3", "w2": "w2"},
-                   "hf_mlp": {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}}
-
-
-def _weight_names(model_type: str) -> dict[str, str]:
-    return _EXPERT_WEIGHTS["mixtral" if model_type == "mixtral" else "hf_mlp"]
-
-
-def router_name(layer: int, model_type: str = "mixtral") -> str:
-    """The router (gate) weight [E, H] of one layer under the family's hub name."""
-    return f"model.layers.{layer}.{_MOE_PREFIX[model_type]}.gate.weight"
-
-
-def shared_expert_names(layer: int) -> dict[str, str]:
-    """Qwen2-MoE's shared expert (w1/w3/w2 as for routed experts) and its sigmoid gate [1, H]."""
-    p = f"model.layers.{layer}.mlp."
-    out = {w: f"{p}shared_expert.{hub}.weight" for w, hub in _weight_names("qwen2_moe").items()}
-    out["gate"] = p + "shared_expert_gate.weight"
-    return out
-
-
-def attention_extra_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Per-layer attention tensors beyond q/k/v/o (suffix after 'model.layers.L.'): biases, q/k norms."""
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    out: dict[str, tuple[int, ...]] = {}
-    if cfg.qkv_bias:
-        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-    if cfg.qk_norm == "per_head":
-        out.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
-    elif cfg.qk_norm == "full":
-        out.update({"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)})
-    return out
-
-
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of the family's hub layout, with its shape."""
-    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    extra = attention_extra_shapes(cfg)
-    si = cfg.shared_expert_intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h),
-                                          "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    """Every tensor name of the family's hub layout (cfg.family names them), with its shape."""
+    family, i, h = cfg.family, cfg.intermediate_size, cfg.hidden_size
+    shapes = dict(family.model_tensors(cfg).values())
     for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        shapes.update({p + suffix: shape for suffix, shape in extra.items()})
-        shapes[router_name(layer, cfg.model_type)] = (cfg.num_local_experts, h)
-        if si:
-            names = shared_expert_names(layer)
-            shapes.update({names["w1"]: (si, h), names["w3"]: (si, h), names["w2"]: (h, si), names["gate"]: (1, h)})
+        shapes.update(family.layer_tensors(cfg, layer).values())
         for e in range(cfg.num_local_experts):
             for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
-                name = expert_name(layer, e, w, cfg.model_type)
+                name = family.expert_name(layer, e, w)
                 if cfg.expert_format is None:
                     shapes[name] = shape
                     continue
@@ -108,6 +55,12 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                                expected_shapes(*shape, cfg.expert_format, cfg.expert_group_size,
                                                cfg.expert_symmetric).items()})
     return shapes
+
+
+def identity_names(cfg: ModelConfig, layer: int) -> tuple[str, str]:
+    """The tensors of `layer` a model's fingerprint hashes: its router and its post-attention norm."""
+    names = cfg.family.layer_tensors(cfg, layer)
+    return names["gate"][0], names["post_attention_layernorm"][0]
 
 
 # A float is NaN/Inf exactly when its exponent bits are all ones: test that on the integer view (fast on
@@ -132,10 +85,10 @@ def check_finite(t: torch.Tensor, what: str) -> None:
                          "the checkpoint is corrupt; re-download or re-convert it")
 
 
-def expert_name(layer: int, expert: int, w: str, model_type: str = "mixtral") -> str:
-    """Routed expert `expert` of `layer`, weight w in w1 (gate) / w3 (up) / w2 (down), as the hub names it."""
-    return (f"model.layers.{layer}.{_MOE_PREFIX[model_type]}.experts.{expert}."
-            f"{_weight_names(model_type)[w]}.weight")
+def expert_name(layer: int, expert: int, w: str, model_type: str) -> str:
+    """Routed expert `expert` of `layer`, weight w in w1 (gate) / w3 (up) / w2 (down), as the family's
+    checkpoint names it (families.Family.expert_name)."""
+    return families.get(model_type).expert_name(layer, expert, w)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -178,8 +131,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class Checkpoint:
-    """A Hugging Face MoE model folder (see config.FAMILY_KEYS): config.json plus model.safetensors
-    or a sharded index.
+    """A Hugging Face MoE model folder of a registered family (moe_offload.families): config.json plus
+    model.safetensors or a sharded index.
 
     Construction reads headers only. `validate()` reports every problem at once; `tensor()` reads one
     tensor through a memory map, so loading never holds two full copies of the weights.
@@ -245,9 +198,10 @@ class Checkpoint:
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, "
                                 f"expected one of {sorted(FLOAT_DTYPES)}")
-        tied_head = self.config.tie_word_embeddings and "lm_head.weight" in self.tensors
+        head = self.config.family.lm_head
+        tied_head = self.config.tie_word_embeddings and head in self.tensors
         for name in sorted(set(self.tensors) - set(expected)):
-            if name == "lm_head.weight" and tied_head:
+            if name == head and tied_head:
                 continue  # a tied checkpoint may still carry the (identical) head; it is ignored
             problems.append(f"{self.tensors[name].file.name}: unexpected tensor {name}")
         if problems:
@@ -276,8 +230,7 @@ class Checkpoint:
         bytes). Independent of the compute dtype and device the model is later loaded with."""
         h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
         for layer in range(self.config.num_hidden_layers):
-            for name in (router_name(layer, self.config.model_type),
-                         f"model.layers.{layer}.post_attention_layernorm.weight"):
+            for name in identity_names(self.config, layer):
                 info = self.tensors.get(name)
                 if info is None:
                     raise CheckpointError(f"{self.path}: no tensor named {name}")
@@ -292,7 +245,7 @@ class Checkpoint:
     @property
     def dtype_name(self) -> str:
         """The checkpoint's weight dtype (that of the embedding), e.g. 'bfloat16'."""
-        info = self.tensors.get("model.embed_tokens.weight")
+        info = self.tensors.get(self.config.family.model_tensors(self.config)["embed_tokens"][0])
         return FLOAT_DTYPES.get(info.dtype, self.config.torch_dtype) if info else self.config.torch_dtype
 
     def close(self) -> None:

@@ -103,10 +103,14 @@ def _add_link_args(p: argparse.ArgumentParser) -> None:
 
 
 def _link_settings(args: argparse.Namespace):
-    from .analysis.sim import get_cpu
+    """(link chunk bytes, CPU-lane profile). This runtime's link moves 8 MiB chunks, demand first; a
+    reference implementation (simulate --implementation, fitted to published numbers) moves whole
+    experts in issue order, as mixtral-offloading does (None)."""
+    from .analysis.sim import IMPL_THIS, get_cpu
     from .offload.link import DEFAULT_CHUNK_BYTES
 
-    return DEFAULT_CHUNK_BYTES, (get_cpu(args.cpu) if args.cpu != "none" else None)
+    ours = getattr(args, "implementation", IMPL_THIS.key) == IMPL_THIS.key
+    return DEFAULT_CHUNK_BYTES if ours else None, (get_cpu(args.cpu) if args.cpu != "none" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

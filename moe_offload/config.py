@@ -1,5 +1,5 @@
-"""Model config parsed from a Hugging Face config.json (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and the
-validated runtime config."""
+"""Model config parsed from a Hugging Face config.json (any registered family: moe_offload.families),
+and the validated runtime config."""
 
 from __future__ import annotations
 
@@ -9,29 +9,15 @@ from typing import Any
 
 import torch
 
+from . import families
 from .errors import ConfigError, MoeOffloadError
+from .families import Family
 from .validate import json_object
 
-# Keys without which a model cannot be built; everything else has Hugging Face's default.
+# Keys without which a model cannot be built (besides the family's expert count and width); everything
+# else has Hugging Face's default (the family's `defaults`).
 _COMMON_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
-# model_type -> (routed-expert count key, routed-expert width key, extra required keys)
-FAMILY_KEYS = {
-    "mixtral": ("num_local_experts", "intermediate_size", ()),
-    "qwen2_moe": ("num_experts", "moe_intermediate_size", ("shared_expert_intermediate_size",)),
-    "qwen3_moe": ("num_experts", "moe_intermediate_size", ()),
-    "olmoe": ("num_experts", "intermediate_size", ()),
-}
-_REQUIRED_KEYS = _COMMON_KEYS + ("intermediate_size", "num_local_experts")  # Mixtral's (kept for callers)
 QK_NORMS = ("none", "per_head", "full")
-# Hugging Face's defaults where a family's config.json leaves a key out.
-_FAMILY_DEFAULTS = {
-    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, bos=1, eos=2, norm_topk_prob=True),
-    "qwen2_moe": dict(rms_norm_eps=1e-6, rope_theta=1e4, bos=None, eos=None, norm_topk_prob=False),
-    "qwen3_moe": dict(rms_norm_eps=1e-6, rope_theta=1e4, bos=None, eos=None, norm_topk_prob=False),
-    "olmoe": dict(rms_norm_eps=1e-5, rope_theta=1e4, bos=None, eos=50279, norm_topk_prob=False),
-}
-_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 # Fields added for the non-Mixtral families, with the value a Mixtral has; as_dict() leaves them out
 # at these values so a Mixtral's dict (and the checkpoint fingerprint built on it) is unchanged.
 _FAMILY_FIELDS = {"model_type": "mixtral", "norm_topk_prob": True, "shared_expert_intermediate_size": 0,
@@ -46,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class ModelConfig:
     """The shape of a sparse-MoE decoder, as read from config.json (hub and transformers-5 spellings).
 
-    One description for the families in FAMILY_KEYS. `num_local_experts` and `intermediate_size` are
+    One description for every registered family (`family`: its adapter). `num_local_experts` and `intermediate_size` are
     always the ROUTED experts' count and width (Qwen's num_experts / moe_intermediate_size); a shared
     expert (Qwen2-MoE) has its own width and a sigmoid gate. qk_norm: 'per_head' RMSNorm over head_dim
     (Qwen3), 'full' over the whole q / k projection (OLMoE). norm_topk_prob: renormalise the top-k
@@ -106,9 +92,9 @@ class ModelConfig:
         self._check_family()
 
     def _check_family(self) -> None:
-        if self.model_type not in FAMILY_KEYS:
+        if families.find(self.model_type) is None:
             raise ConfigError(f"config.json: model_type {self.model_type!r} is not supported; "
-                              f"use one of {sorted(FAMILY_KEYS)}")
+                              f"use one of {families.supported()}")
         if self.qk_norm not in QK_NORMS:
             raise ConfigError(f"config.json: qk_norm {self.qk_norm!r} is not one of {list(QK_NORMS)}")
         s = self.shared_expert_intermediate_size
@@ -130,7 +116,8 @@ class ModelConfig:
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
         attn += (q + 2 * kv) * self.qkv_bias + {"none": 0, "per_head": 2 * hd, "full": q + kv}[self.qk_norm]
-        shared = (3 * h * self.shared_expert_intermediate_size + h) if self.shared_expert_intermediate_size else 0
+        si = self.shared_expert_intermediate_size
+        shared = (3 * h * si + (h if self.family.shared_expert_gate else 0)) if si else 0
         per_layer = attn + 2 * h + self.num_local_experts * h + shared
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_hidden_layers * per_layer + self.vocab_size * h + h + head
@@ -143,12 +130,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = raw.get("model_type")
-        if model_type not in FAMILY_KEYS:
-            raise ConfigError(f"{source}: model_type is {model_type!r}; supported: {sorted(FAMILY_KEYS)}")
-        experts_key, width_key, extra = FAMILY_KEYS[model_type]
-        if experts_key not in raw and "num_local_experts" in raw:
-            experts_key = "num_local_experts"  # transformers' attribute_map spelling
-        missing = [k for k in _COMMON_KEYS + (experts_key, width_key) + extra if k not in raw]
+        family = families.find(model_type)
+        if family is None:
+            raise ConfigError(f"{source}: model_type is {model_type!r}; supported: {families.supported()}")
+        experts_key, width_key = family.count_keys(raw)
+        missing = [k for k in _COMMON_KEYS + (experts_key, width_key) + family.required_keys if k not in raw]
         if missing:
             raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
         quant = (None, 128, False)
@@ -156,16 +142,15 @@ class ModelConfig:
             from .quant.ckpt import parse_quantization_config
 
             quant = parse_quantization_config(raw["quantization_config"], source)
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (these MoE families use 'silu')")
-        _refuse_unsupported(raw, model_type, source)
-        d = _FAMILY_DEFAULTS[model_type]
+        act = raw.get("hidden_act", family.hidden_act)
+        if act != family.hidden_act:
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported ({model_type} uses {family.hidden_act!r})")
+        family.check(raw, source)
+        d = family.defaults
         heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or (raw["hidden_size"] // heads if heads else 0)
-        eos = raw.get("eos_token_id", d["eos"])
+        eos = raw.get("eos_token_id", d["eos_token_id"])
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        mixtral = model_type == "mixtral"
         try:
             return cls(
                 vocab_size=raw["vocab_size"],
@@ -180,17 +165,12 @@ class ModelConfig:
                 rope_theta=float(_rope_theta(raw, source, d["rope_theta"])),
                 rms_norm_eps=float(raw.get("rms_norm_eps", d["rms_norm_eps"])),
                 max_position_embeddings=raw.get("max_position_embeddings", 4096 * 32),
-                sliding_window=raw.get("sliding_window") if mixtral else None,
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                bos_token_id=raw.get("bos_token_id", d["bos"]),
+                bos_token_id=raw.get("bos_token_id", d["bos_token_id"]),
                 eos_token_ids=eos_ids,
                 torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
                 model_type=model_type,
-                norm_topk_prob=True if mixtral else bool(raw.get("norm_topk_prob", d["norm_topk_prob"])),
-                shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 0),
-                qk_norm={"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none"),
-                qkv_bias=bool(raw.get("qkv_bias", True)) if model_type == "qwen2_moe" else False,
-                clip_qkv=raw.get("clip_qkv") if model_type == "olmoe" else None,
+                **family.fields(raw),  # sliding_window, norm_topk_prob, shared expert, q/k norm, qkv bias, clip
                 expert_format=quant[0], expert_group_size=quant[1], expert_symmetric=quant[2],
             )
         except ConfigError as exc:
@@ -205,61 +185,12 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json in the layout Hugging Face writes for this family (loadable by transformers)."""
-        if self.model_type != "mixtral":
-            return self._family_hf_dict()
-        eos = list(self.eos_token_ids)
-        return {
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "num_local_experts": self.num_local_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "hidden_act": "silu",
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "sliding_window": self.sliding_window,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else eos,
-            "torch_dtype": self.torch_dtype,
-            "router_aux_loss_coef": 0.02,
-            "output_router_logits": False,
-            "attention_dropout": 0.0,
-            "initializer_range": 0.02,
-            "use_cache": True,
-        }
+        return self.family.hf_dict(self)
 
-    def _family_hf_dict(self) -> dict[str, Any]:
-        eos = list(self.eos_token_ids)
-        experts_key, width_key, _ = FAMILY_KEYS[self.model_type]
-        out = {
-            "architectures": [_ARCHITECTURES[self.model_type]], "model_type": self.model_type,
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            experts_key: self.num_local_experts, width_key: self.intermediate_size,
-            "num_experts_per_tok": self.num_experts_per_tok, "norm_topk_prob": self.norm_topk_prob,
-            "hidden_act": "silu", "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "torch_dtype": self.torch_dtype,
-            "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        }
-        if self.model_type == "olmoe":
-            out["clip_qkv"] = self.clip_qkv
-        else:  # the Qwen families: every layer sparse, no sliding window
-            out.update(decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
-        if self.model_type == "qwen2_moe":
-            out.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-                       qkv_bias=self.qkv_bias, intermediate_size=self.shared_expert_intermediate_size)
-        return out
+    @property
+    def family(self) -> Family:
+        """This model's family adapter (tensor names, router function, config.json layout)."""
+        return families.get(self.model_type)
 
     @property
     def has_shared_expert(self) -> bool:
@@ -269,7 +200,7 @@ class ModelConfig:
     def prepends_bos(self) -> bool:
         """Whether prompts start with bos_token_id: Mixtral's tokenizer adds it; the Qwen and OLMoE
         tokenizers add none (their config.json's bos_token_id is <|endoftext|>)."""
-        return self.model_type == "mixtral"
+        return self.family.prepends_bos
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -280,26 +211,6 @@ class ModelConfig:
 
 
 MixtralConfig = ModelConfig  # the name before other families were supported (an alias for one release)
-
-
-def _refuse_unsupported(raw: dict[str, Any], model_type: str, source: str) -> None:
-    """One-line errors for options of these families that this runtime does not implement."""
-    if raw.get("use_sliding_window"):
-        raise ConfigError(f"{source}: use_sliding_window=true is not supported for {model_type} "
-                          "(only Mixtral's sliding_window is implemented); set it to false")
-    if raw.get("attention_bias") and model_type != "mixtral":
-        raise ConfigError(f"{source}: attention_bias=true is not supported for {model_type} (the hub "
-                          "checkpoints have none); expected false")
-    if raw.get("mlp_only_layers"):
-        raise ConfigError(f"{source}: mlp_only_layers {raw['mlp_only_layers']} (dense MLP layers) is not "
-                          "supported; every layer must be a sparse MoE layer (mlp_only_layers: [])")
-    step = raw.get("decoder_sparse_step", 1)
-    if step != 1:
-        raise ConfigError(f"{source}: decoder_sparse_step {step!r} (dense MLP layers in between) is not "
-                          "supported; expected 1 (every layer sparse)")
-    if model_type == "qwen2_moe" and not raw.get("shared_expert_intermediate_size"):
-        raise ConfigError(f"{source}: shared_expert_intermediate_size must be a positive integer for "
-                          f"qwen2_moe, got {raw.get('shared_expert_intermediate_size')!r}")
 
 
 def _rope_theta(raw: dict[str, Any], source: str, default: float = 1e6) -> float:

@@ -22,7 +22,6 @@ from .errors import MoeOffloadError
 from .generate import SamplingParams, _Timing, check_finite_logits, sample_next, sampling_probs
 from .kernels import run_experts
 from .model.layers import rms_norm
-from .model.moe import route
 from .model.transformer import KVCache, MoeModel
 from .offload import OffloadedExperts
 from .predict.draft import DraftHead, resident_route
@@ -90,7 +89,7 @@ class Drafter:
             x = x + model._attention(rms_norm(x, layer.input_layernorm, eps), i, pos, cache)
             h = rms_norm(x, layer.post_attention_layernorm, eps).reshape(-1, x.shape[-1])  # [1, H]
             y = self._experts(i, h)  # [1, H]
-            if model.cfg.has_shared_expert:  # Qwen2-MoE: the resident shared expert runs for every token
+            if model.cfg.has_shared_expert:  # the resident shared expert runs for every token
                 y = y + model.shared_expert(h, i)
             x = x + y.reshape(x.shape)
         return self.head.logits(model, x.reshape(-1, x.shape[-1]))[0]  # [V]
@@ -100,7 +99,7 @@ class Drafter:
         logits = F.linear(h, model.layers[layer].gate)  # [1, E]
         k = model.cfg.num_experts_per_tok
         if self.offloaded is None:
-            weights, ids = route(logits, k, model.cfg.norm_topk_prob)  # [1, k]
+            weights, ids = model.route(layer, logits)  # [1, k]
             return model.experts(layer, h, ids, weights)
         cache = self.offloaded.cache
         usable = (cache.slot_of[layer] >= 0)  # [E] host
@@ -108,7 +107,7 @@ class Drafter:
             if l == layer:
                 usable[e] = False  # its copy may still be on the link
         n = int(usable.sum())
-        _, routed = route(logits, k)  # [1, k]: what the full model would use
+        routed = model.route(layer, logits)[1]  # [1, k]: what the full model would use
         if n == 0:
             self.substitutions += k
             return torch.zeros_like(h)
@@ -159,6 +158,12 @@ class VerifyBudget:
                     return i
             needed |= new
         return ids_host.shape[0]
+
+
+def _kept_positions(experts: OffloadedExperts):
+    """The model's position_limit during a verify pass: after each layer, the positions the expert
+    backend's verify rule kept at that layer (None: all)."""
+    return lambda layer: experts.pop_kept_rows()
 
 
 def rollback(cache: KVCache, keep: int, end: int) -> None:
@@ -301,12 +306,16 @@ class SpeculativeDecoder:
         ids = torch.tensor([batch], dtype=torch.long, device=dev)  # [1, g+1]
         experts = self.drafter.offloaded
         if experts is not None and g > 0:
+            # the verify rule drops the trailing positions not worth their misses at each layer; the
+            # model then carries only the kept ones into its later layers
             experts.verify_rule = self._verify_rule()
+            model.position_limit = _kept_positions(experts)
         try:
             target = model(ids, pos, cache, host_ids=batch)[0].float().cpu()  # [g'+1, V], g' <= g kept
         finally:
             if experts is not None:
                 experts.verify_rule = None
+                model.position_limit = None
         check_finite_logits(target)
         end = pos + g + 1  # K/V were written up to here (dropped positions: in the layers before the drop)
         g = self._checked = target.shape[0] - 1

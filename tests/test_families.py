@@ -258,7 +258,7 @@ def test_offloaded_triton_backend_matches_loop_with_shared_expert(hf_models):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_routed_experts_offloaded_equal_resident(hf_models, fmt):
     path, _ = hf_models["qwen2_moe"]  # the shared expert stays in float32 with the dense weights
-    kw = dict(device="cpu", dtype="float32", expert_dtype=fmt, group_size=32)
+    kw = dict(device="cpu", dtype="float32", expert_dtype=fmt, group_size=32 if fmt == "int4" else None)
     resident = moe_offload.load(path, config=OffloadConfig.make(offload=False, **kw))  # the offloaded path's twin
     full = moe_offload.load(path, device="cpu", dtype="float32").logits(IDS)
     want = resident.logits(IDS)

@@ -37,7 +37,7 @@ ROWS = (Row("t4-pcie3", 128, 2.09), Row("rtx3060-pcie3", 64, 2.28), Row("rtx3080
 def row_command(row: Row, trace_path: str = "TRACE.npz") -> str:
     return (f"moe-offload simulate --trace {trace_path} --hardware {row.hardware} --model-config mixtral-8x7b "
             f"--expert-dtype {row.expert_dtype} --capacity {row.capacity} --policy lru-layer --predictor next-gate "
-            f"--lookahead 1 --implementation {REFERENCE} --link-chunk-mb 0 --max-tokens {CALIBRATION_TOKENS}")
+            f"--lookahead 1 --implementation {REFERENCE} --max-tokens {CALIBRATION_TOKENS}")
 
 
 def project(trace: RoutingTrace, row: Row, impl: ImplParams) -> float:

@@ -24,8 +24,9 @@ from ..config import ModelConfig
 from ..errors import MoeOffloadError
 from ..offload.cache import ExpertCache
 from ..offload.policy import EvictionPolicy, make_policy
-from ..offload.cpu_lane import LaneCosts, fill_after_cpu, lane_candidates, split_misses
+from ..offload.cpu_lane import LaneCosts, LaneDecision
 from ..offload.link import LinkScheduler
+from ..offload.planner import StepPlanner
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import CopyEngine, Key
 from ..offload.transfer import LoadHandle
@@ -50,18 +51,6 @@ class Hardware:
     source: str
 
 
-def hardware_profiles() -> dict[str, Hardware]:
-    raw = json.loads((resources.files("moe_offload") / "assets" / "hardware_profiles.json").read_text())
-    return {k: Hardware(key=k, **v) for k, v in raw.items() if not k.startswith("_")}
-
-
-def get_hardware(name: str) -> Hardware:
-    profiles = hardware_profiles()
-    if name not in profiles:
-        raise MoeOffloadError(f"hardware {name!r} is not one of {sorted(profiles)}")
-    return profiles[name]
-
-
 @dataclass(frozen=True)
 class CpuProfile:
     """The host CPU of the CPU lane: effective memory GB/s, cores, per-format GEMV efficiency."""
@@ -84,16 +73,32 @@ class CpuProfile:
                          device_seconds=costs.expert)
 
 
+def _profiles(asset: str, make: Callable[..., Any]) -> dict[str, Any]:
+    """The named entries of a JSON asset as `make(key=name, **entry)` (keys starting with '_' are notes)."""
+    raw = json.loads((resources.files("moe_offload") / "assets" / asset).read_text())
+    return {k: make(key=k, **v) for k, v in raw.items() if not k.startswith("_")}
+
+
+def _named(profiles: dict[str, Any], name: str, what: str) -> Any:
+    if name not in profiles:
+        raise MoeOffloadError(f"{what} {name!r} is not one of {sorted(profiles)}")
+    return profiles[name]
+
+
+def hardware_profiles() -> dict[str, Hardware]:
+    return _profiles("hardware_profiles.json", Hardware)
+
+
 def cpu_profiles() -> dict[str, CpuProfile]:
-    raw = json.loads((resources.files("moe_offload") / "assets" / "cpu_profiles.json").read_text())
-    return {k: CpuProfile(key=k, **v) for k, v in raw.items() if not k.startswith("_")}
+    return _profiles("cpu_profiles.json", CpuProfile)
+
+
+def get_hardware(name: str) -> Hardware:
+    return _named(hardware_profiles(), name, "hardware")
 
 
 def get_cpu(name: str) -> CpuProfile:
-    profiles = cpu_profiles()
-    if name not in profiles:
-        raise MoeOffloadError(f"cpu profile {name!r} is not one of {sorted(profiles)}")
-    return profiles[name]
+    return _named(cpu_profiles(), name, "cpu profile")
 
 
 @dataclass(frozen=True)
@@ -160,17 +165,14 @@ IMPL_THIS = ImplParams("moe-offload", source="this runtime: the hardware profile
 
 
 def implementations() -> dict[str, ImplParams]:
-    raw = json.loads((resources.files("moe_offload") / "assets" / "reference_impls.json").read_text())
-    out = {k: ImplParams(key=k, **{f: v for f, v in d.items() if f in ImplParams.__dataclass_fields__})
-           for k, d in raw.items() if not k.startswith("_")}
-    return {IMPL_THIS.key: IMPL_THIS, **out}
+    def make(key: str, **entry: Any) -> ImplParams:  # entries also hold notes that are no parameter
+        return ImplParams(key=key, **{f: v for f, v in entry.items() if f in ImplParams.__dataclass_fields__})
+
+    return {IMPL_THIS.key: IMPL_THIS, **_profiles("reference_impls.json", make)}
 
 
 def get_impl(name: str) -> ImplParams:
-    impls = implementations()
-    if name not in impls:
-        raise MoeOffloadError(f"implementation {name!r} is not one of {sorted(impls)}")
-    return impls[name]
+    return _named(implementations(), name, "implementation")
 
 
 class VirtualClock:
@@ -358,12 +360,36 @@ class TimelineResult:
         return asdict(self)
 
 
+class VirtualLanes:
+    """planner.StepLanes in virtual time: a device group costs its experts' GEMMs on the compute stream;
+    the CPU lane's experts run one after another from the moment the layer's ids were known (`t_ids`),
+    concurrently with the device's waits and GEMMs, and the device waits for them at the layer's end."""
+
+    def __init__(self, clock: VirtualClock, costs: StepCosts, cpu: LaneCosts | None):
+        self.clock, self.costs, self.cpu_costs = clock, costs, cpu
+        self.t_ids = 0.0
+        self.compute = 0.0  # seconds of device compute
+        self.cpu_wait = 0.0  # seconds the device idled, waiting for the CPU lane
+
+    def device(self, layer: int, group: list[int], on_cpu: list[int], part: bool) -> None:
+        work = self.costs.expert * len(group)
+        self.clock.now += work
+        self.compute += work
+
+    def cpu(self, layer: int, on_cpu: list[int]) -> None:
+        end = self.t_ids + sum(self.cpu_costs.cpu(1) for _ in on_cpu)  # one token per expert (decode)
+        if end > self.clock.now:  # the device done, the CPU lane not yet
+            self.cpu_wait += end - self.clock.now
+            self.clock.now = end
+
+
 def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: str, costs: StepCosts,
                  predictor: RecordedPredictor | None = None, margin: int = 0, window: int = 1,
                  on_step: Callable[[int, int], None] | None = None,
                  chunk_bytes: int | None = None, cpu: LaneCosts | None = None,
                  rank_depth: int | None = None, predictor_seconds: np.ndarray | None = None) -> TimelineResult:
-    """Replay routing [T, L, k] through a real ExpertCache (+ Prefetcher) on a simulated link.
+    """Replay routing [T, L, k] through the runtime's step planner (offload.planner: the real ExpertCache,
+    Prefetcher and CPU lane decision) on a simulated link, its compute in virtual time (VirtualLanes).
     chunk_bytes: the link's chunk (None: whole experts, a FIFO link for demand loads). cpu: the CPU
     lane's costs (offload.cpu_lane): missed experts it wins per split_misses run on the CPU from the
     moment the layer's ids are known, concurrently with the device's waits and GEMMs.
@@ -376,62 +402,38 @@ def run_timeline(routed_ids: np.ndarray, num_experts: int, slots: int, policy: s
     pf = None
     if predictor is not None:
         pf = Prefetcher(cache, predictor, L, k, margin=margin, max_inflight=window, rank_depth=rank_depth)
-    compute = bookkeeping = cpu_wait = 0.0
+    planner = StepPlanner(cache, pf, LaneDecision(cpu) if cpu is not None else None)
+    lanes = VirtualLanes(clock, costs, cpu)
+    bookkeeping = 0.0
     residual = torch.zeros(1, 1)  # [1, H]: recorded predictors do not read it
     for t in range(T):
         if pf is not None:
             pf.on_step(None, t, [0])  # the token's first layers, planned before its forward pass
         for l in range(L):
             clock.now += costs.attention
-            compute += costs.attention
-            experts = np.unique(routed_ids[t, l]).tolist()
+            lanes.compute += costs.attention
             if isinstance(pol, Belady):
                 pol.step = t * L + l
             pred = None
             if pf is not None:  # the same calls, in the same order, as OffloadedExperts makes
                 pf.on_residual(l, residual, t)
-                pred = pf.predict(l)
+                pred = pf.predict(l)  # [n * depth] (host tensor)
                 if predictor_seconds is not None:
                     clock.now += float(predictor_seconds[l])
-                    compute += float(predictor_seconds[l])
-            t_ids = clock.now
-            cpu_end = t_ids
-            if cpu is not None:  # the same decision, with the same counting, as OffloadedExperts
-                misses, landing = lane_candidates(cache, l, experts, cpu.copy_seconds)
-                on_cpu = split_misses(misses, dict.fromkeys(experts, 1), cpu, landing=landing)
-                if len(experts) - len(on_cpu) > cache.capacity(l):
-                    on_cpu = []
-                experts = [e for e in experts if e not in on_cpu]
-                cache.stats.uses[l] += len(on_cpu)
-                cache.stats.misses[l] += len(on_cpu)
-                cache.stats.cpu_experts[l] += len(on_cpu)
-                cpu_end = t_ids + sum(cpu.cpu(1) for _ in on_cpu)
-            # several positions per step (a verify pass) may need more experts than the layer holds at
-            # once: like OffloadedExperts, run them in groups that fit
-            groups = cache.fit_groups(l, experts) if experts else [[]]
-            for gi, group in enumerate(groups):
-                cache.acquire(l, group)
-                if gi == 0 and pred is not None:
-                    pf.issue(l, pred.numpy())
-                if gi == 0 and cpu is not None and on_cpu:
-                    fill_after_cpu(cache, l, on_cpu, pf.protect if pf is not None else set())
-                work = costs.expert * len(group)
-                if gi == 0 and cpu_end > clock.now + work:  # the device done, the CPU lane not yet
-                    cpu_wait += cpu_end - (clock.now + work)
-                clock.now = max(clock.now + work, cpu_end if gi == 0 else 0.0)
-                compute += work
-                cache.release(l, group)
+                    lanes.compute += float(predictor_seconds[l])
+            lanes.t_ids = clock.now  # the layer's ids are known: the CPU lane starts
+            planner.run(l, routed_ids[t, l][None], pred.numpy() if pred is not None else None, lanes)  # [1, k]
             clock.now += costs.bookkeeping
             bookkeeping += costs.bookkeeping
             if on_step is not None:
                 on_step(t, l)
         clock.now += costs.head
-        compute += costs.head
+        lanes.compute += costs.head
     cache.stats.check()
     st = cache.stats.to_dict()
     st["late_hits"] = int(cache.late_hits.sum())
     if pf is not None:
         st.update(prefetch_issued=pf.issued, prefetch_cancelled=pf.cancelled,
                   prefetch_cancelled_inflight=pf.cancelled_inflight)
-    return TimelineResult(T, clock.now, compute, float(cache.stats.stall_seconds.sum()), bookkeeping,
-                          engine.busy_seconds, st, cpu_wait)
+    return TimelineResult(T, clock.now, lanes.compute, float(cache.stats.stall_seconds.sum()), bookkeeping,
+                          engine.busy_seconds, st, lanes.cpu_wait)

@@ -1,4 +1,4 @@
-"""The sparse MoE block: softmax router, top-k with renormalised weights, and the expert boundary.
+"""The sparse MoE block: the router function (families.Routing) and the expert boundary.
 
 The expert computation is one function boundary, `ExpertBackend.__call__(layer, h, ids, weights)`,
 that the offloading engine (moe_offload.offload) and the resident experts below both implement.
@@ -11,15 +11,15 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from ..families import Routing
 from ..kernels import run_experts
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [N, E] -> (weights [N, k] float32; ids [N, k] int64). The top-k softmax
-    probabilities are renormalised to sum to 1 when `normalize` (Mixtral; norm_topk_prob elsewhere)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)  # [N, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [N, k]
-    return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), ids
+    """router_logits [N, E] -> (weights [N, k] float32; ids [N, k] int64): softmax, top-k, the k
+    probabilities renormalised to sum to 1 when `normalize`. A model routes with its family's router
+    function (`MoeModel.route`); this is the softmax one, for code that holds no model."""
+    return Routing(top_k=top_k, renormalize=normalize)(router_logits)
 
 
 class ExpertBackend(Protocol):

@@ -1,21 +1,23 @@
-"""The MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): embeddings, attention with a static KV cache,
-the MoE boundary (plus Qwen2-MoE's resident shared expert), LM head."""
+"""The family-neutral MoE decoder: embeddings, attention with a static KV cache, the router (the
+family's router function) and the MoE boundary (plus a resident shared expert where the family has
+one), LM head. What differs between families (config keys, tensor names, router function) is their
+adapter's (moe_offload.families); this core reads only ModelConfig's fields and asks cfg.family."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint, attention_extra_shapes, expert_name, router_name, shared_expert_names
+from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from .layers import apply_rope, attention, rms_norm, rope_tables
-from .moe import ExpertBackend, ResidentExperts, route
+from .moe import ExpertBackend, ResidentExperts
 from .observers import LayerObserver
 
 
@@ -63,7 +65,8 @@ class KVCache:
 
 
 class DenseLayer(nn.Module):
-    """The non-expert weights of one decoder layer (names follow the checkpoint)."""
+    """The non-expert weights of one decoder layer. Attribute names are the slots of
+    families.Family.layer_tensors, which maps each to the family's checkpoint name."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -84,10 +87,11 @@ class DenseLayer(nn.Module):
         self.q_norm = p(norm[0]) if norm else None
         self.k_norm = p(norm[1]) if norm else None
         si = self.shared_size = cfg.shared_expert_intermediate_size
-        # Qwen2-MoE's shared expert runs for every token, so it stays on the device with the dense weights.
+        # A shared expert runs for every token, so it stays on the device with the dense weights.
         self.shared_w13 = p(2 * si, h) if si else None  # gate then up: [2 Is, H]
         self.shared_w2 = p(h, si) if si else None  # [H, Is]
-        self.shared_gate = p(1, h) if si else None  # [1, H], sigmoid gate of the shared expert
+        gated = si and cfg.family.shared_expert_gate is not None
+        self.shared_gate = p(1, h) if gated else None  # [1, H], sigmoid gate of the shared expert
 
     # Views of the fused projection under the checkpoint's names.
     @property
@@ -122,38 +126,24 @@ class DenseLayer(nn.Module):
     def shared_w3(self) -> torch.Tensor:
         return self.shared_w13[self.shared_size:]
 
-    CHECKPOINT_NAMES = {
-        "input_layernorm": "input_layernorm.weight",
-        "post_attention_layernorm": "post_attention_layernorm.weight",
-        "q_proj": "self_attn.q_proj.weight",
-        "k_proj": "self_attn.k_proj.weight",
-        "v_proj": "self_attn.v_proj.weight",
-        "o_proj": "self_attn.o_proj.weight",
-        "gate": "block_sparse_moe.gate.weight",
-    }
-
     @staticmethod
     def checkpoint_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
         """attribute (or view) -> full checkpoint name of layer `layer`, in the family's hub layout."""
-        p = f"model.layers.{layer}."
-        names = {attr: p + suffix for attr, suffix in DenseLayer.CHECKPOINT_NAMES.items() if attr != "gate"}
-        names["gate"] = router_name(layer, cfg.model_type)
-        attrs = {"self_attn.q_proj.bias": "q_bias", "self_attn.k_proj.bias": "k_bias",
-                 "self_attn.v_proj.bias": "v_bias", "self_attn.q_norm.weight": "q_norm",
-                 "self_attn.k_norm.weight": "k_norm"}
-        names.update({attrs[suffix]: p + suffix for suffix in attention_extra_shapes(cfg)})
-        if cfg.has_shared_expert:
-            shared = shared_expert_names(layer)
-            names.update({"shared_w1": shared["w1"], "shared_w3": shared["w3"], "shared_w2": shared["w2"],
-                          "shared_gate": shared["gate"]})
-        return names
+        return {slot: name for slot, (name, _) in cfg.family.layer_tensors(cfg, layer).items()}
 
 
 class MoeModel(nn.Module):
-    """A Mixtral decoder whose expert computation is delegated to an `ExpertBackend`.
+    """A sparse-MoE decoder of any registered family whose expert computation is delegated to an
+    `ExpertBackend`.
 
     `forward(input_ids [B, T], start_pos, cache)` -> logits [B, T, V]. With a KVCache it serves
     prefill (T > 1) and decode (T == 1); without one it attends within the given tokens (training).
+
+    Hooks for what runs outside it: `observers` (see observers.py) see and steer each layer;
+    `position_limit`, when set, is called after each layer with its index and returns how many leading
+    positions the later layers still compute (None: all). Attention is causal, so the kept positions
+    stay exact; the output then has fewer than T rows (a decoding strategy that verifies several
+    positions in one pass uses it to stop paying for positions it will not need).
     """
 
     def __init__(self, cfg: ModelConfig, experts: ExpertBackend, *, dtype: torch.dtype,
@@ -168,10 +158,12 @@ class MoeModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
         self.experts = experts
+        self.routing = cfg.family.routing(cfg)  # the family's router function: logits -> (weights, ids)
         # Everything outside the model that watches or steers a forward pass (see observers.py).
         self.observers: list[LayerObserver] = []
-        # The KV cache of the forward pass in progress (None outside one): what observers that peek at
-        # a later layer's attention read (M2R2Predictor with attention-peek adapters).
+        self.position_limit: Callable[[int], int | None] | None = None
+        # The KV cache of the forward pass in progress (None outside one): observers called during the
+        # pass read earlier positions' keys and values from it.
         self.active_cache: KVCache | None = None
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
@@ -205,9 +197,7 @@ class MoeModel(nn.Module):
         return model
 
     def _dense_names(self) -> dict[str, nn.Parameter]:
-        names = {"model.embed_tokens.weight": self.embed_tokens, "model.norm.weight": self.norm}
-        if self.lm_head is not None:
-            names["lm_head.weight"] = self.lm_head
+        names = {name: getattr(self, slot) for slot, (name, _) in self.cfg.family.model_tensors(self.cfg).items()}
         for i, layer in enumerate(self.layers):
             for attr, name in DenseLayer.checkpoint_names(self.cfg, i).items():
                 names[name] = getattr(layer, attr)
@@ -217,13 +207,13 @@ class MoeModel(nn.Module):
         """Every weight under its hub checkpoint name (experts must be resident)."""
         out = {name: p.detach().clone() for name, p in self._dense_names().items()}
         assert isinstance(self.experts, ResidentExperts), "checkpoint_tensors needs resident experts"
-        inter, family = self.cfg.intermediate_size, self.cfg.model_type
+        inter, family = self.cfg.intermediate_size, self.cfg.family
         for layer in range(self.cfg.num_hidden_layers):
             for e in range(self.cfg.num_local_experts):
                 w13 = self.experts.w13[layer, e].detach()
-                out[expert_name(layer, e, "w1", family)] = w13[:inter]
-                out[expert_name(layer, e, "w3", family)] = w13[inter:]
-                out[expert_name(layer, e, "w2", family)] = self.experts.w2[layer, e].detach()
+                out[family.expert_name(layer, e, "w1")] = w13[:inter]
+                out[family.expert_name(layer, e, "w3")] = w13[inter:]
+                out[family.expert_name(layer, e, "w2")] = self.experts.w2[layer, e].detach()
         return out
 
     # --- compute --------------------------------------------------------------------------------
@@ -235,10 +225,14 @@ class MoeModel(nn.Module):
         """The expert half of layer `layer`: h [..., H] (post-attention normed) -> [..., H]."""
         return self._moe(h, layer, start_pos)[0]
 
+    def route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's router function on its logits [N, E] -> (weights [N, k] float32, ids [N, k])."""
+        return self.routing(logits)
+
     def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
         logits = F.linear(x, self.layers[layer].gate)  # [N, E]
-        weights, ids = route(logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)  # [N, k] each
+        weights, ids = self.route(layer, logits)  # [N, k] each
         for ob in self.observers:
             replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
             if replaced is not None:
@@ -249,10 +243,12 @@ class MoeModel(nn.Module):
         return y.reshape(h.shape), logits
 
     def shared_expert(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Qwen2-MoE's shared expert of layer `layer` times its sigmoid gate: x [N, H] -> [N, H]."""
+        """The shared expert of layer `layer` (times its sigmoid gate when it has one): x [N, H] -> [N, H]."""
         w = self.layers[layer]
         gate, up = F.linear(x, w.shared_w13).chunk(2, dim=-1)  # [N, Is] each
         out = F.linear(F.silu(gate) * up, w.shared_w2)  # [N, H]
+        if w.shared_gate is None:
+            return out
         return torch.sigmoid(F.linear(x, w.shared_gate)) * out  # [N, 1] * [N, H]
 
     def _qkv(self, x: torch.Tensor, w: DenseLayer) -> torch.Tensor:
@@ -272,9 +268,11 @@ class MoeModel(nn.Module):
             qkv = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps), v), dim=2)
         return qkv
 
-    def _project(self, x: torch.Tensor, layer: int, start: int | RowPositions
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, H] (normed) -> q [B, nh, T, hd], k, v [B, nkv, T, hd], RoPE applied at the positions."""
+    def project(self, x: torch.Tensor, layer: int, start: int | RowPositions
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s query, key and value heads for its normed input x [B, T, H] at positions
+        start.. (or RowPositions): q [B, nh, T, hd], k, v [B, nkv, T, hd], RoPE applied; no cache is
+        read or written. With the cache's K/V and o_proj, what any attention over other keys builds on."""
         cfg = self.cfg
         t, nh, nkv = x.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads
         qkv = self._qkv(x, self.layers[layer])  # [B, T, nh + 2 nkv, hd]
@@ -288,69 +286,18 @@ class MoeModel(nn.Module):
     def _attention(self, x: torch.Tensor, layer: int, start: int | RowPositions, cache: KVCache | None
                    ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self._project(x, layer, start)  # [B, nh, T, hd], [B, nkv, T, hd] x2
+        q, k, v = self.project(x, layer, start)  # [B, nh, T, hd], [B, nkv, T, hd] x2
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T (or span), hd]
         q_start = start.pos if isinstance(start, RowPositions) else start
         o = attention(q, k, v, q_start, self.cfg.sliding_window)  # [B, nh, T, hd]
         return F.linear(o.transpose(1, 2).reshape(b, t, -1), self.layers[layer].o_proj)
 
-    def peek_attention(self, layer: int, x: torch.Tensor, start: int | RowPositions, cache: KVCache | None,
-                       real_until: int | None = None) -> torch.Tensor:
-        """Layer `layer`'s attention output [B, T, H] for an *estimated* residual x [B, T, H] entering it,
-        without touching the cache (the M2R2 predictor's attention peek, see predict/accelerator.py).
-
-        Keys and values at positions before `real_until` (default: start, per row with RowPositions)
-        are the cache's real ones for `layer`; the chunk's own positions from there on use x's, causally.
-        real_until past the chunk (a cache already holding the chunk's real K/V, as in training) leaves
-        each position only its own estimated key besides the real earlier ones: what decode sees."""
-        cfg, w = self.cfg, self.layers[layer]
-        b, t, _ = x.shape
-        nkv, hd, win = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
-        if real_until is not None and isinstance(start, int) and real_until < start:
-            raise ValueError(f"peek_attention: real_until {real_until} is before the chunk's start {start}; "
-                             "positions between them would be neither real nor estimated")
-        rep = cfg.num_attention_heads // nkv
-        q, k, v = self._project(rms_norm(x, w.input_layernorm, cfg.rms_norm_eps), layer, start)
-        if isinstance(start, RowPositions):
-            qpos = start.pos.view(b, 1)  # [B, T=1]
-            limit = qpos if real_until is None else qpos.clamp_max(real_until)
-            span = start.span
-        else:
-            qpos = torch.arange(start, start + t, device=x.device).view(1, t)  # [1, T]
-            limit = qpos.clamp_max(start if real_until is None else real_until)
-            span = start if real_until is None else max(start, min(real_until, start + t))
-        qg = q.reshape(b, nkv, rep * t, hd) / math.sqrt(hd)  # [B, nkv, rep*T, hd]: heads grouped by their kv head
-        first = 0  # the first cached position any row can see (the sliding window drops older ones)
-        if win is not None and isinstance(start, int):
-            first = max(0, min(span, start - win + 1))
-        if cache is not None and span > first:
-            kh, vh = cache.k[layer, :, :, first:span], cache.v[layer, :, :, first:span]  # [B, nkv, S, hd], cache dtype
-        else:
-            kh = vh = x.new_zeros(b, nkv, 0, hd, dtype=q.dtype)
-        kpos = first + torch.arange(kh.shape[2], device=x.device).view(1, 1, -1)  # [1, 1, S]
-        seen = kpos < limit[..., None]  # [B|1, T, S]: real earlier keys
-        own_pos = qpos[..., None, :]  # [B|1, 1, T]: the chunk's own key positions
-        own = (own_pos <= qpos[..., None]) & (own_pos >= limit[..., None])  # estimated keys not covered by real ones
-        if win is not None:
-            seen &= kpos > qpos[..., None] - win
-            own &= own_pos > qpos[..., None] - win
-        s_h = (qg.to(kh.dtype) @ kh.transpose(-1, -2)).float().view(b, nkv, rep, t, -1)  # [B, nkv, rep, T, S]
-        s_o = (qg @ k.transpose(-1, -2)).float().view(b, nkv, rep, t, t)  # [B, nkv, rep, T, T]
-        s_h = s_h.masked_fill(~seen[:, None, None], float("-inf"))
-        s_o = s_o.masked_fill(~own[:, None, None], float("-inf"))
-        p = torch.softmax(torch.cat([s_h, s_o], dim=-1), dim=-1)  # [B, nkv, rep, T, S + T]
-        S = kh.shape[2]
-        o = ((p[..., :S].reshape(b, nkv, rep * t, S).to(vh.dtype) @ vh).float()
-             + p[..., S:].reshape(b, nkv, rep * t, t) @ v.float())  # [B, nkv, rep*T, hd] float32
-        o = o.view(b, nkv * rep, t, hd).transpose(1, 2).reshape(b, t, -1)  # [B, T, nh*hd]
-        return F.linear(o.to(w.o_proj.dtype), w.o_proj)
-
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
                 host_ids: Sequence[int] | None = None) -> torch.Tensor:
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] (or final hidden [B, T, H]); fewer
-        than T rows when a speculative verify rule of the expert backend dropped trailing positions.
+        than T rows when `position_limit` dropped trailing positions.
         start_pos may be RowPositions (batched decode, T == 1: row b at its own position).
         host_ids: the same ids on the host when the caller has them (decode), for observers."""
         self.active_cache = cache
@@ -367,9 +314,7 @@ class MoeModel(nn.Module):
         for ob in observers:
             ob.on_step(input_ids, start_pos, host_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
-        # a speculative verify pass (one row, several positions) may drop trailing positions per layer
-        verify = input_ids.shape[0] == 1 and input_ids.shape[1] > 1
-        kept_rows = getattr(self.experts, "pop_kept_rows", None) if verify else None
+        limit = self.position_limit
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
             if observers:
@@ -380,8 +325,8 @@ class MoeModel(nn.Module):
             if router_logits is not None:
                 router_logits.append(logits)
             x = x + y
-            keep = kept_rows() if kept_rows is not None else None
-            if keep is not None:  # a verify pass dropped its trailing positions: causal, so the rest is exact
+            keep = limit(i) if limit is not None else None
+            if keep is not None:  # later layers compute only the leading positions: causal, so they stay exact
                 x = x[:, :keep]
         x = rms_norm(x, self.norm, eps)
         return x if return_hidden else F.linear(x, self.lm_head_weight())
@@ -396,10 +341,10 @@ def empty_resident_experts(cfg: ModelConfig, dtype: torch.dtype, device: torch.d
 
 def load_expert_into(ckpt: Checkpoint, layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
     """Copy one expert from the checkpoint into w13 [2I, H] (w1 then w3) and w2 [H, I]."""
-    inter, family = ckpt.config.intermediate_size, ckpt.config.model_type
-    w13[:inter].copy_(ckpt.tensor(expert_name(layer, e, "w1", family)))
-    w13[inter:].copy_(ckpt.tensor(expert_name(layer, e, "w3", family)))
-    w2.copy_(ckpt.tensor(expert_name(layer, e, "w2", family)))
+    inter, family = ckpt.config.intermediate_size, ckpt.config.family
+    w13[:inter].copy_(ckpt.tensor(family.expert_name(layer, e, "w1")))
+    w13[inter:].copy_(ckpt.tensor(family.expert_name(layer, e, "w3")))
+    w2.copy_(ckpt.tensor(family.expert_name(layer, e, "w2")))
 
 
 def init_random_(model: MoeModel, seed: int, std: float = 0.02) -> None:

@@ -156,12 +156,12 @@ def fill_after_cpu(cache, layer: int, experts: Sequence[int], protect: set) -> N
         cache.prefetch((layer, int(e)), protect | cache.pinned, priority=FILL_PRIORITY, fill=True)
 
 
-class CpuLane:
-    """Computes chosen missed experts on the host from the store (see the module docstring)."""
+class LaneDecision:
+    """Which missed experts the CPU lane takes (`split_misses` on these costs); a layer with more than
+    `max_tokens` tokens copies them all. The simulator's lane is this alone."""
 
-    def __init__(self, store: HostComputeStore, costs: LaneCosts, max_tokens: int = 8):
-        self.store, self.costs, self.max_tokens = store, costs, max_tokens
-        self.host = HostExperts(store)
+    def __init__(self, costs: LaneCosts, max_tokens: int = 8):
+        self.costs, self.max_tokens = costs, max_tokens
 
     def pick(self, misses: Sequence[int], ids_host: np.ndarray, link_backlog: float = 0.0,
              landing: dict[int, float] | None = None) -> list[int]:
@@ -170,6 +170,15 @@ class CpuLane:
             return []
         tokens = {e: int((ids_host == e).any(1).sum()) for e in misses}
         return split_misses(misses, tokens, self.costs, link_backlog, landing)
+
+
+class CpuLane(LaneDecision):
+    """Computes chosen missed experts on the host from the store (see the module docstring)."""
+
+    def __init__(self, store: HostComputeStore, costs: LaneCosts, max_tokens: int = 8):
+        super().__init__(costs, max_tokens)
+        self.store = store
+        self.host = HostExperts(store)
 
     def run(self, layer: int, experts: Sequence[int], h: torch.Tensor, ids_host: np.ndarray,
             weights: torch.Tensor) -> torch.Tensor:

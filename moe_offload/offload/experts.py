@@ -7,7 +7,8 @@ import torch
 
 from ..kernels import moe_loop, run_experts
 from .cache import ExpertCache
-from .cpu_lane import fill_after_cpu, lane_candidates
+from .planner import StepPlanner
+from .transfer import Forwarded
 
 
 def read_back(t: torch.Tensor) -> np.ndarray:
@@ -27,13 +28,18 @@ class OffloadedExperts:
     the same token rows, so results are bit-identical to the resident run; kernel backends get the
     group's assignments with the others redirected to a group expert at weight 0 (exact zeros added;
     equal to the resident run within float rounding, as the GEMM row blocking differs).
+    The step itself (CPU share, groups, acquire, prefetch plan, fills, release) is planner.StepPlanner's,
+    the one the simulator runs too; this class reads the ids back and supplies the kernels (_KernelLanes).
     """
+
+    backend = Forwarded("_lanes")  # the kernels: loop, grouped_mm or triton
+    prefetcher = Forwarded("planner")  # offload.prefetch.Prefetcher when a predictor is active, else None
+    cpu_lane = Forwarded("planner")  # offload.cpu_lane.CpuLane: missed experts computed on the host, or None
 
     def __init__(self, cache: ExpertCache, backend: str = "loop"):
         self.cache = cache
-        self.backend = backend
-        self.prefetcher = None  # offload.prefetch.Prefetcher, when a predictor is active
-        self.cpu_lane = None  # offload.cpu_lane.CpuLane: missed experts computed on the host (hybrid)
+        self.planner = StepPlanner(cache)
+        self._lanes = _KernelLanes(self.planner, backend)
         # A speculative verify pass sets this: (layer, ids_host [N, k]) -> how many leading rows (>= 1)
         # are worth their misses; the rest are dropped from this layer on (see pop_kept_rows).
         self.verify_rule = None
@@ -65,79 +71,57 @@ class OffloadedExperts:
 
     def _compute(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ids_host: np.ndarray,
                  pred_host: np.ndarray | None) -> torch.Tensor:
-        needed = np.unique(ids_host).tolist()  # ascending
-        if self.cpu_lane is not None:
-            on_cpu = self._cpu_share(layer, needed, ids_host)
-            if on_cpu:
-                return self._run_hybrid(layer, needed, on_cpu, h, ids, weights, ids_host, pred_host)
-        groups = self.cache.fit_groups(layer, needed)
-        if len(groups) == 1:
-            return self._run(layer, groups[0], h, ids, weights, ids_host, pred_host)
-        out = torch.zeros_like(h)
-        if self.backend == "loop":
-            for group in groups:
-                self.cache.acquire(layer, group)
-                try:
-                    moe_loop(h, ids, weights, self.cache.w13_pool, self.cache.w2_pool,
-                             self.cache.slot_list(layer), ids_host=ids_host, experts=set(group), out=out)
-                finally:
-                    self.cache.release(layer, group)
-            return out
-        for group in groups:
+        lanes = self._lanes
+        lanes.h, lanes.ids, lanes.weights, lanes.ids_host = h, ids, weights, ids_host
+        try:
+            self.planner.run(layer, ids_host, pred_host, lanes)
+            return lanes.out if lanes.out is not None else torch.zeros_like(h)
+        finally:
+            lanes.h = lanes.ids = lanes.weights = lanes.ids_host = lanes.out = None
+
+
+class _KernelLanes:
+    """planner.StepLanes on the slot pool: the backend's kernels for device groups, CpuLane.run for the
+    CPU's share; the layer's output [N, H] builds up in `out`. One per OffloadedExperts, bound per call."""
+
+    __slots__ = ("planner", "backend", "h", "ids", "weights", "ids_host", "out")
+
+    def __init__(self, planner: StepPlanner, backend: str):
+        self.planner, self.backend = planner, backend
+        self.h = self.ids = self.weights = self.ids_host = self.out = None
+
+    def device(self, layer: int, group: list[int], on_cpu: list[int], part: bool) -> None:
+        h, ids, weights, ids_host = self.h, self.ids, self.weights, self.ids_host  # [N, H], [N, k] x2, [N, k] host
+        cache, backend = self.planner.cache, self.backend
+        if backend == "loop" and part:  # just the group's experts over the same rows: bit-identical sums
+            out = self.out if self.out is not None else torch.zeros_like(h)
+            self.out = moe_loop(h, ids, weights, cache.w13_pool, cache.w2_pool, cache.slot_list(layer),
+                                ids_host=ids_host, experts=set(group), out=out)
+        elif not part:
+            self.out = run_experts(backend, h, ids, weights, cache.w13_pool, cache.w2_pool, cache.slot_table[layer],
+                                   cache.slot_list(layer) if backend == "loop" else None, ids_host)
+        elif on_cpu:  # every row; the CPU's assignments redirected to a group expert at weight 0
+            cpu_rows = np.isin(ids_host, on_cpu)  # [N, k]
+            mask = torch.from_numpy(cpu_rows).to(h.device)
+            ids_d = torch.where(mask, torch.full_like(ids, group[0]), ids)  # [N, k]
+            w_d = torch.where(mask, torch.zeros_like(weights), weights)
+            ids_d_host = np.where(cpu_rows, group[0], ids_host)
+            self.out = run_experts(backend, h, ids_d, w_d, cache.w13_pool, cache.w2_pool, cache.slot_table[layer],
+                                   None, ids_d_host)
+        else:  # one of several groups: the rows touching it, the other assignments redirected at weight 0
             in_group = np.isin(ids_host, group)  # [N, k]
             rows_host = np.flatnonzero(in_group.any(1))
-            rows = torch.from_numpy(rows_host).to(h.device)  # tokens touching the group
+            rows = torch.from_numpy(rows_host).to(h.device)  # [n] tokens touching the group
             mask = torch.from_numpy(in_group).to(h.device)
-            ids_g = torch.where(mask, ids, group[0])[rows]
+            ids_g = torch.where(mask, ids, group[0])[rows]  # [n, k]
             w_g = torch.where(mask, weights, torch.zeros_like(weights))[rows]
             ids_g_host = np.where(in_group, ids_host, group[0])[rows_host]
-            out.index_add_(0, rows, self._run(layer, group, h[rows], ids_g, w_g, ids_g_host, None))
-        return out
+            out = self.out if self.out is not None else torch.zeros_like(h)
+            self.out = out.index_add_(0, rows, run_experts(backend, h[rows], ids_g, w_g, cache.w13_pool, cache.w2_pool,
+                                                           cache.slot_table[layer], None, ids_g_host))
 
-    def _cpu_share(self, layer: int, needed: list[int], ids_host: np.ndarray) -> list[int]:
-        """The missed experts (not resident, or their copy still in flight) the CPU lane should compute."""
-        cache = self.cache
-        misses, landing = lane_candidates(cache, layer, needed, self.cpu_lane.costs.copy_seconds)
-        on_cpu = self.cpu_lane.pick(misses, ids_host, landing=landing)
-        return on_cpu if len(needed) - len(on_cpu) <= cache.capacity(layer) else []
-
-    def _run_hybrid(self, layer: int, needed: list[int], on_cpu: list[int], h: torch.Tensor, ids: torch.Tensor,
-                    weights: torch.Tensor, ids_host: np.ndarray, pred_host: np.ndarray | None) -> torch.Tensor:
-        """Device experts on the slot pool (launched first), CPU experts from the host store; summed."""
-        on_dev = [e for e in needed if e not in on_cpu]
-        st = self.cache.stats
-        st.uses[layer] += len(on_cpu)
-        st.misses[layer] += len(on_cpu)
-        st.cpu_experts[layer] += len(on_cpu)
-        if on_dev and self.backend == "loop":  # the loop runs just the device experts over the same rows
-            out = self._run(layer, on_dev, h, ids, weights, ids_host, pred_host, only=set(on_dev))
-        elif on_dev:
-            cpu_rows = np.isin(ids_host, on_cpu)  # [N, k] assignments the CPU computes
-            mask = torch.from_numpy(cpu_rows).to(h.device)
-            ids_d = torch.where(mask, torch.full_like(ids, on_dev[0]), ids)  # [N, k]: redirected at weight 0
-            w_d = torch.where(mask, torch.zeros_like(weights), weights)
-            ids_d_host = np.where(cpu_rows, on_dev[0], ids_host)
-            out = self._run(layer, on_dev, h, ids_d, w_d, ids_d_host, pred_host, only=set(on_dev))
-        else:
-            out = torch.zeros_like(h)
-            if pred_host is not None:
-                self.prefetcher.issue(layer, pred_host)
-        out = out + self.cpu_lane.run(layer, on_cpu, h, ids_host, weights).to(h.device, non_blocking=True)
-        fill_after_cpu(self.cache, layer, on_cpu, self.prefetcher.protect if self.prefetcher is not None else set())
-        return out
-
-    def _run(self, layer: int, group: list[int], h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-             ids_host: np.ndarray, pred_host: np.ndarray | None, only: set[int] | None = None) -> torch.Tensor:
-        cache = self.cache
-        cache.acquire(layer, group)
-        try:
-            if pred_host is not None:
-                self.prefetcher.issue(layer, pred_host)  # loads for layers ahead overlap this compute
-            slot_list = cache.slot_list(layer) if self.backend == "loop" else None
-            if only is not None and self.backend == "loop":
-                return moe_loop(h, ids, weights, cache.w13_pool, cache.w2_pool, slot_list, ids_host=ids_host,
-                                experts=only)
-            return run_experts(self.backend, h, ids, weights, cache.w13_pool, cache.w2_pool,
-                               cache.slot_table[layer], slot_list, ids_host)
-        finally:
-            cache.release(layer, group)
+    def cpu(self, layer: int, on_cpu: list[int]) -> None:
+        h = self.h  # [N, H]
+        out = self.out if self.out is not None else torch.zeros_like(h)
+        y = self.planner.cpu_lane.run(layer, on_cpu, h, self.ids_host, self.weights)  # [N, H] on the host
+        self.out = out + y.to(h.device, non_blocking=True)

@@ -179,17 +179,21 @@ class _LinkState:
             self.cond.notify_all()
 
 
-class _OnState:
-    """An engine attribute that lives on its worker's shared state (`engine._state.<name>`)."""
+class Forwarded:
+    """An attribute that lives on a part of its owner: `obj.<via>.<name>` (an engine's knobs on its
+    worker's shared state, the expert backend's prefetcher on its step planner)."""
+
+    def __init__(self, via: str = "_state"):
+        self.via = via
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, engine, owner=None):
-        return self if engine is None else getattr(engine._state, self.name)
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(getattr(obj, self.via), self.name)
 
-    def __set__(self, engine, value) -> None:
-        setattr(engine._state, self.name, value)
+    def __set__(self, obj, value) -> None:
+        setattr(getattr(obj, self.via), self.name, value)
 
 
 class EngineKnobs(CopyEngine):
@@ -197,8 +201,8 @@ class EngineKnobs(CopyEngine):
     its condition): faults (tests swap them at run time), retries, max_retries, and the link
     scheduler's promote / reprioritize / cancel."""
 
-    faults = _OnState()  # CopyFaults
-    max_retries = _OnState()  # int
+    faults = Forwarded()  # CopyFaults
+    max_retries = Forwarded()  # int
 
     @property
     def retries(self) -> int:

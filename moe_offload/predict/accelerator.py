@@ -22,7 +22,7 @@ Optional parts (files without their tensors load and predict exactly as before):
         "XP.{l}", "XQ.{l}", "XH.{l}_{d}"; metadata "cross_heads": true.
   attention peek  (within-token pairs): the accelerated residual runs through the real attention of
         the layers it passes: s_0 = x, s_j = s_{j-1} + moe~_{l+j-1}(s_{j-1}) + attn_{l+j}(...) (`chain`),
-        keys and values of earlier positions read from the KV cache (`MoeModel.peek_attention`),
+        keys and values of earlier positions read from the KV cache (`peek.peek_attention`),
         and the pair's adapter adds its correction to s_d instead of x: the context the later layers
         attend to, which the current residual alone lacks. moe~ is zero, or with expert_rank R2 > 0 a
         low-rank stand-in of each expert (U [E, R2, H], V [E, H, R2] per layer; tensors "U.{l}", "V.{l}"),
@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import Checkpoint, router_name
+from ..checkpoint import Checkpoint, identity_names
 from ..errors import MoeOffloadError
 from ..model.layers import rms_norm
 from ..model.transformer import MoeModel, RowPositions
-from ..model.moe import route
+from .peek import peek_attention
 from .predictors import FirstLayerTable, router_probs
 
 META_KEY = "moe_offload_accelerator"
@@ -76,8 +76,7 @@ def legacy_fingerprint(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> 
     float32, so it changed with --dtype. Kept only to recognise old files in `restamp`."""
     h = hashlib.sha256(json.dumps(ckpt.config.as_dict(), sort_keys=True, default=str).encode())
     for layer in range(ckpt.config.num_hidden_layers):
-        for name in (router_name(layer, ckpt.config.model_type),
-                     f"model.layers.{layer}.post_attention_layernorm.weight"):
+        for name in identity_names(ckpt.config, layer):
             t = ckpt.tensor(name, dtype).float()
             h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
@@ -259,7 +258,7 @@ class Accelerator(nn.Module):
             return torch.zeros_like(s, dtype=torch.float32)
         w = model.layers[layer]
         normed = rms_norm(s.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)  # [N, H]
-        weights, ids = route(F.linear(normed, w.gate), model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob)
+        weights, ids = model.route(layer, F.linear(normed, w.gate))
         n, U, V = normed.float(), self.U[str(layer)], self.V[str(layer)]
         if ids.numel() < self.num_experts:  # decode: only the chosen experts' stand-ins
             h = F.silu(torch.einsum("nkrh,nh->nkr", U[ids], n))  # [N, k, R2]
@@ -281,14 +280,14 @@ class Accelerator(nn.Module):
               real_until: int | None = None) -> list[torch.Tensor]:
         """x [N, H] (the residual entering layer's MoE) -> [s_1 .. s_depth], s_j [N, H] float32: the
         estimated residual entering layer+j's MoE. Each step adds the stand-in of the previous layer's
-        experts and layer+j's real attention (`MoeModel.peek_attention`: earlier positions'
+        experts and layer+j's real attention (`peek.peek_attention`: earlier positions'
         keys from `cache`; N = B * T rows of its batch B, or B rows at RowPositions)."""
         b = x.shape[0] if isinstance(start, RowPositions) else (cache.k.shape[1] if cache is not None else 1)
         s, out = x.float(), []
         for j in range(1, min(depth, self.num_layers - 1 - layer) + 1):
             s = s + self.moe_estimate(model, layer + j - 1, s)
             t = s.to(model.dtype).view(b, s.shape[0] // b, -1)  # [B, T, H]
-            s = s + model.peek_attention(layer + j, t, start, cache, real_until).reshape(s.shape).float()
+            s = s + peek_attention(model, layer + j, t, start, cache, real_until).reshape(s.shape).float()
             out.append(s)
         return out
 
@@ -460,7 +459,7 @@ class M2R2Predictor:
         where no adapter reaches). All of a layer's adapters run stacked: one matmul per adapter part
         and one batched router, whatever D (a cross-token lookahead of 2L rows costs what 1 did).
         Attention-peek adapters read earlier positions' keys from `history` = (cache, position of x's
-        first row, real_until) (`MoeModel.peek_attention`); by default the cache of the forward
+        first row, real_until) (`peek.peek_attention`); by default the cache of the forward
         pass in progress at start_pos, which holds the real keys of every position before it."""
         m = self.model
         N, E = x.shape[0], m.cfg.num_local_experts

@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from ..model.layers import rms_norm
 from ..model.observers import Observer, observing
 from ..errors import MoeOffloadError
-from ..model.moe import route
 from ..model.transformer import KVCache, MoeModel
 from .accelerator import Accelerator, M2R2Predictor, context_rows
 from .predictors import NextGate, router_probs
@@ -47,7 +46,7 @@ def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
     with torch.inference_mode():
         for l, w in enumerate(model.layers):
             n = rms_norm(xs[:, l].to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)
-            weights, top = route(F.linear(n, w.gate), model.cfg.num_experts_per_tok, model.cfg.norm_topk_prob)
+            weights, top = model.route(l, F.linear(n, w.gate))
             out[:, l] = model.experts(l, n, top, weights).float()
     return xs.clone(), kept, out.clone()
 
@@ -198,22 +197,25 @@ def expert_rank_for(num_experts: int) -> int:
 def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int], rank: int = 32,
                       epochs: int = 4, lr: float = 3e-3, window: int = 256, heldout_fraction: float = 0.1,
                       seed: int = 0, show_progress: bool = True, cross_token: bool = False,
-                      peek: bool = False) -> tuple[Accelerator, dict[str, Any]]:
+                      peek: bool = False, rank_weight: float | None = None,
+                      context: bool = True) -> tuple[Accelerator, dict[str, Any]]:
     """Train adapters on the first (1 - heldout_fraction) of `ids`, report on the rest.
 
-    Every adapter reads the previous positions (Accelerator's context part: +0.015/+0.037/+0.060
-    held-out recall at d=1/2/3 on the bundled model). cross_token: also the pairs past the last layer,
+    context: every adapter also reads the previous positions (Accelerator's context part: +0.015/+0.037/
+    +0.060 held-out recall at d=1/2/3 on the bundled model; the CLI always trains it). cross_token: also the pairs past the last layer,
     trained on the next positions' routing, as logit heads on a shared trunk per layer. peek:
     within-token pairs run through the real attention of the layers they pass, with low-rank stand-ins
-    of every layer's experts (`expert_rank_for`). The loss adds a top-k ranking term without peek
-    (it helped there) and not with it (it cost 0.03 recall at d=1-2)."""
+    of every layer's experts (`expert_rank_for`). rank_weight: the weight of the top-k ranking term
+    added to the distillation loss; None = its measured default, 1 without peek (it helped there) and
+    0 with it (it cost 0.03 recall at d=1-2)."""
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
     train_ids, held_ids = ids[:split], ids[split:]
     E = model.cfg.num_local_experts
     expert_rank = expert_rank_for(E) if peek else 0
-    rank_weight = 0.0 if peek else 1.0
-    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed, context=True,
+    if rank_weight is None:
+        rank_weight = 0.0 if peek else 1.0
+    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed, context=context,
                       cross_token=cross_token, peek=peek, expert_rank=expert_rank, num_experts=E,
                       cross_heads=cross_token).to(model.device)
     before = evaluate(model, acc, held_ids, window)
@@ -238,7 +240,7 @@ def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int],
             curve.append({"epoch": epoch + 1, "heldout_loss": evaluate(model, acc, held_ids, window)["loss"]})
     after = evaluate(model, acc, held_ids, window)
     report = {"train_tokens": len(train_ids), "heldout_tokens": len(held_ids), "epochs": epochs, "rank": rank,
-              "rank_loss_weight": rank_weight, "context": True, "cross_token": cross_token,
+              "rank_loss_weight": rank_weight, "context": context, "cross_token": cross_token,
               "attention_peek": peek, "expert_rank": expert_rank, "cross_heads": cross_token,
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, expert_name
+from ..checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from ..errors import MoeOffloadError
 from ..formats import get_format
 from .ckpt import check_format, packed_expert_tensors, quantization_config
@@ -96,7 +96,7 @@ def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, sh
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     packer = get_format(fmt, group_size)
     L, E, H, I = cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    expert_names = {expert_name(l, e, w, cfg.model_type) for l in range(L) for e in range(E) for w in ("w1", "w2", "w3")}
+    expert_names = {cfg.family.expert_name(l, e, w) for l in range(L) for e in range(E) for w in ("w1", "w2", "w3")}
     n_shards = L + 1
     weight_map: dict[str, str] = {}
     total = 0
@@ -114,7 +114,7 @@ def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, sh
         for layer in range(L):
             shard: dict[str, torch.Tensor] = {}
             for e in range(E):
-                names = {w: expert_name(layer, e, w, cfg.model_type) for w in ("w1", "w3", "w2")}
+                names = {w: cfg.family.expert_name(layer, e, w) for w in ("w1", "w3", "w2")}
                 sections = packer.pack(*(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")))
                 shard.update(packed_expert_tensors(sections, names, fmt, H, I))
                 bar.update()

@@ -1,0 +1,16 @@
+"""Model families: one adapter per family (config fields, tensor names, router function) driving the one
+family-neutral model core. Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+
+    family = families.get(cfg.model_type)     # or cfg.family
+    family.expert_name(layer, e, "w1"), family.layer_tensors(cfg, layer), family.routing(cfg)
+
+A new family: one file here with a `Family` subclass that ends with `register(...)`, imported below.
+"""
+
+from .base import EXPERT_WEIGHTS, Family
+from .registry import find, get, register, supported, unregister
+from .routing import Routing
+
+from . import mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: E402,F401  (each registers its family)
+
+__all__ = ["EXPERT_WEIGHTS", "Family", "Routing", "find", "get", "register", "supported", "unregister"]
