@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moe_offload import families
 from moe_offload.checkpoint import save_checkpoint
 from moe_offload.config import ModelConfig
 from moe_offload.model.transformer import MoeModel, empty_resident_experts, init_random_
@@ -174,13 +175,12 @@ def main() -> None:
           f"tokens ({sum(map(len, held))} chars)", flush=True)
 
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
-                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=args.experts,
-                        num_experts_per_tok=args.top_k, head_dim=args.hidden // 4, rope_theta=10000.0,
-                        rms_norm_eps=1e-5, max_position_embeddings=args.seq_len, sliding_window=None,
-                        tie_word_embeddings=False, bos_token_id=bos, eos_token_ids=(eos,),
-                        torch_dtype="bfloat16", model_type=args.family,
-                        qk_norm="per_head" if args.family == "qwen3_moe" else "none")
+                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=args.experts,
+                      num_experts_per_tok=args.top_k, head_dim=args.hidden // 4, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, max_position_embeddings=args.seq_len, sliding_window=None,
+                      tie_word_embeddings=False, bos_token_id=bos, eos_token_ids=(eos,),
+                      torch_dtype="bfloat16", model_type=args.family, qk_norm=families.get(args.family).qk_norm)
     cpu = torch.device("cpu")
     model = MoeModel(cfg, empty_resident_experts(cfg, torch.float32, cpu), dtype=torch.float32,
                                device=cpu, max_seq_len=args.seq_len)

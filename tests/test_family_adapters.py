@@ -26,14 +26,12 @@ class ToyMoe(Family):
     """A made-up family: its own config keys and tensor names, otherwise a Mixtral (renormalised
     softmax top-k, a tokenizer with bos): what a new family's file holds."""
 
-    model_type = "toy_moe"
-    architecture = "ToyMoeForCausalLM"
-    experts_key, width_key = "n_routed_experts", "expert_width"
+    model_type, architecture = "toy_moe", "ToyMoeForCausalLM"
+    experts_key, width_key = "n_routed_experts", "expert_width"  # its own config.json keys
+    moe_prefix, router = "moe", "router"  # and tensor names
+    expert_weights = {"w1": "fc_gate", "w3": "fc_up", "w2": "fc_down"}
     defaults = dict(rms_norm_eps=1e-5, rope_theta=1e4, bos_token_id=1, eos_token_id=2, norm_topk_prob=True)
     prepends_bos = True
-    moe_prefix = "moe"
-    router = "router"
-    expert_weights = {"w1": "fc_gate", "w3": "fc_up", "w2": "fc_down"}
 
     def fields(self, raw):
         return {**super().fields(raw), "norm_topk_prob": True}
@@ -165,7 +163,7 @@ CORE = ["moe_offload/config.py", "moe_offload/checkpoint.py", "moe_offload/model
 def test_core_has_no_family_branches_and_no_strategy_code(path):
     text = (ROOT / path).read_text()
     assert not re.search(r"model_type\s*(==|!=|\bin\b)", text), "ask cfg.family instead"
-    assert not re.search(r"[\"'][^\"'\n]*(block_sparse_moe|gate_proj|shared_expert_gate|model\.|lm_head\.)", text), \
+    assert not re.search(r"[\"'][^\"'\n]*(block_sparse_moe|gate_proj|shared_expert_gate|model\.(layers|embed|norm)|lm_head\.)", text), \
         "tensor names belong in families/"
     assert not re.search(r"peek|speculat|verify|pop_kept_rows", text), "decoding strategies own their hooks"
 
@@ -183,3 +181,38 @@ def test_position_limit_keeps_the_leading_positions_exactly(tmp_path):
             m.model.position_limit = None
     assert seen == list(range(CFG.num_hidden_layers)) and cut.shape[0] == 4
     assert torch.equal(cut, full[:4])
+
+
+class ToyBiased(ToyMoe):
+    """ToyMoe plus a per-layer router correction bias (DeepSeek-V3's e_score_correction_bias)."""
+
+    model_type = "toy_biased"
+
+    def layer_tensors(self, cfg, layer):
+        out = super().layer_tensors(cfg, layer)
+        out["router_bias"] = (f"model.layers.{layer}.moe.router.e_score_correction_bias", (cfg.num_local_experts,))
+        return out
+
+
+def test_a_family_declared_router_bias_is_loaded_and_moves_the_choice(tmp_path, toy):
+    families.register(ToyBiased())
+    try:
+        src = write_model(tmp_path / "mixtral")
+        path = toy_checkpoint(src, tmp_path / "toy", ToyBiased())
+        raw = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(dict(raw, model_type="toy_biased")))
+        t = load_file(str(path / "model.safetensors"))
+        for layer in range(CFG.num_hidden_layers):
+            t[f"model.layers.{layer}.moe.router.e_score_correction_bias"] = torch.zeros(CFG.num_local_experts)
+        save_file(t, str(path / "model.safetensors"))
+        ids = [1, 5, 9, 17, 33]
+        ref = moe_offload.load(src, device="cpu", dtype="float32").logits(ids)
+        assert torch.equal(moe_offload.load(path, device="cpu", dtype="float32").logits(ids), ref)  # zero bias
+        t["model.layers.1.moe.router.e_score_correction_bias"] = torch.tensor([100.0] + [0.0] * (CFG.num_local_experts - 1))
+        save_file(t, str(path / "model.safetensors"))
+        m = moe_offload.load(path, device="cpu", dtype="float32")
+        logits = torch.randn(6, CFG.num_local_experts)
+        assert (m.model.route(1, logits)[1] == 0).any(-1).all()  # every token now routes to expert 0 at layer 1
+        assert torch.equal(m.model.route(0, logits)[1], route(logits, CFG.num_experts_per_tok)[1])
+    finally:
+        families.unregister("toy_biased")

@@ -123,7 +123,8 @@ class Family:
 
         The slots are the model core's names for them (attributes of model.transformer.DenseLayer):
         input_layernorm, post_attention_layernorm, q_proj, k_proj, v_proj, o_proj, q_bias, k_bias,
-        v_bias, q_norm, k_norm, gate (the router), shared_w1, shared_w3, shared_w2, shared_gate."""
+        v_bias, q_norm, k_norm, gate (the router), router_bias (a correction bias [E] that the
+        router function adds for the choice; none here), shared_w1, shared_w3, shared_w2, shared_gate."""
         h, hd = cfg.hidden_size, cfg.head_dim
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
         p, a = self.layer_prefix(layer), self.layer_prefix(layer) + "self_attn."

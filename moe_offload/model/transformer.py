@@ -81,6 +81,8 @@ class DenseLayer(nn.Module):
         self.qkv_proj = p(q + 2 * kv, h)  # q, k, v projections fused: one GEMM per layer
         self.o_proj = p(h, q)
         self.gate = p(cfg.num_local_experts, h)
+        # the router's correction bias [E], where the family declares one (see MoeModel.route)
+        self.router_bias = p(cfg.num_local_experts) if "router_bias" in cfg.family.layer_tensors(cfg, 0) else None
         self.q_size, self.kv_size = q, kv
         norm = {"none": None, "per_head": (hd, hd), "full": (q, kv)}[cfg.qk_norm]
         self.qkv_bias = p(q + 2 * kv) if cfg.qkv_bias else None  # [q + 2 kv], fused as qkv_proj is
@@ -227,7 +229,7 @@ class MoeModel(nn.Module):
 
     def route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer's router function on its logits [N, E] -> (weights [N, k] float32, ids [N, k])."""
-        return self.routing(logits)
+        return self.routing(logits, self.layers[layer].router_bias)
 
     def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]

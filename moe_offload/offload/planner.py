@@ -52,13 +52,14 @@ class StepPlanner:
         device experts in ascending groups that fit at once ([[]] when there are none)."""
         cache = self.cache
         needed = np.unique(ids_host).tolist()  # ascending
+        cap = cache.capacity(layer)
         lane = self.cpu_lane
         if lane is not None:
             misses, landing = lane_candidates(cache, layer, needed, lane.costs.copy_seconds)
             on_cpu = lane.pick(misses, ids_host, landing=landing)
-            if on_cpu and len(needed) - len(on_cpu) <= cache.capacity(layer):
+            if on_cpu and len(needed) - len(on_cpu) <= cap:
                 return on_cpu, [[e for e in needed if e not in on_cpu]]
-        return [], cache.fit_groups(layer, needed) or [[]]
+        return [], [needed] if len(needed) <= cap else cache.fit_groups(layer, needed)
 
     def run(self, layer: int, ids_host: np.ndarray, pred_host: np.ndarray | None, lanes: StepLanes) -> None:
         """Plan and execute layer `layer`'s step for routed ids [N, k]; pred_host [n * depth]: the
