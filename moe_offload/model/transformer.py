@@ -64,6 +64,19 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class _Rows:
+    """A read-only view of rows [lo, hi) of a fused parameter, under a checkpoint tensor's name."""
+
+    def __init__(self, fused: str, bounds):
+        self.fused, self.bounds = fused, bounds  # bounds(layer weights) -> (lo, hi)
+
+    def __get__(self, weights, owner=None):
+        if weights is None:
+            return self
+        lo, hi = self.bounds(weights)
+        return getattr(weights, self.fused)[lo:hi]
+
+
 class DenseLayer(nn.Module):
     """The non-expert weights of one decoder layer. Attribute names are the slots of
     families.Family.layer_tensors, which maps each to the family's checkpoint name."""
@@ -95,38 +108,15 @@ class DenseLayer(nn.Module):
         gated = si and cfg.family.shared_expert_gate is not None
         self.shared_gate = p(1, h) if gated else None  # [1, H], sigmoid gate of the shared expert
 
-    # Views of the fused projection under the checkpoint's names.
-    @property
-    def q_proj(self) -> torch.Tensor:
-        return self.qkv_proj[: self.q_size]
-
-    @property
-    def k_proj(self) -> torch.Tensor:
-        return self.qkv_proj[self.q_size: self.q_size + self.kv_size]
-
-    @property
-    def v_proj(self) -> torch.Tensor:
-        return self.qkv_proj[self.q_size + self.kv_size:]
-
-    @property
-    def q_bias(self) -> torch.Tensor:
-        return self.qkv_bias[: self.q_size]
-
-    @property
-    def k_bias(self) -> torch.Tensor:
-        return self.qkv_bias[self.q_size: self.q_size + self.kv_size]
-
-    @property
-    def v_bias(self) -> torch.Tensor:
-        return self.qkv_bias[self.q_size + self.kv_size:]
-
-    @property
-    def shared_w1(self) -> torch.Tensor:
-        return self.shared_w13[: self.shared_size]
-
-    @property
-    def shared_w3(self) -> torch.Tensor:
-        return self.shared_w13[self.shared_size:]
+    # Views of the fused projections under the checkpoint's names (rows of the fused parameter).
+    q_proj = _Rows("qkv_proj", lambda w: (0, w.q_size))
+    k_proj = _Rows("qkv_proj", lambda w: (w.q_size, w.q_size + w.kv_size))
+    v_proj = _Rows("qkv_proj", lambda w: (w.q_size + w.kv_size, None))
+    q_bias = _Rows("qkv_bias", lambda w: (0, w.q_size))
+    k_bias = _Rows("qkv_bias", lambda w: (w.q_size, w.q_size + w.kv_size))
+    v_bias = _Rows("qkv_bias", lambda w: (w.q_size + w.kv_size, None))
+    shared_w1 = _Rows("shared_w13", lambda w: (0, w.shared_size))
+    shared_w3 = _Rows("shared_w13", lambda w: (w.shared_size, None))
 
     @staticmethod
     def checkpoint_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
