@@ -31,6 +31,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def shown(arg: str) -> str:
+    """A command-line argument as a result file records it: a path inside the repository relative to
+    it, any other absolute path by its file name only (no machine paths in results)."""
+    if not os.path.isabs(arg):
+        return arg
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(arg).resolve().relative_to(root))
+    except ValueError:
+        return Path(arg).name
+
+
 def result_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
     """command, git commit, date, device and library versions, for the top of every result file."""
     try:
@@ -39,7 +51,7 @@ def result_metadata(device: torch.device | str | None = None) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "git_commit": git_commit(),
+    return {"command": " ".join([Path(sys.argv[0]).name] + [shown(a) for a in sys.argv[1:]]), "git_commit": git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version()}

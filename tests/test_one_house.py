@@ -307,3 +307,22 @@ def test_array_victim_choice_equals_the_policy_on_keys(name):
             in_row = [k for k in keys if k[0] == row]
             want_row = pol.victim(in_row)
             assert pol.pick_masked(mask[row * E:(row + 1) * E], row * E) == want_row[0] * E + want_row[1]
+
+
+# --- the product surface ------------------------------------------------------------------------
+
+def test_readme_results_and_tracked_files_stay_product_sized():
+    # The README is for users (at most 300 lines, history in CHANGELOG.md); benchmarks/results/ holds the
+    # current figures only (at most 25 files); no tracked text file outside lab/ names a machine path.
+    import re
+    import subprocess
+
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 300
+    assert len(list((ROOT / "benchmarks" / "results").iterdir())) <= 25
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    machine = re.compile(r"/(?:work|home|root)/[A-Za-z]")
+    bad = [f for f in files if not f.startswith(("lab/", "tests/")) and f.endswith((".py", ".md", ".json", ".toml"))
+           and machine.search((ROOT / f).read_text(encoding="utf-8", errors="replace"))]
+    assert not bad, bad
