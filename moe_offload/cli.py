@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(qz)
     qz.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist, or be empty)")
     qz.add_argument("--expert-dtype", required=True, choices=["int8", "int4"],
-                    help="int8: symmetric, one scale per output row; int4: asymmetric, groups of --group-size")
+                    help="int8: symmetric, one scale per output row; int4: symmetric, one scale per group of "
+                         "--group-size (compressed-tensors' rule). transformers 5.25+ with compressed-tensors loads "
+                         "both folders (tested); vLLM's compressed-tensors W8A16/W4A16 MoE path reads the same "
+                         "symmetric layout (not tested here). transformers cannot load asymmetric int4 (zero points)")
     qz.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128],
                     help="int4 group size along the input dimension (default 128)")
     qz.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
@@ -330,6 +333,22 @@ def _read_text(path: str) -> str:
         raise MoeOffloadError(f"{path}: cannot read the text: {exc}") from None
 
 
+def _text_ids(model: Any, path: str, max_tokens: int | None) -> list[int]:
+    """The token ids of a text file (at most max_tokens); an empty text is an error naming the file."""
+    ids = model.encode_text(_read_text(path))[:max_tokens]
+    if not ids:
+        raise MoeOffloadError(f"{path}: the text has no tokens; give a UTF-8 text file with some content")
+    return ids
+
+
+def _replayable(trace: Any, path: str) -> Any:
+    """A loaded trace with at least one token (an empty one has nothing to replay)."""
+    if len(trace.token_ids) == 0:
+        raise MoeOffloadError(f"{path}: the trace holds no tokens; record one from a non-empty text with "
+                              "`moe-offload trace`")
+    return trace
+
+
 def _lookaheads(spec: str) -> list[int]:
     from .errors import MoeOffloadError
 
@@ -357,7 +376,7 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     if args.draft_only and not os.path.isfile(args.out):
         raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
     model = load(args.model, offload_config(args, predictor="none"))
-    ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
+    ids = _text_ids(model, args.text, args.max_tokens)
     window = min(args.window, model.runtime.max_seq_len)
     if len(ids) < 4 * window:
         raise MoeOffloadError(f"{args.text}: {len(ids)} tokens is too little text; need at least {4 * window}")
@@ -429,7 +448,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     _check_outputs(args, "--out")
     model = load(args.model, offload_config(args, predictor="none"))
-    ids = model.encode_text(_read_text(args.text))[: args.max_tokens]
+    ids = _text_ids(model, args.text, args.max_tokens)
     trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, args.lookahead, args.accelerator,
                                     show_progress=sys.stderr.isatty())
     d = max(trace.meta["lookaheads"].values())
@@ -478,14 +497,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     hw = get_hardware(args.hardware)
     costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
     if args.trace:
-        trace = trace_prefix(load_trace(args.trace), args.max_tokens)
+        trace = _replayable(trace_prefix(load_trace(args.trace), args.max_tokens), args.trace)
     else:
         model = load(args.model, device="cpu", offload=False)
         acc = args.accelerator
         wants_m2r2 = args.predictors is None or "m2r2" in args.predictors.split(",")
         if acc is None and args.model is None and bundled_accelerator_path().is_file() and wants_m2r2:
             acc = str(bundled_accelerator_path())
-        ids = model.encode_text(_read_text(args.text or str(bundled_heldout_text())))[: args.max_tokens]
+        ids = _text_ids(model, args.text or str(bundled_heldout_text()), args.max_tokens)
         trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, max(args.lookahead, 1), acc,
                                         show_progress=sys.stderr.isatty())
     T, L, k = trace.routed_ids.shape
@@ -525,7 +544,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .analysis.trace import trace_prefix, load_trace
 
     chunk, cpu = _link_settings(args)
-    p = simulate(trace_prefix(load_trace(args.trace), args.max_tokens), model_config(args.model_config), get_hardware(args.hardware),
+    p = simulate(_replayable(trace_prefix(load_trace(args.trace), args.max_tokens), args.trace), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, BOOKKEEPING_US, args.lookahead,
                  args.prefetch_margin, 1, chunk, cpu, get_impl(args.implementation))
     if args.json:

@@ -61,6 +61,10 @@ CASES_CLI = {
     "missing accelerator": ["generate", "--cache-per-layer", "2", "--accelerator", "/nonexistent.safetensors"],
     "bad device": ["generate", "--device", "tpu"],
     "trace out missing dir": None,  # built per test (tmp paths)
+    "trace of an empty text": None,
+    "bench of an empty text": None,
+    "simulate an empty trace": None,
+    "bench an empty trace": None,
     "trace out is a dir": None,
     "trace missing text": ["trace", "--text", "/nonexistent.txt", "--out", "x.npz"],
     "bench capacities abc": ["bench", "cache", "--capacities", "abc", "--max-tokens", "32"],
@@ -88,6 +92,20 @@ CASES_CLI = {
 def _tmp_case(name, tmp_path):
     if name == "trace out missing dir":  # the folder is created (before work), so this one succeeds
         return None
+    if name in ("trace of an empty text", "bench of an empty text", "simulate an empty trace", "bench an empty trace"):
+        empty = tmp_path / "empty.txt"
+        empty.write_text("")
+        if name == "trace of an empty text":
+            return ["trace", "--text", str(empty), "--out", str(tmp_path / "e.npz")]
+        if name == "bench of an empty text":
+            return ["bench", "cache", "--text", str(empty), "--max-tokens", "8"]
+        t = _trace(tmp_path)
+        from moe_offload.analysis.trace import load_trace, save_trace, trace_prefix
+
+        out = save_trace(tmp_path / "empty.npz", trace_prefix(load_trace(t), 0), {"note": "empty"})
+        t.unlink()
+        return (["simulate", "--trace", str(out), "--hardware", "t4-pcie3"] if name == "simulate an empty trace"
+                else ["bench", "cache", "--trace", str(out)])
     if name == "trace out is a dir":
         return ["trace", "--text", TEXT, "--out", str(tmp_path), "--max-tokens", "16"]
     if name == "bench capacities 99":
