@@ -5,14 +5,21 @@
      b prompts of held-out text, --tokens new tokens each, experts resident: the CPU default);
   2. expert bytes copied per generated token, offloaded at --slots slots per layer, batch 1 vs 4;
   3. time to first token: the server (an SSE stream over HTTP, the openai client's path) vs
-     `generate(stream=True)` in-process, same prompt, median of --repeats.
+     `generate(stream=True)` in-process, same prompt, median of --repeats;
+  4. the server under load: 1, 4 and 16 concurrent SSE streams (--max-batch 16, experts resident), each
+     stream issuing requests back to back (--tokens new tokens, different held-out prompts): p50 / p99
+     time to first token and aggregate generated tokens/s over the wall time.
 
-    python benchmarks/serve_bench.py [--tokens 32] [--slots 4] [--repeats 5] [--out JSON]
+    python benchmarks/serve_bench.py [--tokens 32] [--slots 4] [--repeats 5] [--only concurrency] [--out JSON]
+
+--only concurrency runs part 4 alone and merges it into an existing --out file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import statistics
 import sys
@@ -98,17 +105,91 @@ def ttft(repeats: int) -> dict[str, float]:
     return out
 
 
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def concurrency(tokens: int, levels=(1, 4, 16), requests: int = 32) -> dict[str, dict[str, float]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    om = runtime.load(device="cpu")
+    ps = [om.decode(p) for p in prompts(om, 32)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(om, ServeConfig(max_batch=16)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    def one(client: httpx.Client, prompt: str) -> tuple[float, int]:
+        body = {"model": "moe-offload", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        first, n = None, 0
+        with client.stream("POST", url, json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                d = json.loads(line[6:])
+                if first is None and d["choices"] and d["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+                if d.get("usage"):
+                    n = d["usage"]["completion_tokens"]
+        return first if first is not None else time.perf_counter() - t0, n
+
+    out = {}
+    with httpx.Client() as warm:
+        one(warm, ps[0])
+    for c in levels:
+        per = max(2, requests // c)
+
+        def worker(w: int) -> list[tuple[float, int]]:
+            with httpx.Client() as client:
+                return [one(client, ps[(w * per + i) % len(ps)]) for i in range(per)]
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as ex:
+            res = [x for rs in ex.map(worker, range(c)) for x in rs]
+        wall = time.perf_counter() - t0
+        ttfts = [r[0] for r in res]
+        out[str(c)] = {"requests": len(res), "ttft_p50_ms": _percentile(ttfts, 0.5) * 1e3,
+                       "ttft_p99_ms": _percentile(ttfts, 0.99) * 1e3,
+                       "tokens_per_second": sum(r[1] for r in res) / wall}
+        print(f"{c:2d} concurrent streams: ttft p50 {out[str(c)]['ttft_p50_ms']:.1f} ms, p99 "
+              f"{out[str(c)]['ttft_p99_ms']:.1f} ms, {out[str(c)]['tokens_per_second']:.1f} tokens/s "
+              f"({len(res)} requests)", flush=True)
+    server.should_exit = True
+    th.join(timeout=10)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/serve.json")
+    ap.add_argument("--only", choices=["concurrency"], default=None)
     args = ap.parse_args()
+    if args.only == "concurrency":
+        prev = json.load(open(args.out)) if os.path.exists(args.out) else {}
+        meta = result_metadata("cpu")
+        res = {**prev, "concurrency_meta": meta, "concurrency_tokens": args.tokens,
+               "concurrent_streams": concurrency(args.tokens)}
+        print("saved", write_json_atomic(args.out, res))
+        return 0
     res = {**result_metadata("cpu"), "tokens": args.tokens, "slots_per_layer": args.slots,
            "aggregate_tokens_per_second": aggregate(args.tokens),
            "bytes_per_generated_token": bytes_per_token(args.tokens, args.slots),
-           "time_to_first_token": ttft(args.repeats)}
+           "time_to_first_token": ttft(args.repeats),
+           "concurrency_tokens": args.tokens, "concurrent_streams": concurrency(args.tokens)}
     print("saved", write_json_atomic(args.out, res))
     return 0
 

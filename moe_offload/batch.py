@@ -61,13 +61,20 @@ class BatchRequest:
     on_finish: Callable[["BatchRequest"], None] | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "eos" | "length" | "context" | "cancelled"
+    finish_reason: str | None = None  # "eos" | "stop_id" | "length" | "context" | "cancelled"
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
     pos: int = 0  # position of the next input token (= tokens in its KV row)
     generator: torch.Generator | None = None
+    # Optional hooks (the server's): `sampler(request, logits [V] float32 host) -> token id` replaces
+    # sample_next (penalties, logit_bias, min_tokens, logprobs); `on_prompt_logits(request, logits [P, V])`
+    # is called once after prefill with every prompt position's logits (prompt logprobs, echo), also
+    # when max_new_tokens is 0; tokens in `stop_ids` end the request like EOS (finish_reason "stop_id").
+    sampler: Callable[["BatchRequest", torch.Tensor], int] | None = None
+    on_prompt_logits: Callable[["BatchRequest", torch.Tensor], None] | None = None
+    stop_ids: tuple[int, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -142,15 +149,27 @@ class BatchScheduler:
 
     def _prefill(self, req: BatchRequest) -> None:
         row = len(self.active)
-        if req.params.max_new_tokens == 0:
+        if req.params.max_new_tokens == 0 and req.on_prompt_logits is None:
             self._finish(req, "length")
             return
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.om.runtime.device)  # [1, P]
         with torch.inference_mode():
-            logits = self.model(ids, 0, self.kv.rows(row, row + 1))[0, -1].float().cpu()  # [V]
+            out = self.model(ids, 0, self.kv.rows(row, row + 1))[0]  # [P, V]
+            if req.on_prompt_logits is not None:
+                req.on_prompt_logits(req, out.float().cpu())
+            logits = out[-1].float().cpu()  # [V]
+        if req.params.max_new_tokens == 0:
+            self._finish(req, "length")
+            return
         req.pos = len(req.prompt_ids)
         self.active.append(req)
-        self._accept(req, sample_next(logits, req.params, req.generator))
+        self._accept(req, self._sample(req, logits))
+
+    @staticmethod
+    def _sample(req: BatchRequest, logits: torch.Tensor) -> int:
+        if req.sampler is not None:
+            return req.sampler(req, logits)
+        return sample_next(logits, req.params, req.generator)
 
     def _decode(self) -> None:
         n = len(self.active)
@@ -171,7 +190,7 @@ class BatchScheduler:
         for r in self.active:
             r.pos += 1
         for i, r in enumerate(list(self.active)):
-            self._accept(r, sample_next(logits[i], r.params, r.generator))
+            self._accept(r, self._sample(r, logits[i]))
 
     def _accept(self, req: BatchRequest, tok: int) -> None:
         """Record a sampled token and apply the stop rules (those of generate.decode_tokens)."""
@@ -183,6 +202,8 @@ class BatchScheduler:
             req.on_token(req, tok)
         if tok in self.eos:
             self._leave(req, "eos")
+        elif tok in req.stop_ids:
+            self._leave(req, "stop_id")
         elif len(req.tokens) >= req.params.max_new_tokens:
             self._leave(req, "length")
         elif req.pos >= self.kv.max_seq_len:
