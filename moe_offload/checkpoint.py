@@ -283,3 +283,11 @@ def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
              "weight_map": weight_map}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def open_checkpoint(path: str | os.PathLike) -> "Checkpoint":
+    """A model folder (Checkpoint) or a .gguf file (gguf_checkpoint.GgufCheckpoint, the same questions
+    answered from the file)."""
+    from .gguf_checkpoint import GgufCheckpoint, is_gguf
+
+    return GgufCheckpoint(path) if is_gguf(path) else Checkpoint(path)  # type: ignore[return-value]

@@ -312,7 +312,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}, "
           f"moe backend {model.runtime.moe_backend}, experts {model.runtime.expert_format or 'unquantized'}, "
           f"{_offload_choice(model, args.offload)}]", file=sys.stderr)
-    if model.runtime.expert_format and model.runtime.device.type == "cpu" and str(model.runtime.dtype) == "torch.float32":
+    if (model.runtime.expert_format in ("int8", "int4", "int4-asym") and model.runtime.device.type == "cpu"
+            and str(model.runtime.dtype) == "torch.float32"):  # the formats with PyTorch weight-only CPU ops
         print(f"[note: {model.runtime.expert_format} experts run fast on the CPU only at --dtype bfloat16: PyTorch's "
               "weight-only kernels have no fast float32 path (benchmarks/cpu_quant.py: 734M model, 2 threads, int4 "
               "7 tok/s at float32, 144 at bfloat16)]", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import open_checkpoint
 from .config import ModelConfig
 
 from .formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
@@ -28,7 +28,7 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
     if config_file is not None:
         cfg, where, dtype = ModelConfig.from_file(config_file), str(config_file), None
     else:
-        ckpt = Checkpoint(path if path is not None else bundled_model_path())
+        ckpt = open_checkpoint(path if path is not None else bundled_model_path())  # a folder or a .gguf file
         ckpt.validate()
         cfg, where, dtype = ckpt.config, str(ckpt.path), ckpt.dtype_name
     n_experts = cfg.num_hidden_layers * cfg.num_local_experts
@@ -45,8 +45,24 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
                   "expert_fraction": expert_total / cfg.total_params},
         "experts": n_experts,
         "one_expert_bytes": expert_bytes(cfg),
+        **({"expert_store": _expert_store(cfg, ckpt)} if config_file is None and cfg.expert_format else {}),
         **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
     }
+
+
+def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
+    """Experts stored packed as the checkpoint has them: their format, the host store's bytes and, for a
+    GGUF file, the file's expert bytes and the GGML types of every tensor group."""
+    from .formats import get_format
+
+    fmt = get_format(cfg.expert_format, cfg.expert_group_size)
+    n = cfg.num_hidden_layers * cfg.num_local_experts
+    out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size),
+                           "host_bytes": n * fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size)}
+    if hasattr(ckpt, "tensor_groups"):  # GGUF
+        out["file_expert_bytes"] = ckpt.expert_file_bytes()
+        out["tensor_groups"] = ckpt.tensor_groups()
+    return out
 
 
 def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
@@ -99,6 +115,14 @@ def format_info(info: dict[str, Any]) -> str:
         f"({100 * b['expert_fraction']:.1f}% of parameters in experts; checkpoint {info['checkpoint_dtype']})",
         "one expert " + "  ".join(f"{k} {_size(v)}" for k, v in info["one_expert_bytes"].items()),
     ]
+    if "expert_store" in info:
+        st = info["expert_store"]
+        line = f"stored     experts {st['format']}: host store {_size(st['host_bytes'])}"
+        if "file_expert_bytes" in st:
+            line += f" (file's expert bytes {_size(st['file_expert_bytes'])})"
+            groups = ", ".join(f"{g} {'/'.join(sorted(t))}" for g, t in st["tensor_groups"].items())
+            line += f"\ntensors    {groups}"
+        lines.append(line)
     if "memory_plan" in info:
         from .offload import MemoryPlan
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .guard import CallGuard
@@ -297,7 +297,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise MoeOffloadError(f"path must be a model folder (str or os.PathLike) or None, got {path!r}")
     path = Path(path) if path is not None else bundled_model_path()
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)  # a model folder, or a .gguf file
     cfg = ckpt.config
     check_against_model(config, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     tune = config.tuning
@@ -314,7 +314,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len, moe_backend=backend,
                             show_progress=tune.show_progress)
     ckpt.validate()  # every problem reported before a single weight is read
-    tokenizer = _load_tokenizer(path)
+    tokenizer = ckpt.tokenizer() if hasattr(ckpt, "tokenizer") else _load_tokenizer(path)  # GGUF: its own vocab
     experts, plan = None, None
     policy = make_policy(tune.policy)
     offload = config.offload

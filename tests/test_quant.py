@@ -53,14 +53,44 @@ def test_int4_round_trip_within_half_a_step(k, g):
     assert int(q.max()) <= 15
     err = (dequant_int4(packed, s, z, k, g) - w).abs()
     step = s.float()[:, torch.arange(k) // g]
-    assert bool((err <= step / 2 * 1.001 + 1e-6).all())
+    assert bool((err <= step * (0.5 + 8 * 2**-11) + 1e-6).all())  # fp16 scale rounding at the clipped max
 
 
 def test_int4_nibble_order():
-    w = torch.tensor([[0.0, 15.0, 3.0]])  # min 0 -> z 0, s 1: q = w
-    packed, s, z = quantize_int4(w, 32)
+    w = torch.tensor([[0.0, 15.0, 3.0]])  # asymmetric: min 0 -> z 0, s 1: q = w
+    packed, s, z = quantize_int4(w, 32, symmetric=False)
     assert float(s) == 1.0 and float(z) == 0.0
     assert packed.tolist() == [[0 | (15 << 4), 3]]
+
+
+def test_int4_symmetric_is_compressed_tensors_rule():
+    """Symmetric int4 (the default): s = max|w| / 7.5, q = clamp(round(w / s), -8, 7), stored as q + 8 with
+    z = 8 -- compressed-tensors' own scale rule, checked against its quantize()."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    torch.manual_seed(3)
+    w = torch.randn(12, 128)
+    packed, s, z = quantize_int4(w, 64)
+    assert bool((z == 8).all())
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+    wg = w.view(12, 2, 64)
+    scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), args)
+    assert torch.equal(s, scale.to(torch.float16))
+    q_ct = ct_quantize(w, s.float(), torch.zeros_like(s, dtype=torch.int8), args)  # signed, [-8, 7]
+    assert torch.equal(unpack_int4(packed, 128).to(torch.int16) - 8, q_ct.to(torch.int16))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_variants_round_trip_within_half_a_step(symmetric):
+    torch.manual_seed(4)
+    w = torch.randn(16, 96) - 0.3
+    packed, s, z = quantize_int4(w, 32, symmetric)
+    err = (dequant_int4(packed, s, z, 96, 32) - w).abs()
+    step = s.float()[:, torch.arange(96) // 32]
+    # symmetric: +max|w| sits at 7.5 steps and is clipped to 7 (half a step), within fp16's scale rounding
+    assert bool((err <= step * (0.5 + 8 * 2**-11) + 1e-6).all())
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -37,12 +37,14 @@ def test_int32_packing_round_trips(bits, dim):
         assert int(words[0, 0]) & ((1 << bits) - 1) == int(u[0, 0])
 
 
-@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128), ("int4-asym", 64)])
 def test_compressed_matrix_round_trips_our_sections(fmt, group):
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(0))
-    q, s, z = quantize_int8(w) + (None,) if fmt == "int8" else quantize_int4(w, group)
+    sym = fmt != "int4-asym"
+    q, s, z = quantize_int8(w) + (None,) if fmt == "int8" else quantize_int4(w, group, sym)
     t = compress_matrix(q, s, z, fmt, 256)
-    q2, s2, z2 = decompress_matrix(t, fmt, group, False, 24, 256, "w")
+    assert ("weight_zero_point" in t) == (not sym)  # symmetric int4 writes no zero points
+    q2, s2, z2 = decompress_matrix(t, fmt, group, sym, 24, 256, "w")
     assert torch.equal(q2, q) and torch.equal(s2, s.reshape(s2.shape))
     assert (z is None and z2 is None) or torch.equal(z2, z)
 
@@ -168,3 +170,88 @@ def test_generate_names_the_expert_format_and_the_fast_cpu_dtype(capsys):
     assert "experts int8" in err and "run fast on the CPU only" not in err
     assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "2"]) == 0
     assert "experts unquantized" in capsys.readouterr().err
+
+
+def test_int4_asym_folder_holds_the_quantize_on_load_rows(tmp_path):
+    """The asymmetric variant (an option; transformers cannot load it) written then read: the host store's
+    rows equal quantizing the source on load, bit for bit."""
+    from moe_offload.checkpoint import Checkpoint
+    from moe_offload.offload.store import HostExpertStore
+
+    src = write_model(tmp_path / "src", ModelConfig(vocab_size=50, hidden_size=64, intermediate_size=32,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      num_key_value_heads=1, num_local_experts=4,
+                                                      num_experts_per_tok=2, head_dim=32,
+                                                      max_position_embeddings=32, torch_dtype="float32"))
+    quantize_checkpoint(src, tmp_path / "asym", "int4-asym", 32)
+    qc = json.loads((tmp_path / "asym" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    ckpt = Checkpoint(tmp_path / "asym")
+    assert (ckpt.config.expert_format, ckpt.config.expert_group_size) == ("int4-asym", 32)
+    got = HostExpertStore.from_checkpoint(ckpt, torch.float32, fmt="int4-asym", group_size=32)
+    want = HostExpertStore.from_checkpoint(Checkpoint(src), torch.float32, fmt="int4-asym", group_size=32)
+    assert torch.equal(got.buffer, want.buffer)
+    with pytest.raises(MoeOffloadError, match="holds int4-asym experts"):
+        mo.load(tmp_path / "asym", device="cpu", expert_dtype="int4")
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    """A random MixtralForCausalLM saved by transformers (hidden and width divisible by every group size)."""
+    from helpers import make_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("hf") / "tiny"
+    make_hf_checkpoint(d, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=96)
+    return d
+
+
+@pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_quantized_folder_loads_in_transformers_with_our_greedy_tokens(hf_tiny, tmp_path, fmt, g):
+    """transformers (with compressed-tensors, as pip installs them) loads `moe-offload quantize`'s int8 and
+    symmetric int4 folders, every group size, and its greedy tokens equal ours on that folder."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    quantize_checkpoint(hf_tiny, out, fmt, g)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager").eval()
+    experts16 = {n: p.data.clone() for n, p in hf.named_parameters()}
+    with torch.no_grad():  # experts decompress in the scales' dtype (fp16); the rest is float32
+        for p in hf.parameters():
+            p.data = p.data.float()
+    assert all(t.dtype == torch.float16 for n, t in experts16.items() if ".experts." in n)
+    ours = mo.load(out, device="cpu", dtype="float32")
+    prompt = [5, 17, 3, 88, 41, 9, 60]
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+        # eos_token_ids: ours stop where transformers does
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=list(ours.config.eos_token_ids))[0, len(prompt):].tolist()
+    # transformers' decompressed experts are q * s rounded to fp16: ours rounded the same way, bit for bit
+    from moe_offload.checkpoint import Checkpoint
+    from moe_offload.offload.store import HostExpertStore
+
+    ckpt = Checkpoint(out)
+    store = HostExpertStore.from_checkpoint(ckpt, torch.float32, fmt=ckpt.config.expert_format,
+                                            group_size=ckpt.config.expert_group_size)
+    pool = store.format.pool_views(store.buffer, store.hidden, store.inter)
+    for layer in range(ckpt.config.num_hidden_layers):
+        experts = hf.model.layers[layer].mlp.experts
+        for e in range(ckpt.config.num_local_experts):
+            w13, w2 = pool.dequant(layer * ckpt.config.num_local_experts + e, torch.float32)
+            assert torch.equal(w13.half().float(), experts.gate_up_proj[e].float())
+            assert torch.equal(w2.half().float(), experts.down_proj[e].float())
+    # ours keeps q * s in float32, so the logits differ by the fp16 rounding only
+    assert torch.allclose(ours.logits(prompt), want, atol=2e-2, rtol=1e-2)
+    assert ours.generate(prompt, max_new_tokens=12).token_ids == ref
+
+
+def test_asymmetric_int4_folder_is_refused_by_transformers(hf_tiny, tmp_path):
+    """Why int4 is symmetric by default: transformers 5.25 decompresses int4 MoE experts without zero points."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    quantize_checkpoint(hf_tiny, tmp_path / "asym", "int4-asym", 64)
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "asym", dtype=torch.float32)

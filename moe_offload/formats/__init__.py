@@ -2,8 +2,11 @@
 
   fp32 / bf16 / fp16   FloatFormat (float.py): experts in the compute dtype
   int8                 Int8Format (int8.py): symmetric, one scale per output row
-  int4                 Int4Format (int4.py): asymmetric, scale and zero point per group along K
+  int4                 Int4Format (int4.py): symmetric, one scale per group along K (what transformers loads)
+  int4-asym            Int4Format (int4.py, symmetric=False): scale and zero point per group along K
   int3 / int2          ProjectedIntFormat (projected.py): sizes for projections only
+  gguf:Q4_0, ...       GgufFormat (gguf.py): GGUF block types as the file stores them (read from .gguf
+                       files only; 'gguf:' + one type, or gate,up,down types)
 
 get_format(name, group_size=, compute_dtype=) builds one; choose_format() resolves load()'s
 expert_dtype option. A new format: one module with an ExpertFormat subclass, registered here with
@@ -19,6 +22,7 @@ import torch
 from ..errors import MoeOffloadError
 from .base import ALIGN, DEFAULT_GROUP_SIZE, GROUP_SIZES, ExpertFormat, PackedFormat, Section
 from .float import FLOAT_DTYPES, FloatFormat
+from .gguf import PREFIX as GGUF_PREFIX, GgufFormat, parse_gguf_name
 from .int4 import Int4Format
 from .int8 import Int8Format
 from .projected import ProjectedIntFormat
@@ -35,6 +39,7 @@ for _name, _dt in FLOAT_DTYPES.items():
     register_format(_name, lambda compute_dtype, group_size, _dt=_dt: _float(_dt, compute_dtype, group_size))
 register_format("int8", lambda compute_dtype, group_size: Int8Format(compute_dtype, group_size))
 register_format("int4", lambda compute_dtype, group_size: Int4Format(compute_dtype, group_size))
+register_format("int4-asym", lambda compute_dtype, group_size: Int4Format(compute_dtype, group_size, symmetric=False))
 for _bits in (3, 2):
     register_format(f"int{_bits}", lambda compute_dtype, group_size, _b=_bits: ProjectedIntFormat(_b, compute_dtype,
                                                                                                  group_size))
@@ -56,6 +61,8 @@ def get_format(name: str, group_size: int = DEFAULT_GROUP_SIZE, compute_dtype: t
                ) -> ExpertFormat:
     """The format called `name` ('fp32', 'bf16', 'fp16', 'int8', 'int4', 'int3', 'int2'); ValueError
     naming a bad name or group size."""
+    if name.startswith(GGUF_PREFIX):
+        return GgufFormat(parse_gguf_name(name), compute_dtype, group_size)
     if name not in _FACTORIES:
         raise ValueError(f"expert format {name!r} is not one of {list(_FACTORIES)}")
     return _FACTORIES[name](compute_dtype, group_size)
@@ -71,12 +78,22 @@ def expert_bytes(hidden: int, inter: int, name: str, group_size: int = DEFAULT_G
     return get_format(name, group_size).expert_bytes(hidden, inter)
 
 
-EXPERT_DTYPES = ("auto", "bf16", "fp16", "int8", "int4")  # load()'s expert_dtype choices
+EXPERT_DTYPES = ("auto", "bf16", "fp16", "int8", "int4", "int4-asym")  # load()'s expert_dtype choices
 
 
 def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype, moe_backend: str) -> ExpertFormat:
     """load()'s expert_dtype / group_size options -> the format the store and kernels use (MoeOffloadError
     naming the option that does not fit): 'auto' and the float names keep experts in the compute dtype."""
+    if expert_dtype.startswith(GGUF_PREFIX):  # a GGUF file's experts, as stored
+        try:
+            fmt = get_format(expert_dtype, group_size, compute_dtype)
+        except ValueError as exc:
+            raise MoeOffloadError(str(exc)) from None
+        if moe_backend not in fmt.moe_backends:
+            raise MoeOffloadError(f"GGUF experts ({expert_dtype}) run on moe_backend 'loop' only for now (the Triton "
+                                  f"kernel has no GGUF block formats yet); got moe_backend {moe_backend!r}: pass "
+                                  "moe_backend='loop' (--moe-backend loop)")
+        return fmt
     if expert_dtype not in EXPERT_DTYPES:
         raise MoeOffloadError(f"expert_dtype {expert_dtype!r} is not one of {list(EXPERT_DTYPES)}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
@@ -97,6 +114,6 @@ def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype
     return fmt
 
 
-__all__ = ["ALIGN", "DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "ExpertFormat", "FloatFormat", "GROUP_SIZES",
+__all__ = ["ALIGN", "DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "ExpertFormat", "FloatFormat", "GROUP_SIZES", "GgufFormat",
            "Int4Format", "Int8Format", "PackedFormat", "ProjectedIntFormat", "Section", "choose_format",
            "expert_bytes", "float_format", "format_names", "get_format", "register_format"]

@@ -1,7 +1,15 @@
-"""int4 experts: asymmetric, per group of G weights along the input dimension: s = (max - min) / 15 over
-the group (with 0 inside [min, max]), z = round(-min / s) in [0, 15], q = round(w / s) + z in [0, 15];
-w ~ (q - z) * s. Scales are rounded to fp16 before q is computed, so dequantization uses exactly the
-stored scale. Two weights per byte along the input dimension: weight k of a row is the low nibble of
+"""int4 experts, per group of G weights along the input dimension, in two variants with one row layout:
+
+  int4 (symmetric, the default): s = max|w| / 7.5 over the group, q = clamp(round(w / s), -8, 7) + 8 in
+       [0, 15], z = 8; w ~ (q - 8) * s. This is compressed-tensors' symmetric int4 (its scale rule and
+       range), the variant transformers (5.25, compressed-tensors 0.20) and vLLM load from `moe-offload
+       quantize`'s folders: they decompress MoE experts without zero points.
+  int4-asym: s = (max - min) / 15 over the group (with 0 inside [min, max]), z = round(-min / s) in
+       [0, 15], q = round(w / s) + z in [0, 15]; w ~ (q - z) * s. Needed to read asymmetric
+       pack-quantized checkpoints; transformers 5.25 cannot load such a folder.
+
+Scales are rounded to fp16 before q is computed, so dequantization uses exactly the stored scale. Both
+variants store z (all 8 for the symmetric one), so the kernels have one int4 path. Two weights per byte along the input dimension: weight k of a row is the low nibble of
 byte k // 2 when k is even, the high nibble when k is odd.
 
 Row sections (16-byte aligned): qw13 uint8 [2I, ceil(H/2)], qw2 uint8 [H, ceil(I/2)], then s13, z13
@@ -40,13 +48,23 @@ def group_sections(hidden: int, inter: int, bits: int, group_size: int) -> list[
             ("s2", torch.float16, (hidden, g2)), ("z2", torch.float16, (hidden, g2))]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (packed uint8 [N, ceil(K/2)], s fp16 [N, ceil(K/G)], z fp16 [N, ceil(K/G)])."""
+# The symmetric scale: max|w| / SYMMETRIC_DIVISOR (compressed-tensors: the bit range 15 over 2).
+SYMMETRIC_DIVISOR = 7.5
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, ceil(K/2)], s fp16 [N, ceil(K/G)], z fp16 [N, ceil(K/G)]); symmetric:
+    z = 8 everywhere (see the module docstring)."""
     w = w.float()
     n, k = w.shape
     groups = -(-k // group_size)
     pad = groups * group_size - k
     wg = torch.nn.functional.pad(w, (0, pad)).view(n, groups, group_size)  # [N, g, G]; pad is 0
+    if symmetric:
+        s = safe_scale(wg.abs().amax(-1) / SYMMETRIC_DIVISOR)  # [N, g]
+        q = (torch.round(wg / s.float()[..., None]).clamp_(-8, 7) + 8).to(torch.uint8)
+        return pack_int4(q.view(n, -1)[:, :k]), s, torch.full_like(s, 8.0)
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [N, g], 0 inside [lo, hi]
     s = safe_scale((hi - lo) / 15)  # [N, g]
     z = torch.round(-lo / s.float()).clamp_(0, 15)  # [N, g] integer zero points
@@ -117,17 +135,23 @@ class Int4Pool(WeightPool):
 
 
 class Int4Format(PackedFormat):
-    """Asymmetric int4 in groups of `group_size` along the input dimension (see the module docstring)."""
+    """int4 in groups of `group_size` along the input dimension, symmetric ('int4') or not ('int4-asym');
+    see the module docstring."""
 
-    name = "int4"
     moe_backends = ("loop", "triton")
+
+    def __init__(self, compute_dtype: torch.dtype | None = None, group_size: int = 128, symmetric: bool = True):
+        super().__init__(compute_dtype, group_size)
+        self.symmetric = symmetric
+        self.name = "int4" if symmetric else "int4-asym"
 
     def section_specs(self, hidden: int, inter: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return group_sections(hidden, inter, 4, self.group_size)
 
     def pack(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.group_size
-        (q13, s13, z13), (q2, s2, z2) = quantize_int4(torch.cat([w1, w3], dim=0), g), quantize_int4(w2, g)
+        sym = self.symmetric
+        (q13, s13, z13), (q2, s2, z2) = quantize_int4(torch.cat([w1, w3], dim=0), g, sym), quantize_int4(w2, g, sym)
         return {"qw13": q13, "qw2": q2, "s13": s13, "z13": z13, "s2": s2, "z2": z2}
 
     def pool_views(self, rows: torch.Tensor, hidden: int, inter: int) -> Int4Pool:

@@ -106,12 +106,15 @@ class HostExpertStore:
         store = cls(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
                     dtype, pin, fmt)
         H, I = cfg.hidden_size, cfg.intermediate_size
+        file_packed = getattr(ckpt, "packed_expert", None)  # a GGUF file: its bytes as they are
         with torch.no_grad(), tqdm(total=cfg.num_hidden_layers * cfg.num_local_experts, unit="expert",
                                    desc="loading experts to host", disable=not show_progress) as bar:
             for layer in range(cfg.num_hidden_layers):
                 for e in range(cfg.num_local_experts):
                     names = {w: expert_name(layer, e, w, cfg.model_type) for w in ("w1", "w3", "w2")}
-                    if cfg.expert_format is not None:  # already packed on disk: no requantization
+                    if file_packed is not None:
+                        fmt.write(store.row(layer, e), file_packed(layer, e), H, I)
+                    elif cfg.expert_format is not None:  # already packed on disk: no requantization
                         sections = read_packed_expert(ckpt.tensor, names, fmt.name, group_size, cfg.expert_symmetric,
                                                       H, I)
                         fmt.write(store.row(layer, e), sections, H, I)

@@ -9,12 +9,15 @@ routed expert weight `<name>` (the hub name without `.weight`):
                             bits * (k % (32 / bits)) of word k // (32 / bits); stored unsigned, i.e. the
                             signed value plus 2**(bits-1)
   <name>.weight_scale       fp16 [N, K / G] (int4, strategy group) or [N, 1] (int8, strategy channel)
-  <name>.weight_zero_point  int32 [ceil(N / 8), K / G] (int4 asymmetric only), packed along N the same way
+  <name>.weight_zero_point  int32 [ceil(N / 8), K / G] (int4-asym only), packed along N the same way
   <name>.weight_shape       int32 [2] = (N, K)
 
 Dequantization: w = (q - zp) * scale with q, zp signed. This maps onto our row format without loss:
 our int4 stores unsigned q_u, z_u in [0, 15] (w = (q_u - z_u) * s), so q = q_u - 8, zp = z_u - 8 and the
 packed unsigned words hold q_u and z_u themselves; our int8 is symmetric (zp = 0) with q in [-127, 127].
+Our symmetric int4 ('int4', the default) has z_u = 8 everywhere and writes no zero point tensor:
+that is the folder transformers 5.25 (compressed-tensors 0.20) and vLLM load; transformers cannot load
+an asymmetric int4 MoE folder ('int4-asym': "Asymmetric quant requires zero-point values").
 Scales are fp16 in our format; stored as fp16 (bf16/fp32 scales of other writers are converted when
 exactly representable, else refused). Symmetric int4 (no zero point tensor) reads as z_u = 8.
 
@@ -35,7 +38,7 @@ from ..formats import GROUP_SIZES
 from ..formats.int4 import pack_int4, unpack_int4
 
 FORMAT = "pack-quantized"
-BITS = {"int4": 4, "int8": 8}
+BITS = {"int4": 4, "int4-asym": 4, "int8": 8}
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
@@ -43,9 +46,10 @@ SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"
 def quantization_config(fmt: str, group_size: int, ignore: list[str]) -> dict[str, Any]:
     """The `quantization_config` of config.json for routed experts in `fmt`."""
     bits = BITS[fmt]
-    weights = {"num_bits": bits, "type": "int", "symmetric": fmt == "int8", "dynamic": False,
-               "strategy": "group" if fmt == "int4" else "channel",
-               "group_size": group_size if fmt == "int4" else None, "observer": "minmax", "actorder": None}
+    grouped = bits == 4
+    weights = {"num_bits": bits, "type": "int", "symmetric": fmt != "int4-asym", "dynamic": False,
+               "strategy": "group" if grouped else "channel",
+               "group_size": group_size if grouped else None, "observer": "minmax", "actorder": None}
     return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
                                           "output_activations": None, "format": FORMAT}},
@@ -86,7 +90,7 @@ def parse_quantization_config(qc: Any, source: str) -> tuple[str, int, bool]:
         if strategy != "group" or g not in GROUP_SIZES:
             raise bad(f"config_groups.{gname}.weights", {"strategy": strategy, "group_size": g},
                       f"4 bits: strategy 'group', group_size in {list(GROUP_SIZES)}")
-        return "int4", int(g), sym
+        return ("int4" if sym else "int4-asym"), int(g), sym
     raise bad(f"config_groups.{gname}.weights.num_bits", bits, "4 or 8")
 
 
@@ -128,8 +132,11 @@ def compress_matrix(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, fm
         u = (q.to(torch.int16) + 128).to(torch.uint8)
         out = {"weight_packed": pack_int32(u, 8, 1), "weight_scale": s.reshape(-1, 1).clone()}
     else:
-        out = {"weight_packed": pack_int32(unpack_int4(q, k), 4, 1), "weight_scale": s.clone(),
-               "weight_zero_point": pack_int32(z.to(torch.uint8), 4, 0)}
+        out = {"weight_packed": pack_int32(unpack_int4(q, k), 4, 1), "weight_scale": s.clone()}
+        if fmt == "int4-asym":
+            out["weight_zero_point"] = pack_int32(z.to(torch.uint8), 4, 0)
+        elif z is not None and not bool((z == 8).all()):
+            raise ValueError("symmetric int4 sections with a zero point other than 8")
     out["weight_shape"] = torch.tensor([q.shape[0], k], dtype=torch.int32)
     return out
 
@@ -207,7 +214,7 @@ def read_packed_expert(get: Any, names: dict[str, str], fmt: str, group_size: in
         mats[w] = decompress_matrix({s: get(f"{base}.{s}") for s in wanted}, fmt, group_size, symmetric, n, k, base)
     (q1, s1, z1), (q3, s3, z3), (q2, s2, z2) = mats["w1"], mats["w3"], mats["w2"]
     out = {"qw13": torch.cat([q1, q3]), "s13": torch.cat([s1, s3]), "qw2": q2, "s2": s2}
-    if fmt == "int4":
+    if fmt != "int8":
         out.update(z13=torch.cat([z1, z3]), z2=z2)
     return out
 

@@ -35,7 +35,7 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, fmt: s
     cfg = ckpt.config
     if cfg.expert_format is not None:
         raise MoeOffloadError(f"{src}: its experts are quantized already ({cfg.expert_format})")
-    if fmt == "int4":
+    if fmt != "int8":
         for dim, what in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "the expert width")):
             if dim % group_size:
                 raise MoeOffloadError(f"--group-size {group_size} does not divide {what} {dim} of {src}; "
@@ -121,5 +121,5 @@ def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, sh
             save(shard, layer + 1)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return {"expert_dtype": fmt, "group_size": group_size if fmt == "int4" else None, "shards": n_shards,
+    return {"expert_dtype": fmt, "group_size": group_size if fmt != "int8" else None, "shards": n_shards,
             "bytes": total}
