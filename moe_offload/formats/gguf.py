@@ -1,0 +1,259 @@
+"""GGUF block formats (llama.cpp's ggml types), kept as the file stores them.
+
+An expert of a GGUF file is three matrices, gate (w1) [I, H], up (w3) [I, H] and down (w2) [H, I],
+each a run of the file's blocks along the input dimension (one row = K / block_size blocks), each
+possibly of a different type. One expert row of the host store holds the three runs exactly as the file
+has them (sections w1, w3, w2, each 16-byte aligned), so bytes per miss are the file's bytes plus at
+most 15 bytes of padding per section.
+
+One codec per block type (BLOCK_TYPES): its block size, bytes per block and a vectorised torch
+dequantization of blocks uint8 [n, bytes] -> float32 [n, block_size] that does the float32 operations
+of gguf.quants (llama.cpp's own Python reference) in the same order, so the two agree bit for bit
+(tests/test_gguf.py checks every type against gguf.quants.dequantize).
+
+Running: dequantize a tile of output rows, then matmul (GgufPool.ffn), never a whole expert per token
+beyond one tile. The fused Triton kernel has no GGUF flag yet: these formats run on moe_backend 'loop'
+only (choose_format refuses 'triton' with that message), on the CPU and on CUDA alike.
+
+Format names: 'gguf:' + the three types, 'gguf:Q4_0' when all three agree, else 'gguf:Q4_K,Q4_K,Q6_K'
+(gate, up, down); get_format() parses them, so the name alone rebuilds the format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from ..kernels.pool import WeightPool
+from ..kernels.reference import expert_ffn
+from .base import PackedFormat
+
+QK_K = 256
+WEIGHT_GGUF = -1  # no fused-kernel flag: the loop backend only
+TILE_ROWS = 512  # output rows dequantized at a time by GgufPool.ffn
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 2] -> float32 [n, 1] (little-endian fp16)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, ..., B] -> [n, ..., 2B]: the low nibbles of all B bytes, then the high nibbles."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits(b: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 [n, count/8] little-endian bit field -> uint8 [n, count] of 0/1 (bit i of byte i // 8)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return ((b[..., None] >> shifts) & 1).reshape(b.shape[0], count)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    q = (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+    return _f16(b[:, :2]) * q
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])
+
+
+def _q5(b: torch.Tensor, off: int) -> torch.Tensor:
+    """The 5-bit values of a Q5_0 / Q5_1 block whose qh starts at byte `off`."""
+    qh = _bits(b[:, off:off + 4], 32)
+    return _nibbles(b[:, off + 4:]) | (qh << 4)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b[:, :2]) * (_q5(b, 2).to(torch.int8) - 16).float()
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b[:, :2]) * _q5(b, 4).float() + _f16(b[:, 2:4])
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (sc & 0xF).float()).reshape(n, 16, 1)
+    ml = (dmin * (sc >> 4).float()).reshape(n, 16, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
+    q = ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs, scales, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+    lo = (scales[:, :8].reshape(n, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device).reshape(1, 2, 1)).reshape(n, 16)
+    hi = (scales[:, 8:].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 4, 1)).reshape(n, 16)
+    sc = ((lo & 0x0F) | ((hi & 0x03) << 4)).to(torch.int8) - 32
+    dl = (d * sc.float()).reshape(n, 16, 1)
+    ql = (qs.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1))
+    qh = (hmask.reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 1, 8, 1))
+    ql = ql.reshape(n, 16, 16) & 3
+    qh = (qh.reshape(n, 16, 16) & 1) ^ 1
+    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
+def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 6-bit scales and mins of a Q4_K / Q5_K block: uint8 [n, 12] -> ([n, 8], [n, 8])."""
+    n = scales.shape[0]
+    s = scales.reshape(n, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dl = (d * sc.float()).reshape(n, 8, 1)
+    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32).float()
+    return (dl * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dl = (d * sc.float()).reshape(n, 8, 1)
+    dm = (dmin * mn.float()).reshape(n, 8, 1)
+    qh = b[:, 16:48].reshape(n, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 8, 1)  # [n, 8, 32]
+    ql = _nibbles(b[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
+    q = (ql | ((qh & 1) << 4)).float()
+    return (dl * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
+    dl = (d * sc.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    lo = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
+    hi = (qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)) & 3
+    q = (lo | (hi.reshape(n, 8, 32) << 4)).to(torch.int8) - 32
+    return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One ggml block type: `block` weights in `nbytes` bytes, dequantized by `dequant`."""
+
+    name: str
+    ggml_type: int  # gguf.GGMLQuantizationType value
+    block: int
+    nbytes: int
+    dequant: Callable[[torch.Tensor], torch.Tensor] = field(compare=False)
+
+    def row_bytes(self, k: int) -> int:
+        """Bytes of one row of k weights (k a multiple of the block size)."""
+        return k // self.block * self.nbytes
+
+    def dequantize(self, q: torch.Tensor, k: int) -> torch.Tensor:
+        """uint8 [N, row_bytes(k)] -> float32 [N, k]."""
+        n = q.shape[0]
+        return self.dequant(q.reshape(-1, self.nbytes)).reshape(n, k)
+
+
+BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("Q4_0", 2, 32, 18, _q4_0), BlockType("Q4_1", 3, 32, 20, _q4_1),
+    BlockType("Q5_0", 6, 32, 22, _q5_0), BlockType("Q5_1", 7, 32, 24, _q5_1),
+    BlockType("Q8_0", 8, 32, 34, _q8_0), BlockType("Q2_K", 10, QK_K, 84, _q2_k),
+    BlockType("Q3_K", 11, QK_K, 110, _q3_k), BlockType("Q4_K", 12, QK_K, 144, _q4_k),
+    BlockType("Q5_K", 13, QK_K, 176, _q5_k), BlockType("Q6_K", 14, QK_K, 210, _q6_k))}
+BY_GGML_TYPE = {t.ggml_type: t for t in BLOCK_TYPES.values()}
+PREFIX = "gguf:"
+
+
+def gguf_format_name(types: tuple[str, str, str]) -> str:
+    """(gate, up, down) type names -> the format name."""
+    return PREFIX + (types[0] if len(set(types)) == 1 else ",".join(types))
+
+
+def parse_gguf_name(name: str) -> tuple[str, str, str]:
+    """'gguf:Q4_0' or 'gguf:Q4_K,Q4_K,Q6_K' -> (gate, up, down) type names; ValueError otherwise."""
+    parts = name.removeprefix(PREFIX).split(",")
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or any(p not in BLOCK_TYPES for p in parts):
+        raise ValueError(f"expert format {name!r}: GGUF types must be one or three of {list(BLOCK_TYPES)}")
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass
+class GgufPool(WeightPool):
+    """GGUF views: w13 = gate blocks uint8 [S, I, rb(H)], w3 = up blocks [S, I, rb(H)], w2 = down blocks
+    [S, H, rb(I)] (rb: the type's row bytes); `types` the three BlockTypes."""
+
+    w3: torch.Tensor | None = None
+    types: tuple[BlockType, BlockType, BlockType] | None = None
+    weight_format: ClassVar[int] = WEIGHT_GGUF
+
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        t1, t3, t2 = self.types
+        if which == "w13":
+            return torch.cat([t1.dequantize(self.w13[slot], self.hidden), t3.dequantize(self.w3[slot], self.hidden)])
+        return t2.dequantize(self.w2[slot], self.inter)
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU on x [n, H] -> [n, H], dequantizing TILE_ROWS output rows at a time."""
+        t1, t3, t2 = self.types
+        gate = _tiled(t1, self.w13[slot], self.hidden, x)
+        up = _tiled(t3, self.w3[slot], self.hidden, x)
+        return _tiled(t2, self.w2[slot], self.inter, torch.nn.functional.silu(gate) * up)
+
+
+def _tiled(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> torch.Tensor:
+    """x [n, K] @ dequant(q [N, rb]).T -> [n, N], one tile of output rows at a time."""
+    n = q.shape[0]
+    if n <= TILE_ROWS:
+        return x @ t.dequantize(q, k).to(x.dtype).t()
+    return torch.cat([x @ t.dequantize(q[i:i + TILE_ROWS], k).to(x.dtype).t() for i in range(0, n, TILE_ROWS)], dim=-1)
+
+
+class GgufFormat(PackedFormat):
+    """Experts in GGUF block types, gate / up / down each its own (see the module docstring)."""
+
+    moe_backends = ("loop",)
+
+    def __init__(self, types: tuple[str, str, str], compute_dtype: torch.dtype | None = None, group_size: int = 128):
+        super().__init__(compute_dtype, group_size)
+        self.types = tuple(BLOCK_TYPES[t] for t in types)
+        self.name = gguf_format_name(tuple(types))
+
+    def check_shape(self, hidden: int, inter: int) -> None:
+        """ValueError unless every projection's input dimension is a whole number of blocks."""
+        for t, k, what in ((self.types[0], hidden, "gate"), (self.types[1], hidden, "up"), (self.types[2], inter, "down")):
+            if k % t.block:
+                raise ValueError(f"{what} experts of type {t.name} need an input dimension divisible by {t.block}, "
+                                 f"got {k}")
+
+    def section_specs(self, hidden: int, inter: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        t1, t3, t2 = self.types
+        return [("w1", torch.uint8, (inter, t1.row_bytes(hidden))), ("w3", torch.uint8, (inter, t3.row_bytes(hidden))),
+                ("w2", torch.uint8, (hidden, t2.row_bytes(inter)))]
+
+    def file_bytes(self, hidden: int, inter: int) -> int:
+        """Bytes of one expert in the file (expert_bytes adds the sections' alignment padding)."""
+        return sum(sec.nbytes for sec in self.layout(hidden, inter))
+
+    def pack(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"expert format {self.name!r} is read from GGUF files as stored; this runtime "
+                                  "does not quantize to GGUF types")
+
+    def pool_views(self, rows: torch.Tensor, hidden: int, inter: int) -> GgufPool:
+        v = self.views(rows, hidden, inter)
+        return GgufPool(hidden, inter, v["w1"], v["w2"], w3=v["w3"], types=self.types)
+
+    def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> WeightPool:
+        return pool  # its own ffn: dequantize a tile, then matmul

@@ -1,0 +1,396 @@
+"""GGUF files (llama.cpp's format) as checkpoints: `load("model-Q4_K_M.gguf")`.
+
+Read with the `gguf` package (PyPI, maintained with llama.cpp; `pip install moe_offload[gguf]`):
+  architecture   general.architecture: 'llama' with experts (Mixtral), 'qwen2moe', 'qwen3moe'
+  config         hyper-parameters from '{arch}.*' metadata, mapped onto the family's config.json keys
+  tokenizer      tokenizer.ggml.* (SentencePiece 'llama' or byte-level BPE 'gpt2' vocabularies), built with
+                 the tokenizers library the way transformers' GGUF loader builds it
+  experts        ffn_{gate,up,down}_exps [E, rows, blocks] stay in their block types (formats/gguf.py): each
+                 expert row of the host store is the file's bytes of that expert
+  dense tensors  dequantized at load (F32 / F16 / BF16 as they are; block types with our codecs, other
+                 types with gguf.quants.dequantize); 'llama' stores attn_q / attn_k rows permuted for its
+                 interleaved RoPE (convert_hf_to_gguf.py's permute), undone here
+
+The checkpoint object answers what runtime.load() asks of checkpoint.Checkpoint (config, validate,
+tensor by Hugging Face name, fingerprint, dtype_name, close) plus packed_expert() for the host store and
+tokenizer(). Refused in one line naming the file (and tensor): a truncated file, a tensor whose bytes do
+not fit its type and shape, an expert block type without a codec, expert types that differ between
+layers, a missing tokenizer key, split sets (-00001-of-0000N.gguf), other architectures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .formats.gguf import BLOCK_TYPES, BY_GGML_TYPE, gguf_format_name
+
+ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML F32, F16, BF16
+SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+# llama.cpp's tensor names per slot of families.Family.layer_tensors / model_tensors
+LAYER_NAMES = {"input_layernorm": "attn_norm.weight", "post_attention_layernorm": "ffn_norm.weight",
+               "q_proj": "attn_q.weight", "k_proj": "attn_k.weight", "v_proj": "attn_v.weight",
+               "o_proj": "attn_output.weight", "q_bias": "attn_q.bias", "k_bias": "attn_k.bias",
+               "v_bias": "attn_v.bias", "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+               "gate": "ffn_gate_inp.weight", "shared_w1": "ffn_gate_shexp.weight",
+               "shared_w3": "ffn_up_shexp.weight", "shared_w2": "ffn_down_shexp.weight",
+               "shared_gate": "ffn_gate_inp_shexp.weight"}
+MODEL_NAMES = {"embed_tokens": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
+EXPERT_NAMES = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading .gguf files needs the `gguf` package: pip install 'moe_offload[gguf]' "
+                              "(or pip install gguf)") from None
+    return gguf
+
+
+class GgufCheckpoint:
+    """One .gguf file (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        gguf = _import_gguf()
+        if SPLIT.search(self.path.name):
+            raise CheckpointError(f"{self.path}: split GGUF sets (-NNNNN-of-NNNNN.gguf) are not supported yet; merge "
+                                  "them with llama.cpp's `llama-gguf-split --merge`")
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: GGUF file does not exist")
+        try:
+            self.reader = gguf.GGUFReader(str(self.path), "r")
+        except Exception as exc:  # the reader raises ValueError / struct errors / numpy errors on bad files
+            raise CheckpointError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): "
+                                  f"{type(exc).__name__}: {exc}") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self._check_bytes()
+        self.arch = self._str("general.architecture")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"{self.path}: GGUF architecture {self.arch!r} is not supported; supported: "
+                              f"{sorted(ARCHS)} (with experts)")
+        self.config = self._config()
+        self.expert_types = self._expert_types()
+        self.config = replace(self.config, expert_format=gguf_format_name(self.expert_types))
+        self._name_map: dict[str, tuple[str, tuple[int, ...], str]] | None = None
+
+    # --- metadata -------------------------------------------------------------------------------------
+    def meta(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def _str(self, key: str) -> str:
+        v = self.meta(key)
+        if v is None:
+            raise ConfigError(f"{self.path}: GGUF metadata key {key!r} is missing")
+        return v
+
+    def _need(self, key: str) -> Any:
+        v = self.meta(key)
+        if v is None:
+            raise ConfigError(f"{self.path}: GGUF metadata key {key!r} is missing")
+        return v
+
+    def _config(self) -> ModelConfig:
+        a = self.arch
+        experts = self.meta(f"{a}.expert_count", 0)
+        if not experts:
+            raise ConfigError(f"{self.path}: GGUF {a} model without experts ({a}.expert_count missing or 0); only MoE "
+                              "models are supported")
+        if f"blk.0.{EXPERT_NAMES['w1']}" not in self.tensors and "blk.0.ffn_gate.0.weight" in self.tensors:
+            raise CheckpointError(f"{self.path}: old GGUF layout with one tensor per expert (blk.N.ffn_gate.E.weight); "
+                                  "reconvert it with a current llama.cpp convert_hf_to_gguf.py")
+        scaling = self.meta(f"{a}.rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise ConfigError(f"{self.path}: {a}.rope.scaling.type {scaling!r} is not supported; expected none")
+        hidden, heads = self._need(f"{a}.embedding_length"), self._need(f"{a}.attention.head_count")
+        tokens = self.meta("tokenizer.ggml.tokens")
+        embd = self.tensors.get("token_embd.weight")
+        vocab = self.meta(f"{a}.vocab_size") or (len(tokens) if tokens else None) or (
+            int(embd.shape[1]) if embd is not None else None)
+        raw: dict[str, Any] = {
+            "model_type": ARCHS[a], "vocab_size": vocab, "hidden_size": hidden,
+            "num_hidden_layers": self._need(f"{a}.block_count"), "num_attention_heads": heads,
+            "num_key_value_heads": self.meta(f"{a}.attention.head_count_kv", heads),
+            "head_dim": self.meta(f"{a}.attention.key_length") or hidden // heads,
+            "num_experts_per_tok": self._need(f"{a}.expert_used_count"),
+            "rms_norm_eps": self._need(f"{a}.attention.layer_norm_rms_epsilon"),
+            "max_position_embeddings": self.meta(f"{a}.context_length", 4096),
+            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.meta("tokenizer.ggml.eos_token_id"),
+            "torch_dtype": self.dtype_name,
+        }
+        if self.meta(f"{a}.rope.freq_base") is not None:
+            raw["rope_theta"] = self.meta(f"{a}.rope.freq_base")
+        if a == "llama":
+            raw.update(num_local_experts=experts, intermediate_size=self._need(f"{a}.feed_forward_length"),
+                       sliding_window=None)
+        else:
+            width = self.meta(f"{a}.expert_feed_forward_length") or self._need(f"{a}.feed_forward_length")
+            raw.update(num_experts=experts, moe_intermediate_size=width,
+                       norm_topk_prob=bool(self.meta(f"{a}.expert_weights_norm", a == "qwen3moe")))
+            if a == "qwen2moe":
+                raw.update(shared_expert_intermediate_size=self.meta(f"{a}.expert_shared_feed_forward_length")
+                           or self._need(f"{a}.feed_forward_length"),
+                           qkv_bias="blk.0.attn_q.bias" in self.tensors)
+        return ModelConfig.from_dict(raw, source=str(self.path))
+
+    # --- tensors --------------------------------------------------------------------------------------
+    def _check_bytes(self) -> None:
+        """Every tensor's bytes fit its type and shape, lie inside the file and overlap no other tensor."""
+        size = self.path.stat().st_size
+        spans = []
+        for t in self.reader.tensors:
+            ggml = int(t.tensor_type)
+            bt = BY_GGML_TYPE.get(ggml)
+            ne0 = int(t.shape[0]) if len(t.shape) else 1
+            if bt is not None and ne0 % bt.block:
+                raise CheckpointError(f"{self.path}: tensor {t.name} of type {bt.name} has rows of {ne0} weights, not a "
+                                      f"multiple of its block size {bt.block}")
+            if bt is not None:
+                want = bt.row_bytes(ne0) * (int(t.n_elements) // max(ne0, 1))
+            elif ggml in FLOAT_TYPES:
+                want = int(t.n_elements) * torch.tensor([], dtype=FLOAT_TYPES[ggml]).element_size()
+            else:
+                want = int(t.n_bytes)
+            if int(t.n_bytes) != want or int(t.data.nbytes) != want:
+                raise CheckpointError(f"{self.path}: tensor {t.name} has {int(t.data.nbytes)} bytes, its shape "
+                                      f"{[int(d) for d in t.shape]} x {t.tensor_type.name} needs {want}")
+            if int(t.data_offset) + want > size:
+                raise CheckpointError(f"{self.path}: truncated: tensor {t.name} ends at byte "
+                                      f"{int(t.data_offset) + want}, the file has {size}")
+            spans.append((int(t.data_offset), int(t.data_offset) + want, t.name))
+        spans.sort()
+        for (_, end, name), (start, _, nxt) in zip(spans, spans[1:]):
+            if start < end:
+                raise CheckpointError(f"{self.path}: tensor {name} overlaps tensor {nxt} (byte {start} < {end}): "
+                                      "its byte size does not match its type and shape")
+
+    def _tensor(self, gname: str) -> Any:
+        t = self.tensors.get(gname)
+        if t is None:
+            raise CheckpointError(f"{self.path}: missing tensor {gname}")
+        return t
+
+    def _expert_types(self) -> tuple[str, str, str]:
+        cfg = self.config
+        first: tuple[str, str, str] | None = None
+        for layer in range(cfg.num_hidden_layers):
+            types = []
+            for w, gname in EXPERT_NAMES.items():
+                t = self._tensor(f"blk.{layer}.{gname}")
+                ggml = int(t.tensor_type)
+                bt = BY_GGML_TYPE.get(ggml)
+                name = t.tensor_type.name if bt is None else bt.name
+                if bt is None:
+                    raise CheckpointError(f"{self.path}: tensor {t.name} has type {name}; expert tensors are supported "
+                                          f"in {list(BLOCK_TYPES)}")
+                k, n = (cfg.hidden_size, cfg.intermediate_size) if w != "w2" else (cfg.intermediate_size, cfg.hidden_size)
+                want = [k, n, cfg.num_local_experts]
+                if [int(d) for d in t.shape] != want:
+                    raise CheckpointError(f"{self.path}: tensor {t.name} has shape {[int(d) for d in t.shape]}, "
+                                          f"expected {want} (ggml order)")
+                types.append(name)
+            if first is None:
+                first = tuple(types)  # type: ignore[assignment]
+            elif tuple(types) != first:
+                raise CheckpointError(f"{self.path}: layer {layer}'s experts are {'/'.join(types)} but layer 0's are "
+                                      f"{'/'.join(first)} (gate/up/down); expert types that differ between layers "
+                                      "are not supported yet")
+        return first  # type: ignore[return-value]
+
+    def _names(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
+        """Hugging Face name -> (GGUF name, expected HF shape, slot) of every dense tensor."""
+        cfg, fam = self.config, self.config.family
+        out = {hf: (MODEL_NAMES[slot], shape, slot) for slot, (hf, shape) in fam.model_tensors(cfg).items()}
+        for layer in range(cfg.num_hidden_layers):
+            for slot, (hf, shape) in fam.layer_tensors(cfg, layer).items():
+                out[hf] = (f"blk.{layer}.{LAYER_NAMES[slot]}", shape, slot)
+        return out
+
+    def validate(self) -> None:
+        """Every dense tensor present with the element count of its shape; raise listing ALL problems."""
+        problems = []
+        for hf, (gname, shape, _) in self._names().items():
+            t = self.tensors.get(gname)
+            if t is None:
+                problems.append(f"missing tensor {gname} (for {hf}, shape {list(shape)})")
+            elif int(t.n_elements) != int(np.prod(shape)):
+                problems.append(f"tensor {gname} has shape {[int(d) for d in t.shape]}, expected {list(shape[::-1])} "
+                                "(ggml order)")
+        if problems:
+            raise CheckpointError(f"{self.path}: GGUF file does not match its metadata ({len(problems)} problem(s)):\n  "
+                                  + "\n  ".join(problems))
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A dense tensor by its Hugging Face name, dequantized to float32 (then dtype/device)."""
+        if self._name_map is None:
+            self._name_map = self._names()
+        entry = self._name_map.get(name)
+        if entry is None:
+            raise CheckpointError(f"{self.path}: no dense tensor for {name}")
+        gname, shape, slot = entry
+        w = self._dequantize(self._tensor(gname)).reshape(shape)
+        if self.arch == "llama" and slot in ("q_proj", "k_proj"):
+            heads = self.config.num_attention_heads if slot == "q_proj" else self.config.num_key_value_heads
+            w = unpermute_rope(w, heads)
+        return w.to(device=device, dtype=dtype or w.dtype)
+
+    def _dequantize(self, t: Any) -> torch.Tensor:
+        ggml = int(t.tensor_type)
+        data = np.asarray(t.data)
+        if ggml in FLOAT_TYPES:
+            return torch.from_numpy(data.copy().view(np.uint8)).view(FLOAT_TYPES[ggml]).float()
+        bt = BY_GGML_TYPE.get(ggml)
+        if bt is not None:
+            ne0 = int(t.shape[0])
+            q = torch.from_numpy(data.copy().view(np.uint8)).reshape(-1, bt.row_bytes(ne0))
+            return bt.dequantize(q, ne0)
+        from gguf.quants import dequantize
+
+        try:
+            return torch.from_numpy(np.ascontiguousarray(dequantize(data, t.tensor_type)))
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
+                                  "dequantized here") from None
+
+    def packed_expert(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """Expert e of `layer` as the file's bytes: {'w1': uint8 [I, rb], 'w3': ..., 'w2': uint8 [H, rb]}."""
+        out = {}
+        for w, gname in EXPERT_NAMES.items():
+            t = self._tensor(f"blk.{layer}.{gname}")
+            data = np.asarray(t.data).view(np.uint8)
+            rows = data.reshape(int(t.shape[2]), int(t.shape[1]), -1)[e]
+            out[w] = torch.from_numpy(np.array(rows))  # a copy: the memory map is read-only
+        return out
+
+    def expert_file_bytes(self) -> int:
+        """Bytes of every routed expert tensor in the file."""
+        return sum(int(self._tensor(f"blk.{l}.{g}").n_bytes) for l in range(self.config.num_hidden_layers)
+                   for g in EXPERT_NAMES.values())
+
+    def tensor_groups(self) -> dict[str, dict[str, int]]:
+        """GGML type -> tensor count per group (experts gate/up/down, attention, router, embeddings, ...)."""
+        groups: dict[str, dict[str, int]] = {}
+        for t in self.reader.tensors:
+            base = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+            g = base.removesuffix(".weight").removesuffix(".bias")
+            groups.setdefault(g, {})
+            groups[g][t.tensor_type.name] = groups[g].get(t.tensor_type.name, 0) + 1
+        return groups
+
+    @property
+    def dtype_name(self) -> str:
+        t = self.tensors.get("token_embd.weight")
+        return {0: "float32", 1: "float16", 30: "bfloat16"}.get(int(t.tensor_type), "bfloat16") if t else "bfloat16"
+
+    def fingerprint(self) -> str:
+        """sha256 over the parsed config and every router and post-attention norm tensor as stored."""
+        h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
+        for layer in range(self.config.num_hidden_layers):
+            for g in ("ffn_gate_inp.weight", "ffn_norm.weight"):
+                t = self._tensor(f"blk.{layer}.{g}")
+                h.update(f"{t.name}:{t.tensor_type.name}".encode())
+                h.update(np.asarray(t.data).tobytes())
+        return h.hexdigest()[:32]
+
+    def iter_names(self):
+        return iter(self._names())
+
+    def close(self) -> None:
+        pass
+
+    # --- tokenizer ------------------------------------------------------------------------------------
+    def tokenizer(self) -> Any:
+        """A tokenizers.Tokenizer from tokenizer.ggml.* (CheckpointError naming a missing key)."""
+        return build_tokenizer(self.meta, str(self.path))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.meta("tokenizer.chat_template")
+
+
+def unpermute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's permute of llama q/k rows (w [heads * hd, H] -> the HF order)."""
+    hd = w.shape[0] // heads
+    return w.reshape(heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+
+
+def build_tokenizer(meta: Any, where: str) -> Any:
+    """tokenizer.ggml.* -> tokenizers.Tokenizer: 'llama' (SentencePiece as BPE with byte fallback, merges from
+    the file or recovered from the scores) or 'gpt2' (byte-level BPE, Qwen2 split for pre 'qwen2');
+    control tokens (type 3) special, user-defined ones (type 4) added whole."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    def need(key: str) -> Any:
+        v = meta(key)
+        if v is None:
+            raise CheckpointError(f"{where}: GGUF tokenizer key {key!r} is missing")
+        return v
+
+    kind = need("tokenizer.ggml.model")
+    tokens = list(need("tokenizer.ggml.tokens"))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = meta("tokenizer.ggml.merges")
+    types = meta("tokenizer.ggml.token_type") or []
+    if kind == "llama":
+        if merges is None:
+            scores = need("tokenizer.ggml.scores")
+            merges = _generate_merges(vocab, dict(zip(tokens, scores)))
+        else:
+            merges = [tuple(m.split(" ")) for m in merges]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    elif kind == "gpt2":
+        if merges is None:
+            raise CheckpointError(f"{where}: GGUF tokenizer key 'tokenizer.ggml.merges' is missing (a gpt2 vocabulary "
+                                  "needs its merges)")
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
+        if meta("tokenizer.ggml.pre") in ("qwen2", "deepseek-r1-qwen"):
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        raise CheckpointError(f"{where}: GGUF tokenizer.ggml.model {kind!r} is not supported; supported: llama, gpt2")
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == 3]
+    if control:
+        tok.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
+def _generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """SentencePiece merges recovered from the vocabulary: every split of a piece into two pieces, best
+    merged score first (what transformers' GGUF loader and tokenizers' SentencePiece converter do)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
