@@ -69,7 +69,7 @@ def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
     """The memory plan for an OffloadConfig: device, dtype, context, policy, budget and expert storage."""
     from .config import resolve_device, resolve_dtype
     from .offload import CacheBudget, make_policy, plan_memory
-    from .options import check_against_model
+    from .options import INT4, check_against_model
     from .runtime import DEFAULT_MAX_SEQ_LEN
 
     check_against_model(config, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
@@ -78,7 +78,7 @@ def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
     dt = resolve_dtype(config.dtype, dev, ckpt_dtype)
     seq = t.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     budget = CacheBudget(t.cache_experts, config.cache_per_layer, config.cache_gb)
-    fmt = config.expert_dtype if config.expert_dtype in ("int8", "int4") else cfg.expert_format
+    fmt = config.expert_dtype if config.expert_dtype in ("int8",) + INT4 else cfg.expert_format
     return plan_memory(cfg, dev, dt, seq, budget, make_policy(t.policy).per_layer, fmt, config.group_size)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import open_checkpoint
 from .config import ModelConfig, RuntimeConfig, resolve_device, resolve_dtype
 from .errors import MoeOffloadError
 from .guard import CallGuard
@@ -28,7 +28,7 @@ from .formats import choose_format
 from .offload.packed import PackedResidentExperts
 from .offload.cpu_lane import build_cpu_lane
 from .offload.link import link_chunk_bytes
-from .options import DEFAULT_DRAFT_TOKENS, OffloadConfig, check_against_model
+from .options import DEFAULT_DRAFT_TOKENS, INT4, OffloadConfig, check_against_model
 from .offload import (CacheBudget, ExpertCache, HostExpertStore, MemoryPlan, OffloadedExperts, Prefetcher,
                       make_copy_engine, make_policy, plan_memory)
 
@@ -357,7 +357,7 @@ def _expert_storage(config: OffloadConfig, cfg: ModelConfig, path: Path) -> tupl
             raise MoeOffloadError(f"{path} holds int4 experts in groups of {cfg.expert_group_size}; "
                                   f"tuning.group_size {config.tuning.group_size} cannot change that")
         return cfg.expert_format, cfg.expert_group_size
-    if config.tuning.group_size is not None and expert_dtype != "int4":
+    if config.tuning.group_size is not None and expert_dtype not in INT4:
         raise MoeOffloadError(f"tuning.group_size={config.tuning.group_size} applies to int4 experts only; "
                               f"expert_dtype is {expert_dtype!r}")
     return expert_dtype, group_size
