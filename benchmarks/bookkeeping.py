@@ -33,6 +33,8 @@ from moe_offload.offload.planner import StepPlanner
 from moe_offload.results import result_metadata, write_json_atomic
 
 SHAPES = [(8, 2, 32), (64, 8, 16), (128, 8, 48)]
+# --shapes many: DeepSeek-V3's 256 experts top-8 over its 58 MoE layers, Kimi-K2's 384 top-8 over 60
+MANY_SHAPES = [(256, 8, 58), (384, 8, 60)]
 
 
 def routing(T: int, L: int, E: int, k: int, seed: int = 0) -> np.ndarray:
@@ -146,17 +148,21 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--mode", choices=["host", "timeline", "both"], default="both")
     ap.add_argument("--policy", default="lru-layer", help="a policy, or a comma list (default lru-layer)")
+    ap.add_argument("--shapes", choices=["default", "many", "all"], default="default",
+                    help="default: 8/64/128 experts; many: 256 and 384 experts top-8 (DeepSeek-V3, Kimi-K2)")
     ap.add_argument("--out", default="benchmarks/results/bookkeeping.json")
     args = ap.parse_args()
+    shapes = {"default": SHAPES, "many": MANY_SHAPES, "all": SHAPES + MANY_SHAPES}[args.shapes]
     costs = StepCosts(attention=1e-4, expert=1e-4, bookkeeping=0.0, head=1e-4, copy=1e-3, expert_bytes=1 << 20)
     rows = []
     for policy in args.policy.split(","):
-        for E, k, L in SHAPES:
+        for E, k, L in shapes:
             ids = routing(args.tokens, L, E, k)
             slots = max(k, int(0.4 * E)) * L
             for pred in ("none", "oracle"):
                 rows.append(measure(ids, E, k, L, slots, policy, pred, args.mode, costs))
-    print("saved", write_json_atomic(args.out, {**result_metadata("cpu"), "tokens": args.tokens, "mode": args.mode, "results": rows}))
+    print("saved", write_json_atomic(args.out, {**result_metadata("cpu"), "tokens": args.tokens, "mode": args.mode,
+                                                "shapes": args.shapes, "results": rows}))
     return 0
 
 

@@ -42,7 +42,7 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = dict(family.model_tensors(cfg).values())
     for layer in range(cfg.num_hidden_layers):
         shapes.update(family.layer_tensors(cfg, layer).values())
-        for e in range(cfg.num_local_experts):
+        for e in range(cfg.num_local_experts if layer >= cfg.first_k_dense_replace else 0):
             for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
                 name = family.expert_name(layer, e, w)
                 if cfg.expert_format is None:
@@ -57,10 +57,11 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def identity_names(cfg: ModelConfig, layer: int) -> tuple[str, str]:
-    """The tensors of `layer` a model's fingerprint hashes: its router and its post-attention norm."""
+def identity_names(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
+    """The tensors of `layer` a model's fingerprint hashes: its router and its post-attention norm (a
+    dense first layer: its norm only)."""
     names = cfg.family.layer_tensors(cfg, layer)
-    return names["gate"][0], names["post_attention_layernorm"][0]
+    return tuple(names[slot][0] for slot in ("gate", "post_attention_layernorm") if slot in names)
 
 
 # A float is NaN/Inf exactly when its exponent bits are all ones: test that on the integer view (fast on
@@ -203,6 +204,8 @@ class Checkpoint:
         for name in sorted(set(self.tensors) - set(expected)):
             if name == head and tied_head:
                 continue  # a tied checkpoint may still carry the (identical) head; it is ignored
+            if self.config.family.ignores(self.config, name):
+                continue  # e.g. the multi-token-prediction layer shipped after the last layer
             problems.append(f"{self.tensors[name].file.name}: unexpected tensor {name}")
         if problems:
             raise CheckpointError(f"{self.path}: checkpoint does not match config.json "

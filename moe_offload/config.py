@@ -12,6 +12,7 @@ import torch
 from . import families
 from .errors import ConfigError, MoeOffloadError
 from .families import Family
+from .families.base import rope_type
 from .validate import json_object
 
 # Keys without which a model cannot be built (besides the family's expert count and width); everything
@@ -23,7 +24,15 @@ QK_NORMS = ("none", "per_head", "full")
 _FAMILY_FIELDS = {"model_type": "mixtral", "norm_topk_prob": True, "shared_expert_intermediate_size": 0,
                   "qk_norm": "none", "qkv_bias": False, "clip_qkv": None,
                   # a quantized checkpoint (quant/ckpt.py); not part of the model's identity
-                  "expert_format": None, "expert_group_size": 128, "expert_symmetric": False}
+                  "expert_format": None, "expert_group_size": 128, "expert_symmetric": False,
+                  # the 2026 families (families/glm4_moe.py, deepseek_v3.py, gpt_oss.py)
+                  "first_k_dense_replace": 0, "dense_intermediate_size": 0, "o_bias": False,
+                  "partial_rotary_factor": 1.0, "scoring": "softmax", "n_group": 1, "topk_group": 1,
+                  "routed_scaling_factor": 1.0, "correction_bias": False, "router_logit_bias": False,
+                  "attention": "gqa", "q_lora_rank": 0, "kv_lora_rank": 0, "qk_nope_head_dim": 0,
+                  "qk_rope_head_dim": 0, "v_head_dim": 0, "attention_sinks": False, "expert_bias": False,
+                  "rope_type": "default", "sliding_window_layers": 0, "mtp_layers": 0, "shipped_format": None}
+ATTENTIONS = ("gqa", "mla")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -65,6 +74,36 @@ class ModelConfig:
     expert_format: str | None = None  # 'int8' / 'int4' when the checkpoint stores packed experts
     expert_group_size: int = 128
     expert_symmetric: bool = False
+    # Dense first layers (DeepSeek-V3, GLM-4.5 first_k_dense_replace): layers 0..k-1 run a dense MLP of
+    # width dense_intermediate_size; the routed experts live in layers k..L-1 only, which the offload
+    # engine indexes compactly as MoE layers 0..num_moe_layers-1.
+    first_k_dense_replace: int = 0
+    dense_intermediate_size: int = 0
+    o_bias: bool = False  # a bias on o_proj (GPT-OSS)
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head (GLM-4.5)
+    # the router function (families.Routing): scoring, groups, the weights' scale; correction_bias: a
+    # per-expert bias [E] added for the choice only (e_score_correction_bias); router_logit_bias: a bias
+    # of the router's linear layer (GPT-OSS)
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    router_logit_bias: bool = False
+    # attention variant: "gqa" (the runnable one) or "mla" (DeepSeek's multi-head latent attention,
+    # sized for projections only); q_lora_rank 0 = no q-LoRA
+    attention: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    attention_sinks: bool = False  # a learned sink logit per head (GPT-OSS)
+    expert_bias: bool = False  # biases on the experts' gate/up [2I] and down [H] projections (GPT-OSS)
+    rope_type: str = "default"  # "yarn" is parsed for projections only
+    sliding_window_layers: int = 0  # layers with a sliding window when only some have one (GPT-OSS)
+    mtp_layers: int = 0  # multi-token-prediction layers shipped after the last layer: not run (ignored)
+    shipped_format: str | None = None  # the experts' format as published ("fp8_block128", "mxfp4"), for `info`
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -100,31 +139,87 @@ class ModelConfig:
         s = self.shared_expert_intermediate_size
         if not isinstance(s, int) or isinstance(s, bool) or s < 0:
             raise ConfigError(f"config.json: shared_expert_intermediate_size must be an integer >= 0, got {s!r}")
+        if not isinstance(self.first_k_dense_replace, int) or not 0 <= self.first_k_dense_replace < self.num_hidden_layers:
+            raise ConfigError(f"config.json: first_k_dense_replace must be in [0, {self.num_hidden_layers - 1}] "
+                              f"(at least one MoE layer), got {self.first_k_dense_replace!r}")
+        if self.first_k_dense_replace and not self.dense_intermediate_size > 0:
+            raise ConfigError("config.json: intermediate_size (the dense layers' MLP width) must be a positive "
+                              f"integer with first_k_dense_replace {self.first_k_dense_replace}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"config.json: attention {self.attention!r} is not one of {list(ATTENTIONS)}")
+        if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
+            raise ConfigError(f"config.json: partial_rotary_factor must be in (0, 1] with an even rotary width, "
+                              f"got {self.partial_rotary_factor!r} (head_dim {self.head_dim})")
+        if self.n_group < 1 or self.num_local_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ConfigError(f"config.json: n_group {self.n_group} must divide the {self.num_local_experts} routed "
+                              f"experts and topk_group {self.topk_group} be in [1, n_group]")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ConfigError(f"config.json: clip_qkv must be positive or null, got {self.clip_qkv!r}")
 
     # --- derived sizes -------------------------------------------------------------------------
     @property
+    def num_moe_layers(self) -> int:
+        """Layers with routed experts (all but the first_k_dense_replace dense ones): the offload engine's
+        layer count; its layer m is the model's layer first_k_dense_replace + m."""
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each q/k head that RoPE rotates (head_dim * partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def expert_params(self) -> int:
-        """Parameters of one expert (w1, w3: [I, H]; w2: [H, I])."""
-        return 3 * self.hidden_size * self.intermediate_size
+        """Parameters of one expert (w1, w3: [I, H]; w2: [H, I]; plus biases [2I] and [H] where it has them)."""
+        h, i = self.hidden_size, self.intermediate_size
+        return 3 * h * i + (2 * i + h if self.expert_bias else 0)
+
+    @property
+    def attention_params(self) -> int:
+        """Parameters of one layer's attention (projections, biases, q/k norms, sinks; MLA's LoRA factors)."""
+        h, hd, nh, nkv = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        if self.attention == "mla":
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = (h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * qk) if self.q_lora_rank else h * nh * qk
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            kv += self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv + nh * self.v_head_dim * h
+        q, kv = nh * hd, nkv * hd
+        attn = h * hd * (2 * nh + 2 * nkv) + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+        attn += {"none": 0, "per_head": 2 * hd, "full": q + kv}[self.qk_norm]
+        return attn + nh * self.attention_sinks
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """KV-cache elements per token over all layers (times the dtype size for bytes): K and V heads,
+        or for MLA the compressed latent plus the rope key (what an absorbed MLA cache holds)."""
+        if self.attention == "mla":
+            return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
     @property
     def dense_params(self) -> int:
-        """Every parameter that is not inside an expert (attention, norms, routers, embeddings)."""
-        h, hd = self.hidden_size, self.head_dim
-        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
-        attn = h * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        attn += (q + 2 * kv) * self.qkv_bias + {"none": 0, "per_head": 2 * hd, "full": q + kv}[self.qk_norm]
+        """Every parameter that is not inside a routed expert (attention, norms, routers, dense MLPs of the
+        first layers, shared experts, embeddings)."""
+        h = self.hidden_size
         si = self.shared_expert_intermediate_size
         shared = (3 * h * si + (h if self.family.shared_expert_gate else 0)) if si else 0
-        per_layer = attn + 2 * h + self.num_local_experts * h + shared
+        E = self.num_local_experts
+        router = E * h + E * self.router_logit_bias + E * self.correction_bias
+        per_layer = self.attention_params + 2 * h
+        dense_mlp = self.first_k_dense_replace * 3 * h * self.dense_intermediate_size
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.num_hidden_layers * per_layer + self.vocab_size * h + h + head
+        return (self.num_hidden_layers * per_layer + self.num_moe_layers * (router + shared) + dense_mlp
+                + self.vocab_size * h + h + head)
 
     @property
     def total_params(self) -> int:
-        return self.dense_params + self.num_hidden_layers * self.num_local_experts * self.expert_params
+        return self.dense_params + self.num_moe_layers * self.num_local_experts * self.expert_params
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token uses: the dense ones (both embedding tables counted) plus top-k routed experts."""
+        return self.dense_params + self.num_moe_layers * self.num_experts_per_tok * self.expert_params
 
     # --- parsing -------------------------------------------------------------------------------
     @classmethod
@@ -138,7 +233,8 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
         quant = (None, 128, False)
-        if raw.get("quantization_config"):
+        shipped = family.shipped_format(raw)  # a format the family ships in (sized for projections)
+        if raw.get("quantization_config") and shipped is None:
             from .quant.ckpt import parse_quantization_config
 
             quant = parse_quantization_config(raw["quantization_config"], source)
@@ -152,7 +248,7 @@ class ModelConfig:
         eos = raw.get("eos_token_id", d["eos_token_id"])
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         try:
-            return cls(
+            kwargs = dict(
                 vocab_size=raw["vocab_size"],
                 hidden_size=raw["hidden_size"],
                 intermediate_size=raw[width_key],
@@ -162,7 +258,7 @@ class ModelConfig:
                 num_local_experts=raw[experts_key],
                 num_experts_per_tok=raw["num_experts_per_tok"],
                 head_dim=head_dim,
-                rope_theta=float(_rope_theta(raw, source, d["rope_theta"])),
+                rope_theta=float(_rope_theta(raw, source, d["rope_theta"], family.rope_types)),
                 rms_norm_eps=float(raw.get("rms_norm_eps", d["rms_norm_eps"])),
                 max_position_embeddings=raw.get("max_position_embeddings", 4096 * 32),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -170,9 +266,11 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
                 model_type=model_type,
-                **family.fields(raw),  # sliding_window, norm_topk_prob, shared expert, q/k norm, qkv bias, clip
                 expert_format=quant[0], expert_group_size=quant[1], expert_symmetric=quant[2],
+                shipped_format=shipped,
             )
+            kwargs.update(family.fields(raw))  # sliding_window, norm_topk_prob, shared expert, q/k norm, ... (may set head_dim)
+            return cls(**kwargs)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("config.json", source, 1)) from None
         except (TypeError, ValueError) as exc:
@@ -213,12 +311,11 @@ class ModelConfig:
 MixtralConfig = ModelConfig  # the name before other families were supported (an alias for one release)
 
 
-def _rope_theta(raw: dict[str, Any], source: str, default: float = 1e6) -> float:
+def _rope_theta(raw: dict[str, Any], source: str, default: float = 1e6, parsed: tuple[str, ...] = ("default",)) -> float:
     params = raw.get("rope_parameters") or raw.get("rope_scaling")
     if isinstance(params, dict):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
+        if rope_type(raw) not in parsed:
+            raise ConfigError(f"{source}: rope type {rope_type(raw)!r} is not supported (only 'default')")
         if "rope_theta" in params:
             return params["rope_theta"]
     return raw.get("rope_theta", default)

@@ -11,12 +11,33 @@ from .config import ModelConfig
 from .formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
 
 
-def expert_bytes(cfg: ModelConfig) -> dict[str, int]:
-    """Bytes of one expert per storage format (moe_offload.formats; int4 at the default group size)."""
+def shipped_expert_bytes(cfg: ModelConfig) -> int | None:
+    """Bytes of one expert in the format its checkpoint is published in (cfg.shipped_format), biases in
+    bf16: FP8 e4m3 with a float32 scale per 128 x 128 block (DeepSeek-V3), or MXFP4 (4-bit e2m1 and one
+    e8m0 scale byte per 32 inputs, GPT-OSS). None when the checkpoint ships no such format."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    return {"float32": format_bytes(h, i, "fp32"), "bfloat16": format_bytes(h, i, "bf16"),
-            "float16": format_bytes(h, i, "fp16"), "int8": format_bytes(h, i, "int8"),
-            f"int4_g{DEFAULT_GROUP_SIZE}": format_bytes(h, i, "int4")}
+    bias = 2 * (2 * i + h) if cfg.expert_bias else 0
+    if cfg.shipped_format == "fp8_block128":
+        blocks = -(-i // 128) * -(-h // 128)  # per matrix: [I, H] and [H, I] have as many blocks
+        return 3 * h * i + 4 * 3 * blocks + bias
+    if cfg.shipped_format == "mxfp4":
+        return 3 * h * i // 2 + 3 * h * i // 32 + bias
+    return None
+
+
+def expert_bytes(cfg: ModelConfig) -> dict[str, int]:
+    """Bytes of one expert per storage format (moe_offload.formats; int4 at the default group size), plus
+    its biases where the family has them (in the float dtype; bf16 beside packed weights), plus the
+    format the checkpoint ships in."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    bias = (2 * i + h) if cfg.expert_bias else 0
+    out = {"float32": format_bytes(h, i, "fp32") + 4 * bias, "bfloat16": format_bytes(h, i, "bf16") + 2 * bias,
+           "float16": format_bytes(h, i, "fp16") + 2 * bias, "int8": format_bytes(h, i, "int8") + 2 * bias,
+           f"int4_g{DEFAULT_GROUP_SIZE}": format_bytes(h, i, "int4") + 2 * bias}
+    shipped = shipped_expert_bytes(cfg)
+    if shipped is not None:
+        out[f"{cfg.shipped_format} (shipped)"] = shipped
+    return out
 
 
 def describe(path: str | Path | None, config_file: str | Path | None = None,
@@ -29,21 +50,31 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
         cfg, where, dtype = ModelConfig.from_file(config_file), str(config_file), None
     else:
         ckpt = open_checkpoint(path if path is not None else bundled_model_path())  # a folder or a .gguf file
-        ckpt.validate()
+        if not ckpt.config.family.unsupported(ckpt.config):  # a family parsed for projections only is not checked
+            ckpt.validate()
         cfg, where, dtype = ckpt.config, str(ckpt.path), ckpt.dtype_name
-    n_experts = cfg.num_hidden_layers * cfg.num_local_experts
+    n_experts = cfg.num_moe_layers * cfg.num_local_experts
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype or cfg.torch_dtype]
     expert_total = n_experts * cfg.expert_params
+    shipped = shipped_expert_bytes(cfg)
+    embed = cfg.vocab_size * cfg.hidden_size
     return {
         "path": where,
         "config": cfg.as_dict(),
         "checkpoint_dtype": dtype or f"{cfg.torch_dtype} (from config.json; no weights read)",
+        # active_per_token counts both embedding tables; active_non_embedding leaves out the input
+        # embedding (a lookup, not a matmul: OpenAI's count for GPT-OSS)
         "params": {"total": cfg.total_params, "experts": expert_total, "dense": cfg.dense_params,
-                   "active_per_token": cfg.dense_params + cfg.num_hidden_layers * cfg.num_experts_per_tok
-                   * cfg.expert_params},
+                   "active_per_token": cfg.active_params, "active_non_embedding": cfg.active_params - embed,
+                   "active_without_embeddings_and_head": cfg.active_params - embed
+                   - (0 if cfg.tie_word_embeddings else embed)},
         "bytes": {"experts": expert_total * itemsize, "dense": cfg.dense_params * itemsize,
-                  "expert_fraction": expert_total / cfg.total_params},
+                  "expert_fraction": expert_total / cfg.total_params,
+                  **({"experts_shipped": n_experts * shipped} if shipped is not None else {}),
+                  "kv_cache_per_token": cfg.kv_elements_per_token * itemsize},
         "experts": n_experts,
+        "moe_layers": cfg.num_moe_layers,
+        "runnable": cfg.family.unsupported(cfg) or True,
         "one_expert_bytes": expert_bytes(cfg),
         **({"expert_store": _expert_store(cfg, ckpt)} if config_file is None and cfg.expert_format else {}),
         **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
@@ -56,7 +87,7 @@ def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
     from .formats import get_format
 
     fmt = get_format(cfg.expert_format, cfg.expert_group_size)
-    n = cfg.num_hidden_layers * cfg.num_local_experts
+    n = cfg.num_moe_layers * cfg.num_local_experts
     out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size),
                            "host_bytes": n * fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size)}
     if hasattr(ckpt, "tensor_groups"):  # GGUF
@@ -72,7 +103,7 @@ def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
     from .options import INT4, check_against_model
     from .runtime import DEFAULT_MAX_SEQ_LEN
 
-    check_against_model(config, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
+    check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     t = config.tuning
     dev = resolve_device(config.device)
     dt = resolve_dtype(config.dtype, dev, ckpt_dtype)
@@ -96,6 +127,24 @@ def _shared(width: int) -> str:
 
 def format_info(info: dict[str, Any]) -> str:
     c, p, b = info["config"], info["params"], info["bytes"]
+    k, mla = c.get("first_k_dense_replace", 0), c.get("attention") == "mla"
+    attn = (f"MLA (q_lora_rank {c.get('q_lora_rank')}, kv_lora_rank {c.get('kv_lora_rank')}, rope "
+            f"{c.get('qk_rope_head_dim')}, v {c.get('v_head_dim')})" if mla else "GQA")
+    extras = [f"attention {attn}", f"router {c.get('scoring', 'softmax')}"
+              + (f" + correction bias" if c.get("correction_bias") else "")
+              + (f", groups {c.get('topk_group')} of {c.get('n_group')}" if c.get("n_group", 1) > 1 else "")
+              + (f", scale {c.get('routed_scaling_factor')}" if c.get("routed_scaling_factor", 1.0) != 1.0 else "")]
+    if k:
+        extras.append(f"{k} dense first layer(s) (MLP width {c.get('dense_intermediate_size')}), "
+                      f"{info.get('moe_layers')} MoE layers")
+    if c.get("partial_rotary_factor", 1.0) != 1.0:
+        extras.append(f"partial rotary {c['partial_rotary_factor']}")
+    if c.get("attention_sinks"):
+        extras.append("attention sinks, q/k/v/o biases, expert biases")
+    if c.get("rope_type", "default") != "default":
+        extras.append(f"rope {c['rope_type']}")
+    if c.get("mtp_layers"):
+        extras.append(f"{c['mtp_layers']} MTP layer(s) shipped: not run, not counted")
     lines = [
         f"model      {info['path']}",
         f"family     {c.get('model_type', 'mixtral')}: router top-k "
@@ -109,12 +158,17 @@ def format_info(info: dict[str, Any]) -> str:
         f"{info['experts']} in all",
         f"context    max_position_embeddings {c['max_position_embeddings']}, sliding_window "
         f"{c['sliding_window']}, rope_theta {c['rope_theta']:g}",
+        f"variant    " + "; ".join(extras),
         f"params     total {p['total']:,}  experts {p['experts']:,}  dense {p['dense']:,}  "
-        f"active/token {p['active_per_token']:,}",
+        f"active/token {p['active_per_token']:,} ({p['active_non_embedding']:,} without the input embedding)",
         f"bytes      experts {_size(b['experts'])}  dense {_size(b['dense'])}  "
         f"({100 * b['expert_fraction']:.1f}% of parameters in experts; checkpoint {info['checkpoint_dtype']})",
         "one expert " + "  ".join(f"{k} {_size(v)}" for k, v in info["one_expert_bytes"].items()),
+        f"kv cache   {_size(b['kv_cache_per_token'])} per token"
+        + (f"; experts as shipped {_size(b['experts_shipped'])}" if "experts_shipped" in b else ""),
     ]
+    if info.get("runnable", True) is not True:
+        lines.append(f"runnable   no: {info['runnable']}")
     if "expert_store" in info:
         st = info["expert_store"]
         line = f"stored     experts {st['format']}: host store {_size(st['host_bytes'])}"

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from .checkpoint import open_checkpoint
 from .config import ModelConfig, RuntimeConfig, resolve_device, resolve_dtype
-from .errors import MoeOffloadError
+from .errors import ConfigError, MoeOffloadError
 from .guard import CallGuard
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
@@ -66,7 +66,7 @@ class OffloadedModel:
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.cfg
         self.kv_cache = KVCache(model.cfg, 1, runtime.max_seq_len, runtime.dtype, runtime.device)
-        self.usage = UsageCounter(model.cfg.num_hidden_layers, model.cfg.num_local_experts, runtime.device)
+        self.usage = UsageCounter(model.cfg.num_moe_layers, model.cfg.num_local_experts, runtime.device)
         model.observers.append(self.usage)
         self.guard = CallGuard()  # serializes generate/logits/stream steps (guard.py)
         self.guard.on_error = self._recover
@@ -299,7 +299,10 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     path = Path(path) if path is not None else bundled_model_path()
     ckpt = open_checkpoint(path)  # a model folder, or a .gguf file
     cfg = ckpt.config
-    check_against_model(config, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
+    why = cfg.family.unsupported(cfg)
+    if why:  # parsed for `info` and `simulate`, not runnable: refused before a weight is read
+        raise ConfigError(why)
+    check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     tune = config.tuning
     dev = resolve_device(config.device)
     dt = resolve_dtype(config.dtype, dev, ckpt.dtype_name)
@@ -372,7 +375,7 @@ def _attach_prefetcher(model: MoeModel, experts: OffloadedExperts, path: Path, c
         experts.prefetch_note = LANE_AUTO_OFF
     if predictor is None:
         return
-    pf = Prefetcher(experts.cache, predictor, cfg.num_hidden_layers, cfg.num_experts_per_tok,
+    pf = Prefetcher(experts.cache, predictor, cfg.num_moe_layers, cfg.num_experts_per_tok,
                     margin=default_margin(config.tuning.prefetch_margin, predictor, lane_on),
                     rank_depth=default_rank_depth(predictor, policy, cfg.num_local_experts, cfg.num_experts_per_tok))
     predictor.first_layers(0, 0, pf.take)  # precompute the vocabulary's first-layer table now
@@ -448,7 +451,7 @@ def build_predictor(model: MoeModel, path: Path, config: OffloadConfig, cpu_lane
     if name == "none" or (auto_off and name == "next-gate"):
         return None
     if name == "next-gate":
-        L = model.cfg.num_hidden_layers
+        L = model.cfg.num_moe_layers
         if asked_lookahead is not None and asked_lookahead >= L:
             raise MoeOffloadError(f"tuning.lookahead must be in [1, {L - 1}] for next-gate on this {L}-layer model "
                                   f"(it predicts later layers of the same token), got {asked_lookahead}")

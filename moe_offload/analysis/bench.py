@@ -229,7 +229,7 @@ def predictor_seconds(trace: RoutingTrace, predictor: str, lookahead: int, costs
     if predictor != "m2r2" or not form:
         return None
     impl = impl or IMPL_THIS
-    L, H, E = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_local_experts
+    L, H, E = cfg.num_moe_layers, cfg.hidden_size, cfg.num_local_experts
     R, context = int(form.get("rank", 0)), bool(form.get("context", True))  # older metas: the v2 defaults
     hint = E if form.get("hint_experts", 1) else 0
     pair = 4 * R * (H * (2 + 2 * context) + hint)  # A, B (+ P, Q) (+ C), float32
@@ -262,11 +262,13 @@ def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: 
     layer of the big model behaves like an average layer of the traced one)."""
     T, Lt, k = trace.routed_ids.shape
     E = trace.router_probs.shape[2]
-    L = cfg.num_hidden_layers
+    # L: the model's MoE layers (the dense first layers hold no experts; their MLP is in the per-layer
+    # dense cost, StepCosts.for_model); every per-token figure is scaled to all its layers
+    L, L_all = cfg.num_moe_layers, cfg.num_hidden_layers
     costs = StepCosts.for_model(cfg, hw, expert_dtype, bookkeeping_us, impl)
     lane = cpu.lane_costs(costs, expert_dtype, chunk_bytes) if cpu is not None else None
     dense = cfg.dense_params * 2
-    kv = 2 * L * cfg.num_key_value_heads * KV_TOKENS * cfg.head_dim * 2
+    kv = cfg.kv_elements_per_token * KV_TOKENS * 2
     fit = int((hw.memory_gb * 1e9 - dense - kv - device_reserve_bytes(int(hw.memory_gb * 1e9))) // costs.expert_bytes)
     slots_model = min(capacity if capacity is not None else fit, L * cfg.num_local_experts)
     if slots_model < k:
@@ -274,7 +276,7 @@ def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: 
     # The same share of each layer's experts resident as in the real model (a trace of a model with
     # fewer experts per layer than cfg, e.g. 16 vs Qwen3's 128, would otherwise fit entirely).
     slots = max(k, min(Lt * E, round(slots_model / L * Lt * E / cfg.num_local_experts)))
-    scale = L / Lt
+    scale = L_all / Lt
 
     def per_token(res: TimelineResult) -> dict[str, float]:
         head = costs.head * res.tokens
@@ -306,7 +308,7 @@ def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: 
     return Projection(
         tokens_per_second=1.0 / pt["total"], per_token=pt, limits=limits,
         settings={"hardware": hw.key, "hardware_name": hw.name, "hardware_source": hw.source,
-                  "model_layers": L, "trace_layers": Lt, "trace_tokens": T, "expert_dtype": expert_dtype,
+                  "model_layers": L_all, "moe_layers": L, "trace_layers": Lt, "trace_tokens": T, "expert_dtype": expert_dtype,
                   "model_experts": cfg.num_local_experts, "trace_experts": E, "model_top_k": cfg.num_experts_per_tok,
                   "trace_top_k": k,
                   "expert_bytes": costs.expert_bytes, "slots_model": slots_model, "slots_per_layer": slots_model / L,

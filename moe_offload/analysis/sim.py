@@ -129,8 +129,13 @@ class StepCosts:
             raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {list(SIM_FORMATS)}")
         impl = impl or IMPL_THIS
         bw, flops = hw.hbm_gbps * 1e9 * impl.kernel_efficiency, hw.bf16_tflops * 1e12 * impl.kernel_efficiency
-        hd = cfg.head_dim
-        attn_params = cfg.hidden_size * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+        hd, h = cfg.head_dim, cfg.hidden_size
+        # the dense work of an average layer: attention's projections (MLA: its LoRA factors), the resident
+        # shared expert, and the dense first layers' MLPs spread over all layers
+        attn_params = (cfg.attention_params if cfg.attention == "mla"
+                       else h * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads))
+        attn_params += (3 * h * cfg.shared_expert_intermediate_size * cfg.num_moe_layers
+                        + 3 * h * cfg.dense_intermediate_size * cfg.first_k_dense_replace) // cfg.num_hidden_layers
         attention = (max(impl.attention_bytes_per_param * attn_params / bw, 2 * attn_params / flops)
                      + hw.kernel_overhead_us * 1e-6)
         expert_bytes = format_bytes(cfg.hidden_size, cfg.intermediate_size, expert_dtype, SIM_GROUP_SIZE)

@@ -52,7 +52,7 @@ def record_routing(model: MoeModel, token_ids: list[int], window: int, chunk: in
     in chunks of `chunk` through the KV cache (routing at a position depends only on the tokens up to
     it, so this equals token-by-token decode). `predictors` {name: Predictor} adds their scores."""
     cfg = model.cfg
-    n, L, E = len(token_ids), cfg.num_hidden_layers, cfg.num_local_experts
+    n, L, E = len(token_ids), cfg.num_moe_layers, cfg.num_local_experts
     ids_out = np.zeros((n, L, cfg.num_experts_per_tok), dtype=np.int16)
     w_out = np.zeros((n, L, cfg.num_experts_per_tok), dtype=np.float32)
     probs_out = np.zeros((n, L, E), dtype=np.float32)

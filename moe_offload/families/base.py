@@ -52,6 +52,12 @@ class Family:
     shared_expert: ClassVar[str] = "shared_expert"
     shared_expert_gate: ClassVar[str | None] = "shared_expert_gate"
     lm_head: ClassVar[str] = "lm_head.weight"  # also ignored in a tied checkpoint that carries it
+    # RoPE types config.json may name (ModelConfig.rope_type); others are refused when parsed
+    rope_types: ClassVar[tuple[str, ...]] = ("default",)
+    # the dense first layers' MLP (ModelConfig.first_k_dense_replace), inside "model.layers.N."
+    dense_mlp: ClassVar[str] = "mlp"
+    # the router's correction bias (ModelConfig.correction_bias), inside the MoE block
+    correction_bias: ClassVar[str] = "gate.e_score_correction_bias"
 
     # --- config.json -> ModelConfig ---------------------------------------------------------------
     def count_keys(self, raw: Mapping[str, Any]) -> tuple[str, str]:
@@ -92,10 +98,27 @@ class Family:
             "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
         }
 
+    def unsupported(self, cfg: Any) -> str | None:
+        """Why this parsed config cannot run (one line naming what is missing), or None: a family whose
+        configs are read for `info` and `simulate` but whose model is not implemented says so here, and
+        load() refuses it before reading a weight."""
+        return None
+
+    def shipped_format(self, raw: Mapping[str, Any]) -> str | None:
+        """The experts' format named by a quantization_config this family ships with (sized by `info` and
+        the simulator, not loaded), or None: the quantization_config is read as a moe-offload one."""
+        return None
+
+    def ignores(self, cfg: Any, name: str) -> bool:
+        """Whether a checkpoint tensor the model does not use is skipped (e.g. shipped MTP layers)."""
+        return False
+
     # --- the router function ------------------------------------------------------------------------
     def routing(self, cfg: Any) -> Routing:
-        """Softmax over the experts, top-k, renormalised when norm_topk_prob."""
-        return Routing(top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob)
+        """Softmax over the experts, top-k, renormalised when norm_topk_prob (ModelConfig's router fields:
+        scoring, groups and scale for the families that set them)."""
+        return Routing(top_k=cfg.num_experts_per_tok, scoring=cfg.scoring, renormalize=cfg.norm_topk_prob,
+                       n_group=cfg.n_group, topk_group=cfg.topk_group, scale=cfg.routed_scaling_factor)
 
     # --- checkpoint tensor names ----------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
@@ -124,7 +147,9 @@ class Family:
         The slots are the model core's names for them (attributes of model.transformer.DenseLayer):
         input_layernorm, post_attention_layernorm, q_proj, k_proj, v_proj, o_proj, q_bias, k_bias,
         v_bias, q_norm, k_norm, gate (the router), router_bias (a correction bias [E] that the
-        router function adds for the choice; none here), shared_w1, shared_w3, shared_w2, shared_gate."""
+        router function adds for the choice, where cfg.correction_bias), shared_w1, shared_w3, shared_w2,
+        shared_gate; a dense first layer (layer < first_k_dense_replace) has dense_w1, dense_w3, dense_w2
+        instead of the router and shared expert."""
         h, hd = cfg.hidden_size, cfg.head_dim
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
         p, a = self.layer_prefix(layer), self.layer_prefix(layer) + "self_attn."
@@ -138,7 +163,15 @@ class Family:
         norm = {"none": None, "per_head": (hd, hd), "full": (q, kv)}[cfg.qk_norm]
         if norm:
             out.update(q_norm=(a + "q_norm.weight", (norm[0],)), k_norm=(a + "k_norm.weight", (norm[1],)))
+        if layer < cfg.first_k_dense_replace:  # a dense first layer: its MLP, no router or experts
+            di, m = cfg.dense_intermediate_size, f"{p}{self.dense_mlp}."
+            out.update(dense_w1=(m + self.expert_weights["w1"] + ".weight", (di, h)),
+                       dense_w3=(m + self.expert_weights["w3"] + ".weight", (di, h)),
+                       dense_w2=(m + self.expert_weights["w2"] + ".weight", (h, di)))
+            return out
         out["gate"] = (self.router_name(layer), (cfg.num_local_experts, h))
+        if cfg.correction_bias:
+            out["router_bias"] = (f"{p}{self.moe_prefix}.{self.correction_bias}", (cfg.num_local_experts,))
         si = cfg.shared_expert_intermediate_size
         if si:
             s = f"{p}{self.moe_prefix}.{self.shared_expert}."
@@ -151,6 +184,14 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<family {self.model_type}>"
+
+
+def rope_type(raw: Mapping[str, Any]) -> str:
+    """The RoPE type of a config.json (rope_parameters / rope_scaling; 'default' when it names none)."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling")
+    if isinstance(params, dict):
+        return str(params.get("rope_type", params.get("type", "default")))
+    return "default"
 
 
 def check_every_layer_sparse(raw: Mapping[str, Any], source: str) -> None:

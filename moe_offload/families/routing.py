@@ -55,10 +55,7 @@ class Routing:
         if bias is None and self.n_group == 1:
             weights, ids = torch.topk(scores, self.top_k, dim=-1)  # [N, k]
         else:
-            choice = scores if bias is None else scores + bias.float()  # [N, E]
-            if self.n_group > 1:
-                choice = self._eligible(choice)
-            ids = torch.topk(choice, self.top_k, dim=-1).indices  # [N, k]
+            ids = torch.topk(self._choice(scores, bias), self.top_k, dim=-1).indices  # [N, k]
             weights = scores.gather(1, ids)
         if self.renormalize:
             total = weights.sum(dim=-1, keepdim=True)
@@ -67,11 +64,26 @@ class Routing:
             weights = weights * self.scale
         return weights, ids
 
+    def choice_scores(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [N, E] -> scores [N, E] float32 whose top_k are the experts __call__ routes to (ties
+        aside): the softmax, the logits (topk_softmax), or the bias-corrected sigmoid with the experts
+        outside the best groups at -inf. What a predictor ranks experts by."""
+        x = logits.float()
+        if self.scoring == "topk_softmax":
+            return x
+        scores = torch.softmax(x, dim=-1) if self.scoring == "softmax" else torch.sigmoid(x)
+        return scores if bias is None and self.n_group == 1 else self._choice(scores, bias)
+
+    def _choice(self, scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        choice = scores if bias is None else scores + bias.float()  # [N, E]
+        return self._eligible(choice) if self.n_group > 1 else choice
+
     def _eligible(self, choice: torch.Tensor) -> torch.Tensor:
-        """choice [N, E] with the experts outside the topk_group best groups set to 0."""
-        n, e = choice.shape
-        groups = choice.view(n, self.n_group, e // self.n_group)  # [N, G, E/G]
-        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+        """choice [..., E] with the experts outside the topk_group best groups set to -inf (transformers'
+        rule: an eligible expert with a negative corrected score still beats an ineligible one)."""
+        e = choice.shape[-1]
+        groups = choice.reshape(*choice.shape[:-1], self.n_group, e // self.n_group)  # [..., G, E/G]
+        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [..., G]
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)  # [N, G]
-        return groups.masked_fill(~keep[..., None], 0.0).view(n, e)
+        keep.scatter_(-1, group_scores.topk(self.topk_group, dim=-1).indices, True)  # [..., G]
+        return groups.masked_fill(~keep[..., None], float("-inf")).reshape(choice.shape)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .layers import apply_rope, attention, rms_norm, rope_tables
 from .moe import ExpertBackend, ResidentExperts
 from .observers import LayerObserver
@@ -81,9 +82,10 @@ class DenseLayer(nn.Module):
     """The non-expert weights of one decoder layer. Attribute names are the slots of
     families.Family.layer_tensors, which maps each to the family's checkpoint name."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, layer: int = 0):
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
+        slots = cfg.family.layer_tensors(cfg, layer)
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
 
         def p(*shape: int) -> nn.Parameter:
@@ -93,19 +95,28 @@ class DenseLayer(nn.Module):
         self.post_attention_layernorm = p(h)
         self.qkv_proj = p(q + 2 * kv, h)  # q, k, v projections fused: one GEMM per layer
         self.o_proj = p(h, q)
-        self.gate = p(cfg.num_local_experts, h)
-        # the router's correction bias [E], where the family declares one (see MoeModel.route)
-        self.router_bias = p(cfg.num_local_experts) if "router_bias" in cfg.family.layer_tensors(cfg, 0) else None
+        # a dense first layer (first_k_dense_replace) has its MLP [w1 | w3] and w2 instead of a router
+        self.dense = layer < cfg.first_k_dense_replace
+        di = self.dense_size = cfg.dense_intermediate_size if self.dense else 0
+        self.dense_w13 = p(2 * di, h) if di else None
+        self.dense_w2 = p(h, di) if di else None
+        self.gate = None if self.dense else p(cfg.num_local_experts, h)
+        # the router's correction bias [E] where the family declares one (see MoeModel.route); float32
+        # whatever the compute dtype, as the reference keeps it (a bf16 bias would move the choice)
+        self.router_bias = None
+        if "router_bias" in slots:
+            self.router_bias = nn.Parameter(torch.empty(cfg.num_local_experts, dtype=torch.float32, device=device),
+                                            requires_grad=False)
         self.q_size, self.kv_size = q, kv
         norm = {"none": None, "per_head": (hd, hd), "full": (q, kv)}[cfg.qk_norm]
         self.qkv_bias = p(q + 2 * kv) if cfg.qkv_bias else None  # [q + 2 kv], fused as qkv_proj is
         self.q_norm = p(norm[0]) if norm else None
         self.k_norm = p(norm[1]) if norm else None
-        si = self.shared_size = cfg.shared_expert_intermediate_size
+        si = self.shared_size = 0 if self.dense else cfg.shared_expert_intermediate_size
         # A shared expert runs for every token, so it stays on the device with the dense weights.
         self.shared_w13 = p(2 * si, h) if si else None  # gate then up: [2 Is, H]
         self.shared_w2 = p(h, si) if si else None  # [H, Is]
-        gated = si and cfg.family.shared_expert_gate is not None
+        gated = "shared_gate" in slots
         self.shared_gate = p(1, h) if gated else None  # [1, H], sigmoid gate of the shared expert
 
     # Views of the fused projections under the checkpoint's names (rows of the fused parameter).
@@ -117,6 +128,8 @@ class DenseLayer(nn.Module):
     v_bias = _Rows("qkv_bias", lambda w: (w.q_size + w.kv_size, None))
     shared_w1 = _Rows("shared_w13", lambda w: (0, w.shared_size))
     shared_w3 = _Rows("shared_w13", lambda w: (w.shared_size, None))
+    dense_w1 = _Rows("dense_w13", lambda w: (0, w.dense_size))
+    dense_w3 = _Rows("dense_w13", lambda w: (w.dense_size, None))
 
     @staticmethod
     def checkpoint_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
@@ -141,11 +154,18 @@ class MoeModel(nn.Module):
     def __init__(self, cfg: ModelConfig, experts: ExpertBackend, *, dtype: torch.dtype,
                  device: torch.device, max_seq_len: int):
         super().__init__()
+        why = cfg.family.unsupported(cfg)
+        if why:
+            raise ConfigError(why)
         self.cfg = cfg
         self.dtype, self.device, self.max_seq_len = dtype, torch.device(device), max_seq_len
         h, v = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = nn.Parameter(torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
-        self.layers = nn.ModuleList(DenseLayer(cfg, dtype, self.device) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DenseLayer(cfg, dtype, self.device, i) for i in range(cfg.num_hidden_layers))
+        # The layers with routed experts (all but the dense first ones): MoE layer m is layers[k + m]. The
+        # expert backend, observers, route() and predictors index MoE layers (the offload engine's layers).
+        self.first_moe = cfg.first_k_dense_replace
+        self.moe_layers = list(self.layers[self.first_moe:])
         self.norm = nn.Parameter(torch.empty(h, dtype=dtype, device=device), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
@@ -157,7 +177,7 @@ class MoeModel(nn.Module):
         # The KV cache of the forward pass in progress (None outside one): observers called during the
         # pass read earlier positions' keys and values from it.
         self.active_cache: KVCache | None = None
-        cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
+        cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -173,16 +193,16 @@ class MoeModel(nn.Module):
             experts = empty_resident_experts(cfg, dtype, device, moe_backend)
         model = cls(cfg, experts, dtype=dtype, device=device, max_seq_len=max_seq_len)
         names = model._dense_names()
-        n_expert = cfg.num_hidden_layers * cfg.num_local_experts if isinstance(experts, ResidentExperts) else 0
+        n_expert = cfg.num_moe_layers * cfg.num_local_experts if isinstance(experts, ResidentExperts) else 0
         with torch.no_grad(), tqdm(total=len(names) + n_expert, desc="loading weights", unit="tensor",
                                    disable=not show_progress) as bar:
             for name, param in names.items():
-                param.copy_(ckpt.tensor(name, dtype, device))
+                param.copy_(ckpt.tensor(name, param.dtype, device))  # the router bias stays float32
                 bar.update()
             if n_expert:
-                for layer in range(cfg.num_hidden_layers):
+                for m in range(cfg.num_moe_layers):
                     for e in range(cfg.num_local_experts):
-                        load_expert_into(ckpt, layer, e, experts.w13[layer, e], experts.w2[layer, e])
+                        load_expert_into(ckpt, m, e, experts.w13[m, e], experts.w2[m, e])
                         bar.update()
         model.source_fingerprint = ckpt.fingerprint()  # checkpoint identity (predict.model_fingerprint)
         ckpt.close()
@@ -200,12 +220,13 @@ class MoeModel(nn.Module):
         out = {name: p.detach().clone() for name, p in self._dense_names().items()}
         assert isinstance(self.experts, ResidentExperts), "checkpoint_tensors needs resident experts"
         inter, family = self.cfg.intermediate_size, self.cfg.family
-        for layer in range(self.cfg.num_hidden_layers):
+        for m in range(self.cfg.num_moe_layers):
+            layer = self.first_moe + m  # the checkpoint names the model's layer
             for e in range(self.cfg.num_local_experts):
-                w13 = self.experts.w13[layer, e].detach()
+                w13 = self.experts.w13[m, e].detach()
                 out[family.expert_name(layer, e, "w1")] = w13[:inter]
                 out[family.expert_name(layer, e, "w3")] = w13[inter:]
-                out[family.expert_name(layer, e, "w2")] = self.experts.w2[layer, e].detach()
+                out[family.expert_name(layer, e, "w2")] = self.experts.w2[m, e].detach()
         return out
 
     # --- compute --------------------------------------------------------------------------------
@@ -214,16 +235,28 @@ class MoeModel(nn.Module):
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def moe_block(self, h: torch.Tensor, layer: int, start_pos: int = 0) -> torch.Tensor:
-        """The expert half of layer `layer`: h [..., H] (post-attention normed) -> [..., H]."""
+        """The expert half of MoE layer `layer`: h [..., H] (post-attention normed) -> [..., H]."""
         return self._moe(h, layer, start_pos)[0]
 
     def route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer's router function on its logits [N, E] -> (weights [N, k] float32, ids [N, k])."""
-        return self.routing(logits, self.layers[layer].router_bias)
+        """MoE layer's router function on its logits [N, E] -> (weights [N, k] float32, ids [N, k])."""
+        return self.routing(logits, self.moe_layers[layer].router_bias)
+
+    def router_scores(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        """MoE layer's router logits [N, E] -> scores [N, E] float32 whose top-k is the routed set
+        (softmax, or sigmoid + correction bias with the groups outside the chosen ones at -inf): what
+        predictors rank experts by."""
+        return self.routing.choice_scores(logits, self.moe_layers[layer].router_bias)
+
+    def dense_mlp(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """A dense first layer's MLP: h [..., H] (post-attention normed) -> [..., H]."""
+        w = self.layers[layer]
+        gate, up = F.linear(h, w.dense_w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w.dense_w2)
 
     def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
-        logits = F.linear(x, self.layers[layer].gate)  # [N, E]
+        logits = F.linear(x, self.moe_layers[layer].gate)  # [N, E]
         weights, ids = self.route(layer, logits)  # [N, k] each
         for ob in self.observers:
             replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
@@ -236,7 +269,7 @@ class MoeModel(nn.Module):
 
     def shared_expert(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The shared expert of layer `layer` (times its sigmoid gate when it has one): x [N, H] -> [N, H]."""
-        w = self.layers[layer]
+        w = self.moe_layers[layer]
         gate, up = F.linear(x, w.shared_w13).chunk(2, dim=-1)  # [N, Is] each
         out = F.linear(F.silu(gate) * up, w.shared_w2)  # [N, H]
         if w.shared_gate is None:
@@ -272,7 +305,13 @@ class MoeModel(nn.Module):
             cos, sin = self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]  # [B, 1, 1, hd]
         else:
             cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
-        qk = apply_rope(qkv[:, :, : nh + nkv], cos, sin).transpose(1, 2)  # q and k heads at once: [B, nh+nkv, T, hd]
+        qk = qkv[:, :, : nh + nkv]
+        rd = cfg.rotary_dim
+        if rd == cfg.head_dim:
+            qk = apply_rope(qk, cos, sin)
+        else:  # partial rotary: the leading rd dims of each head rotate, the rest pass through
+            qk = torch.cat((apply_rope(qk[..., :rd], cos, sin), qk[..., rd:]), dim=-1)
+        qk = qk.transpose(1, 2)  # q and k heads at once: [B, nh+nkv, T, hd]
         return qk[:, :nh], qk[:, nh:], qkv[:, :, nh + nkv:].transpose(1, 2)
 
     def _attention(self, x: torch.Tensor, layer: int, start: int | RowPositions, cache: KVCache | None
@@ -306,17 +345,20 @@ class MoeModel(nn.Module):
         for ob in observers:
             ob.on_step(input_ids, start_pos, host_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
-        limit = self.position_limit
+        limit, k = self.position_limit, self.first_moe
         for i, layer in enumerate(self.layers):
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
-            if observers:
-                flat = x.reshape(-1, x.shape[-1])  # [N, H]: the residual entering layer i's MoE
-                for ob in observers:
-                    ob.on_residual(i, flat, start_pos)
-            y, logits = self._moe(rms_norm(x, layer.post_attention_layernorm, eps), i, start_pos)
-            if router_logits is not None:
-                router_logits.append(logits)
-            x = x + y
+            if i < k:  # a dense first layer: no router, no experts, nothing for the observers
+                x = x + self.dense_mlp(rms_norm(x, layer.post_attention_layernorm, eps), i)
+            else:
+                if observers:
+                    flat = x.reshape(-1, x.shape[-1])  # [N, H]: the residual entering MoE layer i - k
+                    for ob in observers:
+                        ob.on_residual(i - k, flat, start_pos)
+                y, logits = self._moe(rms_norm(x, layer.post_attention_layernorm, eps), i - k, start_pos)
+                if router_logits is not None:
+                    router_logits.append(logits)
+                x = x + y
             keep = limit(i) if limit is not None else None
             if keep is not None:  # later layers compute only the leading positions: causal, so they stay exact
                 x = x[:, :keep]
@@ -326,14 +368,16 @@ class MoeModel(nn.Module):
 
 def empty_resident_experts(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                            moe_backend: str = "loop") -> ResidentExperts:
-    L, E, H, I = cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    L, E, H, I = cfg.num_moe_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
                            torch.empty(L, E, H, I, dtype=dtype, device=device), moe_backend)
 
 
-def load_expert_into(ckpt: Checkpoint, layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
-    """Copy one expert from the checkpoint into w13 [2I, H] (w1 then w3) and w2 [H, I]."""
+def load_expert_into(ckpt: Checkpoint, moe_layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """Copy expert e of MoE layer `moe_layer` (the model's layer first_k_dense_replace + moe_layer) from
+    the checkpoint into w13 [2I, H] (w1 then w3) and w2 [H, I]."""
     inter, family = ckpt.config.intermediate_size, ckpt.config.family
+    layer = ckpt.config.first_k_dense_replace + moe_layer
     w13[:inter].copy_(ckpt.tensor(family.expert_name(layer, e, "w1")))
     w13[inter:].copy_(ckpt.tensor(family.expert_name(layer, e, "w3")))
     w2.copy_(ckpt.tensor(family.expert_name(layer, e, "w2")))

@@ -88,10 +88,10 @@ def plan_memory(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_
     """Resolve the budget into a slot count, checking it against the device's free memory.
     expert_fmt: the experts' format (an ExpertFormat or its name; None: experts in `dtype`)."""
     item = torch.tensor([], dtype=dtype).element_size()
-    L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    L, E, k = cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok
     expert_bytes = as_format(expert_fmt, group_size, dtype).expert_bytes(cfg.hidden_size, cfg.intermediate_size)
     dense = cfg.dense_params * item
-    kv = 2 * L * cfg.num_key_value_heads * max_seq_len * cfg.head_dim * item
+    kv = cfg.kv_elements_per_token * max_seq_len * item
     store = L * E * expert_bytes
     free, total = free_device_bytes(device)
     if device.type == "cpu":

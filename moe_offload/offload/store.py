@@ -103,15 +103,16 @@ class HostExpertStore:
         if cfg.expert_format is not None and (fmt.name, group_size) != (cfg.expert_format, cfg.expert_group_size):
             raise MoeOffloadError(f"{ckpt.path} holds {cfg.expert_format} experts (group size "
                                   f"{cfg.expert_group_size}); they cannot be stored as {fmt.name} / {group_size}")
-        store = cls(cfg.num_hidden_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
+        store = cls(cfg.num_moe_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
                     dtype, pin, fmt)
         H, I = cfg.hidden_size, cfg.intermediate_size
         file_packed = getattr(ckpt, "packed_expert", None)  # a GGUF file: its bytes as they are
-        with torch.no_grad(), tqdm(total=cfg.num_hidden_layers * cfg.num_local_experts, unit="expert",
+        with torch.no_grad(), tqdm(total=cfg.num_moe_layers * cfg.num_local_experts, unit="expert",
                                    desc="loading experts to host", disable=not show_progress) as bar:
-            for layer in range(cfg.num_hidden_layers):
+            for layer in range(cfg.num_moe_layers):  # MoE layer `layer` is the model's first_k_dense_replace + layer
                 for e in range(cfg.num_local_experts):
-                    names = {w: expert_name(layer, e, w, cfg.model_type) for w in ("w1", "w3", "w2")}
+                    names = {w: expert_name(cfg.first_k_dense_replace + layer, e, w, cfg.model_type)
+                             for w in ("w1", "w3", "w2")}
                     if file_packed is not None:
                         fmt.write(store.row(layer, e), file_packed(layer, e), H, I)
                     elif cfg.expert_format is not None:  # already packed on disk: no requantization

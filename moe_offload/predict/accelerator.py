@@ -242,7 +242,7 @@ class Accelerator(nn.Module):
         """A cross head's router logits [N, E] float32 for the layer it targets in a later token: that
         layer's router on today's residual x [N, H] plus XH · trunk (zero XH: the router alone)."""
         t = self.target(layer, d)[1]
-        w = model.layers[t]
+        w = model.moe_layers[t]
         base = F.linear(rms_norm(x.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps), w.gate)
         return base.float() + F.linear(self.trunk(layer, x, prev), self.XH[f"{layer}_{d}"])
 
@@ -256,7 +256,7 @@ class Accelerator(nn.Module):
         without expert_rank), mixed by layer's router on s as the model mixes them."""
         if not self.expert_rank:
             return torch.zeros_like(s, dtype=torch.float32)
-        w = model.layers[layer]
+        w = model.moe_layers[layer]
         normed = rms_norm(s.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)  # [N, H]
         weights, ids = model.route(layer, F.linear(normed, w.gate))
         n, U, V = normed.float(), self.U[str(layer)], self.V[str(layer)]
@@ -272,7 +272,7 @@ class Accelerator(nn.Module):
         experts plus, for families that have one, the resident shared expert itself. [N, H] float32."""
         y = self.stand_in(model, layer, s)
         if model.cfg.has_shared_expert:
-            normed = rms_norm(s.to(model.dtype), model.layers[layer].post_attention_layernorm, model.cfg.rms_norm_eps)
+            normed = rms_norm(s.to(model.dtype), model.moe_layers[layer].post_attention_layernorm, model.cfg.rms_norm_eps)
             y = y + model.shared_expert(normed, layer).float()
         return y
 
@@ -377,9 +377,9 @@ class Accelerator(nn.Module):
         if (acc.expert_rank or acc.cross_heads) and acc.num_experts != model.cfg.num_local_experts:
             raise MoeOffloadError(f"{path}: expert stand-ins / cross heads are for {acc.num_experts} experts; the model has "
                                   f"{model.cfg.num_local_experts}")
-        if acc.hidden != model.cfg.hidden_size or acc.num_layers != model.cfg.num_hidden_layers:
+        if acc.hidden != model.cfg.hidden_size or acc.num_layers != model.cfg.num_moe_layers:
             raise MoeOffloadError(f"{path}: adapters are for hidden {acc.hidden} x {acc.num_layers} layers; the model "
-                                  f"has {model.cfg.hidden_size} x {model.cfg.num_hidden_layers}")
+                                  f"has {model.cfg.hidden_size} x {model.cfg.num_moe_layers}")
         return acc.to(model.device), meta
 
 
@@ -433,7 +433,7 @@ class M2R2Predictor:
         """Every residual x [N, H] entering layer's MoE (prefill chunks and decode steps, in order):
         remembered for the context adapters' previous-row input. A no-op without them, and at the last
         layer unless the adapters are cross-token (otherwise none starts there)."""
-        if self.acc.context and (self.cross_token or layer + 1 < self.model.cfg.num_hidden_layers):
+        if self.acc.context and (self.cross_token or layer + 1 < self.model.cfg.num_moe_layers):
             self._previous(layer, x, start_pos)
 
     def _previous(self, layer: int, x: torch.Tensor, start_pos: Any) -> torch.Tensor:
@@ -522,8 +522,8 @@ class M2R2Predictor:
                        "peek": any(acc.peeks(layer, d) for d in ds),
                        "Bt": _shared(acc.B, keys, torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
                                      lambda t, i: t[i].t()),
-                       "W": torch.stack([m.layers[t].post_attention_layernorm for t in targets])[:, None],
-                       "Gt": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
+                       "W": torch.stack([m.moe_layers[t].post_attention_layernorm for t in targets])[:, None],
+                       "Gt": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous()})
             if acc.context:
                 st["P"], st["Q"] = cat("P"), cat("Q")
         if hds:
@@ -531,7 +531,7 @@ class M2R2Predictor:
             st.update({"hrows": torch.tensor([d - 1 for d in hds], device=m.device),
                        "XH": _shared(acc.XH, [f"{layer}_{d}" for d in hds],  # [n', E, R]
                                      torch.stack([acc.XH[f"{layer}_{d}"].float() for d in hds]), lambda t, i: t[i]),
-                       "Wh": torch.stack([m.layers[t].post_attention_layernorm for t in targets])[:, None],
-                       "Gh": torch.stack([m.layers[t].gate.t() for t in targets]).contiguous()})
+                       "Wh": torch.stack([m.moe_layers[t].post_attention_layernorm for t in targets])[:, None],
+                       "Gh": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous()})
         self._stacks[layer] = st
         return st

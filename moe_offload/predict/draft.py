@@ -88,6 +88,9 @@ def write_draft(path: str | Path, head: DraftHead, model: MoeModel, meta: dict[s
 
 def load_draft(path: str | Path, model: MoeModel) -> tuple[DraftHead, dict[str, Any]]:
     """The draft head stored in `path` for `model`; a clear error if absent or for another model."""
+    if model.first_moe:
+        raise MoeOffloadError("self-speculative draft heads are not supported yet for models with dense first "
+                              "layers (first_k_dense_replace)")
     path = Path(path)
     if not path.is_file():
         raise MoeOffloadError(f"{path}: adapter file not found")
@@ -134,6 +137,9 @@ def _other_fingerprint(metadata: dict[str, str]) -> str | None:
 def collect_states(model: MoeModel, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One window through the frozen model (causal, no cache): the residual entering every layer and the
     final residual, xs [T, L+1, H] float32, and the full model's next-token log-probs [T, V]."""
+    if model.first_moe:
+        raise MoeOffloadError("self-speculative draft heads are not supported yet for models with dense first "
+                              "layers (first_k_dense_replace)")
     eps = model.cfg.rms_norm_eps
     x = F.embedding(torch.tensor([ids], device=model.device), model.embed_tokens)  # [1, T, H]
     xs = []

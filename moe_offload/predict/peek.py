@@ -28,6 +28,7 @@ def peek_attention(model: MoeModel, layer: int, x: torch.Tensor, start: int | Ro
     are the cache's real ones for `layer`; the chunk's own positions from there on use x's, causally.
     real_until past the chunk (a cache already holding the chunk's real K/V, as in training) leaves
     each position only its own estimated key besides the real earlier ones: what decode sees."""
+    layer = model.first_moe + layer  # the caller's MoE layer -> the model's layer (attention, KV cache)
     cfg, w = model.cfg, model.layers[layer]
     b, t, _ = x.shape
     nkv, hd, win = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window

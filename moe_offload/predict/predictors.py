@@ -21,15 +21,18 @@ from ..model.transformer import MoeModel
 
 
 def router_probs(model: MoeModel, layer: int, h: torch.Tensor) -> torch.Tensor:
-    """softmax of layer's router on already-normed h [N, H] -> [N, E] float32."""
-    return torch.softmax(F.linear(h, model.layers[layer].gate).float(), dim=-1)
+    """MoE layer's router scores on already-normed h [N, H] -> [N, E] float32, ranked as the family's
+    router chooses (MoeModel.router_scores): the softmax (Mixtral, Qwen, OLMoE; bit for bit the former
+    softmax), or the sigmoid plus the correction bias with the experts outside the best groups at -inf
+    (GLM-4.5, DeepSeek-V3), so that its top-k is the routed set."""
+    return model.router_scores(layer, F.linear(h, model.moe_layers[layer].gate))
 
 
 @torch.no_grad()
 def embedding_router_probs(model: MoeModel, x: torch.Tensor, layers: int) -> torch.Tensor:
     """Next-gate on token embeddings x [N, H]: [N, layers, E] for layers 0..layers-1."""
     eps = model.cfg.rms_norm_eps
-    return torch.stack([router_probs(model, t, rms_norm(x, model.layers[t].post_attention_layernorm, eps))
+    return torch.stack([router_probs(model, t, rms_norm(x, model.moe_layers[t].post_attention_layernorm, eps))
                         for t in range(layers)], dim=1)
 
 
@@ -41,7 +44,7 @@ class FirstLayerTable:
     CHUNK = 4096
 
     def __init__(self, model: MoeModel, lookahead: int):
-        self.model, self.layers = model, min(lookahead, model.cfg.num_hidden_layers)
+        self.model, self.layers = model, min(lookahead, model.cfg.num_moe_layers)
         self._tables: dict[int, np.ndarray] = {}
 
     def top(self, token_id: int, take: int) -> np.ndarray:
@@ -78,15 +81,15 @@ class NextGate:
         self.first = FirstLayerTable(model, lookahead)
 
     def scores(self, layer: int, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        m, L, E = self.model, self.model.cfg.num_hidden_layers, self.model.cfg.num_local_experts
+        m, L, E = self.model, self.model.cfg.num_moe_layers, self.model.cfg.num_local_experts
         eps = m.cfg.rms_norm_eps
         out = torch.full((x.shape[0], self.lookahead, E), float("nan"), device=x.device)  # [N, D, E]
-        normed = rms_norm(x, m.layers[layer].post_attention_layernorm, eps)
+        normed = rms_norm(x, m.moe_layers[layer].post_attention_layernorm, eps)
         for d in range(1, self.lookahead + 1):
             t = layer + d
             if t >= L:
                 break
-            h = rms_norm(x, m.layers[t].post_attention_layernorm, eps) if self.variant == "residual" else normed
+            h = rms_norm(x, m.moe_layers[t].post_attention_layernorm, eps) if self.variant == "residual" else normed
             out[:, d - 1] = router_probs(m, t, h)
         return out
 

@@ -29,7 +29,7 @@ def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
     """collect_residuals plus the window's KV cache (the real keys and values of every layer at positions
     0..T-1, what attention-peek adapters read), and with expert_outputs the routed experts' output of
     every layer [T, L, H] float32 (what expert stand-ins are fitted to)."""
-    xs = torch.empty(len(ids), model.cfg.num_hidden_layers, model.cfg.hidden_size, device=model.device)
+    xs = torch.empty(len(ids), model.cfg.num_moe_layers, model.cfg.hidden_size, device=model.device)
     cache = KVCache(model.cfg, 1, len(ids), model.dtype, model.device)
 
     class Residuals(Observer):
@@ -54,7 +54,7 @@ def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
 def true_router_probs(model: MoeModel, xs: torch.Tensor) -> torch.Tensor:
     """[T, L, E]: each layer's router distribution on its own residual."""
     eps = model.cfg.rms_norm_eps
-    return torch.stack([router_probs(model, l, rms_norm(xs[:, l].to(model.dtype), model.layers[l].post_attention_layernorm, eps))
+    return torch.stack([router_probs(model, l, rms_norm(xs[:, l].to(model.dtype), model.moe_layers[l].post_attention_layernorm, eps))
                         for l in range(xs.shape[1])], dim=1)
 
 
@@ -88,7 +88,7 @@ def adapter_loss(model: MoeModel, acc: Accelerator, xs: torch.Tensor, probs: tor
     ctx = {l: context_rows(xs[:, l])[0] for l in {l for l, _ in acc.pairs}} if acc.context else {}  # [T, 2H]
     # decode's view: each row sees the real keys before it, its own estimated one
     chains = {l: acc.chain(model, l, xs[:, l], max(acc.lookaheads), 0, cache, real_until=T)
-              for l in range(model.cfg.num_hidden_layers - 1)} if acc.peek else {}
+              for l in range(model.cfg.num_moe_layers - 1)} if acc.peek else {}
     for l, d in acc.pairs:
         q, t = acc.target(l, d)  # cross-token pairs: position p predicts layer t of position p + q
         n = T - q
@@ -102,8 +102,8 @@ def adapter_loss(model: MoeModel, acc: Accelerator, xs: torch.Tensor, probs: tor
         else:
             base = chains[l][d - 1] if acc.peeks(l, d) else None  # [n, H]: through the real attention
             r = acc.accelerate(l, d, xs[:n, l], prev, base)  # [n, H]
-            w = model.layers[t].post_attention_layernorm.float()  # [H]
-            logits = F.linear(rms_norm(r, w, eps), model.layers[t].gate.float())  # [n, E]
+            w = model.moe_layers[t].post_attention_layernorm.float()  # [H]
+            logits = F.linear(rms_norm(r, w, eps), model.moe_layers[t].gate.float())  # [n, E]
             align = 1 - F.cosine_similarity(r, xs[q:, t], dim=-1).mean()
         logq = F.log_softmax(logits, dim=-1)
         kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
@@ -124,7 +124,7 @@ def stand_in_loss(model: MoeModel, acc: Accelerator, xs: torch.Tensor, expert_ou
     if expert_out is None:
         raise MoeOffloadError("adapter_loss: expert stand-ins are fitted to the experts' output: pass "
                               "expert_out from collect_window(..., expert_outputs=True)")
-    layers = range(model.cfg.num_hidden_layers - 1)
+    layers = range(model.cfg.num_moe_layers - 1)
     errs = [F.mse_loss(acc.stand_in(model, l, xs[:, l]), expert_out[:, l]) / expert_out[:, l].pow(2).mean().clamp_min(1e-12)
             for l in layers]
     return torch.stack(errs).mean()
@@ -140,7 +140,7 @@ def evaluate(model: MoeModel, acc: Accelerator, ids: list[int], window: int) -> 
     and m2r2: the fraction of the true top-k experts of layer l+d found in the predicted set. With
     cross-token adapters also "d{d}-later" (the rows landing in a later token), beside "repeat": the
     current token's experts at that layer, for d <= L."""
-    k, L = model.cfg.num_experts_per_tok, model.cfg.num_hidden_layers
+    k, L = model.cfg.num_experts_per_tok, model.cfg.num_moe_layers
     D = max(acc.lookaheads)
     preds = {"next-gate": NextGate(model, D, "residual"), "next-gate-normed": NextGate(model, D, "normed"),
              "m2r2": M2R2Predictor(model, acc, D)}
@@ -208,6 +208,9 @@ def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int],
     of every layer's experts (`expert_rank_for`). rank_weight: the weight of the top-k ranking term
     added to the distillation loss; None = its measured default, 1 without peek (it helped there) and
     0 with it (it cost 0.03 recall at d=1-2)."""
+    if model.cfg.scoring != "softmax":
+        raise MoeOffloadError(f"train-accelerator: m2r2 adapters distil a softmax router; {model.cfg.model_type} "
+                              f"routes by {model.cfg.scoring} (next-gate predicts it; m2r2 is not supported yet)")
     t0 = time.time()
     split = int(len(ids) * (1 - heldout_fraction))
     train_ids, held_ids = ids[:split], ids[split:]
@@ -215,7 +218,7 @@ def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int],
     expert_rank = expert_rank_for(E) if peek else 0
     if rank_weight is None:
         rank_weight = 0.0 if peek else 1.0
-    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_hidden_layers, lookaheads, rank, seed, context=context,
+    acc = Accelerator(model.cfg.hidden_size, model.cfg.num_moe_layers, lookaheads, rank, seed, context=context,
                       cross_token=cross_token, peek=peek, expert_rank=expert_rank, num_experts=E,
                       cross_heads=cross_token).to(model.device)
     before = evaluate(model, acc, held_ids, window)

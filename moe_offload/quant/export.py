@@ -88,6 +88,9 @@ def _ignore_list(cfg: Any) -> list[str]:
 
 def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, show_progress: bool) -> dict[str, Any]:
     cfg = ckpt.config
+    if cfg.first_k_dense_replace:
+        raise MoeOffloadError(f"{src}: quantize does not write models with dense first layers (first_k_dense_replace "
+                              f"{cfg.first_k_dense_replace}) yet; load it with expert_dtype='int4' or 'int8' instead")
     for f in src.iterdir():  # tokenizer and other side files, as they are
         if f.is_file() and f.name not in ("config.json", SINGLE_FILE, INDEX_FILE) and f.suffix != ".safetensors":
             shutil.copy2(f, tmp / f.name)
