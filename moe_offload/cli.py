@@ -9,8 +9,8 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from .errors import MoeOffloadError
-from .options import (CPU_EXPERTS, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS, OffloadConfig,
-                      parse_tuning, tuning_help)
+from .options import (CPU_EXPERTS, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS, TUNING_FIELDS,
+                      OffloadConfig, parse_tuning, tuning_help)
 from .validate import SEED_MAX, float_arg, int_arg, output_file
 
 MAX_PROBLEM_LINES = 20
@@ -59,7 +59,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, kind: str = "full") -> None:
     g.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting (repeatable), or a JSON file of them; `--tuning help` lists them "
                         "with defaults and ranges")
-    p.set_defaults(runtime_flags=[a.dest for a in g._group_actions])
+    p.set_defaults(runtime_flags=[a.dest for a in g._group_actions], runtime_kind=kind)
 
 
 def _add_cache_args(g: Any, full: bool) -> None:
@@ -79,13 +79,23 @@ def _add_cache_args(g: Any, full: bool) -> None:
     g.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERTS), help=_field_help("cpu_experts"))
 
 
+# The settings a command reads, by its runtime-flag kind ("full" reads them all): any other is refused
+# rather than ignored.
+_PLAN_KEYS = {"device", "dtype", "expert_dtype", "cache_per_layer", "cache_gb", "cache_experts", "policy",
+              "group_size", "max_seq_len"}
+_READS = {"plan": _PLAN_KEYS,
+          "light": _PLAN_KEYS | {"offload", "cpu_experts", "link_chunk_mb", "moe_backend", "show_progress"}}
+
+
 def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:
     """The OffloadConfig the runtime flags and --tuning items ask for (a flag and a --tuning item may not
-    both set the same field)."""
-    if "help" in args.tuning:
-        print(tuning_help())
-        raise SystemExit(0)
+    both set the same field; a setting the command does not read is refused)."""
     settings = parse_tuning(args.tuning)
+    reads = _READS.get(args.runtime_kind)
+    unread = sorted(set(settings) - reads) if reads is not None else []
+    if unread:
+        raise MoeOffloadError(f"--tuning {', '.join(unread)}: not read by `moe-offload {args.command}`; drop "
+                              f"{'it' if len(unread) == 1 else 'them'} (it reads {', '.join(sorted(reads))})")
     dests = {flag[2:].replace("-", "_"): field for flag, field in FLAG_FIELDS.items()} | {"offload": "offload"}
     flags = {dests[d]: getattr(args, d) for d in args.runtime_flags if d in dests and getattr(args, d) is not None}
     both = sorted(set(flags) & set(settings))
@@ -151,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=POS, default=4, help="passes over the training split (default 4)")
     t.add_argument("--lr", type=float_arg(0, lo_open=True), default=3e-3, help="learning rate (default 3e-3)")
     t.add_argument("--window", type=int_arg(2), default=256, help="tokens per forward window (default 256)")
-    t.add_argument("--seed", type=SEED, default=0)
+    t.add_argument("--seed", type=SEED, default=0, help="adapter initialisation and window order (default 0)")
     t.add_argument("--attention-peek", action="store_true",
                    help="within-token predictions run through the real attention of the layers they pass and "
                         "low-rank stand-ins of their experts (higher recall: 0.96/0.95/0.95 at d=1/2/3 on the "
@@ -194,10 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--trace", default=None, metavar="FILE", help="replay this trace (.npz) instead of recording one")
     bc.add_argument("--max-tokens", type=POS, default=4096, metavar="N", help="tokens to route / replay (default 4096)")
     bc.add_argument("--capacities", default=None, help="slots per layer, comma list (default 1..E)")
-    bc.add_argument("--policies", default="lru,lru-layer,lfu,predictive")
+    bc.add_argument("--policies", default="lru,lru-layer,lfu,predictive",
+                    help="eviction policies, comma list (default %(default)s)")
     bc.add_argument("--predictors", default=None, help="default: none,next-gate and m2r2 when the trace has it")
-    bc.add_argument("--lookahead", type=POS, default=2, metavar="D")
-    bc.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
+    bc.add_argument("--lookahead", type=POS, default=2, metavar="D", help="layers ahead the prefetcher plans (default 2)")
+    bc.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M",
+                    help="prefetch top-(k + M) experts per predicted layer (default 0)")
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
     bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp16", "int8", "int4", "int3", "int2"],
@@ -219,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--capacity", type=POS, default=None, help="expert slots of the real model (default: what fits)")
     sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace), oracle or "
                     "deep-oracle (perfect knowledge 16 layers ahead, across tokens)")
-    sm.add_argument("--policy", default="lru")
-    sm.add_argument("--lookahead", type=POS, default=None, metavar="D")
-    sm.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M")
+    sm.add_argument("--policy", default="lru", help="eviction policy: lru (default), lru-layer, lfu, predictive, belady")
+    sm.add_argument("--lookahead", type=POS, default=None, metavar="D",
+                    help="layers ahead the prefetcher plans (default: the trace's recorded lookahead)")
+    sm.add_argument("--prefetch-margin", type=NONNEG, default=0, metavar="M",
+                    help="prefetch top-(k + M) experts per predicted layer (default 0)")
     sm.add_argument("--implementation", default="moe-offload", metavar="NAME",
                     help="implementation parameter set (assets/reference_impls.json): moe-offload (default: the "
                          "hardware figures as they are) or a fitted reference such as mixtral-offloading")
@@ -278,8 +292,8 @@ def _offload_choice(model: Any, asked: bool | None) -> str:
     dev = model.runtime.device.type
     if asked is not None:
         why = "asked"
-    elif model.expert_cache is not None and dev == "cpu":  # on cpu a cache option turns the cache on
-        why = "a cache option was given"
+    elif model.expert_cache is not None and dev == "cpu":  # on cpu a cache or prefetch setting turns it on
+        why = "set by " + ", ".join(model.offload_config.cache_options())
     else:
         why = f"default on {dev}"
     if model.expert_cache is None:
@@ -358,7 +372,7 @@ def _lookaheads(spec: str) -> list[int]:
     except ValueError:
         values = []
     if not values or values[0] < 1:
-        raise MoeOffloadError(f"--lookaheads must be a comma list of positive integers, got {spec!r}")
+        raise MoeOffloadError(f"--lookahead must be a comma list of positive integers, got {spec!r}")
     return values
 
 
@@ -377,6 +391,8 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     if args.draft_only and not os.path.isfile(args.out):
         raise MoeOffloadError(f"{args.out}: --draft-only adds a draft head to an existing adapter file; none is there")
     model = load(args.model, offload_config(args, predictor="none"))
+    _check_training_ranges(lookaheads, draft_exit, args.cross_token, model.config.num_moe_layers,
+                           model.config.num_hidden_layers)
     ids = _text_ids(model, args.text, args.max_tokens)
     window = min(args.window, model.runtime.max_seq_len)
     if len(ids) < 4 * window:
@@ -407,6 +423,19 @@ def cmd_train_accelerator(args: argparse.Namespace) -> int:
     print(f"held-out adapter loss {report['heldout_before']['loss']:.4f} -> {report['heldout_after']['loss']:.4f}; "
           f"{report['train_seconds']:.0f} s; wrote {args.out} and {args.out}.json")
     return 0 if draft_exit is None else _train_draft(args, model, ids, window, draft_exit)
+
+
+def _check_training_ranges(lookaheads: list[int], draft_exit: int | str | None, cross_token: bool,
+                           moe_layers: int, layers: int) -> None:
+    """--lookahead and --draft-exit against the model, before any training."""
+    top = 2 * moe_layers if cross_token else moe_layers - 1
+    if max(lookaheads) > top:
+        raise MoeOffloadError(f"--lookahead {max(lookaheads)} is past this model's range: at most {top} "
+                              + ("(twice its MoE layers, with --cross-token)" if cross_token else
+                                 f"within a token of {moe_layers} MoE layers (add --cross-token to predict the "
+                                 "next token's layers)"))
+    if isinstance(draft_exit, int) and not 1 <= draft_exit < layers:
+        raise MoeOffloadError(f"--draft-exit must be auto or a layer in [1, {layers - 1}], got {draft_exit}")
 
 
 def _draft_exit(value: str | None) -> int | str | None:
@@ -449,6 +478,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     _check_outputs(args, "--out")
     model = load(args.model, offload_config(args, predictor="none"))
+    L = model.config.num_moe_layers
+    if args.lookahead is not None and args.accelerator is None and args.lookahead >= L:
+        raise MoeOffloadError(f"--lookahead {args.lookahead}: next-gate predicts within a token, at most {L - 1} "
+                              f"layers ahead on this {L}-layer model (cross-token m2r2 adapters reach further: "
+                              "--accelerator FILE)")
     ids = _text_ids(model, args.text, args.max_tokens)
     trace = record_with_predictions(model.model, ids, model.runtime.max_seq_len, args.lookahead, args.accelerator,
                                     show_progress=sys.stderr.isatty())
@@ -493,6 +527,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.trace import trace_prefix, load_trace, record_with_predictions
 
     _check_outputs(args, "--json", "--plot")
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MoeOffloadError(f"--plot {args.plot}: needs matplotlib (pip install matplotlib, or the "
+                                  "project's `plot` extra); nothing was run")
     if args.capacities:
         _capacities(args.capacities, 1 << 30)  # the format now; the range once the trace is known
     hw = get_hardware(args.hardware)
@@ -535,7 +575,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         title = (f"{T} tokens, {L} layers x {E} experts; on time: {args.link_model} {args.expert_dtype} over "
                  f"{hw.name}, cpu {args.cpu}")
-        print(f"wrote {args.plot}" if plot(rows, args.plot, title) else "no plot: matplotlib is not installed (pip install matplotlib)")
+        plot(rows, args.plot, title)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -588,12 +629,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     key = args.api_key if args.api_key is not None else os.environ.get("MOE_OFFLOAD_API_KEY") or None
     cfg = ServeConfig(model_id=args.model_id, max_batch=args.max_batch, api_key=key)
+    _check_address(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"moe-offload: warning: serving on {args.host} without an API key: anyone who can reach this "
               "address can use the model (pass --api-key or set MOE_OFFLOAD_API_KEY)", file=sys.stderr)
     model = load(args.model, offload_config(args))
+    _check_batch_memory(model, args.max_batch)
     uvicorn.run(create_app(model, cfg), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """--host/--port can be bound (checked before the model loads, so the error is one line, not a log)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise MoeOffloadError(f"--host {host!r}: not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise MoeOffloadError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick "
+                                  "another port or stop what holds it") from None
+
+
+def _check_batch_memory(model: Any, max_batch: int) -> None:
+    """The batch's KV cache (max_batch rows of the context) must fit the device's free memory."""
+    import psutil
+    import torch
+
+    kv = model.kv_cache
+    need = max_batch * (kv.k.numel() + kv.v.numel()) * kv.k.element_size()
+    dev = model.runtime.device
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise MoeOffloadError(f"--max-batch {max_batch} needs {need / 1e9:.1f} GB of KV cache ({max_batch} x "
+                              f"{model.runtime.max_seq_len} tokens) but {free / 1e9:.1f} GB is free on {dev}; "
+                              "lower --max-batch or --tuning max_seq_len")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -634,7 +710,11 @@ def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, ext
     if getattr(args, "bench_command", None):
         sub = sub._subparsers._group_actions[0].choices[args.bench_command]  # type: ignore[union-attr]
     flags = [o for a in sub._actions for o in a.option_strings]
-    close = difflib.get_close_matches(extra[0].split("=")[0], flags, n=1, cutoff=0.6)
+    name = extra[0].split("=")[0]
+    key = name.lstrip("-").replace("-", "_")
+    if "--tuning" in flags and name.startswith("--") and key in TUNING_FIELDS | TOP_FIELDS:  # a setting without a flag
+        sub.error(f"unrecognized arguments: {' '.join(extra)}; this setting is given as --tuning {key}=VALUE")
+    close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
     sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
 
 
@@ -647,6 +727,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--tuning" and b == "help" for a, b in zip(argv, argv[1:])) or "--tuning=help" in argv:
+        print(tuning_help())  # before the subcommand's required arguments are asked for
+        return 0
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -126,8 +126,8 @@ class OffloadConfig:
             raise MoeOffloadError(f"give at most one cache budget, got {' and '.join(budgets)}")
         asked = self.cache_options()
         if self.offload is False and asked:
-            raise MoeOffloadError(f"{', '.join(asked)} configure the expert cache, which offload=False does not "
-                                  "have; drop them or set offload=True")
+            raise MoeOffloadError(f"{', '.join(asked)}: settings of the expert cache, which offload=False does "
+                                  "not have; drop them or set offload=True")
         if self.tuning.group_size is not None and self.expert_dtype not in INT4 + ("auto",):
             raise MoeOffloadError(f"tuning.group_size={self.tuning.group_size} applies to int4 experts only; "
                                   f"expert_dtype is {self.expert_dtype!r}")
@@ -135,9 +135,13 @@ class OffloadConfig:
             raise MoeOffloadError("tuning.draft_tokens needs speculative=True")
 
     def cache_options(self) -> list[str]:
-        """The options given that only an expert cache uses (they turn offloading on on cpu)."""
+        """The options given that only an expert cache and its prefetcher use: with offload unset they
+        turn offloading on (on cpu, where it is off by default); with offload=False they are an error."""
         asked = [n for n in ("cache_per_layer", "cache_gb") if getattr(self, n) is not None]
-        asked += ["tuning.cache_experts"] if self.tuning.cache_experts is not None else []
+        asked += ["cpu_experts"] if self.cpu_experts == "auto" else []
+        t, default = self.tuning, Tuning()
+        asked += [f"tuning.{n}" for n in ("cache_experts", "lookahead", "prefetch_margin") if getattr(t, n) is not None]
+        asked += [f"tuning.{n}" for n in ("policy", "link_chunk_mb") if getattr(t, n) != getattr(default, n)]
         if self.accelerator is not None and not self.speculative:
             asked.append("accelerator")
         if self.predictor not in ("auto", "none"):
@@ -154,10 +158,13 @@ class OffloadConfig:
         return cls().replace(**settings)
 
     def replace(self, **settings: Any) -> "OffloadConfig":
-        """A copy with these fields changed; names may be OffloadConfig or Tuning fields."""
+        """A copy with these fields changed; names may be OffloadConfig or Tuning fields (or `tuning`,
+        a whole Tuning that the Tuning fields given alongside then change)."""
+        base = settings.pop("tuning", self.tuning)
+        if not isinstance(base, Tuning):
+            raise MoeOffloadError(f"tuning must be a moe_offload.Tuning, got {type(base).__name__}")
         top, tune = _split(settings)
-        tuning = replace(self.tuning, **tune) if tune else self.tuning
-        return replace(self, **top, tuning=tuning)
+        return replace(self, **top, tuning=replace(base, **tune) if tune else base)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (strings for devices and dtypes), tuning nested."""
@@ -293,15 +300,19 @@ def parse_tuning(items: Iterable[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            out.update(_json_settings(item))
-            continue
-        key, text = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        f = TUNING_FIELDS.get(key) or TOP_FIELDS.get(key)
-        if f is None:
-            raise MoeOffloadError(f"--tuning {item!r}: unknown key {key!r}"
-                                  f"{_suggest(key, list(TUNING_FIELDS) + list(TOP_FIELDS))}")
-        out[key] = _from_text(f"--tuning {key}", text.strip(), f.metadata)
+            given = _json_settings(item)
+        else:
+            key, text = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            f = TUNING_FIELDS.get(key) or TOP_FIELDS.get(key)
+            if f is None:
+                raise MoeOffloadError(f"--tuning {item!r}: unknown key {key!r}"
+                                      f"{_suggest(key, list(TUNING_FIELDS) + list(TOP_FIELDS))}")
+            given = {key: _from_text(f"--tuning {key}", text.strip(), f.metadata)}
+        twice = sorted(set(given) & set(out))
+        if twice:
+            raise MoeOffloadError(f"--tuning: {', '.join(twice)} given more than once; give each setting once")
+        out.update(given)
     return out
 
 
@@ -309,7 +320,10 @@ def _json_settings(path: str) -> dict[str, Any]:
     from .validate import json_object
 
     raw = json_object(path, "--tuning expects KEY=VALUE or a JSON file of settings; no such file")
-    _split(raw)  # unknown keys named with a suggestion
+    try:
+        OffloadConfig.make(**raw)  # names and values checked here, so the error can name the file
+    except MoeOffloadError as exc:
+        raise MoeOffloadError(f"--tuning {path}: {exc}") from None
     return raw
 
 
@@ -335,12 +349,14 @@ def _from_text(name: str, text: str, meta: dict[str, Any]) -> Any:
 
 def tuning_help() -> str:
     """One line per setting: name, default, allowed values, help (`--tuning help`)."""
-    lines = ["settings for --tuning KEY=VALUE (repeatable) or --tuning FILE.json:"]
+    lines = ["settings for --tuning KEY=VALUE (repeatable; each key once) or --tuning FILE.json (an object of",
+             "them); any OffloadConfig field is accepted too (those with a flag of their own are listed by --help).",
+             "A default of '-' is chosen at load, as the help says:"]
     for f in list(TUNING_FIELDS.values()) + [f for n, f in TOP_FIELDS.items() if n not in FLAG_FIELDS.values()]:
         m = f.metadata
         allowed = (list(m["choices"]) if m["choices"] else
                    _range(m["lo"], m["hi"], m["lo_open"]) if m["lo"] is not None or m["hi"] is not None else "")
-        default = f.default if f.default is not MISSING else None
+        default = "-" if f.default is MISSING or f.default is None else f.default
         lines.append(f"  {f.name:16s} default {default!s:8s} {str(allowed):28s} {m['help']}")
     return "\n".join(lines)
 

@@ -77,6 +77,8 @@ def output_file(path: str | os.PathLike, flag: str, create_parent: bool = True) 
     p = Path(path)
     if p.is_dir():
         raise MoeOffloadError(f"{flag} {str(path)!r} is a folder; give a file path")
+    if os.path.lexists(p) and not p.is_file():  # a device, pipe or dangling link: never replaced
+        raise MoeOffloadError(f"{flag} {str(path)!r} exists and is not a regular file; give a new file path")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
         if not create_parent:

@@ -2,7 +2,7 @@
 
 from .moe import ExpertBackend, ResidentExperts, route
 from .observers import ForcedRouting, LayerObserver, Observer, UsageCounter, observing
-from .transformer import KVCache, MoeModel
+from .transformer import KVCache, MixtralTransformer, MoeModel
 
-__all__ = ["ExpertBackend", "ForcedRouting", "KVCache", "LayerObserver", "MoeModel", "Observer",
+__all__ = ["ExpertBackend", "ForcedRouting", "KVCache", "LayerObserver", "MixtralTransformer", "MoeModel", "Observer",
            "ResidentExperts", "UsageCounter", "observing", "route"]

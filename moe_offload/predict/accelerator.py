@@ -421,7 +421,7 @@ class M2R2Predictor:
         missing = [d for d in range(1, self.lookahead + 1) if d not in accelerator.lookaheads]
         if missing:
             raise MoeOffloadError(f"accelerator has lookaheads {accelerator.lookaheads}; lookahead "
-                                  f"{self.lookahead} also needs {missing}")
+                                  f"{self.lookahead} needs every d in [1, {self.lookahead}] ({len(missing)} missing)")
         self.first = FirstLayerTable(model, self.lookahead)
         self._stacks: dict[int, dict[str, torch.Tensor] | None] = {}  # per layer, built on first use
         # With context adapters: per layer, the last chunk seen (x, start, its context rows) and the

@@ -45,7 +45,10 @@ def quantize_checkpoint(model: str | os.PathLike, out: str | os.PathLike, fmt: s
     ckpt.validate()
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise MoeOffloadError(f"--out {dst}: cannot create a folder beside it ({exc.strerror})") from None
     try:
         summary = _write(ckpt, src, tmp, fmt, group_size, show_progress)
         if dst.exists():
