@@ -62,6 +62,19 @@ CASES_CLI = {
     "bad device": ["generate", "--device", "tpu"],
     "trace out missing dir": None,  # built per test (tmp paths)
     "trace of an empty text": None,
+    "trace out onto a fifo": None,
+    "tuning file with a bad key": None,
+    "cache setting with --no-offload": ["generate", "--no-offload", "--tuning", "policy=lfu"],
+    "moved flag": ["generate", "--cache-experts", "12"],
+    "tuning key twice": ["generate", "--tuning", "policy=lfu", "--tuning", "policy=lru"],
+    "trace lookahead past next-gate": ["trace", "--text", TEXT, "--out", "t.npz", "--lookahead", "7"],
+    "trace reads no speculative": ["trace", "--text", TEXT, "--out", "t.npz", "--tuning", "speculative=true"],
+    "info reads no lookahead": ["info", "--tuning", "lookahead=3"],
+    "train draft-exit past the layers": ["train-accelerator", "--text", TEXT, "--out", "a.safetensors",
+                                         "--draft-exit", "99"],
+    "train lookahead past the layers": ["train-accelerator", "--text", TEXT, "--out", "a.safetensors",
+                                        "--lookahead", "1,9"],
+    "serve max-batch past memory": ["serve", "--max-batch", "100000000", "--port", "0"],
     "bench of an empty text": None,
     "simulate an empty trace": None,
     "bench an empty trace": None,
@@ -92,6 +105,14 @@ CASES_CLI = {
 def _tmp_case(name, tmp_path):
     if name == "trace out missing dir":  # the folder is created (before work), so this one succeeds
         return None
+    if name == "trace out onto a fifo":
+        import os
+
+        os.mkfifo(tmp_path / "fifo")
+        return ["trace", "--text", TEXT, "--out", str(tmp_path / "fifo"), "--max-tokens", "8"]
+    if name == "tuning file with a bad key":
+        (tmp_path / "t.json").write_text('{"polcy": "lfu"}')
+        return ["generate", "--tuning", str(tmp_path / "t.json")]
     if name in ("trace of an empty text", "bench of an empty text", "simulate an empty trace", "bench an empty trace"):
         empty = tmp_path / "empty.txt"
         empty.write_text("")
@@ -288,6 +309,36 @@ def test_quantize_never_writes_into_its_source(tmp_path, capsys, where):
     assert len(err.strip().splitlines()) == 1 and "the --model folder" in err, err
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing half-written beside it either
+
+
+def test_errors_point_to_what_would_be_right(tmp_path, capsys):
+    # a moved flag names its --tuning key; a JSON tuning file's error names the file; --tuning help
+    # prints before a subcommand's required arguments are asked for
+    with pytest.raises(SystemExit):
+        main(["generate", "--cache-experts", "12"])
+    assert "this setting is given as --tuning cache_experts=VALUE" in capsys.readouterr().err
+    (tmp_path / "t.json").write_text('{"lookahead": "3"}')
+    assert main(["generate", "--tuning", str(tmp_path / "t.json")]) == 2
+    assert f"--tuning {tmp_path / 't.json'}: tuning.lookahead must be an integer" in capsys.readouterr().err
+    assert main(["trace", "--tuning", "help"]) == 0
+    assert "link_chunk_mb" in capsys.readouterr().out
+
+
+def test_a_cache_setting_turns_offloading_on_on_cpu_and_the_summary_says_which(capsys):
+    assert main(["generate", "--max-new-tokens", "2", "--tuning", "policy=lfu"]) == 0
+    assert "experts offloaded (set by tuning.policy)" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_before_loading(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--port {port}: cannot listen there" in err, err
 
 
 def test_option_counts_stay_small():

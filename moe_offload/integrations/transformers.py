@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..config import resolve_device
 from ..errors import MoeOffloadError
 from ..offload import ExpertCache, HostExpertStore, OffloadedExperts, make_copy_engine, make_policy
 from ..validate import choice, integer
@@ -119,7 +120,7 @@ def offload(hf_model: nn.Module, *, cache_per_layer: int | None = None, cache_ex
     first = blocks[0].experts
     w1, _, w2 = _expert(first, 0)
     H, I, dtype = w1.shape[1], w1.shape[0], w1.dtype
-    dev = torch.device(device) if device is not None else w1.device
+    dev = resolve_device(device) if device is not None else w1.device  # a bad name: one MoeOffloadError line
     store = HostExpertStore(L, E, H, I, dtype, pin=dev.type == "cuda")
     with torch.no_grad():
         for l, block in enumerate(blocks):
