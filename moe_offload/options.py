@@ -97,9 +97,10 @@ class OffloadConfig:
     dtype: Any = _opt("compute dtype; auto = float32 on cpu, the checkpoint's half type on cuda", "auto",
                       kind=(str, "dtype"), choices=DTYPE_NAMES, nullable=False)
     offload: bool | None = _opt("experts in host RAM with a device expert cache (default: on for cuda; on cpu only "
-                                "when a cache budget or predictor is given, since host RAM is the device there)",
+                                "when a cache or prefetch setting is given, since host RAM is the device there)",
                                 kind=bool)
-    cache_per_layer: int | None = _opt("expert slots per layer (default: fill free device memory)", kind=int, lo=1)
+    cache_per_layer: int | None = _opt("expert slots per layer, top-k..experts (default: fill free device memory)",
+                                       kind=int, lo=1)
     cache_gb: float | None = _opt("gigabytes of expert slots on the device", kind=float, lo=0.0, lo_open=True)
     expert_dtype: str = _opt("expert storage: auto (the compute dtype or the checkpoint's packed format), bf16, "
                              "fp16, int8 (per-row scales), int4 (symmetric groups, what transformers and "
