@@ -5,17 +5,19 @@ Read with the `gguf` package (PyPI, maintained with llama.cpp; `pip install moe_
   config         hyper-parameters from '{arch}.*' metadata, mapped onto the family's config.json keys
   tokenizer      tokenizer.ggml.* (SentencePiece 'llama' or byte-level BPE 'gpt2' vocabularies), built with
                  the tokenizers library the way transformers' GGUF loader builds it
-  experts        ffn_{gate,up,down}_exps [E, rows, blocks] stay in their block types (formats/gguf.py): each
-                 expert row of the host store is the file's bytes of that expert
+  experts        ffn_{gate,up,down}_exps [E, rows, blocks] stay in their block types (formats/gguf.py), each
+                 layer its own (a Q4_K_M file gives some layers Q6_K down projections): the host store
+                 reads them in place from the file's memory map (expert_tensors), never a copy in RAM
   dense tensors  dequantized at load (F32 / F16 / BF16 as they are; block types with our codecs, other
                  types with gguf.quants.dequantize); 'llama' stores attn_q / attn_k rows permuted for its
                  interleaved RoPE (convert_hf_to_gguf.py's permute), undone here
 
 The checkpoint object answers what runtime.load() asks of checkpoint.Checkpoint (config, validate,
-tensor by Hugging Face name, fingerprint, dtype_name, close) plus packed_expert() for the host store and
+tensor by Hugging Face name, fingerprint, dtype_name, close) plus expert_tensors() for the host store and
 tokenizer(). Refused in one line naming the file (and tensor): a truncated file, a tensor whose bytes do
-not fit its type and shape, an expert block type without a codec, expert types that differ between
-layers, a missing tokenizer key, split sets (-00001-of-0000N.gguf), other architectures.
+not fit its type and shape, an expert block type without a codec, a missing tokenizer key, a split set
+(-00001-of-0000N.gguf, read whole: metadata from its first part, tensors from every part) with a missing
+part or whose split.no / split.count / split.tensors.count disagree, other architectures.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,11 +35,11 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .formats.gguf import BLOCK_TYPES, BY_GGML_TYPE, gguf_format_name
+from .formats.gguf import BLOCK_TYPES, BY_GGML_TYPE, gguf_layers_name
 
 ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML F32, F16, BF16
-SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 # llama.cpp's tensor names per slot of families.Family.layer_tensors / model_tensors
 LAYER_NAMES = {"input_layernorm": "attn_norm.weight", "post_attention_layernorm": "ffn_norm.weight",
                "q_proj": "attn_q.weight", "k_proj": "attn_k.weight", "v_proj": "attn_v.weight",
@@ -62,31 +65,52 @@ def _import_gguf() -> Any:
     return gguf
 
 
+def split_parts(path: Path) -> list[Path]:
+    """[path] for one file; every part of a split set (llama.cpp's gguf-split names, 'name-00001-of-00003.gguf')
+    given any of its parts. CheckpointError naming a missing file or part."""
+    m = SPLIT.search(path.name)
+    if m is None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: GGUF file does not exist")
+        return [path]
+    n = int(m.group(2))
+    if not 1 <= int(m.group(1)) <= n:
+        raise CheckpointError(f"{path}: not a part of a split GGUF set (part {int(m.group(1))} of {n})")
+    stem = path.name[: m.start()]
+    parts = [path.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: split GGUF set of {n} parts is missing {', '.join(missing)} (in {path.parent})")
+    return parts
+
+
 class GgufCheckpoint:
-    """One .gguf file (see the module docstring)."""
+    """One .gguf file, or a split set (any of its parts given; see the module docstring)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         gguf = _import_gguf()
-        if SPLIT.search(self.path.name):
-            raise CheckpointError(f"{self.path}: split GGUF sets (-NNNNN-of-NNNNN.gguf) are not supported yet; merge "
-                                  "them with llama.cpp's `llama-gguf-split --merge`")
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: GGUF file does not exist")
-        try:
-            self.reader = gguf.GGUFReader(str(self.path), "r")
-        except Exception as exc:  # the reader raises ValueError / struct errors / numpy errors on bad files
-            raise CheckpointError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): "
-                                  f"{type(exc).__name__}: {exc}") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self._check_bytes()
+        self.parts = split_parts(self.path)  # the file itself, or every part of its split set
+        self.readers = []
+        for part in self.parts:
+            try:
+                self.readers.append(gguf.GGUFReader(str(part), "r"))
+            except Exception as exc:  # the reader raises ValueError / struct errors / numpy errors on bad files
+                raise CheckpointError(f"{part}: not a readable GGUF file (truncated or corrupt?): "
+                                      f"{type(exc).__name__}: {exc}") from None
+        self.reader = self.readers[0]  # the metadata (a split set's first part holds it)
+        if len(self.parts) > 1:
+            self._check_split()
+        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        for part, r in zip(self.parts, self.readers):
+            self._check_bytes(part, r)
         self.arch = self._str("general.architecture")
         if self.arch not in ARCHS:
             raise ConfigError(f"{self.path}: GGUF architecture {self.arch!r} is not supported; supported: "
                               f"{sorted(ARCHS)} (with experts)")
         self.config = self._config()
-        self.expert_types = self._expert_types()
-        self.config = replace(self.config, expert_format=gguf_format_name(self.expert_types))
+        self.layer_types = self._expert_types()  # (gate, up, down) type names per layer
+        self.config = replace(self.config, expert_format=gguf_layers_name(self.layer_types))
         self._name_map: dict[str, tuple[str, tuple[int, ...], str]] | None = None
 
     # --- metadata -------------------------------------------------------------------------------------
@@ -152,16 +176,31 @@ class GgufCheckpoint:
         return ModelConfig.from_dict(raw, source=str(self.path))
 
     # --- tensors --------------------------------------------------------------------------------------
-    def _check_bytes(self) -> None:
-        """Every tensor's bytes fit its type and shape, lie inside the file and overlap no other tensor."""
-        size = self.path.stat().st_size
+    def _check_split(self) -> None:
+        """Every part of a split set says which part it is, of how many; the set holds split.tensors.count."""
+        n = len(self.parts)
+        for i, (part, r) in enumerate(zip(self.parts, self.readers)):
+            no, count = (r.fields.get(k) for k in ("split.no", "split.count"))
+            no, count = (None if f is None else int(f.contents()) for f in (no, count))
+            if (no, count) != (i, n):
+                raise CheckpointError(f"{part}: GGUF split keys say part {no} of {count} (split.no, split.count), its "
+                                      f"name part {i} of {n} (split.no counts from 0)")
+        total = self.meta("split.tensors.count")
+        have = sum(len(r.tensors) for r in self.readers)
+        if total is not None and int(total) != have:
+            raise CheckpointError(f"{self.parts[0]}: split set holds {have} tensors in {n} parts, split.tensors.count "
+                                  f"says {int(total)}")
+
+    def _check_bytes(self, path: Path, reader: Any) -> None:
+        """Every tensor's bytes fit its type and shape, lie inside its file and overlap no other tensor."""
+        size = path.stat().st_size
         spans = []
-        for t in self.reader.tensors:
+        for t in reader.tensors:
             ggml = int(t.tensor_type)
             bt = BY_GGML_TYPE.get(ggml)
             ne0 = int(t.shape[0]) if len(t.shape) else 1
             if bt is not None and ne0 % bt.block:
-                raise CheckpointError(f"{self.path}: tensor {t.name} of type {bt.name} has rows of {ne0} weights, not a "
+                raise CheckpointError(f"{path}: tensor {t.name} of type {bt.name} has rows of {ne0} weights, not a "
                                       f"multiple of its block size {bt.block}")
             if bt is not None:
                 want = bt.row_bytes(ne0) * (int(t.n_elements) // max(ne0, 1))
@@ -170,16 +209,16 @@ class GgufCheckpoint:
             else:
                 want = int(t.n_bytes)
             if int(t.n_bytes) != want or int(t.data.nbytes) != want:
-                raise CheckpointError(f"{self.path}: tensor {t.name} has {int(t.data.nbytes)} bytes, its shape "
+                raise CheckpointError(f"{path}: tensor {t.name} has {int(t.data.nbytes)} bytes, its shape "
                                       f"{[int(d) for d in t.shape]} x {t.tensor_type.name} needs {want}")
             if int(t.data_offset) + want > size:
-                raise CheckpointError(f"{self.path}: truncated: tensor {t.name} ends at byte "
+                raise CheckpointError(f"{path}: truncated: tensor {t.name} ends at byte "
                                       f"{int(t.data_offset) + want}, the file has {size}")
             spans.append((int(t.data_offset), int(t.data_offset) + want, t.name))
         spans.sort()
         for (_, end, name), (start, _, nxt) in zip(spans, spans[1:]):
             if start < end:
-                raise CheckpointError(f"{self.path}: tensor {name} overlaps tensor {nxt} (byte {start} < {end}): "
+                raise CheckpointError(f"{path}: tensor {name} overlaps tensor {nxt} (byte {start} < {end}): "
                                       "its byte size does not match its type and shape")
 
     def _tensor(self, gname: str) -> Any:
@@ -188,9 +227,10 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: missing tensor {gname}")
         return t
 
-    def _expert_types(self) -> tuple[str, str, str]:
+    def _expert_types(self) -> list[tuple[str, str, str]]:
+        """(gate, up, down) block type names of each layer's experts (they may differ between layers)."""
         cfg = self.config
-        first: tuple[str, str, str] | None = None
+        out = []
         for layer in range(cfg.num_hidden_layers):
             types = []
             for w, gname in EXPERT_NAMES.items():
@@ -207,13 +247,8 @@ class GgufCheckpoint:
                     raise CheckpointError(f"{self.path}: tensor {t.name} has shape {[int(d) for d in t.shape]}, "
                                           f"expected {want} (ggml order)")
                 types.append(name)
-            if first is None:
-                first = tuple(types)  # type: ignore[assignment]
-            elif tuple(types) != first:
-                raise CheckpointError(f"{self.path}: layer {layer}'s experts are {'/'.join(types)} but layer 0's are "
-                                      f"{'/'.join(first)} (gate/up/down); expert types that differ between layers "
-                                      "are not supported yet")
-        return first  # type: ignore[return-value]
+            out.append(tuple(types))
+        return out  # type: ignore[return-value]
 
     def _names(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
         """Hugging Face name -> (GGUF name, expected HF shape, slot) of every dense tensor."""
@@ -270,15 +305,17 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
                                   "dequantized here") from None
 
-    def packed_expert(self, layer: int, e: int) -> dict[str, torch.Tensor]:
-        """Expert e of `layer` as the file's bytes: {'w1': uint8 [I, rb], 'w3': ..., 'w2': uint8 [H, rb]}."""
-        out = {}
-        for w, gname in EXPERT_NAMES.items():
+    def expert_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`layer`'s expert tensors as the file stores them, views of its read-only memory map (nothing is
+        read or copied): gate, up uint8 [E, I, rb(H)], down uint8 [E, H, rb(I)]. Never written to."""
+        out = []
+        for gname in EXPERT_NAMES.values():
             t = self._tensor(f"blk.{layer}.{gname}")
-            data = np.asarray(t.data).view(np.uint8)
-            rows = data.reshape(int(t.shape[2]), int(t.shape[1]), -1)[e]
-            out[w] = torch.from_numpy(np.array(rows))  # a copy: the memory map is read-only
-        return out
+            data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[2]), int(t.shape[1]), -1)
+            with warnings.catch_warnings():  # torch warns that the (read-only) map is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                out.append(torch.from_numpy(data))
+        return out[0], out[1], out[2]
 
     def expert_file_bytes(self) -> int:
         """Bytes of every routed expert tensor in the file."""
@@ -288,7 +325,7 @@ class GgufCheckpoint:
     def tensor_groups(self) -> dict[str, dict[str, int]]:
         """GGML type -> tensor count per group (experts gate/up/down, attention, router, embeddings, ...)."""
         groups: dict[str, dict[str, int]] = {}
-        for t in self.reader.tensors:
+        for t in (t for r in self.readers for t in r.tensors):
             base = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
             g = base.removesuffix(".weight").removesuffix(".bias")
             groups.setdefault(g, {})

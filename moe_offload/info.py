@@ -87,9 +87,10 @@ def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
     from .formats import get_format
 
     fmt = get_format(cfg.expert_format, cfg.expert_group_size)
-    n = cfg.num_moe_layers * cfg.num_local_experts
-    out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size),
-                           "host_bytes": n * fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size)}
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    per_layer = [f.expert_bytes(H, I) for f in fmt.per_layer(cfg.num_moe_layers)]
+    out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(H, I),  # the largest layer's
+                           "host_bytes": cfg.num_local_experts * sum(per_layer)}
     if hasattr(ckpt, "tensor_groups"):  # GGUF
         out["file_expert_bytes"] = ckpt.expert_file_bytes()
         out["tensor_groups"] = ckpt.tensor_groups()

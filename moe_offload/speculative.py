@@ -117,7 +117,7 @@ class Drafter:
         host = torch.cat([routed.reshape(-1), ids.reshape(-1)]).cpu().numpy()  # the layer's one read
         self.substitutions += int((~usable[host[:k]]).sum())
         ids_host = host[k:].reshape(ids.shape)
-        return run_experts(self.offloaded.backend, h, ids, weights, cache.w13_pool, cache.w2_pool,
+        return run_experts(self.offloaded.backend, h, ids, weights, *cache.layer_views[layer],
                            torch.from_numpy(slot_row).to(dev), slot_row, ids_host)
 
 

@@ -7,6 +7,7 @@
   int3 / int2          ProjectedIntFormat (projected.py): sizes for projections only
   gguf:Q4_0, ...       GgufFormat (gguf.py): GGUF block types as the file stores them (read from .gguf
                        files only; 'gguf:' + one type, or gate,up,down types)
+  gguf:A*2;B*30        GgufLayersFormat (gguf.py): layers of different GGUF types, one GgufFormat each
 
 get_format(name, group_size=, compute_dtype=) builds one; choose_format() resolves load()'s
 expert_dtype option. A new format: one module with an ExpertFormat subclass, registered here with
@@ -22,7 +23,7 @@ import torch
 from ..errors import MoeOffloadError
 from .base import ALIGN, DEFAULT_GROUP_SIZE, GROUP_SIZES, ExpertFormat, PackedFormat, Section
 from .float import FLOAT_DTYPES, FloatFormat
-from .gguf import PREFIX as GGUF_PREFIX, GgufFormat, parse_gguf_name
+from .gguf import PREFIX as GGUF_PREFIX, GgufFormat, GgufLayersFormat, parse_gguf_layers, parse_gguf_name
 from .int4 import Int4Format
 from .int8 import Int8Format
 from .projected import ProjectedIntFormat
@@ -62,6 +63,8 @@ def get_format(name: str, group_size: int = DEFAULT_GROUP_SIZE, compute_dtype: t
     """The format called `name` ('fp32', 'bf16', 'fp16', 'int8', 'int4', 'int3', 'int2'); ValueError
     naming a bad name or group size."""
     if name.startswith(GGUF_PREFIX):
+        if ";" in name or "*" in name:  # layers of different types
+            return GgufLayersFormat(parse_gguf_layers(name), compute_dtype, group_size)
         return GgufFormat(parse_gguf_name(name), compute_dtype, group_size)
     if name not in _FACTORIES:
         raise ValueError(f"expert format {name!r} is not one of {list(_FACTORIES)}")
@@ -115,5 +118,5 @@ def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype
 
 
 __all__ = ["ALIGN", "DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "ExpertFormat", "FloatFormat", "GROUP_SIZES", "GgufFormat",
-           "Int4Format", "Int8Format", "PackedFormat", "ProjectedIntFormat", "Section", "choose_format",
+           "GgufLayersFormat", "Int4Format", "Int8Format", "PackedFormat", "ProjectedIntFormat", "Section", "choose_format",
            "expert_bytes", "float_format", "format_names", "get_format", "register_format"]

@@ -9,6 +9,8 @@ An expert is w1, w3 [I, H] and w2 [H, I]. A format owns:
   pool_views(rows, H, I)         rows [S, row_length] -> a kernels WeightPool: its weight_format is the
                                  fused kernel's WEIGHT_FORMAT flag, its dequant the torch reference
   cpu_pool(pool, dtype)          the pool prepared for the CPU (its weight-only op where it has one)
+  per_layer(L)                   the format of each of L layers ([self] * L; a GGUF file whose layers
+                                 store experts in different block types gives one per layer)
 The format is chosen once at load (formats.get_format / choose_format); the hot path only calls these
 methods. A new format is one module with a subclass (PackedFormat for sectioned byte rows: block
 formats override section_specs and, where their size is not the sections', expert_bytes) plus its tests.
@@ -88,6 +90,11 @@ class ExpertFormat(ABC):
         """The pool prepared to run on the CPU in `dtype` (an object with ffn(slot, x) and extra_bytes):
         the pool itself unless the format has a CPU weight-only op."""
         return pool
+
+    def per_layer(self, num_layers: int) -> list["ExpertFormat"]:
+        """The format of each layer's experts: this one in every layer (a per-layer format overrides it;
+        expert_bytes is then the largest layer's, what one slot of the device pool holds)."""
+        return [self] * num_layers
 
 
 @dataclass(frozen=True)

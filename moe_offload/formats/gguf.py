@@ -2,9 +2,10 @@
 
 An expert of a GGUF file is three matrices, gate (w1) [I, H], up (w3) [I, H] and down (w2) [H, I],
 each a run of the file's blocks along the input dimension (one row = K / block_size blocks), each
-possibly of a different type. One expert row of the host store holds the three runs exactly as the file
-has them (sections w1, w3, w2, each 16-byte aligned), so bytes per miss are the file's bytes plus at
-most 15 bytes of padding per section.
+possibly of a different type. One expert row (a device slot, or a host row) is the three runs back to
+back exactly as the file has them (sections w1, w3, w2, no padding: the codecs read bytes, never
+aligned words), so bytes per miss are the file's bytes. The host store does not copy them: it reads
+the file's memory map (offload/store.py), each expert three pieces of it (offload/rows.Segments).
 
 One codec per block type (BLOCK_TYPES): its block size, bytes per block and a vectorised torch
 dequantization of blocks uint8 [n, bytes] -> float32 [n, block_size] that does the float32 operations
@@ -16,7 +17,11 @@ beyond one tile. The fused Triton kernel has no GGUF flag yet: these formats run
 only (choose_format refuses 'triton' with that message), on the CPU and on CUDA alike.
 
 Format names: 'gguf:' + the three types, 'gguf:Q4_0' when all three agree, else 'gguf:Q4_K,Q4_K,Q6_K'
-(gate, up, down); get_format() parses them, so the name alone rebuilds the format.
+(gate, up, down); get_format() parses them, so the name alone rebuilds the format. A file whose layers
+differ (llama.cpp's Q4_K_M gives some layers Q6_K down projections; unsloth's mixes vary more) is one
+GgufLayersFormat: the layers' specs joined by ';', a run of equal layers as 'spec*N', e.g.
+'gguf:Q4_K,Q4_K,Q6_K*2;Q4_K*30'. Each layer keeps its own row layout; a device slot is sized for the
+largest (expert_bytes) and each layer reads its slots through its own views (per_layer()).
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..kernels.pool import WeightPool
-from ..kernels.reference import expert_ffn
-from .base import PackedFormat
+from .base import ExpertFormat, PackedFormat, Section
 
 QK_K = 256
 WEIGHT_GGUF = -1  # no fused-kernel flag: the loop backend only
@@ -190,6 +194,32 @@ def parse_gguf_name(name: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def gguf_layers_name(layers: list[tuple[str, str, str]]) -> str:
+    """Per-layer (gate, up, down) types -> the format name: one layer's name when all agree, else the
+    layers' specs joined by ';' with runs of equal layers as 'spec*N'."""
+    specs = [gguf_format_name(t).removeprefix(PREFIX) for t in layers]
+    if len(set(specs)) == 1:
+        return PREFIX + specs[0]
+    runs: list[list] = []
+    for spec in specs:
+        if runs and runs[-1][0] == spec:
+            runs[-1][1] += 1
+        else:
+            runs.append([spec, 1])
+    return PREFIX + ";".join(spec if n == 1 else f"{spec}*{n}" for spec, n in runs)
+
+
+def parse_gguf_layers(name: str) -> list[tuple[str, str, str]]:
+    """A per-layer name ('gguf:Q4_K,Q4_K,Q6_K*2;Q4_K*30') -> the (gate, up, down) types of each layer."""
+    out = []
+    for part in name.removeprefix(PREFIX).split(";"):
+        spec, _, count = part.partition("*")
+        if count and (not count.isdigit() or int(count) < 1):
+            raise ValueError(f"expert format {name!r}: a run of layers is 'spec*N' with N >= 1, got {part!r}")
+        out += [parse_gguf_name(spec)] * (int(count) if count else 1)
+    return out
+
+
 @dataclass
 class GgufPool(WeightPool):
     """GGUF views: w13 = gate blocks uint8 [S, I, rb(H)], w3 = up blocks [S, I, rb(H)], w2 = down blocks
@@ -243,9 +273,20 @@ class GgufFormat(PackedFormat):
         return [("w1", torch.uint8, (inter, t1.row_bytes(hidden))), ("w3", torch.uint8, (inter, t3.row_bytes(hidden))),
                 ("w2", torch.uint8, (hidden, t2.row_bytes(inter)))]
 
-    def file_bytes(self, hidden: int, inter: int) -> int:
-        """Bytes of one expert in the file (expert_bytes adds the sections' alignment padding)."""
+    def layout(self, hidden: int, inter: int) -> list[Section]:
+        """The sections back to back, unpadded: a row is the file's bytes of gate, up and down."""
+        out, offset = [], 0
+        for name, dt, shape in self.section_specs(hidden, inter):
+            out.append(Section(name, dt, shape, offset))
+            offset += out[-1].nbytes
+        return out
+
+    def expert_bytes(self, hidden: int, inter: int) -> int:
         return sum(sec.nbytes for sec in self.layout(hidden, inter))
+
+    def file_bytes(self, hidden: int, inter: int) -> int:
+        """Bytes of one expert in the file (= expert_bytes: rows are unpadded)."""
+        return self.expert_bytes(hidden, inter)
 
     def pack(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"expert format {self.name!r} is read from GGUF files as stored; this runtime "
@@ -255,5 +296,58 @@ class GgufFormat(PackedFormat):
         v = self.views(rows, hidden, inter)
         return GgufPool(hidden, inter, v["w1"], v["w2"], w3=v["w3"], types=self.types)
 
+    def tensor_pool(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, hidden: int, inter: int) -> GgufPool:
+        """A pool straight over the file's expert tensors (uint8 gate / up [S, I, rb(H)], down [S, H, rb(I)],
+        e.g. views of its memory map): no copy."""
+        return GgufPool(hidden, inter, w1, w2, w3=w3, types=self.types)
+
     def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> WeightPool:
         return pool  # its own ffn: dequantize a tile, then matmul
+
+
+class GgufLayersFormat(ExpertFormat):
+    """A GGUF file whose layers store their experts in different block types: one GgufFormat per layer
+    (per_layer), expert_bytes the largest layer's (what one device slot holds). The store, the cache and
+    the runners ask each layer's format for its rows and views; this object itself has no row layout."""
+
+    quantized = True
+    row_dtype = torch.uint8
+    moe_backends = ("loop",)
+
+    def __init__(self, layers: list[tuple[str, str, str]], compute_dtype: torch.dtype | None = None,
+                 group_size: int = 128):
+        super().__init__(compute_dtype, group_size)
+        made: dict[tuple[str, str, str], GgufFormat] = {}
+        self.layers = [made.setdefault(tuple(t), GgufFormat(tuple(t), compute_dtype, group_size)) for t in layers]
+        self.name = gguf_layers_name([tuple(t) for t in layers])
+
+    def per_layer(self, num_layers: int) -> list[ExpertFormat]:
+        if num_layers != len(self.layers):
+            raise ValueError(f"expert format {self.name!r} describes {len(self.layers)} layers, the model has "
+                             f"{num_layers}")
+        return list(self.layers)
+
+    def check_shape(self, hidden: int, inter: int) -> None:
+        for f in dict.fromkeys(self.layers):
+            f.check_shape(hidden, inter)
+
+    def expert_bytes(self, hidden: int, inter: int) -> int:
+        return max(f.expert_bytes(hidden, inter) for f in self.layers)
+
+    def file_bytes(self, hidden: int, inter: int) -> int:
+        """Bytes of one expert of the largest layer."""
+        return self.expert_bytes(hidden, inter)
+
+    def _per_layer_only(self, what: str):
+        raise NotImplementedError(f"expert format {self.name!r} differs between layers: {what} per layer "
+                                  "(per_layer())")
+
+    def pack(self, w1, w3, w2):
+        raise NotImplementedError(f"expert format {self.name!r} is read from GGUF files as stored; this runtime "
+                                  "does not quantize to GGUF types")
+
+    def write(self, row, packed, hidden, inter):
+        self._per_layer_only("rows are written")
+
+    def pool_views(self, rows, hidden, inter):
+        self._per_layer_only("pool views are made")

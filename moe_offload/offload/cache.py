@@ -17,8 +17,10 @@ from .transfer import CopyFailed, LoadHandle
 class ExpertCache:
     """A fixed pool of expert slots on the device and which (layer, expert) each slot holds.
 
-    - `pool` [S, 3*H*I] is one tensor; `w13_pool` [S, 2I, H] and `w2_pool` [S, H, I] are views of it,
-      so kernels read experts straight from the pool.
+    - `pool` [S, row] is one tensor; `layer_views[l]` = (w13 [S, 2I, H], w2 [S, H, I]) are views of it
+      as layer l's format lays its experts out (the same views for every layer unless a GGUF file's
+      layers differ: then a row is as long as the largest layer's, and a slot holding an expert of
+      layer l uses its first row_lengths[l] elements), so kernels read experts straight from the pool.
     - `slot_table` [L, E] int32 on the device (-1: not resident) mirrors the host table `slot_of`;
       row l is refreshed when layer l acquires experts, before any kernel of layer l reads it, by a
       non-blocking copy from a pinned host row (no host sync). The pinned row of layer l is rewritten
@@ -37,7 +39,12 @@ class ExpertCache:
         if policy.per_layer and num_slots < L:
             raise MoeOffloadError(f"policy {policy.name!r} needs at least one slot per layer ({L}); got {num_slots}")
         self.pool = store.allocate_pool(num_slots, self.device)  # [S, row]
-        self.w13_pool, self.w2_pool = store.pool_views(self.pool)  # [S, 2I, H], [S, H, I]
+        formats = getattr(store, "formats", None) or [None] * L
+        views: dict[int, tuple] = {}  # one pair of views per distinct format
+        self.layer_views = [views.setdefault(id(f), store.pool_views(self.pool, l) if f is not None
+                                             else store.pool_views(self.pool)) for l, f in enumerate(formats)]
+        self._row_len = list(getattr(store, "row_lengths", [self.pool.shape[1]] * L))  # a layer's slot elements
+        self._layer_bytes = list(getattr(store, "layer_bytes", [store.expert_bytes] * L))
         self.slot_table = torch.full((L, E), -1, dtype=torch.int32, device=self.device)  # [L, E]
         self.slot_of = np.full((L, E), -1, dtype=np.int64)  # host mirror, the authority
         self.resident_flat = np.zeros(L * E, dtype=bool)  # [L*E] slot_of >= 0, kept in step with it
@@ -184,11 +191,11 @@ class ExpertCache:
         self.resident_per_layer[key[0]] += 1
         self._dirty_rows.add(key[0])
         self.policy.on_insert(key)
-        handle = self.engine.load(key, self.store.row(*key), self.pool[slot], slot, prefetch=prefetch,
-                                  priority=priority)
+        handle = self.engine.load(key, self.store.row(*key), self.pool[slot, :self._row_len[key[0]]], slot,
+                                  prefetch=prefetch, priority=priority)
         self.inflight[key] = handle
         self._loading = None
-        self.stats.bytes_h2d[key[0]] += self.store.expert_bytes
+        self.stats.bytes_h2d[key[0]] += self._layer_bytes[key[0]]
         if prefetch:
             self.prefetched_unused.add(key)
 

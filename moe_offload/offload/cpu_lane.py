@@ -31,6 +31,7 @@ import torch
 
 from ..errors import MoeOffloadError
 from .protocols import ExpertStore, HostComputeStore
+from .rows import copy_row
 
 CPU_EXPERTS = ("auto", "off")
 
@@ -201,7 +202,7 @@ def measure_copy_seconds(store: ExpertStore, pool: torch.Tensor, reps: int = 3) 
     cuda = pool.device.type == "cuda"
     for _ in range(reps):
         t0 = time.perf_counter()
-        pool[0].copy_(store.row(0, 0), non_blocking=cuda)
+        copy_row(pool[0], store.row(0, 0), non_blocking=cuda)
         if cuda:
             torch.cuda.synchronize(pool.device)
         best = min(best, time.perf_counter() - t0)

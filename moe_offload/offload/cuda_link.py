@@ -28,6 +28,7 @@ import torch
 
 from .link import DEFAULT_CHUNK_BYTES, LinkJob, LinkScheduler
 from .protocols import Key
+from .rows import Segments
 from .transfer import (_WORKERS, COPY_RETRIES, CopyFaults, EngineKnobs, LoadHandle, copy_failure,
                        injected_failure)
 
@@ -120,7 +121,10 @@ class _StreamState:
                 return
             if lo == 0 and fence is not None:
                 ops.stream_wait(ops.copy_stream, fence)
-            if n:
+            if n and isinstance(src, Segments):  # pieces of a memory-mapped file (pageable: the driver stages them)
+                for off, part in src.pieces(lo, n):
+                    ops.copy(_bytes(dst, off, part.numel()), part)
+            elif n:
                 whole = lo == 0 and n == job.nbytes
                 ops.copy(dst if whole else _bytes(dst, lo, n), src if whole else _bytes(src, lo, n))
             last = job.remaining == 0

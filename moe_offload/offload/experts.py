@@ -93,12 +93,13 @@ class _KernelLanes:
     def device(self, layer: int, group: list[int], on_cpu: list[int], part: bool) -> None:
         h, ids, weights, ids_host = self.h, self.ids, self.weights, self.ids_host  # [N, H], [N, k] x2, [N, k] host
         cache, backend = self.planner.cache, self.backend
+        w13_pool, w2_pool = cache.layer_views[layer]  # this layer's views of the slot pool
         if backend == "loop" and part:  # just the group's experts over the same rows: bit-identical sums
             out = self.out if self.out is not None else torch.zeros_like(h)
-            self.out = moe_loop(h, ids, weights, cache.w13_pool, cache.w2_pool, cache.slot_list(layer),
+            self.out = moe_loop(h, ids, weights, w13_pool, w2_pool, cache.slot_list(layer),
                                 ids_host=ids_host, experts=set(group), out=out)
         elif not part:
-            self.out = run_experts(backend, h, ids, weights, cache.w13_pool, cache.w2_pool, cache.slot_table[layer],
+            self.out = run_experts(backend, h, ids, weights, w13_pool, w2_pool, cache.slot_table[layer],
                                    cache.slot_list(layer) if backend == "loop" else None, ids_host)
         elif on_cpu:  # every row; the CPU's assignments redirected to a group expert at weight 0
             cpu_rows = np.isin(ids_host, on_cpu)  # [N, k]
@@ -106,7 +107,7 @@ class _KernelLanes:
             ids_d = torch.where(mask, torch.full_like(ids, group[0]), ids)  # [N, k]
             w_d = torch.where(mask, torch.zeros_like(weights), weights)
             ids_d_host = np.where(cpu_rows, group[0], ids_host)
-            self.out = run_experts(backend, h, ids_d, w_d, cache.w13_pool, cache.w2_pool, cache.slot_table[layer],
+            self.out = run_experts(backend, h, ids_d, w_d, w13_pool, w2_pool, cache.slot_table[layer],
                                    None, ids_d_host)
         else:  # one of several groups: the rows touching it, the other assignments redirected at weight 0
             in_group = np.isin(ids_host, group)  # [N, k]
@@ -117,7 +118,7 @@ class _KernelLanes:
             w_g = torch.where(mask, weights, torch.zeros_like(weights))[rows]
             ids_g_host = np.where(in_group, ids_host, group[0])[rows_host]
             out = self.out if self.out is not None else torch.zeros_like(h)
-            self.out = out.index_add_(0, rows, run_experts(backend, h[rows], ids_g, w_g, cache.w13_pool, cache.w2_pool,
+            self.out = out.index_add_(0, rows, run_experts(backend, h[rows], ids_g, w_g, w13_pool, w2_pool,
                                                            cache.slot_table[layer], None, ids_g_host))
 
     def cpu(self, layer: int, on_cpu: list[int]) -> None:

@@ -1,6 +1,6 @@
-"""Packed experts without offload: every expert of every layer on the device in its format's rows
-(the same bytes the host store holds), so a quantized resident run and a quantized offloaded run read
-identical bytes."""
+"""Packed experts without offload: every expert of every layer on the device in its layer's format's rows
+(the same bytes the host store holds; on the cpu the store's rows themselves, or a GGUF file's memory
+map), so a quantized resident run and a quantized offloaded run read identical bytes."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ class PackedResidentExperts:
     def __init__(self, store: HostExpertStore, device: torch.device, backend: str = "loop", cpu_op: bool = True):
         self.store, self.device = store, device
         L, E = store.num_layers, store.num_experts
-        fmt, H, I = store.format, store.hidden, store.inter
-        self.rows = store.buffer.to(device).view(L, E, -1)  # [L, E, row]
-        pools = [fmt.pool_views(self.rows[layer], H, I) for layer in range(L)]
-        if cpu_op and backend == "loop" and self.rows.device.type == "cpu":
-            self.views = [(fmt.cpu_pool(pool, store.dtype), None) for pool in pools]
+        H, I = store.hidden, store.inter
+        if torch.device(device).type == "cpu":  # the store's own rows (or the file's memory map): no copy
+            pools = [store.layer_pool(layer) for layer in range(L)]
+        else:  # each layer's rows [E, row] on the device, in that layer's format
+            pools = [store.formats[layer].pool_views(store.layer_rows_on(layer, device), H, I) for layer in range(L)]
+        if cpu_op and backend == "loop" and torch.device(device).type == "cpu":
+            self.views = [(store.formats[layer].cpu_pool(pool, store.dtype), None) for layer, pool in enumerate(pools)]
         else:
             self.views = [pool.as_views() for pool in pools]
         self.extra_bytes = sum(v.extra_bytes for v, w2 in self.views if w2 is None)

@@ -89,10 +89,15 @@ def plan_memory(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_
     expert_fmt: the experts' format (an ExpertFormat or its name; None: experts in `dtype`)."""
     item = torch.tensor([], dtype=dtype).element_size()
     L, E, k = cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok
-    expert_bytes = as_format(expert_fmt, group_size, dtype).expert_bytes(cfg.hidden_size, cfg.intermediate_size)
+    fmt = as_format(expert_fmt, group_size, dtype)
+    expert_bytes = fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size)  # one slot: the largest layer's expert
     dense = cfg.dense_params * item
     kv = cfg.kv_elements_per_token * max_seq_len * item
-    store = L * E * expert_bytes
+    try:
+        layers = fmt.per_layer(L)
+    except ValueError as exc:
+        raise MoeOffloadError(str(exc)) from None
+    store = E * sum(f.expert_bytes(cfg.hidden_size, cfg.intermediate_size) for f in layers)
     free, total = free_device_bytes(device)
     if device.type == "cpu":
         free -= store  # on cpu the host store and the "device" slots share the same RAM

@@ -16,14 +16,15 @@ Key = tuple[int, int]  # (layer, expert)
 
 @runtime_checkable
 class ExpertStore(Protocol):
-    """Host tier: every expert as one contiguous row, so one copy moves one expert."""
+    """Host tier: every expert as one contiguous row (or, read in place from a memory-mapped file, the
+    row's contiguous pieces: rows.Segments), so one copy moves one expert."""
 
     num_layers: int
     num_experts: int
     expert_bytes: int  # bytes one expert moves over the link
 
-    def row(self, layer: int, e: int) -> torch.Tensor:
-        """Expert (layer, e) as one contiguous host row."""
+    def row(self, layer: int, e: int) -> Any:
+        """Expert (layer, e) as one contiguous host row (a tensor or a rows.Segments)."""
 
     def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
         """An uninitialised device pool [S, row] for num_slots experts."""

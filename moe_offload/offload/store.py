@@ -1,7 +1,9 @@
-"""Host tier (protocols.ExpertStore): every expert (w1, w3, w2) packed contiguously inside one large (pinned) host allocation."""
+"""Host tier (protocols.ExpertStore): every expert (w1, w3, w2) packed contiguously inside one large (pinned) host
+allocation, or (a GGUF file) read in place from the file's memory map."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import psutil
@@ -12,6 +14,7 @@ from ..checkpoint import Checkpoint, expert_name
 from ..errors import MoeOffloadError
 from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat, float_format, get_format
 from ..quant.ckpt import read_packed_expert
+from .rows import Segments, copy_row
 
 # Leave this much RAM to the rest of the machine when checking that the store fits.
 HOST_RAM_MARGIN = 1 << 30
@@ -39,45 +42,91 @@ def as_format(fmt: ExpertFormat | str | None, group_size: int, dtype: torch.dtyp
 
 
 class HostExpertStore:
-    """All experts of a model in host memory, one contiguous row per expert (layout: the expert format's;
-    [w1 | w3 | w2] flattened for float experts, packed sections for int8 / int4).
+    """All experts of a model in host memory, one row per expert (layout: each layer's expert format's;
+    [w1 | w3 | w2] flattened for float experts, packed sections for int8 / int4 / GGUF).
 
-    `row(layer, e)` is one expert, so one host-to-device copy moves it. The buffer is pinned when
-    `pin` is True (CUDA runs), so copies can run asynchronously on a copy stream. `format` (an
-    ExpertFormat, moe_offload.formats; `fmt` as a name or None: the compute dtype `dtype`) packs experts
-    as they are put and gives the views the kernels read (`pool_views`).
+    `row(layer, e)` is one expert, so one host-to-device copy moves it: a contiguous row of the store's
+    buffer, or (a GGUF file, `mapped`) its three pieces of the file's memory map (rows.Segments), read
+    in place: the file is never copied into RAM, the OS page cache is the host tier. The buffer is pinned
+    when `pin` is True (CUDA runs), so copies can run asynchronously on a copy stream; a mapped store is
+    pageable (the CUDA driver stages its copies through its own bounded buffer).
+
+    `format` (an ExpertFormat, moe_offload.formats; `fmt` as a name or None: the compute dtype `dtype`)
+    packs experts as they are put; `formats[layer]` is each layer's (format.per_layer: all the same
+    unless a GGUF file's layers differ), `layer_bytes[layer]` one expert of that layer, `expert_bytes`
+    the largest (one device slot), `host_bytes` all of them.
     """
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
-                 pin: bool = False, fmt: ExpertFormat | str | None = None, group_size: int = DEFAULT_GROUP_SIZE):
+                 pin: bool = False, fmt: ExpertFormat | str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+                 mapped: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None):
         self.num_layers, self.num_experts = num_layers, num_experts
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         self.format = as_format(fmt, group_size, dtype)
-        self.expert_bytes = self.format.expert_bytes(hidden, inter)
-        self.expert_elems = self.format.row_length(hidden, inter)
-        check_host_ram(num_layers * num_experts * self.expert_bytes, "the host expert store")
-        self.buffer = torch.empty(num_layers * num_experts, self.expert_elems, dtype=self.format.row_dtype,
-                                  pin_memory=pin)
-        self.pinned = pin
+        try:
+            self.formats = self.format.per_layer(num_layers)
+        except ValueError as exc:
+            raise MoeOffloadError(str(exc)) from None
+        self.layer_bytes = [f.expert_bytes(hidden, inter) for f in self.formats]
+        self.expert_bytes = max(self.layer_bytes)  # one device slot
+        self.row_lengths = [f.row_length(hidden, inter) for f in self.formats]
+        self.expert_elems = max(self.row_lengths)
+        self.host_bytes = num_experts * sum(self.layer_bytes)
+        self.mapped = mapped is not None
+        self.pinned = pin and not self.mapped
+        if self.mapped:  # a file's expert tensors per layer: (gate [E, I, rb], up [E, I, rb], down [E, H, rb])
+            self.buffer = None
+            self.layer_rows = None
+            self._mapped = mapped
+            self._rows = [[Segments([w1[e], w3[e], w2[e]]) for e in range(num_experts)] for w1, w3, w2 in mapped]
+            return
+        check_host_ram(self.host_bytes, "the host expert store")
+        flat = torch.empty(num_experts * sum(self.row_lengths), dtype=self.format.row_dtype, pin_memory=pin)
+        self.layer_rows, off = [], 0  # [E, row] per layer, views of one allocation
+        for n in self.row_lengths:
+            self.layer_rows.append(flat[off: off + num_experts * n].view(num_experts, n))
+            off += num_experts * n
+        uniform = len(set(self.row_lengths)) == 1
+        self.buffer = flat.view(num_layers * num_experts, self.expert_elems) if uniform else flat
+        self._rows = self.layer_rows
 
-    def row(self, layer: int, e: int) -> torch.Tensor:
-        """Expert (layer, e) as one contiguous row."""
-        return self.buffer[layer * self.num_experts + e]
+    def row(self, layer: int, e: int) -> torch.Tensor | Segments:
+        """Expert (layer, e) as one contiguous row (a buffer store) or its pieces of the file (mapped)."""
+        return self._rows[layer][e]
 
     def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
-        """An uninitialised device pool [S, row] in the store's row dtype."""
-        return torch.empty(num_slots, self.expert_elems, dtype=self.buffer.dtype, device=device)
+        """An uninitialised device pool [S, row] in the store's row dtype, a row as long as the largest
+        layer's (a layer's expert fills the first row_lengths[layer] elements of its slot)."""
+        return torch.empty(num_slots, self.expert_elems, dtype=self.format.row_dtype, device=device)
 
-    def pool_views(self, pool: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
-        """(w13, w2) of a pool [S, row] (rows laid out as in the store) as the kernels take them: float
+    def pool_views(self, pool: torch.Tensor, layer: int = 0) -> tuple[Any, torch.Tensor | None]:
+        """(w13, w2) of a pool [S, row] as the kernels take them when it holds `layer`'s experts: float
         views [S, 2I, H] and [S, H, I], or (the format's WeightPool, None) for a packed format."""
-        return self.format.pool_views(pool, self.hidden, self.inter).as_views()
+        rows = pool[:, : self.row_lengths[layer]]
+        return self.formats[layer].pool_views(rows, self.hidden, self.inter).as_views()
+
+    def layer_pool(self, layer: int, experts: slice = slice(None)) -> Any:
+        """The format's WeightPool over `layer`'s experts (slot = expert id; `experts` a slice of them)
+        in host memory, no copy: the buffer's rows, or the file's memory map."""
+        fmt = self.formats[layer]
+        if self.mapped:
+            w1, w3, w2 = self._mapped[layer]
+            return fmt.tensor_pool(w1[experts], w3[experts], w2[experts], self.hidden, self.inter)
+        return fmt.pool_views(self.layer_rows[layer][experts], self.hidden, self.inter)
+
+    def layer_rows_on(self, layer: int, device: torch.device) -> torch.Tensor:
+        """`layer`'s expert rows [E, row] copied to `device` (the resident run on an accelerator)."""
+        if not self.mapped:
+            return self.layer_rows[layer].to(device)
+        out = torch.empty(self.num_experts, self.row_lengths[layer], dtype=torch.uint8, device=device)
+        for e in range(self.num_experts):
+            copy_row(out[e], self.row(layer, e))
+        return out
 
     def cpu_expert(self, layer: int, e: int) -> Any:
         """Expert (layer, e) prepared to run on the host in the compute dtype: an object whose ffn(0, x)
         runs it (the format's CPU op where it has one) and whose extra_bytes is the RAM that costs."""
-        pool = self.format.pool_views(self.row(layer, e)[None], self.hidden, self.inter)
-        return self.format.cpu_pool(pool, self.dtype)
+        return self.formats[layer].cpu_pool(self.layer_pool(layer, slice(e, e + 1)), self.dtype)
 
     def w13(self, layer: int, e: int) -> torch.Tensor:
         """Float stores: expert (layer, e)'s w13 [2I, H] (a view of its row)."""
@@ -89,37 +138,65 @@ class HostExpertStore:
 
     def put(self, layer: int, e: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
         """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I]), packed by the format."""
-        self.format.put(self.row(layer, e), w1, w3, w2, self.hidden, self.inter)
+        if self.mapped:
+            raise MoeOffloadError("this expert store reads a file's memory map; experts cannot be put into it")
+        self.formats[layer].put(self.row(layer, e), w1, w3, w2, self.hidden, self.inter)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False,
                         show_progress: bool = False, fmt: ExpertFormat | str | None = None,
                         group_size: int = DEFAULT_GROUP_SIZE) -> "HostExpertStore":
         """Fill the store straight from the checkpoint's memory map, one expert at a time (quantized
-        on the way in for a packed format: only one expert is ever held unquantized)."""
+        on the way in for a packed format: only one expert is ever held unquantized). A GGUF file's
+        experts are not copied at all: the store reads its memory map (warning when the file's experts
+        exceed the RAM available, which then serves them from disk through the page cache)."""
         cfg = ckpt.config
         fmt = as_format(fmt, group_size, dtype)
         group_size = fmt.group_size
         if cfg.expert_format is not None and (fmt.name, group_size) != (cfg.expert_format, cfg.expert_group_size):
             raise MoeOffloadError(f"{ckpt.path} holds {cfg.expert_format} experts (group size "
                                   f"{cfg.expert_group_size}); they cannot be stored as {fmt.name} / {group_size}")
-        store = cls(cfg.num_moe_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size,
-                    dtype, pin, fmt)
         H, I = cfg.hidden_size, cfg.intermediate_size
-        file_packed = getattr(ckpt, "packed_expert", None)  # a GGUF file: its bytes as they are
+        if hasattr(ckpt, "expert_tensors"):  # a GGUF file: its memory map, as it is
+            mapped = [ckpt.expert_tensors(layer) for layer in range(cfg.num_moe_layers)]
+            store = cls(cfg.num_moe_layers, cfg.num_local_experts, H, I, dtype, pin, fmt, mapped=mapped)
+            warn_if_larger_than_ram(store.host_bytes, str(ckpt.path), cfg.num_experts_per_tok * sum(store.layer_bytes))
+            return store
+        store = cls(cfg.num_moe_layers, cfg.num_local_experts, H, I, dtype, pin, fmt)
         with torch.no_grad(), tqdm(total=cfg.num_moe_layers * cfg.num_local_experts, unit="expert",
                                    desc="loading experts to host", disable=not show_progress) as bar:
             for layer in range(cfg.num_moe_layers):  # MoE layer `layer` is the model's first_k_dense_replace + layer
                 for e in range(cfg.num_local_experts):
                     names = {w: expert_name(cfg.first_k_dense_replace + layer, e, w, cfg.model_type)
                              for w in ("w1", "w3", "w2")}
-                    if file_packed is not None:
-                        fmt.write(store.row(layer, e), file_packed(layer, e), H, I)
-                    elif cfg.expert_format is not None:  # already packed on disk: no requantization
+                    if cfg.expert_format is not None:  # already packed on disk: no requantization
                         sections = read_packed_expert(ckpt.tensor, names, fmt.name, group_size, cfg.expert_symmetric,
                                                       H, I)
-                        fmt.write(store.row(layer, e), sections, H, I)
+                        store.formats[layer].write(store.row(layer, e), sections, H, I)
                     else:
                         store.put(layer, e, *(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")))
                     bar.update()
         return store
+
+
+# What a disk-bound decode reads per second when the page cache cannot hold the experts (an NVMe SSD's
+# sequential read; the projection in the warning, not a measurement).
+DISK_BYTES_PER_SECOND = 3e9
+
+
+def warn_if_larger_than_ram(nbytes: int, what: str, token_bytes: int = 0) -> None:
+    """A memory-mapped store larger than the RAM available still loads (the OS reads experts from disk
+    as they are used); warn naming the shortfall and the projected disk-bound decode speed (token_bytes:
+    the expert bytes one token reads, of which the share that does not fit comes from disk)."""
+    avail = max(available_host_bytes() - HOST_RAM_MARGIN, 0)
+    if nbytes <= avail:
+        return
+    short = nbytes - avail
+    speed = ""
+    if token_bytes:
+        from_disk = token_bytes * short / nbytes
+        speed = f"; projected disk-bound decode about {DISK_BYTES_PER_SECOND / from_disk:.2g} tokens/s"
+    warnings.warn(f"{what}: its experts ({nbytes / 1e9:.2f} GB) exceed the RAM available ({avail / 1e9:.2f} GB after "
+                  f"{HOST_RAM_MARGIN / 1e9:.2f} GB kept free) by {short / 1e9:.2f} GB; they are read from the file's "
+                  f"memory map, so experts outside the page cache come from disk (at "
+                  f"{DISK_BYTES_PER_SECOND / 1e9:.0f} GB/s, an NVMe SSD){speed}", UserWarning, stacklevel=3)

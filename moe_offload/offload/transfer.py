@@ -21,6 +21,7 @@ import torch
 from ..errors import MoeOffloadError
 from .link import DEFAULT_CHUNK_BYTES, LinkScheduler
 from .protocols import CopyEngine, Key
+from .rows import Segments, host_copy_bytes
 
 
 # A failed copy is tried again this many times before its waiter sees CopyFailed (transient faults).
@@ -73,8 +74,11 @@ class CopyCancelled(MoeOffloadError):
     """A queued prefetch was cancelled before it landed (a newer plan superseded it)."""
 
 
-def _copy_chunk(dst: torch.Tensor, src: torch.Tensor, lo: int, n: int) -> None:
-    """Copy bytes [lo, lo + n) of one expert row."""
+def _copy_chunk(dst: torch.Tensor, src: torch.Tensor | Segments, lo: int, n: int) -> None:
+    """Copy bytes [lo, lo + n) of one expert row (a tensor, or the pieces of a memory-mapped file)."""
+    if isinstance(src, Segments):
+        host_copy_bytes(dst, src, lo, n)
+        return
     if lo == 0 and n >= src.numel() * src.element_size():
         _host_copy(dst, src)
         return
