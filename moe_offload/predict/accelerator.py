@@ -29,6 +29,12 @@ Optional parts (files without their tensors load and predict exactly as before):
         mixed by the router of that layer on s, fitted to the real experts' output. Costs one attention
         and one stand-in MoE per predicted layer. Metadata "attention_peek": true, "expert_rank": R2.
 
+Routers: the scores rank experts as the target layer's router chooses them (`choice_scores`): the
+softmax (Mixtral, Qwen, OLMoE), or for sigmoid routers (GLM-4.5) the sigmoid plus the layer's
+e_score_correction_bias with the experts outside the topk_group best groups at -inf; training distils
+each router in its own form (train.adapter_loss). The file carries nothing about the router: the
+fingerprint ties it to the model, whose config says how it routes.
+
 The adapter file is safetensors with a metadata fingerprint of the model (config + routers + norms):
 loading it into another model fails.
 """
@@ -409,8 +415,27 @@ def _shared(params: nn.ParameterDict, keys: list[str], stacked: torch.Tensor, pa
     return stacked
 
 
+def choice_scores(model: MoeModel, logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Router logits [..., E] float32 of target layers -> scores whose top-k is the set the family's
+    router picks (`Routing.choice_scores`): the softmax (bit for bit as before, for the softmax
+    families), or the sigmoid plus the targets' correction bias `bias` [..., 1, E] (`_biases`) with the
+    experts outside the best groups at -inf (GLM-4.5)."""
+    if model.cfg.scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    return model.routing.choice_scores(logits, bias)
+
+
+def _biases(model: MoeModel, targets: list[int]) -> torch.Tensor | None:
+    """The target layers' correction biases stacked [n, 1, E] float32, or None (a router without one)."""
+    if model.moe_layers[targets[0]].router_bias is None:
+        return None
+    return torch.stack([model.moe_layers[t].router_bias.float() for t in targets])[:, None]
+
+
 class M2R2Predictor:
-    """Layer l+d's norm and router applied to the accelerated residual r_{l,d}(x)."""
+    """Layer l+d's norm and router applied to the accelerated residual r_{l,d}(x), its scores ranked as
+    that router chooses (`choice_scores`: the softmax, or the sigmoid plus the correction bias within
+    the best groups)."""
 
     name = "m2r2"
 
@@ -475,7 +500,7 @@ class M2R2Predictor:
             unit = rms_norm(x, torch.ones_like(x[0]), m.cfg.rms_norm_eps)  # [N, H]: normalised once for all rows
             normed = st["Wh"] * unit  # [n, N, H]: each target layer's norm weight (rms_norm's own order)
             logits = torch.bmm(normed, st["Gh"]).float() + torch.einsum("nr,ier->ine", h, st["XH"])  # [n, N, E]
-            out[:, st["hrows"]] = torch.softmax(logits, dim=-1).transpose(0, 1)
+            out[:, st["hrows"]] = choice_scores(m, logits, st["hbias"]).transpose(0, 1)
         return out
 
     def _residual_rows(self, st: dict, layer: int, x: torch.Tensor, prev: torch.Tensor | None, start_pos: Any,
@@ -497,7 +522,7 @@ class M2R2Predictor:
                              for i, d in enumerate(st["ds"])])  # [n, N, H]
         normed = rms_norm(r.to(x.dtype), st["W"], m.cfg.rms_norm_eps)  # [n, N, H]
         logits = torch.bmm(normed, st["Gt"]).float()  # [n, N, E]
-        return torch.softmax(logits, dim=-1).transpose(0, 1)
+        return choice_scores(m, logits, st["bias"]).transpose(0, 1)
 
     @torch.no_grad()
     def _stack(self, layer: int) -> dict[str, Any] | None:
@@ -523,7 +548,8 @@ class M2R2Predictor:
                        "Bt": _shared(acc.B, keys, torch.stack([acc.B[k].float().t() for k in keys]).contiguous(),
                                      lambda t, i: t[i].t()),
                        "W": torch.stack([m.moe_layers[t].post_attention_layernorm for t in targets])[:, None],
-                       "Gt": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous()})
+                       "Gt": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous(),
+                       "bias": _biases(m, targets)})
             if acc.context:
                 st["P"], st["Q"] = cat("P"), cat("Q")
         if hds:
@@ -532,6 +558,7 @@ class M2R2Predictor:
                        "XH": _shared(acc.XH, [f"{layer}_{d}" for d in hds],  # [n', E, R]
                                      torch.stack([acc.XH[f"{layer}_{d}"].float() for d in hds]), lambda t, i: t[i]),
                        "Wh": torch.stack([m.moe_layers[t].post_attention_layernorm for t in targets])[:, None],
-                       "Gh": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous()})
+                       "Gh": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous(),
+                       "hbias": _biases(m, targets)})
         self._stacks[layer] = st
         return st

@@ -6,7 +6,8 @@ pass, its first layers' experts from the token id alone.
     next-gate  layer l+d's router applied to today's residual (the mixtral-offloading heuristic), in
                one of two forms: "residual" = gate_{l+d}(norm_{l+d}(x)), "normed" = gate_{l+d}(norm_l(x))
     m2r2       an accelerated residual r = x + B·silu(A·rms(x)) per (l, d), then layer l+d's norm and
-               router on r (see accelerator.py); B starts at zero, so untrained m2r2 == next-gate
+               router on r, ranked as that router chooses (see accelerator.py); B starts at zero, so
+               untrained m2r2 == next-gate
     oracle     the true future routing from a recorded trace (an upper bound)
 """
 
