@@ -43,8 +43,7 @@ import torch
 import moe_offload
 from moe_offload.kernels import expert_ffn
 from moe_offload.kernels.quant_cpu import CpuQuantPool
-from moe_offload.quant.formats import expert_bytes
-from moe_offload.quant.pack import pool_views, quantize_expert, write_expert
+from moe_offload.formats import expert_bytes, get_format
 from moe_offload.results import result_metadata, write_json_atomic
 
 from _paths import env_path, shown
@@ -82,8 +81,9 @@ def quant_pool(hidden: int, inter: int, fmt: str, g: int, n: int):
     w1, w3, w2 = (torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02,
                   torch.randn(hidden, inter) * 0.02)
     row = torch.empty(expert_bytes(hidden, inter, fmt, g), dtype=torch.uint8)
-    write_expert(row, quantize_expert(w1, w3, w2, fmt, g), hidden, inter, fmt, g)
-    return pool_views(row[None].repeat(n, 1), hidden, inter, fmt, g)
+    f = get_format(fmt, g)
+    f.write(row, f.pack(w1, w3, w2), hidden, inter)
+    return f.pool_views(row[None].repeat(n, 1), hidden, inter)
 
 
 def n_rotate(nbytes: int) -> int:

@@ -7,8 +7,8 @@
 Sections (each timed and isolated: a failure is recorded, the next section still runs):
   offload_exactness  offloaded == resident on CUDA (bf16, fp16; triton backend), tokens and logits,
                      several capacities; the bundled model's greedy tokens with a small cache
-  cuda_link          the demand-first link on real streams: exact decoding with small chunks and with FIFO; a
-                     demand copy behind 6 queued prefetch experts, chunked vs FIFO; chunked prefetch GB/s
+  cuda_link          the demand-first link on real streams: exact decoding with small and default chunks; a
+                     demand copy behind 6 queued prefetch experts, 8 MiB vs whole-expert chunks; prefetch GB/s
   copy_engine        pinned vs pageable host->device GB/s for one Mixtral-8x7B expert (352 MB), and
                      overlap of copy-stream loads with a compute-stream kernel
   kernels            benchmarks/kernels.py (Mixtral shapes, bf16, T in 1..256)
@@ -183,12 +183,11 @@ QUANT_REL_TOL = 3e-2
 
 def _random_quant_pool(e: int, h: int, i: int, fmt: str, group: int, device: torch.device):
     """A packed pool of e random experts (random bytes; sane scales and zeros), built on device."""
-    from moe_offload.quant.formats import expert_bytes
-    from moe_offload.quant.pack import pool_views
+    from moe_offload.formats import expert_bytes, get_format
 
     g = torch.Generator(device=device).manual_seed(0)
     rows = torch.randint(0, 256, (e, expert_bytes(h, i, fmt, group)), dtype=torch.uint8, device=device, generator=g)
-    pool = pool_views(rows, h, i, fmt, group)
+    pool = get_format(fmt, group).pool_views(rows, h, i)
     for s, fan_in in ((pool.s13, h), (pool.s2, i)):
         s.copy_(torch.rand(s.shape, device=device, generator=g) * (2.0 / (8 if fmt == "int4" else 127)) / fan_in ** 0.5)
     for z in (pool.z13, pool.z2):
@@ -199,7 +198,7 @@ def _random_quant_pool(e: int, h: int, i: int, fmt: str, group: int, device: tor
 
 def quant_kernels(device: torch.device, smoke: bool) -> dict:
     from moe_offload.kernels import fused_moe_reference
-    from moe_offload.kernels.fused_moe_quant import fused_moe_quant
+    from moe_offload.kernels import fused_moe_quant
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = {"mixtral": (8, 2, 4096, 14336), "qwen3_moe": (128, 8, 2048, 768)}

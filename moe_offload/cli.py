@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--hardware", default="rtx4090-pcie4", help="link model for on-time hits (default %(default)s)")
     bc.add_argument("--link-model", default="mixtral-8x7b", help="model whose expert sizes the link moves (default %(default)s)")
     bc.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp16", "int8", "int4", "int3", "int2"],
-                    help="expert format whose byte size (moe_offload.quant.formats) the link moves (default bf16)")
+                    help="expert format whose byte size (moe_offload.formats) the link moves (default bf16)")
     _add_link_args(bc)
     bc.add_argument("--json", default=None, metavar="OUT", help="write the results JSON here")
     bc.add_argument("--plot", default=None, metavar="OUT.png", help="hit rate vs capacity (needs matplotlib)")

@@ -30,9 +30,9 @@ from ..offload.planner import StepPlanner
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import CopyEngine, Key
 from ..offload.transfer import LoadHandle
-from ..quant.formats import expert_bytes as format_bytes
+from ..formats import expert_bytes as format_bytes
 
-# Expert formats the simulator projects (sizes from moe_offload.quant.formats; the int formats with
+# Expert formats the simulator projects (sizes from moe_offload.formats; the int formats with
 # an fp16 scale and zero point per group of SIM_GROUP_SIZE along the input dimension).
 SIM_FORMATS = ("bf16", "fp16", "int8", "int4", "int3", "int2")
 SIM_GROUP_SIZE = 64
