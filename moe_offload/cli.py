@@ -521,7 +521,7 @@ def _check_outputs(args: argparse.Namespace, *flags: str) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.bench import bench_cache, markdown_table, model_config, plot, predictor_seconds
-    from .results import result_metadata, write_json_atomic
+    from .results import result_metadata, shown, write_json_atomic
     from .runtime import bundled_accelerator_path, bundled_heldout_text, bundled_model_path, load
     from .analysis.sim import StepCosts, get_hardware
     from .analysis.trace import trace_prefix, load_trace, record_with_predictions
@@ -562,7 +562,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{T} tokens, {L} layers x {E} experts, top-{k}; on-time hits: {args.link_model} {args.expert_dtype} "
           f"experts over {hw.name} ({costs.copy * 1e3:.2f} ms per copy); MB/token in those expert sizes\n")
     print(markdown_table(rows))
-    settings = {"model": args.model or str(bundled_model_path()), "text": args.text, "trace": args.trace,
+    settings = {"model": shown(args.model or str(bundled_model_path())), "text": args.text and shown(args.text), "trace": args.trace and shown(args.trace),
                 "tokens": T, "layers": L, "experts": E, "top_k": k, "lookahead": args.lookahead,
                 "prefetch_margin": args.prefetch_margin, "hardware": hw.key, "link_model": args.link_model,
                 "expert_dtype": args.expert_dtype, "expert_bytes": costs.expert_bytes,

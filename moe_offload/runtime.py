@@ -338,9 +338,8 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
         cache = ExpertCache(store, plan.slots, policy, dev, make_copy_engine(dev, chunk_bytes=chunk))
         experts = OffloadedExperts(cache, backend)
         experts.cpu_lane = build_cpu_lane(cache, config.cpu_experts or ("auto" if dev.type == "cuda" else "off"))
-    model = MoeModel.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len,
-                                               experts=experts, moe_backend=backend,
-                                               show_progress=runtime.show_progress)
+    model = MoeModel.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len, experts=experts,
+                                     moe_backend=backend, show_progress=runtime.show_progress)
     if isinstance(experts, OffloadedExperts):
         _attach_prefetcher(model, experts, path, config, policy)
     loaded = OffloadedModel(path, model, runtime, tokenizer, plan, config)
