@@ -501,13 +501,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _capacities(spec: str, num_experts: int) -> list[int]:
+def _capacities(spec: str, num_experts: int | None) -> list[int]:
+    """--capacities: a comma list of slots per layer, each in [1, experts] (experts None: not known yet)."""
     try:
         values = [int(c) for c in spec.split(",") if c.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 1 or max(values) > num_experts:
-        raise MoeOffloadError(f"--capacities must be a comma list of slots per layer in [1, {num_experts}], got {spec!r}")
+    if not values or min(values) < 1 or (num_experts is not None and max(values) > num_experts):
+        limit = f"[1, {num_experts}]" if num_experts is not None else ">= 1"
+        raise MoeOffloadError(f"--capacities must be a comma list of slots per layer {limit}, got {spec!r}")
     return values
 
 
@@ -534,7 +536,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise MoeOffloadError(f"--plot {args.plot}: needs matplotlib (pip install matplotlib, or the "
                                   "project's `plot` extra); nothing was run")
     if args.capacities:
-        _capacities(args.capacities, 1 << 30)  # the format now; the range once the trace is known
+        _capacities(args.capacities, None)  # the format now; the range once the trace is known
     hw = get_hardware(args.hardware)
     costs = StepCosts.for_model(model_config(args.link_model), hw, args.expert_dtype)
     if args.trace:
