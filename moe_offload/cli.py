@@ -98,6 +98,8 @@ def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:
                               f"{'it' if len(unread) == 1 else 'them'} (it reads {', '.join(sorted(reads))})")
     dests = {flag[2:].replace("-", "_"): field for flag, field in FLAG_FIELDS.items()} | {"offload": "offload"}
     flags = {dests[d]: getattr(args, d) for d in args.runtime_flags if d in dests and getattr(args, d) is not None}
+    if getattr(args, "speculative", False):
+        flags["speculative"] = True  # generate's own --speculative flag
     both = sorted(set(flags) & set(settings))
     if both:
         raise MoeOffloadError(f"{', '.join(both)} given both as a flag and in --tuning; give it once")
@@ -325,7 +327,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"({res.stats['decode_tokens_per_second']:.1f} tok/s decode), stop: {res.finish_reason}, "
           f"device {model.runtime.device}, {str(model.runtime.dtype).removeprefix('torch.')}, "
           f"moe backend {model.runtime.moe_backend}, experts {model.runtime.expert_format or 'unquantized'}, "
-          f"{_offload_choice(model, args.offload)}]", file=sys.stderr)
+          f"{_offload_choice(model, model.offload_config.offload)}]", file=sys.stderr)
     if (model.runtime.expert_format in ("int8", "int4", "int4-asym") and model.runtime.device.type == "cpu"
             and str(model.runtime.dtype) == "torch.float32"):  # the formats with PyTorch weight-only CPU ops
         print(f"[note: {model.runtime.expert_format} experts run fast on the CPU only at --dtype bfloat16: PyTorch's "
@@ -635,7 +637,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"moe-offload: warning: serving on {args.host} without an API key: anyone who can reach this "
               "address can use the model (pass --api-key or set MOE_OFFLOAD_API_KEY)", file=sys.stderr)
-    model = load(args.model, offload_config(args))
+    config = offload_config(args)
+    if config.speculative:
+        raise MoeOffloadError("speculative: the server decodes requests in batches, which speculative decoding does "
+                              "not (yet); drop --tuning speculative / draft_tokens / accelerator for it")
+    model = load(args.model, config)
     _check_batch_memory(model, args.max_batch)
     uvicorn.run(create_app(model, cfg), host=args.host, port=args.port, log_level="info")
     return 0
@@ -671,7 +677,8 @@ def _check_batch_memory(model: Any, max_batch: int) -> None:
     if need > 0.9 * free:
         raise MoeOffloadError(f"--max-batch {max_batch} needs {need / 1e9:.1f} GB of KV cache ({max_batch} x "
                               f"{model.runtime.max_seq_len} tokens) but {free / 1e9:.1f} GB is free on {dev}; "
-                              "lower --max-batch or --tuning max_seq_len")
+                              "lower --max-batch or --tuning max_seq_len, or leave room beside the expert cache "
+                              "(--cache-gb / --cache-per-layer; by default it fills the free device memory)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -695,10 +702,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import describe, format_info
 
-    plan_kw = None
     config = offload_config(args)
-    if config.device != "auto" or config.cache_per_layer or config.cache_gb or config.tuning.cache_experts:
-        plan_kw = config
+    given = args.tuning or any(getattr(args, d) is not None for d in args.runtime_flags if d != "tuning")
+    plan_kw = config if given else None  # any runtime setting given: the memory plan it makes
     info = describe(args.model, args.config, plan_kw)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

@@ -102,16 +102,21 @@ def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
     from .config import resolve_device, resolve_dtype
     from .offload import CacheBudget, make_policy, plan_memory
     from .options import INT4, check_against_model
-    from .runtime import DEFAULT_MAX_SEQ_LEN
+    from .errors import MoeOffloadError
+    from .runtime import DEFAULT_MAX_SEQ_LEN, _expert_storage
 
     check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     t = config.tuning
     dev = resolve_device(config.device)
     dt = resolve_dtype(config.dtype, dev, ckpt_dtype)
     seq = t.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if seq > cfg.max_position_embeddings:
+        raise MoeOffloadError(f"tuning.max_seq_len must be in [1, {cfg.max_position_embeddings}] for this model "
+                              f"(its max_position_embeddings), got {seq}")
     budget = CacheBudget(t.cache_experts, config.cache_per_layer, config.cache_gb)
-    fmt = config.expert_dtype if config.expert_dtype in ("int8",) + INT4 else cfg.expert_format
-    return plan_memory(cfg, dev, dt, seq, budget, make_policy(t.policy).per_layer, fmt, config.group_size)
+    expert_dtype, group = _expert_storage(config, cfg, "the model")  # as load() would store them
+    fmt = expert_dtype if expert_dtype in ("int8",) + INT4 or expert_dtype.startswith("gguf:") else None
+    return plan_memory(cfg, dev, dt, seq, budget, make_policy(t.policy).per_layer, fmt, group)
 
 
 def _size(n: float) -> str:

@@ -48,6 +48,7 @@ CPU_EXPERTS = ("auto", "off")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_LINK_CHUNK_MB = 8.0
+MIN_LINK_CHUNK_MB = 1 / 1024  # 1 KiB: smaller chunks cost more per-chunk overhead than they save
 DEFAULT_DRAFT_TOKENS = 4
 
 
@@ -77,7 +78,7 @@ class Tuning:
     prefetch_margin: int | None = _opt("prefetch top-(k + margin) experts per predicted layer (default 0; 3 with "
                                        "cross-token adapters and the CPU lane)", kind=int, lo=0)
     link_chunk_mb: float = _opt("prefetch copies move in chunks of this many MiB so a demand copy overtakes them",
-                                DEFAULT_LINK_CHUNK_MB, kind=float, lo=0.0, hi=4096.0, lo_open=True, nullable=False)
+                                DEFAULT_LINK_CHUNK_MB, kind=float, lo=MIN_LINK_CHUNK_MB, hi=4096.0, nullable=False)
     draft_tokens: int | None = _opt(f"most draft tokens per verify pass with speculative (default "
                                     f"{DEFAULT_DRAFT_TOKENS})", kind=int, lo=1, hi=64)
     show_progress: bool = _opt("progress bars while loading weights", False, kind=bool, nullable=False)
@@ -134,6 +135,14 @@ class OffloadConfig:
                                   f"expert_dtype is {self.expert_dtype!r}")
         if self.tuning.draft_tokens is not None and not self.speculative:
             raise MoeOffloadError("tuning.draft_tokens needs speculative=True")
+        if self.predictor == "none":
+            tuned = [f"tuning.{n}" for n in ("lookahead", "prefetch_margin") if getattr(self.tuning, n) is not None]
+            if tuned:
+                raise MoeOffloadError(f"{', '.join(tuned)}: settings of the prefetcher, which predictor='none' "
+                                      "does not run; drop them or choose a predictor")
+        if self.accelerator is not None and self.predictor in ("none", "next-gate") and not self.speculative:
+            raise MoeOffloadError(f"accelerator is read by predictor 'm2r2' (or 'auto') and speculative decoding; "
+                                  f"predictor is {self.predictor!r}: drop it or change the predictor")
 
     def cache_options(self) -> list[str]:
         """The options given that only an expert cache and its prefetcher use: with offload unset they
@@ -321,8 +330,12 @@ def _json_settings(path: str) -> dict[str, Any]:
     from .validate import json_object
 
     raw = json_object(path, "--tuning expects KEY=VALUE or a JSON file of settings; no such file")
-    try:
-        OffloadConfig.make(**raw)  # names and values checked here, so the error can name the file
+    try:  # names and each value here, so the error names the file; combinations once all settings are in
+        _split(raw)
+        for key, value in raw.items():
+            f = TUNING_FIELDS.get(key) or TOP_FIELDS[key]
+            if "lo" in f.metadata:
+                _check(("tuning." if key in TUNING_FIELDS else "") + key, value, f.metadata)
     except MoeOffloadError as exc:
         raise MoeOffloadError(f"--tuning {path}: {exc}") from None
     return raw

@@ -305,6 +305,8 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     tune = config.tuning
     dev = resolve_device(config.device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # kernels launch on the current device, and bf16 support is asked of it
     dt = resolve_dtype(config.dtype, dev, ckpt.dtype_name)
     max_seq_len = tune.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     if max_seq_len > cfg.max_position_embeddings:
@@ -324,6 +326,9 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     if offload is None:  # on cpu, host RAM is the device (OffloadConfig.offload), unless the cache is asked for
         offload = dev.type == "cuda" or bool(config.cache_options())
     expert_dtype, group_size = _expert_storage(config, cfg, path)
+    if tune.moe_backend == "auto" and expert_dtype.startswith("gguf:"):
+        backend = "loop"  # auto: the one backend that runs GGUF block formats (the Triton kernel has none yet)
+        runtime = replace(runtime, moe_backend=backend)
     fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
     runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)
     if fmt.quantized and not offload:

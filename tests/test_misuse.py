@@ -75,6 +75,12 @@ CASES_CLI = {
     "train lookahead past the layers": ["train-accelerator", "--text", TEXT, "--out", "a.safetensors",
                                         "--lookahead", "1,9"],
     "serve max-batch past memory": ["serve", "--max-batch", "100000000", "--port", "0"],
+    "prefetch setting with predictor none": ["generate", "--predictor", "none", "--tuning", "lookahead=2"],
+    "adapters with next-gate": ["generate", "--predictor", "next-gate", "--accelerator",
+                                str(runtime.bundled_accelerator_path())],
+    "serve speculative": ["serve", "--tuning", "speculative=true", "--port", "0"],
+    "speculative flag and tuning": ["generate", "--speculative", "--tuning", "speculative=false"],
+    "link chunk below 1 KiB": ["generate", "--cache-per-layer", "4", "--tuning", "link_chunk_mb=0.0001"],
     "bench of an empty text": None,
     "simulate an empty trace": None,
     "bench an empty trace": None,
@@ -322,6 +328,16 @@ def test_errors_point_to_what_would_be_right(tmp_path, capsys):
     assert f"--tuning {tmp_path / 't.json'}: tuning.lookahead must be an integer" in capsys.readouterr().err
     assert main(["trace", "--tuning", "help"]) == 0
     assert "link_chunk_mb" in capsys.readouterr().out
+
+
+def test_a_tuning_file_is_checked_with_the_flags_not_alone(tmp_path, capsys):
+    (tmp_path / "t.json").write_text('{"draft_tokens": 2}')
+    assert main(["generate", "--speculative", "--tuning", str(tmp_path / "t.json"), "--max-new-tokens", "2"]) == 0
+
+
+def test_info_plans_for_any_runtime_setting(capsys):
+    assert main(["info", "--expert-dtype", "int4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_plan"]["expert_bytes"] < 100_000  # int4, not float32
 
 
 def test_a_cache_setting_turns_offloading_on_on_cpu_and_the_summary_says_which(capsys):

@@ -78,7 +78,7 @@ def test_every_predictor_keeps_outputs_exact(setup, predictor):
     extra = {"accelerator": acc_file} if predictor == "m2r2" else {}
     for policy, slots in (("lru", 3), ("predictive", 3), ("lfu", 5)):
         m = moe_offload.load(path, config=OffloadConfig.make(
-            device="cpu", cache_experts=slots, policy=policy, lookahead=1,
+            device="cpu", cache_experts=slots, policy=policy, lookahead=None if predictor == "none" else 1,
             predictor="next-gate" if predictor == "oracle" else predictor, **extra))
         if predictor == "oracle":
             use_oracle(m, oracle_for(ref, prompt, 12))

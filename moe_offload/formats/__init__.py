@@ -95,7 +95,7 @@ def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype
         if moe_backend not in fmt.moe_backends:
             raise MoeOffloadError(f"GGUF experts ({expert_dtype}) run on moe_backend 'loop' only for now (the Triton "
                                   f"kernel has no GGUF block formats yet); got moe_backend {moe_backend!r}: pass "
-                                  "moe_backend='loop' (--moe-backend loop)")
+                                  "moe_backend='loop' (--tuning moe_backend=loop)")
         return fmt
     if expert_dtype not in EXPERT_DTYPES:
         raise MoeOffloadError(f"expert_dtype {expert_dtype!r} is not one of {list(EXPERT_DTYPES)}")
