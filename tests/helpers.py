@@ -170,3 +170,17 @@ def as_reference(model):
 def group(fmt: str, g: int) -> int | None:
     """The group_size setting for an expert format: g for int4, none for the others (they have no groups)."""
     return g if fmt == "int4" else None
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of the reference b."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def decode_logits(m, ids, n_prefill: int = 3):
+    """Prefill ids[:n_prefill], then decode the rest one token at a time through the KV cache: [T, V]."""
+    cache, net = m.kv_cache, m.model
+    with torch.inference_mode():
+        parts = [net(torch.tensor([ids[:n_prefill]]), 0, cache)[0]]
+        parts += [net(torch.tensor([[t]]), n_prefill + i, cache)[0] for i, t in enumerate(ids[n_prefill:])]
+    return torch.cat(parts)

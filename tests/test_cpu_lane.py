@@ -10,7 +10,7 @@ import torch
 
 import moe_offload
 from moe_offload.offload import ThreadCopyEngine
-from helpers import write_model
+from helpers import decode_logits, write_model
 from moe_offload import MoeOffloadError
 from moe_offload.offload import CopyFaults
 from moe_offload.offload.cpu_lane import CpuLane, LaneCosts, build_cpu_lane, split_misses
@@ -50,12 +50,6 @@ def setup(tmp_path_factory):
     return path, ref, ref.generate(PROMPT, max_new_tokens=12).token_ids
 
 
-def decode_logits(m, ids, n_prefill=3):
-    cache, net = m.kv_cache, m.model
-    with torch.inference_mode():
-        parts = [net(torch.tensor([ids[:n_prefill]]), 0, cache)[0]]
-        parts += [net(torch.tensor([[t]]), n_prefill + i, cache)[0] for i, t in enumerate(ids[n_prefill:])]
-    return torch.cat(parts)
 
 
 def hybrid(path, costs, **kw):

@@ -13,6 +13,7 @@ from moe_offload import ConfigError
 from moe_offload.checkpoint import CheckpointError, expected_tensors
 from moe_offload.config import ModelConfig
 from moe_offload.options import OffloadConfig
+from helpers import decode_logits, rel_err
 
 # float32, 2 layers: the same bound as the Mixtral parity tests (observed max relative error ~1e-7; a
 # wrong norm, rope, bias, clip or routing detail moves the logits by > 1e-2).
@@ -58,17 +59,8 @@ def hf_models(tmp_path_factory):
     return {f: (p, build_hf(p, f)) for f in FAMILIES for p in [tmp_path_factory.mktemp(f)]}
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def decode_logits(m, ids, n_prefill):
-    """Prefill ids[:n_prefill], then decode the rest one token at a time through the KV cache: [T, V]."""
-    cache, net = m.kv_cache, m.model
-    with torch.inference_mode():
-        parts = [net(torch.tensor([ids[:n_prefill]]), 0, cache)[0]]
-        parts += [net(torch.tensor([[t]]), n_prefill + i, cache)[0] for i, t in enumerate(ids[n_prefill:])]
-    return torch.cat(parts)
 
 
 IDS = torch.randint(3, 64, (20,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -282,14 +282,20 @@ def test_layers_of_different_expert_types_load_and_dequantize_as_gguf_quants(lay
             assert np.array_equal(w2.numpy().view(np.uint32), ref["down"][e].view(np.uint32))
 
 
-def test_layers_of_different_expert_types_greedy_tokens_equal_the_dequantized_oracle(layer_mix):
-    hf, f = layer_mix
+def assert_equals_dequantized_oracle(hf, f) -> None:
+    """Our float32 logits (within 1e-4) and 10 greedy tokens equal transformers' on the file's weights as
+    gguf.quants dequantizes them."""
     oracle = oracle_from_file(hf, f, "llama")
     ours = mo.load(f, device="cpu", dtype="float32")
     with torch.no_grad():
         want = oracle(torch.tensor([PROMPT])).logits[0]
     assert torch.allclose(ours.logits(PROMPT), want, atol=1e-4, rtol=1e-4)
     assert ours.generate(PROMPT, max_new_tokens=10).token_ids == greedy_hf(oracle)
+
+
+def test_layers_of_different_expert_types_greedy_tokens_equal_the_dequantized_oracle(layer_mix):
+    hf, f = layer_mix
+    assert_equals_dequantized_oracle(hf, f)
 
 
 def _slots_hold_the_file(m, f):
@@ -447,12 +453,7 @@ def test_a_file_larger_than_available_ram_warns_naming_the_shortfall(tmp_path, m
 def test_mixtral_gguf_greedy_tokens_equal_transformers_on_the_dequantized_file(types, dense, tmp_path):
     hf = tiny_mixtral(256, 256) if "Q4_K" in types else tiny_mixtral(64, 96)
     f = write_gguf(tmp_path / "m.gguf", hf, "llama", types=types, dense=dense)
-    oracle = oracle_from_file(hf, f, "llama")
-    ours = mo.load(f, device="cpu", dtype="float32")
-    with torch.no_grad():
-        want = oracle(torch.tensor([PROMPT])).logits[0]
-    assert torch.allclose(ours.logits(PROMPT), want, atol=1e-4, rtol=1e-4)
-    assert ours.generate(PROMPT, max_new_tokens=10).token_ids == greedy_hf(oracle)
+    assert_equals_dequantized_oracle(hf, f)
 
 
 def test_qwen3moe_gguf_equals_transformers_gguf_loader(tmp_path):

@@ -13,6 +13,7 @@ import moe_offload
 from moe_offload import ConfigError
 from moe_offload.config import ModelConfig
 from moe_offload.options import OffloadConfig
+from helpers import decode_logits, rel_err
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REL_TOL = 2e-5  # as tests/test_families.py (float32)
@@ -26,16 +27,8 @@ GLM = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layer
            tie_word_embeddings=False)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def decode_logits(m, ids, n_prefill):
-    cache, net = m.kv_cache, m.model
-    with torch.inference_mode():
-        parts = [net(torch.tensor([ids[:n_prefill]]), 0, cache)[0]]
-        parts += [net(torch.tensor([[t]]), n_prefill + i, cache)[0] for i, t in enumerate(ids[n_prefill:])]
-    return torch.cat(parts)
 
 
 def build_glm(path: Path, **overrides):

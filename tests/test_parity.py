@@ -4,15 +4,13 @@ import pytest
 import torch
 
 import moe_offload
-from helpers import SHAPES
+from helpers import SHAPES, rel_err
 
 # float32 logits of a few-layer model: observed max relative error ~1e-7; 2e-5 is "well under 1e-4"
 # and still catches any real mistake (a wrong norm, rope or routing moves logits by >1e-2).
 REL_TOL = 2e-5
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
