@@ -181,6 +181,18 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: inconsistent sharded checkpoint:\n  " + "\n  ".join(problems))
         return tensors
 
+    def tokenizer(self):
+        """The folder's tokenizer.json as a tokenizers.Tokenizer, or None when there is none."""
+        from tokenizers import Tokenizer
+
+        f = self.path / "tokenizer.json"
+        if not f.is_file():
+            return None
+        try:
+            return Tokenizer.from_file(str(f))
+        except Exception as exc:  # tokenizers raises a bare Exception subclass
+            raise CheckpointError(f"{f}: not a valid tokenizer.json: {exc}") from None
+
     def validate(self) -> None:
         """Check every expected tensor's presence, shape and dtype; raise listing ALL problems."""
         expected = expected_tensors(self.config)

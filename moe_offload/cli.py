@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--trace", required=True, metavar="FILE", help="from `moe-offload trace`")
     sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx4090-pcie4, rtx3060-pcie3, "
                     "rtx3080m-pcie4, t4-pcie3")
-    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b or a config.json")
+    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b, deepseek-v3, glm-4.5-air, gpt-oss-20b, gpt-oss-120b (published configs, shipped) or a config.json")
     sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2"],
                     help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts")
     sm.add_argument("--capacity", type=POS, default=None, help="expert slots of the real model (default: what fits)")

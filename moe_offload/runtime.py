@@ -319,7 +319,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     runtime = RuntimeConfig(device=dev, dtype=dt, max_seq_len=max_seq_len, moe_backend=backend,
                             show_progress=tune.show_progress)
     ckpt.validate()  # every problem reported before a single weight is read
-    tokenizer = ckpt.tokenizer() if hasattr(ckpt, "tokenizer") else _load_tokenizer(path)  # GGUF: its own vocab
+    tokenizer = ckpt.tokenizer()  # a folder's tokenizer.json, or a GGUF file's own vocabulary
     experts, plan = None, None
     policy = make_policy(tune.policy)
     offload = config.offload
@@ -469,13 +469,3 @@ def build_predictor(model: MoeModel, path: Path, config: OffloadConfig, cpu_lane
     if auto_off and not acc.cross_token and config.accelerator is None:  # a file given is kept
         return None
     return M2R2Predictor(model, acc, m2r2_lookahead(acc, asked_lookahead, lookahead, acc_file, chose_adapters))
-
-
-def _load_tokenizer(path: Path) -> Tokenizer | None:
-    f = path / "tokenizer.json"
-    if not f.is_file():
-        return None
-    try:
-        return Tokenizer.from_file(str(f))
-    except Exception as exc:  # tokenizers raises a bare Exception subclass
-        raise MoeOffloadError(f"{f}: not a valid tokenizer.json: {exc}") from None

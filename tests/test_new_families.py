@@ -15,7 +15,7 @@ from moe_offload.config import ModelConfig
 from moe_offload.options import OffloadConfig
 from helpers import decode_logits, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"  # the published configs, shipped
 REL_TOL = 2e-5  # as tests/test_families.py (float32)
 L, K_DENSE, E, K = 3, 1, 8, 3  # 3 layers, the first dense: 2 MoE layers of 8 experts, top-3
 M = L - K_DENSE

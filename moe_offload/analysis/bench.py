@@ -19,7 +19,9 @@ from .sim import (IMPL_THIS, CpuProfile, Hardware, ImplParams, RecordedPredictor
 from .trace import RoutingTrace
 
 MODEL_CONFIGS = {"mixtral-8x7b": "mixtral-8x7b-v0.1.config.json", "mixtral-8x22b": "mixtral-8x22b-v0.1.config.json",
-                 "qwen3-30b-a3b": "qwen3-30b-a3b.config.json", "olmoe-1b-7b": "olmoe-1b-7b.config.json"}
+                 "qwen3-30b-a3b": "qwen3-30b-a3b.config.json", "olmoe-1b-7b": "olmoe-1b-7b.config.json",
+                 "deepseek-v3": "deepseek-v3.config.json", "glm-4.5-air": "glm-4.5-air.config.json",
+                 "gpt-oss-20b": "gpt-oss-20b.config.json", "gpt-oss-120b": "gpt-oss-120b.config.json"}
 KV_TOKENS = 4096
 # The deep-oracle bound: perfect knowledge of the future (the next DEEP_ORACLE_LOOKAHEAD layers, across
 # token boundaries, and Belady eviction), prefetched with DEEP_ORACLE_WINDOW loads in flight on the same
