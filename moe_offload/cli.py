@@ -629,7 +629,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .runtime import load
-    from .serve import ServeConfig, create_app
+    from .serve import ServeConfig, create_app, uvicorn_config
 
     key = args.api_key if args.api_key is not None else os.environ.get("MOE_OFFLOAD_API_KEY") or None
     cfg = ServeConfig(model_id=args.model_id, max_batch=args.max_batch, api_key=key)
@@ -643,7 +643,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               "not (yet); drop --tuning speculative / draft_tokens / accelerator for it")
     model = load(args.model, config)
     _check_batch_memory(model, args.max_batch)
-    uvicorn.run(create_app(model, cfg), host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(uvicorn_config(create_app(model, cfg), args.host, args.port, cfg.header_timeout_s,
+                                  log_level="info")).run()
     return 0
 
 

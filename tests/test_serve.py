@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from moe_offload import runtime
-from moe_offload.serve import ServeConfig, create_app
+from moe_offload.serve import ServeConfig, create_app, uvicorn_config
 from moe_offload.serve.chat import ChatTemplate
 
 PROMPTS = ["In the beginning God", "And the LORD said unto Moses", "Blessed are the", "The earth was"]
@@ -25,7 +25,8 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = create_app(om, cfg)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, cfg.header_timeout_s,
+                                                    log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -442,6 +442,52 @@ def test_a_non_streaming_client_that_disconnects_frees_its_row(server, plain):
     assert r["choices"][0]["text"] == plain.generate(PROMPTS[3], max_new_tokens=8).text
 
 
+def _read_all(c, until: float) -> bytes:
+    reply = b""
+    while time.time() < until:
+        try:
+            chunk = c.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le"])
+def test_slow_headers_are_cut_by_the_header_timeout(plain, sent):
+    """A client that sends nothing, or half its headers, gets a 408 in OpenAI's shape and is disconnected."""
+    s = Server(plain, ServeConfig(header_timeout_s=1.0))
+    try:
+        t0 = time.time()
+        c = _raw(s, sent)
+        reply = _read_all(c, t0 + 8).decode()
+        c.close()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        assert 0.9 < time.time() - t0 < 8
+        # the server still answers
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_the_header_timeout_restarts_for_each_request_on_a_kept_alive_connection(plain):
+    s = Server(plain, ServeConfig(header_timeout_s=1.5))
+    try:
+        c = _raw(s, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(1.0)  # within uvicorn's 5 s keep-alive; a second request starts, headers never end
+        c.sendall(b"GET /health HTTP/1.1\r\nHo")
+        t1 = time.time()
+        reply = _read_all(c, t1 + 8).decode()
+        c.close()
+        assert reply.startswith("HTTP/1.1 200") and reply.count("HTTP/1.1 408") == 1, reply
+        assert 1.4 < time.time() - t1 < 8  # timed from the second request, not from the connection
+    finally:
+        s.stop()
+
+
 def test_a_slow_body_is_cut_by_the_body_timeout(plain):
     s = Server(plain, ServeConfig(body_timeout_s=1.0))
     try:
@@ -485,8 +531,10 @@ def test_special_token_text_in_chat_content_is_text(server, plain):
     assert ServerTokenizer(plain).encode_chat(lambda w: tpl.render(wrap_contents(msgs, w))) == plain.encode(text)
 
 
-@pytest.mark.parametrize("case", ["add_bos_token_false", "post_processor"])
+@pytest.mark.parametrize("case", ["bundled", "add_bos_token_false", "no_post_processor"])
 def test_completion_prompts_tokenize_like_auto_tokenizer(plain, tmp_path, case):
+    """transformers 5's AutoTokenizer takes BOS from tokenizer.json's post-processor alone (the bundled
+    folder's writes <s>); add_bos_token in tokenizer_config.json does not change that."""
     from transformers import AutoTokenizer
 
     d = tmp_path / "m"
@@ -495,17 +543,13 @@ def test_completion_prompts_tokenize_like_auto_tokenizer(plain, tmp_path, case):
         cfg = json.loads((d / "tokenizer_config.json").read_text())
         cfg["add_bos_token"] = False
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    else:  # a tokenizer.json whose post-processor writes BOS (what Llama-style tokenizer.json files carry)
+    elif case == "no_post_processor":
         tj = json.loads((d / "tokenizer.json").read_text())
-        tj["post_processor"] = {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+        tj["post_processor"] = None
         (d / "tokenizer.json").write_text(json.dumps(tj))
     om = runtime.load(d, device="cpu", offload=False)
     want = AutoTokenizer.from_pretrained(str(d))("In the beginning </s> x").input_ids
+    assert (want[0] == plain.config.bos_token_id) == (case != "no_post_processor")
     from moe_offload.serve.tokens import ServerTokenizer
     assert ServerTokenizer(om).encode_prompt("In the beginning </s> x") == want
     s = Server(om, ServeConfig(model_id="m"))

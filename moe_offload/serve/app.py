@@ -45,8 +45,10 @@ __all__ = ["ApiError", "ServeConfig", "create_app"]
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Server settings; validated on construction. `body_timeout_s`: a request body must arrive whole
-    within this many seconds of the headers (else 408)."""
+    """Server settings; validated on construction. `header_timeout_s`: a request's headers must arrive
+    within this many seconds of the connection opening or the previous response (else 408 and the
+    connection is closed; serve.http); `body_timeout_s`: its body within this many seconds of the
+    headers (else 408)."""
 
     model_id: str = "moe-offload"
     max_batch: int = 8
@@ -54,6 +56,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 16  # completions (OpenAI's and vLLM's default); chat: up to the context
     body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
@@ -64,6 +67,8 @@ class ServeConfig:
             raise MoeOffloadError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.body_timeout_s > 0:
             raise MoeOffloadError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
+        if not self.header_timeout_s > 0:
+            raise MoeOffloadError(f"header_timeout_s must be > 0, got {self.header_timeout_s}")
 
 
 FINISH = {"eos": "stop", "stop": "stop", "stop_id": "stop", "length": "length", "context": "length",

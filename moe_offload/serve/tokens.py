@@ -1,9 +1,10 @@
 """The server's tokenization, the way `transformers.AutoTokenizer` does it for the model's files.
 
-* Completion prompts (text): BOS per the folder's `add_bos_token` (tokenizer_config.json) when it says;
-  else the tokenizer.json post-processor's own rule when it has one (what AutoTokenizer applies);
-  else the family's default, as `OffloadedModel.encode` does (Mixtral: BOS; Qwen, OLMoE: none).
-  Special-token text in a completion prompt is the special token (as AutoTokenizer and vLLM encode it).
+* Completion prompts (text): the tokenizer.json post-processor decides the BOS (and any other added
+  token), as transformers 5's AutoTokenizer does for every tokenizer class: `add_bos_token` in
+  tokenizer_config.json does not change it there, so it does not here. A tokenizer.json without a
+  post-processor adds nothing. Special-token text in a completion prompt is the special token (as
+  AutoTokenizer and vLLM encode it).
 * Chat: the rendered template is encoded without an added BOS (the template writes its own, as
   `apply_chat_template` does), and special-token text that came from a message's *content* is encoded as
   plain text: a user typing `</s>` gets the characters, not the EOS token. Special tokens the template
@@ -12,8 +13,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -30,32 +29,17 @@ class ServerTokenizer:
         self.om = om
         tok = om.tokenizer
         self.tok = tok
-        self.bos = om.config.bos_token_id
-        self.add_bos: bool | None = None  # None: the family default (om.encode)
-        self.post_processor = False
         if tok is not None:
             self.text_tok = Tokenizer.from_str(tok.to_str())
             self.text_tok.encode_special_tokens = True  # every special token's text encoded as text
             self.special = sorted((t.content for t in tok.get_added_tokens_decoder().values() if t.special),
                                   key=len, reverse=True)
-            self.post_processor = json.loads(tok.to_str()).get("post_processor") is not None
-        cfg_file = Path(om.path) / "tokenizer_config.json"
-        if cfg_file.is_file():
-            try:
-                flag = json.loads(cfg_file.read_text(encoding="utf-8")).get("add_bos_token")
-            except ValueError:
-                flag = None
-            if isinstance(flag, bool):
-                self.add_bos = flag
 
     def encode_prompt(self, text: str) -> list[int]:
         """A completion prompt -> ids (see the module docstring for BOS)."""
-        if self.tok is None or (self.add_bos is None and not self.post_processor):
-            return self.om.encode(text)  # raises the no-tokenizer error when there is none
-        if self.add_bos is None:
-            return self.tok.encode(text, add_special_tokens=True).ids
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos] + ids if self.add_bos and self.bos is not None else ids
+        if self.tok is None:
+            return self.om.encode(text)  # raises the no-tokenizer error
+        return self.tok.encode(text, add_special_tokens=True).ids
 
     def encode_chat(self, render: Callable[[Callable[[str], str]], str]) -> list[int]:
         """`render(wrap)` renders the template with every content string passed through `wrap`. Content
