@@ -11,7 +11,7 @@ Sections (each timed and isolated: a failure is recorded, the next section still
                      demand copy behind 6 queued prefetch experts, 8 MiB vs whole-expert chunks; prefetch GB/s
   copy_engine        pinned vs pageable host->device GB/s for one Mixtral-8x7B expert (352 MB), and
                      overlap of copy-stream loads with a compute-stream kernel
-  kernels            benchmarks/kernels.py (Mixtral shapes, bf16, T in 1..256)
+  kernels            benchmarks/kernel_speed.py (Mixtral shapes, bf16, T in 1..256)
   quant_kernels      fused_moe_quant (int8; int4 at G=32/64/128) vs the torch dequant loop, and weight GB/s
                      at decode T=1/4/16, bf16, Mixtral (E=8,k=2) and Qwen3-MoE (E=128,k=8,I=768) shapes
   decode             benchmarks/decode.py (only with --only ...,decode: it builds a 17 GB pinned store and
@@ -237,9 +237,12 @@ def _time(fn, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+SCRIPTS = {"kernels": "kernel_speed"}  # check name -> benchmarks/<file>.py where the two differ
+
+
 def script(name: str, smoke: bool, out_dir: Path) -> dict:
     out = out_dir / f"{name}.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--out", str(out)] + (["--smoke"] if smoke else [])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{SCRIPTS.get(name, name)}.py"), "--out", str(out)] + (["--smoke"] if smoke else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])

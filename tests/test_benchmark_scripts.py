@@ -18,7 +18,7 @@ def run(script: str, out: Path) -> dict:
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    res = run("kernels.py", tmp_path / "k.json")
+    res = run("kernel_speed.py", tmp_path / "k.json")
     assert {"command", "git_commit", "date", "device", "torch", "triton"} <= set(res)
     assert [r["tokens"] for r in res["results"]] == [1, 4, 16]
     assert all(r["correct"] for r in res["results"])

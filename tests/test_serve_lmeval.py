@@ -70,7 +70,7 @@ def test_local_completions_accuracy_equals_hf_backend(task_dir):
         served = lm_eval.simple_evaluate(
             model="local-completions", tasks=["tiny_kjv_mc"], task_manager=tm,
             model_args=f"base_url={s.url}/v1/completions,model=moe-offload,tokenizer={folder},"
-                       "tokenized_requests=True,num_concurrent=1,max_retries=1,batch_size=4")
+                       "tokenized_requests=True,add_bos_token=True,num_concurrent=1,max_retries=1,batch_size=4")
         hf = lm_eval.simple_evaluate(model="hf", tasks=["tiny_kjv_mc"], task_manager=tm,
                                      model_args=f"pretrained={folder},dtype=float32", device="cpu")
     finally:

@@ -6,8 +6,8 @@ time (triton.testing.do_bench), GB/s of expert weight bytes actually read (disti
 bytes per expert) against the device's measured pinned host->device copy bandwidth, speedups, and
 correctness against the loop reference in the same run. Writes JSON (see --out).
 
-    python benchmarks/kernels.py                  # on a GPU, ~1-2 minutes
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # tiny shapes on CPU: checks the script
+    python benchmarks/kernel_speed.py                  # on a GPU, ~1-2 minutes
+    TRITON_INTERPRET=1 python benchmarks/kernel_speed.py --smoke   # tiny shapes on CPU: checks the script
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main() -> None:
     if args.smoke:
         args.hidden, args.inter, args.tokens = 64, 96, "1,4,16"
     elif device.type != "cuda":
-        raise SystemExit("benchmarks/kernels.py needs a GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
+        raise SystemExit("benchmarks/kernel_speed.py needs a GPU (or --smoke with TRITON_INTERPRET=1 on CPU)")
     dtype = torch.bfloat16
     h, i, e, k = args.hidden, args.inter, args.experts, args.top_k
     g = torch.Generator(device="cpu").manual_seed(0)
