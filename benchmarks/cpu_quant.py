@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU kernels for quantized experts, and CPU decode speed per expert format, vs llama.cpp.
+"""CPU kernels for quantized experts, and CPU decode speed per expert format.
 
 1. kernels: one SwiGLU expert (w13 GEMM, SiLU*up, w2 GEMM) at Mixtral-734M shapes (hidden 1024,
    intermediate 3584) per candidate: float F.linear (fp32, bf16 weights), dequantize-then-matmul (the
@@ -9,34 +9,26 @@
    are rotated over more memory than the last-level cache holds) and the crossover token count.
 2. decode: tokens/s of `generate` per format (fp32, bf16, int8, int4 g128; quantized ones at float32 and
    bfloat16 compute) on the bundled model and on the 734M model.
-3. peer: llama-bench on the 734M GGUFs (f32, bf16, q8_0) with the same thread count.
 
-The 734M model and its GGUFs live in a peer folder (--peer-dir DIR or MOE_OFFLOAD_PEER_DIR), made once:
+The 734M model is the one `benchmarks/cpu_vs_llamacpp.py --make-model` writes (that script compares
+with llama.cpp, same run):
 
-    python benchmarks/cpu_quant.py --build-734m PEER/mixtral-734m      # random weights, seed 0 (transformers)
-    python convert_hf_to_gguf.py PEER/mixtral-734m --outtype f32 --outfile PEER/m734-f32.gguf   # llama.cpp's
-    (likewise --outtype bf16 -> m734-bf16.gguf, --outtype q8_0 -> m734-q8_0.gguf)
+    python benchmarks/cpu_quant.py --model-734m DIR [--threads 2]
+    python benchmarks/cpu_quant.py                                   # bundled model only
+    python benchmarks/cpu_quant.py --smoke --out q.json              # tiny shapes, bundled model only
 
-    python benchmarks/cpu_quant.py --peer-dir PEER --llama-cpp-bin LLAMA_CPP/build/bin [--threads 2]
-    python benchmarks/cpu_quant.py --skip-peer [--peer-dir PEER]      # without llama.cpp
-    python benchmarks/cpu_quant.py --smoke --out q.json                # tiny shapes, bundled model only
-
---llama-cpp-bin DIR (or LLAMA_CPP_BIN) is the folder holding llama.cpp's `llama-bench`. Prints a table and
-writes benchmarks/results/cpu_quant.json. Run it on a quiet machine: every number here is a median of
-repeated runs, but other work on the cores still shows.
+Prints a table and writes benchmarks/results/cpu_quant.json. Run it on a quiet machine: every number
+here is a median of repeated runs, but other work on the cores still shows.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -48,7 +40,6 @@ from moe_offload.results import result_metadata, write_json_atomic
 
 from _paths import env_path, shown
 
-PEER_GGUFS = "m734-*.gguf"
 ROTATE_BYTES = 160 * 2**20  # experts cycled per candidate: more than a last-level cache holds
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -175,24 +166,7 @@ def decode_rows(models: dict[str, str], new_tokens: int, repeats: int, variants:
     return out
 
 
-def peer_rows(llama_bench: Path, ggufs: list[Path], threads: int, new_tokens: int, repeats: int) -> dict:
-    """llama-bench decode tok/s on the 734M GGUFs (same threads)."""
-    out = {}
-    for gguf in ggufs:
-        args = ["-t", str(threads), "-p", "0", "-n", str(new_tokens), "-r", str(repeats), "-o", "json"]
-        r = subprocess.run([str(llama_bench), "-m", str(gguf), *args], capture_output=True, text=True, timeout=900)
-        if r.returncode != 0:
-            out[gguf.name] = {"error": r.stderr[-300:]}
-            continue
-        res = json.loads(r.stdout)[0]
-        out[gguf.name] = {"command": " ".join(["llama-bench", "-m", gguf.name, *args]), "samples_tok_s": res["samples_ts"],
-                          "median_tok_s": statistics.median(res["samples_ts"])}
-        print(f"  llama.cpp {gguf.name:18s} {out[gguf.name]['median_tok_s']:7.1f} tok/s  "
-              f"{[round(x, 1) for x in res['samples_ts']]}", flush=True)
-    return out
-
-
-def print_table(kern: list[dict], cross: dict, dec: dict, peer: dict) -> None:
+def print_table(kern: list[dict], cross: dict, dec: dict) -> None:
     print("\nexpert kernels (median us per expert / GB/s):")
     tokens = sorted({r["tokens"] for r in kern})
     print(f"  {'format':10s} {'dtype':9s} {'candidate':22s} " + " ".join(f"{'t=' + str(t):>16s}" for t in tokens))
@@ -206,22 +180,6 @@ def print_table(kern: list[dict], cross: dict, dec: dict, peer: dict) -> None:
     print("\ndecode tok/s (median):")
     for model, rows in dec.items():
         print(f"  {model}: " + ", ".join(f"{k} {v['median_tok_s']:.1f}" for k, v in rows.items() if k != "path"))
-    if peer:
-        print("  llama.cpp 734m: " + ", ".join(f"{k} {v.get('median_tok_s', float('nan')):.1f}" for k, v in peer.items()))
-
-
-def build_734m(folder: Path) -> None:
-    """The random 734M Mixtral-shaped model: hidden 1024, intermediate 3584, 8 layers, 32 heads / 8 KV heads,
-    8 experts, top-2, vocab 4096, seed 0."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=4096, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
-                        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=None, sliding_window=None,
-                        tie_word_embeddings=False)
-    MixtralForCausalLM(cfg).eval().save_pretrained(folder)
-    print(f"wrote {folder}")
 
 
 def fail(msg: str) -> None:
@@ -231,36 +189,17 @@ def fail(msg: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--peer-dir", default=None, metavar="DIR",
-                    help="folder with mixtral-734m/ and m734-*.gguf (default: $MOE_OFFLOAD_PEER_DIR)")
-    ap.add_argument("--model-734m", default=None, metavar="DIR", help="the 734M model (default: PEER/mixtral-734m)")
-    ap.add_argument("--llama-cpp-bin", default=None, metavar="DIR",
-                    help="folder with llama.cpp's llama-bench (default: $LLAMA_CPP_BIN)")
-    ap.add_argument("--build-734m", default=None, metavar="DIR", help="write the random 734M model to DIR and exit")
+    ap.add_argument("--model-734m", default=None, metavar="DIR",
+                    help="the 734M model (made by benchmarks/cpu_vs_llamacpp.py --make-model; "
+                         "default: $MOE_OFFLOAD_734M, else bundled model only)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-peer", action="store_true", help="do not run llama-bench")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, bundled model only, no peer (for tests)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, bundled model only (for tests)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu_quant.json"))
     args = ap.parse_args()
-    if args.build_734m:
-        build_734m(Path(args.build_734m))
-        return
-    peer_dir = env_path(args.peer_dir, "MOE_OFFLOAD_PEER_DIR")
-    model_734m = Path(args.model_734m) if args.model_734m else (peer_dir / "mixtral-734m" if peer_dir else None)
-    llama_bench, ggufs = None, []
-    if not (args.smoke or args.skip_peer):  # refuse before the long runs, not after them
-        bin_dir = env_path(args.llama_cpp_bin, "LLAMA_CPP_BIN")
-        if bin_dir is None:
-            fail("llama.cpp not given: pass --llama-cpp-bin DIR (or set LLAMA_CPP_BIN) to the folder holding "
-                 "llama-bench, or --skip-peer")
-        llama_bench = bin_dir / "llama-bench"
-        if not llama_bench.is_file():
-            fail(f"no llama-bench in {bin_dir} (--llama-cpp-bin / LLAMA_CPP_BIN): build llama.cpp, or --skip-peer")
-        ggufs = sorted(peer_dir.glob(PEER_GGUFS)) if peer_dir else []
-        if not ggufs:
-            fail(f"no {PEER_GGUFS} in {peer_dir or '(no --peer-dir / MOE_OFFLOAD_PEER_DIR)'}: make them with "
-                 "llama.cpp's convert_hf_to_gguf.py (see this script's docstring), or --skip-peer")
+    model_734m = env_path(args.model_734m, "MOE_OFFLOAD_734M")
+    if model_734m is not None and not (model_734m / "config.json").is_file():
+        fail(f"--model-734m {model_734m}: no config.json there (make it with benchmarks/cpu_vs_llamacpp.py --make-model)")
     torch.set_num_threads(args.threads)
     shapes = (128, 256) if args.smoke else (1024, 3584)
     tokens = [1, 4] if args.smoke else [1, 4, 16, 64]
@@ -270,22 +209,18 @@ def main() -> None:
     models = {"bundled": str(moe_offload.bundled_model_path())}
     missing = None
     if not args.smoke:
-        if model_734m is not None and (model_734m / "config.json").exists():
+        if model_734m is not None:
             models["734m"] = str(model_734m)
         else:
-            missing = "734M model not found (--peer-dir / --model-734m): 734M rows skipped"
+            missing = "no --model-734m: 734M rows skipped"
             print(missing)
     variants = dict(list(DECODE_VARIANTS.items())[:3]) if args.smoke else DECODE_VARIANTS
     print("decode:", flush=True)
     dec = decode_rows(models, 4 if args.smoke else args.new_tokens, 1 if args.smoke else args.repeats, variants)
-    peer = {}
-    if llama_bench is not None:
-        print("llama.cpp:", flush=True)
-        peer = peer_rows(llama_bench, ggufs, args.threads, args.new_tokens, args.repeats)
-    print_table(kern, cross, dec, peer)
+    print_table(kern, cross, dec)
     out = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "shapes": {"hidden": shapes[0],
            "intermediate": shapes[1]}, "kernels": kern, "weight_only_op_wins_up_to_tokens": cross,
-           "decode": dec, "llama_cpp": peer, "missing": missing,
+           "decode": dec, "missing": missing,
            "note": "decode rows: load(path, OffloadConfig.make(device='cpu', offload=False, **options)), "
                    "prompt [1, 17, 230], EOS off, one warm-up, then `repeats` runs of new_tokens; load_s includes "
                    "quantizing on load"}

@@ -190,7 +190,7 @@ class CpuLane(LaneDecision):
         for e in experts:
             rows, cols = np.nonzero(ids_host == e)  # tokens routed to e, and at which of their k
             rows_t = torch.from_numpy(rows)
-            y = self.host.ffn(layer, e, x[rows_t]).float()  # [c, H]
+            y = self.host.ffn(layer, e, x.index_select(0, rows_t)).float()  # [c, H]
             out.index_add_(0, rows_t, y * w[rows_t, torch.from_numpy(cols)][:, None])
         return out.to(h.dtype)
 

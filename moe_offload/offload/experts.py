@@ -114,12 +114,14 @@ class _KernelLanes:
             rows_host = np.flatnonzero(in_group.any(1))
             rows = torch.from_numpy(rows_host).to(h.device)  # [n] tokens touching the group
             mask = torch.from_numpy(in_group).to(h.device)
-            ids_g = torch.where(mask, ids, group[0])[rows]  # [n, k]
-            w_g = torch.where(mask, weights, torch.zeros_like(weights))[rows]
+            ids_g = torch.where(mask, ids, group[0]).index_select(0, rows)  # [n, k]
+            w_g = torch.where(mask, weights, torch.zeros_like(weights)).index_select(0, rows)
             ids_g_host = np.where(in_group, ids_host, group[0])[rows_host]
             out = self.out if self.out is not None else torch.zeros_like(h)
-            self.out = out.index_add_(0, rows, run_experts(backend, h[rows], ids_g, w_g, w13_pool, w2_pool,
-                                                           cache.slot_table[layer], None, ids_g_host))
+            y = run_experts(backend, h.index_select(0, rows), ids_g, w_g, w13_pool, w2_pool, cache.slot_table[layer], None,
+                            ids_g_host)  # [n, H]
+            # distinct rows: as index_add_, without its slow CPU bf16/fp16 path (kernels.reference.moe_loop)
+            self.out = out.index_put_((rows,), y, accumulate=True)
 
     def cpu(self, layer: int, on_cpu: list[int]) -> None:
         h = self.h  # [N, H]

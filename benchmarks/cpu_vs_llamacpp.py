@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""CPU decode and prefill, moe_offload against llama.cpp, same machine, same run, interleaved.
+
+Builds nothing. llama.cpp's tools come from arguments (or environment variables): the folder holding
+`llama-bench` and `llama-quantize` (--llama-bin / LLAMA_CPP_BIN) and its `convert_hf_to_gguf.py`
+(--convert / LLAMA_CPP_CONVERT; by default searched in the source tree above the binary folder).
+With --make-model the script writes the issue's 734M Mixtral-shaped model (vocab 4096, hidden 1024,
+intermediate 3584, 8 layers, 16 heads / 4 kv, 8 experts top-2, random weights, the bundled model's
+tokenizer) into --model; else --model names an existing Mixtral folder.
+
+For each precision it converts (f32, bf16) or converts and quantizes (q8_0, q4_0) a GGUF with
+llama.cpp's tools, then alternates, for --repeats rounds: `llama-bench -t T -p P -n N -r 1` and ours
+(`moe_offload.load(folder, device="cpu", dtype=..., expert_dtype=...)`, decode N tokens after a P-token
+prompt). Ours at q8_0 / q4_0 is the project's int8 / int4 group-32 experts (bf16 compute) and, where
+the GGUF loads, the same GGUF file read by moe_offload. Each row reports median tokens/s for decode
+and prefill, the ratio ours / llama.cpp, and the bandwidth each reaches: bytes of weights read per
+decoded token (dense weights + top-k of the experts; the embedding row not counted) / time per token,
+beside this machine's copy bandwidth (a STREAM-like copy of 256 MiB, measured in the same run).
+
+    python benchmarks/cpu_vs_llamacpp.py --llama-bin LLAMA/build/bin --model /tmp/m734 --make-model \\
+        [--threads 2] [--prompt 64] [--gen 32] [--repeats 3] [--precisions f32,bf16,q8_0,q4_0]
+
+Threads: 2 is this project's reference machine (2 cores). On bigger machines run it again with
+--threads 1 and with the physical core count; the JSON records the thread count and the CPU.
+Writes benchmarks/results/cpu_vs_llamacpp.json (or --out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import moe_offload
+from moe_offload.results import result_metadata, write_json_atomic
+
+from _paths import ROOT, env_path, shown
+
+SHAPE = dict(vocab_size=4096, hidden_size=1024, intermediate_size=3584, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)
+# precision -> (GGUF outtype of the conversion, llama-quantize type or None, our OffloadConfig settings)
+PRECISIONS = {
+    "f32": ("f32", None, dict(dtype="float32")),
+    "bf16": ("bf16", None, dict(dtype="bfloat16")),
+    "q8_0": ("f32", "Q8_0", dict(dtype="bfloat16", expert_dtype="int8")),
+    "q4_0": ("f32", "Q4_0", dict(dtype="bfloat16", expert_dtype="int4", group_size=32)),
+}
+CONVERT = r"""
+import sys
+sys.path.insert(0, {src!r})
+sys.path.insert(0, {gguf_py!r})
+sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outtype", {outtype!r}, "--outfile", {out!r}]
+import convert_hf_to_gguf as c
+from conversion import base
+known = base.TextModel.get_vocab_base_pre
+def pre(self, tokenizer):  # the bundled tokenizer is GPT-2-style byte-level BPE, unknown by hash
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return "gpt-2"
+base.TextModel.get_vocab_base_pre = pre
+def no_spm(self):  # no tokenizer.model in the folder: skip the sentencepiece attempt (its import)
+    raise FileNotFoundError("tokenizer.model")
+base.TextModel._set_vocab_sentencepiece = no_spm
+c.main()
+"""
+
+
+def make_model(folder: Path) -> None:
+    """The 734M random Mixtral-shaped model, fp32 safetensors, with the bundled tokenizer."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(**SHAPE, head_dim=64, max_position_embeddings=4096, rope_theta=1e6, bos_token_id=1,
+                        eos_token_id=2, tie_word_embeddings=False)
+    model = MixtralForCausalLM(cfg).to(torch.float32).eval()
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".tmp"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(moe_offload.runtime.bundled_model_path() / f, tmp / f)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def stream_copy_gbs(threads: int) -> float:
+    """Bytes read + written per second by a copy of 256 MiB (best of 5), torch on `threads` threads."""
+    a = torch.ones(64 << 20, dtype=torch.float32)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best / 1e9
+
+
+def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a llama.cpp tool; on failure exit with its last lines of output."""
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-8:])
+        raise SystemExit(f"{Path(cmd[0]).name if cmd[1] != '-c' else 'convert_hf_to_gguf.py'} failed "
+                         f"(exit {r.returncode}):\n{tail}")
+    return r
+
+
+def gguf_for(model: Path, work: Path, precision: str, bins: Path, convert: Path) -> Path:
+    """The GGUF of `precision`, converted (and quantized) once; reused on later runs."""
+    outtype, qtype, _ = PRECISIONS[precision]
+    base = work / f"model-{outtype}.gguf"
+    if not base.exists():
+        src = convert.parent
+        code = CONVERT.format(src=str(src), gguf_py=str(src / "gguf-py"), model=str(model), outtype=outtype,
+                              out=str(base) + ".part")
+        run([sys.executable, "-c", code], cwd=work)
+        os.replace(str(base) + ".part", base)
+    if qtype is None:
+        return base
+    out = work / f"model-{qtype.lower()}.gguf"
+    if not out.exists():
+        run([str(bins / "llama-quantize"), str(base), str(out) + ".part", qtype])
+        os.replace(str(out) + ".part", out)
+    return out
+
+
+def llama_bench(bins: Path, gguf: Path, threads: int, prompt: int, gen: int) -> dict:
+    r = run([str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+             "-n", str(gen), "-r", "1", "-o", "json"])
+    rows = json.loads(r.stdout)
+    out = {}
+    for row in rows:
+        key = "prefill_tok_s" if row.get("n_prompt", 0) > 0 else "decode_tok_s"
+        out[key] = float(row["avg_ts"])
+    return out
+
+
+def ours(path: Path, opts: dict, threads: int, prompt_ids: list[int], gen: int) -> tuple[dict, list[int]]:
+    torch.set_num_threads(threads)
+    m = moe_offload.load(path, moe_offload.OffloadConfig.make(device="cpu", **opts))
+    try:
+        m.generate(prompt_ids[:8], max_new_tokens=4)  # warm-up
+        r = m.generate(prompt_ids, max_new_tokens=gen)
+        assert len(r.token_ids) == gen, "the model stopped early"
+        return {"decode_tok_s": r.stats["decode_tokens_per_second"],
+                "prefill_tok_s": len(prompt_ids) / r.stats["prefill_seconds"]}, list(r.token_ids)
+    finally:
+        m.close()
+
+
+def dense_and_expert_params(cfg: dict) -> tuple[int, int]:
+    """(dense parameters read per token, parameters of one expert)."""
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = h // cfg["num_attention_heads"]
+    attn = h * hd * (cfg["num_attention_heads"] * 2 + cfg["num_key_value_heads"] * 2)
+    router = h * cfg["num_local_experts"]
+    return layers * (attn + router + 2 * h) + h + cfg["vocab_size"] * h, 3 * h * i
+
+
+def ours_bytes_per_token(cfg: dict, precision: str) -> float:
+    dense, expert = dense_and_expert_params(cfg)
+    k, layers = cfg["num_experts_per_tok"], cfg["num_hidden_layers"]
+    if precision == "f32":
+        return 4 * (dense + k * layers * expert)
+    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 2 / 32}[precision]  # + bf16 scales
+    return 2 * dense + k * layers * expert * per_weight
+
+
+def gguf_bytes_per_token(gguf: Path, top_k: int, experts: int) -> float:
+    """Bytes of the file's tensors read per token: all but the embedding, experts at top-k / E."""
+    from gguf import GGUFReader
+
+    total = 0.0
+    for t in GGUFReader(str(gguf)).tensors:
+        if t.name == "token_embd.weight":
+            continue
+        total += t.n_bytes * (top_k / experts if "_exps." in t.name else 1.0)
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-bin", help="folder with llama-bench and llama-quantize (or LLAMA_CPP_BIN)")
+    ap.add_argument("--convert", help="llama.cpp's convert_hf_to_gguf.py (or LLAMA_CPP_CONVERT; default: "
+                                      "searched above --llama-bin)")
+    ap.add_argument("--model", required=True, help="Mixtral folder (written there with --make-model)")
+    ap.add_argument("--make-model", action="store_true", help="write the 734M random model into --model first")
+    ap.add_argument("--work", help="folder for the GGUF files (default: MODEL.gguf-work beside --model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--gen", type=int, default=32, help="decoded tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_vs_llamacpp.json"))
+    args = ap.parse_args()
+    bins = env_path(args.llama_bin, "LLAMA_CPP_BIN")
+    if bins is None or not (bins / "llama-bench").is_file():
+        ap.error("--llama-bin (or LLAMA_CPP_BIN) must name the folder holding llama-bench and llama-quantize")
+    convert = env_path(args.convert, "LLAMA_CPP_CONVERT")
+    if convert is None:
+        convert = next((p / "convert_hf_to_gguf.py" for p in bins.resolve().parents
+                        if (p / "convert_hf_to_gguf.py").is_file()), None)
+    if convert is None or not convert.is_file():
+        ap.error("--convert (or LLAMA_CPP_CONVERT) must name llama.cpp's convert_hf_to_gguf.py")
+    precisions = args.precisions.split(",")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad:
+        ap.error(f"--precisions: unknown {bad}; choose from {sorted(PRECISIONS)}")
+    model = Path(args.model).expanduser().resolve()
+    if args.make_model:
+        make_model(model)
+    cfg = json.loads((model / "config.json").read_text())
+    work = Path(args.work) if args.work else model.parent / (model.name + ".gguf-work")
+    work.mkdir(parents=True, exist_ok=True)
+
+    prompt_ids = moe_offload.load(model, device="cpu", offload=False).encode(
+        "In the beginning God created the heaven and the earth. " * 12)[:args.prompt]
+    assert len(prompt_ids) == args.prompt, "the prompt text is too short for --prompt"
+    copy_gbs = [stream_copy_gbs(args.threads)]
+    rows = []
+    for prec in precisions:
+        print(f"[{prec}] converting ...", file=sys.stderr)
+        gguf = gguf_for(model, work, prec, bins, convert)
+        opts = PRECISIONS[prec][2]
+        theirs_runs, ours_runs, ours_gguf_runs = [], [], []
+        for rep in range(args.repeats):
+            print(f"[{prec}] round {rep + 1}/{args.repeats}", file=sys.stderr)
+            theirs_runs.append(llama_bench(bins, gguf, args.threads, args.prompt, args.gen))
+            r, tokens = ours(model, opts, args.threads, prompt_ids, args.gen)
+            ours_runs.append(r)
+            if PRECISIONS[prec][1]:  # the quantized GGUF read by moe_offload itself
+                try:
+                    ours_gguf_runs.append(ours(gguf, {"dtype": "bfloat16"}, args.threads, prompt_ids, args.gen)[0])
+                except moe_offload.MoeOffloadError as exc:
+                    ours_gguf_runs.append({"error": str(exc)})
+            copy_gbs.append(stream_copy_gbs(args.threads))
+        med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+        row = {"precision": prec, "gguf": gguf.name,
+               "llama_cpp": {"decode_tok_s": med(theirs_runs, "decode_tok_s"),
+                             "prefill_tok_s": med(theirs_runs, "prefill_tok_s"),
+                             "bytes_per_token": gguf_bytes_per_token(gguf, cfg["num_experts_per_tok"],
+                                                                     cfg["num_local_experts"])},
+               "ours": {"decode_tok_s": med(ours_runs, "decode_tok_s"), "prefill_tok_s": med(ours_runs, "prefill_tok_s"),
+                        "bytes_per_token": ours_bytes_per_token(cfg, prec), "load_options": opts}}
+        if ours_gguf_runs and "error" not in ours_gguf_runs[0]:
+            row["ours_on_gguf"] = {"decode_tok_s": med(ours_gguf_runs, "decode_tok_s"),
+                                   "prefill_tok_s": med(ours_gguf_runs, "prefill_tok_s")}
+        elif ours_gguf_runs:
+            row["ours_on_gguf"] = {"error": ours_gguf_runs[0]["error"]}
+        for side in ("llama_cpp", "ours"):
+            d = row[side]
+            d["decode_gb_s"] = d["bytes_per_token"] * d["decode_tok_s"] / 1e9
+        row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
+        row["prefill_ratio"] = row["ours"]["prefill_tok_s"] / row["llama_cpp"]["prefill_tok_s"]
+        rows.append(row)
+
+    result = {**result_metadata(), "benchmark": "cpu_vs_llamacpp", "threads": args.threads,
+              "cpu": platform.processor() or platform.machine(), "model": shown(model), "shape": SHAPE,
+              "prompt_tokens": args.prompt, "decode_tokens": args.gen, "repeats": args.repeats,
+              "copy_gb_s_median": statistics.median(copy_gbs), "copy_gb_s_runs": copy_gbs, "rows": rows,
+              "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + sys.argv[1:])}
+    write_json_atomic(args.out, result)
+    print(f"copy bandwidth {result['copy_gb_s_median']:.1f} GB/s; {args.threads} threads")
+    print("| precision | decode tok/s ours / llama.cpp | ratio | prefill tok/s ours / llama.cpp | ratio "
+          "| decode GB/s ours / llama.cpp | ours on the GGUF (decode / prefill) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        o, t = r["ours"], r["llama_cpp"]
+        g = r.get("ours_on_gguf", {})
+        gtxt = ("-" if not g else g.get("error", "")[:40] if "error" in g
+                else f"{g['decode_tok_s']:.1f} / {g['prefill_tok_s']:.0f}")
+        print(f"| {r['precision']} | {o['decode_tok_s']:.1f} / {t['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}x "
+              f"| {o['prefill_tok_s']:.0f} / {t['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x "
+              f"| {o['decode_gb_s']:.1f} / {t['decode_gb_s']:.1f} | {gtxt} |")
+    print(f"wrote {shown(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Weight-streaming CPU kernels for decode (csrc/cpu_gemv.cpp): y [M, N] = x [M, K] @ W [N, K]^T for
+float32 / bfloat16 weights and moe_offload's int8 and int4 layouts read in place.
+
+Decode reads each weight byte once per token, so its speed is memory bandwidth. PyTorch's CPU
+matmul for one row reaches a fraction of it (float32 ~44%, bfloat16 ~22%, the int8 weight-only op
+~11% of a plain copy's bytes/s on the 2-core reference machine: benchmarks/cpu_vs_llamacpp.py records
+both in the same run); these kernels widen each weight to float32 in registers and read every row once
+for all M rows of x.
+
+The extension is compiled on first use with the machine's compiler (torch.utils.cpp_extension,
+`-O3 -march=native`, ~30-60 s once, then cached under torch's extension folder). Where it cannot be
+built (no C++ compiler, no ninja) or MOE_OFFLOAD_CPU_KERNELS=0 is set, `available()` is False, a
+one-line warning says why once, and callers use PyTorch's ops (exact to the same tolerance, slower).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.cpp"
+_ext: Any = None
+_why_not: str | None = None
+# Most rows of x for which a kernel reads each weight row once for all of them and still beats
+# PyTorch's GEMM (which tiles for reuse): decode and small batches.
+MAX_ROWS = 8
+
+
+def _load() -> Any:
+    global _ext, _why_not
+    if _ext is not None or _why_not is not None:
+        return _ext
+    if os.environ.get("MOE_OFFLOAD_CPU_KERNELS", "1") == "0":
+        _why_not = "MOE_OFFLOAD_CPU_KERNELS=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        print("moe-offload: building the CPU decode kernels (once, ~1 min) ...", file=sys.stderr, flush=True)
+        _ext = cpp_extension.load(name="moe_offload_cpu_gemv", sources=[str(_SOURCE)],
+                                  extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's ops, and say so
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        _why_not = f"the CPU decode kernels could not be built ({first})"
+        warnings.warn(f"moe-offload: {_why_not}; decode uses PyTorch's slower matmul instead", stacklevel=3)
+    return _ext
+
+
+def available() -> bool:
+    """Whether the compiled kernels can run (building them on the first call)."""
+    return _load() is not None
+
+
+def why_unavailable() -> str | None:
+    """Why the kernels are not used (None when they are, or before the first `available()`)."""
+    return _why_not
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, x.shape[-1]).float().contiguous(), lead
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
+    x2, lead = _rows(x)
+    return _ext.gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q * s[:, None])^T -> [..., N]; q int8 [N, K], s fp16 [N]."""
+    x2, lead = _rows(x)
+    return _ext.gemv_int8(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
+
+
+def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] with W = (q - z) * s per group of `group_size` along K; q uint8
+    [N, K/2] (even k in the low nibble), s / z fp16 [N, K/G]."""
+    x2, lead = _rows(x)
+    return _ext.gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
+
+
+def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear(x, w)` runs here: cpu, at most MAX_ROWS rows, float32 / bfloat16 weights, and
+    the kernels built."""
+    return (x.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous()
+            and x.numel() <= MAX_ROWS * x.shape[-1] and w.dim() == 2 and available())

@@ -1,0 +1,255 @@
+// Weight-streaming matrix-vector products for CPU decode: y[m, n] = sum_k x[m, k] * W[n, k].
+//
+// Decode reads every weight byte once per token, so its speed is memory bandwidth. These kernels read
+// each weight row once for all M rows of x (M is small: a decode step or a few tokens), widen it to
+// float32 in registers and accumulate in float32. Threads split the output rows (ATen's intra-op pool,
+// so torch.set_num_threads applies). Weight layouts are moe_offload's own, read in place:
+//   f32 / bf16   W [N, K]
+//   int8         q int8 [N, K], one fp16 scale per row:             w = q * s[n]
+//   int4         q uint8 [N, K/2] (even k in the low nibble), fp16 s, z [N, K/G]: w = (q - z) * s
+// x is float32 [M, K]; y is float32 [M, N]. Shapes are checked by the Python wrapper (kernels/cpu_gemv.py).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MOE_AVX512 1
+#else
+#define MOE_AVX512 0
+#endif
+
+namespace {
+
+constexpr int64_t kGrain = 16;  // output rows per task
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float half_to_f32(const at::Half* p) { return static_cast<float>(*p); }
+
+// ---- one row dot products: sum_k w[k] * x[k] -----------------------------------------------------
+
+inline float dot_f32(const float* w, const float* x, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if MOE_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; k + 64 <= K; k += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; k < K; ++k) acc += w[k] * x[k];
+  return acc;
+}
+
+#if MOE_AVX512
+inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> 16 float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 load_i8(const int8_t* p) {  // 16 int8 -> 16 float32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+#endif
+
+inline float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if MOE_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; k + 64 <= K; k += 64) {
+    a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(load_bf16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(load_bf16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(load_bf16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; k < K; ++k) acc += bf16_to_f32(w[k]) * x[k];
+  return acc;
+}
+
+inline float dot_i8(const int8_t* w, const float* x, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if MOE_AVX512
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (; k + 64 <= K; k += 64) {
+    a0 = _mm512_fmadd_ps(load_i8(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(load_i8(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(load_i8(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(load_i8(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  }
+  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load_i8(w + k), _mm512_loadu_ps(x + k), a0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
+  return acc;
+}
+
+// One int4 row: sum over groups g of s_g * (sum_j q_j x_j - z_g * sum_j x_j), where xe / xo hold x's
+// even / odd elements (the low / high nibbles of each byte) and xs its sum per group. The AVX-512 path
+// keeps 16 partial sums per group and scales them as a vector: one horizontal sum per row.
+inline float row_u4(const uint8_t* q, const at::Half* s, const at::Half* z, const float* xe, const float* xo,
+                    const float* xs, int64_t groups, int64_t half) {
+#if MOE_AVX512
+  if (half % 16 == 0) {
+    // the row's fp16 scales and zeros widened 16 at a time (F16C), and sum_g s_g z_g xs_g
+    float sf[groups];
+    __m512 zc = _mm512_setzero_ps();
+    int64_t g0 = 0;
+    for (; g0 + 16 <= groups; g0 += 16) {
+      __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + g0)));
+      __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(z + g0)));
+      _mm512_storeu_ps(sf + g0, sv);
+      zc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_loadu_ps(xs + g0), zc);
+    }
+    float zcorr = _mm512_reduce_add_ps(zc);
+    for (; g0 < groups; ++g0) {
+      sf[g0] = half_to_f32(s + g0);
+      zcorr += sf[g0] * half_to_f32(z + g0) * xs[g0];
+    }
+    const __m512i lo_mask = _mm512_set1_epi32(0xF);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j)));  // 16 bytes
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo_mask)), _mm512_loadu_ps(xe + j), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(xo + j), acc);
+      }
+      total = _mm512_fmadd_ps(acc, _mm512_set1_ps(sf[g]), total);
+    }
+    return _mm512_reduce_add_ps(total) - zcorr;
+  }
+#endif
+  float zcorr = 0.f;
+  for (int64_t g = 0; g < groups; ++g) zcorr += half_to_f32(s + g) * half_to_f32(z + g) * xs[g];
+  float acc = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    float dot = 0.f;
+    for (int64_t j = g * half; j < (g + 1) * half; ++j)
+      dot += static_cast<float>(q[j] & 0xF) * xe[j] + static_cast<float>(q[j] >> 4) * xo[j];
+    acc += half_to_f32(s + g) * dot;
+  }
+  return acc - zcorr;
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
+              "x must be contiguous float32 [M, ", K, "]");
+}
+
+}  // namespace
+
+// W float32 or bfloat16 [N, K] -> y float32 [M, N]
+torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w must be contiguous [N, K]");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  check_x(x, K);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (w.scalar_type() == torch::kFloat32) {
+    const float* wp = w.data_ptr<float>();
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_f32(wp + n * K, xp + m * K, K);
+    });
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be float32 or bfloat16");
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_bf16(wp + n * K, xp + m * K, K);
+    });
+  }
+  return y;
+}
+
+// q int8 [N, K], s fp16 [N] -> y float32 [M, N]
+torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be contiguous int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1), M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.is_contiguous() && s.scalar_type() == torch::kHalf,
+              "s must be contiguous float16 [N]");
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const at::Half* sp = s.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float scale = half_to_f32(sp + n);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_i8(qp + n * K, xp + m * K, K) * scale;
+    }
+  });
+  return y;
+}
+
+// q uint8 [N, K/2], s / z fp16 [N, K/G] -> y float32 [M, N]; K and G even, K a multiple of G
+torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s,
+                        const torch::Tensor& z, int64_t G) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "group size ", G, " must be even and divide K = ", K);
+  const int64_t groups = K / G, half = G / 2;
+  for (const auto* t : {&s, &z})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
+                t->scalar_type() == torch::kHalf, "scales / zeros must be contiguous float16 [N, K/G]");
+  // x split into its even and odd elements per row, and its sum per group: [M, K/2] twice, [M, K/G]
+  std::vector<float> xe(M * K / 2), xo(M * K / 2), xs(M * groups);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < K / 2; ++j) {
+      xe[m * K / 2 + j] = xp[m * K + 2 * j];
+      xo[m * K / 2 + j] = xp[m * K + 2 * j + 1];
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) acc += xp[m * K + k];
+      xs[m * groups + g] = acc;
+    }
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const at::Half* sp = s.data_ptr<at::Half>();
+  const at::Half* zp = z.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = qp + n * (K / 2);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* e = xe.data() + m * K / 2;
+        const float* o = xo.data() + m * K / 2;
+        yp[m * N + n] = row_u4(row, sp + n * groups, zp + n * groups, e, o, xs.data() + m * groups, groups, half);
+      }
+    }
+  });
+  return y;
+}
+
+bool has_avx512() { return MOE_AVX512; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("gemv_float", &gemv_float, "y [M, N] = x [M, K] @ W [N, K]^T, W float32 or bfloat16");
+  mod.def("gemv_int8", &gemv_int8, "y = x @ (q * s[:, None])^T, q int8 [N, K], s fp16 [N]");
+  mod.def("gemv_int4", &gemv_int4, "y = x @ ((q - z) * s per group)^T, q packed uint8 [N, K/2]");
+  mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
+}

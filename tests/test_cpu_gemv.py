@@ -1,0 +1,78 @@
+"""The compiled CPU decode kernels (kernels/csrc/cpu_gemv.cpp) against dequantize-then-matmul in float64.
+
+Each kernel widens weights to float32 and accumulates in float32: against a float64 reference its
+error is float32 round-off over K terms (tolerance 1e-5 relative to the output's scale), and a
+bfloat16 output is within one bfloat16 rounding (2^-8 relative) of the reference. Rows of x are
+computed independently: a row's result does not depend on how many rows share the call.
+"""
+
+import pytest
+import torch
+
+from moe_offload.formats.int4 import dequant_int4, quantize_int4
+from moe_offload.formats.int8 import dequant_int8, quantize_int8
+from moe_offload.kernels import cpu_gemv
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason=f"kernels not built: {cpu_gemv.why_unavailable()}")
+
+F32_TOL = 1e-5  # x float32 round-off over K terms, relative to max |y|
+BF16_TOL = 2.0 ** -8  # one bfloat16 rounding of the output, relative to max |y|
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    scale = ref.abs().max().item()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= tol * scale, f"error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("n,k", [(512, 1024), (37, 100), (16, 64), (1, 3)])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_float_kernels_equal_float64_matmul(n, k, m):
+    g = torch.Generator().manual_seed(n * k + m)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    check(cpu_gemv.linear(x, w), x.double() @ w.double().T, F32_TOL)
+    wb = w.bfloat16()
+    check(cpu_gemv.linear(x, wb), x.double() @ wb.double().T, F32_TOL)
+    xb = x.bfloat16()
+    y = cpu_gemv.linear(xb, wb)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    check(y, xb.double() @ wb.double().T, BF16_TOL)
+
+
+@pytest.mark.parametrize("n,k", [(512, 1024), (37, 100)])
+def test_int8_kernel_equals_dequantize_then_matmul(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    q, s = quantize_int8(torch.randn(n, k, generator=g))
+    x = torch.randn(4, k, generator=g)
+    check(cpu_gemv.int8_linear(x, q, s), x.double() @ dequant_int8(q, s).double().T, F32_TOL)
+    xb = x.bfloat16()
+    check(cpu_gemv.int8_linear(xb, q, s), xb.double() @ dequant_int8(q, s).double().T, BF16_TOL)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_kernel_equals_dequantize_then_matmul(group, symmetric):
+    n, k = 96, 512
+    g = torch.Generator().manual_seed(group)
+    q, s, z = quantize_int4(torch.randn(n, k, generator=g), group, symmetric=symmetric)
+    x = torch.randn(3, k, generator=g)
+    ref = x.double() @ dequant_int4(q, s, z, k, group).double().T
+    check(cpu_gemv.int4_linear(x, q, s, z, group), ref, F32_TOL)
+
+
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 1024, generator=g).bfloat16()
+    x = torch.randn(8, 1024, generator=g).bfloat16()
+    together = cpu_gemv.linear(x, w)
+    for i in range(8):
+        assert torch.equal(cpu_gemv.linear(x[i:i + 1], w), together[i:i + 1])
+
+
+def test_bad_shapes_are_refused_in_one_line():
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        cpu_gemv._ext.gemv_float(torch.randn(1, 10), torch.randn(4, 12))
+    q, s, z = quantize_int4(torch.randn(4, 64), 32)
+    with pytest.raises(RuntimeError, match="group size 48"):
+        cpu_gemv._ext.gemv_int4(torch.randn(1, 64), q, s, z, 48)
