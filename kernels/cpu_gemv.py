@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.cpp"
+_NAME = "moe_offload_cpu_gemv"
 _ext: Any = None
 _why_not: str | None = None
 # Most rows of x for which a kernel reads each weight row once for all of them and still beats
@@ -41,8 +42,10 @@ def _load() -> Any:
     try:
         from torch.utils import cpp_extension
 
-        print("moe-offload: building the CPU decode kernels (once, ~1 min) ...", file=sys.stderr, flush=True)
-        _ext = cpp_extension.load(name="moe_offload_cpu_gemv", sources=[str(_SOURCE)],
+        built = Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so"
+        if not built.exists():
+            print("moe-offload: building the CPU decode kernels (once, ~1 min) ...", file=sys.stderr, flush=True)
+        _ext = cpp_extension.load(name=_NAME, sources=[str(_SOURCE)],
                                   extra_cflags=["-O3", "-march=native"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's ops, and say so
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

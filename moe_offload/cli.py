@@ -77,6 +77,7 @@ def _add_cache_args(g: Any, full: bool) -> None:
     g.add_argument("--predictor", default=None, choices=list(PREDICTORS), help=_field_help("predictor"))
     g.add_argument("--accelerator", default=None, metavar="FILE", help=_field_help("accelerator"))
     g.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERTS), help=_field_help("cpu_experts"))
+    g.add_argument("--threads", type=POS, default=None, metavar="N", help=_field_help("threads"))
 
 
 # The settings a command reads, by its runtime-flag kind ("full" reads them all): any other is refused
@@ -84,7 +85,7 @@ def _add_cache_args(g: Any, full: bool) -> None:
 _PLAN_KEYS = {"device", "dtype", "expert_dtype", "cache_per_layer", "cache_gb", "cache_experts", "policy",
               "group_size", "max_seq_len"}
 _READS = {"plan": _PLAN_KEYS,
-          "light": _PLAN_KEYS | {"offload", "cpu_experts", "link_chunk_mb", "moe_backend", "show_progress"}}
+          "light": _PLAN_KEYS | {"offload", "cpu_experts", "link_chunk_mb", "moe_backend", "show_progress", "threads"}}
 
 
 def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:

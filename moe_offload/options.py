@@ -23,6 +23,8 @@ Defaults and the measurement behind each (figures in benchmarks/results/ and lab
   (on cuda)            projected (simulate_lane_mixtral8x7b.json)
   draft_tokens 4       a cap: the decoder adapts below it from measured acceptance, which on the bundled
                        model falls 0.49 / 0.38 / 0.20 / 0.0 by position (speculative.json)
+  threads              the physical cores, as llama.cpp's -t: 2 threads on the 2-core reference machine
+                       (benchmarks/cpu_vs_llamacpp.py --threads 1 / 2 records both)
   attention peek off   (train-accelerator) one extra attention per predicted layer: -5-15% tok/s with the
                        CPU lane, <1% gain without (peek_cost_sim.json)
 """
@@ -116,6 +118,8 @@ class OffloadConfig:
                                    "every miss (default: auto on cuda, off on cpu)", choices=CPU_EXPERTS)
     speculative: bool = _opt("self-speculative decoding with the adapter file's draft head", False, kind=bool,
                              nullable=False)
+    threads: int | None = _opt("CPU threads for compute (torch.set_num_threads; default: the physical cores, "
+                               "unless OMP_NUM_THREADS is set)", kind=int, lo=1)
     tuning: Tuning = field(default_factory=Tuning, metadata=dict(help="the rest (see Tuning)", kind=Tuning))
 
     def __post_init__(self) -> None:
@@ -190,7 +194,7 @@ TUNING_FIELDS = {f.name: f for f in fields(Tuning)}
 # config is reached with --tuning KEY=VALUE (any Tuning field, or an OffloadConfig field without a flag).
 FLAG_FIELDS = {"--device": "device", "--dtype": "dtype", "--expert-dtype": "expert_dtype",
                "--cache-per-layer": "cache_per_layer", "--cache-gb": "cache_gb", "--predictor": "predictor",
-               "--accelerator": "accelerator", "--cpu-experts": "cpu_experts"}
+               "--accelerator": "accelerator", "--cpu-experts": "cpu_experts", "--threads": "threads"}
 
 
 def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

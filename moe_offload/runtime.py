@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import psutil
 import torch
 from tokenizers import Tokenizer
 
@@ -304,6 +305,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
         raise ConfigError(why)
     check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     tune = config.tuning
+    set_threads(config.threads)
     dev = resolve_device(config.device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # kernels launch on the current device, and bf16 support is asked of it
@@ -351,6 +353,16 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     if config.speculative:
         loaded.speculative = build_speculative(model, path, config)
     return loaded
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads: `threads`, or (None) the physical cores unless OMP_NUM_THREADS is set."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _expert_storage(config: OffloadConfig, cfg: ModelConfig, path: Path) -> tuple[str, int]:

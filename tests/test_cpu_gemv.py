@@ -76,3 +76,21 @@ def test_bad_shapes_are_refused_in_one_line():
     q, s, z = quantize_int4(torch.randn(4, 64), 32)
     with pytest.raises(RuntimeError, match="group size 48"):
         cpu_gemv._ext.gemv_int4(torch.randn(1, 64), q, s, z, 48)
+
+
+def test_threads_default_to_the_physical_cores_and_can_be_set(monkeypatch):
+    import psutil
+
+    from moe_offload import OffloadConfig, runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        runtime.load(config=OffloadConfig(device="cpu", threads=1))
+        assert torch.get_num_threads() == 1
+        runtime.load(device="cpu")
+        assert torch.get_num_threads() == (psutil.cpu_count(logical=False) or 1)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="threads"):
+        OffloadConfig(threads=0)
