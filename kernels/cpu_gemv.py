@@ -64,6 +64,13 @@ def why_unavailable() -> str | None:
     return _why_not
 
 
+def _require() -> Any:
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"the CPU decode kernels are not available: {_why_not}")
+    return ext
+
+
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     lead = tuple(x.shape[:-1])
     return x.reshape(-1, x.shape[-1]).float().contiguous(), lead
@@ -72,20 +79,20 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
     x2, lead = _rows(x)
-    return _ext.gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
+    return _require().gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q * s[:, None])^T -> [..., N]; q int8 [N, K], s fp16 [N]."""
     x2, lead = _rows(x)
-    return _ext.gemv_int8(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
+    return _require().gemv_int8(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] with W = (q - z) * s per group of `group_size` along K; q uint8
     [N, K/2] (even k in the low nibble), s / z fp16 [N, K/G]."""
     x2, lead = _rows(x)
-    return _ext.gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
+    return _require().gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
 
 
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -124,16 +124,27 @@ inline float row_u4(const uint8_t* q, const at::Half* s, const at::Half* z, cons
       zcorr += sf[g0] * half_to_f32(z + g0) * xs[g0];
     }
     const __m512i lo_mask = _mm512_set1_epi32(0xF);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 acc = _mm512_setzero_ps();
+    // one group's sum q*x as 16 partial sums; low and high nibbles in separate chains
+    auto group = [&](int64_t g) {
+      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
       for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j)));  // 16 bytes
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo_mask)), _mm512_loadu_ps(xe + j), acc);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(xo + j), acc);
+        lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo_mask)), _mm512_loadu_ps(xe + j), lo);
+        hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(xo + j), hi);
       }
-      total = _mm512_fmadd_ps(acc, _mm512_set1_ps(sf[g]), total);
+      return _mm512_add_ps(lo, hi);
+    };
+    // four running totals, so consecutive groups do not wait on one another
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps(), t3 = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= groups; g += 4) {
+      t0 = _mm512_fmadd_ps(group(g), _mm512_set1_ps(sf[g]), t0);
+      t1 = _mm512_fmadd_ps(group(g + 1), _mm512_set1_ps(sf[g + 1]), t1);
+      t2 = _mm512_fmadd_ps(group(g + 2), _mm512_set1_ps(sf[g + 2]), t2);
+      t3 = _mm512_fmadd_ps(group(g + 3), _mm512_set1_ps(sf[g + 3]), t3);
     }
+    for (; g < groups; ++g) t0 = _mm512_fmadd_ps(group(g), _mm512_set1_ps(sf[g]), t0);
+    const __m512 total = _mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3));
     return _mm512_reduce_add_ps(total) - zcorr;
   }
 #endif
