@@ -24,12 +24,14 @@ from .reference import expert_ffn
 @dataclass
 class CpuLinear:
     """One projection [N, K] ready for a weight-only CPU op: y [M, N] = op(x [M, K], weight, scales).
-    `repacked`: `weight` is a copy made for the op (it counts as extra RAM), not the pool's bytes."""
+    `repacked`: `weight` is a copy made for the op (it counts as extra RAM), not the pool's bytes;
+    `own_scales`: `scales` were made for the op (extra RAM) rather than read from the pool in place."""
 
     op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     weight: torch.Tensor
     scales: torch.Tensor
     repacked: bool = False
+    own_scales: bool = True
 
     def __post_init__(self) -> None:
         if self.weight.device.type != "cpu":
@@ -38,7 +40,7 @@ class CpuLinear:
     @property
     def extra_bytes(self) -> int:
         """Bytes held beyond the packed row (a repacked weight; the scales in the compute dtype)."""
-        return (self.weight.nbytes if self.repacked else 0) + self.scales.nbytes
+        return (self.weight.nbytes if self.repacked else 0) + (self.scales.nbytes if self.own_scales else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype."""

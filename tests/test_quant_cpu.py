@@ -1,5 +1,8 @@
-"""PyTorch's CPU weight-only ops for quantized experts (the formats' cpu_linear, run by kernels/quant_cpu.py) against the dequantize-then-
-matmul reference: per projection, per expert, through moe_loop, and on the bundled model.
+"""The CPU ops for quantized experts (the formats' cpu_linear, run by kernels/quant_cpu.py) against the
+dequantize-then-matmul reference: per projection, per expert, through moe_loop, and on the bundled model.
+Every test runs twice: with the compiled decode kernels (kernels/cpu_gemv.py; weights and scales read
+in place, float32 accumulation, one rounding of the output) and with PyTorch's weight-only ops, the
+fallback where the kernels cannot be built.
 
 Tolerances. A projection's exact value is x @ W.T with W the dequantized weights (float64 here). The
 int8 op multiplies by scales cast to the compute dtype and rounds its output to it; the int4 op computes
@@ -19,11 +22,21 @@ from moe_offload.kernels import expert_ffn, moe_loop
 from moe_offload.formats import expert_bytes, get_format
 from moe_offload.formats.int4 import int4_linear, quantize_int4, unpack_int4
 from moe_offload.formats.int8 import int8_linear, quantize_int8
-from moe_offload.kernels import WeightPool
+from moe_offload.kernels import WeightPool, cpu_gemv
 from moe_offload.kernels.quant_cpu import CpuQuantPool
 from moe_offload.options import OffloadConfig
 
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def cpu_ops(request, monkeypatch):
+    """'native': the compiled kernels; 'torch': PyTorch's ops, as where the kernels cannot be built."""
+    if request.param == "native" and not cpu_gemv.available():
+        pytest.skip(f"kernels not built: {cpu_gemv.why_unavailable()}")
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    return request.param
 FORMATS = [("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128)]
 
 
@@ -125,13 +138,17 @@ def test_int4_shapes_the_op_refuses_keep_the_reference():
     assert torch.equal(fast.ffn(0, x), expert_ffn(x, *pool.dequant(0, torch.float32)))
 
 
-def test_extra_ram_is_the_cast_scales_for_int8_and_the_repacked_weights_for_int4():
+def test_extra_ram_native_none_torch_the_cast_scales_for_int8_and_the_repacked_weights_for_int4(cpu_ops):
     h, i, g = 128, 256, 64
     p8 = CpuQuantPool(make_pool("int8", g, h, i, 3), torch.bfloat16)
-    assert p8.extra_bytes == 3 * (2 * i + h) * 2  # bf16 scales only; int8 weights read in place
-    assert p8.w13[1].weight.data_ptr() == p8.pool.w13[1].data_ptr()
+    assert p8.w13[1].weight.data_ptr() == p8.pool.w13[1].data_ptr()  # int8 weights read in place
     p4 = CpuQuantPool(make_pool("int4", g, h, i, 3), torch.float32)
-    assert p4.extra_bytes == 3 * (3 * h * i // 2 + 2 * 4 * (2 * i * h + h * i) // g)
+    if cpu_ops == "native":  # weights and scales read in place
+        assert p8.extra_bytes == 0 and p4.extra_bytes == 0
+        assert p4.w13[1].weight.data_ptr() == p4.pool.w13[1].data_ptr()
+    else:
+        assert p8.extra_bytes == 3 * (2 * i + h) * 2  # bf16 scales only
+        assert p4.extra_bytes == 3 * (3 * h * i // 2 + 2 * 4 * (2 * i * h + h * i) // g)
 
 
 @pytest.mark.parametrize("fmt,g", [("int4", 128), ("int4", 32)])
@@ -149,8 +166,12 @@ def test_bundled_model_float32_greedy_tokens_equal_reference(fmt, g):
     assert (out["auto"][0] - ref).abs().max() <= 64 * torch.finfo(torch.float32).eps * ref.abs().max()
 
 
-def test_float32_int8_keeps_the_reference_where_the_op_is_slower():
+def test_float32_int8_keeps_the_reference_where_the_op_is_slower(cpu_ops):
     pool = make_pool("int8", 128, 128, 256, 1)
+    if cpu_ops == "native":  # the kernels run up to MAX_ROWS tokens in either dtype
+        assert CpuQuantPool(pool, torch.float32).max_tokens == CpuQuantPool(pool, torch.bfloat16).max_tokens \
+            == cpu_gemv.MAX_ROWS
+        return
     assert CpuQuantPool(pool, torch.float32).max_tokens == 0
     assert CpuQuantPool(pool, torch.bfloat16).max_tokens > 0
 
@@ -171,7 +192,7 @@ def test_bundled_model_bf16_logits_within_bf16_rounding(fmt):
 
 
 @pytest.mark.parametrize("fmt,g", [("int8", 128), ("int4", 64)])
-def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g):
+def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g, cpu_ops):
     """The hybrid CPU lane on an int8/int4 store (it once failed on QuantPool views): every miss computed
     on the host gives the resident reference's greedy tokens (float32: rounding only)."""
     from moe_offload.offload.cpu_lane import CpuLane, LaneCosts
@@ -187,11 +208,16 @@ def test_cpu_lane_runs_quantized_experts_with_the_cpu_ops(fmt, g):
         res = m.generate(text, max_new_tokens=10)
     assert res.stats["cpu_experts"] > 0 and res.token_ids == expected
     assert all(isinstance(p, CpuQuantPool) for p in lane.host.prepared.values()) and lane.host.prepared
-    per_expert = lane.host.extra_bytes / len(lane.host.prepared)  # int8: scales only; int4: repacked weights too
-    assert (per_expert > expert_bytes(128, 256, fmt, g) // 2) == (fmt == "int4")
+    per_expert = lane.host.extra_bytes / len(lane.host.prepared)
+    if cpu_ops == "native":
+        assert per_expert == 0  # everything read in place
+    else:  # int8: scales only; int4: repacked weights too
+        assert (per_expert > expert_bytes(128, 256, fmt, g) // 2) == (fmt == "int4")
 
 
-def test_cpu_quant_benchmark_smoke(tmp_path):
+def test_cpu_quant_benchmark_smoke(tmp_path, cpu_ops):
+    if cpu_ops == "torch":
+        pytest.skip("runs in a subprocess, which the fallback switch does not reach")
     import json
     import subprocess
     import sys

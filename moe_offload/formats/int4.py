@@ -29,6 +29,7 @@ from functools import partial
 
 import torch
 
+from ..kernels import cpu_gemv
 from ..kernels.pool import WEIGHT_INT4, WeightPool
 from ..kernels.quant_cpu import CpuLinear
 from .base import PackedFormat, safe_scale
@@ -100,8 +101,11 @@ def int4_shape_ok(n: int, k: int, group_size: int) -> bool:
 
 def int4_linear(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, group_size: int,
                 dtype: torch.dtype) -> CpuLinear | None:
-    """packed uint8 [N, ceil(K/2)], s / z [N, K/G] -> the int4 CPU op's projection (repacked), or None
-    when the op does not take this shape."""
+    """packed uint8 [N, ceil(K/2)], s / z [N, K/G] -> the CPU projection: the compiled kernel reading
+    all three in place (K even and a multiple of G), else PyTorch's int4 op on a repacked copy, or None
+    when neither takes this shape."""
+    if k % 2 == 0 and k % group_size == 0 and cpu_gemv.available():
+        return CpuLinear(partial(_int4_native, z, group_size), packed, s, own_scales=False)
     n = packed.shape[0]
     if not int4_shape_ok(n, k, group_size):
         return None
@@ -111,6 +115,10 @@ def int4_linear(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, 
     sz = torch.stack([s32, (8 - z.float()) * s32], dim=-1)  # [N, K/G, 2]: w = (q - 8) * s + (8 - z) * s
     op = partial(_int4_mm, group_size)
     return CpuLinear(op, w, sz.transpose(0, 1).contiguous().to(dtype), repacked=True)
+
+
+def _int4_native(z: torch.Tensor, group_size: int, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return cpu_gemv.int4_linear(x, w, s, z, group_size)
 
 
 def _int4_mm(group_size: int, x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -132,6 +140,9 @@ class Int4Pool(WeightPool):
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear | None:
         q, s, z, k = self.projection(which)
         return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype)
+
+    def cpu_max_tokens(self, dtype: torch.dtype) -> int:
+        return cpu_gemv.MAX_ROWS if cpu_gemv.available() else super().cpu_max_tokens(dtype)
 
 
 class Int4Format(PackedFormat):

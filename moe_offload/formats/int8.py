@@ -3,9 +3,10 @@
 exactly the stored scale.
 
 Row sections (16-byte aligned): qw13 int8 [2I, H], qw2 int8 [H, I], s13 fp16 [2I], s2 fp16 [H].
-Ops: the fused kernel's WEIGHT_INT8 variant; on the CPU torch.ops.aten._weight_int8pack_mm(x [M, K],
-q int8 [N, K], scales [N]) = (x @ q.T) * s, which reads the row's int8 weights in place (only the scales
-are cast, once, to the compute dtype, as the op requires).
+Ops: the fused kernel's WEIGHT_INT8 variant; on the CPU the compiled decode kernel
+(kernels.cpu_gemv.int8_linear: weights and fp16 scales read in place, up to cpu_gemv.MAX_ROWS tokens),
+else torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N]) = (x @ q.T) * s, which
+reads the int8 weights in place (the scales cast, once, to the compute dtype, as the op requires).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import cpu_gemv
 from ..kernels.pool import WEIGHT_INT8, WeightPool
 from ..kernels.quant_cpu import CpuLinear
 from .base import PackedFormat, safe_scale
@@ -39,7 +41,10 @@ def dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> CpuLinear:
-    """q int8 [N, K] (used in place), s [N] -> the int8 CPU op's projection in `dtype`."""
+    """q int8 [N, K], s fp16 [N] (both used in place by the compiled kernel) -> the CPU projection; PyTorch's
+    int8 op (scales cast to `dtype`) where the kernel is not built."""
+    if cpu_gemv.available():
+        return CpuLinear(cpu_gemv.int8_linear, q, s, own_scales=False)
     return CpuLinear(torch.ops.aten._weight_int8pack_mm, q, s.to(dtype).contiguous())
 
 
@@ -57,6 +62,9 @@ class Int8Pool(WeightPool):
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear:
         q, s, _, _ = self.projection(which)
         return int8_linear(q[slot], s[slot], dtype)
+
+    def cpu_max_tokens(self, dtype: torch.dtype) -> int:
+        return cpu_gemv.MAX_ROWS if cpu_gemv.available() else super().cpu_max_tokens(dtype)
 
 
 class Int8Format(PackedFormat):
