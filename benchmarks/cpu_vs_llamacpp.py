@@ -9,16 +9,17 @@ intermediate 3584, 8 layers, 16 heads / 4 kv, 8 experts top-2, random weights, t
 tokenizer) into --model; else --model names an existing Mixtral folder.
 
 For each precision it converts (f32, bf16) or converts and quantizes (q8_0, q4_0) a GGUF with
-llama.cpp's tools, then alternates, for --repeats rounds: `llama-bench -t T -p P -n N -r 1` and ours
-(`moe_offload.load(folder, device="cpu", dtype=..., expert_dtype=...)`, decode N tokens after a P-token
-prompt). Ours at q8_0 / q4_0 is the project's int8 / int4 group-32 experts (bf16 compute) and, where
+llama.cpp's tools, then alternates, for --repeats rounds: `llama-bench -t T -p P1,P2 -n N -r 1` and
+ours (`moe_offload.load(folder, OffloadConfig.make(device="cpu", dtype=..., expert_dtype=...))`:
+prefill of P1 and of P2 tokens, decode N tokens after the P1-token prompt; prompts from the bundled
+held-out text). Ours at q8_0 / q4_0 is the project's int8 / int4 group-32 experts (bf16 compute) and, where
 the GGUF loads, the same GGUF file read by moe_offload. Each row reports median tokens/s for decode
 and prefill, the ratio ours / llama.cpp, and the bandwidth each reaches: bytes of weights read per
 decoded token (dense weights + top-k of the experts; the embedding row not counted) / time per token,
 beside this machine's copy bandwidth (a STREAM-like copy of 256 MiB, measured in the same run).
 
     python benchmarks/cpu_vs_llamacpp.py --llama-bin LLAMA/build/bin --model /tmp/m734 --make-model \\
-        [--threads 2] [--prompt 64] [--gen 32] [--repeats 3] [--precisions f32,bf16,q8_0,q4_0]
+        [--threads 2] [--prompts 64,512] [--gen 32] [--repeats 3] [--precisions f32,bf16,q8_0,q4_0]
 
 Threads: 2 is this project's reference machine (2 cores). On bigger machines run it again with
 --threads 1 and with the physical core count; the JSON records the thread count and the CPU.
@@ -134,26 +135,30 @@ def gguf_for(model: Path, work: Path, precision: str, bins: Path, convert: Path)
     return out
 
 
-def llama_bench(bins: Path, gguf: Path, threads: int, prompt: int, gen: int) -> dict:
-    r = run([str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+def llama_bench(bins: Path, gguf: Path, threads: int, prompts: list[int], gen: int) -> dict:
+    r = run([str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", ",".join(map(str, prompts)),
              "-n", str(gen), "-r", "1", "-o", "json"])
-    rows = json.loads(r.stdout)
     out = {}
-    for row in rows:
-        key = "prefill_tok_s" if row.get("n_prompt", 0) > 0 else "decode_tok_s"
-        out[key] = float(row["avg_ts"])
+    for row in json.loads(r.stdout):
+        if row.get("n_prompt", 0) > 0:
+            out[f"prefill_{row['n_prompt']}_tok_s"] = float(row["avg_ts"])
+        else:
+            out["decode_tok_s"] = float(row["avg_ts"])
     return out
 
 
-def ours(path: Path, opts: dict, threads: int, prompt_ids: list[int], gen: int) -> tuple[dict, list[int]]:
-    torch.set_num_threads(threads)
-    m = moe_offload.load(path, moe_offload.OffloadConfig.make(device="cpu", **opts))
+def ours(path: Path, opts: dict, threads: int, prompt_ids: list[int], prompts: list[int], gen: int) -> dict:
+    m = moe_offload.load(path, moe_offload.OffloadConfig.make(device="cpu", threads=threads, **opts))
     try:
-        m.generate(prompt_ids[:8], max_new_tokens=4)  # warm-up
-        r = m.generate(prompt_ids, max_new_tokens=gen)
-        assert len(r.token_ids) == gen, "the model stopped early"
-        return {"decode_tok_s": r.stats["decode_tokens_per_second"],
-                "prefill_tok_s": len(prompt_ids) / r.stats["prefill_seconds"]}, list(r.token_ids)
+        object.__setattr__(m.config, "eos_token_ids", ())  # full-length runs
+        m.generate(prompt_ids[:8], max_new_tokens=4)  # warm-up (and the kernels' build, once)
+        out = {}
+        for p in prompts:
+            r = m.generate(prompt_ids[:p], max_new_tokens=1)
+            out[f"prefill_{p}_tok_s"] = p / r.stats["prefill_seconds"]
+        r = m.generate(prompt_ids[:prompts[0]], max_new_tokens=gen)
+        out["decode_tok_s"] = r.stats["decode_tokens_per_second"]
+        return out
     finally:
         m.close()
 
@@ -197,7 +202,7 @@ def main() -> int:
     ap.add_argument("--make-model", action="store_true", help="write the 734M random model into --model first")
     ap.add_argument("--work", help="folder for the GGUF files (default: MODEL.gguf-work beside --model)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    ap.add_argument("--prompts", default="64,512", help="prompt lengths for prefill; decode follows the first")
     ap.add_argument("--gen", type=int, default=32, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0")
@@ -223,9 +228,11 @@ def main() -> int:
     work = Path(args.work) if args.work else model.parent / (model.name + ".gguf-work")
     work.mkdir(parents=True, exist_ok=True)
 
-    prompt_ids = moe_offload.load(model, device="cpu", offload=False).encode(
-        "In the beginning God created the heaven and the earth. " * 12)[:args.prompt]
-    assert len(prompt_ids) == args.prompt, "the prompt text is too short for --prompt"
+    prompts = [int(p) for p in args.prompts.split(",")]
+    text = moe_offload.bundled_heldout_text().read_text(encoding="utf-8")
+    prompt_ids = moe_offload.load(model, device="cpu", offload=False).encode(text)[:max(prompts)]
+    if len(prompt_ids) < max(prompts):
+        ap.error(f"--prompts: the held-out text has only {len(prompt_ids)} tokens")
     copy_gbs = [stream_copy_gbs(args.threads)]
     rows = []
     for prec in precisions:
@@ -235,53 +242,47 @@ def main() -> int:
         theirs_runs, ours_runs, ours_gguf_runs = [], [], []
         for rep in range(args.repeats):
             print(f"[{prec}] round {rep + 1}/{args.repeats}", file=sys.stderr)
-            theirs_runs.append(llama_bench(bins, gguf, args.threads, args.prompt, args.gen))
-            r, tokens = ours(model, opts, args.threads, prompt_ids, args.gen)
-            ours_runs.append(r)
+            theirs_runs.append(llama_bench(bins, gguf, args.threads, prompts, args.gen))
+            ours_runs.append(ours(model, opts, args.threads, prompt_ids, prompts, args.gen))
             if PRECISIONS[prec][1]:  # the quantized GGUF read by moe_offload itself
                 try:
-                    ours_gguf_runs.append(ours(gguf, {"dtype": "bfloat16"}, args.threads, prompt_ids, args.gen)[0])
+                    ours_gguf_runs.append(ours(gguf, {"dtype": "bfloat16"}, args.threads, prompt_ids, prompts, args.gen))
                 except moe_offload.MoeOffloadError as exc:
                     ours_gguf_runs.append({"error": str(exc)})
             copy_gbs.append(stream_copy_gbs(args.threads))
-        med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+        keys = ["decode_tok_s"] + [f"prefill_{p}_tok_s" for p in prompts]
+        med = lambda runs: {k: statistics.median(r[k] for r in runs) for k in keys}  # noqa: E731
         row = {"precision": prec, "gguf": gguf.name,
-               "llama_cpp": {"decode_tok_s": med(theirs_runs, "decode_tok_s"),
-                             "prefill_tok_s": med(theirs_runs, "prefill_tok_s"),
-                             "bytes_per_token": gguf_bytes_per_token(gguf, cfg["num_experts_per_tok"],
-                                                                     cfg["num_local_experts"])},
-               "ours": {"decode_tok_s": med(ours_runs, "decode_tok_s"), "prefill_tok_s": med(ours_runs, "prefill_tok_s"),
-                        "bytes_per_token": ours_bytes_per_token(cfg, prec), "load_options": opts}}
-        if ours_gguf_runs and "error" not in ours_gguf_runs[0]:
-            row["ours_on_gguf"] = {"decode_tok_s": med(ours_gguf_runs, "decode_tok_s"),
-                                   "prefill_tok_s": med(ours_gguf_runs, "prefill_tok_s")}
-        elif ours_gguf_runs:
-            row["ours_on_gguf"] = {"error": ours_gguf_runs[0]["error"]}
+               "llama_cpp": {**med(theirs_runs), "bytes_per_token": gguf_bytes_per_token(
+                   gguf, cfg["num_experts_per_tok"], cfg["num_local_experts"])},
+               "ours": {**med(ours_runs), "bytes_per_token": ours_bytes_per_token(cfg, prec), "options": opts}}
+        if ours_gguf_runs:
+            bad = [r["error"] for r in ours_gguf_runs if "error" in r]
+            row["ours_on_gguf"] = {"error": bad[0]} if bad else med(ours_gguf_runs)
         for side in ("llama_cpp", "ours"):
             d = row[side]
             d["decode_gb_s"] = d["bytes_per_token"] * d["decode_tok_s"] / 1e9
-        row["decode_ratio"] = row["ours"]["decode_tok_s"] / row["llama_cpp"]["decode_tok_s"]
-        row["prefill_ratio"] = row["ours"]["prefill_tok_s"] / row["llama_cpp"]["prefill_tok_s"]
+        row["ratios"] = {k: row["ours"][k] / row["llama_cpp"][k] for k in keys}
         rows.append(row)
 
     result = {**result_metadata(), "benchmark": "cpu_vs_llamacpp", "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "model": shown(model), "shape": SHAPE,
-              "prompt_tokens": args.prompt, "decode_tokens": args.gen, "repeats": args.repeats,
+              "prompts": prompts, "decode_tokens": args.gen, "repeats": args.repeats,
               "copy_gb_s_median": statistics.median(copy_gbs), "copy_gb_s_runs": copy_gbs, "rows": rows,
               "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + sys.argv[1:])}
     write_json_atomic(args.out, result)
-    print(f"copy bandwidth {result['copy_gb_s_median']:.1f} GB/s; {args.threads} threads")
-    print("| precision | decode tok/s ours / llama.cpp | ratio | prefill tok/s ours / llama.cpp | ratio "
-          "| decode GB/s ours / llama.cpp | ours on the GGUF (decode / prefill) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"copy bandwidth {result['copy_gb_s_median']:.1f} GB/s (read + write); {args.threads} threads")
+    cols = ["decode_tok_s"] + [f"prefill_{p}_tok_s" for p in prompts]
+    names = ["decode"] + [f"prefill {p}" for p in prompts]
+    print("| precision | " + " | ".join(f"{n} tok/s ours / llama.cpp (ratio)" for n in names)
+          + " | decode GB/s ours / llama.cpp | ours on the GGUF (decode) |")
+    print("|" + " --- |" * (len(cols) + 3))
     for r in rows:
         o, t = r["ours"], r["llama_cpp"]
         g = r.get("ours_on_gguf", {})
-        gtxt = ("-" if not g else g.get("error", "")[:40] if "error" in g
-                else f"{g['decode_tok_s']:.1f} / {g['prefill_tok_s']:.0f}")
-        print(f"| {r['precision']} | {o['decode_tok_s']:.1f} / {t['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}x "
-              f"| {o['prefill_tok_s']:.0f} / {t['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x "
-              f"| {o['decode_gb_s']:.1f} / {t['decode_gb_s']:.1f} | {gtxt} |")
+        gtxt = "-" if not g else g["error"][:40] if "error" in g else f"{g['decode_tok_s']:.1f}"
+        cells = [f"{o[k]:.1f} / {t[k]:.1f} ({r['ratios'][k]:.2f}x)" for k in cols]
+        print(f"| {r['precision']} | " + " | ".join(cells) + f" | {o['decode_gb_s']:.1f} / {t['decode_gb_s']:.1f} | {gtxt} |")
     print(f"wrote {shown(args.out)}")
     return 0
 

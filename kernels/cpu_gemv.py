@@ -1,5 +1,5 @@
 """Weight-streaming CPU kernels for decode (csrc/cpu_gemv.cpp): y [M, N] = x [M, K] @ W [N, K]^T for
-float32 / bfloat16 weights and moe_offload's int8 and int4 layouts read in place.
+float32 / bfloat16 weights, moe_offload's int8 and int4 layouts and GGUF Q8_0 / Q4_0 rows, read in place.
 
 Decode reads each weight byte once per token, so its speed is memory bandwidth. PyTorch's CPU
 matmul for one row reaches a fraction of it (float32 ~44%, bfloat16 ~22%, the int8 weight-only op
@@ -93,6 +93,16 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tens
     [N, K/2] (even k in the low nibble), s / z fp16 [N, K/G]."""
     x2, lead = _rows(x)
     return _require().gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
+
+
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}  # the GGUF block types the kernels read
+
+
+def gguf_linear(x: torch.Tensor, q: torch.Tensor, block_type: str) -> torch.Tensor:
+    """x [..., K] @ dequant(q)^T -> [..., N]; q uint8 [N, K/32 * block bytes], GGUF rows of `block_type`
+    (Q8_0 or Q4_0) as the file stores them."""
+    x2, lead = _rows(x)
+    return _require().gemv_gguf(x2, q, GGUF_BLOCK_BYTES[block_type]).to(x.dtype).view(*lead, q.shape[0])
 
 
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:

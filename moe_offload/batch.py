@@ -5,6 +5,8 @@ prefilled alone into the next free row) and finished or cancelled ones leave (th
 and values move into the freed row, so the active rows are always 0..n-1). A step runs every active
 row's one new token through the model at once (`RowPositions`: each row at its own position), so each
 MoE layer routes N = n tokens and the offloaded backend loads the union of their experts once.
+Multi-head latent attention (DeepSeek) batches the same way: each row attends in latent space over its
+own cached latents.
 
 With one active row the step is exactly the solo decode step (same shapes, same kernels, prefetch
 on): batch-1 behaviour and speed do not change. Greedy output of a request does not depend on what
@@ -218,7 +220,8 @@ class BatchScheduler:
         row, last = self.active.index(req), len(self.active) - 1
         if row != last:
             self.kv.k[:, row].copy_(self.kv.k[:, last])
-            self.kv.v[:, row].copy_(self.kv.v[:, last])
+            if self.kv.v.untyped_storage().data_ptr() != self.kv.k.untyped_storage().data_ptr():
+                self.kv.v[:, row].copy_(self.kv.v[:, last])  # (an MLA cache's v is a view of k: moved with it)
             self.active[row] = self.active[last]
         self.active.pop()
         self._finish(req, reason)

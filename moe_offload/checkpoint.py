@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from . import families
 from .config import ModelConfig
-from .errors import CheckpointError, NonFiniteError
+from .errors import CheckpointError, ConfigError, NonFiniteError
+from .formats.hub import SAFETENSORS_DTYPE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,6 +27,7 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 PACKED_INT_SUFFIXES = (".weight_packed", ".weight_zero_point", ".weight_shape")  # compressed-tensors
 _MAX_HEADER = 100 * 1024 * 1024
+_TORCH_DTYPE = {v: k for k, v in SAFETENSORS_DTYPE.items()}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,28 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def expert_dtypes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The safetensors dtypes allowed for each packed expert tensor (a quantized checkpoint's); tensors not
+    listed are float weights (FLOAT_DTYPES)."""
+    if cfg.expert_format is None:
+        return {}
+    from .quant.ckpt import hub_format
+
+    hub = hub_format(cfg.expert_format)
+    family, i, h = cfg.family, cfg.intermediate_size, cfg.hidden_size
+    out: dict[str, tuple[str, ...]] = {}
+    for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for w, (n, k) in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
+                base = family.expert_name(layer, e, w).removesuffix(".weight")
+                if hub is None:
+                    out.update({f"{base}{sfx}": ("I32",) for sfx in PACKED_INT_SUFFIXES})
+                    continue
+                out.update({f"{base}.{sfx}": (SAFETENSORS_DTYPE[dt],) for sfx, dt, _ in hub.matrix_specs(n, k)})
+                out.update({f"{base}.{sfx}": dts for sfx, dts, _, _ in hub.meta_specs(n, k)})
+    return out
+
+
 def identity_names(cfg: ModelConfig, layer: int) -> tuple[str, ...]:
     """The tensors of `layer` a model's fingerprint hashes: its router and its post-attention norm (a
     dense first layer: its norm only)."""
@@ -73,6 +97,12 @@ _EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16,
 def check_finite(t: torch.Tensor, what: str) -> None:
     """Refuse NaN/Inf in a weight as it is read (one pass over its bytes, at load only)."""
     if not t.is_floating_point():
+        return
+    if t.dtype == torch.float8_e4m3fn:  # no Inf; NaN is S.1111.111
+        bad = int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        if bad:
+            raise NonFiniteError(f"{what} holds {bad} non-finite value(s) (NaN) of {t.numel()}: the checkpoint is "
+                                 "corrupt; re-download or re-convert it")
         return
     if t.dtype in _EXPONENT and t.is_contiguous():
         itype, mask = _EXPONENT[t.dtype]
@@ -148,6 +178,122 @@ class Checkpoint:
         self.config = ModelConfig.from_file(self.path / "config.json")
         self.tensors = self._read_tensors()
         self._handles: dict[Path, object] = {}
+        self._dense_quant: dict[str, tuple[str, int, int]] = {}  # dense linears stored quantized (validate)
+        if self.config.expert_format is not None:
+            self._settle_format()
+
+    # --- quantized checkpoints ------------------------------------------------------------------------
+    def _first_expert(self, w: str = "w1") -> str:
+        cfg = self.config
+        return cfg.family.expert_name(cfg.first_k_dense_replace, 0, w).removesuffix(".weight")
+
+    def _settle_format(self) -> None:
+        """Fit the expert format named by quantization_config to what the files hold: a hub format's scale
+        dtype from the header; pack-quantized experts the int4 / int8 rows cannot hold as stored (scales not
+        fp16, an int64 weight_shape) read as the 'ct:' format; a format this runtime cannot read refused in
+        one line naming the file and a tensor."""
+        from dataclasses import replace
+
+        from .formats import CompressedFormat, hub_format_of
+
+        cfg = self.config
+        base = self._first_expert()
+        name = cfg.expert_format
+        if name in ("int4", "int4-asym", "int8"):
+            scale, shape = self.tensors.get(f"{base}.weight_scale"), self.tensors.get(f"{base}.weight_shape")
+            if scale is None or (scale.dtype, getattr(shape, "dtype", "I32")) == ("F16", "I32"):
+                return
+            ct = (CompressedFormat(4, cfg.expert_group_size, name == "int4") if name != "int8" else
+                  CompressedFormat(8, None, True))
+            name = ct.name
+        try:
+            fmt = hub_format_of(name)
+        except ValueError as exc:
+            probe = next((f"{base}.{sfx}" for sfx in ("qweight", "weight_packed", "weight") if f"{base}.{sfx}" in
+                          self.tensors), base)
+            where = self.tensors[probe].file if probe in self.tensors else self.path / "config.json"
+            raise CheckpointError(f"{where}: tensor {probe}: {exc} (quantization_config in config.json)") from None
+        scale_sfx = [sfx for sfx, dt, _ in fmt.matrix_specs(cfg.intermediate_size, cfg.hidden_size)
+                     if dt in (torch.float16, torch.bfloat16, torch.float32)]
+        info = self.tensors.get(f"{base}.{scale_sfx[0]}") if scale_sfx else None
+        if info is not None and info.dtype in _TORCH_DTYPE:
+            try:
+                fmt = fmt.with_scale_dtype(_TORCH_DTYPE[info.dtype])
+            except ValueError as exc:
+                raise CheckpointError(f"{info.file}: tensor {info.name}: {exc}") from None
+        self.config = replace(cfg, expert_format=fmt.name, expert_group_size=fmt.group_size)  # the name holds the group
+
+    def expert_format(self):
+        """The experts' ExpertFormat as stored (None: float experts)."""
+        from .formats import get_format
+
+        name = self.config.expert_format
+        return None if name is None else get_format(name, self.config.expert_group_size)
+
+    def _dense_format(self):
+        """The format that dequantizes dense linears stored quantized (hub formats; 'ct:' for int4 / int8)."""
+        from .formats import CompressedFormat, hub_format_of
+
+        cfg = self.config
+        fmt = hub_format_of(cfg.expert_format)
+        if fmt is None and cfg.expert_format in ("int4", "int4-asym"):
+            fmt = CompressedFormat(4, cfg.expert_group_size, cfg.expert_format == "int4")
+        elif fmt is None and cfg.expert_format == "int8":
+            fmt = CompressedFormat(8, None, True)
+        return fmt
+
+    def _quantized_dense(self, name: str, shape: tuple[int, ...], fmt) -> list[str] | None:
+        """The file's tensors of dense linear `name` when it is stored quantized (else None)."""
+        if fmt is None or len(shape) != 2 or not name.endswith(".weight"):
+            return None
+        base = name.removesuffix(".weight")
+        specs = fmt.matrix_specs(*shape) if not fmt.fused_gate_up else []
+        names = [f"{base}.{sfx}" for sfx, _, _ in specs] + [f"{base}.{sfx}" for sfx, *_ in fmt.meta_specs(*shape)]
+        marks = [n for n in names if n != name]
+        return names if marks and any(n in self.tensors for n in marks) else None
+
+    def expert_file_bytes(self) -> int:
+        """Bytes of every routed expert's tensors the host store holds, as the files store them."""
+        fmt = self.expert_format()
+        cfg = self.config
+        if fmt is None or not hasattr(fmt, "matrix_specs"):
+            return 0
+        total = 0
+        for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+            for e in range(cfg.num_local_experts):
+                for w, (n, k) in (("w1", (cfg.intermediate_size, cfg.hidden_size)),
+                                  ("w3", (cfg.intermediate_size, cfg.hidden_size)),
+                                  ("w2", (cfg.hidden_size, cfg.intermediate_size))):
+                    base = cfg.family.expert_name(layer, e, w).removesuffix(".weight")
+                    for sfx, dt, shape in fmt.matrix_specs(n, k):
+                        info = self.tensors[f"{base}.{sfx}"]
+                        total += math.prod(info.shape) * _ITEMSIZE[info.dtype]
+        return total
+
+    def tensor_groups(self) -> dict[str, dict[str, int]]:
+        """Format -> tensor count per group of linears (experts w1/w3/w2, attention, router, ...): a linear
+        stored quantized counts as the format's name, a float one as its dtype (F16, BF16, ...)."""
+        fmt = self._dense_format()
+        sfxs = sorted({sfx for sfx, *_ in fmt.matrix_specs(64, 64) + fmt.meta_specs(64, 64)} if fmt else set(),
+                      key=len, reverse=True)
+        marks = [sfx for sfx in sfxs if sfx != "weight"]  # FP8 keeps `weight`: its scale marks it quantized
+        quantized = {n[: -len(m) - 1] for n in self.tensors for m in marks if n.endswith("." + m)}
+        groups: dict[str, dict[str, int]] = {}
+        seen: set[str] = set()
+        for name, info in sorted(self.tensors.items()):
+            base = next((name[: -len(s) - 1] for s in sfxs if name.endswith("." + s) and name[: -len(s) - 1] in
+                         quantized), None)
+            if base is not None:
+                if base in seen:
+                    continue
+                seen.add(base)
+                kind = self.config.expert_format if ".experts." in base else fmt.name
+            else:
+                base, kind = name.removesuffix(".weight").removesuffix(".bias"), info.dtype
+            g = _group_name(base)
+            groups.setdefault(g, {})
+            groups[g][kind] = groups[g].get(kind, 0) + 1
+        return groups
 
     def _read_tensors(self) -> dict[str, TensorInfo]:
         index, single = self.path / INDEX_FILE, self.path / SINGLE_FILE
@@ -196,8 +342,16 @@ class Checkpoint:
     def validate(self) -> None:
         """Check every expected tensor's presence, shape and dtype; raise listing ALL problems."""
         expected = expected_tensors(self.config)
+        packed = expert_dtypes(self.config)
+        dense_fmt = self._dense_format()
         problems = []
+        accounted: set[str] = set()
         for name, shape in expected.items():
+            qnames = None if name in packed else self._quantized_dense(name, shape, dense_fmt)
+            if qnames is not None:  # a dense linear stored quantized: dequantized when read
+                problems += self._check_dense(name, shape, dense_fmt)
+                accounted.update(qnames)
+                continue
             info = self.tensors.get(name)
             if info is None:
                 problems.append(f"missing tensor {name} (expected shape {list(shape)})")
@@ -205,15 +359,18 @@ class Checkpoint:
             if info.shape != shape:
                 problems.append(f"{info.file.name}: tensor {name} has shape {list(info.shape)}, "
                                 f"expected {list(shape)}")
-            if name.endswith(PACKED_INT_SUFFIXES):
-                if info.dtype != "I32":
-                    problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, expected I32")
+            if name in packed:
+                if info.dtype not in packed[name]:
+                    problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, expected "
+                                    f"{' or '.join(packed[name])} ({self.config.expert_format})")
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"{info.file.name}: tensor {name} has dtype {info.dtype}, "
                                 f"expected one of {sorted(FLOAT_DTYPES)}")
+        if not problems:
+            problems += self._check_expert_values(packed)
         head = self.config.family.lm_head
         tied_head = self.config.tie_word_embeddings and head in self.tensors
-        for name in sorted(set(self.tensors) - set(expected)):
+        for name in sorted(set(self.tensors) - set(expected) - accounted):
             if name == head and tied_head:
                 continue  # a tied checkpoint may still carry the (identical) head; it is ignored
             if self.config.family.ignores(self.config, name):
@@ -223,9 +380,56 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: checkpoint does not match config.json "
                                   f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
 
+    def _check_dense(self, name: str, shape: tuple[int, ...], fmt) -> list[str]:
+        """Problems of a dense linear stored quantized: every tensor of the format present, shapes right."""
+        base, out = name.removesuffix(".weight"), []
+        for sfx, dt, want in fmt.matrix_specs(*shape):
+            info = self.tensors.get(f"{base}.{sfx}")
+            if info is None:
+                out.append(f"missing tensor {base}.{sfx} (expected shape {list(want)}; {base} is stored {fmt.name})")
+            elif info.shape != want:
+                out.append(f"{info.file.name}: tensor {info.name} has shape {list(info.shape)}, expected {list(want)} "
+                           f"({fmt.name})")
+            elif dt in (torch.int32, torch.uint8, torch.float8_e4m3fn) and info.dtype != SAFETENSORS_DTYPE[dt]:
+                out.append(f"{info.file.name}: tensor {info.name} has dtype {info.dtype}, expected "
+                           f"{SAFETENSORS_DTYPE[dt]} ({fmt.name})")
+        if not out:
+            self._dense_quant[name] = (base, shape[0], shape[1])
+        return out
+
+    def _check_expert_values(self, packed: dict[str, tuple[str, ...]]) -> list[str]:
+        """Cheap checks of a hub format's index tensors (GPTQ g_idx in range) before any expert is read."""
+        from .quant.ckpt import hub_format
+
+        fmt = hub_format(self.config.expert_format or "")
+        if fmt is None or not any(sfx == "g_idx" for sfx, *_ in fmt.matrix_specs(64, 64)):
+            return []
+        out = []
+        for name in (n for n in packed if n.endswith(".g_idx")):
+            g = self.tensor(name)
+            k = g.numel()
+            problem = fmt.check_matrix({"g_idx": g}, 0, k)
+            if problem:
+                out.append(f"{self.tensors[name].file.name}: tensor {name}: {problem} ({fmt.name})")
+                if len(out) >= 8:
+                    break
+        return out
+
     def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
                ) -> torch.Tensor:
-        """Read one tensor from its shard's memory map, converted to dtype/device."""
+        """Read one tensor from its shard's memory map, converted to dtype/device (a dense linear stored
+        quantized: dequantized by the checkpoint's format, in float32, then converted)."""
+        if name in self._dense_quant:
+            base, n, k = self._dense_quant[name]
+            fmt = self._dense_format()
+            mats = {sfx: self._raw(f"{base}.{sfx}") for sfx, _, _ in fmt.matrix_specs(n, k)}
+            w = fmt.dequant_matrix(mats, n, k)
+            check_finite(w, f"{self.path}: dequantized {name}")
+            return w.to(device=device, dtype=dtype or torch.float32)
+        return self._raw(name).to(device=device, dtype=dtype or None)
+
+    def _raw(self, name: str) -> torch.Tensor:
+        """One tensor as stored, from its shard's memory map (NaN/Inf refused)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
@@ -237,7 +441,7 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{info.file}: cannot read tensor {name}: {exc}") from None
         check_finite(t, f"{info.file}: tensor {name}")
-        return t.to(device=device, dtype=dtype or t.dtype)
+        return t
 
     def fingerprint(self) -> str:
         """Identity of the model from the checkpoint's bytes: sha256 over config.json's parsed config
@@ -265,6 +469,14 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _group_name(name: str) -> str:
+    """A tensor's group: its name without the layer prefix ('<...>.layers.N.') and the expert index ('experts.E.'),
+    e.g. 'mlp.experts.w1'."""
+    import re
+
+    return re.sub(r"\.experts\.\d+\.", ".experts.", re.sub(r"^.*?\.layers\.\d+\.", "", name))
 
 
 def save_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, torch.Tensor],

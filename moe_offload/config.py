@@ -31,7 +31,11 @@ _FAMILY_FIELDS = {"model_type": "mixtral", "norm_topk_prob": True, "shared_exper
                   "routed_scaling_factor": 1.0, "correction_bias": False, "router_logit_bias": False,
                   "attention": "gqa", "q_lora_rank": 0, "kv_lora_rank": 0, "qk_nope_head_dim": 0,
                   "qk_rope_head_dim": 0, "v_head_dim": 0, "attention_sinks": False, "expert_bias": False,
-                  "rope_type": "default", "sliding_window_layers": 0, "mtp_layers": 0, "shipped_format": None}
+                  "rope_type": "default", "sliding_window_layers": 0, "mtp_layers": 0, "shipped_format": None,
+                  # yarn RoPE and DeepSeek's rope layout (families/deepseek_v3.py, deepseek_v2.py)
+                  "rope_interleave": False, "rope_factor": 1.0, "rope_original_max_position": 0,
+                  "rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_mscale": 0.0, "rope_mscale_all_dim": 0.0,
+                  "rope_attention_factor": None, "rope_truncate": True}
 ATTENTIONS = ("gqa", "mla")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,8 +94,8 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False
     router_logit_bias: bool = False
-    # attention variant: "gqa" (the runnable one) or "mla" (DeepSeek's multi-head latent attention,
-    # sized for projections only); q_lora_rank 0 = no q-LoRA
+    # attention variant: "gqa" (grouped-query) or "mla" (DeepSeek's multi-head latent attention,
+    # model/mla.py: head_dim = qk_nope_head_dim + qk_rope_head_dim); q_lora_rank 0 = no q-LoRA
     attention: str = "gqa"
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
@@ -100,10 +104,25 @@ class ModelConfig:
     v_head_dim: int = 0
     attention_sinks: bool = False  # a learned sink logit per head (GPT-OSS)
     expert_bias: bool = False  # biases on the experts' gate/up [2I] and down [H] projections (GPT-OSS)
-    rope_type: str = "default"  # "yarn" is parsed for projections only
+    rope_type: str = "default"  # or "yarn" (the rope_* fields below) where the family accepts it
     sliding_window_layers: int = 0  # layers with a sliding window when only some have one (GPT-OSS)
     mtp_layers: int = 0  # multi-token-prediction layers shipped after the last layer: not run (ignored)
     shipped_format: str | None = None  # the experts' format as published ("fp8_block128", "mxfp4"), for `info`
+    # MLA's rope key and query dims pair up as (0, 1), (2, 3), ... (DeepSeek's layout; False: the two halves)
+    rope_interleave: bool = False
+    # yarn RoPE (rope_type "yarn", arXiv 2309.00071; model/layers.yarn_inv_freq): the context's stretch
+    # factor, the pretraining context and the ramp's ends in turns (beta_fast / beta_slow, rounded outwards
+    # when rope_truncate); the cos/sin tables' magnitude (rope_attention_factor, else
+    # yarn_mscale(factor, rope_mscale) / yarn_mscale(factor, rope_mscale_all_dim) where both are set, else
+    # yarn_mscale(factor)); MLA's softmax scale also takes yarn_mscale(factor, rope_mscale_all_dim) ** 2
+    rope_factor: float = 1.0
+    rope_original_max_position: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 0.0  # 0: not set
+    rope_mscale_all_dim: float = 0.0
+    rope_attention_factor: float | None = None
+    rope_truncate: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -155,6 +174,17 @@ class ModelConfig:
                               f"experts and topk_group {self.topk_group} be in [1, n_group]")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ConfigError(f"config.json: clip_qkv must be positive or null, got {self.clip_qkv!r}")
+        if self.attention == "mla":
+            dims = dict(kv_lora_rank=self.kv_lora_rank, qk_rope_head_dim=self.qk_rope_head_dim,
+                        v_head_dim=self.v_head_dim)
+            bad = [f"{k} {v!r}" for k, v in dims.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+            if bad or self.qk_rope_head_dim % 2 or self.q_lora_rank < 0 or self.qk_nope_head_dim < 0:
+                raise ConfigError(f"config.json: multi-head latent attention needs positive kv_lora_rank, v_head_dim "
+                                  f"and an even qk_rope_head_dim, q_lora_rank and qk_nope_head_dim >= 0; got "
+                                  f"{', '.join(bad) or dims}")
+        if self.rope_type == "yarn" and not (self.rope_factor > 0 and self.rope_original_max_position > 0):
+            raise ConfigError(f"config.json: yarn RoPE needs a positive factor and original_max_position_embeddings, "
+                              f"got {self.rope_factor!r} and {self.rope_original_max_position!r}")
 
     # --- derived sizes -------------------------------------------------------------------------
     @property
@@ -165,7 +195,11 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """The leading dims of each q/k head that RoPE rotates (head_dim * partial_rotary_factor)."""
+        """The leading dims of each q/k head that RoPE rotates (head_dim * partial_rotary_factor); MLA
+        rotates its rope part only (qk_rope_head_dim: the trailing dims of a query head and the shared
+        rope key)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
@@ -270,6 +304,8 @@ class ModelConfig:
                 shipped_format=shipped,
             )
             kwargs.update(family.fields(raw))  # sliding_window, norm_topk_prob, shared expert, q/k norm, ... (may set head_dim)
+            if kwargs.get("rope_type") == "yarn":
+                kwargs.update(_yarn_fields(raw, kwargs["max_position_embeddings"]))
             return cls(**kwargs)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("config.json", source, 1)) from None
@@ -315,10 +351,26 @@ def _rope_theta(raw: dict[str, Any], source: str, default: float = 1e6, parsed: 
     params = raw.get("rope_parameters") or raw.get("rope_scaling")
     if isinstance(params, dict):
         if rope_type(raw) not in parsed:
-            raise ConfigError(f"{source}: rope type {rope_type(raw)!r} is not supported (only 'default')")
+            raise ConfigError(f"{source}: rope type {rope_type(raw)!r} is not supported "
+                              f"(supported: {', '.join(parsed)})")
         if "rope_theta" in params:
             return params["rope_theta"]
     return raw.get("rope_theta", default)
+
+
+def _yarn_fields(raw: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
+    """ModelConfig's rope_* fields from a yarn rope_scaling / rope_parameters (hub and transformers-5
+    spellings; Hugging Face's defaults where a key is left out: factor from the two context lengths)."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    original = params.get("original_max_position_embeddings") or max_position_embeddings
+    factor = params.get("factor") or max_position_embeddings / original
+    af = params.get("attention_factor")
+    return dict(rope_factor=float(factor), rope_original_max_position=int(original),
+                rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1),
+                rope_mscale=float(params.get("mscale") or 0),
+                rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0),
+                rope_attention_factor=None if af is None else float(af),
+                rope_truncate=bool(params.get("truncate", True)))
 
 
 @dataclass(frozen=True)

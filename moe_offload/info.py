@@ -91,7 +91,7 @@ def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
     per_layer = [f.expert_bytes(H, I) for f in fmt.per_layer(cfg.num_moe_layers)]
     out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(H, I),  # the largest layer's
                            "host_bytes": cfg.num_local_experts * sum(per_layer)}
-    if hasattr(ckpt, "tensor_groups"):  # GGUF
+    if hasattr(ckpt, "tensor_groups"):  # GGUF, safetensors: what the files hold, per tensor group
         out["file_expert_bytes"] = ckpt.expert_file_bytes()
         out["tensor_groups"] = ckpt.tensor_groups()
     return out
@@ -103,6 +103,7 @@ def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
     from .offload import CacheBudget, make_policy, plan_memory
     from .options import INT4, check_against_model
     from .errors import MoeOffloadError
+    from .formats import loop_only
     from .runtime import DEFAULT_MAX_SEQ_LEN, _expert_storage
 
     check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
@@ -115,7 +116,7 @@ def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
                               f"(its max_position_embeddings), got {seq}")
     budget = CacheBudget(t.cache_experts, config.cache_per_layer, config.cache_gb)
     expert_dtype, group = _expert_storage(config, cfg, "the model")  # as load() would store them
-    fmt = expert_dtype if expert_dtype in ("int8",) + INT4 or expert_dtype.startswith("gguf:") else None
+    fmt = expert_dtype if expert_dtype in ("int8",) + INT4 or loop_only(expert_dtype) else None
     return plan_memory(cfg, dev, dt, seq, budget, make_policy(t.policy).per_layer, fmt, group)
 
 

@@ -25,7 +25,7 @@ from .generate import (GenerationResult, GenerationStream, SamplingParams, TextS
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MoeModel
-from .formats import choose_format
+from .formats import choose_format, loop_only
 from .offload.packed import PackedResidentExperts
 from .offload.cpu_lane import build_cpu_lane
 from .offload.link import link_chunk_bytes
@@ -328,8 +328,8 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     if offload is None:  # on cpu, host RAM is the device (OffloadConfig.offload), unless the cache is asked for
         offload = dev.type == "cuda" or bool(config.cache_options())
     expert_dtype, group_size = _expert_storage(config, cfg, path)
-    if tune.moe_backend == "auto" and expert_dtype.startswith("gguf:"):
-        backend = "loop"  # auto: the one backend that runs GGUF block formats (the Triton kernel has none yet)
+    if tune.moe_backend == "auto" and loop_only(expert_dtype):
+        backend = "loop"  # auto: the one backend that runs GGUF / hub formats (the Triton kernel has none yet)
         runtime = replace(runtime, moe_backend=backend)
     fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
     runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)

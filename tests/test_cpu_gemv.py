@@ -94,3 +94,20 @@ def test_threads_default_to_the_physical_cores_and_can_be_set(monkeypatch):
         torch.set_num_threads(before)
     with pytest.raises(Exception, match="threads"):
         OffloadConfig(threads=0)
+
+
+@pytest.mark.parametrize("block_type", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gguf_kernels_equal_gguf_dequantize_then_matmul(block_type, m):
+    """Oracle: the gguf package's own quantizer and dequantizer (maintained with llama.cpp)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    qt = getattr(GGMLQuantizationType, block_type)
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(48, 256, generator=g).numpy()
+    rows = quants.quantize(w, qt)  # uint8 [48, 8 blocks * bytes]
+    deq = torch.from_numpy(np.asarray(quants.dequantize(rows, qt), dtype=np.float64))  # [48, 256]
+    x = torch.randn(m, 256, generator=g)
+    y = cpu_gemv.gguf_linear(x, torch.from_numpy(np.ascontiguousarray(rows)), block_type)
+    check(y, x.double() @ deq.T, F32_TOL)

@@ -114,9 +114,11 @@ def test_unregistered_family_is_refused_and_names_the_registered_ones(tmp_path, 
 def test_each_builtin_family_declares_its_facts():
     got = {t: (f.architecture, f.moe_prefix, f.expert_weights["w1"], f.qk_norm, f.prepends_bos)
            for t in families.supported() for f in [families.get(t)]}
-    assert got == {"deepseek_v3": ("DeepseekV3ForCausalLM", "mlp", "gate_proj", "none", False),  # info/simulate only
+    assert got == {"deepseek_v2": ("DeepseekV2ForCausalLM", "mlp", "gate_proj", "none", False),  # latent attention
+                   "deepseek_v3": ("DeepseekV3ForCausalLM", "mlp", "gate_proj", "none", False),  # latent attention
                    "glm4_moe": ("Glm4MoeForCausalLM", "mlp", "gate_proj", "none", False),  # q/k norm: use_qk_norm
                    "gpt_oss": ("GptOssForCausalLM", "mlp", "gate_proj", "none", False),  # info/simulate only
+                   "kimi_k2": ("DeepseekV3ForCausalLM", "mlp", "gate_proj", "none", False),  # DeepSeek-V3's
                    "mixtral": ("MixtralForCausalLM", "block_sparse_moe", "w1", "none", True),
                    "olmoe": ("OlmoeForCausalLM", "mlp", "gate_proj", "full", False),
                    "qwen2_moe": ("Qwen2MoeForCausalLM", "mlp", "gate_proj", "none", False),

@@ -20,7 +20,7 @@ from moe_offload.formats.gguf import BLOCK_TYPES  # noqa: E402
 from moe_offload.gguf_checkpoint import GgufCheckpoint  # noqa: E402
 from moe_offload.offload.store import HostExpertStore  # noqa: E402
 
-QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # gguf.quants can write these
+QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4")  # gguf.quants can write these
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # random valid blocks
 FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}

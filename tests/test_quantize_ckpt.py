@@ -120,7 +120,7 @@ def test_bad_quantized_checkpoints_are_named(quantized, tmp_path):
 
 def test_parse_refuses_what_it_cannot_read():
     with pytest.raises(ConfigError, match="quant_method"):
-        parse_quantization_config({"quant_method": "gptq"}, "c.json")
+        parse_quantization_config({"quant_method": "bitsandbytes"}, "c.json")  # gptq / awq / fp8: test_hub_formats
     with pytest.raises(ConfigError, match="format"):
         parse_quantization_config({"quant_method": "compressed-tensors", "format": "marlin-24",
                                    "config_groups": {"g": {"weights": {"num_bits": 4}}}}, "c.json")

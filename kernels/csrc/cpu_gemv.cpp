@@ -7,6 +7,7 @@
 //   f32 / bf16   W [N, K]
 //   int8         q int8 [N, K], one fp16 scale per row:             w = q * s[n]
 //   int4         q uint8 [N, K/2] (even k in the low nibble), fp16 s, z [N, K/G]: w = (q - z) * s
+//   GGUF Q8_0 / Q4_0 rows as the file stores them (see row_q8_0 / row_q4_0)
 // x is float32 [M, K]; y is float32 [M, N]. Shapes are checked by the Python wrapper (kernels/cpu_gemv.py).
 
 #include <torch/extension.h>
@@ -160,6 +161,69 @@ inline float row_u4(const uint8_t* q, const at::Half* s, const at::Half* z, cons
   return acc - zcorr;
 }
 
+// GGUF Q8_0 / Q4_0 rows: blocks of 32 weights, each an fp16 scale d then 32 int8 (Q8_0, 34 bytes) or
+// 16 bytes of nibbles (Q4_0, 18 bytes: byte j holds element j in its low and j + 16 in its high nibble,
+// value (q - 8) * d). xs holds x's sum per block (Q4_0's "- 8" term). Four running totals as for int4.
+inline float f16_bits(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+inline float row_q8_0(const uint8_t* row, const float* x, int64_t blocks) {
+#if MOE_AVX512
+  __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = row + b * 34;
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    __m512 a = _mm512_mul_ps(load_i8(q), _mm512_loadu_ps(x + b * 32));
+    a = _mm512_fmadd_ps(load_i8(q + 16), _mm512_loadu_ps(x + b * 32 + 16), a);
+    t[b & 3] = _mm512_fmadd_ps(a, _mm512_set1_ps(f16_bits(blk)), t[b & 3]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(t[0], t[1]), _mm512_add_ps(t[2], t[3])));
+#else
+  float acc = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = row + b * 34;
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+    float dot = 0.f;
+    for (int j = 0; j < 32; ++j) dot += static_cast<float>(q[j]) * x[b * 32 + j];
+    acc += f16_bits(blk) * dot;
+  }
+  return acc;
+#endif
+}
+
+inline float row_q4_0(const uint8_t* row, const float* x, const float* xs, int64_t blocks) {
+  float corr = 0.f;  // sum_b d_b * 8 * xs_b
+#if MOE_AVX512
+  const __m512i lo_mask = _mm512_set1_epi32(0xF);
+  __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = row + b * 18;
+    const float d = f16_bits(blk);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 2)));
+    __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, lo_mask)), _mm512_loadu_ps(x + b * 32));
+    a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(x + b * 32 + 16), a);
+    t[b & 3] = _mm512_fmadd_ps(a, _mm512_set1_ps(d), t[b & 3]);
+    corr += d * xs[b];
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(t[0], t[1]), _mm512_add_ps(t[2], t[3]))) - 8.f * corr;
+#else
+  float acc = 0.f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = row + b * 18;
+    const float d = f16_bits(blk);
+    float dot = 0.f;
+    for (int j = 0; j < 16; ++j)
+      dot += static_cast<float>(blk[2 + j] & 0xF) * x[b * 32 + j] + static_cast<float>(blk[2 + j] >> 4) * x[b * 32 + 16 + j];
+    acc += d * dot;
+    corr += d * xs[b];
+  }
+  return acc - 8.f * corr;
+#endif
+}
+
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
               "x must be contiguous float32 [M, ", K, "]");
@@ -256,11 +320,40 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const to
   return y;
 }
 
+// GGUF rows q uint8 [N, blocks * bytes_per_block] of type Q8_0 (34) or Q4_0 (18) -> y float32 [M, N]
+torch::Tensor gemv_gguf(const torch::Tensor& x, const torch::Tensor& q, int64_t block_bytes) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, row bytes]");
+  TORCH_CHECK(block_bytes == 34 || block_bytes == 18, "block_bytes must be 34 (Q8_0) or 18 (Q4_0), got ", block_bytes);
+  TORCH_CHECK(q.size(1) % block_bytes == 0, "row bytes ", q.size(1), " are not whole blocks of ", block_bytes);
+  const int64_t N = q.size(0), blocks = q.size(1) / block_bytes, K = blocks * 32, M = x.size(0);
+  check_x(x, K);
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xs(M * blocks);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      float acc = 0.f;
+      for (int j = 0; j < 32; ++j) acc += xp[m * K + b * 32 + j];
+      xs[m * blocks + b] = acc;
+    }
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t rb = q.size(1);
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = block_bytes == 34 ? row_q8_0(qp + n * rb, xp + m * K, blocks)
+                                          : row_q4_0(qp + n * rb, xp + m * K, xs.data() + m * blocks, blocks);
+  });
+  return y;
+}
+
 bool has_avx512() { return MOE_AVX512; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_float", &gemv_float, "y [M, N] = x [M, K] @ W [N, K]^T, W float32 or bfloat16");
   mod.def("gemv_int8", &gemv_int8, "y = x @ (q * s[:, None])^T, q int8 [N, K], s fp16 [N]");
   mod.def("gemv_int4", &gemv_int4, "y = x @ ((q - z) * s per group)^T, q packed uint8 [N, K/2]");
+  mod.def("gemv_gguf", &gemv_gguf, "y = x @ dequant(q)^T for GGUF Q8_0 (block_bytes 34) or Q4_0 (18) rows");
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
 }

@@ -3,8 +3,9 @@
 One `Routing` describes every router of the supported families and leaves room for the ones to come:
 softmax over all experts then top-k (Mixtral, Qwen-MoE, OLMoE); top-k of the logits then a softmax
 over those k (GPT-OSS); or a sigmoid per expert with a correction bias that moves the choice but not
-the weights, chosen within the best groups of experts (DeepSeek-V3, GLM-4.5). The k weights are
-optionally renormalised to sum to one, then scaled.
+the weights, chosen within the best groups of experts (DeepSeek-V3, GLM-4.5); or a softmax whose
+top-k is chosen within the groups with the best single experts (DeepSeek-V2's group_limited_greedy).
+The k weights are optionally renormalised to sum to one, then scaled.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 SCORINGS = ("softmax", "topk_softmax", "sigmoid")
+GROUP_SCORES = ("top2", "max")
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,9 @@ class Routing:
     scoring: 'softmax' over the E experts; 'topk_softmax': the k largest logits, softmax over them; or
     'sigmoid' per expert. renormalize: divide the k chosen weights by their sum (sigmoid: plus 1e-20).
     n_group / topk_group: the experts form n_group equal groups, each scored by the sum of its two best
-    (bias-corrected) scores; the experts outside the topk_group best groups score 0 for the choice
-    (1 / 1: no grouping). scale: the weights' final factor (routed_scaling_factor).
+    (bias-corrected) scores (group_score 'top2') or by its best one ('max', DeepSeek-V2); the experts
+    outside the topk_group best groups cannot be chosen (1 / 1: no grouping). scale: the weights' final
+    factor (routed_scaling_factor).
     A bias [E] passed to the call (the layer's correction bias) is added to the scores for the choice
     only; the weights are the uncorrected scores of the chosen experts (DeepSeek-V3's rule).
     """
@@ -35,10 +38,13 @@ class Routing:
     n_group: int = 1
     topk_group: int = 1
     scale: float = 1.0
+    group_score: str = "top2"
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
             raise ValueError(f"routing scoring {self.scoring!r} is not one of {list(SCORINGS)}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"routing group_score {self.group_score!r} is not one of {list(GROUP_SCORES)}")
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"routing: topk_group {self.topk_group} must be in 1..n_group ({self.n_group})")
 
@@ -83,7 +89,10 @@ class Routing:
         rule: an eligible expert with a negative corrected score still beats an ineligible one)."""
         e = choice.shape[-1]
         groups = choice.reshape(*choice.shape[:-1], self.n_group, e // self.n_group)  # [..., G, E/G]
-        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [..., G]
+        if self.group_score == "max":
+            group_scores = groups.amax(dim=-1)  # [..., G]
+        else:
+            group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [..., G]
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(-1, group_scores.topk(self.topk_group, dim=-1).indices, True)  # [..., G]
         return groups.masked_fill(~keep[..., None], float("-inf")).reshape(choice.shape)

@@ -8,6 +8,11 @@
   gguf:Q4_0, ...       GgufFormat (gguf.py): GGUF block types as the file stores them (read from .gguf
                        files only; 'gguf:' + one type, or gate,up,down types)
   gguf:A*2;B*30        GgufLayersFormat (gguf.py): layers of different GGUF types, one GgufFormat each
+  gptq:4,g128,sym,...  GptqFormat (gptq.py)         \
+  awq:4,g128           AwqFormat (awq.py)            | hub formats (hub.py): a published checkpoint's
+  fp8:128x128          Fp8BlockFormat (fp8.py)       | expert tensors kept as stored, dequantized per
+  mxfp4                Mxfp4Format (mxfp4.py)        | expert on the loop backend
+  ct:4,g64,asym        CompressedFormat (compressed.py) /
 
 get_format(name, group_size=, compute_dtype=) builds one; choose_format() resolves load()'s
 expert_dtype option. A new format: one module with an ExpertFormat subclass, registered here with
@@ -23,10 +28,39 @@ import torch
 from ..errors import MoeOffloadError
 from .base import ALIGN, DEFAULT_GROUP_SIZE, GROUP_SIZES, ExpertFormat, PackedFormat, Section
 from .float import FLOAT_DTYPES, FloatFormat
+from .awq import AwqFormat
+from .compressed import CompressedFormat
+from .fp8 import Fp8BlockFormat
 from .gguf import PREFIX as GGUF_PREFIX, GgufFormat, GgufLayersFormat, parse_gguf_layers, parse_gguf_name
+from .gptq import GptqFormat
+from .hub import HubFormat
 from .int4 import Int4Format
 from .int8 import Int8Format
+from .mxfp4 import Mxfp4Format
 from .projected import ProjectedIntFormat
+
+# hub formats by name prefix (each class's from_name parses the rest)
+HUB_FORMATS: dict[str, type[HubFormat]] = {c.PREFIX: c for c in (GptqFormat, AwqFormat, Fp8BlockFormat, Mxfp4Format,
+                                                                  CompressedFormat)}
+
+
+def hub_class(name: str) -> type[HubFormat] | None:
+    """The hub format class whose names `name` has, or None."""
+    for prefix, cls in HUB_FORMATS.items():
+        if name.startswith(prefix):
+            return cls
+    return None
+
+
+def hub_format_of(name: str | None, compute_dtype: torch.dtype | None = None) -> HubFormat | None:
+    """The hub format called `name` (ValueError for a bad one), or None when `name` is not a hub name."""
+    cls = hub_class(name) if isinstance(name, str) else None
+    return None if cls is None else cls.from_name(name, compute_dtype)
+
+
+def loop_only(name: str) -> bool:
+    """Whether experts stored as `name` run on moe_backend 'loop' only (GGUF and hub formats)."""
+    return name.startswith(GGUF_PREFIX) or hub_class(name) is not None
 
 _FACTORIES: dict[str, Callable[[torch.dtype | None, int], ExpertFormat]] = {}
 
@@ -66,6 +100,9 @@ def get_format(name: str, group_size: int = DEFAULT_GROUP_SIZE, compute_dtype: t
         if ";" in name or "*" in name:  # layers of different types
             return GgufLayersFormat(parse_gguf_layers(name), compute_dtype, group_size)
         return GgufFormat(parse_gguf_name(name), compute_dtype, group_size)
+    hub = hub_format_of(name, compute_dtype)
+    if hub is not None:
+        return hub
     if name not in _FACTORIES:
         raise ValueError(f"expert format {name!r} is not one of {list(_FACTORIES)}")
     return _FACTORIES[name](compute_dtype, group_size)
@@ -97,6 +134,16 @@ def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype
                                   f"kernel has no GGUF block formats yet); got moe_backend {moe_backend!r}: pass "
                                   "moe_backend='loop' (--tuning moe_backend=loop)")
         return fmt
+    if hub_class(expert_dtype) is not None:  # a published checkpoint's experts (GPTQ, AWQ, FP8, ...), as stored
+        try:
+            fmt = get_format(expert_dtype, group_size, compute_dtype)
+        except ValueError as exc:
+            raise MoeOffloadError(str(exc)) from None
+        if moe_backend not in fmt.moe_backends:
+            raise MoeOffloadError(f"{expert_dtype} experts run on moe_backend 'loop' only for now (the Triton kernel has "
+                                  f"no {fmt.PREFIX.rstrip(':')} format yet); got moe_backend {moe_backend!r}: pass "
+                                  "moe_backend='loop' (--tuning moe_backend=loop)")
+        return fmt
     if expert_dtype not in EXPERT_DTYPES:
         raise MoeOffloadError(f"expert_dtype {expert_dtype!r} is not one of {list(EXPERT_DTYPES)}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size not in GROUP_SIZES:
@@ -117,6 +164,8 @@ def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype
     return fmt
 
 
-__all__ = ["ALIGN", "DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "ExpertFormat", "FloatFormat", "GROUP_SIZES", "GgufFormat",
-           "GgufLayersFormat", "Int4Format", "Int8Format", "PackedFormat", "ProjectedIntFormat", "Section", "choose_format",
-           "expert_bytes", "float_format", "format_names", "get_format", "register_format"]
+__all__ = ["ALIGN", "AwqFormat", "CompressedFormat", "DEFAULT_GROUP_SIZE", "EXPERT_DTYPES", "ExpertFormat", "FloatFormat",
+           "Fp8BlockFormat", "GROUP_SIZES", "GgufFormat", "GgufLayersFormat", "GptqFormat", "HUB_FORMATS", "HubFormat",
+           "Int4Format", "Int8Format", "Mxfp4Format", "PackedFormat", "ProjectedIntFormat", "Section", "choose_format",
+           "expert_bytes", "float_format", "format_names", "get_format", "hub_class", "hub_format_of", "loop_only",
+           "register_format"]

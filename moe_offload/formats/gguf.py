@@ -151,6 +151,19 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
 
 
+MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1 doubled (ggml's kvalues_mxfp4)
+
+
+def _mxfp4(b: torch.Tensor) -> torch.Tensor:
+    """ggml MXFP4 (GPT-OSS in GGUF): e8m0 byte, then 16 bytes: low nibbles are values 0-15, high 16-31;
+    value = kvalue * 2**(e - 128) (ggml_e8m0_to_fp32_half: doubled kvalues, halved scale)."""
+    e = b[:, :1].to(torch.int32)
+    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32) << e, (e - 1) << 23)
+    d = bits.view(torch.float32)
+    lut = torch.tensor(MXFP4_KVALUES, dtype=torch.float32, device=b.device)
+    return d * lut[_nibbles(b[:, 1:]).long()]
+
+
 @dataclass(frozen=True)
 class BlockType:
     """One ggml block type: `block` weights in `nbytes` bytes, dequantized by `dequant`."""
@@ -176,7 +189,8 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q5_0", 6, 32, 22, _q5_0), BlockType("Q5_1", 7, 32, 24, _q5_1),
     BlockType("Q8_0", 8, 32, 34, _q8_0), BlockType("Q2_K", 10, QK_K, 84, _q2_k),
     BlockType("Q3_K", 11, QK_K, 110, _q3_k), BlockType("Q4_K", 12, QK_K, 144, _q4_k),
-    BlockType("Q5_K", 13, QK_K, 176, _q5_k), BlockType("Q6_K", 14, QK_K, 210, _q6_k))}
+    BlockType("Q5_K", 13, QK_K, 176, _q5_k), BlockType("Q6_K", 14, QK_K, 210, _q6_k),
+    BlockType("MXFP4", 39, 32, 17, _mxfp4))}
 BY_GGML_TYPE = {t.ggml_type: t for t in BLOCK_TYPES.values()}
 PREFIX = "gguf:"
 

@@ -142,7 +142,10 @@ class Int4Pool(WeightPool):
         return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype)
 
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
-        return cpu_gemv.MAX_ROWS if cpu_gemv.available() else super().cpu_max_tokens(dtype)
+        # float32 keeps dequantize-then-matmul, what the offloaded loop computes (bit-equal runs)
+        if dtype != torch.float32 and cpu_gemv.available():
+            return cpu_gemv.MAX_ROWS
+        return super().cpu_max_tokens(dtype)
 
 
 class Int4Format(PackedFormat):

@@ -1,4 +1,5 @@
-"""The family-neutral MoE decoder: embeddings, attention with a static KV cache, the router (the
+"""The family-neutral MoE decoder: embeddings, attention with a static KV cache (grouped-query, or
+DeepSeek's multi-head latent attention, model/mla.py, over a latent cache), the router (the
 family's router function) and the MoE boundary (plus a resident shared expert where the family has
 one), LM head. What differs between families (config keys, tensor names, router function) is their
 adapter's (moe_offload.families); this core reads only ModelConfig's fields and asks cfg.family."""
@@ -17,7 +18,9 @@ from tqdm.auto import tqdm
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .layers import apply_rope, attention, rms_norm, rope_tables
+from .layers import (apply_rope, attention, linear, rms_norm, rope_tables, yarn_attention_factor,
+                     yarn_inv_freq)
+from .mla import LatentAttention
 from .moe import ExpertBackend, ResidentExperts
 from .observers import LayerObserver
 
@@ -36,13 +39,22 @@ class RowPositions:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [L, B, n_kv, max_seq_len, head_dim] each."""
+    """Preallocated keys/values for every layer: [L, B, n_kv, max_seq_len, head_dim] each.
+
+    Multi-head latent attention (cfg.attention "mla") caches one row per token and layer instead: the
+    normed latent and the rotated rope key, k [L, B, 1, max_seq_len, kv_lora_rank + qk_rope_head_dim]
+    (one key head shared by all query heads); v is a view of its latent part (no storage of its own)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, dtype: torch.dtype,
                  device: torch.device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if cfg.attention == "mla":
+            shape = (cfg.num_hidden_layers, batch, 1, max_seq_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = self.k[..., :cfg.kv_lora_rank]
+        else:
+            shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
 
     def rows(self, start: int, stop: int) -> "KVCache":
@@ -51,17 +63,20 @@ class KVCache:
         view.k, view.v, view.max_seq_len = self.k[:, start:stop], self.v[:, start:stop], self.max_seq_len
         return view
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | RowPositions
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor | None, start: int | RowPositions
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, n_kv, T, hd] at positions start..start+T-1; return views of 0..start+T-1.
-        With RowPositions (T == 1), row b is written at pos[b] and the views cover 0..span-1."""
+        With RowPositions (T == 1), row b is written at pos[b] and the views cover 0..span-1.
+        v None: k alone is written (MLA: the latent rows, whose view v is)."""
         if isinstance(start, RowPositions):
             self.k[layer][start.rows, :, start.pos] = k[:, :, 0]  # [B, n_kv, hd] at (b, pos[b])
-            self.v[layer][start.rows, :, start.pos] = v[:, :, 0]
+            if v is not None:
+                self.v[layer][start.rows, :, start.pos] = v[:, :, 0]
             return self.k[layer, :, :, :start.span], self.v[layer, :, :, :start.span]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        if v is not None:
+            self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
@@ -93,8 +108,19 @@ class DenseLayer(nn.Module):
 
         self.input_layernorm = p(h)
         self.post_attention_layernorm = p(h)
-        self.qkv_proj = p(q + 2 * kv, h)  # q, k, v projections fused: one GEMM per layer
-        self.o_proj = p(h, q)
+        if cfg.attention == "mla":  # model/mla.py: the query (or its q-LoRA down-projection) and the latent
+            nh, dn, dr, dv, r, ql = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                     cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank)
+            q, kv = ql or nh * (dn + dr), r + dr  # the query's width; the latent and the rope key
+            self.qkv_proj = p(q + kv, h)  # [q + r + dr, H]
+            self.o_proj = p(h, nh * dv)
+            self.q_a_layernorm = p(ql) if ql else None
+            self.q_b_proj = p(nh * (dn + dr), ql) if ql else None
+            self.kv_a_layernorm = p(r)
+            self.kv_b_proj = p(nh * (dn + dv), r)  # per head: the key's [dn, r] then the value's [dv, r]
+        else:
+            self.qkv_proj = p(q + 2 * kv, h)  # q, k, v projections fused: one GEMM per layer
+            self.o_proj = p(h, q)
         # a dense first layer (first_k_dense_replace) has its MLP [w1 | w3] and w2 instead of a router
         self.dense = layer < cfg.first_k_dense_replace
         di = self.dense_size = cfg.dense_intermediate_size if self.dense else 0
@@ -130,6 +156,8 @@ class DenseLayer(nn.Module):
     shared_w3 = _Rows("shared_w13", lambda w: (w.shared_size, None))
     dense_w1 = _Rows("dense_w13", lambda w: (0, w.dense_size))
     dense_w3 = _Rows("dense_w13", lambda w: (w.dense_size, None))
+    q_a_proj = _Rows("qkv_proj", lambda w: (0, w.q_size))  # MLA: the query's rows, then the latent's
+    kv_a_proj_with_mqa = _Rows("qkv_proj", lambda w: (w.q_size, None))
 
     @staticmethod
     def checkpoint_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
@@ -177,9 +205,16 @@ class MoeModel(nn.Module):
         # The KV cache of the forward pass in progress (None outside one): observers called during the
         # pass read earlier positions' keys and values from it.
         self.active_cache: KVCache | None = None
-        cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, max_seq_len, dtype, self.device)
-        self.register_buffer("rope_cos", cos, persistent=False)  # [P, hd]
+        # DeepSeek's multi-head latent attention (model/mla.py), or None: grouped-query attention
+        self.mla = LatentAttention(cfg) if cfg.attention == "mla" else None
+        cos, sin = rope_tables(cfg.rotary_dim, cfg.rope_theta, max_seq_len, self._rope_dtype(dtype), self.device,
+                               *rope_scaling(cfg))
+        self.register_buffer("rope_cos", cos, persistent=False)  # [P, rotary_dim]
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _rope_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The RoPE tables' dtype: the compute dtype, or float32 where the family rotates in float32."""
+        return torch.float32 if self.mla is not None and self.mla.rope_float32 else dtype
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -251,12 +286,12 @@ class MoeModel(nn.Module):
     def dense_mlp(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """A dense first layer's MLP: h [..., H] (post-attention normed) -> [..., H]."""
         w = self.layers[layer]
-        gate, up = F.linear(h, w.dense_w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w.dense_w2)
+        gate, up = linear(h, w.dense_w13).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, w.dense_w2)
 
     def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
-        logits = F.linear(x, self.moe_layers[layer].gate)  # [N, E]
+        logits = linear(x, self.moe_layers[layer].gate)  # [N, E]
         weights, ids = self.route(layer, logits)  # [N, k] each
         for ob in self.observers:
             replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
@@ -270,18 +305,18 @@ class MoeModel(nn.Module):
     def shared_expert(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """The shared expert of layer `layer` (times its sigmoid gate when it has one): x [N, H] -> [N, H]."""
         w = self.moe_layers[layer]
-        gate, up = F.linear(x, w.shared_w13).chunk(2, dim=-1)  # [N, Is] each
-        out = F.linear(F.silu(gate) * up, w.shared_w2)  # [N, H]
+        gate, up = linear(x, w.shared_w13).chunk(2, dim=-1)  # [N, Is] each
+        out = linear(F.silu(gate) * up, w.shared_w2)  # [N, H]
         if w.shared_gate is None:
             return out
-        return torch.sigmoid(F.linear(x, w.shared_gate)) * out  # [N, 1] * [N, H]
+        return torch.sigmoid(linear(x, w.shared_gate)) * out  # [N, 1] * [N, H]
 
     def _qkv(self, x: torch.Tensor, w: DenseLayer) -> torch.Tensor:
         """x [B, T, H] -> q, k, v heads [B, T, nh + 2 nkv, hd], q/k normed per the family (before RoPE)."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         b, t, _ = x.shape
         nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # [B, T, q + 2 kv]
+        qkv = linear(x, w.qkv_proj, w.qkv_bias)  # [B, T, q + 2 kv]
         if cfg.qk_norm == "full":  # OLMoE: RMSNorm over the whole q and k projections
             q, k, v = qkv.split((w.q_size, w.kv_size, w.kv_size), dim=-1)
             qkv = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps), v), dim=-1)
@@ -293,18 +328,26 @@ class MoeModel(nn.Module):
             qkv = torch.cat((rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps), v), dim=2)
         return qkv
 
+    def rope_at(self, start: int | RowPositions, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin rows of positions start..start+T-1, shaped to broadcast against [B, T, heads, rd]:
+        [T, 1, rd], or [B, 1, 1, rd] for RowPositions (each row at its own position)."""
+        if isinstance(start, RowPositions):  # batched decode: each row at its own position
+            return self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]
+        return self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]
+
     def project(self, x: torch.Tensor, layer: int, start: int | RowPositions
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer `layer`'s query, key and value heads for its normed input x [B, T, H] at positions
         start.. (or RowPositions): q [B, nh, T, hd], k, v [B, nkv, T, hd], RoPE applied; no cache is
-        read or written. With the cache's K/V and o_proj, what any attention over other keys builds on."""
+        read or written. With the cache's K/V and o_proj, what any attention over other keys builds on.
+        Grouped-query attention only (MLA's heads are model/mla.py's)."""
         cfg = self.cfg
+        if self.mla is not None:
+            raise ConfigError(f"{cfg.model_type}: multi-head latent attention has no grouped-query key/value heads "
+                              "to project; what reads them needs a grouped-query attention model")
         t, nh, nkv = x.shape[1], cfg.num_attention_heads, cfg.num_key_value_heads
         qkv = self._qkv(x, self.layers[layer])  # [B, T, nh + 2 nkv, hd]
-        if isinstance(start, RowPositions):  # batched decode: each row at its own position
-            cos, sin = self.rope_cos[start.pos][:, None, None], self.rope_sin[start.pos][:, None, None]  # [B, 1, 1, hd]
-        else:
-            cos, sin = self.rope_cos[start:start + t, None], self.rope_sin[start:start + t, None]  # [T, 1, hd]
+        cos, sin = self.rope_at(start, t)  # [T, 1, hd] or [B, 1, 1, hd]
         qk = qkv[:, :, : nh + nkv]
         rd = cfg.rotary_dim
         if rd == cfg.head_dim:
@@ -317,12 +360,15 @@ class MoeModel(nn.Module):
     def _attention(self, x: torch.Tensor, layer: int, start: int | RowPositions, cache: KVCache | None
                    ) -> torch.Tensor:
         b, t, _ = x.shape
+        if self.mla is not None:  # latent attention: absorbed for one query per row (decode), else expanded
+            cos, sin = self.rope_at(start, t)
+            return self.mla(x, self.layers[layer], layer, start, cache, cos, sin, absorb=t == 1)
         q, k, v = self.project(x, layer, start)  # [B, nh, T, hd], [B, nkv, T, hd] x2
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T (or span), hd]
         q_start = start.pos if isinstance(start, RowPositions) else start
         o = attention(q, k, v, q_start, self.cfg.sliding_window)  # [B, nh, T, hd]
-        return F.linear(o.transpose(1, 2).reshape(b, t, -1), self.layers[layer].o_proj)
+        return linear(o.transpose(1, 2).reshape(b, t, -1), self.layers[layer].o_proj)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
@@ -363,7 +409,18 @@ class MoeModel(nn.Module):
             if keep is not None:  # later layers compute only the leading positions: causal, so they stay exact
                 x = x[:, :keep]
         x = rms_norm(x, self.norm, eps)
-        return x if return_hidden else F.linear(x, self.lm_head_weight())
+        return x if return_hidden else linear(x, self.lm_head_weight())
+
+
+def rope_scaling(cfg: ModelConfig) -> tuple[torch.Tensor | None, float]:
+    """The RoPE frequencies [rotary_dim/2] float32 and the tables' magnitude: (None, 1.0) for plain
+    RoPE; yarn's frequencies and attention factor (ModelConfig's rope_* fields) for rope_type 'yarn'."""
+    if cfg.rope_type != "yarn":
+        return None, 1.0
+    inv_freq = yarn_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_position,
+                             cfg.rope_beta_fast, cfg.rope_beta_slow, cfg.rope_truncate)
+    return inv_freq, yarn_attention_factor(cfg.rope_factor, cfg.rope_mscale, cfg.rope_mscale_all_dim,
+                                           cfg.rope_attention_factor)
 
 
 def empty_resident_experts(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,

@@ -58,14 +58,25 @@ def quantization_config(fmt: str, group_size: int, ignore: list[str]) -> dict[st
 
 def parse_quantization_config(qc: Any, source: str) -> tuple[str, int, bool]:
     """config.json's quantization_config -> (expert format, group size, symmetric); ConfigError naming
-    the field that this runtime cannot read."""
+    the field that this runtime cannot read. GPTQ / AWQ / FP8 / MXFP4 configs and the pack-quantized
+    variants the int4 / int8 rows do not hold name a hub format (quant/hub.py: read as stored)."""
+    from .hub import compressed_format_name, hub_format_name
+
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{source}: quantization_config is {qc!r}; supported: a JSON object")
+    if qc.get("quant_method") != "compressed-tensors":
+        return hub_format_name(qc, source), 128, True
+    try:
+        return _parse_own(qc, source)
+    except ConfigError:
+        return compressed_format_name(qc, source), 128, True
+
+
+def _parse_own(qc: dict[str, Any], source: str) -> tuple[str, int, bool]:
+    """The pack-quantized variants `moe-offload quantize` writes (read into the int4 / int8 rows)."""
     def bad(field: str, value: Any, want: str) -> ConfigError:
         return ConfigError(f"{source}: quantization_config.{field} is {value!r}; supported: {want}")
 
-    if not isinstance(qc, dict):
-        raise bad("", qc, "a JSON object")
-    if qc.get("quant_method") != "compressed-tensors":
-        raise bad("quant_method", qc.get("quant_method"), "'compressed-tensors'")
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise bad("config_groups", groups, "exactly one group (the routed experts)")
@@ -184,8 +195,19 @@ def _fp16(s: torch.Tensor, what: str) -> torch.Tensor:
     return h
 
 
+def hub_format(fmt: str) -> Any:
+    """The HubFormat called `fmt`, or None for the int4 / int8 rows (formats.hub_format_of)."""
+    from ..formats import hub_format_of
+
+    return hub_format_of(fmt)
+
+
 def expected_shapes(n: int, k: int, fmt: str, group_size: int, symmetric: bool) -> dict[str, tuple[int, ...]]:
     """{suffix: shape} of one matrix [n, k] on disk."""
+    hub = hub_format(fmt)
+    if hub is not None:
+        return {sfx: shape for sfx, _, shape in hub.matrix_specs(n, k)} | {
+            sfx: shape for sfx, _, shape, _ in hub.meta_specs(n, k)}
     bits = BITS[fmt]
     out = {"weight_packed": (n, -(-k * bits // 32)), "weight_shape": (2,)}
     if fmt == "int8":
@@ -205,8 +227,12 @@ def check_format(fmt: str) -> None:
 
 def read_packed_expert(get: Any, names: dict[str, str], fmt: str, group_size: int, symmetric: bool, hidden: int,
                        inter: int) -> dict[str, torch.Tensor]:
-    """One routed expert of a pack-quantized checkpoint -> our sections (qw13, s13, [z13,] qw2, s2, [z2]).
+    """One routed expert of a pack-quantized checkpoint -> our sections (qw13, s13, [z13,] qw2, s2, [z2]);
+    of a hub format (GPTQ, AWQ, FP8, ...): the file's tensors themselves, by section name (read_hub_expert).
     get(name) reads a tensor; names: w1/w3/w2 -> hub weight name (ending in .weight)."""
+    hub = hub_format(fmt)
+    if hub is not None:
+        return read_hub_expert(get, names, hub, hidden, inter)
     mats = {}
     for w, (n, k) in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
         base = names[w].removesuffix(".weight")
@@ -230,4 +256,38 @@ def packed_expert_tensors(sections: dict[str, torch.Tensor], names: dict[str, st
     for w, (q, s, z, k) in parts.items():
         base = names[w].removesuffix(".weight")
         out.update({f"{base}.{suffix}": t for suffix, t in compress_matrix(q, s, z, fmt, k).items()})
+    return out
+
+
+def read_hub_expert(get: Any, names: dict[str, str], fmt: Any, hidden: int, inter: int) -> dict[str, torch.Tensor]:
+    """One routed expert of a hub-format checkpoint -> {section: the file's tensor} (no conversion);
+    CheckpointError naming the file and tensor whose shape, dtype or values are wrong."""
+    owner = getattr(get, "__self__", None)  # Checkpoint.tensor: name the file in errors
+
+    def where(name: str) -> str:
+        info = getattr(owner, "tensors", {}).get(name)
+        return f"{info.file}: tensor {name}" if info is not None else f"tensor {name}"
+
+    out = {}
+    dims = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
+    for w, n, k in fmt.matrices(hidden, inter):
+        if w not in names:
+            raise CheckpointError(f"expert format {fmt.name}: matrix {w} has no checkpoint name (fused layouts are "
+                                  "read by their family)")
+        base = names[w].removesuffix(".weight")
+        mats = {}
+        for sfx, dt, shape in fmt.matrix_specs(*dims[w]):
+            t = get(f"{base}.{sfx}")
+            if t.dtype != dt or tuple(t.shape) != shape:
+                raise CheckpointError(f"{where(f'{base}.{sfx}')} is {list(t.shape)} {str(t.dtype).removeprefix('torch.')}, "
+                                      f"expected {list(shape)} {str(dt).removeprefix('torch.')} ({fmt.name})")
+            mats[sfx] = t
+            out[f"{w}.{sfx}"] = t
+        for sfx, _, _, value in fmt.meta_specs(n, k):
+            got = get(f"{base}.{sfx}").reshape(-1).tolist()
+            if got != value:
+                raise CheckpointError(f"{where(f'{base}.{sfx}')} is {got}, expected {value}")
+        problem = fmt.check_matrix(mats, n, k)
+        if problem:
+            raise CheckpointError(f"{where(base + '.' + problem.split()[0])}: {problem} ({fmt.name})")
     return out
