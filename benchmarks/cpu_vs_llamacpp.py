@@ -24,6 +24,11 @@ beside this machine's copy bandwidth (a STREAM-like copy of 256 MiB, measured in
 Threads: 2 is this project's reference machine (2 cores). On bigger machines run it again with
 --threads 1 and with the physical core count; the JSON records the thread count and the CPU.
 Writes benchmarks/results/cpu_vs_llamacpp.json (or --out) and prints a table.
+
+    python benchmarks/cpu_vs_llamacpp.py --crossover [--threads 2]
+
+measures only the rows-of-x sweep that sets kernels/cpu_gemv.py's MAX_ROWS / QUANT_MAX_ROWS
+(benchmarks/results/cpu_gemv_crossover.json).
 """
 
 from __future__ import annotations
@@ -193,12 +198,44 @@ def gguf_bytes_per_token(gguf: Path, top_k: int, experts: int) -> float:
     return total
 
 
+def crossover(threads: int, rows: list[int]) -> list[dict]:
+    """ms per call at Mixtral-734M's w13 shape (7168 x 1024) as the rows of x grow: the compiled kernels
+    against PyTorch's GEMM (bf16 weights) and against dequantize-then-matmul (int8), weights rotated over
+    more memory than the caches hold. Chooses kernels/cpu_gemv.py's MAX_ROWS and QUANT_MAX_ROWS."""
+    from moe_offload.formats.int8 import dequant_int8, quantize_int8
+    from moe_offload.kernels import cpu_gemv
+
+    torch.set_num_threads(threads)
+    n, k, count = 7168, 1024, 16
+    q8 = [quantize_int8(torch.randn(n, k)) for _ in range(count)]
+    wb = [torch.randn(n, k).bfloat16() for _ in range(count)]
+
+    def ms(fn) -> float:
+        fn(0)
+        t0 = time.perf_counter()
+        for i in range(count):
+            fn(i)
+        return (time.perf_counter() - t0) / count * 1e3
+
+    out = []
+    for m in rows:
+        x = torch.randn(m, k).bfloat16()
+        row = {"rows": m,
+               "bf16_kernel_ms": ms(lambda i: cpu_gemv.linear(x, wb[i])),
+               "bf16_torch_ms": ms(lambda i: torch.nn.functional.linear(x, wb[i])),
+               "int8_kernel_ms": ms(lambda i: cpu_gemv.int8_linear(x, *q8[i])),
+               "int8_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(x, dequant_int8(*q8[i]).bfloat16()))}
+        print("  " + ", ".join(f"{key} {v:.2f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()))
+        out.append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-bin", help="folder with llama-bench and llama-quantize (or LLAMA_CPP_BIN)")
     ap.add_argument("--convert", help="llama.cpp's convert_hf_to_gguf.py (or LLAMA_CPP_CONVERT; default: "
                                       "searched above --llama-bin)")
-    ap.add_argument("--model", required=True, help="Mixtral folder (written there with --make-model)")
+    ap.add_argument("--model", help="Mixtral folder (written there with --make-model)")
     ap.add_argument("--make-model", action="store_true", help="write the 734M random model into --model first")
     ap.add_argument("--work", help="folder for the GGUF files (default: MODEL.gguf-work beside --model)")
     ap.add_argument("--threads", type=int, default=2)
@@ -207,7 +244,16 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_vs_llamacpp.json"))
+    ap.add_argument("--crossover", action="store_true",
+                    help="only the kernels-vs-PyTorch sweep over rows of x (no llama.cpp, no model)")
     args = ap.parse_args()
+    if args.crossover:
+        rows = crossover(args.threads, [1, 2, 4, 8, 16, 32, 64, 128])
+        out = Path(args.out).with_name("cpu_gemv_crossover.json") if args.out == ap.get_default("out") else Path(args.out)
+        write_json_atomic(out, {**result_metadata(), "benchmark": "cpu_gemv_crossover", "threads": args.threads,
+                                "rows": rows, "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + sys.argv[1:])})
+        print(f"wrote {shown(out)}")
+        return 0
     bins = env_path(args.llama_bin, "LLAMA_CPP_BIN")
     if bins is None or not (bins / "llama-bench").is_file():
         ap.error("--llama-bin (or LLAMA_CPP_BIN) must name the folder holding llama-bench and llama-quantize")
@@ -221,6 +267,8 @@ def main() -> int:
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         ap.error(f"--precisions: unknown {bad}; choose from {sorted(PRECISIONS)}")
+    if not args.model:
+        ap.error("--model is required (a Mixtral folder; add --make-model to write the 734M one there)")
     model = Path(args.model).expanduser().resolve()
     if args.make_model:
         make_model(model)

@@ -8,7 +8,8 @@ both in the same run); these kernels widen each weight to float32 in registers a
 for all M rows of x.
 
 The extension is compiled on first use with the machine's compiler (torch.utils.cpp_extension,
-`-O3 -march=native`, ~30-60 s once, then cached under torch's extension folder). Where it cannot be
+`-O3 -march=native -fopenmp`: ATen's parallel_for splits the output rows over torch's OpenMP
+threads only when the extension is compiled with OpenMP; ~30-60 s once, then cached under torch's extension folder). Where it cannot be
 built (no C++ compiler, no ninja) or MOE_OFFLOAD_CPU_KERNELS=0 is set, `available()` is False, a
 one-line warning says why once, and callers use PyTorch's ops (exact to the same tolerance, slower).
 """
@@ -27,9 +28,12 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.cpp"
 _NAME = "moe_offload_cpu_gemv"
 _ext: Any = None
 _why_not: str | None = None
-# Most rows of x for which a kernel reads each weight row once for all of them and still beats
-# PyTorch's GEMM (which tiles for reuse): decode and small batches.
-MAX_ROWS = 8
+# Most rows of x for which these kernels (each weight row read once, widened once, then one dot per
+# row of x) beat the alternative, at Mixtral-734M expert shapes on the 2-core reference machine
+# (benchmarks/cpu_vs_llamacpp.py --crossover): float weights against PyTorch's tiled GEMM; int8 / int4 /
+# GGUF weights against dequantize-then-matmul.
+MAX_ROWS = 4
+QUANT_MAX_ROWS = 32
 
 
 def _load() -> Any:
@@ -46,7 +50,8 @@ def _load() -> Any:
         if not built.exists():
             print("moe-offload: building the CPU decode kernels (once, ~1 min) ...", file=sys.stderr, flush=True)
         _ext = cpp_extension.load(name=_NAME, sources=[str(_SOURCE)],
-                                  extra_cflags=["-O3", "-march=native"], verbose=False)
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's ops, and say so
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         _why_not = f"the CPU decode kernels could not be built ({first})"

@@ -47,6 +47,9 @@ def run_experts(backend: str, h: torch.Tensor, ids: torch.Tensor, weights: torch
     slot_of_expert (None: identity) and ids_host the host copy of ids, so it reads nothing back."""
     if backend == "loop":
         return moe_loop(h, ids, weights, w13_pool, w2_pool, slot_list, ids_host=ids_host)
+    if getattr(w13_pool, "loop_only", False):  # experts with biases / their own activation (GPT-OSS)
+        raise ValueError(f"experts with biases and their own activation (GPT-OSS) run on the loop backend only, "
+                         f"not {backend!r}: pass moe_backend='loop'")
     if backend == "triton":  # float tensors, or a pool object and None (any weight format)
         return fused_moe(h, ids, weights, w13_pool, w2_pool, slot_of_expert)
     if backend == "grouped_mm":

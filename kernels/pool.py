@@ -112,6 +112,28 @@ class FloatPool(WeightPool):
         return cls(w13.shape[-1], w2.shape[-1], w13, w2)
 
 
+@dataclass
+class BiasedFloatPool(FloatPool):
+    """A FloatPool whose experts also carry biases, b13 [S, 2I] and b2 [S, H], and run a gated activation
+    of their own (`act`, e.g. reference.ClampedSwiGLU; None: SwiGLU): GPT-OSS's experts. The fused kernels
+    and torch._grouped_mm have neither, so it runs on the loop backend only (loop_only)."""
+
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    act: Any = None
+
+    loop_only: ClassVar[bool] = True
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        b13 = None if self.b13 is None else self.b13[slot]
+        b2 = None if self.b2 is None else self.b2[slot]
+        return expert_ffn(x, self.w13[slot], self.w2[slot], b13, b2, self.act)
+
+    def as_views(self) -> tuple[Any, None]:
+        """(self, None): the loop calls ffn (biases and activation); a kernel backend refuses it."""
+        return self, None
+
+
 def as_pool(w13: torch.Tensor | WeightPool, w2: torch.Tensor | None) -> WeightPool:
     """The kernels' two calling conventions, as one pool: float tensors (w13, w2), or a pool and None."""
     if w2 is None:

@@ -4,7 +4,8 @@ torch._grouped_mm. Same contract as fused_moe: hidden [N, H], ids/weights [N, k]
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,10 +20,32 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return cpu_gemv.linear(x, w) if cpu_gemv.use_for(x, w) else F.linear(x, w)
 
 
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU expert. x [n, H], w13 [2I, H] (w1 rows then w3 rows), w2 [H, I] -> [n, H]."""
-    gate, up = linear(x, w13).chunk(2, dim=-1)  # [n, I] each
-    return linear(F.silu(gate) * up, w2)
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation: gate clamped above at `limit`, up clamped to [-limit, limit], then
+    gate * sigmoid(alpha * gate) * (up + 1). gate, up [n, I] -> [n, I]."""
+
+    limit: float = 7.0
+    alpha: float = 1.702
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+
+
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None = None,
+               b2: torch.Tensor | None = None, act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+               ) -> torch.Tensor:
+    """One gated expert. x [n, H], w13 [2I, H] (w1 rows then w3 rows), w2 [H, I] -> [n, H].
+    b13 [2I], b2 [H]: the projections' biases where the expert has them (GPT-OSS); act(gate, up): the
+    activation (None: SwiGLU, silu(gate) * up; a ClampedSwiGLU for GPT-OSS)."""
+    gate_up = linear(x, w13)  # [n, 2I]
+    if b13 is not None:
+        gate_up = gate_up + b13
+    gate, up = gate_up.chunk(2, dim=-1)  # [n, I] each
+    y = linear(F.silu(gate) * up if act is None else act(gate, up), w2)
+    return y if b2 is None else y + b2
 
 
 def pool_expert(w13: Any, w2: torch.Tensor | None, slot: int, x: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,19 @@ def test_int4_kernel_equals_dequantize_then_matmul(group, symmetric):
     check(cpu_gemv.int4_linear(x, q, s, z, group), ref, F32_TOL)
 
 
-def test_a_row_does_not_depend_on_the_rows_beside_it():
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_a_row_does_not_depend_on_the_rows_beside_it(kind):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 1024, generator=g).bfloat16()
-    x = torch.randn(8, 1024, generator=g).bfloat16()
-    together = cpu_gemv.linear(x, w)
+    w = torch.randn(300, 1000, generator=g)
+    x = torch.randn(8, 1000, generator=g).bfloat16()
+    if kind == "bf16":
+        run = lambda x: cpu_gemv.linear(x, w.bfloat16())  # noqa: E731
+    else:
+        q, s = quantize_int8(w)
+        run = lambda x: cpu_gemv.int8_linear(x, q, s)  # noqa: E731
+    together = run(x)
     for i in range(8):
-        assert torch.equal(cpu_gemv.linear(x[i:i + 1], w), together[i:i + 1])
+        assert torch.equal(run(x[i:i + 1]), together[i:i + 1])
 
 
 def test_bad_shapes_are_refused_in_one_line():

@@ -170,7 +170,7 @@ def test_float32_int8_keeps_the_reference_where_the_op_is_slower(cpu_ops):
     pool = make_pool("int8", 128, 128, 256, 1)
     assert CpuQuantPool(pool, torch.float32).max_tokens == 0  # float32: bit-equal to the offloaded loop
     if cpu_ops == "native":
-        assert CpuQuantPool(pool, torch.bfloat16).max_tokens == cpu_gemv.MAX_ROWS
+        assert CpuQuantPool(pool, torch.bfloat16).max_tokens == cpu_gemv.QUANT_MAX_ROWS
         return
     assert CpuQuantPool(pool, torch.bfloat16).max_tokens > 0
 

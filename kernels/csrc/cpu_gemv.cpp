@@ -102,6 +102,25 @@ inline float dot_i8(const int8_t* w, const float* x, int64_t K) {
   return acc;
 }
 
+// A weight row widened to float32 (exactly: bf16 and int8 are subsets of float32), so that several
+// rows of x reuse it; dot_f32 over it adds in the same order as dot_bf16 / dot_i8, so a row's result
+// does not depend on how many rows share the call.
+inline void widen_bf16(const uint16_t* w, float* out, int64_t K) {
+  int64_t k = 0;
+#if MOE_AVX512
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, load_bf16(w + k));
+#endif
+  for (; k < K; ++k) out[k] = bf16_to_f32(w[k]);
+}
+
+inline void widen_i8(const int8_t* w, float* out, int64_t K) {
+  int64_t k = 0;
+#if MOE_AVX512
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, load_i8(w + k));
+#endif
+  for (; k < K; ++k) out[k] = static_cast<float>(w[k]);
+}
+
 // One int4 row: sum over groups g of s_g * (sum_j q_j x_j - z_g * sum_j x_j), where xe / xo hold x's
 // even / odd elements (the low / high nibbles of each byte) and xs its sum per group. The AVX-512 path
 // keeps 16 partial sums per group and scales them as a vector: one horizontal sum per row.
@@ -249,8 +268,15 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be float32 or bfloat16");
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_bf16(wp + n * K, xp + m * K, K);
+      std::vector<float> row(M > 1 ? K : 0);  // several rows of x: the weight row widened once
+      for (int64_t n = n0; n < n1; ++n) {
+        if (M == 1) {
+          yp[n] = dot_bf16(wp + n * K, xp, K);
+          continue;
+        }
+        widen_bf16(wp + n * K, row.data(), K);
+        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_f32(row.data(), xp + m * K, K);
+      }
     });
   }
   return y;
@@ -269,9 +295,15 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const to
   const at::Half* sp = s.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(M > 1 ? K : 0);  // several rows of x: the weight row widened once
     for (int64_t n = n0; n < n1; ++n) {
       const float scale = half_to_f32(sp + n);
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_i8(qp + n * K, xp + m * K, K) * scale;
+      if (M == 1) {
+        yp[n] = dot_i8(qp + n * K, xp, K) * scale;
+        continue;
+      }
+      widen_i8(qp + n * K, row.data(), K);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_f32(row.data(), xp + m * K, K) * scale;
     }
   });
   return y;

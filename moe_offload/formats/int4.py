@@ -144,7 +144,7 @@ class Int4Pool(WeightPool):
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
         # float32 keeps dequantize-then-matmul, what the offloaded loop computes (bit-equal runs)
         if dtype != torch.float32 and cpu_gemv.available():
-            return cpu_gemv.MAX_ROWS
+            return cpu_gemv.QUANT_MAX_ROWS
         return super().cpu_max_tokens(dtype)
 
 

@@ -4,7 +4,7 @@ exactly the stored scale.
 
 Row sections (16-byte aligned): qw13 int8 [2I, H], qw2 int8 [H, I], s13 fp16 [2I], s2 fp16 [H].
 Ops: the fused kernel's WEIGHT_INT8 variant; on the CPU the compiled decode kernel
-(kernels.cpu_gemv.int8_linear: weights and fp16 scales read in place, up to cpu_gemv.MAX_ROWS tokens),
+(kernels.cpu_gemv.int8_linear: weights and fp16 scales read in place, up to cpu_gemv.QUANT_MAX_ROWS tokens),
 else torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scales [N]) = (x @ q.T) * s, which
 reads the int8 weights in place (the scales cast, once, to the compute dtype, as the op requires).
 """
@@ -66,7 +66,7 @@ class Int8Pool(WeightPool):
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
         # float32 keeps dequantize-then-matmul, what the offloaded loop computes (bit-equal runs)
         if dtype != torch.float32 and cpu_gemv.available():
-            return cpu_gemv.MAX_ROWS
+            return cpu_gemv.QUANT_MAX_ROWS
         return super().cpu_max_tokens(dtype)
 
 
