@@ -38,87 +38,69 @@ inline float bf16_to_f32(uint16_t v) {
 inline float half_to_f32(const at::Half* p) { return static_cast<float>(*p); }
 
 // ---- one row dot products: sum_k w[k] * x[k] -----------------------------------------------------
+// Each weight type has a widening to float32: 16 at a time (AVX-512) and one at a time (the tail).
+// Every dot adds in one order (four 16-lane sums over 64-element chunks, then 16-element chunks into
+// the first, then the tail), whatever the weight type: widen-then-dot equals the direct dot.
 
-inline float dot_f32(const float* w, const float* x, int64_t K) {
-  int64_t k = 0;
-  float acc = 0.f;
-#if MOE_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; k + 64 <= K; k += 64) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-  }
-  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#endif
-  for (; k < K; ++k) acc += w[k] * x[k];
-  return acc;
-}
+inline float widen1(float v) { return v; }
+inline float widen1(uint16_t v) { return bf16_to_f32(v); }
+inline float widen1(int8_t v) { return static_cast<float>(v); }
 
 #if MOE_AVX512
-inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> 16 float32
+inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 widen16(const uint16_t* p) {  // 16 bf16 -> 16 float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-inline __m512 load_i8(const int8_t* p) {  // 16 int8 -> 16 float32
+inline __m512 widen16(const int8_t* p) {  // 16 int8 -> 16 float32
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
+inline __m512 load_i8(const int8_t* p) { return widen16(p); }
 #endif
 
-inline float dot_bf16(const uint16_t* w, const float* x, int64_t K) {
+template <typename W>
+inline float dot(const W* w, const float* x, int64_t K) {
   int64_t k = 0;
   float acc = 0.f;
 #if MOE_AVX512
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   for (; k + 64 <= K; k += 64) {
-    a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(load_bf16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(load_bf16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(load_bf16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(widen16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(widen16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(widen16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
   }
-  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(x + k), a0);
+  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
   acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #endif
-  for (; k < K; ++k) acc += bf16_to_f32(w[k]) * x[k];
+  for (; k < K; ++k) acc += widen1(w[k]) * x[k];
   return acc;
 }
 
-inline float dot_i8(const int8_t* w, const float* x, int64_t K) {
+template <typename W>
+inline void widen(const W* w, float* out, int64_t K) {
   int64_t k = 0;
-  float acc = 0.f;
 #if MOE_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  for (; k + 64 <= K; k += 64) {
-    a0 = _mm512_fmadd_ps(load_i8(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(load_i8(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(load_i8(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(load_i8(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-  }
-  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load_i8(w + k), _mm512_loadu_ps(x + k), a0);
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, widen16(w + k));
 #endif
-  for (; k < K; ++k) acc += static_cast<float>(w[k]) * x[k];
-  return acc;
+  for (; k < K; ++k) out[k] = widen1(w[k]);
 }
 
-// A weight row widened to float32 (exactly: bf16 and int8 are subsets of float32), so that several
-// rows of x reuse it; dot_f32 over it adds in the same order as dot_bf16 / dot_i8, so a row's result
-// does not depend on how many rows share the call.
-inline void widen_bf16(const uint16_t* w, float* out, int64_t K) {
-  int64_t k = 0;
-#if MOE_AVX512
-  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, load_bf16(w + k));
-#endif
-  for (; k < K; ++k) out[k] = bf16_to_f32(w[k]);
-}
-
-inline void widen_i8(const int8_t* w, float* out, int64_t K) {
-  int64_t k = 0;
-#if MOE_AVX512
-  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(out + k, load_i8(w + k));
-#endif
-  for (; k < K; ++k) out[k] = static_cast<float>(w[k]);
+// Several rows of x against W [N, K] of type W: yp[m * N + n] = scale(n) * dot(W[n], x[m]). With more
+// than one row the weight row is widened once into a float32 buffer and reused (same sums, see above).
+template <typename W, typename Scale>
+void rows_dot(const W* wp, const float* xp, float* yp, int64_t M, int64_t N, int64_t K, Scale scale) {
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(M > 1 ? K : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float sc = scale(n);
+      if (M == 1) {
+        yp[n] = dot(wp + n * K, xp, K) * sc;
+        continue;
+      }
+      widen(wp + n * K, row.data(), K);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(row.data(), xp + m * K, K) * sc;
+    }
+  });
 }
 
 // One int4 row: sum over groups g of s_g * (sum_j q_j x_j - z_g * sum_j x_j), where xe / xo hold x's
@@ -256,28 +238,13 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   check_x(x, K);
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  auto one = [](int64_t) { return 1.f; };
   if (w.scalar_type() == torch::kFloat32) {
-    const float* wp = w.data_ptr<float>();
-    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_f32(wp + n * K, xp + m * K, K);
-    });
+    rows_dot(w.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, one);
   } else {
     TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be float32 or bfloat16");
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      std::vector<float> row(M > 1 ? K : 0);  // several rows of x: the weight row widened once
-      for (int64_t n = n0; n < n1; ++n) {
-        if (M == 1) {
-          yp[n] = dot_bf16(wp + n * K, xp, K);
-          continue;
-        }
-        widen_bf16(wp + n * K, row.data(), K);
-        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_f32(row.data(), xp + m * K, K);
-      }
-    });
+    rows_dot(wp, x.data_ptr<float>(), y.data_ptr<float>(), M, N, K, one);
   }
   return y;
 }
@@ -290,22 +257,9 @@ torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const to
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.is_contiguous() && s.scalar_type() == torch::kHalf,
               "s must be contiguous float16 [N]");
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> row(M > 1 ? K : 0);  // several rows of x: the weight row widened once
-    for (int64_t n = n0; n < n1; ++n) {
-      const float scale = half_to_f32(sp + n);
-      if (M == 1) {
-        yp[n] = dot_i8(qp + n * K, xp, K) * scale;
-        continue;
-      }
-      widen_i8(qp + n * K, row.data(), K);
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_f32(row.data(), xp + m * K, K) * scale;
-    }
-  });
+  rows_dot(q.data_ptr<int8_t>(), x.data_ptr<float>(), y.data_ptr<float>(), M, N, K,
+           [sp](int64_t n) { return half_to_f32(sp + n); });
   return y;
 }
 
