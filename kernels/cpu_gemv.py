@@ -83,8 +83,12 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
+    ext = _require()
+    if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:  # both exact as stored: bf16 pair dots
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        return ext.gemv_bf16(x2, w).to(x.dtype).view(*x.shape[:-1], w.shape[0])
     x2, lead = _rows(x)
-    return _require().gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
+    return ext.gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,28 @@ inline float dot(const W* w, const float* x, int64_t K) {
   return acc;
 }
 
+// bf16 weights against bf16 activations: AVX512-BF16's dot of bf16 pairs into float32 (32 weights per
+// instruction; products exact, sums rounded to float32), both sides exactly as stored. Used for every
+// row count, so a row's result never depends on the rows beside it.
+inline float dot_bf16_pairs(const uint16_t* w, const uint16_t* x, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if defined(__AVX512BF16__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  auto ld = [](const uint16_t* p) { return (__m512bh)_mm512_loadu_si512((const void*)p); };
+  for (; k + 128 <= K; k += 128) {
+    a0 = _mm512_dpbf16_ps(a0, ld(w + k), ld(x + k));
+    a1 = _mm512_dpbf16_ps(a1, ld(w + k + 32), ld(x + k + 32));
+    a2 = _mm512_dpbf16_ps(a2, ld(w + k + 64), ld(x + k + 64));
+    a3 = _mm512_dpbf16_ps(a3, ld(w + k + 96), ld(x + k + 96));
+  }
+  for (; k + 32 <= K; k += 32) a0 = _mm512_dpbf16_ps(a0, ld(w + k), ld(x + k));
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+  for (; k < K; ++k) acc += bf16_to_f32(w[k]) * bf16_to_f32(x[k]);
+  return acc;
+}
+
 template <typename W>
 inline void widen(const W* w, float* out, int64_t K) {
   int64_t k = 0;
@@ -249,6 +271,23 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
+// x bfloat16 [M, K], W bfloat16 [N, K] -> y float32 [M, N]
+torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kBFloat16, "w must be contiguous bfloat16 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == K,
+              "x must be contiguous bfloat16 [M, ", K, "]");
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_bf16_pairs(wp + n * K, xp + m * K, K);
+  });
+  return y;
+}
+
 // q int8 [N, K], s fp16 [N] -> y float32 [M, N]
 torch::Tensor gemv_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be contiguous int8 [N, K]");
@@ -335,11 +374,18 @@ torch::Tensor gemv_gguf(const torch::Tensor& x, const torch::Tensor& q, int64_t 
 }
 
 bool has_avx512() { return MOE_AVX512; }
+#if defined(__AVX512BF16__)
+bool has_avx512_bf16() { return true; }
+#else
+bool has_avx512_bf16() { return false; }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_float", &gemv_float, "y [M, N] = x [M, K] @ W [N, K]^T, W float32 or bfloat16");
   mod.def("gemv_int8", &gemv_int8, "y = x @ (q * s[:, None])^T, q int8 [N, K], s fp16 [N]");
   mod.def("gemv_int4", &gemv_int4, "y = x @ ((q - z) * s per group)^T, q packed uint8 [N, K/2]");
   mod.def("gemv_gguf", &gemv_gguf, "y = x @ dequant(q)^T for GGUF Q8_0 (block_bytes 34) or Q4_0 (18) rows");
+  mod.def("gemv_bf16", &gemv_bf16, "y [M, N] float32 = x bf16 [M, K] @ W bf16 [N, K]^T (bf16 pair dots)");
+  mod.def("has_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 pair dot was compiled in");
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
 }
