@@ -10,8 +10,9 @@ for all M rows of x.
 The extension is compiled on first use with the machine's compiler (torch.utils.cpp_extension,
 `-O3 -march=native -fopenmp`: ATen's parallel_for splits the output rows over torch's OpenMP
 threads only when the extension is compiled with OpenMP; ~30-60 s once, then cached under torch's extension folder). Where it cannot be
-built (no C++ compiler, no ninja) or MOE_OFFLOAD_CPU_KERNELS=0 is set, `available()` is False, a
-one-line warning says why once, and callers use PyTorch's ops (exact to the same tolerance, slower).
+built (no C++ compiler, no ninja), where the CPU has no AVX-512 (the scalar fallback loops would be
+slower than PyTorch), or where MOE_OFFLOAD_CPU_KERNELS=0 is set, `available()` is False, a one-line
+warning says why once, and callers use PyTorch's ops (exact to the same tolerance, slower).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _load() -> Any:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         _why_not = f"the CPU decode kernels could not be built ({first})"
         warnings.warn(f"moe-offload: {_why_not}; decode uses PyTorch's slower matmul instead", stacklevel=3)
+        return None
+    if not _ext.has_avx512():  # the portable scalar loops are slower than PyTorch's ops: do not use them
+        _ext = None
+        _why_not = "this CPU has no AVX-512 (the CPU decode kernels' vector paths need it)"
+        warnings.warn(f"moe-offload: {_why_not}; decode uses PyTorch's matmul", stacklevel=3)
     return _ext
 
 
