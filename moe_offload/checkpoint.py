@@ -44,6 +44,9 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = dict(family.model_tensors(cfg).values())
     for layer in range(cfg.num_hidden_layers):
         shapes.update(family.layer_tensors(cfg, layer).values())
+        if cfg.expert_format is None and layer >= cfg.first_k_dense_replace:  # float experts, as the family stores them
+            shapes.update(family.expert_tensors(cfg, layer))
+            continue
         for e in range(cfg.num_local_experts if layer >= cfg.first_k_dense_replace else 0):
             for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
                 name = family.expert_name(layer, e, w)
@@ -427,6 +430,22 @@ class Checkpoint:
             check_finite(w, f"{self.path}: dequantized {name}")
             return w.to(device=device, dtype=dtype or torch.float32)
         return self._raw(name).to(device=device, dtype=dtype or None)
+
+    def tensor_row(self, name: str, index: int) -> torch.Tensor:
+        """Row `index` of tensor `name`'s first dim (one expert of a fused experts tensor), read alone from
+        its shard's memory map, as stored (NaN/Inf refused)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        handle = self._handles.get(info.file)
+        try:
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+            t = handle.get_slice(name)[index:index + 1][0]
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{info.file}: cannot read row {index} of tensor {name}: {exc}") from None
+        check_finite(t, f"{info.file}: tensor {name}[{index}]")
+        return t
 
     def _raw(self, name: str) -> torch.Tensor:
         """One tensor as stored, from its shard's memory map (NaN/Inf refused)."""

@@ -35,8 +35,11 @@ _FAMILY_FIELDS = {"model_type": "mixtral", "norm_topk_prob": True, "shared_exper
                   # yarn RoPE and DeepSeek's rope layout (families/deepseek_v3.py, deepseek_v2.py)
                   "rope_interleave": False, "rope_factor": 1.0, "rope_original_max_position": 0,
                   "rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_mscale": 0.0, "rope_mscale_all_dim": 0.0,
-                  "rope_attention_factor": None, "rope_truncate": True}
+                  "rope_attention_factor": None, "rope_truncate": True,
+                  # GPT-OSS (families/gpt_oss.py): per-layer attention kinds, the experts' clamped SwiGLU
+                  "layer_types": (), "swiglu_limit": None, "swiglu_alpha": 1.702}
 ATTENTIONS = ("gqa", "mla")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,6 +126,13 @@ class ModelConfig:
     rope_mscale_all_dim: float = 0.0
     rope_attention_factor: float | None = None
     rope_truncate: bool = True
+    # Per-layer attention kinds ("sliding_attention" / "full_attention", config.json's layer_types); empty:
+    # every layer attends alike (sliding_window, when set, applies to all). See window().
+    layer_types: tuple[str, ...] = ()
+    # The experts' activation: None is SwiGLU, silu(gate) * up; a limit is GPT-OSS's clamped SwiGLU, gate
+    # clamped above at the limit and up to [-limit, limit], then gate * sigmoid(swiglu_alpha gate) * (up + 1)
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -182,6 +192,12 @@ class ModelConfig:
                 raise ConfigError(f"config.json: multi-head latent attention needs positive kv_lora_rank, v_head_dim "
                                   f"and an even qk_rope_head_dim, q_lora_rank and qk_nope_head_dim >= 0; got "
                                   f"{', '.join(bad) or dims}")
+        if self.layer_types and (len(self.layer_types) != self.num_hidden_layers
+                                 or not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise ConfigError(f"config.json: layer_types must name {self.num_hidden_layers} layers, each one of "
+                              f"{list(LAYER_TYPES)}; got {list(self.layer_types)}")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ConfigError(f"config.json: swiglu_limit must be positive, got {self.swiglu_limit!r}")
         if self.rope_type == "yarn" and not (self.rope_factor > 0 and self.rope_original_max_position > 0):
             raise ConfigError(f"config.json: yarn RoPE needs a positive factor and original_max_position_embeddings, "
                               f"got {self.rope_factor!r} and {self.rope_original_max_position!r}")
@@ -192,6 +208,13 @@ class ModelConfig:
         """Layers with routed experts (all but the first_k_dense_replace dense ones): the offload engine's
         layer count; its layer m is the model's layer first_k_dense_replace + m."""
         return self.num_hidden_layers - self.first_k_dense_replace
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention (None: it sees every earlier key): sliding_window,
+        for every layer or (layer_types) for the sliding_attention ones."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def rotary_dim(self) -> int:

@@ -25,7 +25,8 @@ from .generate import (GenerationResult, GenerationStream, SamplingParams, TextS
 from .kernels import resolve_moe_backend
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MoeModel
-from .formats import choose_format, loop_only
+from .formats import FloatFormat, choose_format, loop_only
+from .model.moe import expert_activation
 from .offload.packed import PackedResidentExperts
 from .offload.cpu_lane import build_cpu_lane
 from .offload.link import link_chunk_bytes
@@ -328,10 +329,14 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     if offload is None:  # on cpu, host RAM is the device (OffloadConfig.offload), unless the cache is asked for
         offload = dev.type == "cuda" or bool(config.cache_options())
     expert_dtype, group_size = _expert_storage(config, cfg, path)
-    if tune.moe_backend == "auto" and loop_only(expert_dtype):
+    own_experts = cfg.expert_bias or cfg.swiglu_limit is not None  # GPT-OSS's: biases, the clamped SwiGLU
+    if tune.moe_backend == "auto" and (loop_only(expert_dtype) or own_experts):
         backend = "loop"  # auto: the one backend that runs GGUF / hub formats (the Triton kernel has none yet)
         runtime = replace(runtime, moe_backend=backend)
-    fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
+    if own_experts:
+        fmt = _own_expert_format(cfg, expert_dtype, dt, backend)
+    else:
+        fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
     runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)
     if fmt.quantized and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt)
@@ -380,6 +385,19 @@ def _expert_storage(config: OffloadConfig, cfg: ModelConfig, path: Path) -> tupl
         raise MoeOffloadError(f"tuning.group_size={config.tuning.group_size} applies to int4 experts only; "
                               f"expert_dtype is {expert_dtype!r}")
     return expert_dtype, group_size
+
+
+def _own_expert_format(cfg: ModelConfig, expert_dtype: str, dt: torch.dtype, backend: str) -> FloatFormat:
+    """The expert format of a family whose experts carry biases and their own activation (GPT-OSS): float
+    rows in the compute dtype with bias sections, run on the loop backend; other storage refused in one line."""
+    if expert_dtype not in ("auto", FloatFormat(dt).name):
+        raise MoeOffloadError(f"{cfg.model_type} experts (with biases and the clamped SwiGLU) are kept in the compute "
+                              f"dtype; expert_dtype {expert_dtype!r} (quantized or another dtype) is not supported for "
+                              "them yet: use expert_dtype 'auto'")
+    if backend != "loop":
+        raise MoeOffloadError(f"{cfg.model_type} experts (with biases and the clamped SwiGLU) run on the loop backend; "
+                              f"got moe_backend {backend!r}: pass moe_backend='loop' (--tuning moe_backend=loop)")
+    return FloatFormat(dt, bias=cfg.expert_bias, act=expert_activation(cfg))
 
 
 def _attach_prefetcher(model: MoeModel, experts: OffloadedExperts, path: Path, config: OffloadConfig,

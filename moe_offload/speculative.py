@@ -96,7 +96,7 @@ class Drafter:
 
     def _experts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         model = self.model
-        logits = F.linear(h, model.layers[layer].gate)  # [1, E]
+        logits = model.router_logits(layer, h)  # [1, E]
         k = model.cfg.num_experts_per_tok
         if self.offloaded is None:
             weights, ids = model.route(layer, logits)  # [1, k]

@@ -117,7 +117,7 @@ def test_each_builtin_family_declares_its_facts():
     assert got == {"deepseek_v2": ("DeepseekV2ForCausalLM", "mlp", "gate_proj", "none", False),  # latent attention
                    "deepseek_v3": ("DeepseekV3ForCausalLM", "mlp", "gate_proj", "none", False),  # latent attention
                    "glm4_moe": ("Glm4MoeForCausalLM", "mlp", "gate_proj", "none", False),  # q/k norm: use_qk_norm
-                   "gpt_oss": ("GptOssForCausalLM", "mlp", "gate_proj", "none", False),  # info/simulate only
+                   "gpt_oss": ("GptOssForCausalLM", "mlp", "gate_proj", "none", False),  # fused experts
                    "kimi_k2": ("DeepseekV3ForCausalLM", "mlp", "gate_proj", "none", False),  # DeepSeek-V3's
                    "mixtral": ("MixtralForCausalLM", "block_sparse_moe", "w1", "none", True),
                    "olmoe": ("OlmoeForCausalLM", "mlp", "gate_proj", "full", False),
@@ -173,7 +173,12 @@ def test_core_has_no_family_branches_and_no_strategy_code(path):
     assert not re.search(r"peek|speculat|verify|pop_kept_rows", text), "decoding strategies own their hooks"
 
 
-def test_position_limit_keeps_the_leading_positions_exactly(tmp_path):
+def test_position_limit_keeps_the_leading_positions_exactly(tmp_path, monkeypatch):
+    """Bit-exact within one matmul: the compiled CPU decode kernels take calls of up to MAX_ROWS rows and
+    PyTorch the larger ones (a 4-row and a 6-row pass would differ by float32 rounding), so they are off."""
+    from moe_offload.kernels import cpu_gemv
+
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
     m = moe_offload.load(write_model(tmp_path), device="cpu", dtype="float32", offload=False)
     ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
     with torch.inference_mode():

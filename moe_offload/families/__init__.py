@@ -1,7 +1,8 @@
 """Model families: one adapter per family (config fields, tensor names, router function) driving the one
 family-neutral model core. Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4.5 (glm4_moe),
 DeepSeek-V3 / R1 (deepseek_v3; Kimi-K2 as kimi_k2) and DeepSeek-V2 / V2-Lite (deepseek_v2), both with
-multi-head latent attention; parsed for `info` and `simulate` only (load() refuses it): GPT-OSS (gpt_oss).
+multi-head latent attention, and GPT-OSS (gpt_oss: sinks, alternating sliding windows, experts with biases and
+the clamped SwiGLU; its MXFP4 experts as published are parsed for `info` and `simulate` only).
 
     family = families.get(cfg.model_type)     # or cfg.family
     family.expert_name(layer, e, "w1"), family.layer_tensors(cfg, layer), family.routing(cfg)

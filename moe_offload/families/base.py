@@ -56,6 +56,9 @@ class Family:
     rope_types: ClassVar[tuple[str, ...]] = ("default",)
     # the dense first layers' MLP (ModelConfig.first_k_dense_replace), inside "model.layers.N."
     dense_mlp: ClassVar[str] = "mlp"
+    # the RMSNorm weights stay float32 under a half-precision compute dtype, scaling in float32 before the
+    # cast (transformers' _keep_in_fp32_modules for the family: GPT-OSS)
+    norms_float32: ClassVar[bool] = False
     # the router's correction bias (ModelConfig.correction_bias), inside the MoE block
     correction_bias: ClassVar[str] = "gate.e_score_correction_bias"
 
@@ -132,6 +135,21 @@ class Family:
         """Routed expert `expert` of `layer`, weight w in w1 (gate) / w3 (up) / w2 (down)."""
         return f"{self.layer_prefix(layer)}{self.moe_prefix}.experts.{expert}.{self.expert_weights[w]}.weight"
 
+    def expert_tensors(self, cfg: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        """The checkpoint tensors that hold `layer`'s routed float experts, name -> shape: one tensor per
+        expert and weight (expert_name). A family whose checkpoint fuses a layer's experts overrides this
+        and read_expert."""
+        i, h = cfg.intermediate_size, cfg.hidden_size
+        return {self.expert_name(layer, e, w): shape for e in range(cfg.num_local_experts)
+                for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h)))}
+
+    def read_expert(self, ckpt: Any, cfg: Any, layer: int, e: int
+                    ) -> tuple[Any, Any, Any, tuple[Any, Any] | None]:
+        """Float expert e of `layer` from checkpoint `ckpt` (its tensor(name) and tensor_row(name, i)):
+        (w1 [I, H], w3 [I, H], w2 [H, I], biases (b13 [2I], b2 [H]) or None), in the core's layout."""
+        return (ckpt.tensor(self.expert_name(layer, e, "w1")), ckpt.tensor(self.expert_name(layer, e, "w3")),
+                ckpt.tensor(self.expert_name(layer, e, "w2")), None)
+
     def model_tensors(self, cfg: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
         """The tensors outside the layers: slot (a MoeModel attribute: embed_tokens, norm, lm_head) ->
         (checkpoint name, shape). A tied LM head has none of its own."""
@@ -146,10 +164,11 @@ class Family:
 
         The slots are the model core's names for them (attributes of model.transformer.DenseLayer):
         input_layernorm, post_attention_layernorm, q_proj, k_proj, v_proj, o_proj, q_bias, k_bias,
-        v_bias, q_norm, k_norm, gate (the router), router_bias (a correction bias [E] that the
-        router function adds for the choice, where cfg.correction_bias), shared_w1, shared_w3, shared_w2,
-        shared_gate; a dense first layer (layer < first_k_dense_replace) has dense_w1, dense_w3, dense_w2
-        instead of the router and shared expert."""
+        v_bias, o_bias (cfg.o_bias), sinks (a learned sink logit per head, cfg.attention_sinks), q_norm,
+        k_norm, gate (the router), gate_bias (its linear layer's bias, cfg.router_logit_bias), router_bias (a
+        correction bias [E] that the router function adds for the choice, where cfg.correction_bias),
+        shared_w1, shared_w3, shared_w2, shared_gate; a dense first layer (layer < first_k_dense_replace) has
+        dense_w1, dense_w3, dense_w2 instead of the router and shared expert."""
         h, hd = cfg.hidden_size, cfg.head_dim
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
         p, a = self.layer_prefix(layer), self.layer_prefix(layer) + "self_attn."
@@ -160,6 +179,10 @@ class Family:
         if cfg.qkv_bias:
             out.update(q_bias=(a + "q_proj.bias", (q,)), k_bias=(a + "k_proj.bias", (kv,)),
                        v_bias=(a + "v_proj.bias", (kv,)))
+        if cfg.o_bias:
+            out["o_bias"] = (a + "o_proj.bias", (h,))
+        if cfg.attention_sinks:
+            out["sinks"] = (a + "sinks", (cfg.num_attention_heads,))
         norm = {"none": None, "per_head": (hd, hd), "full": (q, kv)}[cfg.qk_norm]
         if norm:
             out.update(q_norm=(a + "q_norm.weight", (norm[0],)), k_norm=(a + "k_norm.weight", (norm[1],)))
@@ -170,6 +193,8 @@ class Family:
                        dense_w2=(m + self.expert_weights["w2"] + ".weight", (h, di)))
             return out
         out["gate"] = (self.router_name(layer), (cfg.num_local_experts, h))
+        if cfg.router_logit_bias:
+            out["gate_bias"] = (self.router_name(layer).removesuffix(".weight") + ".bias", (cfg.num_local_experts,))
         if cfg.correction_bias:
             out["router_bias"] = (f"{p}{self.moe_prefix}.{self.correction_bias}", (cfg.num_local_experts,))
         si = cfg.shared_expert_intermediate_size

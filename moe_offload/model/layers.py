@@ -24,9 +24,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, cast back, then scaled (the reference's order of operations)."""
+    """RMSNorm computed in float32, cast back, then scaled (the reference's order of operations); a
+    float32 weight under a half-precision x scales in float32, then casts (GPT-OSS keeps its norms in
+    float32: families.Family.norms_float32)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+    if weight.dtype != x.dtype and weight.dtype == torch.float32:
+        return (weight * xf).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
@@ -103,15 +107,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int | torch.Tensor,
-              sliding_window: int | None, scale: float | None = None) -> torch.Tensor:
+              sliding_window: int | None, scale: float | None = None, sinks: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """Causal grouped-query attention.
 
     q [B, nh, T, hd] at positions q_start..q_start+T-1; k [B, nkv, S, hd], v [B, nkv, S, hv] at
     positions 0..S-1 (hv may differ from hd: MLA). q_start may be a tensor [B] (batched decode, T == 1):
-    row b's query sits at q_start[b]. scale: the softmax scale (default hd ** -0.5).
-    Returns [B, nh, T, hv].
+    row b's query sits at q_start[b]. scale: the softmax scale (default hd ** -0.5). sinks [nh]: a
+    learned logit per head that joins each query's softmax and whose share is dropped (GPT-OSS; see
+    sink_attention). Returns [B, nh, T, hv].
     """
     t, s = q.shape[2], k.shape[2]
+    if sinks is not None:
+        return sink_attention(q, k, v, causal_mask(q_start, t, s, sliding_window, q.device), sinks, scale)
     rep = q.shape[1] // k.shape[1]
     kw = {} if scale is None else {"scale": scale}
     if rep > 1 and _SDPA_GQA:
@@ -119,15 +127,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int | 
     elif rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
+    allowed = causal_mask(q_start, t, s, sliding_window, q.device)
+    if allowed is None:
+        return F.scaled_dot_product_attention(q, k, v, **kw)  # one query sees every cached key
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **kw)
+
+
+def causal_mask(q_start: int | torch.Tensor, t: int, s: int, sliding_window: int | None,
+                device: torch.device) -> torch.Tensor | None:
+    """Which keys 0..S-1 each query at q_start.. may see (as attention's): [T, S], or [B, 1, 1, S] for a
+    tensor q_start [B]; None when every query sees every key (one query, no window cutting)."""
     if isinstance(q_start, torch.Tensor):
         qpos = q_start.view(-1, 1, 1, 1)  # [B, 1, T=1, 1]
-        kpos = torch.arange(s, device=q.device).view(1, 1, 1, s)  # [1, 1, 1, S]
+        kpos = torch.arange(s, device=device).view(1, 1, 1, s)  # [1, 1, 1, S]
     elif t == 1 and (sliding_window is None or s <= sliding_window):
-        return F.scaled_dot_product_attention(q, k, v, **kw)  # one query sees every cached key
+        return None
     else:
-        qpos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
-        kpos = torch.arange(s, device=q.device)[None, :]  # [1, S]
+        qpos = torch.arange(q_start, q_start + t, device=device)[:, None]  # [T, 1]
+        kpos = torch.arange(s, device=device)[None, :]  # [1, S]
     allowed = kpos <= qpos
     if sliding_window is not None:
         allowed &= kpos > qpos - sliding_window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, **kw)
+    return allowed
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                   sinks: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention with a sink logit per head (GPT-OSS): each query's softmax runs over its allowed keys'
+    scores and the head's sink; the sink's probability is dropped, so the keys' weights sum to less than
+    one. Scores and softmax in float32. q [B, nh, T, hd], k/v [B, nkv, S, hd], allowed a mask that
+    broadcasts to [B, nh, T, S] (None: all keys), sinks [nh] -> [B, nh, T, hd] in v's dtype."""
+    b, nh, t, hd = q.shape
+    rep = nh // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * (hd ** -0.5 if scale is None else scale)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))  # [B, nh, T, S]
+    sink = sinks.float().view(1, nh, 1, 1).expand(b, nh, t, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # the sink's share dropped
+    return torch.matmul(probs.to(v.dtype), v)

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from .layers import (apply_rope, attention, linear, rms_norm, rope_tables, yarn_attention_factor,
                      yarn_inv_freq)
 from .mla import LatentAttention
-from .moe import ExpertBackend, ResidentExperts
+from .moe import ExpertBackend, ResidentExperts, expert_activation
 from .observers import LayerObserver
 
 
@@ -106,8 +106,10 @@ class DenseLayer(nn.Module):
         def p(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
-        self.input_layernorm = p(h)
-        self.post_attention_layernorm = p(h)
+        norm_dtype = torch.float32 if cfg.family.norms_float32 else dtype  # see Family.norms_float32
+        self.input_layernorm = nn.Parameter(torch.empty(h, dtype=norm_dtype, device=device), requires_grad=False)
+        self.post_attention_layernorm = nn.Parameter(torch.empty(h, dtype=norm_dtype, device=device),
+                                                     requires_grad=False)
         if cfg.attention == "mla":  # model/mla.py: the query (or its q-LoRA down-projection) and the latent
             nh, dn, dr, dv, r, ql = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                      cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank)
@@ -136,6 +138,9 @@ class DenseLayer(nn.Module):
         self.q_size, self.kv_size = q, kv
         norm = {"none": None, "per_head": (hd, hd), "full": (q, kv)}[cfg.qk_norm]
         self.qkv_bias = p(q + 2 * kv) if cfg.qkv_bias else None  # [q + 2 kv], fused as qkv_proj is
+        self.o_bias = p(h) if "o_bias" in slots else None
+        self.sinks = p(cfg.num_attention_heads) if "sinks" in slots else None  # a sink logit per head
+        self.gate_bias = p(cfg.num_local_experts) if "gate_bias" in slots else None  # the router's linear bias
         self.q_norm = p(norm[0]) if norm else None
         self.k_norm = p(norm[1]) if norm else None
         si = self.shared_size = 0 if self.dense else cfg.shared_expert_intermediate_size
@@ -194,7 +199,8 @@ class MoeModel(nn.Module):
         # expert backend, observers, route() and predictors index MoE layers (the offload engine's layers).
         self.first_moe = cfg.first_k_dense_replace
         self.moe_layers = list(self.layers[self.first_moe:])
-        self.norm = nn.Parameter(torch.empty(h, dtype=dtype, device=device), requires_grad=False)
+        self.norm = nn.Parameter(torch.empty(h, dtype=torch.float32 if cfg.family.norms_float32 else dtype,
+                                             device=device), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
             torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
         self.experts = experts
@@ -237,7 +243,8 @@ class MoeModel(nn.Module):
             if n_expert:
                 for m in range(cfg.num_moe_layers):
                     for e in range(cfg.num_local_experts):
-                        load_expert_into(ckpt, m, e, experts.w13[m, e], experts.w2[m, e])
+                        biases = None if experts.b13 is None else (experts.b13[m, e], experts.b2[m, e])
+                        load_expert_into(ckpt, m, e, experts.w13[m, e], experts.w2[m, e], biases)
                         bar.update()
         model.source_fingerprint = ckpt.fingerprint()  # checkpoint identity (predict.model_fingerprint)
         ckpt.close()
@@ -254,6 +261,9 @@ class MoeModel(nn.Module):
         """Every weight under its hub checkpoint name (experts must be resident)."""
         out = {name: p.detach().clone() for name, p in self._dense_names().items()}
         assert isinstance(self.experts, ResidentExperts), "checkpoint_tensors needs resident experts"
+        if self.experts.b13 is not None:
+            raise ConfigError(f"{self.cfg.model_type}: writing experts with biases back to a checkpoint is not "
+                              "supported")
         inter, family = self.cfg.intermediate_size, self.cfg.family
         for m in range(self.cfg.num_moe_layers):
             layer = self.first_moe + m  # the checkpoint names the model's layer
@@ -273,6 +283,12 @@ class MoeModel(nn.Module):
         """The expert half of MoE layer `layer`: h [..., H] (post-attention normed) -> [..., H]."""
         return self._moe(h, layer, start_pos)[0]
 
+    def router_logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """MoE layer's router on its normed input x [..., H] -> logits [..., E] (plus the router's bias
+        where the family has one)."""
+        w = self.moe_layers[layer]
+        return linear(x, w.gate, w.gate_bias)
+
     def route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MoE layer's router function on its logits [N, E] -> (weights [N, k] float32, ids [N, k])."""
         return self.routing(logits, self.moe_layers[layer].router_bias)
@@ -291,7 +307,7 @@ class MoeModel(nn.Module):
 
     def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
-        logits = linear(x, self.moe_layers[layer].gate)  # [N, E]
+        logits = self.router_logits(layer, x)  # [N, E]
         weights, ids = self.route(layer, logits)  # [N, k] each
         for ob in self.observers:
             replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
@@ -367,8 +383,9 @@ class MoeModel(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T (or span), hd]
         q_start = start.pos if isinstance(start, RowPositions) else start
-        o = attention(q, k, v, q_start, self.cfg.sliding_window)  # [B, nh, T, hd]
-        return linear(o.transpose(1, 2).reshape(b, t, -1), self.layers[layer].o_proj)
+        w = self.layers[layer]
+        o = attention(q, k, v, q_start, self.cfg.window(layer), sinks=w.sinks)  # [B, nh, T, hd]
+        return linear(o.transpose(1, 2).reshape(b, t, -1), w.o_proj, w.o_bias)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
@@ -425,19 +442,38 @@ def rope_scaling(cfg: ModelConfig) -> tuple[torch.Tensor | None, float]:
 
 def empty_resident_experts(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                            moe_backend: str = "loop") -> ResidentExperts:
+    """Uninitialised resident experts for cfg (with their biases [L, E, 2I] and [L, E, H] where
+    cfg.expert_bias, and the experts' activation)."""
     L, E, H, I = cfg.num_moe_layers, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
-                           torch.empty(L, E, H, I, dtype=dtype, device=device), moe_backend)
+    biases = {}
+    if cfg.expert_bias:
+        biases = dict(b13=torch.empty(L, E, 2 * I, dtype=dtype, device=device),
+                      b2=torch.empty(L, E, H, dtype=dtype, device=device))
+    try:
+        return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
+                               torch.empty(L, E, H, I, dtype=dtype, device=device), moe_backend,
+                               act=expert_activation(cfg), **biases)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.model_type}: {exc}") from None
 
 
-def load_expert_into(ckpt: Checkpoint, moe_layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+def load_expert_into(ckpt: Checkpoint, moe_layer: int, e: int, w13: torch.Tensor, w2: torch.Tensor,
+                     biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Copy expert e of MoE layer `moe_layer` (the model's layer first_k_dense_replace + moe_layer) from
-    the checkpoint into w13 [2I, H] (w1 then w3) and w2 [H, I]."""
-    inter, family = ckpt.config.intermediate_size, ckpt.config.family
-    layer = ckpt.config.first_k_dense_replace + moe_layer
-    w13[:inter].copy_(ckpt.tensor(family.expert_name(layer, e, "w1")))
-    w13[inter:].copy_(ckpt.tensor(family.expert_name(layer, e, "w3")))
-    w2.copy_(ckpt.tensor(family.expert_name(layer, e, "w2")))
+    the checkpoint (as its family stores it: Family.read_expert) into w13 [2I, H] (w1 then w3), w2 [H, I]
+    and, where the experts have biases, biases = (b13 [2I], b2 [H])."""
+    cfg = ckpt.config
+    inter = cfg.intermediate_size
+    w1, w3, w2_, bias = cfg.family.read_expert(ckpt, cfg, cfg.first_k_dense_replace + moe_layer, e)
+    w13[:inter].copy_(w1)
+    w13[inter:].copy_(w3)
+    w2.copy_(w2_)
+    if (biases is None) != (bias is None):
+        raise ConfigError(f"{cfg.model_type}: the checkpoint's experts {'have' if bias is not None else 'lack'} "
+                          "biases the model's experts do not hold")
+    if biases is not None:
+        biases[0].copy_(bias[0])
+        biases[1].copy_(bias[1])
 
 
 def init_random_(model: MoeModel, seed: int, std: float = 0.02) -> None:

@@ -136,11 +136,16 @@ class HostExpertStore:
         """Float stores: expert (layer, e)'s w2 [H, I] (a view of its row)."""
         return self.row(layer, e)[2 * self.inter * self.hidden:].view(self.hidden, self.inter)
 
-    def put(self, layer: int, e: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> None:
-        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I]), packed by the format."""
+    def put(self, layer: int, e: int, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+            bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Store one expert from its three matrices (w1, w3: [I, H]; w2: [H, I]), packed by the format;
+        bias (b13 [2I], b2 [H]): its biases, for a float format with bias sections (GPT-OSS)."""
         if self.mapped:
             raise MoeOffloadError("this expert store reads a file's memory map; experts cannot be put into it")
-        self.formats[layer].put(self.row(layer, e), w1, w3, w2, self.hidden, self.inter)
+        if bias is None:
+            self.formats[layer].put(self.row(layer, e), w1, w3, w2, self.hidden, self.inter)
+        else:
+            self.formats[layer].put(self.row(layer, e), w1, w3, w2, self.hidden, self.inter, bias=bias)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, pin: bool = False,
@@ -157,6 +162,10 @@ class HostExpertStore:
             raise MoeOffloadError(f"{ckpt.path} holds {cfg.expert_format} experts (group size "
                                   f"{cfg.expert_group_size}); they cannot be stored as {fmt.name} / {group_size}")
         H, I = cfg.hidden_size, cfg.intermediate_size
+        if cfg.expert_bias != bool(getattr(fmt, "bias", False)):
+            raise MoeOffloadError(f"{ckpt.path}: the {cfg.model_type} experts {'have' if cfg.expert_bias else 'lack'} "
+                                  f"biases; the expert format {fmt!r} {'lacks' if cfg.expert_bias else 'has'} them "
+                                  "(GPT-OSS experts are stored in the compute dtype with their biases)")
         if hasattr(ckpt, "expert_tensors"):  # a GGUF file: its memory map, as it is
             mapped = [ckpt.expert_tensors(layer) for layer in range(cfg.num_moe_layers)]
             store = cls(cfg.num_moe_layers, cfg.num_local_experts, H, I, dtype, pin, fmt, mapped=mapped)
@@ -173,8 +182,9 @@ class HostExpertStore:
                         sections = read_packed_expert(ckpt.tensor, names, fmt.name, group_size, cfg.expert_symmetric,
                                                       H, I)
                         store.formats[layer].write(store.row(layer, e), sections, H, I)
-                    else:
-                        store.put(layer, e, *(ckpt.tensor(names[w]) for w in ("w1", "w3", "w2")))
+                    else:  # as the family stores them (one tensor per weight, or a layer's experts fused)
+                        w1, w3, w2, bias = cfg.family.read_expert(ckpt, cfg, cfg.first_k_dense_replace + layer, e)
+                        store.put(layer, e, w1, w3, w2, bias)
                     bar.update()
         return store
 

@@ -249,7 +249,7 @@ class Accelerator(nn.Module):
         layer's router on today's residual x [N, H] plus XH · trunk (zero XH: the router alone)."""
         t = self.target(layer, d)[1]
         w = model.moe_layers[t]
-        base = F.linear(rms_norm(x.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps), w.gate)
+        base = model.router_logits(t, rms_norm(x.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps))
         return base.float() + F.linear(self.trunk(layer, x, prev), self.XH[f"{layer}_{d}"])
 
     def peeks(self, layer: int, d: int) -> bool:
@@ -264,7 +264,7 @@ class Accelerator(nn.Module):
             return torch.zeros_like(s, dtype=torch.float32)
         w = model.moe_layers[layer]
         normed = rms_norm(s.to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)  # [N, H]
-        weights, ids = model.route(layer, F.linear(normed, w.gate))
+        weights, ids = model.route(layer, model.router_logits(layer, normed))
         n, U, V = normed.float(), self.U[str(layer)], self.V[str(layer)]
         if ids.numel() < self.num_experts:  # decode: only the chosen experts' stand-ins
             h = F.silu(torch.einsum("nkrh,nh->nkr", U[ids], n))  # [N, k, R2]

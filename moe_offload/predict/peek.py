@@ -31,7 +31,7 @@ def peek_attention(model: MoeModel, layer: int, x: torch.Tensor, start: int | Ro
     layer = model.first_moe + layer  # the caller's MoE layer -> the model's layer (attention, KV cache)
     cfg, w = model.cfg, model.layers[layer]
     b, t, _ = x.shape
-    nkv, hd, win = cfg.num_key_value_heads, cfg.head_dim, cfg.sliding_window
+    nkv, hd, win = cfg.num_key_value_heads, cfg.head_dim, cfg.window(layer)
     if real_until is not None and isinstance(start, int) and real_until < start:
         raise ValueError(f"peek_attention: real_until {real_until} is before the chunk's start {start}; "
                          "positions between them would be neither real nor estimated")

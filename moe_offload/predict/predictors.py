@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model.layers import rms_norm
 from ..model.transformer import MoeModel
@@ -26,7 +25,7 @@ def router_probs(model: MoeModel, layer: int, h: torch.Tensor) -> torch.Tensor:
     router chooses (MoeModel.router_scores): the softmax (Mixtral, Qwen, OLMoE; bit for bit the former
     softmax), or the sigmoid plus the correction bias with the experts outside the best groups at -inf
     (GLM-4.5, DeepSeek-V3), so that its top-k is the routed set."""
-    return model.router_scores(layer, F.linear(h, model.moe_layers[layer].gate))
+    return model.router_scores(layer, model.router_logits(layer, h))
 
 
 @torch.no_grad()

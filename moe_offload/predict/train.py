@@ -51,7 +51,7 @@ def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
     with torch.inference_mode():
         for l, w in enumerate(model.moe_layers):  # MoE layers only (a dense first layer has no router)
             n = rms_norm(xs[:, l].to(model.dtype), w.post_attention_layernorm, model.cfg.rms_norm_eps)
-            weights, top = model.route(l, F.linear(n, w.gate))
+            weights, top = model.route(l, model.router_logits(l, n))
             out[:, l] = model.experts(l, n, top, weights).float()
     return xs.clone(), kept, out.clone()
 
@@ -123,12 +123,13 @@ def adapter_loss(model: MoeModel, acc: Accelerator, xs: torch.Tensor, probs: tor
             base = chains[l][d - 1] if acc.peeks(l, d) else None  # [n, H]: through the real attention
             r = acc.accelerate(l, d, xs[:n, l], prev, base)  # [n, H]
             w = model.moe_layers[t].post_attention_layernorm.float()  # [H]
-            logits = F.linear(rms_norm(r, w, eps), model.moe_layers[t].gate.float())  # [n, E]
+            logits = F.linear(rms_norm(r, w, eps), model.moe_layers[t].gate.float(), _float(model.moe_layers[t].gate_bias))
             align = 1 - F.cosine_similarity(r, xs[q:, t], dim=-1).mean()
         if sigmoid:  # the sigmoid router: its per-expert scores, ranked with the target's correction bias
             if (q, t) not in true_logits:
                 w = model.moe_layers[t].post_attention_layernorm.float()
-                true_logits[(q, t)] = F.linear(rms_norm(xs[q:, t], w, eps), model.moe_layers[t].gate.float())
+                true_logits[(q, t)] = F.linear(rms_norm(xs[q:, t], w, eps), model.moe_layers[t].gate.float(),
+                                               _float(model.moe_layers[t].gate_bias))
             kl = sigmoid_distillation(logits, true_logits[(q, t)])
             bias = model.moe_layers[t].router_bias
             corrected = torch.sigmoid(logits) + (bias.float() if bias is not None else 0.0)  # [n, E]
@@ -279,3 +280,8 @@ def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int],
               "lookaheads": acc.lookaheads, "lr": lr, "window": window, "heldout_before": before,
               "heldout_after": after, "curve": curve, "train_seconds": time.time() - t0}
     return acc, report
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A router's bias in float32 (None: the router has none)."""
+    return None if t is None else t.float()

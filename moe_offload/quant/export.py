@@ -94,6 +94,9 @@ def _write(ckpt: Checkpoint, src: Path, tmp: Path, fmt: str, group_size: int, sh
     if cfg.first_k_dense_replace:
         raise MoeOffloadError(f"{src}: quantize does not write models with dense first layers (first_k_dense_replace "
                               f"{cfg.first_k_dense_replace}) yet; load it with expert_dtype='int4' or 'int8' instead")
+    if cfg.expert_bias or cfg.swiglu_limit is not None:
+        raise MoeOffloadError(f"{src}: quantize does not write {cfg.model_type} experts (with biases and the clamped "
+                              "SwiGLU) yet; they run in the compute dtype")
     for f in src.iterdir():  # tokenizer and other side files, as they are
         if f.is_file() and f.name not in ("config.json", SINGLE_FILE, INDEX_FILE) and f.suffix != ".safetensors":
             shutil.copy2(f, tmp / f.name)
