@@ -27,7 +27,7 @@ Writes benchmarks/results/cpu_vs_llamacpp.json (or --out) and prints a table.
 
     python benchmarks/cpu_vs_llamacpp.py --crossover [--threads 2]
 
-measures only the rows-of-x sweep that sets kernels/cpu_gemv.py's MAX_ROWS / QUANT_MAX_ROWS
+measures only the rows-of-x sweep that sets moe_offload/kernels/cpu_gemv.py's MAX_ROWS / QUANT_MAX_ROWS
 (benchmarks/results/cpu_gemv_crossover.json).
 """
 
@@ -201,7 +201,7 @@ def gguf_bytes_per_token(gguf: Path, top_k: int, experts: int) -> float:
 def crossover(threads: int, rows: list[int]) -> list[dict]:
     """ms per call at Mixtral-734M's w13 shape (7168 x 1024) as the rows of x grow: the compiled kernels
     against PyTorch's GEMM (bf16 weights) and against dequantize-then-matmul (int8), weights rotated over
-    more memory than the caches hold. Chooses kernels/cpu_gemv.py's MAX_ROWS and QUANT_MAX_ROWS."""
+    more memory than the caches hold. Chooses moe_offload/kernels/cpu_gemv.py's MAX_ROWS and QUANT_MAX_ROWS."""
     from moe_offload.formats.int8 import dequant_int8, quantize_int8
     from moe_offload.kernels import cpu_gemv
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tune fused_moe tile configs on this GPU and write kernels/tile_configs/<device>.json.
+"""Tune fused_moe tile configs on this GPU and write moe_offload/kernels/tile_configs/<device>.json.
 
 For each token count M, times every config of a small grid with triton.testing.do_bench and keeps
 the fastest one that is also correct. The runtime then looks configs up by nearest M.
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and grid, CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--out", default=None, help="default: kernels/tile_configs/<device>.json")
+    ap.add_argument("--out", default=None, help="default: moe_offload/kernels/tile_configs/<device>.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grid = SMOKE_GRID if args.smoke else GRID

@@ -1,4 +1,4 @@
-"""The compiled CPU decode kernels (kernels/csrc/cpu_gemv.cpp) against dequantize-then-matmul in float64.
+"""The compiled CPU decode kernels (moe_offload/kernels/csrc/cpu_gemv.cpp) against dequantize-then-matmul in float64.
 
 Each kernel widens weights to float32 and accumulates in float32: against a float64 reference its
 error is float32 round-off over K terms (tolerance 1e-5 relative to the output's scale), and a

@@ -130,7 +130,7 @@ def test_tile_configs_are_data_with_nearest_m_lookup():
         TileConfig(16, 32, 8)
 
 
-# Our kernels/ folder ships as moe_offload.kernels only. A PyPI package named `kernels` exists (transformers
+# Our kernels live in moe_offload/kernels only. A PyPI package named `kernels` exists (transformers
 # installs it and imports it when found), so ours must never be what `import kernels` finds. A script file,
 # not `python -c`: -c puts the cwd on sys.path, and from a source checkout's root any folder is importable.
 FIND_KERNELS = """import importlib.util, json, os
@@ -154,7 +154,8 @@ def test_our_kernels_folder_is_never_importable_as_kernels(tmp_path, cwd):
                        text=True)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    ours = [Path(res["ours"]), repo / "kernels"]  # the installed moe_offload.kernels, and the source folder
+    ours = [Path(res["ours"]), repo / "moe_offload" / "kernels"]  # the installed package and the source folder
+    assert not (repo / "kernels").exists()  # no top-level kernels/ folder in the checkout
     for place in res["found"] or []:  # None, or the PyPI package: anything but our folder
         assert place is None or not any(_inside(place, folder) for folder in ours), res
 
@@ -177,7 +178,7 @@ def test_installed_distribution_declares_no_top_level_kernels():
     files = [str(f).replace("\\", "/") for f in dist.files or []]
     assert not [f for f in files if f.startswith("kernels/")]  # a wheel's RECORD: only moe_offload/kernels/...
     mapping = _editable_mapping(dist)
-    assert "kernels" not in mapping and (not mapping or "moe_offload.kernels" in mapping), mapping
+    assert "kernels" not in mapping and all(name.startswith("moe_offload") for name in mapping), mapping
 
 
 def test_package_build_declares_no_top_level_kernels(tmp_path):

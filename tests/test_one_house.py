@@ -46,7 +46,7 @@ MAY_IMPORT = {
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for base, prefix in ((ROOT / "moe_offload", "moe_offload"), (ROOT / "kernels", "moe_offload.kernels")):
+    for base, prefix in ((ROOT / "moe_offload", "moe_offload"),):
         for f in base.rglob("*.py"):
             rel = f.relative_to(base).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]

@@ -1,6 +1,6 @@
-"""The CPU ops for quantized experts (the formats' cpu_linear, run by kernels/quant_cpu.py) against the
+"""The CPU ops for quantized experts (the formats' cpu_linear, run by moe_offload/kernels/quant_cpu.py) against the
 dequantize-then-matmul reference: per projection, per expert, through moe_loop, and on the bundled model.
-Every test runs twice: with the compiled decode kernels (kernels/cpu_gemv.py; weights and scales read
+Every test runs twice: with the compiled decode kernels (moe_offload/kernels/cpu_gemv.py; weights and scales read
 in place, float32 accumulation, one rounding of the output) and with PyTorch's weight-only ops, the
 fallback where the kernels cannot be built.
 

@@ -1,6 +1,6 @@
 """Triton MoE kernels, their torch references and the backend dispatch: a leaf that imports nothing
-from the rest of moe_offload. Ships as `moe_offload.kernels` (never as `kernels`: a PyPI package of
-that name exists and transformers imports it)."""
+from the rest of moe_offload. Lives inside the package (never importable as `kernels`: a PyPI package
+of that name exists and transformers imports it)."""
 
 from .align import Alignment, moe_align_block_size
 from .configs import TileConfig, tile_config
