@@ -61,16 +61,19 @@ def test_int4_kernel_equals_dequantize_then_matmul(group, symmetric):
     check(cpu_gemv.int4_linear(x, q, s, z, group), ref, F32_TOL)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 def test_a_row_does_not_depend_on_the_rows_beside_it(kind):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 1000, generator=g)
-    x = torch.randn(8, 1000, generator=g).bfloat16()
+    w = torch.randn(300, 1024, generator=g)
+    x = torch.randn(8, 1024, generator=g).bfloat16()
     if kind == "bf16":
         run = lambda x: cpu_gemv.linear(x, w.bfloat16())  # noqa: E731
-    else:
+    elif kind == "int8":
         q, s = quantize_int8(w)
         run = lambda x: cpu_gemv.int8_linear(x, q, s)  # noqa: E731
+    else:
+        q, s, z = quantize_int4(w, 32)
+        run = lambda x: cpu_gemv.int4_linear(x, q, s, z, 32)  # noqa: E731
     together = run(x)
     for i in range(8):
         assert torch.equal(run(x[i:i + 1]), together[i:i + 1])
@@ -117,3 +120,11 @@ def test_gguf_kernels_equal_gguf_dequantize_then_matmul(block_type, m):
     x = torch.randn(m, 256, generator=g)
     y = cpu_gemv.gguf_linear(x, torch.from_numpy(np.ascontiguousarray(rows)), block_type)
     check(y, x.double() @ deq.T, F32_TOL)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_dequantization_is_bit_equal_to_the_torch_reference(group, monkeypatch):
+    q, s, z = quantize_int4(torch.randn(64, 256), group, symmetric=False)
+    fast = cpu_gemv.dequant_int4(q, s, z, group)
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    assert torch.equal(fast, dequant_int4(q, s, z, 256, group))

@@ -88,7 +88,11 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def dequant_int4(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """packed uint8 [N, ceil(K/2)], s / z [N, ceil(K/G)] -> float32 [N, K]: (q - z) * s per group."""
+    """packed uint8 [N, ceil(K/2)], s / z [N, ceil(K/G)] -> float32 [N, K]: (q - z) * s per group (on the
+    CPU by the compiled kernel where it takes the shape: bit-equal, ~10x faster)."""
+    if (packed.device.type == "cpu" and k == 2 * packed.shape[1] and k % group_size == 0 and packed.is_contiguous()
+            and s.is_contiguous() and z.is_contiguous() and s.dtype == z.dtype == torch.float16 and cpu_gemv.available()):
+        return cpu_gemv.dequant_int4(packed, s, z, group_size)
     q = unpack_int4(packed, k).float()  # [N, K]
     g = torch.arange(k, device=packed.device) // group_size  # [K] group of each input column
     return (q - z.float()[:, g]) * s.float()[:, g]

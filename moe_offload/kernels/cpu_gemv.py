@@ -110,6 +110,12 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tens
     return _require().gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
 
 
+def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q uint8 [N, K/2], s / z fp16 [N, K/G] -> float32 [N, K] = (q - z) * s, bit-equal to the torch
+    reference (formats.int4.dequant_int4)."""
+    return _require().dequant_int4(q, s, z, group_size)
+
+
 GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}  # the GGUF block types the kernels read
 
 

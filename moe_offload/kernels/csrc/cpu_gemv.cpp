@@ -125,10 +125,38 @@ void rows_dot(const W* wp, const float* xp, float* yp, int64_t M, int64_t N, int
   });
 }
 
+// The nibbles of an int4 row, low (even k) and high (odd k) for byte j: read from the packed bytes, or
+// from two float32 arrays widened once when several rows of x share the weight row. Both give the
+// same values, so row_u4 adds the same numbers in the same order either way.
+struct PackedNibbles {
+  const uint8_t* q;
+#if MOE_AVX512
+  __m512 lo(int64_t j) const {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(bytes(j), _mm512_set1_epi32(0xF)));
+  }
+  __m512 hi(int64_t j) const { return _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes(j), 4)); }
+  __m512i bytes(int64_t j) const { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j))); }
+#endif
+  float lo1(int64_t j) const { return static_cast<float>(q[j] & 0xF); }
+  float hi1(int64_t j) const { return static_cast<float>(q[j] >> 4); }
+};
+
+struct WidenedNibbles {
+  const float* qe;
+  const float* qo;
+#if MOE_AVX512
+  __m512 lo(int64_t j) const { return _mm512_loadu_ps(qe + j); }
+  __m512 hi(int64_t j) const { return _mm512_loadu_ps(qo + j); }
+#endif
+  float lo1(int64_t j) const { return qe[j]; }
+  float hi1(int64_t j) const { return qo[j]; }
+};
+
 // One int4 row: sum over groups g of s_g * (sum_j q_j x_j - z_g * sum_j x_j), where xe / xo hold x's
 // even / odd elements (the low / high nibbles of each byte) and xs its sum per group. The AVX-512 path
 // keeps 16 partial sums per group and scales them as a vector: one horizontal sum per row.
-inline float row_u4(const uint8_t* q, const at::Half* s, const at::Half* z, const float* xe, const float* xo,
+template <typename Nibbles>
+inline float row_u4(const Nibbles& q, const at::Half* s, const at::Half* z, const float* xe, const float* xo,
                     const float* xs, int64_t groups, int64_t half) {
 #if MOE_AVX512
   if (half % 16 == 0) {
@@ -147,14 +175,12 @@ inline float row_u4(const uint8_t* q, const at::Half* s, const at::Half* z, cons
       sf[g0] = half_to_f32(s + g0);
       zcorr += sf[g0] * half_to_f32(z + g0) * xs[g0];
     }
-    const __m512i lo_mask = _mm512_set1_epi32(0xF);
     // one group's sum q*x as 16 partial sums; low and high nibbles in separate chains
     auto group = [&](int64_t g) {
       __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
       for (int64_t j = g * half; j < (g + 1) * half; j += 16) {
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j)));  // 16 bytes
-        lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo_mask)), _mm512_loadu_ps(xe + j), lo);
-        hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(xo + j), hi);
+        lo = _mm512_fmadd_ps(q.lo(j), _mm512_loadu_ps(xe + j), lo);
+        hi = _mm512_fmadd_ps(q.hi(j), _mm512_loadu_ps(xo + j), hi);
       }
       return _mm512_add_ps(lo, hi);
     };
@@ -177,8 +203,7 @@ inline float row_u4(const uint8_t* q, const at::Half* s, const at::Half* z, cons
   float acc = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
     float dot = 0.f;
-    for (int64_t j = g * half; j < (g + 1) * half; ++j)
-      dot += static_cast<float>(q[j] & 0xF) * xe[j] + static_cast<float>(q[j] >> 4) * xo[j];
+    for (int64_t j = g * half; j < (g + 1) * half; ++j) dot += q.lo1(j) * xe[j] + q.hi1(j) * xo[j];
     acc += half_to_f32(s + g) * dot;
   }
   return acc - zcorr;
@@ -333,16 +358,56 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const to
   const at::Half* zp = z.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> qe(M > 1 ? K / 2 : 0), qo(M > 1 ? K / 2 : 0);  // several rows of x: nibbles widened once
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = qp + n * (K / 2);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* e = xe.data() + m * K / 2;
-        const float* o = xo.data() + m * K / 2;
-        yp[m * N + n] = row_u4(row, sp + n * groups, zp + n * groups, e, o, xs.data() + m * groups, groups, half);
+      const at::Half *sn = sp + n * groups, *zn = zp + n * groups;
+      if (M == 1) {
+        yp[n] = row_u4(PackedNibbles{row}, sn, zn, xe.data(), xo.data(), xs.data(), groups, half);
+        continue;
       }
+      for (int64_t j = 0; j < K / 2; ++j) {
+        qe[j] = static_cast<float>(row[j] & 0xF);
+        qo[j] = static_cast<float>(row[j] >> 4);
+      }
+      const WidenedNibbles wide{qe.data(), qo.data()};
+      for (int64_t m = 0; m < M; ++m)
+        yp[m * N + n] = row_u4(wide, sn, zn, xe.data() + m * K / 2, xo.data() + m * K / 2, xs.data() + m * groups,
+                               groups, half);
     }
   });
   return y;
+}
+
+// q uint8 [N, K/2], s / z fp16 [N, K/G] -> W float32 [N, K] = (q - z) * s: the same float32 product the
+// torch reference (formats/int4.dequant_int4) computes, so the two are bit-equal; for calls with many rows
+// of x, which a GEMM then serves better than the row kernels.
+torch::Tensor dequant_int4(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z, int64_t G) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  TORCH_CHECK(G > 0 && K % G == 0, "group size ", G, " must divide K = ", K);
+  const int64_t groups = K / G;
+  for (const auto* t : {&s, &z})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
+                t->scalar_type() == torch::kHalf, "scales / zeros must be contiguous float16 [N, K/G]");
+  auto w = torch::empty({N, K}, q.options().dtype(torch::kFloat32));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const at::Half* sp = s.data_ptr<at::Half>();
+  const at::Half* zp = z.data_ptr<at::Half>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = half_to_f32(sp + n * groups + g), zr = half_to_f32(zp + n * groups + g);
+        const uint8_t* qb = qp + n * (K / 2) + g * (G / 2);
+        float* out = wp + n * K + g * G;
+        for (int64_t j = 0; j < G / 2; ++j) {
+          out[2 * j] = (static_cast<float>(qb[j] & 0xF) - zr) * sc;
+          out[2 * j + 1] = (static_cast<float>(qb[j] >> 4) - zr) * sc;
+        }
+      }
+  });
+  return w;
 }
 
 // GGUF rows q uint8 [N, blocks * bytes_per_block] of type Q8_0 (34) or Q4_0 (18) -> y float32 [M, N]
@@ -387,5 +452,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_gguf", &gemv_gguf, "y = x @ dequant(q)^T for GGUF Q8_0 (block_bytes 34) or Q4_0 (18) rows");
   mod.def("gemv_bf16", &gemv_bf16, "y [M, N] float32 = x bf16 [M, K] @ W bf16 [N, K]^T (bf16 pair dots)");
   mod.def("has_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 pair dot was compiled in");
+  mod.def("dequant_int4", &dequant_int4, "W float32 [N, K] = (q - z) * s per group, bit-equal to the torch reference");
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
 }
