@@ -226,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "routing trace; compute from bytes/bandwidth and flops/throughput, copies from "
                                     "link bandwidth and latency, prefetches from the recorded predictions.")
     sm.add_argument("--trace", required=True, metavar="FILE", help="from `moe-offload trace`")
-    sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx4090-pcie4, rtx3060-pcie3, "
-                    "rtx3080m-pcie4, t4-pcie3")
-    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, olmoe-1b-7b, deepseek-v3, glm-4.5-air, gpt-oss-20b, gpt-oss-120b (published configs, shipped) or a config.json")
-    sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2"],
-                    help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts")
+    sm.add_argument("--hardware", required=True, help="one of: h100-pcie5, a100-pcie4, rtx5090-pcie5, rtx4090-pcie4, "
+                    "rtx3090-pcie4, rtx3060-pcie3, rtx3080m-pcie4, t4-pcie3")
+    sm.add_argument("--model-config", default="mixtral-8x7b", help="mixtral-8x7b, mixtral-8x22b, qwen3-30b-a3b, qwen3-235b-a22b, olmoe-1b-7b, deepseek-v3, glm-4.5-air, gpt-oss-20b, gpt-oss-120b (published configs, shipped) or a hub config.json")
+    sm.add_argument("--expert-dtype", default="bf16", choices=["bf16", "int8", "int4", "int3", "int2", "q4_k_m", "fp8", "mxfp4"],
+                    help="expert storage; int3/int2 approximate the mixtral-offloading report's HQQ experts; q4_k_m (llama.cpp's "
+                         "Q4_K / Q6_K mix per layer), fp8 (e4m3, 128 x 128 block scales) and mxfp4 are shipped formats, "
+                         "their true bytes per expert, with the dense weights as such files hold them")
     sm.add_argument("--capacity", type=POS, default=None, help="expert slots of the real model (default: what fits)")
     sm.add_argument("--predictor", default="next-gate", help="none, next-gate, m2r2 (if in the trace), oracle or "
                     "deep-oracle (perfect knowledge 16 layers ahead, across tokens)")
@@ -590,10 +592,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .analysis.sim import get_hardware, get_impl
     from .analysis.trace import trace_prefix, load_trace
 
+    from .analysis.projections import dense_bytes_per_param
+    from .analysis.sim import SHIPPED_FORMATS
+
     chunk, cpu = _link_settings(args)
+    dense = dense_bytes_per_param(args.expert_dtype) if args.expert_dtype in SHIPPED_FORMATS else None
     p = simulate(_replayable(trace_prefix(load_trace(args.trace), args.max_tokens), args.trace), model_config(args.model_config), get_hardware(args.hardware),
                  args.expert_dtype, args.capacity, args.predictor, args.policy, BOOKKEEPING_US, args.lookahead,
-                 args.prefetch_margin, 1, chunk, cpu, get_impl(args.implementation))
+                 args.prefetch_margin, 1, chunk, cpu, get_impl(args.implementation), dense_bytes_per_param=dense)
     if args.json:
         from .results import result_metadata
 

@@ -78,7 +78,22 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
         "one_expert_bytes": expert_bytes(cfg),
         **({"expert_store": _expert_store(cfg, ckpt)} if config_file is None and cfg.expert_format else {}),
         **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
+        "needs": _needs(cfg),
     }
+
+
+def _needs(cfg: ModelConfig) -> dict[str, Any]:
+    """Host RAM and device memory the shipped formats need (analysis.projections.memory_needs)."""
+    from .analysis.projections import memory_needs, shipped_formats
+    from .errors import MoeOffloadError
+
+    out = {}
+    for name in shipped_formats(cfg):
+        try:
+            out[name] = memory_needs(cfg, name)
+        except (MoeOffloadError, ValueError):  # a shape the format cannot hold
+            continue
+    return out
 
 
 def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
@@ -86,7 +101,8 @@ def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
     GGUF file, the file's expert bytes and the GGML types of every tensor group."""
     from .formats import get_format
 
-    fmt = get_format(cfg.expert_format, cfg.expert_group_size)
+    fmt = ckpt.expert_format() if hasattr(ckpt, "expert_format") else get_format(cfg.expert_format,
+                                                                                 cfg.expert_group_size)  # +biases
     H, I = cfg.hidden_size, cfg.intermediate_size
     per_layer = [f.expert_bytes(H, I) for f in fmt.per_layer(cfg.num_moe_layers)]
     out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(H, I),  # the largest layer's
@@ -174,6 +190,11 @@ def format_info(info: dict[str, Any]) -> str:
         f"kv cache   {_size(b['kv_cache_per_token'])} per token"
         + (f"; experts as shipped {_size(b['experts_shipped'])}" if "experts_shipped" in b else ""),
     ]
+    for name, n in info.get("needs", {}).items():
+        lines.append(f"needs      {name:6s} ({n['bits_per_weight']:.2f} bits/weight): host RAM {_size(n['host_ram_bytes'])} "
+                     f"(every expert), device at least {_size(n['device_min_bytes'])} (dense {_size(n['dense_bytes'])}, "
+                     f"KV {n['kv_tokens']} tokens {_size(n['kv_cache_bytes'])}, top-k slots per layer "
+                     f"{_size(n['min_slot_bytes'])}, reserve), all resident {_size(n['device_all_resident_bytes'])}")
     if info.get("runnable", True) is not True:
         lines.append(f"runnable   no: {info['runnable']}")
     if "expert_store" in info:

@@ -338,6 +338,8 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     else:
         fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
     runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)
+    from .offload.plan import check_load_ram  # host RAM for what is copied, refused before any allocation
+    check_load_ram(cfg, fmt, dt, dev, offload, mapped=hasattr(ckpt, "expert_tensors"))
     if fmt.quantized and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt)
         experts = PackedResidentExperts(store, dev, backend)

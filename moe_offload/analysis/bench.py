@@ -3,7 +3,7 @@ policies and prefetcher on a simulated link (moe_offload.sim)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from .trace import RoutingTrace
 MODEL_CONFIGS = {"mixtral-8x7b": "mixtral-8x7b-v0.1.config.json", "mixtral-8x22b": "mixtral-8x22b-v0.1.config.json",
                  "qwen3-30b-a3b": "qwen3-30b-a3b.config.json", "olmoe-1b-7b": "olmoe-1b-7b.config.json",
                  "deepseek-v3": "deepseek-v3.config.json", "glm-4.5-air": "glm-4.5-air.config.json",
-                 "gpt-oss-20b": "gpt-oss-20b.config.json", "gpt-oss-120b": "gpt-oss-120b.config.json"}
+                 "gpt-oss-20b": "gpt-oss-20b.config.json", "gpt-oss-120b": "gpt-oss-120b.config.json",
+                 "qwen3-235b-a22b": "qwen3-235b-a22b.config.json"}
 KV_TOKENS = 4096
 # The deep-oracle bound: perfect knowledge of the future (the next DEEP_ORACLE_LOOKAHEAD layers, across
 # token boundaries, and Belady eviction), prefetched with DEEP_ORACLE_WINDOW loads in flight on the same
@@ -256,22 +257,35 @@ def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: 
              predictor: str, policy: str = "lru", bookkeeping_us: float = 20.0, lookahead: int | None = None,
              margin: int = 0, window: int = 1, chunk_bytes: int | None = None, cpu: CpuProfile | None = None,
              impl: ImplParams | None = None, deep_oracle_bound: bool = True,
-             rank_depth: int | None = None) -> Projection:
+             rank_depth: int | None = None, dense_bytes_per_param: float | None = None) -> Projection:
     """Project decode tokens/s of `cfg` on `hw` from a routing trace of (possibly) another model.
 
     The trace's L_t layers are simulated with cfg's per-layer costs and the same slots per layer as the
     real model would get; the per-token time is then scaled to cfg's L layers (an assumption: every
-    layer of the big model behaves like an average layer of the traced one)."""
+    layer of the big model behaves like an average layer of the traced one).
+    dense_bytes_per_param: the dense weights' storage (default: bf16 for the memory fit, the
+    implementation's attention_bytes_per_param for their reads); given, both use it."""
     T, Lt, k = trace.routed_ids.shape
+    if dense_bytes_per_param is not None:
+        impl = replace(impl or IMPL_THIS, attention_bytes_per_param=dense_bytes_per_param)
     E = trace.router_probs.shape[2]
     # L: the model's MoE layers (the dense first layers hold no experts; their MLP is in the per-layer
     # dense cost, StepCosts.for_model); every per-token figure is scaled to all its layers
     L, L_all = cfg.num_moe_layers, cfg.num_hidden_layers
     costs = StepCosts.for_model(cfg, hw, expert_dtype, bookkeeping_us, impl)
+    one_expert = costs.expert_bytes
+    # Each traced expert stands for top_k(model) / top_k(trace) of the model's experts, with the same
+    # hit rate (the residency share is kept below): its GEMMs, copy and CPU-lane work scale by that ratio,
+    # else a top-8 model traced by a top-2 one would run a quarter of its experts.
+    ratio = cfg.num_experts_per_tok / k
+    if ratio != 1:
+        costs = replace(costs, expert=costs.expert * ratio, copy=costs.copy * ratio,
+                        expert_bytes=round(costs.expert_bytes * ratio))
     lane = cpu.lane_costs(costs, expert_dtype, chunk_bytes) if cpu is not None else None
-    dense = cfg.dense_params * 2
+    dense = int(cfg.dense_params * (dense_bytes_per_param or 2))
     kv = cfg.kv_elements_per_token * KV_TOKENS * 2
-    fit = int((hw.memory_gb * 1e9 - dense - kv - device_reserve_bytes(int(hw.memory_gb * 1e9))) // costs.expert_bytes)
+    fit = int((hw.memory_gb * 1e9 - dense - kv - device_reserve_bytes(int(hw.memory_gb * 1e9)))
+              // (costs.slot_bytes or costs.expert_bytes))
     slots_model = min(capacity if capacity is not None else fit, L * cfg.num_local_experts)
     if slots_model < k:
         raise MoeOffloadError(f"{hw.name}: {slots_model} expert slots ({expert_dtype}) is below top_k={k}")
@@ -300,7 +314,7 @@ def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: 
     link_bound = belady.stats["misses"] * scale / T * costs.copy
     limits = {"all_resident_tokens_per_second": 1.0 / compute_only,
               "link_bound_belady_tokens_per_second": 1.0 / max(compute_only, link_bound),
-              "belady_misses_per_token": belady.stats["misses"] * scale / T}
+              "belady_misses_per_token": belady.stats["misses"] * scale * ratio / T}
     if deep_oracle_bound:
         deep = run_timeline(trace.routed_ids, E, slots, "belady", costs, predictor_from_trace(trace, "deep-oracle"),
                             0, DEEP_ORACLE_WINDOW, chunk_bytes=chunk_bytes, cpu=lane)
@@ -313,13 +327,15 @@ def simulate(trace: RoutingTrace, cfg: ModelConfig, hw: Hardware, expert_dtype: 
                   "model_layers": L_all, "moe_layers": L, "trace_layers": Lt, "trace_tokens": T, "expert_dtype": expert_dtype,
                   "model_experts": cfg.num_local_experts, "trace_experts": E, "model_top_k": cfg.num_experts_per_tok,
                   "trace_top_k": k,
-                  "expert_bytes": costs.expert_bytes, "slots_model": slots_model, "slots_per_layer": slots_model / L,
+                  "expert_bytes": one_expert, "experts_per_traced_expert": ratio, "slot_bytes": costs.slot_bytes or costs.expert_bytes,
+                  "dense_bytes": dense, "slots_model": slots_model, "slots_per_layer": slots_model / L,
                   "slots_simulated": slots, "policy": policy, "predictor": predictor,
                   "hit_rate": res.stats["hit_rate"], "on_time_hit_rate": (res.stats["hits"] - res.stats["late_hits"]) / res.stats["uses"],
-                  "copy_ms": costs.copy * 1e3, "attention_ms": costs.attention * 1e3, "expert_ms": costs.expert * 1e3,
+                  "copy_ms": costs.copy / ratio * 1e3, "attention_ms": costs.attention * 1e3,
+                  "expert_ms": costs.expert / ratio * 1e3,
                   "bookkeeping_us": bookkeeping_us, "prefetch_margin": margin, "prefetch_window": window,
                   "link_chunk_bytes": chunk_bytes, "cpu": cpu.key if cpu is not None else None,
-                  "cpu_experts_per_token": st["cpu_experts"] * scale / T,
+                  "cpu_experts_per_token": st["cpu_experts"] * scale * ratio / T,
                   "on_time_share_of_hits": (st["hits"] - st["late_hits"]) / st["hits"] if st["hits"] else 0.0,
                   "implementation": (impl or IMPL_THIS).key,
                   "predictor_ms_per_token": 0.0 if pred_s is None else float(pred_s.sum()) * scale * 1e3,

@@ -30,12 +30,63 @@ from ..offload.planner import StepPlanner
 from ..offload.prefetch import Prefetcher
 from ..offload.protocols import CopyEngine, Key
 from ..offload.transfer import LoadHandle
-from ..formats import expert_bytes as format_bytes
 
 # Expert formats the simulator projects (sizes from moe_offload.formats; the int formats with
 # an fp16 scale and zero point per group of SIM_GROUP_SIZE along the input dimension).
 SIM_FORMATS = ("bf16", "fp16", "int8", "int4", "int3", "int2")
 SIM_GROUP_SIZE = 64
+# The formats published checkpoints ship in, by the name the simulator takes: each a moe_offload.formats
+# object whose expert_bytes are the file's bytes (q4_k_m: llama.cpp's per-layer Q4_K / Q6_K mix,
+# q4_k_m_layers). Their dense weights: bytes per parameter the projection charges (q4_k_m: Q4_K's
+# 144 bytes per 256 weights; fp8: one byte, the block scales under 0.01%; GPT-OSS ships its attention in bf16).
+SHIPPED_FORMATS = {"q4_k_m": None, "fp8": "fp8:128x128", "mxfp4": "mxfp4"}
+SIM_DTYPES = SIM_FORMATS + tuple(SHIPPED_FORMATS)
+
+
+def q4_k_m_layers(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """(gate, up, down) GGUF types of each MoE layer in a Q4_K_M file as llama.cpp's quantizer writes it
+    (src/llama-quant.cpp): Q4_K, except the down projection of the layers its use_more_bits rule picks
+    (block index i of n = num_hidden_layers: i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2) in Q6_K; a
+    matrix whose input width is no multiple of 256 falls back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    from ..formats.gguf import BLOCK_TYPES
+
+    n = cfg.num_hidden_layers
+    fallback = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+    def fit(t: str, k: int) -> str:
+        return t if k % BLOCK_TYPES[t].block == 0 else fallback[t]
+
+    out = []
+    for j in range(cfg.num_moe_layers):
+        i = cfg.first_k_dense_replace + j
+        more = i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2  # C integer division: n >= 8 here
+        down = "Q6_K" if more else "Q4_K"
+        out.append((fit("Q4_K", cfg.hidden_size), fit("Q4_K", cfg.hidden_size), fit(down, cfg.intermediate_size)))
+    return out
+
+
+def sim_format(cfg: ModelConfig, expert_dtype: str):
+    """The moe_offload.formats object whose sizes the simulator uses for `expert_dtype` (one of SIM_DTYPES)."""
+    from ..formats import get_format
+    from ..formats.gguf import gguf_layers_name
+
+    if expert_dtype not in SIM_DTYPES:
+        raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {list(SIM_DTYPES)}")
+    if expert_dtype == "q4_k_m":
+        return get_format(gguf_layers_name(q4_k_m_layers(cfg)))
+    return get_format(SHIPPED_FORMATS.get(expert_dtype) or expert_dtype, SIM_GROUP_SIZE)
+
+
+def expert_layer_bytes(cfg: ModelConfig, expert_dtype: str) -> list[int]:
+    """Bytes of one expert in each MoE layer in `expert_dtype` (the format object's expert_bytes), plus the
+    family's expert biases in bf16 where it has them (GPT-OSS)."""
+    fmt = sim_format(cfg, expert_dtype)
+    bias = 2 * (2 * cfg.intermediate_size + cfg.hidden_size) if cfg.expert_bias else 0
+    try:
+        layers = fmt.per_layer(cfg.num_moe_layers)
+    except ValueError as exc:
+        raise MoeOffloadError(str(exc)) from None
+    return [f.expert_bytes(cfg.hidden_size, cfg.intermediate_size) + bias for f in layers]
 
 
 @dataclass(frozen=True)
@@ -110,7 +161,8 @@ class StepCosts:
     bookkeeping: float
     head: float  # per token
     copy: float  # one expert over the link, latency included
-    expert_bytes: int
+    expert_bytes: int  # one expert, the mean over layers (what a copy moves, what a GEMV reads)
+    slot_bytes: int | None = None  # one device slot: the largest layer's expert (None: expert_bytes)
 
     def peek_row(self, cfg: ModelConfig, hw: "Hardware", expert_rank: int, impl: "ImplParams | None" = None) -> float:
         """Seconds of one attention-peek prediction row (predict/accelerator.py): the target layer's
@@ -125,8 +177,7 @@ class StepCosts:
                   bookkeeping_us: float = 20.0, impl: "ImplParams | None" = None) -> "StepCosts":
         """Costs of `cfg` on `hw`; `impl` (default: this runtime's, IMPL_THIS) holds what belongs to the
         implementation rather than the hardware: kernel efficiency, per-layer overhead, link use."""
-        if expert_dtype not in SIM_FORMATS:
-            raise MoeOffloadError(f"expert dtype {expert_dtype!r} is not one of {list(SIM_FORMATS)}")
+        layer_bytes = expert_layer_bytes(cfg, expert_dtype)  # refuses a name not in SIM_DTYPES
         impl = impl or IMPL_THIS
         bw, flops = hw.hbm_gbps * 1e9 * impl.kernel_efficiency, hw.bf16_tflops * 1e12 * impl.kernel_efficiency
         hd, h = cfg.head_dim, cfg.hidden_size
@@ -138,11 +189,12 @@ class StepCosts:
                         + 3 * h * cfg.dense_intermediate_size * cfg.first_k_dense_replace) // cfg.num_hidden_layers
         attention = (max(impl.attention_bytes_per_param * attn_params / bw, 2 * attn_params / flops)
                      + hw.kernel_overhead_us * 1e-6)
-        expert_bytes = format_bytes(cfg.hidden_size, cfg.intermediate_size, expert_dtype, SIM_GROUP_SIZE)
+        expert_bytes = round(sum(layer_bytes) / len(layer_bytes))
         expert = max(expert_bytes / bw, 2 * cfg.expert_params / flops)
         head = 2 * cfg.vocab_size * cfg.hidden_size / bw
         copy = expert_bytes / (hw.link_gbps * 1e9 * impl.link_efficiency) + hw.link_latency_us * 1e-6
-        return cls(attention, expert, (bookkeeping_us + impl.layer_overhead_us) * 1e-6, head, copy, expert_bytes)
+        return cls(attention, expert, (bookkeeping_us + impl.layer_overhead_us) * 1e-6, head, copy, expert_bytes,
+                   max(layer_bytes))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..errors import MoeOffloadError
 from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat
 from ..validate import integer, real
-from .store import as_format, available_host_bytes
+from .store import HOST_RAM_MARGIN, as_format, available_host_bytes
 
 GB = 1e9
 # Kept free on the device for activations, the allocator and CUDA itself.
@@ -140,3 +140,31 @@ def plan_memory(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_
     return MemoryPlan(device=str(device), dense_bytes=dense, kv_cache_bytes=kv, expert_bytes=expert_bytes,
                       slots=slots, slot_bytes=slots * expert_bytes, reserve_bytes=reserve, free_bytes=free,
                       host_store_bytes=store, notes=notes)
+
+
+def check_load_ram(cfg: ModelConfig, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, offload: bool,
+                   mapped: bool) -> None:
+    """Refuse, before anything is allocated, a load whose host-resident bytes exceed the RAM available
+    (psutil, less the store's margin): the experts copied into host RAM (the host store when offloading
+    or storing them packed; the model itself on cpu), none when `mapped` (a GGUF file read in place: its
+    store warns instead when larger than RAM), plus the dense weights when they live on the cpu."""
+    if mapped:
+        return
+    per_expert = [f.expert_bytes(cfg.hidden_size, cfg.intermediate_size) for f in fmt.per_layer(cfg.num_moe_layers)]
+    experts = cfg.num_local_experts * sum(per_expert) if (offload or fmt.quantized or device.type == "cpu") else 0
+    dense = cfg.dense_params * torch.tensor([], dtype=dtype).element_size() if device.type == "cpu" else 0
+    need, avail = experts + dense, available_host_bytes()
+    if need <= avail - HOST_RAM_MARGIN:
+        return
+    hint = ""
+    if not fmt.quantized:
+        from ..formats import get_format
+
+        int4 = cfg.num_local_experts * cfg.num_moe_layers * get_format("int4").expert_bytes(cfg.hidden_size,
+                                                                                           cfg.intermediate_size)
+        hint = f" (int4 experts take {int4 / GB:.1f} GB)"
+    raise MoeOffloadError(
+        f"not enough host RAM to load this model: it needs {need / GB:.1f} GB (experts copied into RAM as {fmt.name} "
+        f"{experts / GB:.1f} GB + dense weights on the host {dense / GB:.1f} GB), {avail / GB:.1f} GB is available "
+        f"({HOST_RAM_MARGIN / GB:.2f} GB kept free); pass a quantized expert_dtype{hint}, or load a GGUF file, whose "
+        "experts are read in place from its memory map")
