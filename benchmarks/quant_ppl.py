@@ -4,7 +4,8 @@
 
 Perplexity: next-token loss over the held-out text (moe_offload.bundled_heldout_text()), in windows of
 the model's context, each window scored on its own. Formats: fp32 (reference), bf16 (dtype bfloat16),
-int8, int4 g32/g64/g128 (fp32 compute, experts quantized on load). Prints and saves JSON.
+int8, int4 g32/g64/g128 (fp32 compute, experts quantized on load); int8 experts at bf16 compute, with
+and without int8 dense weights (dense_dtype). Prints and saves JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from moe_offload.results import result_metadata, write_json_atomic
 FORMATS = [("fp32", {}), ("bf16", {"dtype": "bfloat16", "expert_dtype": "bf16"}),
            ("int8", {"expert_dtype": "int8"}), ("int4-g32", {"expert_dtype": "int4", "group_size": 32}),
            ("int4-g64", {"expert_dtype": "int4", "group_size": 64}),
-           ("int4-g128", {"expert_dtype": "int4", "group_size": 128})]
+           ("int4-g128", {"expert_dtype": "int4", "group_size": 128}),
+           # bf16 compute, and the dense weights in int8 (dense_dtype; what a q8_0 GGUF quantizes too)
+           ("int8@bf16", {"dtype": "bfloat16", "expert_dtype": "int8"}),
+           ("int8@bf16 + dense int8", {"dtype": "bfloat16", "expert_dtype": "int8", "dense_dtype": "int8"}),
+           ("bf16 + dense int8", {"dtype": "bfloat16", "expert_dtype": "bf16", "dense_dtype": "int8"})]
 
 
 def perplexity(m, ids: list[int], window: int) -> float:

@@ -9,8 +9,8 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from .errors import MoeOffloadError
-from .options import (CPU_EXPERTS, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS, TUNING_FIELDS,
-                      OffloadConfig, parse_tuning, tuning_help)
+from .options import (CPU_EXPERTS, DENSE_DTYPES, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS,
+                      TUNING_FIELDS, OffloadConfig, parse_tuning, tuning_help)
 from .validate import SEED_MAX, float_arg, int_arg, output_file
 
 MAX_PROBLEM_LINES = 20
@@ -78,6 +78,7 @@ def _add_cache_args(g: Any, full: bool) -> None:
     g.add_argument("--accelerator", default=None, metavar="FILE", help=_field_help("accelerator"))
     g.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERTS), help=_field_help("cpu_experts"))
     g.add_argument("--threads", type=POS, default=None, metavar="N", help=_field_help("threads"))
+    g.add_argument("--dense-dtype", default=None, choices=list(DENSE_DTYPES), help=_field_help("dense_dtype"))
 
 
 # The settings a command reads, by its runtime-flag kind ("full" reads them all): any other is refused

@@ -47,6 +47,7 @@ INT4 = ("int4", "int4-asym")  # the formats with groups (tuning.group_size)
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 MOE_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
 CPU_EXPERTS = ("auto", "off")
+DENSE_DTYPES = ("auto", "int8")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_LINK_CHUNK_MB = 8.0
@@ -118,6 +119,9 @@ class OffloadConfig:
                                    "every miss (default: auto on cuda, off on cpu)", choices=CPU_EXPERTS)
     speculative: bool = _opt("self-speculative decoding with the adapter file's draft head", False, kind=bool,
                              nullable=False)
+    dense_dtype: str = _opt("dense weights (attention projections, LM head): auto = the compute dtype; int8 = one "
+                            "scale per row, run by the CPU decode kernels (cpu only; what a q8_0 GGUF does)",
+                            "auto", choices=DENSE_DTYPES, nullable=False)
     threads: int | None = _opt("CPU threads for compute (torch.set_num_threads; default: the physical cores, "
                                "unless OMP_NUM_THREADS is set)", kind=int, lo=1)
     tuning: Tuning = field(default_factory=Tuning, metadata=dict(help="the rest (see Tuning)", kind=Tuning))
@@ -144,6 +148,9 @@ class OffloadConfig:
             if tuned:
                 raise MoeOffloadError(f"{', '.join(tuned)}: settings of the prefetcher, which predictor='none' "
                                       "does not run; drop them or choose a predictor")
+        if self.dense_dtype == "int8" and self.speculative:
+            raise MoeOffloadError("dense_dtype int8 and speculative: the draft head reads the LM head in the compute "
+                                  "dtype; drop one of them")
         if self.accelerator is not None and self.predictor in ("none", "next-gate") and not self.speculative:
             raise MoeOffloadError(f"accelerator is read by predictor 'm2r2' (or 'auto') and speculative decoding; "
                                   f"predictor is {self.predictor!r}: drop it or change the predictor")
@@ -194,7 +201,8 @@ TUNING_FIELDS = {f.name: f for f in fields(Tuning)}
 # config is reached with --tuning KEY=VALUE (any Tuning field, or an OffloadConfig field without a flag).
 FLAG_FIELDS = {"--device": "device", "--dtype": "dtype", "--expert-dtype": "expert_dtype",
                "--cache-per-layer": "cache_per_layer", "--cache-gb": "cache_gb", "--predictor": "predictor",
-               "--accelerator": "accelerator", "--cpu-experts": "cpu_experts", "--threads": "threads"}
+               "--accelerator": "accelerator", "--cpu-experts": "cpu_experts", "--threads": "threads",
+               "--dense-dtype": "dense_dtype"}
 
 
 def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -22,10 +22,12 @@ from .errors import ConfigError, MoeOffloadError
 from .guard import CallGuard
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
-from .kernels import resolve_moe_backend
+from .kernels import cpu_gemv, resolve_moe_backend
+from .model.layers import store_int8_rows
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MoeModel
 from .formats import FloatFormat, choose_format, loop_only
+from .formats.int8 import quantize_int8
 from .model.moe import expert_activation
 from .offload.packed import PackedResidentExperts
 from .offload.cpu_lane import build_cpu_lane
@@ -354,12 +356,24 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
         experts.cpu_lane = build_cpu_lane(cache, config.cpu_experts or ("auto" if dev.type == "cuda" else "off"))
     model = MoeModel.from_checkpoint(ckpt, dtype=dt, device=dev, max_seq_len=max_seq_len, experts=experts,
                                      moe_backend=backend, show_progress=runtime.show_progress)
+    if config.dense_dtype == "int8":
+        _dense_int8(model, dev)
     if isinstance(experts, OffloadedExperts):
         _attach_prefetcher(model, experts, path, config, policy)
     loaded = OffloadedModel(path, model, runtime, tokenizer, plan, config)
     if config.speculative:
         loaded.speculative = build_speculative(model, path, config)
     return loaded
+
+
+def _dense_int8(model: MoeModel, dev: torch.device) -> None:
+    """dense_dtype='int8': the attention projections and the LM head as int8 rows with fp16 scales (the
+    int8 expert format's rule), read by the CPU decode kernels."""
+    if dev.type != "cpu" or not cpu_gemv.available():
+        why = f"device is {dev}" if dev.type != "cpu" else cpu_gemv.why_unavailable()
+        raise MoeOffloadError(f"dense_dtype 'int8' runs on the CPU decode kernels ({why}); use dense_dtype 'auto'")
+    for w in model.dense_int8_weights():
+        store_int8_rows(w, *quantize_int8(w.data))
 
 
 def set_threads(threads: int | None) -> None:

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..kernels import cpu_gemv
 from ..kernels import linear as _linear
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5: no repeated K/V copies.
@@ -17,10 +18,26 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T (+ bias [N]): the compiled CPU decode kernel for a few rows on cpu
     (moe_offload.kernels.cpu_gemv: PyTorch's one-row matmul reaches a fraction of memory bandwidth),
-    else F.linear."""
+    else F.linear. A weight stored in int8 (`int8_rows`) runs the int8 kernel, or is dequantized for
+    many rows."""
+    q8 = getattr(w, "int8_rows", None)
+    if q8 is not None:
+        q, s = q8  # int8 [N, K], fp16 [N]
+        if x.numel() <= cpu_gemv.QUANT_MAX_ROWS * x.shape[-1]:
+            y = cpu_gemv.int8_linear(x, q, s)
+        else:
+            y = F.linear(x, (q.float() * s.float()[:, None]).to(x.dtype))
+        return y if bias is None else y + bias
     if bias is None:
         return _linear(x, w)
     return F.linear(x, w, bias) if x.device.type != "cpu" else _linear(x, w) + bias
+
+
+def store_int8_rows(w: torch.nn.Parameter, q: torch.Tensor, s: torch.Tensor) -> None:
+    """Keep weight `w` [N, K] as int8 rows q [N, K] with fp16 scales s [N] (linear() reads them); its own
+    storage is released (an empty tensor of its dtype remains, for code that asks the dtype)."""
+    w.int8_rows = (q.contiguous(), s.contiguous())
+    w.data = torch.empty(0, dtype=w.dtype, device=w.device)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -275,6 +275,15 @@ class MoeModel(nn.Module):
         return out
 
     # --- compute --------------------------------------------------------------------------------
+    def dense_int8_weights(self) -> list[torch.nn.Parameter]:
+        """The dense weights `dense_dtype='int8'` stores as int8 rows: each layer's fused q/k/v and output
+        projections (grouped-query attention; MLA keeps its own) and an untied LM head (a tied one is also
+        the embedding table, which stays)."""
+        out = [p for w in self.layers for p in (w.qkv_proj, w.o_proj)] if self.mla is None else []
+        if self.lm_head is not None:
+            out.append(self.lm_head)
+        return out
+
     def lm_head_weight(self) -> torch.Tensor:
         """The LM head's weight [V, H] (the embedding when tied)."""
         return self.embed_tokens if self.lm_head is None else self.lm_head
