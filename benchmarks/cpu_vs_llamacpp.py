@@ -60,6 +60,9 @@ PRECISIONS = {
     "bf16": ("bf16", None, dict(dtype="bfloat16")),
     "q8_0": ("f32", "Q8_0", dict(dtype="bfloat16", expert_dtype="int8")),
     "q4_0": ("f32", "Q4_0", dict(dtype="bfloat16", expert_dtype="int4", group_size=32)),
+    # like for like: llama.cpp's q8_0 / q4_0 files quantize the attention and output weights too
+    "q8_0+dense": ("f32", "Q8_0", dict(dtype="bfloat16", expert_dtype="int8", dense_dtype="int8")),
+    "q4_0+dense": ("f32", "Q4_0", dict(dtype="bfloat16", expert_dtype="int4", group_size=32, dense_dtype="int8")),
 }
 CONVERT = r"""
 import sys
@@ -182,8 +185,10 @@ def ours_bytes_per_token(cfg: dict, precision: str) -> float:
     k, layers = cfg["num_experts_per_tok"], cfg["num_hidden_layers"]
     if precision == "f32":
         return 4 * (dense + k * layers * expert)
-    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 2 / 32}[precision]  # + bf16 scales
-    return 2 * dense + k * layers * expert * per_weight
+    base = precision.split("+")[0]
+    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 4 / 32}[base]  # + fp16 scales (and zeros)
+    per_dense = 1.0 + 2 / cfg["hidden_size"] if precision.endswith("+dense") else 2.0
+    return per_dense * dense + k * layers * expert * per_weight
 
 
 def gguf_bytes_per_token(gguf: Path, top_k: int, experts: int) -> float:
@@ -242,7 +247,7 @@ def main() -> int:
     ap.add_argument("--prompts", default="64,512", help="prompt lengths for prefill; decode follows the first")
     ap.add_argument("--gen", type=int, default=32, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0")
+    ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0,q8_0+dense,q4_0+dense")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_vs_llamacpp.json"))
     ap.add_argument("--crossover", action="store_true",
                     help="only the kernels-vs-PyTorch sweep over rows of x (no llama.cpp, no model)")
@@ -292,7 +297,7 @@ def main() -> int:
             print(f"[{prec}] round {rep + 1}/{args.repeats}", file=sys.stderr)
             theirs_runs.append(llama_bench(bins, gguf, args.threads, prompts, args.gen))
             ours_runs.append(ours(model, opts, args.threads, prompt_ids, prompts, args.gen))
-            if PRECISIONS[prec][1]:  # the quantized GGUF read by moe_offload itself
+            if PRECISIONS[prec][1] and "+" not in prec:  # the quantized GGUF read by moe_offload itself
                 try:
                     ours_gguf_runs.append(ours(gguf, {"dtype": "bfloat16"}, args.threads, prompt_ids, prompts, args.gen))
                 except moe_offload.MoeOffloadError as exc:
