@@ -171,8 +171,7 @@ def test_shipped_expert_bytes():
 
 @pytest.mark.parametrize("name, words", [
     ("deepseek-v3", "deepseek_v3: the fp8_block128 weights as published are not loadable yet"),
-    ("gpt-oss-20b", "gpt_oss: the mxfp4 experts as published are not loadable yet"),
-])
+])  # gpt-oss-20b's MXFP4 experts load as shipped (tests/test_gpt_oss_mxfp4.py)
 def test_parsed_only_families_are_refused_by_load_in_one_line(tmp_path, name, words):
     from safetensors.torch import save_file
 
@@ -192,7 +191,7 @@ def test_info_and_simulate_cli_accept_the_published_configs(name, glm, tmp_path,
     cfg_file = FIXTURES / f"{name}.config.json"
     assert main(["info", "--config", str(cfg_file)]) in (0, None)
     out = capsys.readouterr().out
-    assert "params" in out and ("runnable   no" in out) == (name != "glm-4.5-air")
+    assert "params" in out and ("runnable   no" in out) == (name == "deepseek-v3")
     path, _ = glm  # a routing trace of the tiny GLM (any trace projects onto the real shapes)
     m = moe_offload.load(path, device="cpu", dtype="float32", offload=False)
     ids = torch.randint(3, 64, (64,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -304,6 +303,18 @@ def build_top8(path: Path, family: str) -> None:
     if family == "qwen3_moe":  # softmax reference
         model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             **TOP8, num_hidden_layers=4, num_experts=128)).eval()
+    elif family == "deepseek_v3":  # as GLM below, with multi-head latent attention (q-LoRA)
+        kw = {k: v for k, v in TOP8.items() if k not in ("head_dim", "experts_implementation")}
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            **kw, num_hidden_layers=5, n_routed_experts=128, n_shared_experts=1, first_k_dense_replace=1, n_group=8,
+            topk_group=4, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16)).eval()
+    elif family == "gpt_oss":  # top-4 of 128, softmax over the chosen logits; router and expert biases, sinks
+        kw = {k: v for k, v in TOP8.items() if k not in ("moe_intermediate_size", "num_experts_per_tok", "norm_topk_prob",
+                                                      "intermediate_size", "experts_implementation")}
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            **kw, intermediate_size=8, num_hidden_layers=4, num_local_experts=128, num_experts_per_tok=4,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)).eval()
     else:  # GLM-4.5 shaped: a dense first layer, a shared expert, sigmoid + correction bias, 8 groups, best 4
         model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(
             **TOP8, num_hidden_layers=5, n_routed_experts=128, n_shared_experts=1, first_k_dense_replace=1,
@@ -315,18 +326,18 @@ def build_top8(path: Path, family: str) -> None:
                 p.uniform_(0.5, 1.5)
             elif name.endswith("e_score_correction_bias"):
                 p.normal_(0.0, 0.05)
-            elif name.endswith("bias"):
+            elif name.endswith("bias") or name.endswith("sinks"):
                 p.normal_(0.0, 0.3)
     model.save_pretrained(path, safe_serialization=True)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])
-def test_m2r2_top8_of_128_recall_beats_next_gate_at_d123(family, tmp_path):
+@pytest.mark.parametrize("family,top_k", [("qwen3_moe", 8), ("glm4_moe", 8), ("deepseek_v3", 8), ("gpt_oss", 4)])
+def test_m2r2_top8_of_128_recall_beats_next_gate_at_d123(family, top_k, tmp_path):
     from moe_offload.predict.train import train_accelerator
 
     build_top8(tmp_path, family)
     m = moe_offload.load(tmp_path, device="cpu", dtype="float32", offload=False)
-    assert (m.config.num_local_experts, m.config.num_experts_per_tok, m.config.num_moe_layers) == (128, 8, 4)
+    assert (m.config.num_local_experts, m.config.num_experts_per_tok, m.config.num_moe_layers) == (128, top_k, 4)
     ids = torch.randint(3, 128, (3200,), generator=torch.Generator().manual_seed(0)).tolist()
     _, report = train_accelerator(m.model, ids, lookaheads=[1, 2, 3], rank=16, epochs=3, lr=1e-2, window=64,
                                   show_progress=False, context=False)

@@ -432,6 +432,13 @@ def _biases(model: MoeModel, targets: list[int]) -> torch.Tensor | None:
     return torch.stack([model.moe_layers[t].router_bias.float() for t in targets])[:, None]
 
 
+def _gate_biases(model: MoeModel, targets: list[int]) -> torch.Tensor | None:
+    """The target layers' router linear biases stacked [n, 1, E] float32, or None (routers without one)."""
+    if model.moe_layers[targets[0]].gate_bias is None:
+        return None
+    return torch.stack([model.moe_layers[t].gate_bias.float() for t in targets])[:, None]
+
+
 class M2R2Predictor:
     """Layer l+d's norm and router applied to the accelerated residual r_{l,d}(x), its scores ranked as
     that router chooses (`choice_scores`: the softmax, or the sigmoid plus the correction bias within
@@ -500,6 +507,8 @@ class M2R2Predictor:
             unit = rms_norm(x, torch.ones_like(x[0]), m.cfg.rms_norm_eps)  # [N, H]: normalised once for all rows
             normed = st["Wh"] * unit  # [n, N, H]: each target layer's norm weight (rms_norm's own order)
             logits = torch.bmm(normed, st["Gh"]).float() + torch.einsum("nr,ier->ine", h, st["XH"])  # [n, N, E]
+            if st["hgbias"] is not None:
+                logits = logits + st["hgbias"]
             out[:, st["hrows"]] = choice_scores(m, logits, st["hbias"]).transpose(0, 1)
         return out
 
@@ -522,6 +531,8 @@ class M2R2Predictor:
                              for i, d in enumerate(st["ds"])])  # [n, N, H]
         normed = rms_norm(r.to(x.dtype), st["W"], m.cfg.rms_norm_eps)  # [n, N, H]
         logits = torch.bmm(normed, st["Gt"]).float()  # [n, N, E]
+        if st["gbias"] is not None:  # the routers' own linear bias (GPT-OSS)
+            logits = logits + st["gbias"]
         return choice_scores(m, logits, st["bias"]).transpose(0, 1)
 
     @torch.no_grad()
@@ -549,7 +560,7 @@ class M2R2Predictor:
                                      lambda t, i: t[i].t()),
                        "W": torch.stack([m.moe_layers[t].post_attention_layernorm for t in targets])[:, None],
                        "Gt": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous(),
-                       "bias": _biases(m, targets)})
+                       "bias": _biases(m, targets), "gbias": _gate_biases(m, targets)})
             if acc.context:
                 st["P"], st["Q"] = cat("P"), cat("Q")
         if hds:
@@ -559,6 +570,6 @@ class M2R2Predictor:
                                      torch.stack([acc.XH[f"{layer}_{d}"].float() for d in hds]), lambda t, i: t[i]),
                        "Wh": torch.stack([m.moe_layers[t].post_attention_layernorm for t in targets])[:, None],
                        "Gh": torch.stack([m.moe_layers[t].gate.t() for t in targets]).contiguous(),
-                       "hbias": _biases(m, targets)})
+                       "hbias": _biases(m, targets), "hgbias": _gate_biases(m, targets)})
         self._stacks[layer] = st
         return st

@@ -57,10 +57,12 @@ def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
 
 
 def true_router_probs(model: MoeModel, xs: torch.Tensor) -> torch.Tensor:
-    """[T, L, E]: each layer's router distribution on its own residual."""
+    """[T, L, E]: each layer's router distribution on its own residual (a top-k-then-softmax router,
+    GPT-OSS's, ranks by its logits: their softmax over all experts is the distribution, same ranking)."""
     eps = model.cfg.rms_norm_eps
-    return torch.stack([router_probs(model, l, rms_norm(xs[:, l].to(model.dtype), model.moe_layers[l].post_attention_layernorm, eps))
-                        for l in range(xs.shape[1])], dim=1)
+    probs = torch.stack([router_probs(model, l, rms_norm(xs[:, l].to(model.dtype), model.moe_layers[l].post_attention_layernorm, eps))
+                         for l in range(xs.shape[1])], dim=1)
+    return torch.softmax(probs, dim=-1) if model.cfg.scoring == "topk_softmax" else probs
 
 
 def topk_ranking_loss(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -239,7 +241,7 @@ def train_accelerator(model: MoeModel, ids: list[int], *, lookaheads: list[int],
     of every layer's experts (`expert_rank_for`). rank_weight: the weight of the top-k ranking term
     added to the distillation loss; None = its measured default, 1 without peek (it helped there) and
     0 with it (it cost 0.03 recall at d=1-2)."""
-    if model.cfg.scoring not in ("softmax", "sigmoid"):
+    if model.cfg.scoring not in ("softmax", "sigmoid", "topk_softmax"):
         raise MoeOffloadError(f"train-accelerator: m2r2 adapters distil a softmax or sigmoid router; "
                               f"{model.cfg.model_type} routes by {model.cfg.scoring} (next-gate predicts it; m2r2 is "
                               "not supported yet)")
