@@ -27,8 +27,8 @@ Writes benchmarks/results/cpu_vs_llamacpp.json (or --out) and prints a table.
 
     python benchmarks/cpu_vs_llamacpp.py --crossover [--threads 2]
 
-measures only the rows-of-x sweep that sets moe_offload/kernels/cpu_gemv.py's MAX_ROWS / QUANT_MAX_ROWS
-(benchmarks/results/cpu_gemv_crossover.json).
+prints only the rows-of-x sweep that sets moe_offload/kernels/cpu_gemv.py's MAX_ROWS / QUANT_MAX_ROWS
+(a full run records it in its JSON, key "crossover").
 """
 
 from __future__ import annotations
@@ -203,6 +203,9 @@ def gguf_bytes_per_token(gguf: Path, top_k: int, experts: int) -> float:
     return total
 
 
+CROSSOVER_ROWS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
 def crossover(threads: int, rows: list[int]) -> list[dict]:
     """ms per call at Mixtral-734M's w13 shape (7168 x 1024) as the rows of x grow: the compiled kernels
     against PyTorch's GEMM (bf16 weights) and against dequantize-then-matmul (int8), weights rotated over
@@ -252,12 +255,8 @@ def main() -> int:
     ap.add_argument("--crossover", action="store_true",
                     help="only the kernels-vs-PyTorch sweep over rows of x (no llama.cpp, no model)")
     args = ap.parse_args()
-    if args.crossover:
-        rows = crossover(args.threads, [1, 2, 4, 8, 16, 32, 64, 128])
-        out = Path(args.out).with_name("cpu_gemv_crossover.json") if args.out == ap.get_default("out") else Path(args.out)
-        write_json_atomic(out, {**result_metadata(), "benchmark": "cpu_gemv_crossover", "threads": args.threads,
-                                "rows": rows, "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + sys.argv[1:])})
-        print(f"wrote {shown(out)}")
+    if args.crossover:  # printed only; a full run records it in its JSON
+        crossover(args.threads, CROSSOVER_ROWS)
         return 0
     bins = env_path(args.llama_bin, "LLAMA_CPP_BIN")
     if bins is None or not (bins / "llama-bench").is_file():
@@ -318,7 +317,9 @@ def main() -> int:
         row["ratios"] = {k: row["ours"][k] / row["llama_cpp"][k] for k in keys}
         rows.append(row)
 
-    result = {**result_metadata(), "benchmark": "cpu_vs_llamacpp", "threads": args.threads,
+    print("rows-of-x sweep (kernels vs PyTorch):", file=sys.stderr)
+    sweep = crossover(args.threads, CROSSOVER_ROWS)
+    result = {**result_metadata(), "benchmark": "cpu_vs_llamacpp", "threads": args.threads, "crossover": sweep,
               "cpu": platform.processor() or platform.machine(), "model": shown(model), "shape": SHAPE,
               "prompts": prompts, "decode_tokens": args.gen, "repeats": args.repeats,
               "copy_gb_s_median": statistics.median(copy_gbs), "copy_gb_s_runs": copy_gbs, "rows": rows,
