@@ -18,6 +18,7 @@ warning says why once, and callers use PyTorch's ops (exact to the same toleranc
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -44,6 +45,7 @@ def _load() -> Any:
     if os.environ.get("MOE_OFFLOAD_CPU_KERNELS", "1") == "0":
         _why_not = "MOE_OFFLOAD_CPU_KERNELS=0"
         return None
+    _find_ninja()
     try:
         from torch.utils import cpp_extension
 
@@ -63,6 +65,18 @@ def _load() -> Any:
         _why_not = "this CPU has no AVX-512 (the CPU decode kernels' vector paths need it)"
         warnings.warn(f"moe-offload: {_why_not}; decode uses PyTorch's matmul", stacklevel=3)
     return _ext
+
+
+def _find_ninja() -> None:
+    """torch builds with the `ninja` on PATH; a venv's (the pip package, a dependency) is not on it unless
+    the venv is activated: put its folder there."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def available() -> bool:
