@@ -140,7 +140,7 @@ def main() -> None:
     table = markdown(rows)
     print("\n" + table)
     meta = {**result_metadata("cpu"), "kind": "projection from a small-model trace, not a measurement",
-            "trace": where, "trace_meta": trace.meta, "tokens": len(trace.token_ids), "seconds": time.perf_counter() - t0,
+            "trace": where, "trace_meta": {k: shown(v) if k in ("model", "text") and v else v for k, v in trace.meta.items()}, "tokens": len(trace.token_ids), "seconds": time.perf_counter() - t0,
             "settings": "predictor next-gate, policy lru, capacity: what fits the card after dense + KV (4096 tokens) "
                         "+ reserve; dense weights at the format's bytes per parameter (analysis/projections.py)"}
     print(f"wrote {write_json_atomic(args.out, {**meta, 'results': rows})}")
