@@ -44,8 +44,8 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = dict(family.model_tensors(cfg).values())
     for layer in range(cfg.num_hidden_layers):
         shapes.update(family.layer_tensors(cfg, layer).values())
-        if cfg.expert_format is None and layer >= cfg.first_k_dense_replace:  # float experts, as the family stores them
-            shapes.update(family.expert_tensors(cfg, layer))
+        if (cfg.expert_format is None or fused_packed(cfg)) and layer >= cfg.first_k_dense_replace:
+            shapes.update(family.expert_tensors(cfg, layer))  # as the family stores them (fused: packed too)
             continue
         for e in range(cfg.num_local_experts if layer >= cfg.first_k_dense_replace else 0):
             for w, shape in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
@@ -62,11 +62,20 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def fused_packed(cfg: ModelConfig) -> bool:
+    """Whether the checkpoint stores each layer's experts packed in fused tensors (GPT-OSS's MXFP4: the
+    family names them, Family.packed_expert_tensors) rather than one set of tensors per expert."""
+    return cfg.expert_format is not None and hasattr(cfg.family, "packed_expert_tensors")
+
+
 def expert_dtypes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """The safetensors dtypes allowed for each packed expert tensor (a quantized checkpoint's); tensors not
     listed are float weights (FLOAT_DTYPES)."""
     if cfg.expert_format is None:
         return {}
+    if fused_packed(cfg):
+        return {name: (SAFETENSORS_DTYPE[dt],) for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+                for name, _, dt in cfg.family.packed_expert_tensors(cfg, layer).values() if dt is not None}
     from .quant.ckpt import hub_format
 
     hub = hub_format(cfg.expert_format)
@@ -225,13 +234,43 @@ class Checkpoint:
             except ValueError as exc:
                 raise CheckpointError(f"{info.file}: tensor {info.name}: {exc}") from None
         self.config = replace(cfg, expert_format=fmt.name, expert_group_size=fmt.group_size)  # the name holds the group
+        if fused_packed(self.config):
+            self._check_fused_experts()
+
+    def _check_fused_experts(self) -> None:
+        """A layer's fused packed expert tensors (GPT-OSS MXFP4) of the wrong shape or dtype, and biases of two
+        dtypes, refused in one line naming the file and the tensor (a missing one: validate() lists it)."""
+        cfg = self.config
+        bias_dtypes = set()
+        for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+            for sec, (name, shape, dt) in cfg.family.packed_expert_tensors(cfg, layer).items():
+                info = self.tensors.get(name)
+                if info is None:
+                    continue
+                want = SAFETENSORS_DTYPE[dt] if dt is not None else None
+                if info.shape != shape or (want is not None and info.dtype != want):
+                    raise CheckpointError(f"{info.file}: tensor {name} is {list(info.shape)} {info.dtype}, expected "
+                                          f"{list(shape)} {want or 'float'} ({cfg.expert_format} experts: "
+                                          f"{cfg.num_local_experts} x {sec} of hidden_size {cfg.hidden_size}, "
+                                          f"intermediate_size {cfg.intermediate_size})")
+                if dt is None:
+                    bias_dtypes.add(info.dtype)
+                    if len(bias_dtypes) > 1 or info.dtype not in FLOAT_DTYPES:
+                        raise CheckpointError(f"{info.file}: tensor {name} is {info.dtype}; the experts' biases must "
+                                              f"share one float dtype (found {sorted(bias_dtypes)})")
 
     def expert_format(self):
         """The experts' ExpertFormat as stored (None: float experts)."""
         from .formats import get_format
 
-        name = self.config.expert_format
-        return None if name is None else get_format(name, self.config.expert_group_size)
+        cfg = self.config
+        if cfg.expert_format is None:
+            return None
+        fmt = get_format(cfg.expert_format, cfg.expert_group_size)
+        if cfg.expert_bias and fused_packed(cfg):  # the biases travel in the row, in the file's dtype
+            info = self.tensors.get(cfg.family.packed_expert_tensors(cfg, cfg.first_k_dense_replace)["b13"][0])
+            fmt = fmt.with_bias(_TORCH_DTYPE.get(info.dtype, torch.bfloat16) if info else torch.bfloat16)
+        return fmt
 
     def _dense_format(self):
         """The format that dequantizes dense linears stored quantized (hub formats; 'ct:' for int4 / int8)."""
@@ -261,6 +300,10 @@ class Checkpoint:
         cfg = self.config
         if fmt is None or not hasattr(fmt, "matrix_specs"):
             return 0
+        if fused_packed(cfg):  # every tensor of the layers' fused experts: packed weights and biases
+            return sum(math.prod(self.tensors[name].shape) * _ITEMSIZE[self.tensors[name].dtype]
+                       for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+                       for name, _, _ in cfg.family.packed_expert_tensors(cfg, layer).values())
         total = 0
         for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
             for e in range(cfg.num_local_experts):
@@ -280,12 +323,13 @@ class Checkpoint:
         sfxs = sorted({sfx for sfx, *_ in fmt.matrix_specs(64, 64) + fmt.meta_specs(64, 64)} if fmt else set(),
                       key=len, reverse=True)
         marks = [sfx for sfx in sfxs if sfx != "weight"]  # FP8 keeps `weight`: its scale marks it quantized
-        quantized = {n[: -len(m) - 1] for n in self.tensors for m in marks if n.endswith("." + m)}
+        seps = (".", "_") if fmt is not None and fmt.fused_gate_up else (".",)  # GPT-OSS: gate_up_proj_blocks
+        quantized = {n[: -len(m) - 1] for n in self.tensors for m in marks for sep in seps if n.endswith(sep + m)}
         groups: dict[str, dict[str, int]] = {}
         seen: set[str] = set()
         for name, info in sorted(self.tensors.items()):
-            base = next((name[: -len(s) - 1] for s in sfxs if name.endswith("." + s) and name[: -len(s) - 1] in
-                         quantized), None)
+            base = next((name[: -len(s) - 1] for s in sfxs for sep in seps if name.endswith(sep + s)
+                         and name[: -len(s) - 1] in quantized), None)
             if base is not None:
                 if base in seen:
                     continue

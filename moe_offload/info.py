@@ -9,6 +9,7 @@ from .checkpoint import open_checkpoint
 from .config import ModelConfig
 
 from .formats import DEFAULT_GROUP_SIZE, expert_bytes as format_bytes
+from .offload.store_info import expert_store_info
 
 
 def shipped_expert_bytes(cfg: ModelConfig) -> int | None:
@@ -76,7 +77,7 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
         "moe_layers": cfg.num_moe_layers,
         "runnable": cfg.family.unsupported(cfg) or True,
         "one_expert_bytes": expert_bytes(cfg),
-        **({"expert_store": _expert_store(cfg, ckpt)} if config_file is None and cfg.expert_format else {}),
+        **({"expert_store": expert_store_info(ckpt)} if config_file is None and cfg.expert_format else {}),
         **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
         "needs": _needs(cfg),
     }
@@ -93,23 +94,6 @@ def _needs(cfg: ModelConfig) -> dict[str, Any]:
             out[name] = memory_needs(cfg, name)
         except (MoeOffloadError, ValueError):  # a shape the format cannot hold
             continue
-    return out
-
-
-def _expert_store(cfg: ModelConfig, ckpt: Any) -> dict[str, Any]:
-    """Experts stored packed as the checkpoint has them: their format, the host store's bytes and, for a
-    GGUF file, the file's expert bytes and the GGML types of every tensor group."""
-    from .formats import get_format
-
-    fmt = ckpt.expert_format() if hasattr(ckpt, "expert_format") else get_format(cfg.expert_format,
-                                                                                 cfg.expert_group_size)  # +biases
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    per_layer = [f.expert_bytes(H, I) for f in fmt.per_layer(cfg.num_moe_layers)]
-    out: dict[str, Any] = {"format": fmt.name, "one_expert_bytes": fmt.expert_bytes(H, I),  # the largest layer's
-                           "host_bytes": cfg.num_local_experts * sum(per_layer)}
-    if hasattr(ckpt, "tensor_groups"):  # GGUF, safetensors: what the files hold, per tensor group
-        out["file_expert_bytes"] = ckpt.expert_file_bytes()
-        out["tensor_groups"] = ckpt.tensor_groups()
     return out
 
 
@@ -199,7 +183,8 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"runnable   no: {info['runnable']}")
     if "expert_store" in info:
         st = info["expert_store"]
-        line = f"stored     experts {st['format']}: host store {_size(st['host_bytes'])}"
+        line = (f"stored     experts {st['format']}: host store {_size(st['host_bytes'])}"
+                + (", read in place from the file's memory map" if st.get("mapped") else ""))
         if "file_expert_bytes" in st:
             line += f" (file's expert bytes {_size(st['file_expert_bytes'])})"
             groups = ", ".join(f"{g} {'/'.join(sorted(t))}" for g, t in st["tensor_groups"].items())

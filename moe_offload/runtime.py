@@ -251,8 +251,22 @@ class OffloadedModel:
             **(self.cache_stats() if self.expert_cache is not None else {}),
         }
 
+    def store_info(self) -> dict[str, Any]:
+        """The host expert store, as `moe-offload info --json` reports it under expert_store (one function:
+        offload.store_info.expert_store_info): format, one_expert_bytes, host_bytes, mapped, and the
+        checkpoint's file_expert_bytes / tensor_groups where it knows them."""
+        from .offload.store_info import expert_store_info
+
+        store = getattr(self.model.experts, "store", None)  # packed resident experts
+        store = self.expert_cache.store if self.expert_cache is not None else store
+        if store is None:
+            raise MoeOffloadError("this model's experts are resident in the compute dtype: there is no host "
+                                  "expert store")
+        return expert_store_info(open_checkpoint(self.path), store)
+
     def cache_stats(self) -> dict[str, Any]:
-        """Expert-cache counters since the last generate()/logits() call (totals and per_layer)."""
+        """Expert-cache counters since the last generate()/logits() call (totals and per_layer; a memory-
+        mapped store's page-cache misses: page_cache, page_cache_checked_bytes, page_cache_miss_bytes)."""
         cache = self.expert_cache
         if cache is None:
             raise MoeOffloadError("this model was loaded with offload=False: there is no expert cache")
@@ -336,7 +350,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
         backend = "loop"  # auto: the one backend that runs GGUF / hub formats (the Triton kernel has none yet)
         runtime = replace(runtime, moe_backend=backend)
     if own_experts:
-        fmt = _own_expert_format(cfg, expert_dtype, dt, backend)
+        fmt = _own_expert_format(cfg, expert_dtype, dt, backend, ckpt)
     else:
         fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
     runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)
@@ -403,16 +417,21 @@ def _expert_storage(config: OffloadConfig, cfg: ModelConfig, path: Path) -> tupl
     return expert_dtype, group_size
 
 
-def _own_expert_format(cfg: ModelConfig, expert_dtype: str, dt: torch.dtype, backend: str) -> FloatFormat:
-    """The expert format of a family whose experts carry biases and their own activation (GPT-OSS): float
-    rows in the compute dtype with bias sections, run on the loop backend; other storage refused in one line."""
+def _own_expert_format(cfg: ModelConfig, expert_dtype: str, dt: torch.dtype, backend: str, ckpt: Any = None) -> Any:
+    """The expert format of a family whose experts carry biases and their own activation (GPT-OSS), run on
+    the loop backend: float rows in the compute dtype with bias sections, or (a checkpoint shipping them
+    packed: MXFP4) the file's packed rows with its biases (Checkpoint.expert_format); other storage
+    refused in one line."""
+    if backend != "loop":
+        raise MoeOffloadError(f"{cfg.model_type} experts (with biases and the clamped SwiGLU) run on the loop backend; "
+                              f"got moe_backend {backend!r}: pass moe_backend='loop' (--tuning moe_backend=loop)")
+    if cfg.expert_format is not None and ckpt is not None and hasattr(ckpt, "expert_format"):  # packed as shipped
+        fmt = ckpt.expert_format()
+        return fmt.with_bias(fmt.bias_dtype, expert_activation(cfg)) if getattr(fmt, "bias", False) else fmt
     if expert_dtype not in ("auto", FloatFormat(dt).name):
         raise MoeOffloadError(f"{cfg.model_type} experts (with biases and the clamped SwiGLU) are kept in the compute "
                               f"dtype; expert_dtype {expert_dtype!r} (quantized or another dtype) is not supported for "
                               "them yet: use expert_dtype 'auto'")
-    if backend != "loop":
-        raise MoeOffloadError(f"{cfg.model_type} experts (with biases and the clamped SwiGLU) run on the loop backend; "
-                              f"got moe_backend {backend!r}: pass moe_backend='loop' (--tuning moe_backend=loop)")
     return FloatFormat(dt, bias=cfg.expert_bias, act=expert_activation(cfg))
 
 

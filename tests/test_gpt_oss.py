@@ -245,12 +245,17 @@ def test_info_counts_every_checkpoint_tensor(model):
     assert d["params"]["total"] == sum(t.numel() for t in load_file(path / "model.safetensors").values())
 
 
-def test_published_mxfp4_checkpoint_is_refused_in_one_line(tmp_path):
+def test_published_mxfp4_config_asks_for_the_packed_tensors(tmp_path):
+    """The published config (quantization_config mxfp4) loads its experts as shipped
+    (tests/test_gpt_oss_mxfp4.py): a folder without them is refused naming the hub's packed tensors."""
     from safetensors.torch import save_file
+
+    from moe_offload import CheckpointError
 
     (tmp_path / "config.json").write_text((ASSETS / "gpt-oss-20b.config.json").read_text())
     save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))  # headers only
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(CheckpointError) as err:
         moe_offload.load(tmp_path, device="cpu")
     msg = str(err.value)
-    assert "gpt_oss: the mxfp4 experts as published are not loadable yet" in msg and "\n" not in msg
+    assert "missing tensor model.layers.0.mlp.experts.gate_up_proj_blocks (expected shape [32, 5760, 90, 16])" in msg
+    assert "missing tensor model.layers.23.mlp.experts.down_proj_scales (expected shape [32, 2880, 90])" in msg

@@ -268,7 +268,7 @@ def test_awq_model_loads_as_shipped(hf_float, tmp_path):
         mo.load(d, device="cpu")
 
 
-# --- MXFP4 (GPT-OSS hub layout; the format level: GPT-OSS is not runnable yet) ------------------------
+# --- MXFP4 (GPT-OSS hub layout; the format level: whole GPT-OSS folders in tests/test_gpt_oss_mxfp4.py) ----
 def test_mxfp4_dequant_equals_transformers_and_the_spec():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 

@@ -8,8 +8,13 @@ The checkpoint fuses each layer's experts: mlp.experts.gate_up_proj [E, H, 2I] w
 interleaved along the last dim (gate = [..., ::2], up = [..., 1::2]), gate_up_proj_bias [E, 2I] (the same
 interleave), down_proj [E, I, H], down_proj_bias [E, H] (x @ W + b, as transformers' module and
 save_pretrained keep them). read_expert reads one expert's rows and turns them into the core's layout.
-The MXFP4 experts as published (*_blocks / *_scales) are sized by `info` and `simulate` but not loaded:
-load() refuses them in one line (a bfloat16 checkpoint loads).
+
+The checkpoints as published store the experts in MXFP4 (quantization_config quant_method "mxfp4";
+formats/mxfp4.py): gate_up_proj_blocks [E, 2I, H/32, 16] and _scales [E, 2I, H/32] (rows interleaved
+gate, up), down_proj_blocks [E, H, I/32, 16] and _scales [E, H, I/32], with the bias tensors above
+(bfloat16 on the hub). Such a config sets expert_format 'mxfp4'; packed_expert_tensors names the tensors
+of one layer by row section, and read_packed_expert reads one expert's slice of each, as stored, into
+the expert's row (the host store holds the file's bytes; the loop backend dequantizes).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from .registry import register
 
 # transformers' defaults where config.json leaves the key out
 SLIDING_WINDOW, SWIGLU_LIMIT, SWIGLU_ALPHA = 128, 7.0, 1.702
+MXFP4, MXFP4_BLOCK = "mxfp4", 32  # the published experts' format; inputs per scale
 
 
 class GptOss(Family):
@@ -40,10 +46,15 @@ class GptOss(Family):
         if not (raw.get("rope_parameters") or raw.get("rope_scaling")):
             raise ConfigError(f"{source}: gpt_oss needs its rope_scaling (the published yarn one); config.json has "
                               "none")
+        if self.shipped_format(raw) == MXFP4:
+            bad = [k for k in ("hidden_size", "intermediate_size") if int(raw.get(k) or 0) % MXFP4_BLOCK]
+            if bad:
+                raise ConfigError(f"{source}: mxfp4 experts need {' and '.join(bad)} divisible by {MXFP4_BLOCK} (one "
+                                  f"scale per {MXFP4_BLOCK} inputs), got {', '.join(str(raw[k]) for k in bad)}")
 
     def shipped_format(self, raw: Mapping[str, Any]) -> str | None:
         qc = raw.get("quantization_config") or {}
-        return "mxfp4" if qc.get("quant_method") == "mxfp4" else None
+        return MXFP4 if isinstance(qc, Mapping) and qc.get("quant_method") == MXFP4 else None
 
     def fields(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         n = raw.get("num_hidden_layers", 0)
@@ -55,13 +66,8 @@ class GptOss(Family):
                 "sliding_window": window, "layer_types": tuple(types),
                 "sliding_window_layers": sum(t == "sliding_attention" for t in types) if window else 0,
                 "swiglu_limit": float(raw.get("swiglu_limit", SWIGLU_LIMIT)),
-                "swiglu_alpha": float(raw.get("swiglu_alpha", SWIGLU_ALPHA)), "rope_type": rope_type(raw)}
-
-    def unsupported(self, cfg: Any) -> str | None:
-        if cfg.shipped_format and cfg.expert_format is None:
-            return (f"{self.model_type}: the {cfg.shipped_format} experts as published are not loadable yet "
-                    "(dequantize the checkpoint to bfloat16 first); `info` and `simulate` work")
-        return None
+                "swiglu_alpha": float(raw.get("swiglu_alpha", SWIGLU_ALPHA)), "rope_type": rope_type(raw),
+                **({"expert_format": MXFP4} if self.shipped_format(raw) == MXFP4 else {})}  # loaded as stored
 
     def hf_dict(self, cfg: Any) -> dict[str, Any]:
         out = super().hf_dict(cfg)
@@ -77,6 +83,9 @@ class GptOss(Family):
             out["rope_scaling"] = scaling
         else:
             out["rope_scaling"] = {"rope_type": "default"}
+        if cfg.expert_format == MXFP4:
+            out["quantization_config"] = {"quant_method": MXFP4, "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
         return out
 
     # --- the fused experts ------------------------------------------------------------------------------
@@ -88,9 +97,29 @@ class GptOss(Family):
         return self._experts(layer) + ("down_proj" if w == "w2" else "gate_up_proj")
 
     def expert_tensors(self, cfg: Any, layer: int) -> dict[str, tuple[int, ...]]:
+        if cfg.expert_format is not None:  # MXFP4 as published
+            return {name: shape for name, shape, _ in self.packed_expert_tensors(cfg, layer).values()}
         e, h, i, p = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, self._experts(layer)
         return {p + "gate_up_proj": (e, h, 2 * i), p + "gate_up_proj_bias": (e, 2 * i),
                 p + "down_proj": (e, i, h), p + "down_proj_bias": (e, h)}
+
+    def packed_expert_tensors(self, cfg: Any, layer: int) -> dict[str, tuple[str, tuple[int, ...], Any]]:
+        """The tensors holding `layer`'s packed experts (cfg.expert_format, MXFP4), by the row section each
+        expert's slice fills: section -> (name, shape [E, ...], torch dtype; None for the float biases)."""
+        e, h, i, p = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, self._experts(layer)
+        out = {}
+        for w, proj, (n, k) in (("w13", "gate_up_proj", (2 * i, h)), ("w2", "down_proj", (h, i))):
+            # the hub's MXFP4 layout (what formats/mxfp4.py's matrix_specs reads): blocks of 32 weights,
+            # 16 bytes of nibbles and one e8m0 scale byte each
+            out[f"{w}.blocks"] = (f"{p}{proj}_blocks", (e, n, k // MXFP4_BLOCK, 16), torch.uint8)
+            out[f"{w}.scales"] = (f"{p}{proj}_scales", (e, n, k // MXFP4_BLOCK), torch.uint8)
+        out["b13"] = (p + "gate_up_proj_bias", (e, 2 * i), None)  # gate and up interleaved, like the rows
+        out["b2"] = (p + "down_proj_bias", (e, h), None)
+        return out
+
+    def read_packed_expert(self, ckpt: Any, cfg: Any, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """Expert e of `layer` as stored: its slice of each packed tensor and bias, by row section."""
+        return {sec: ckpt.tensor_row(name, e) for sec, (name, _, _) in self.packed_expert_tensors(cfg, layer).items()}
 
     def read_expert(self, ckpt: Any, cfg: Any, layer: int, e: int):
         p = self._experts(layer)

@@ -12,6 +12,13 @@ Running: the loop backend dequantizes one projection of one expert in float32, c
 compute dtype and multiplies (HubPool.ffn: dequantize-then-matmul, an expert at a time). The fused
 Triton kernel has no flag for these formats: choose_format refuses moe_backend 'triton' in one line.
 
+Experts with biases (GPT-OSS: ModelConfig.expert_bias) carry them in their row too, as the file stores
+them (with_bias(dtype, act)): sections b13 [2I] (a fused format: the file's interleaved gate_up bias;
+else w1's bias, then w3's) and b2 [H], in the file's dtype, so the host store and the device slots hold
+the file's expert bytes, biases included. Such a format also carries the experts' activation (`act`:
+kernels.ClampedSwiGLU, or None for SwiGLU) into its pools, which add the biases (cast to the compute
+dtype) and run that activation (expert_ffn).
+
 Format names carry every parameter, so the name alone rebuilds the format (get_format): 'gptq:4,g128,
 sym,act', 'awq:4,g128', 'fp8:128x128', 'mxfp4', 'ct:4,g64,asym'; a scale dtype other than the format's
 usual one is appended (',bf16'). A new hub format: a HubFormat subclass with PREFIX, from_name,
@@ -23,9 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import copy
+
 import torch
 
 from ..kernels.pool import WeightPool
+from ..kernels.reference import expert_ffn
 from .base import PackedFormat, Section
 
 WEIGHT_HUB = -1  # no fused-kernel flag: the loop backend only
@@ -62,7 +72,11 @@ class HubPool(WeightPool):
 
     fmt: Any = None
     secs: dict[str, torch.Tensor] = field(default_factory=dict)
+    b13: torch.Tensor | None = None  # [S, 2I] as the file stores it (fused: gate and up interleaved)
+    b2: torch.Tensor | None = None  # [S, H]
+    act: Any = None  # the experts' activation (None: SwiGLU)
     weight_format: ClassVar[int] = WEIGHT_HUB
+    loop_only: ClassVar[bool] = True  # no kernel reads these rows
 
     def matrix(self, w: str, slot: int) -> dict[str, torch.Tensor]:
         """The file's tensors of matrix `w` ('w1', 'w3', 'w2', or 'w13' when fused) of `slot`, by suffix."""
@@ -71,6 +85,21 @@ class HubPool(WeightPool):
 
     def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
         return self.fmt.dequant_projection(self, which, slot)
+
+    def biases(self, slot: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(b13 [2I]: w1's bias then w3's, b2 [H]) of `slot` in `dtype`, or (None, None) without biases."""
+        if self.b13 is None:
+            return None, None
+        b13 = self.b13[slot]
+        if self.fmt.fused_gate_up:
+            b13 = deinterleave(b13)
+        return b13.to(dtype), self.b2[slot].to(dtype)
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on x [n, H]: dequantize each projection to x's dtype, then matmul (adding the
+        biases and running the activation where the experts have their own)."""
+        w13, w2 = self.dequant(slot, x.dtype)
+        return expert_ffn(x, w13, w2, *self.biases(slot, x.dtype), self.act)
 
 
 class HubFormat(PackedFormat):
@@ -81,6 +110,28 @@ class HubFormat(PackedFormat):
     fused_gate_up = False  # True: one w13 [2I, H] matrix (gate and up rows interleaved: GPT-OSS)
     scale_dtype: torch.dtype = torch.float16
     default_scale_dtype: ClassVar[torch.dtype] = torch.float16
+    bias_dtype: torch.dtype | None = None  # with_bias: the experts' biases travel in the row, in this dtype
+    act: Any = None  # with_bias: the experts' activation (None: SwiGLU)
+
+    def __repr__(self) -> str:
+        if self.bias_dtype is None:
+            return super().__repr__()
+        return f"{type(self).__name__}({self.name!r}, bias {str(self.bias_dtype).removeprefix('torch.')})"
+
+    @property
+    def bias(self) -> bool:
+        """Whether rows carry the experts' biases (b13, b2 sections)."""
+        return self.bias_dtype is not None
+
+    def with_bias(self, dtype: torch.dtype, act: Any = None) -> "HubFormat":
+        """This format with bias sections b13 [2I], b2 [H] of `dtype` (as the file stores the biases) and
+        the experts' activation `act` (see the module docstring)."""
+        if dtype not in SCALE_DTYPES.values():
+            raise ValueError(f"{self.name}: expert biases of dtype {dtype} are not supported; one of "
+                             f"{list(SCALE_DTYPES)}")
+        out = copy.copy(self)
+        out.bias_dtype, out.act = dtype, act
+        return out
 
     # --- to override -----------------------------------------------------------------------------------
     def matrix_specs(self, n: int, k: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -122,6 +173,8 @@ class HubFormat(PackedFormat):
     def section_specs(self, hidden: int, inter: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         specs = [(f"{w}.{sfx}", dt, shape) for w, n, k in self.matrices(hidden, inter)
                  for sfx, dt, shape in self.matrix_specs(n, k)]
+        if self.bias_dtype is not None:
+            specs += [("b13", self.bias_dtype, (2 * inter,)), ("b2", self.bias_dtype, (hidden,))]
         return sorted(specs, key=lambda s: -torch.tensor([], dtype=s[1]).element_size())  # stable
 
     def layout(self, hidden: int, inter: int) -> list[Section]:
@@ -158,7 +211,8 @@ class HubFormat(PackedFormat):
         v = self.views(rows, hidden, inter)
         first = {w: next(val for key, val in v.items() if key.startswith(w + ".")) for w, _, _ in
                  self.matrices(hidden, inter)}
-        return HubPool(hidden, inter, first["w13" if self.fused_gate_up else "w1"], first["w2"], fmt=self, secs=v)
+        return HubPool(hidden, inter, first["w13" if self.fused_gate_up else "w1"], first["w2"], fmt=self, secs=v,
+                       b13=v.get("b13"), b2=v.get("b2"), act=self.act)
 
     def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> WeightPool:
         return pool  # its own ffn: dequantize, then matmul

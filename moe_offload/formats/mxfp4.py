@@ -12,8 +12,13 @@ float32). GPT-OSS fuses gate and up into one gate_up_proj [2I, H] with their row
 row j at 2j, up row j at 2j + 1): the row is that fused matrix and down_proj [H, I], as the file has
 them, and dequant_projection('w13') returns [gate rows; up rows] like every other format.
 
-GPT-OSS itself is not runnable here yet (its experts add biases and a clamped SwiGLU); this format is
-the storage and dequantization half. Name: 'mxfp4'.
+GPT-OSS checkpoints (families/gpt_oss.py) load with it as shipped: the family reads one expert's slice
+of each layer's fused tensors (`model.layers.N.mlp.experts.gate_up_proj_blocks` [E, 2I, H/32, 16],
+`_scales` [E, 2I, H/32], `down_proj_blocks` [E, H, I/32, 16], `_scales` [E, H, I/32]) into the row, with
+the experts' biases (gate_up_proj_bias [E, 2I] interleaved like the rows, down_proj_bias [E, H]) as the
+file stores them (HubFormat.with_bias): host store bytes = the file's expert bytes. The loop backend
+dequantizes one projection at a time to the compute dtype (exact: e2m1 times a power of two fits bfloat16
+too), adds the biases and runs the clamped SwiGLU. Name: 'mxfp4'.
 """
 
 from __future__ import annotations
@@ -27,13 +32,29 @@ BLOCK = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs float32 [256, 2]: a byte's (low nibble, high nibble) e2m1 values; pow2 float32 [256]:
+    2 ** (scale - 127), exact down to 2 ** -127, a subnormal; 2 ** 128 overflows to inf) on `device`."""
+    if device not in _TABLES:
+        lut = torch.tensor(E2M1, dtype=torch.float32)
+        pairs = torch.stack([lut.repeat(16), lut.repeat_interleave(16)], dim=-1)  # byte b = hi << 4 | lo
+        pow2 = torch.ldexp(torch.ones(256), torch.arange(256) - 127)
+        _TABLES[device] = (pairs.to(device), pow2.to(device))
+    return _TABLES[device]
+
+
 def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """blocks uint8 [N, K/32, 16], scales uint8 [N, K/32] -> float32 [N, K]."""
+    """blocks uint8 [N, K/32, 16], scales uint8 [N, K/32] -> float32 [N, K]: one gather of each byte's two
+    values, one multiply by the block's power of two (exact: ldexp's result, 2.5x faster on the CPU)."""
     n, g, _ = blocks.shape
-    lut = torch.tensor(E2M1, dtype=torch.float32, device=blocks.device)
-    vals = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [N, g, 16, 2]
-    exp = (scales.to(torch.int32) - 127)[..., None, None]
-    return torch.ldexp(vals, exp).reshape(n, g * BLOCK)
+    pairs, pow2 = _tables(blocks.device)
+    vals = pairs[blocks.long()]  # [N, g, 16, 2]: element 2j low nibble of byte j, 2j + 1 high
+    if bool((scales == 255).any()):  # 2 ** 128 is inf in float32: ldexp keeps a zero code's 0 there
+        return torch.ldexp(vals, (scales.to(torch.int32) - 127)[..., None, None]).reshape(n, g * BLOCK)
+    return vals.mul_(pow2[scales.long()][..., None, None]).reshape(n, g * BLOCK)
 
 
 class Mxfp4Format(HubFormat):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import MoeOffloadError
+from .pagecache import PageCacheProbe
 from .policy import EvictionPolicy
 from .protocols import CopyEngine, ExpertStore, Key
 from .stats import CacheStats
@@ -61,6 +62,9 @@ class ExpertCache:
         self._loading: Key | None = None
         self._dirty_rows: set[int] = set()
         self.stats = CacheStats(L)
+        # a memory-mapped store (GGUF): each load asks the OS how much of its row is outside the page cache
+        self.page_probe = PageCacheProbe() if getattr(store, "mapped", False) else None
+        self.stats.page_cache = self.page_probe.method if self.page_probe is not None else None
         policy.bind(L, E)
         self.late_hits = np.zeros(L, dtype=np.int64)  # hits that had to wait for their copy (simulation)
 
@@ -179,6 +183,10 @@ class ExpertCache:
             return False
         del self.inflight[key]
         self.stats.bytes_h2d[key[0]] -= unsent
+        seen = getattr(handle, "page_cache", None)
+        if seen is not None and unsent == self._layer_bytes[key[0]]:  # nothing of it was read
+            self.stats.page_cache_checked_bytes[key[0]] -= seen[0]
+            self.stats.page_cache_miss_bytes[key[0]] -= seen[1]
         self._drop(key)
         return True
 
@@ -191,9 +199,15 @@ class ExpertCache:
         self.resident_per_layer[key[0]] += 1
         self._dirty_rows.add(key[0])
         self.policy.on_insert(key)
-        handle = self.engine.load(key, self.store.row(*key), self.pool[slot, :self._row_len[key[0]]], slot,
+        row = self.store.row(*key)
+        seen = self.page_probe.check(row) if self.page_probe is not None else None  # before the copy reads it
+        handle = self.engine.load(key, row, self.pool[slot, :self._row_len[key[0]]], slot,
                                   prefetch=prefetch, priority=priority)
         self.inflight[key] = handle
+        if seen is not None:
+            self.stats.page_cache_checked_bytes[key[0]] += seen[0]
+            self.stats.page_cache_miss_bytes[key[0]] += seen[1]
+            handle.page_cache = seen  # a prefetch cancelled before any byte was read takes them back
         self._loading = None
         self.stats.bytes_h2d[key[0]] += self._layer_bytes[key[0]]
         if prefetch:

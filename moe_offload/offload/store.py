@@ -43,7 +43,8 @@ def as_format(fmt: ExpertFormat | str | None, group_size: int, dtype: torch.dtyp
 
 class HostExpertStore:
     """All experts of a model in host memory, one row per expert (layout: each layer's expert format's;
-    [w1 | w3 | w2] flattened for float experts, packed sections for int8 / int4 / GGUF).
+    [w1 | w3 | w2] flattened for float experts, packed sections for int8 / int4 / GGUF / hub formats, a hub
+    format's rows the file's bytes, GPT-OSS's MXFP4 blocks, scales and biases included).
 
     `row(layer, e)` is one expert, so one host-to-device copy moves it: a contiguous row of the store's
     buffer, or (a GGUF file, `mapped`) its three pieces of the file's memory map (rows.Segments), read
@@ -165,7 +166,9 @@ class HostExpertStore:
         if cfg.expert_bias != bool(getattr(fmt, "bias", False)):
             raise MoeOffloadError(f"{ckpt.path}: the {cfg.model_type} experts {'have' if cfg.expert_bias else 'lack'} "
                                   f"biases; the expert format {fmt!r} {'lacks' if cfg.expert_bias else 'has'} them "
-                                  "(GPT-OSS experts are stored in the compute dtype with their biases)")
+                                  "(GPT-OSS experts are stored with their biases: in the compute dtype, or MXFP4 as "
+                                  "shipped)")
+        fused = cfg.expert_format is not None and hasattr(cfg.family, "packed_expert_tensors")
         if hasattr(ckpt, "expert_tensors"):  # a GGUF file: its memory map, as it is
             mapped = [ckpt.expert_tensors(layer) for layer in range(cfg.num_moe_layers)]
             store = cls(cfg.num_moe_layers, cfg.num_local_experts, H, I, dtype, pin, fmt, mapped=mapped)
@@ -178,7 +181,14 @@ class HostExpertStore:
                 for e in range(cfg.num_local_experts):
                     names = {w: expert_name(cfg.first_k_dense_replace + layer, e, w, cfg.model_type)
                              for w in ("w1", "w3", "w2")}
-                    if cfg.expert_format is not None:  # already packed on disk: no requantization
+                    if fused:  # a layer's experts packed in fused tensors (GPT-OSS MXFP4): this expert's slices
+                        sections = cfg.family.read_packed_expert(ckpt, cfg, cfg.first_k_dense_replace + layer, e)
+                        try:
+                            store.formats[layer].write(store.row(layer, e), sections, H, I)
+                        except ValueError as exc:
+                            raise MoeOffloadError(f"{ckpt.path}: expert {e} of layer "
+                                                  f"{cfg.first_k_dense_replace + layer}: {exc}") from None
+                    elif cfg.expert_format is not None:  # already packed on disk: no requantization
                         sections = read_packed_expert(ckpt.tensor, names, fmt.name, group_size, cfg.expert_symmetric,
                                                       H, I)
                         store.formats[layer].write(store.row(layer, e), sections, H, I)

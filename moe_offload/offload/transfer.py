@@ -47,6 +47,7 @@ class LoadHandle:
         self.key, self.slot = key, slot
         self.error: BaseException | None = None
         self.prefetch = False  # set by the cache: a speculative load nobody asked for yet
+        self.page_cache: tuple[int, int] | None = None  # set by the cache: (bytes checked, not resident) at issue
         self.cuda_event: torch.cuda.Event | None = None
         self._done = threading.Event()
 

@@ -573,4 +573,8 @@ def _metrics(om: "OffloadedModel", engine: Engine) -> str:
                [("", int(st.bytes_h2d.sum()))])
         metric("expert_prefetch_hits_total", "counter", "Hits on prefetched experts.",
                [("", int(st.prefetch_hits.sum()))])
+        if st.page_cache == "mincore":  # a memory-mapped store (GGUF) on an OS that reports residency
+            metric("expert_page_cache_miss_bytes_total", "counter",
+                   "Expert bytes loads read that were not in the OS page cache (read from disk; mincore).",
+                   [("", int(st.page_cache_miss_bytes.sum()))])
     return "\n".join(lines) + "\n"
