@@ -1,15 +1,17 @@
 """Weight-streaming CPU kernels for decode (csrc/cpu_gemv.cpp): y [M, N] = x [M, K] @ W [N, K]^T for
 float32 / bfloat16 weights, moe_offload's int8 and int4 layouts and GGUF Q8_0 / Q4_0 rows, read in place.
 
-Decode reads each weight byte once per token, so its speed is memory bandwidth. PyTorch's CPU
-matmul for one row reaches a fraction of it (float32 ~44%, bfloat16 ~22%, the int8 weight-only op
-~11% of a plain copy's bytes/s on the 2-core reference machine: benchmarks/cpu_vs_llamacpp.py records
-both in the same run); these kernels widen each weight to float32 in registers and read every row once
-for all M rows of x.
+Decode reads each weight byte once per token, so its speed is memory bandwidth. For quantized weights
+PyTorch offers dequantize-then-matmul (12x slower for one row of int8 at Mixtral-734M shapes) or
+weight-only ops that need repacked copies; for bf16 its one-row matmul is close (1.11 vs 0.99 ms for a
+7168 x 1024 projection on the 2-core reference machine, quiet; benchmarks/results/cpu_vs_llamacpp.json,
+"crossover"). These kernels widen each weight to float32 in registers and read every row once for all M
+rows of x, reading the packed layouts in place.
 
 The extension is compiled on first use with the machine's compiler (torch.utils.cpp_extension,
-`-O3 -march=native -fopenmp`: ATen's parallel_for splits the output rows over torch's OpenMP
-threads only when the extension is compiled with OpenMP; ~30-60 s once, then cached under torch's extension folder). Where it cannot be
+`-O3 -march=native -fopenmp`: ATen's parallel_for splits the output rows over torch's OpenMP threads
+only when the extension is compiled with OpenMP; ~30-60 s once, then cached under torch's extension
+folder). Where it cannot be
 built (no C++ compiler, no ninja), where the CPU has no AVX-512 (the scalar fallback loops would be
 slower than PyTorch), or where MOE_OFFLOAD_CPU_KERNELS=0 is set, `available()` is False, a one-line
 warning says why once, and callers use PyTorch's ops (exact to the same tolerance, slower).
@@ -31,11 +33,12 @@ _NAME = "moe_offload_cpu_gemv"
 _ext: Any = None
 _why_not: str | None = None
 # Most rows of x for which these kernels (each weight row read once, widened once, then one dot per
-# row of x) beat the alternative, at Mixtral-734M expert shapes on the 2-core reference machine
-# (benchmarks/cpu_vs_llamacpp.py --crossover): float weights against PyTorch's tiled GEMM; int8 / int4 /
-# GGUF weights against dequantize-then-matmul.
+# row of x) beat the alternative, at Mixtral-734M's 7168 x 1024 projection on the 2-core reference
+# machine, 2 threads, quiet (benchmarks/results/cpu_vs_llamacpp.json, "crossover"): bf16 weights against
+# PyTorch's GEMM, 1.01 vs 1.06 ms at 4 rows, 1.32 vs 1.11 at 8; int8 against dequantize-then-matmul, 2.97
+# vs 4.65 ms at 16 rows, 5.55 vs 4.65 at 32 (int4 and GGUF follow int8).
 MAX_ROWS = 4
-QUANT_MAX_ROWS = 32
+QUANT_MAX_ROWS = 16
 
 
 def _load() -> Any:
