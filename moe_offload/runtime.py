@@ -7,6 +7,7 @@ import os
 
 import itertools
 import time
+import warnings
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -386,6 +387,12 @@ def _dense_int8(model: MoeModel, dev: torch.device) -> None:
     if dev.type != "cpu" or not cpu_gemv.available():
         why = f"device is {dev}" if dev.type != "cpu" else cpu_gemv.why_unavailable()
         raise MoeOffloadError(f"dense_dtype 'int8' runs on the CPU decode kernels ({why}); use dense_dtype 'auto'")
+    if model.mla is not None:
+        raise MoeOffloadError("dense_dtype 'int8' is not built for multi-head latent attention (DeepSeek); use "
+                              "dense_dtype 'auto'")
+    if model.lm_head is None:
+        warnings.warn("moe-offload: dense_dtype int8: the LM head is tied to the embedding table and stays in "
+                      "the compute dtype; the attention projections are int8", stacklevel=3)
     for w in model.dense_int8_weights():
         store_int8_rows(w, *quantize_int8(w.data))
 

@@ -297,3 +297,8 @@ def test_m2r2_trains_on_latent_attention_and_peek_is_refused(models, tmp_path):
     with pytest.raises(ConfigError, match="multi-head latent attention has no grouped-query key/value heads") as err:
         train_accelerator(m.model, ids, lookaheads=[1], rank=4, epochs=1, window=32, show_progress=False, peek=True)
     assert "\n" not in str(err.value)
+
+
+def test_int8_dense_weights_are_refused_for_latent_attention(models):
+    with pytest.raises(moe_offload.MoeOffloadError, match="multi-head latent attention"):
+        moe_offload.load(models["v3"][0], moe_offload.OffloadConfig(device="cpu", dtype="bfloat16", dense_dtype="int8"))

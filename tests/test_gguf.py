@@ -511,6 +511,8 @@ def test_qwen2moe_gguf_equals_transformers_gguf_loader(tmp_path):
 def test_tokenizer_from_the_gguf_vocab_equals_transformers(tmp_path):
     from transformers import AutoTokenizer
 
+    from moe_offload.serve.tokens import ServerTokenizer
+
     f = write_gguf(tmp_path / "m.gguf", tiny_mixtral(64, 96), "llama")
     ours = mo.load(f, device="cpu")
     theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
@@ -518,6 +520,8 @@ def test_tokenizer_from_the_gguf_vocab_equals_transformers(tmp_path):
         want = theirs.encode(text, add_special_tokens=False)
         assert ours.tokenizer.encode(text, add_special_tokens=False).ids == want
         assert ours.encode(text) == [1] + want  # Mixtral prepends bos
+        assert theirs.encode(text) == [1] + want  # transformers' GGUF tokenizer adds it too
+        assert ServerTokenizer(ours).encode_prompt(text) == [1] + want  # and so does the server
     r = ours.generate("In the beginning", max_new_tokens=4)
     assert r.prompt_token_ids[0] == 1
 

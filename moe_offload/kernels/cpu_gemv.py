@@ -2,10 +2,10 @@
 float32 / bfloat16 weights, moe_offload's int8 and int4 layouts and GGUF Q8_0 / Q4_0 rows, read in place.
 
 Decode reads each weight byte once per token, so its speed is memory bandwidth. For quantized weights
-PyTorch offers dequantize-then-matmul (12x slower for one row of int8 at Mixtral-734M shapes) or
-weight-only ops that need repacked copies; for bf16 its one-row matmul is close (1.11 vs 0.99 ms for a
-7168 x 1024 projection on the 2-core reference machine, quiet; benchmarks/results/cpu_vs_llamacpp.json,
-"crossover"). These kernels widen each weight to float32 in registers and read every row once for all M
+PyTorch offers dequantize-then-matmul (0.50 vs 5.80 ms for one row of int8 at Mixtral-734M's 7168 x
+1024 projection) or weight-only ops that need repacked copies; for bf16 its one-row matmul is closer
+(0.77 vs 0.98 ms). 2 threads on the 2-core reference machine, quiet (benchmarks/results/
+cpu_vs_llamacpp.json, "crossover"). These kernels widen each weight to float32 in registers and read every row once for all M
 rows of x, reading the packed layouts in place.
 
 The extension is compiled on first use with the machine's compiler (torch.utils.cpp_extension,
@@ -35,8 +35,10 @@ _why_not: str | None = None
 # Most rows of x for which these kernels (each weight row read once, widened once, then one dot per
 # row of x) beat the alternative, at Mixtral-734M's 7168 x 1024 projection on the 2-core reference
 # machine, 2 threads, quiet (benchmarks/results/cpu_vs_llamacpp.json, "crossover"): bf16 weights against
-# PyTorch's GEMM, 1.01 vs 1.06 ms at 4 rows, 1.32 vs 1.11 at 8; int8 against dequantize-then-matmul, 2.97
-# vs 4.65 ms at 16 rows, 5.55 vs 4.65 at 32 (int4 and GGUF follow int8).
+# PyTorch's GEMM, 0.98 vs 0.99 ms at 4 rows, 1.33 vs 0.99 at 8; int8 against dequantize-then-matmul, 2.83
+# vs 16.09 ms at 16 rows. The dequantize path's time swings with its allocations (an earlier quiet run:
+# 2.97 vs 4.65 ms at 16 rows, 5.55 vs 4.65 at 32), so 16 is where the kernel won in both (int4 and GGUF
+# follow int8).
 MAX_ROWS = 4
 QUANT_MAX_ROWS = 16
 
@@ -107,7 +109,7 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
     ext = _require()
-    if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16:  # both exact as stored: bf16 pair dots
+    if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and ext.has_avx512_bf16():  # bf16 pair dots
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         return ext.gemv_bf16(x2, w).to(x.dtype).view(*x.shape[:-1], w.shape[0])
     x2, lead = _rows(x)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..model.layers import rms_norm
+from ..model.layers import linear, rms_norm
 from ..model.transformer import KVCache, MoeModel, RowPositions
 
 
@@ -69,5 +68,5 @@ def peek_attention(model: MoeModel, layer: int, x: torch.Tensor, start: int | Ro
     o = ((p[..., :S].reshape(b, nkv, rep * t, S).to(vh.dtype) @ vh).float()
          + p[..., S:].reshape(b, nkv, rep * t, t) @ v.float())  # [B, nkv, rep*T, hd] float32
     o = o.view(b, nkv * rep, t, hd).transpose(1, 2).reshape(b, t, -1)  # [B, T, nh*hd]
-    return F.linear(o.to(w.o_proj.dtype), w.o_proj)
+    return linear(o.to(w.o_proj.dtype), w.o_proj)  # int8 rows too (dense_dtype)
 

@@ -3,8 +3,9 @@
 * Completion prompts (text): the tokenizer.json post-processor decides the BOS (and any other added
   token), as transformers 5's AutoTokenizer does for every tokenizer class: `add_bos_token` in
   tokenizer_config.json does not change it there, so it does not here. A tokenizer.json without a
-  post-processor adds nothing. Special-token text in a completion prompt is the special token (as
-  AutoTokenizer and vLLM encode it).
+  post-processor adds nothing. A GGUF file's vocabulary has no post-processor: its prompts get the
+  family's BOS rule, as `generate` does (transformers' GGUF tokenizer adds Mixtral's BOS likewise).
+  Special-token text in a completion prompt is the special token (as AutoTokenizer and vLLM encode it).
 * Chat: the rendered template is encoded without an added BOS (the template writes its own, as
   `apply_chat_template` does), and special-token text that came from a message's *content* is encoded as
   plain text: a user typing `</s>` gets the characters, not the EOS token. Special tokens the template
@@ -12,6 +13,8 @@
 """
 
 from __future__ import annotations
+
+import json
 
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +32,8 @@ class ServerTokenizer:
         self.om = om
         tok = om.tokenizer
         self.tok = tok
+        self.family_bos = tok is not None and str(om.path).endswith(".gguf") and \
+            json.loads(tok.to_str()).get("post_processor") is None
         if tok is not None:
             self.text_tok = Tokenizer.from_str(tok.to_str())
             self.text_tok.encode_special_tokens = True  # every special token's text encoded as text
@@ -37,8 +42,8 @@ class ServerTokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """A completion prompt -> ids (see the module docstring for BOS)."""
-        if self.tok is None:
-            return self.om.encode(text)  # raises the no-tokenizer error
+        if self.tok is None or self.family_bos:
+            return self.om.encode(text)  # raises the no-tokenizer error when there is none
         return self.tok.encode(text, add_special_tokens=True).ids
 
     def encode_chat(self, render: Callable[[Callable[[str], str]], str]) -> list[int]:

@@ -385,7 +385,7 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const to
 torch::Tensor dequant_int4(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z, int64_t G) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
   const int64_t N = q.size(0), K = q.size(1) * 2;
-  TORCH_CHECK(G > 0 && K % G == 0, "group size ", G, " must divide K = ", K);
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "group size ", G, " must be even and divide K = ", K);
   const int64_t groups = K / G;
   for (const auto* t : {&s, &z})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
