@@ -19,6 +19,7 @@ warning says why once, and callers use PyTorch's ops (exact to the same toleranc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -54,12 +55,16 @@ def _load() -> Any:
     try:
         from torch.utils import cpp_extension
 
-        built = Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so"
-        if not built.exists():
-            print("moe-offload: building the CPU decode kernels (once, ~1 min) ...", file=sys.stderr, flush=True)
+        # torch rebuilds when the source, its path or the flags change; a marker per (source, path, torch)
+        # says whether this one was built before, so the notice shows only when a build is coming
+        key = hashlib.sha256(_SOURCE.read_bytes() + str(_SOURCE).encode() + torch.__version__.encode()).hexdigest()
+        marker = Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"built-{key[:16]}"
+        if not marker.exists():
+            print("moe-offload: building the CPU decode kernels (once, ~30-60 s) ...", file=sys.stderr, flush=True)
         _ext = cpp_extension.load(name=_NAME, sources=[str(_SOURCE)],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
+        marker.touch()
     except Exception as exc:  # noqa: BLE001 - any build failure means: use PyTorch's ops, and say so
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         _why_not = f"the CPU decode kernels could not be built ({first})"
