@@ -238,6 +238,14 @@ def crossover(threads: int, rows: list[int]) -> list[dict]:
     return out
 
 
+def _shown_args(argv: list[str]) -> list[str]:
+    """The command line with folder arguments named as `shown` names them (no machine paths in results)."""
+    out, paths = [], {"--llama-bin", "--convert", "--model", "--work", "--out"}
+    for i, a in enumerate(argv):
+        out.append(shown(a) if i and argv[i - 1] in paths else a)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-bin", help="folder with llama-bench and llama-quantize (or LLAMA_CPP_BIN)")
@@ -323,7 +331,7 @@ def main() -> int:
               "cpu": platform.processor() or platform.machine(), "model": shown(model), "shape": SHAPE,
               "prompts": prompts, "decode_tokens": args.gen, "repeats": args.repeats,
               "copy_gb_s_median": statistics.median(copy_gbs), "copy_gb_s_runs": copy_gbs, "rows": rows,
-              "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + sys.argv[1:])}
+              "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + _shown_args(sys.argv[1:]))}
     write_json_atomic(args.out, result)
     print(f"copy bandwidth {result['copy_gb_s_median']:.1f} GB/s (read + write); {args.threads} threads")
     cols = ["decode_tok_s"] + [f"prefill_{p}_tok_s" for p in prompts]
