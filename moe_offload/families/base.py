@@ -211,6 +211,15 @@ class Family:
         return f"<family {self.model_type}>"
 
 
+def is_mtp_layer(cfg: Any, name: str) -> bool:
+    """A tensor of the multi-token-prediction layers shipped after the last layer (model.layers.L.*,
+    L >= num_hidden_layers: DeepSeek-V3, GLM-4.5), which the model does not run."""
+    if not name.startswith("model.layers."):
+        return False
+    index = name.split(".")[2]
+    return index.isdigit() and int(index) >= cfg.num_hidden_layers
+
+
 def rope_type(raw: Mapping[str, Any]) -> str:
     """The RoPE type of a config.json (rope_parameters / rope_scaling; 'default' when it names none)."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 from ..errors import ConfigError
-from .base import Family, rope_type
+from .base import Family, is_mtp_layer, rope_type
 from .registry import register
 
 
@@ -64,11 +64,7 @@ class DeepseekV3(Family):
         return None
 
     def ignores(self, cfg: Any, name: str) -> bool:
-        """The MTP layers after the last layer (model.layers.L.*, L >= num_hidden_layers)."""
-        if not name.startswith("model.layers."):
-            return False
-        index = name.split(".")[2]
-        return index.isdigit() and int(index) >= cfg.num_hidden_layers
+        return is_mtp_layer(cfg, name)
 
     def hf_dict(self, cfg: Any) -> dict[str, Any]:
         out = super().hf_dict(cfg)

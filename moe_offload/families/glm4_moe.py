@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .base import Family
+from .base import Family, is_mtp_layer
 from .registry import register
 
 
@@ -57,11 +57,7 @@ class Glm4Moe(Family):
                 "mtp_layers": raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", 0)) or 0}
 
     def ignores(self, cfg: Any, name: str) -> bool:
-        """The MTP layers after the last layer (model.layers.L.*, L >= num_hidden_layers)."""
-        if not name.startswith("model.layers."):
-            return False
-        index = name.split(".")[2]
-        return index.isdigit() and int(index) >= cfg.num_hidden_layers
+        return is_mtp_layer(cfg, name)
 
     def hf_dict(self, cfg: Any) -> dict[str, Any]:
         out = super().hf_dict(cfg)

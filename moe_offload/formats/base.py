@@ -32,8 +32,8 @@ GROUP_SIZES = (32, 64, 128)  # group sizes the grouped formats are tested with
 ALIGN = 16  # every section of a packed row starts on this byte boundary; rows are padded to it
 
 
-def align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+def align(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
 
 
 class ExpertFormat(ABC):
@@ -125,6 +125,9 @@ class PackedFormat(ExpertFormat):
 
     quantized = True
     row_dtype = torch.uint8
+    # each section starts on a multiple of this many bytes; 1: back to back, unpadded (a row that is a
+    # file's bytes as stored, GGUF and the hub formats)
+    section_align: int = ALIGN
 
     @abstractmethod
     def section_specs(self, hidden: int, inter: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -136,7 +139,7 @@ class PackedFormat(ExpertFormat):
         for name, dt, shape in self.section_specs(hidden, inter):
             sec = Section(name, dt, shape, offset)
             out.append(sec)
-            offset = align(offset + sec.nbytes)
+            offset = align(offset + sec.nbytes, self.section_align)
         return out
 
     def expert_bytes(self, hidden: int, inter: int) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from ..kernels import cpu_gemv
 from ..kernels.pool import WeightPool
-from .base import ExpertFormat, PackedFormat, Section
+from .base import ExpertFormat, PackedFormat
 
 QK_K = 256
 WEIGHT_GGUF = -1  # no fused-kernel flag: the loop backend only
@@ -276,6 +276,7 @@ class GgufFormat(PackedFormat):
     """Experts in GGUF block types, gate / up / down each its own (see the module docstring)."""
 
     moe_backends = ("loop",)
+    section_align = 1  # a row is the file's bytes, back to back, unpadded
 
     def __init__(self, types: tuple[str, str, str], compute_dtype: torch.dtype | None = None, group_size: int = 128):
         super().__init__(compute_dtype, group_size)
@@ -293,14 +294,6 @@ class GgufFormat(PackedFormat):
         t1, t3, t2 = self.types
         return [("w1", torch.uint8, (inter, t1.row_bytes(hidden))), ("w3", torch.uint8, (inter, t3.row_bytes(hidden))),
                 ("w2", torch.uint8, (hidden, t2.row_bytes(inter)))]
-
-    def layout(self, hidden: int, inter: int) -> list[Section]:
-        """The sections back to back, unpadded: a row is the file's bytes of gate, up and down."""
-        out, offset = [], 0
-        for name, dt, shape in self.section_specs(hidden, inter):
-            out.append(Section(name, dt, shape, offset))
-            offset += out[-1].nbytes
-        return out
 
     def expert_bytes(self, hidden: int, inter: int) -> int:
         return sum(sec.nbytes for sec in self.layout(hidden, inter))

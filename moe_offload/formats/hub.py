@@ -36,7 +36,7 @@ import torch
 
 from ..kernels.pool import WeightPool
 from ..kernels.reference import expert_ffn
-from .base import PackedFormat, Section
+from .base import PackedFormat
 
 WEIGHT_HUB = -1  # no fused-kernel flag: the loop backend only
 SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -107,6 +107,7 @@ class HubFormat(PackedFormat):
 
     PREFIX: ClassVar[str] = ""
     moe_backends = ("loop",)
+    section_align = 1  # a row is the file's bytes, back to back, unpadded
     fused_gate_up = False  # True: one w13 [2I, H] matrix (gate and up rows interleaved: GPT-OSS)
     scale_dtype: torch.dtype = torch.float16
     default_scale_dtype: ClassVar[torch.dtype] = torch.float16
@@ -176,13 +177,6 @@ class HubFormat(PackedFormat):
         if self.bias_dtype is not None:
             specs += [("b13", self.bias_dtype, (2 * inter,)), ("b2", self.bias_dtype, (hidden,))]
         return sorted(specs, key=lambda s: -torch.tensor([], dtype=s[1]).element_size())  # stable
-
-    def layout(self, hidden: int, inter: int) -> list[Section]:
-        out, offset = [], 0
-        for name, dt, shape in self.section_specs(hidden, inter):
-            out.append(Section(name, dt, shape, offset))
-            offset += out[-1].nbytes
-        return out
 
     def file_bytes(self, hidden: int, inter: int) -> int:
         """Bytes of one expert's tensors in the file."""
