@@ -13,7 +13,8 @@ llama.cpp's tools, then alternates, for --repeats rounds: `llama-bench -t T -p P
 ours (`moe_offload.load(folder, OffloadConfig.make(device="cpu", dtype=..., expert_dtype=...))`:
 prefill of P1 and of P2 tokens, decode N tokens after the P1-token prompt; prompts from the bundled
 held-out text). Ours at q8_0 / q4_0 is the project's int8 / int4 group-32 experts (bf16 compute) and, where
-the GGUF loads, the same GGUF file read by moe_offload. Each row reports median tokens/s for decode
+the GGUF loads, the same GGUF file read by moe_offload; those run with the default int8 activations
+(`cpu_activations`) and again with exact ones ("ours_exact"). Each row reports median tokens/s for decode
 and prefill, the ratio ours / llama.cpp, and the bandwidth each reaches: bytes of weights read per
 decoded token (dense weights + top-k of the experts; the embedding row not counted) / time per token,
 beside this machine's copy bandwidth (a STREAM-like copy of 256 MiB, measured in the same run).
@@ -171,6 +172,47 @@ def ours(path: Path, opts: dict, threads: int, prompt_ids: list[int], prompts: l
         m.close()
 
 
+MEMORY_CHILD = r"""
+import json, sys
+def rss():
+    got = {}
+    for line in open("/proc/self/status"):
+        key = line.split(":")[0]
+        if key in ("RssAnon", "RssFile", "VmHWM"):
+            got[key] = int(line.split()[1]) * 1024
+    return got
+import torch, moe_offload
+base = rss()
+path, opts, threads, ids, gen = json.loads(sys.argv[1])
+m = moe_offload.load(path, moe_offload.OffloadConfig.make(device="cpu", threads=threads, **opts))
+object.__setattr__(m.config, "eos_token_ids", ())
+m.generate(ids, max_new_tokens=gen)
+after = rss()
+tensors = list(m.model.parameters()) + list(m.model.buffers())
+tensors += [t for p in m.model.parameters() for t in getattr(p, "int8_rows", ())]
+dense = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
+experts = m.store_info()["host_bytes"]
+kv_row = (m.kv_cache.k[:, :, :, :1].nbytes + m.kv_cache.v[:, :, :, :1].nbytes)
+print(json.dumps({"rss_mb": (after["RssAnon"] + after["RssFile"] - base["RssAnon"] - base["RssFile"]) / 2**20,
+                  "weights_mb": (dense + experts) / 2**20, "kv_used_mb": kv_row * (len(ids) + gen) / 2**20,
+                  "kv_allocated_mb": (m.kv_cache.k.nbytes + m.kv_cache.v.nbytes) / 2**20,
+                  "max_seq_len": m.kv_cache.max_seq_len}))
+"""
+
+
+def ours_memory(path: Path, opts: dict, threads: int, prompt_ids: list[int], gen: int) -> dict:
+    """Resident memory after one decode in a fresh process (RssAnon + RssFile, above the same process
+    after `import moe_offload`) against the weights' bytes as held plus the KV cache as allocated (for
+    max_seq_len, zero-filled, so resident; llama.cpp allocates its context's too)."""
+    arg = json.dumps([str(path), opts, threads, prompt_ids, gen])
+    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, arg], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["over_weights_and_kv"] = out["rss_mb"] / (out["weights_mb"] + out["kv_allocated_mb"]) - 1
+    return out
+
+
 def dense_and_expert_params(cfg: dict) -> tuple[int, int]:
     """(dense parameters read per token, parameters of one expert)."""
     h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -186,7 +228,8 @@ def ours_bytes_per_token(cfg: dict, precision: str) -> float:
     if precision == "f32":
         return 4 * (dense + k * layers * expert)
     base = precision.split("+")[0]
-    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 4 / 32}[base]  # + fp16 scales (and zeros)
+    # + fp16 scales; symmetric int4 keeps fp16 zeros too, which the 8-bit activation kernel does not read
+    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 2 / 32}[base]
     per_dense = 1.0 + 2 / cfg["hidden_size"] if precision.endswith("+dense") else 2.0
     return per_dense * dense + k * layers * expert * per_weight
 
@@ -208,14 +251,18 @@ CROSSOVER_ROWS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 def crossover(threads: int, rows: list[int]) -> list[dict]:
     """ms per call at Mixtral-734M's w13 shape (7168 x 1024) as the rows of x grow: the compiled kernels
-    against PyTorch's GEMM (bf16 weights) and against dequantize-then-matmul (int8), weights rotated over
-    more memory than the caches hold. Chooses moe_offload/kernels/cpu_gemv.py's MAX_ROWS and QUANT_MAX_ROWS."""
+    against PyTorch's GEMM (bf16 weights) and against dequantize-then-matmul (int8, int4 group 32; bf16 x,
+    so the kernels take int8 activations in the default mode), weights rotated over more memory than the
+    caches hold. Chooses moe_offload/kernels/cpu_gemv.py's MAX_ROWS and QUANT_MAX_ROWS."""
+    from moe_offload.formats.int4 import dequant_int4, quantize_int4
     from moe_offload.formats.int8 import dequant_int8, quantize_int8
     from moe_offload.kernels import cpu_gemv
 
     torch.set_num_threads(threads)
+    cpu_gemv.set_activations("auto")
     n, k, count = 7168, 1024, 16
     q8 = [quantize_int8(torch.randn(n, k)) for _ in range(count)]
+    q4 = [quantize_int4(torch.randn(n, k), 32) for _ in range(count)]
     wb = [torch.randn(n, k).bfloat16() for _ in range(count)]
 
     def ms(fn) -> float:
@@ -232,7 +279,10 @@ def crossover(threads: int, rows: list[int]) -> list[dict]:
                "bf16_kernel_ms": ms(lambda i: cpu_gemv.linear(x, wb[i])),
                "bf16_torch_ms": ms(lambda i: torch.nn.functional.linear(x, wb[i])),
                "int8_kernel_ms": ms(lambda i: cpu_gemv.int8_linear(x, *q8[i])),
-               "int8_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(x, dequant_int8(*q8[i]).bfloat16()))}
+               "int8_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(x, dequant_int8(*q8[i]).bfloat16())),
+               "int4_kernel_ms": ms(lambda i: cpu_gemv.int4_linear(x, *q4[i], 32, symmetric=True)),
+               "int4_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(
+                   x, dequant_int4(*q4[i], k, 32).bfloat16()))}
         print("  " + ", ".join(f"{key} {v:.2f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()))
         out.append(row)
     return out
@@ -299,23 +349,30 @@ def main() -> int:
         print(f"[{prec}] converting ...", file=sys.stderr)
         gguf = gguf_for(model, work, prec, bins, convert)
         opts = PRECISIONS[prec][2]
-        theirs_runs, ours_runs, ours_gguf_runs = [], [], []
+        theirs_runs, ours_runs, ours_gguf_runs, exact_runs = [], [], [], []
         for rep in range(args.repeats):
             print(f"[{prec}] round {rep + 1}/{args.repeats}", file=sys.stderr)
             theirs_runs.append(llama_bench(bins, gguf, args.threads, prompts, args.gen))
             ours_runs.append(ours(model, opts, args.threads, prompt_ids, prompts, args.gen))
+            if "expert_dtype" in opts and "+" not in prec:  # the same weights against exact bf16 activations
+                exact_runs.append(ours(model, {**opts, "cpu_activations": "exact"}, args.threads, prompt_ids,
+                                       prompts, args.gen))
             if PRECISIONS[prec][1] and "+" not in prec:  # the quantized GGUF read by moe_offload itself
                 try:
                     ours_gguf_runs.append(ours(gguf, {"dtype": "bfloat16"}, args.threads, prompt_ids, prompts, args.gen))
                 except moe_offload.MoeOffloadError as exc:
                     ours_gguf_runs.append({"error": str(exc)})
             copy_gbs.append(stream_copy_gbs(args.threads))
+        memory = ours_memory(model, opts, args.threads, prompt_ids[:prompts[0]], args.gen)
         keys = ["decode_tok_s"] + [f"prefill_{p}_tok_s" for p in prompts]
         med = lambda runs: {k: statistics.median(r[k] for r in runs) for k in keys}  # noqa: E731
         row = {"precision": prec, "gguf": gguf.name,
                "llama_cpp": {**med(theirs_runs), "bytes_per_token": gguf_bytes_per_token(
                    gguf, cfg["num_experts_per_tok"], cfg["num_local_experts"])},
-               "ours": {**med(ours_runs), "bytes_per_token": ours_bytes_per_token(cfg, prec), "options": opts}}
+               "ours": {**med(ours_runs), "bytes_per_token": ours_bytes_per_token(cfg, prec), "options": opts,
+                        "memory": memory}}
+        if exact_runs:
+            row["ours_exact"] = med(exact_runs)
         if ours_gguf_runs:
             bad = [r["error"] for r in ours_gguf_runs if "error" in r]
             row["ours_on_gguf"] = {"error": bad[0]} if bad else med(ours_gguf_runs)
@@ -337,14 +394,20 @@ def main() -> int:
     cols = ["decode_tok_s"] + [f"prefill_{p}_tok_s" for p in prompts]
     names = ["decode"] + [f"prefill {p}" for p in prompts]
     print("| precision | " + " | ".join(f"{n} tok/s ours / llama.cpp (ratio)" for n in names)
-          + " | decode GB/s ours / llama.cpp | ours on the GGUF (decode) |")
-    print("|" + " --- |" * (len(cols) + 3))
+          + " | decode GB/s ours / llama.cpp | ours on the GGUF (decode) | ours, exact activations (decode) "
+          "| ours resident vs weights + KV |")
+    print("|" + " --- |" * (len(cols) + 5))
     for r in rows:
         o, t = r["ours"], r["llama_cpp"]
         g = r.get("ours_on_gguf", {})
         gtxt = "-" if not g else g["error"][:40] if "error" in g else f"{g['decode_tok_s']:.1f}"
         cells = [f"{o[k]:.1f} / {t[k]:.1f} ({r['ratios'][k]:.2f}x)" for k in cols]
-        print(f"| {r['precision']} | " + " | ".join(cells) + f" | {o['decode_gb_s']:.1f} / {t['decode_gb_s']:.1f} | {gtxt} |")
+        etxt = f"{r['ours_exact']['decode_tok_s']:.1f}" if "ours_exact" in r else "-"
+        mem = o["memory"]
+        mtxt = mem["error"][:40] if "error" in mem else (f"{mem['rss_mb']:.0f} MB vs {mem['weights_mb']:.0f} + "
+                                                         f"{mem['kv_allocated_mb']:.0f} ({mem['over_weights_and_kv']:+.0%})")
+        print(f"| {r['precision']} | " + " | ".join(cells)
+              + f" | {o['decode_gb_s']:.1f} / {t['decode_gb_s']:.1f} | {gtxt} | {etxt} | {mtxt} |")
     print(f"wrote {shown(args.out)}")
     return 0
 

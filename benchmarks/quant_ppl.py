@@ -5,7 +5,10 @@
 Perplexity: next-token loss over the held-out text (moe_offload.bundled_heldout_text()), in windows of
 the model's context, each window scored on its own. Formats: fp32 (reference), bf16 (dtype bfloat16),
 int8, int4 g32/g64/g128 (fp32 compute, experts quantized on load); int8 experts at bf16 compute, with
-and without int8 dense weights (dense_dtype). Prints and saves JSON.
+and without int8 dense weights (dense_dtype); and, scored through the CPU decode kernels for every token
+("decode kernels": what decode computes, where scoring a window would otherwise dequantize and run a
+GEMM), int8 / int4 experts at bf16 compute with exact and with int8 activations (cpu_activations).
+Prints and saves JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 import torch
 
 import moe_offload
+from moe_offload.kernels import cpu_gemv
 from moe_offload.options import OffloadConfig
 from moe_offload.results import result_metadata, write_json_atomic
 
@@ -28,7 +32,22 @@ FORMATS = [("fp32", {}), ("bf16", {"dtype": "bfloat16", "expert_dtype": "bf16"})
            # bf16 compute, and the dense weights in int8 (dense_dtype; what a q8_0 GGUF quantizes too)
            ("int8@bf16", {"dtype": "bfloat16", "expert_dtype": "int8"}),
            ("int8@bf16 + dense int8", {"dtype": "bfloat16", "expert_dtype": "int8", "dense_dtype": "int8"}),
-           ("bf16 + dense int8", {"dtype": "bfloat16", "expert_dtype": "bf16", "dense_dtype": "int8"})]
+           ("bf16 + dense int8", {"dtype": "bfloat16", "expert_dtype": "bf16", "dense_dtype": "int8"}),
+           # through the decode kernels (DECODE_KERNELS): exact against int8 activations
+           ("int8@bf16 decode kernels exact-act",
+            {"dtype": "bfloat16", "expert_dtype": "int8", "cpu_activations": "exact"}),
+           ("int8@bf16 decode kernels int8-act",
+            {"dtype": "bfloat16", "expert_dtype": "int8", "cpu_activations": "int8"}),
+           ("int4-g32@bf16 decode kernels exact-act",
+            {"dtype": "bfloat16", "expert_dtype": "int4", "group_size": 32, "cpu_activations": "exact"}),
+           ("int4-g32@bf16 decode kernels int8-act",
+            {"dtype": "bfloat16", "expert_dtype": "int4", "group_size": 32, "cpu_activations": "int8"}),
+           ("int8@bf16 + dense int8 decode kernels int8-act",
+            {"dtype": "bfloat16", "expert_dtype": "int8", "dense_dtype": "int8", "cpu_activations": "int8"})]
+DECODE_KERNELS = "decode kernels"  # formats whose name says so score every token through cpu_gemv's kernels
+
+
+QUANT_MAX_ROWS = cpu_gemv.QUANT_MAX_ROWS
 
 
 def perplexity(m, ids: list[int], window: int) -> float:
@@ -61,6 +80,7 @@ def main() -> None:
         ap.error(f"--formats: unknown {unknown}; valid: {[n for n, _ in FORMATS]}")
     rows = []
     for name, opts in (f for f in FORMATS if f[0] in wanted):
+        cpu_gemv.QUANT_MAX_ROWS = 1 << 30 if DECODE_KERNELS in name else QUANT_MAX_ROWS
         t0 = time.perf_counter()
         with moe_offload.load(args.model, config=OffloadConfig.make(device="cpu", **opts)) as m:
             load_s = time.perf_counter() - t0
@@ -72,7 +92,7 @@ def main() -> None:
                    "window": window, "load_seconds": load_s,
                    "decode_tokens_per_second": res.stats["decode_tokens_per_second"]}
         rows.append(row)
-        print(f"{name:10s} ppl {ppl:8.3f}  decode {row['decode_tokens_per_second']:6.1f} tok/s  "
+        print(f"{name:40s} ppl {ppl:8.3f}  decode {row['decode_tokens_per_second']:6.1f} tok/s  "
               f"load {load_s:5.2f} s", flush=True)
     out = {**result_metadata("cpu"), "torch_threads": torch.get_num_threads(), "model": args.model or "bundled", "text": args.text or "bundled held-out",
            "results": rows}

@@ -9,8 +9,8 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from .errors import MoeOffloadError
-from .options import (CPU_EXPERTS, DENSE_DTYPES, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS, TOP_FIELDS,
-                      TUNING_FIELDS, OffloadConfig, parse_tuning, tuning_help)
+from .options import (CPU_ACTIVATIONS, CPU_EXPERTS, DENSE_DTYPES, DTYPE_NAMES, EXPERT_DTYPES, FLAG_FIELDS, PREDICTORS,
+                      TOP_FIELDS, TUNING_FIELDS, OffloadConfig, parse_tuning, tuning_help)
 from .validate import SEED_MAX, float_arg, int_arg, output_file
 
 MAX_PROBLEM_LINES = 20
@@ -79,6 +79,8 @@ def _add_cache_args(g: Any, full: bool) -> None:
     g.add_argument("--cpu-experts", default=None, choices=list(CPU_EXPERTS), help=_field_help("cpu_experts"))
     g.add_argument("--threads", type=POS, default=None, metavar="N", help=_field_help("threads"))
     g.add_argument("--dense-dtype", default=None, choices=list(DENSE_DTYPES), help=_field_help("dense_dtype"))
+    g.add_argument("--cpu-activations", default=None, choices=list(CPU_ACTIVATIONS),
+                   help=_field_help("cpu_activations"))
 
 
 # The settings a command reads, by its runtime-flag kind ("full" reads them all): any other is refused
@@ -86,7 +88,8 @@ def _add_cache_args(g: Any, full: bool) -> None:
 _PLAN_KEYS = {"device", "dtype", "expert_dtype", "cache_per_layer", "cache_gb", "cache_experts", "policy",
               "group_size", "max_seq_len"}
 _READS = {"plan": _PLAN_KEYS,
-          "light": _PLAN_KEYS | {"offload", "cpu_experts", "link_chunk_mb", "moe_backend", "show_progress", "threads"}}
+          "light": _PLAN_KEYS | {"offload", "cpu_experts", "link_chunk_mb", "moe_backend", "show_progress", "threads",
+                                 "cpu_activations"}}
 
 
 def offload_config(args: argparse.Namespace, **fixed: Any) -> OffloadConfig:

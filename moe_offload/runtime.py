@@ -324,6 +324,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     tune = config.tuning
     set_threads(config.threads)
+    set_cpu_activations(config.cpu_activations)
     dev = resolve_device(config.device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # kernels launch on the current device, and bf16 support is asked of it
@@ -395,6 +396,14 @@ def _dense_int8(model: MoeModel, dev: torch.device) -> None:
                       "the compute dtype; the attention projections are int8", stacklevel=3)
     for w in model.dense_int8_weights():
         store_int8_rows(w, *quantize_int8(w.data))
+
+
+def set_cpu_activations(mode: str) -> None:
+    """The CPU kernels' activations mode (cpu_gemv.set_activations); 'int8' refused where VNNI is not built."""
+    try:
+        cpu_gemv.set_activations(mode)
+    except RuntimeError as exc:
+        raise MoeOffloadError(f"cpu_activations 'int8': {exc}; use 'auto' or 'exact'") from None
 
 
 def set_threads(threads: int | None) -> None:

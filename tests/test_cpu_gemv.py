@@ -4,6 +4,10 @@ Each kernel widens weights to float32 and accumulates in float32: against a floa
 error is float32 round-off over K terms (tolerance 1e-5 relative to the output's scale), and a
 bfloat16 output is within one bfloat16 rounding (2^-8 relative) of the reference. Rows of x are
 computed independently: a row's result does not depend on how many rows share the call.
+
+These exact-activation tests run with cpu_gemv's activations mode 'exact' (fixture below). The 8-bit
+activation paths (mode 'int8') are checked at the end: their rounding of x equals gguf.quants' Q8_0
+quantizer (llama.cpp's), and their product equals float64 W @ x' for x' the rounded x, to float32 round-off.
 """
 
 import pytest
@@ -17,6 +21,16 @@ pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason=f"kernels not b
 
 F32_TOL = 1e-5  # x float32 round-off over K terms, relative to max |y|
 BF16_TOL = 2.0 ** -8  # one bfloat16 rounding of the output, relative to max |y|
+
+
+@pytest.fixture(autouse=True)
+def activations_mode(request):
+    """Every test runs in mode 'exact' unless it asks for another with @pytest.mark.activations(mode)."""
+    mark = request.node.get_closest_marker("activations")
+    before = cpu_gemv.activations()
+    cpu_gemv.set_activations(mark.args[0] if mark else "exact")
+    yield
+    cpu_gemv.set_activations(before)
 
 
 def check(y: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -158,3 +172,128 @@ def test_dense_int8_is_refused_where_it_cannot_run():
         OffloadConfig(dense_dtype="int8", speculative=True)
     with pytest.raises(MoeOffloadError, match="dense_dtype"):
         OffloadConfig(dense_dtype="int4")
+
+
+# ---- 8-bit activations -------------------------------------------------------------------------------
+needs_vnni = pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="no AVX512-VNNI")
+
+
+def rounded_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> float64 x' = q * d with q and d from gguf.quants' Q8_0 quantizer (llama.cpp's rounding);
+    d taken before its fp16 cast (the kernels keep it in float32), so d = max|x| / 127 per block of 32."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)  # fp16 d, then 32 int8
+    q = torch.from_numpy(np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float64))  # [M*K/32, 32]
+    d = x.reshape(-1, 32).abs().amax(-1, keepdim=True).div(127).double()  # float32 division, as both quantizers
+    return (q * d).reshape(x.shape)
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 5])
+def test_activation_rounding_equals_gguf_q8_0(m):
+    from gguf import GGMLQuantizationType, quants
+
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=g) * torch.rand(m, 256, generator=g).pow(4) * 10  # uneven blocks
+    x[0, :32] = 0  # an all-zero block: d = 0, q = 0
+    x[0, 32:64] = torch.arange(32) / 127 * 5 - 2.5 / 127  # exact halves: round away from zero
+    q, d = cpu_gemv._ext.quantize_activations(x)
+    blocks = quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    assert torch.equal(q.reshape(-1, 32), torch.from_numpy(blocks[:, 2:].copy()).view(torch.int8))
+    assert torch.equal(d.reshape(-1).half(), torch.from_numpy(blocks[:, :2].copy()).view(torch.float16).reshape(-1))
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_int8_activations_int8_weights_equal_float64_of_rounded_x(m):
+    g = torch.Generator().manual_seed(10 + m)
+    q, s = quantize_int8(torch.randn(300, 1024, generator=g))
+    x = torch.randn(m, 1024, generator=g)
+    check(cpu_gemv.int8_linear(x, q, s), rounded_x(x) @ dequant_int8(q, s).double().T, F32_TOL)
+    exact = x.double() @ dequant_int8(q, s).double().T  # the rounding moves y by about one bf16 rounding
+    assert (cpu_gemv.int8_linear(x, q, s).double() - exact).abs().max() > F32_TOL * exact.abs().max()
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+@pytest.mark.parametrize("group", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_activations_int4_weights_equal_float64_of_rounded_x(group, symmetric):
+    n, k = 96, 512
+    g = torch.Generator().manual_seed(group + symmetric)
+    q, s, z = quantize_int4(torch.randn(n, k, generator=g), group, symmetric=symmetric)
+    x = torch.randn(5, k, generator=g)
+    ref = rounded_x(x) @ dequant_int4(q, s, z, k, group).double().T
+    check(cpu_gemv.int4_linear(x, q, s, z, group, symmetric=symmetric), ref, F32_TOL)
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+@pytest.mark.parametrize("block_type", ["Q8_0", "Q4_0", "MXFP4"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_activations_gguf_weights_equal_gguf_dequantize_of_rounded_x(block_type, m):
+    """Oracle: gguf.quants' dequantizer (random valid MXFP4 blocks: the package cannot quantize them)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    qt = getattr(GGMLQuantizationType, block_type)
+    g = torch.Generator().manual_seed(m)
+    if block_type == "MXFP4":
+        rows = torch.randint(0, 256, (48, 8 * 17), dtype=torch.uint8, generator=g)
+        rows.view(48, 8, 17)[:, :, 0] = torch.randint(120, 132, (48, 8), dtype=torch.uint8, generator=g)  # exponents
+        rows = rows.numpy()
+    else:
+        rows = quants.quantize(torch.randn(48, 256, generator=g).numpy(), qt)
+    deq = torch.from_numpy(np.asarray(quants.dequantize(rows, qt), dtype=np.float64))  # [48, 256]
+    x = torch.randn(m, 256, generator=g)
+    y = cpu_gemv.gguf_linear(x, torch.from_numpy(np.ascontiguousarray(rows)), block_type)
+    check(y, rounded_x(x) @ deq.T, F32_TOL)
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+@pytest.mark.parametrize("kind", ["int8", "int4", "Q4_0"])
+def test_int8_activations_a_row_does_not_depend_on_the_rows_beside_it(kind):
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 1024, generator=g)
+    x = torch.randn(9, 1024, generator=g).bfloat16()
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        run = lambda x: cpu_gemv.int8_linear(x, q, s)  # noqa: E731
+    elif kind == "int4":
+        q, s, z = quantize_int4(w, 32)
+        run = lambda x: cpu_gemv.int4_linear(x, q, s, z, 32, symmetric=True)  # noqa: E731
+    else:
+        rows = torch.from_numpy(np.ascontiguousarray(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0)))
+        run = lambda x: cpu_gemv.gguf_linear(x, rows, "Q4_0")  # noqa: E731
+    together = run(x)
+    for i in range(9):
+        assert torch.equal(run(x[i:i + 1]), together[i:i + 1])
+
+
+@needs_vnni
+def test_activations_mode_auto_rounds_half_precision_only():
+    cpu_gemv.set_activations("auto")
+    assert cpu_gemv.int8_activations(torch.zeros(1, 64, dtype=torch.bfloat16), 64)
+    assert not cpu_gemv.int8_activations(torch.zeros(1, 64), 64)
+    assert not cpu_gemv.int8_activations(torch.zeros(1, 96, dtype=torch.bfloat16), 96)  # K not a multiple of 64
+    cpu_gemv.set_activations("int8")
+    assert cpu_gemv.int8_activations(torch.zeros(1, 64), 64)
+    with pytest.raises(ValueError, match="activations mode"):
+        cpu_gemv.set_activations("int4")
+
+
+def test_cpu_activations_option_is_validated_and_int8_refused_without_vnni(monkeypatch):
+    from moe_offload import MoeOffloadError, OffloadConfig, runtime
+
+    with pytest.raises(MoeOffloadError, match="cpu_activations"):
+        OffloadConfig(cpu_activations="fp8")
+    monkeypatch.setattr(cpu_gemv, "has_vnni", lambda: False)
+    with pytest.raises(MoeOffloadError, match="cpu_activations 'int8'.*VNNI"):
+        runtime.load(config=OffloadConfig(device="cpu", cpu_activations="int8"))

@@ -262,9 +262,10 @@ class GgufPool(WeightPool):
 
 def _tiled(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> torch.Tensor:
     """x [n, K] @ dequant(q [N, rb]).T -> [n, N]: the compiled CPU kernel reading the blocks in place
-    (Q8_0 / Q4_0, a few rows), else one dequantized tile of output rows at a time."""
-    if (t.name in cpu_gemv.GGUF_BLOCK_BYTES and x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS
-            and q.is_contiguous() and cpu_gemv.available()):
+    (Q8_0 / Q4_0, and MXFP4 with int8 activations; a few rows), else one dequantized tile of output rows
+    at a time."""
+    if (x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and q.is_contiguous()
+            and cpu_gemv.gguf_runs(t.name, x, k)):
         return cpu_gemv.gguf_linear(x, q, t.name)
     n = q.shape[0]
     if n <= TILE_ROWS:

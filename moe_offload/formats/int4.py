@@ -104,12 +104,12 @@ def int4_shape_ok(n: int, k: int, group_size: int) -> bool:
 
 
 def int4_linear(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, group_size: int,
-                dtype: torch.dtype) -> CpuLinear | None:
+                dtype: torch.dtype, symmetric: bool = False) -> CpuLinear | None:
     """packed uint8 [N, ceil(K/2)], s / z [N, K/G] -> the CPU projection: the compiled kernel reading
-    all three in place (K even and a multiple of G), else PyTorch's int4 op on a repacked copy, or None
-    when neither takes this shape."""
+    all three in place (K even and a multiple of G; `symmetric`: z is all 8 and not read), else
+    PyTorch's int4 op on a repacked copy, or None when neither takes this shape."""
     if k % 2 == 0 and k % group_size == 0 and cpu_gemv.available():
-        return CpuLinear(partial(_int4_native, z, group_size), packed, s, own_scales=False)
+        return CpuLinear(partial(_int4_native, z, group_size, symmetric), packed, s, own_scales=False)
     n = packed.shape[0]
     if not int4_shape_ok(n, k, group_size):
         return None
@@ -121,8 +121,9 @@ def int4_linear(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, 
     return CpuLinear(op, w, sz.transpose(0, 1).contiguous().to(dtype), repacked=True)
 
 
-def _int4_native(z: torch.Tensor, group_size: int, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return cpu_gemv.int4_linear(x, w, s, z, group_size)
+def _int4_native(z: torch.Tensor, group_size: int, symmetric: bool, x: torch.Tensor, w: torch.Tensor,
+                 s: torch.Tensor) -> torch.Tensor:
+    return cpu_gemv.int4_linear(x, w, s, z, group_size, symmetric)
 
 
 def _int4_mm(group_size: int, x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -132,8 +133,9 @@ def _int4_mm(group_size: int, x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor
 @dataclass
 class Int4Pool(WeightPool):
     """int4 views: w13 uint8 [S, 2I, ceil(H/2)], s13 / z13 fp16 [S, 2I, ceil(H/G)]; w2 uint8
-    [S, H, ceil(I/2)], s2 / z2 fp16 [S, H, ceil(I/G)]."""
+    [S, H, ceil(I/2)], s2 / z2 fp16 [S, H, ceil(I/G)]. `symmetric`: every zero point is 8."""
 
+    symmetric: bool = False
     weight_format = WEIGHT_INT4
     fast_max_tokens = FAST_MAX_TOKENS
 
@@ -141,9 +143,13 @@ class Int4Pool(WeightPool):
         q, s, z, k = self.projection(which)
         return dequant_int4(q[slot], s[slot], z[slot], k, self.group_size)
 
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
+        q, s, z, k = self.projection(which)
+        return dequant_int4(q[slot, lo:hi], s[slot, lo:hi], z[slot, lo:hi], k, self.group_size)
+
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear | None:
         q, s, z, k = self.projection(which)
-        return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype)
+        return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype, self.symmetric)
 
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
         # float32 keeps dequantize-then-matmul, what the offloaded loop computes (bit-equal runs)
@@ -175,4 +181,4 @@ class Int4Format(PackedFormat):
     def pool_views(self, rows: torch.Tensor, hidden: int, inter: int) -> Int4Pool:
         v = self.views(rows, hidden, inter)
         return Int4Pool(hidden, inter, v["qw13"], v["qw2"], s13=v["s13"], s2=v["s2"], z13=v["z13"], z2=v["z2"],
-                        group_size=self.group_size)
+                        group_size=self.group_size, symmetric=self.symmetric)

@@ -59,6 +59,10 @@ class Int8Pool(WeightPool):
         q, s, _, _ = self.projection(which)
         return dequant_int8(q[slot], s[slot])
 
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
+        q, s, _, _ = self.projection(which)
+        return dequant_int8(q[slot, lo:hi], s[slot, lo:hi])
+
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear:
         q, s, _, _ = self.projection(which)
         return int8_linear(q[slot], s[slot], dtype)

@@ -15,6 +15,13 @@ folder). Where it cannot be
 built (no C++ compiler, no ninja), where the CPU has no AVX-512 (the scalar fallback loops would be
 slower than PyTorch), or where MOE_OFFLOAD_CPU_KERNELS=0 is set, `available()` is False, a one-line
 warning says why once, and callers use PyTorch's ops (exact to the same tolerance, slower).
+
+8-bit activations (`set_activations`): against quantized weights (int8, int4, GGUF Q8_0 / Q4_0 / MXFP4)
+the kernels can round x per block of 32 to int8 (d = max|x| / 127, llama.cpp's q8_0 activations) and
+multiply bytes with AVX512-VNNI, exact in integers: y = W x' with x' the rounded activations. The
+rounding costs about 0.4% of a block's largest value per element, one bfloat16 rounding's worth; int8
+and int4 decode run about twice as fast. 'auto' uses it when x is bfloat16 or float16 and keeps float32
+exact.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ _why_not: str | None = None
 # follow int8).
 MAX_ROWS = 4
 QUANT_MAX_ROWS = 16
+ACTIVATIONS = ("auto", "int8", "exact")  # set_activations's modes
+_activations = "auto"
 
 
 def _load() -> Any:
@@ -99,6 +108,39 @@ def why_unavailable() -> str | None:
     return _why_not
 
 
+def has_vnni() -> bool:
+    """Whether the 8-bit activation paths (AVX512-VNNI) are built (building the kernels on first call)."""
+    return available() and bool(_ext.has_vnni())
+
+
+def set_activations(mode: str) -> None:
+    """What quantized weights multiply against: 'int8' activations rounded per block of 32 (needs
+    has_vnni()), 'exact' x as given (widened to float32), or 'auto' (int8 when x is bfloat16 / float16).
+    Process-wide, as torch.set_num_threads; moe_offload.load sets it from OffloadConfig.cpu_activations."""
+    global _activations
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations mode must be one of {ACTIVATIONS}, got {mode!r}")
+    if mode == "int8" and not has_vnni():
+        raise RuntimeError("int8 activations need the CPU decode kernels with AVX512-VNNI: "
+                           f"{why_unavailable() or 'this CPU has no AVX512-VNNI'}")
+    _activations = mode
+
+
+def activations() -> str:
+    """The mode set_activations last set."""
+    return _activations
+
+
+def int8_activations(x: torch.Tensor, k: int) -> bool:
+    """Whether a quantized-weight kernel call on x [..., K = k] rounds x to int8 (the mode, K a multiple
+    of 64, VNNI built)."""
+    if _activations == "exact" or k % 64:
+        return False
+    if _activations == "auto" and x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return has_vnni()
+
+
 def _require() -> Any:
     ext = _load()
     if ext is None:
@@ -124,14 +166,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q * s[:, None])^T -> [..., N]; q int8 [N, K], s fp16 [N]."""
     x2, lead = _rows(x)
-    return _require().gemv_int8(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
+    ext = _require()
+    run = ext.gemv_int8_a8 if int8_activations(x, q.shape[1]) else ext.gemv_int8
+    return run(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
 
 
-def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int,
+                symmetric: bool = False) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] with W = (q - z) * s per group of `group_size` along K; q uint8
-    [N, K/2] (even k in the low nibble), s / z fp16 [N, K/G]."""
+    [N, K/2] (even k in the low nibble), s / z fp16 [N, K/G]; `symmetric`: every z is 8 (then not read)."""
     x2, lead = _rows(x)
-    return _require().gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
+    ext = _require()
+    k = 2 * q.shape[1]
+    if int8_activations(x, k) and (group_size % 64 == 0 or group_size in (8, 16, 32)):
+        y = ext.gemv_int4_a8(x2, q, s, z, group_size, symmetric)
+    else:
+        y = ext.gemv_int4(x2, q, s, z, group_size)
+    return y.to(x.dtype).view(*lead, q.shape[0])
 
 
 def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -140,14 +191,25 @@ def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: 
     return _require().dequant_int4(q, s, z, group_size)
 
 
-GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}  # the GGUF block types the kernels read
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "MXFP4": 17}  # the GGUF block types the kernels read
+GGUF_EXACT = ("Q8_0", "Q4_0")  # ... of which these also against exact activations
+
+
+def gguf_runs(block_type: str, x: torch.Tensor, k: int) -> bool:
+    """Whether gguf_linear takes rows of `block_type` for x [..., K = k] (the activations mode decides)."""
+    if block_type not in GGUF_BLOCK_BYTES or not available():
+        return False
+    return int8_activations(x, k) or block_type in GGUF_EXACT
 
 
 def gguf_linear(x: torch.Tensor, q: torch.Tensor, block_type: str) -> torch.Tensor:
     """x [..., K] @ dequant(q)^T -> [..., N]; q uint8 [N, K/32 * block bytes], GGUF rows of `block_type`
-    (Q8_0 or Q4_0) as the file stores them."""
+    (Q8_0, Q4_0, or MXFP4 with int8 activations; see gguf_runs) as the file stores them."""
     x2, lead = _rows(x)
-    return _require().gemv_gguf(x2, q, GGUF_BLOCK_BYTES[block_type]).to(x.dtype).view(*lead, q.shape[0])
+    ext = _require()
+    bb = GGUF_BLOCK_BYTES[block_type]
+    y = ext.gemv_gguf_a8(x2, q, bb) if int8_activations(x, x2.shape[1]) else ext.gemv_gguf(x2, q, bb)
+    return y.to(x.dtype).view(*lead, q.shape[0])
 
 
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:

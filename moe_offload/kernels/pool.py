@@ -21,10 +21,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from .reference import expert_ffn
+from .reference import expert_ffn, linear
 
 WEIGHT_FLOAT, WEIGHT_INT8, WEIGHT_INT4 = 0, 1, 2
+# Output rows that WeightPool.ffn dequantizes at a time: a tile of Mixtral-734M's 7168 x 1024 projection is
+# 1 MiB in bf16 (2 MiB as float32 on the way), where the whole projection was 42 MiB of temporaries per
+# expert call; freed temporaries that size stayed in the heap (resident memory +45% after a 64-token
+# prefill, benchmarks/cpu_vs_llamacpp.py's memory column).
+DEQUANT_TILE_ROWS = 512
 
 
 @dataclass
@@ -71,9 +77,23 @@ class WeightPool(ABC):
         """Expert in `slot` as (w13 [2I, H], w2 [H, I]) in `dtype` (the torch reference)."""
         return self.dequant_projection("w13", slot).to(dtype), self.dequant_projection("w2", slot).to(dtype)
 
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
+        """Output rows lo..hi-1 of projection `which` of `slot`, float [hi - lo, K] (formats whose rows
+        dequantize on their own override this; the default dequantizes the whole projection)."""
+        return self.dequant_projection(which, slot)[lo:hi]
+
+    def dequant_linear(self, which: str, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, K] @ W^T -> [n, N] for projection `which` of `slot`, dequantizing DEQUANT_TILE_ROWS output
+        rows at a time (in x's dtype), so a call never holds a whole dequantized projection."""
+        n = self.projection(which)[0].shape[1]
+        tiles = [linear(x, self.dequant_rows(which, slot, lo, min(lo + DEQUANT_TILE_ROWS, n)).to(x.dtype))
+                 for lo in range(0, n, DEQUANT_TILE_ROWS)]
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        """One SwiGLU expert on x [n, H] -> [n, H]: dequantize, then matmul."""
-        return expert_ffn(x, *self.dequant(slot, x.dtype))
+        """One SwiGLU expert on x [n, H] -> [n, H]: dequantize a tile of rows, then matmul (dequant_linear)."""
+        gate, up = self.dequant_linear("w13", slot, x).chunk(2, dim=-1)  # [n, I] each
+        return self.dequant_linear("w2", slot, F.silu(gate) * up)
 
     def as_views(self) -> tuple[Any, torch.Tensor | None]:
         """(w13, w2) as run_experts and moe_loop take them: (self, None)."""

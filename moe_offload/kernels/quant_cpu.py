@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from .pool import WeightPool
-from .reference import expert_ffn
 
 
 @dataclass
@@ -87,6 +86,6 @@ class CpuQuantPool:
         """One SwiGLU expert on x [n, H] -> [n, H]."""
         w13, w2 = self.w13[slot], self.w2[slot]
         if x.shape[0] > self.max_tokens or x.dtype != self.dtype or w13 is None or w2 is None:
-            return expert_ffn(x, *self.pool.dequant(slot, x.dtype))
+            return self.pool.ffn(slot, x)  # dequantize a tile of rows at a time, then matmul
         gate, up = w13(x).chunk(2, dim=-1)  # [n, I] each
         return w2(F.silu(gate) * up)  # [n, H]

@@ -39,7 +39,22 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-inline float half_to_f32(const at::Half* p) { return static_cast<float>(*p); }
+inline float half_to_f32(const at::Half* p) {
+#if MOE_AVX512
+  return _cvtsh_ss(p->x);  // F16C, one instruction
+#else
+  return static_cast<float>(*p);
+#endif
+}
+
+// n fp16 values -> float32 (16 at a time with F16C)
+inline void halves_to_f32(const at::Half* p, float* out, int64_t n) {
+  int64_t i = 0;
+#if MOE_AVX512
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + i))));
+#endif
+  for (; i < n; ++i) out[i] = half_to_f32(p + i);
+}
 
 // ---- one row dot products: sum_k w[k] * x[k] -----------------------------------------------------
 // Each weight type has a widening to float32: 16 at a time (AVX-512) and one at a time (the tail).
@@ -219,7 +234,11 @@ inline float row_u4(const Nibbles& q, const at::Half* s, const at::Half* z, cons
 inline float f16_bits(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if MOE_AVX512
+  return _cvtsh_ss(h);
+#else
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
 }
 
 inline float row_q8_0(const uint8_t* row, const float* x, int64_t blocks) {
@@ -275,6 +294,102 @@ inline float row_q4_0(const uint8_t* row, const float* x, const float* xs, int64
   return acc - 8.f * corr;
 #endif
 }
+
+
+// ---- 8-bit activations (AVX512-VNNI): llama.cpp's method -------------------------------------------
+// x is rounded per block of 32 to int8: d = max|x| / 127, q = round(x * (1 / d)) (half away from zero),
+// so x ~ q * d: ggml's Q8_0 rounding (gguf.quants gives the same q), d kept in float32, not fp16.
+// Integer weights then meet q in VPDPBUSD (64 unsigned x signed byte products summed four at a time
+// into 16 int32 lanes, exact), and one float multiply-add per 64 weights applies the scales. The result
+// is W x' up to float32 round-off, where x' = q * d (the tests check against that).
+// VPDPBUSD wants unsigned weight bytes: signed weights are offset (int8 q ^ 0x80 = q + 128; MXFP4 values
+// + 16) and the offset times the lane's sum of activation bytes is taken off through the accumulator's
+// initial value, so every lane's integer sum is exact.
+struct QAct {
+  int64_t M = 0, K = 0;
+  std::vector<int8_t> q;    // [M, K] activation bytes, in the weight format's byte order
+  std::vector<int8_t> qn;   // [M, K] the same in natural order
+  std::vector<int32_t> ns;  // [M, K/4] minus the sum of each lane's four bytes
+  std::vector<float> dl;    // [M, K/4] the scale d of each lane's block
+  std::vector<float> d;     // [M, K/32] per block
+  std::vector<float> bs;    // [M, K/32] d * sum of the block's q (the dequantized block sum)
+};
+
+// Quantize x [M, K] (K a multiple of 32). order(p) is the natural index of activation byte p inside its
+// 64-byte chunk (identity, or the int4 layout's even/odd split).
+template <typename Order>
+QAct quantize_act(const float* x, int64_t M, int64_t K, Order order) {
+  QAct a;
+  a.M = M, a.K = K;
+  const int64_t blocks = K / 32;
+  a.q.resize(M * K), a.qn.resize(M * K), a.ns.resize(M * K / 4), a.dl.resize(M * K / 4), a.d.resize(M * blocks), a.bs.resize(M * blocks);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int8_t* nat = a.qn.data() + m * K;
+    for (int64_t b = 0; b < blocks; ++b) {
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::abs(xm[b * 32 + j]));
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const float v = std::round(xm[b * 32 + j] * id);  // half away from zero, as ggml's roundf
+        nat[b * 32 + j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+        sum += nat[b * 32 + j];
+      }
+      a.d[m * blocks + b] = d;
+      a.bs[m * blocks + b] = d * static_cast<float>(sum);
+    }
+    int8_t* qm = a.q.data() + m * K;
+    for (int64_t p = 0; p < K; ++p) qm[p] = nat[(p / 64) * 64 + order(p % 64)];
+    for (int64_t l = 0; l < K / 4; ++l) {
+      int32_t s = 0;
+      for (int i = 0; i < 4; ++i) s += qm[4 * l + i];
+      a.ns[m * K / 4 + l] = -s;
+      a.dl[m * K / 4 + l] = a.d[m * blocks + ((l * 4) / 64 * 64 + order((l * 4) % 64)) / 32];
+    }
+  }
+  return a;
+}
+
+inline int64_t natural(int64_t p) { return p; }
+// int4 rows: byte j of a 32-byte chunk holds weights 2j (low nibble) and 2j + 1 (high); the unpacked
+// chunk is the 32 low nibbles, then the 32 high ones, so activation byte p is x[2p] or x[2(p - 32) + 1]
+inline int64_t nibble_split(int64_t p) { return p < 32 ? 2 * p : 2 * (p - 32) + 1; }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && MOE_AVX512
+#define MOE_VNNI 1
+
+// Rows of x are done MT at a time against one weight row; each row keeps two accumulators (even and
+// odd chunks), whatever MT, so a row's sum never depends on the rows beside it.
+template <int MT, typename Chunk>
+inline void vnni_rows(const QAct& a, int64_t m0, int64_t chunks, int shift, Chunk chunk, float* out) {
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  const int64_t K = a.K;
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512 sv;
+    const __m512i w = chunk(c, sv);  // 64 unsigned weight bytes; sv: the weight scale of each lane
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const __m512i init = _mm512_slli_epi32(_mm512_loadu_si512(a.ns.data() + m * K / 4 + c * 16), shift);
+      const __m512i dot = _mm512_dpbusd_epi32(init, w, _mm512_loadu_si512(a.q.data() + m * K + c * 64));
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(a.dl.data() + m * K / 4 + c * 16), sv);
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+// All M rows of x against one weight row, four at a time.
+template <typename Chunk>
+inline void vnni_all_rows(const QAct& a, int64_t chunks, int shift, Chunk chunk, float* out) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) vnni_rows<4>(a, m, chunks, shift, chunk, out + m);
+  for (; m < a.M; ++m) vnni_rows<1>(a, m, chunks, shift, chunk, out + m);
+}
+#else
+#define MOE_VNNI 0
+#endif
 
 void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
@@ -442,6 +557,190 @@ torch::Tensor gemv_gguf(const torch::Tensor& x, const torch::Tensor& q, int64_t 
   return y;
 }
 
+// ---- 8-bit activation entry points (see QAct): same shapes as the float-activation ones -----------------
+#if MOE_VNNI
+namespace {
+
+void check_vnni_k(int64_t K) { TORCH_CHECK(K % 64 == 0, "8-bit activations need K a multiple of 64, got ", K); }
+
+// Run `row(n, out)` for every weight row n, out = y's M values for that row (then scattered into y).
+template <typename Row>
+torch::Tensor over_rows(const torch::Tensor& x, int64_t N, int64_t K, Row row) {
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(K, M), [&](int64_t n0, int64_t n1) {
+    std::vector<float> out(M);
+    for (int64_t n = n0; n < n1; ++n) {
+      row(n, out.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[m];
+    }
+  });
+  return y;
+}
+
+constexpr int64_t F = 0x0004000400040004;  // four 16-bit shift counts of 4
+
+inline __m512 two_scales(float lo, float hi) {  // lanes 0-7 `lo`, 8-15 `hi`
+  return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+}
+
+// 16 bytes of 32 nibbles (Q4_0 / MXFP4 order: low nibbles are elements 0-15, high 16-31) for two blocks
+// -> 64 bytes [b0 low, b0 high, b1 low, b1 high], the 64 elements in natural order.
+inline __m512i two_nibble_blocks(const uint8_t* b0, const uint8_t* b1) {
+  const __m256i both = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)b1), _mm_loadu_si128((const __m128i*)b0));
+  const __m512i v = _mm512_shuffle_i64x2(_mm512_castsi256_si512(both), _mm512_castsi256_si512(both), 0x50);
+  const __m512i shifts = _mm512_set_epi64(F, F, 0, 0, F, F, 0, 0);  // 16-bit shift counts: 4 in lanes 1 and 3
+  return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
+}
+
+}  // namespace
+
+// x float32 [M, K], q int8 [N, K], s fp16 [N] -> y float32 [M, N] = Q8(x) @ (q * s)^T
+torch::Tensor gemv_int8_a8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be contiguous int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  check_x(x, K);
+  check_vnni_k(K);
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.is_contiguous() && s.scalar_type() == torch::kHalf,
+              "s must be contiguous float16 [N]");
+  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const at::Half* sp = s.data_ptr<at::Half>();
+  const __m512 ones = _mm512_set1_ps(1.f);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const int8_t* row = qp + n * K;
+    auto chunk = [&](int64_t c, __m512& sv) {
+      sv = ones;
+      return _mm512_xor_si512(_mm512_loadu_si512(row + c * 64), flip);  // q + 128
+    };
+    vnni_all_rows(a, K / 64, 7, chunk, out);
+    const float sc = half_to_f32(sp + n);
+    for (int64_t m = 0; m < a.M; ++m) out[m] *= sc;
+  });
+}
+
+// x float32 [M, K], q uint8 [N, K/2], s fp16 [N, K/G], z fp16 [N, K/G] (ignored when `symmetric`: all 8)
+// -> y float32 [M, N] = Q8(x) @ ((q - z) * s)^T. G a multiple of 64, or 8, 16 or 32.
+torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s,
+                           const torch::Tensor& z, int64_t G, bool symmetric) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0);
+  check_x(x, K);
+  check_vnni_k(K);
+  TORCH_CHECK(G > 0 && K % G == 0 && (G % 64 == 0 || G == 8 || G == 16 || G == 32),
+              "group size ", G, " must divide K = ", K, " and be 8, 16, 32 or a multiple of 64");
+  const int64_t groups = K / G;
+  for (const auto* t : {&s, &z})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
+                t->scalar_type() == torch::kHalf, "scales / zeros must be contiguous float16 [N, K/G]");
+  const QAct a = quantize_act(x.data_ptr<float>(), M, K, nibble_split);
+  // asymmetric: sum over each group of the dequantized activations, for the zero-point term
+  std::vector<float> xg(symmetric ? 0 : M * groups);
+  for (int64_t m = 0; m < (symmetric ? 0 : M); ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) acc += a.d[m * (K / 32) + k / 32] * a.qn[m * K + k];
+      xg[m * groups + g] = acc;
+    }
+  __m512i rel = _mm512_setzero_si512();  // each lane's group, relative to the chunk's first (G < 64)
+  if (G < 64) {
+    alignas(64) int32_t r[16];
+    for (int l = 0; l < 16; ++l) r[l] = (8 * (l % 8)) / G;
+    rel = _mm512_load_si512(r);
+  }
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const at::Half* sp = s.data_ptr<at::Half>();
+  const at::Half* zp = z.data_ptr<at::Half>();
+  const __m512i shifts = _mm512_set_epi64(F, F, F, F, 0, 0, 0, 0);  // 16-bit shift counts: 4 in the upper half
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const uint8_t* row = qp + n * (K / 2);
+    float sf[groups + 16];  // the row's scales in float32, padded for 16-wide loads
+    halves_to_f32(sp + n * groups, sf, groups);
+    for (int g = 0; g < 16; ++g) sf[groups + g] = 0.f;
+    auto chunk = [&](int64_t c, __m512& sv) {
+      const int64_t g0 = c * 64 / G;
+      sv = G >= 64 ? _mm512_set1_ps(sf[g0]) : _mm512_permutexvar_ps(rel, _mm512_loadu_ps(sf + g0));
+      const __m256i b = _mm256_loadu_si256((const __m256i*)(row + c * 32));
+      const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
+      return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), low);  // [32 low nibbles | 32 high nibbles]
+    };
+    vnni_all_rows(a, K / 64, symmetric ? 3 : 32, chunk, out);  // symmetric: (q - 8) inside the integer sum
+    if (!symmetric)
+      for (int64_t m = 0; m < M; ++m) {
+        float zc = 0.f;
+        for (int64_t g = 0; g < groups; ++g) zc += sf[g] * half_to_f32(zp + n * groups + g) * xg[m * groups + g];
+        out[m] -= zc;
+      }
+  });
+}
+
+// GGUF rows of Q8_0 (34-byte blocks), Q4_0 (18) or MXFP4 (17) -> y float32 [M, N] = Q8(x) @ dequant(q)^T
+torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const torch::Tensor& q, int64_t block_bytes) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, row bytes]");
+  TORCH_CHECK(block_bytes == 34 || block_bytes == 18 || block_bytes == 17,
+              "block_bytes must be 34 (Q8_0), 18 (Q4_0) or 17 (MXFP4), got ", block_bytes);
+  TORCH_CHECK(q.size(1) % block_bytes == 0, "row bytes ", q.size(1), " are not whole blocks of ", block_bytes);
+  const int64_t N = q.size(0), blocks = q.size(1) / block_bytes, K = blocks * 32, rb = q.size(1);
+  check_x(x, K);
+  check_vnni_k(K);
+  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // MXFP4's e2m1 values doubled (ggml's kvalues), + 16 so they are unsigned, in every 128-bit lane
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(16, 17, 18, 19, 20, 22, 24, 28, 16, 15, 14, 13, 12, 10, 8, 4));
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const uint8_t* row = qp + n * rb;
+    if (block_bytes == 34) {
+      auto chunk = [&](int64_t c, __m512& sv) {
+        const uint8_t *b0 = row + 2 * c * 34, *b1 = b0 + 34;
+        sv = two_scales(f16_bits(b0), f16_bits(b1));
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
+                                             _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
+        return _mm512_xor_si512(v, flip);  // q + 128
+      };
+      vnni_all_rows(a, K / 64, 7, chunk, out);
+    } else if (block_bytes == 18) {
+      auto chunk = [&](int64_t c, __m512& sv) {
+        const uint8_t *b0 = row + 2 * c * 18, *b1 = b0 + 18;
+        sv = two_scales(f16_bits(b0), f16_bits(b1));
+        return two_nibble_blocks(b0 + 2, b1 + 2);  // q in [0, 15]; the value is q - 8
+      };
+      vnni_all_rows(a, K / 64, 3, chunk, out);
+    } else {
+      auto e8m0_half = [](uint8_t e) {  // ggml_e8m0_to_fp32_half: 2^(e - 128)
+        const uint32_t bits = e < 2 ? (0x00200000u << e) : (static_cast<uint32_t>(e - 1) << 23);
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+      };
+      auto chunk = [&](int64_t c, __m512& sv) {
+        const uint8_t *b0 = row + 2 * c * 17, *b1 = b0 + 17;
+        sv = two_scales(e8m0_half(b0[0]), e8m0_half(b1[0]));
+        return _mm512_shuffle_epi8(lut, two_nibble_blocks(b0 + 1, b1 + 1));  // value + 16
+      };
+      vnni_all_rows(a, K / 64, 4, chunk, out);
+    }
+  });
+}
+#endif
+
+// x float32 [M, K] -> (q int8 [M, K], d float32 [M, K/32]): the activation rounding the 8-bit paths use
+std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
+  const int64_t K = x.size(1);
+  check_x(x, K);
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
+  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
+  auto q = torch::empty({x.size(0), K}, x.options().dtype(torch::kInt8));
+  auto d = torch::empty({x.size(0), K / 32}, x.options());
+  std::memcpy(q.data_ptr<int8_t>(), a.qn.data(), a.qn.size());
+  std::memcpy(d.data_ptr<float>(), a.d.data(), a.d.size() * 4);
+  return {q, d};
+}
+
+bool has_vnni() { return MOE_VNNI; }
 bool has_avx512() { return MOE_AVX512; }
 #if defined(__AVX512BF16__)
 bool has_avx512_bf16() { return true; }
@@ -458,4 +757,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("has_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 pair dot was compiled in");
   mod.def("dequant_int4", &dequant_int4, "W float32 [N, K] = (q - z) * s per group, bit-equal to the torch reference");
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
+  mod.def("has_vnni", &has_vnni, "whether the 8-bit activation (AVX512-VNNI) paths were compiled in");
+  mod.def("quantize_activations", &quantize_activations, "x [M, K] -> (int8 q, float32 d per 32): x ~ q * d");
+#if MOE_VNNI
+  mod.def("gemv_int8_a8", &gemv_int8_a8, "y = Q8(x) @ (q * s[:, None])^T");
+  mod.def("gemv_int4_a8", &gemv_int4_a8, "y = Q8(x) @ ((q - z) * s per group)^T");
+  mod.def("gemv_gguf_a8", &gemv_gguf_a8, "y = Q8(x) @ dequant(q)^T for GGUF Q8_0 / Q4_0 / MXFP4 rows");
+#endif
 }
