@@ -14,6 +14,9 @@ Sections (each timed and isolated: a failure is recorded, the next section still
   kernels            benchmarks/kernel_speed.py (Mixtral shapes, bf16, T in 1..256)
   quant_kernels      fused_moe_quant (int8; int4 at G=32/64/128) vs the torch dequant loop, and weight GB/s
                      at decode T=1/4/16, bf16, Mixtral (E=8,k=2) and Qwen3-MoE (E=128,k=8,I=768) shapes
+  gguf_kernels       fused_moe over GGUF rows (Q4_K gate/up with Q6_K down as in Q4_K_M files; Q8_0; Q4_0;
+                     MXFP4) vs the loop's torch dequantization, weight GB/s, the same shapes and tokens (the
+                     GGUF kernel variants are otherwise tested only under the Triton interpreter)
   decode             benchmarks/decode.py (only with --only ...,decode: it builds a 17 GB pinned store and
                      takes 3-5 minutes; run it as a second call when the budget allows)
 """
@@ -225,6 +228,63 @@ def quant_kernels(device: torch.device, smoke: bool) -> dict:
     return out
 
 
+GGUF_TYPES = (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0",) * 3, ("Q4_0",) * 3, ("MXFP4",) * 3)
+GGUF_FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,), "MXFP4": ()}
+
+
+def _random_gguf_pool(e: int, h: int, i: int, types: tuple[str, str, str], device: torch.device):
+    """A GGUF slot-row pool of e random experts built on device: random block bytes, each block's fp16
+    scales (MXFP4: its exponent byte) set so that a weight is about 1/sqrt(K)."""
+    from moe_offload.formats.gguf import BLOCK_TYPES, GgufFormat
+
+    fmt = GgufFormat(types)
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = torch.randint(0, 256, (e, fmt.expert_bytes(h, i)), dtype=torch.uint8, device=device, generator=g)
+    views = fmt.views(rows, h, i)
+    for sec, qt, k in (("w1", types[0], h), ("w3", types[1], h), ("w2", types[2], i)):
+        bt = BLOCK_TYPES[qt]
+        blocks = views[sec].unflatten(-1, (-1, bt.nbytes))  # [E, N, blocks per row, bytes]
+        nb = blocks.shape[:-1]
+        per_weight = {"Q8_0": 64.0, "Q4_0": 4.0, "Q4_K": 32.0 * 8, "Q6_K": 64.0 * 16}.get(qt, 1.0)
+        for off in GGUF_FP16_FIELDS[qt]:
+            d = (torch.rand(nb, device=device, generator=g) / (per_weight * k ** 0.5)).half()
+            blocks[..., off:off + 2] = d.unsqueeze(-1).view(torch.uint8)
+        if qt == "MXFP4":  # 2**(e - 128) * (kvalues up to 12) ~ 1/sqrt(K)
+            blocks[..., 0] = torch.randint(118, 123, nb, device=device, generator=g).to(torch.uint8)
+    return fmt.pool_views(rows, h, i), fmt.expert_bytes(h, i)
+
+
+def gguf_kernels(device: torch.device, smoke: bool) -> dict:
+    """fused_moe on GGUF pools (Q4_K/Q6_K, Q8_0, Q4_0, MXFP4 decoded in registers) against the loop
+    backend's torch dequantize-then-matmul of the same bytes, and the kernel's weight GB/s."""
+    from moe_offload.kernels import fused_moe_quant, fused_moe_reference
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = {"mixtral": (8, 2, 4096, 14336), "qwen3_moe": (128, 8, 2048, 768)}
+    if smoke:
+        shapes = {"tiny": (4, 2, 256, 256)}
+    out = {"rows": [], "tolerance": QUANT_REL_TOL}
+    for name, (e, k, h, i) in shapes.items():
+        for types in GGUF_TYPES if not smoke else GGUF_TYPES[:2]:
+            pool, row_bytes = _random_gguf_pool(e, h, i, types, device)
+            slots = torch.arange(e, dtype=torch.int32, device=device)
+            for t in (1, 4, 16) if not smoke else (1, 4):
+                x = torch.randn(t, h, device=device).to(dtype)
+                ids = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(t)])
+                w = torch.softmax(torch.randn(t, k, device=device), -1)
+                ref = fused_moe_reference(x, ids, w, pool, None, slots)
+                got = fused_moe_quant(x, ids, w, pool, slots)
+                rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                sec = _time(lambda: fused_moe_quant(x, ids, w, pool, slots), device, 2 if smoke else 20)
+                loop = _time(lambda: fused_moe_reference(x, ids, w, pool, None, slots), device, 1 if smoke else 5)
+                touched = int(ids.unique().numel())
+                out["rows"].append({"shape": name, "fmt": ",".join(types), "tokens": t, "max_rel_diff": rel,
+                                    "finite": bool(torch.isfinite(got).all()), "us": sec * 1e6, "loop_us": loop * 1e6,
+                                    "weight_GBps": touched * row_bytes / sec / 1e9})
+            del pool
+    return out
+
+
 def _time(fn, device: torch.device, iters: int) -> float:
     fn()
     if device.type == "cuda":
@@ -271,6 +331,11 @@ def section_failures(name: str, value: object) -> list[str]:
     if name == "quant_kernels":
         out += [f"{r['shape']} {r['fmt']} G={r['group']} T={r['tokens']}: rel diff {r['max_rel_diff']:.2e} > "
                 f"{QUANT_REL_TOL:.0e}" for r in value["rows"] if not r["max_rel_diff"] <= QUANT_REL_TOL]
+    if name == "gguf_kernels":
+        out += [f"{r['shape']} gguf:{r['fmt']} T={r['tokens']}: rel diff {r['max_rel_diff']:.2e} > {QUANT_REL_TOL:.0e}"
+                for r in value["rows"] if not r["max_rel_diff"] <= QUANT_REL_TOL]
+        out += [f"{r['shape']} gguf:{r['fmt']} T={r['tokens']}: output not finite" for r in value["rows"]
+                if not r["finite"]]
     if name == "cuda_link" and "skipped" not in value:
         out += [f"offloaded tokens differ from resident with {k}" for k, v in value.items()
                 if k.startswith("tokens_equal") and not v]
@@ -330,7 +395,8 @@ def sync_debug(device: torch.device, smoke: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--only", default="offload_exactness,sync_debug,cuda_link,copy_engine,kernels,quant_kernels")
+    ap.add_argument("--only", default="offload_exactness,sync_debug,cuda_link,copy_engine,kernels,quant_kernels,"
+                                      "gguf_kernels")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
@@ -339,7 +405,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             fn = {"offload_exactness": offload_exactness, "copy_engine": copy_engine, "cuda_link": cuda_link,
-                  "sync_debug": sync_debug, "quant_kernels": quant_kernels}.get(name)
+                  "sync_debug": sync_debug, "quant_kernels": quant_kernels, "gguf_kernels": gguf_kernels}.get(name)
             value = fn(device, args.smoke) if fn else script(name, args.smoke, out_dir)
             failures = section_failures(name, value)
             results["sections"][name] = {"ok": not failures, "failures": failures,

@@ -6,7 +6,8 @@
   int4-asym            Int4Format (int4.py, symmetric=False): scale and zero point per group along K
   int3 / int2          ProjectedIntFormat (projected.py): sizes for projections only
   gguf:Q4_0, ...       GgufFormat (gguf.py): GGUF block types as the file stores them (read from .gguf
-                       files only; 'gguf:' + one type, or gate,up,down types)
+                       files only; 'gguf:' + one type, or gate,up,down types); loop backend, and triton
+                       for Q8_0 / Q4_0 / Q4_K / Q6_K / MXFP4 with gate and up of one type
   gguf:A*2;B*30        GgufLayersFormat (gguf.py): layers of different GGUF types, one GgufFormat each
   gptq:4,g128,sym,...  GptqFormat (gptq.py)         \
   awq:4,g128           AwqFormat (awq.py)            | hub formats (hub.py): a published checkpoint's
@@ -130,9 +131,10 @@ def choose_format(expert_dtype: str, group_size: int, compute_dtype: torch.dtype
         except ValueError as exc:
             raise MoeOffloadError(str(exc)) from None
         if moe_backend not in fmt.moe_backends:
-            raise MoeOffloadError(f"GGUF experts ({expert_dtype}) run on moe_backend 'loop' only for now (the Triton "
-                                  f"kernel has no GGUF block formats yet); got moe_backend {moe_backend!r}: pass "
-                                  "moe_backend='loop' (--tuning moe_backend=loop)")
+            why = fmt.triton_problem() if moe_backend == "triton" else None
+            runs = " or ".join(repr(b) for b in fmt.moe_backends) + ("" if len(fmt.moe_backends) > 1 else " only")
+            raise MoeOffloadError(f"{why or f'GGUF experts ({expert_dtype}) run on moe_backend {runs}'}; got "
+                                  f"moe_backend {moe_backend!r}: pass moe_backend='loop' (--tuning moe_backend=loop)")
         return fmt
     if hub_class(expert_dtype) is not None:  # a published checkpoint's experts (GPTQ, AWQ, FP8, ...), as stored
         try:

@@ -13,8 +13,11 @@ of gguf.quants (llama.cpp's own Python reference) in the same order, so the two 
 (tests/test_gguf.py checks every type against gguf.quants.dequantize).
 
 Running: dequantize a tile of output rows, then matmul (GgufPool.ffn), never a whole expert per token
-beyond one tile. The fused Triton kernel has no GGUF flag yet: these formats run on moe_backend 'loop'
-only (choose_format refuses 'triton' with that message), on the CPU and on CUDA alike.
+beyond one tile (moe_backend 'loop', CPU and CUDA). The fused Triton kernel (moe_backend 'triton') decodes
+Q8_0, Q4_0, Q4_K, Q6_K and MXFP4 rows in registers, a WEIGHT_FORMAT flag per projection (GgufPool.
+kernel_format), gate and up read as one [2I, rb(H)] matrix, so they must share a type; other types and
+mixed gate/up run on the loop only (gguf_triton_problem names the layer, projection and type). Tested
+under the Triton interpreter only until a GPU run confirms it (benchmarks/gpu_check.py gguf_kernels).
 
 Format names: 'gguf:' + the three types, 'gguf:Q4_0' when all three agree, else 'gguf:Q4_K,Q4_K,Q6_K'
 (gate, up, down); get_format() parses them, so the name alone rebuilds the format. A file whose layers
@@ -27,16 +30,15 @@ largest (expert_bytes) and each layer reads its slots through its own views (per
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 
 from ..kernels import cpu_gemv
-from ..kernels.pool import WeightPool
+from ..kernels.pool import GGUF_FLAGS, WEIGHT_NONE, WeightPool
 from .base import ExpertFormat, PackedFormat
 
 QK_K = 256
-WEIGHT_GGUF = -1  # no fused-kernel flag: the loop backend only
 TILE_ROWS = 512  # output rows dequantized at a time by GgufPool.ffn
 
 
@@ -237,6 +239,19 @@ def parse_gguf_layers(name: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def gguf_triton_problem(types: tuple[str, str, str], where: str = "") -> str | None:
+    """Why the fused Triton kernel cannot read experts of (gate, up, down) block `types` (one line naming
+    the projection and type; `where` e.g. ' of layer 3'), or None when it can."""
+    for proj, t in zip(("gate", "up", "down"), types):
+        if t not in GGUF_FLAGS:
+            return (f"GGUF experts{where}: the {proj} projection is {t}; moe_backend 'triton' runs "
+                    f"{', '.join(GGUF_FLAGS)} (other types run on 'loop')")
+    if types[0] != types[1]:
+        return (f"GGUF experts{where}: gate is {types[0]} and up is {types[1]}; moe_backend 'triton' reads gate and "
+                "up as one matrix of one type")
+    return None
+
+
 @dataclass
 class GgufPool(WeightPool):
     """GGUF views: w13 = gate blocks uint8 [S, I, rb(H)], w3 = up blocks [S, I, rb(H)], w2 = down blocks
@@ -244,7 +259,33 @@ class GgufPool(WeightPool):
 
     w3: torch.Tensor | None = None
     types: tuple[BlockType, BlockType, BlockType] | None = None
-    weight_format: ClassVar[int] = WEIGHT_GGUF
+
+    @property
+    def weight_format(self) -> int:
+        """The gate / up projection's kernel flag (WEIGHT_NONE: no kernel variant reads it)."""
+        return self.kernel_format("w13")
+
+    def kernel_format(self, which: str) -> int:
+        t1, t3, t2 = self.types
+        if which == "w2":
+            return GGUF_FLAGS.get(t2.name, WEIGHT_NONE)
+        return GGUF_FLAGS.get(t1.name, WEIGHT_NONE) if t1 == t3 else WEIGHT_NONE
+
+    def kernel_refusal(self) -> str | None:
+        return gguf_triton_problem(tuple(t.name for t in self.types))
+
+    def kernel_views(self, which: str) -> tuple[torch.Tensor, None, None]:
+        """w13: gate and up as one uint8 [S, 2I, rb(H)], a view where up follows gate in each row (slot
+        rows, device rows), else a copy (a pool over a file's separate gate / up tensors); w2: down."""
+        if which == "w2":
+            return self.w2, None, None
+        g, u = self.w13, self.w3
+        s, i, rb = g.shape
+        if (u.stride() == g.stride() and g.stride(2) == 1
+                and u.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+                and u.storage_offset() == g.storage_offset() + i * g.stride(1)):
+            return g.as_strided((s, 2 * i, rb), g.stride()), None, None
+        return torch.cat([g, u], dim=1), None, None
 
     def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
         t1, t3, t2 = self.types
@@ -283,6 +324,11 @@ class GgufFormat(PackedFormat):
         super().__init__(compute_dtype, group_size)
         self.types = tuple(BLOCK_TYPES[t] for t in types)
         self.name = gguf_format_name(tuple(types))
+        self.moe_backends = ("loop",) if self.triton_problem() else ("loop", "triton")
+
+    def triton_problem(self, where: str = "") -> str | None:
+        """Why moe_backend 'triton' cannot run these experts (one line), or None."""
+        return gguf_triton_problem(tuple(t.name for t in self.types), where)
 
     def check_shape(self, hidden: int, inter: int) -> None:
         """ValueError unless every projection's input dimension is a whole number of blocks."""
@@ -335,6 +381,11 @@ class GgufLayersFormat(ExpertFormat):
         made: dict[tuple[str, str, str], GgufFormat] = {}
         self.layers = [made.setdefault(tuple(t), GgufFormat(tuple(t), compute_dtype, group_size)) for t in layers]
         self.name = gguf_layers_name([tuple(t) for t in layers])
+        self.moe_backends = ("loop",) if self.triton_problem() else ("loop", "triton")  # each layer its own flags
+
+    def triton_problem(self) -> str | None:
+        """The first layer whose experts moe_backend 'triton' cannot run, as one line, or None."""
+        return next(filter(None, (f.triton_problem(f" of layer {l}") for l, f in enumerate(self.layers))), None)
 
     def per_layer(self, num_layers: int) -> list[ExpertFormat]:
         if num_layers != len(self.layers):

@@ -7,6 +7,11 @@ pool plus the WEIGHT_FORMAT value that selects, at compile time, how the kernel 
   WEIGHT_INT4   w13 uint8 [S, 2I, ceil(H/2)], s13 / z13 [S, 2I, ceil(H/G)]; w2 uint8 [S, H, ceil(I/2)],
                 s2 / z2 [S, H, ceil(I/G)]. Weight k of a row is the low nibble of byte k // 2 when k is
                 even, the high nibble when k is odd; w = (q - z) * s with the scale and zero of group k // G.
+  WEIGHT_GGUF_*  GGUF (ggml) block types read as the file stores them (formats/gguf.py): w13 uint8
+                [S, 2I, rb(H)] (gate rows, then up rows, one type), w2 uint8 [S, H, rb(I)] (rb: the type's
+                row bytes); no scale / zero tensors, every block carries its own. GGUF_FLAGS maps the type
+                names the kernel decodes (Q8_0, Q4_0, Q4_K, Q6_K, MXFP4) to their flags; the two
+                projections may differ (kernel_format).
 Scales and zeros are fp16; a quantized weight is dequantized in float32, then cast to the activation dtype.
 
 Which format a pool holds is decided by the code that packs it (moe_offload.formats): a quantized
@@ -31,6 +36,10 @@ WEIGHT_FLOAT, WEIGHT_INT8, WEIGHT_INT4 = 0, 1, 2
 # expert call; freed temporaries that size stayed in the heap (resident memory +45% after a 64-token
 # prefill, benchmarks/cpu_vs_llamacpp.py's memory column).
 DEQUANT_TILE_ROWS = 512
+WEIGHT_GGUF_Q8_0, WEIGHT_GGUF_Q4_0, WEIGHT_GGUF_Q4_K, WEIGHT_GGUF_Q6_K, WEIGHT_GGUF_MXFP4 = 3, 4, 5, 6, 7
+WEIGHT_NONE = -1  # a format no kernel variant reads: the loop backend only
+GGUF_FLAGS = {"Q8_0": WEIGHT_GGUF_Q8_0, "Q4_0": WEIGHT_GGUF_Q4_0, "Q4_K": WEIGHT_GGUF_Q4_K, "Q6_K": WEIGHT_GGUF_Q6_K,
+              "MXFP4": WEIGHT_GGUF_MXFP4}  # ggml block type name -> WEIGHT_FORMAT
 
 
 @dataclass
@@ -68,6 +77,21 @@ class WeightPool(ABC):
         if which == "w13":
             return self.w13, self.s13, self.z13, self.hidden
         return self.w2, self.s2, self.z2, self.inter
+
+    def kernel_format(self, which: str) -> int:
+        """The fused kernel's WEIGHT_FORMAT for projection 'w13' or 'w2' (WEIGHT_NONE: no kernel reads
+        it): weight_format for both, unless the format encodes the two differently."""
+        return self.weight_format
+
+    def kernel_refusal(self) -> str | None:
+        """Why the fused kernel cannot read this pool (one line), or None when it can."""
+        if WEIGHT_NONE in (self.kernel_format("w13"), self.kernel_format("w2")):
+            return f"no fused-kernel weight format reads {type(self).__name__}: run it on moe_backend 'loop'"
+        return None
+
+    def kernel_views(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weights, scales, zeros) of projection 'w13' or 'w2' as the fused kernel reads them."""
+        return self.projection(which)[:3]
 
     @abstractmethod
     def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
