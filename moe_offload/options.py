@@ -130,8 +130,8 @@ class OffloadConfig:
                                 "AVX512-VNNI; int8/int4 decode about 2x faster), exact = the compute dtype; auto = "
                                 "int8 for bf16/fp16 compute, exact for float32", "auto", choices=CPU_ACTIVATIONS,
                                 nullable=False)
-    threads: int | None = _opt("CPU threads for compute (torch.set_num_threads; default: the physical cores, "
-                               "unless OMP_NUM_THREADS is set)", kind=int, lo=1)
+    threads: int | None = _opt("CPU threads for compute (torch.set_num_threads; default: the physical cores, within "
+                               "the CPU affinity and cgroup CPU quota, unless OMP_NUM_THREADS is set)", kind=int, lo=1)
     tuning: Tuning = field(default_factory=Tuning, metadata=dict(help="the rest (see Tuning)", kind=Tuning))
 
     def __post_init__(self) -> None:

@@ -407,13 +407,37 @@ def set_cpu_activations(mode: str) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's intra-op threads: `threads`, or (None) the physical cores unless OMP_NUM_THREADS is set."""
+    """torch's intra-op threads: `threads`, or (None) default_threads() unless OMP_NUM_THREADS is set."""
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS"):
             return
-        threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        threads = default_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def default_threads() -> int:
+    """The physical cores this process may use: the machine's, capped by its CPU affinity (taskset,
+    docker --cpuset-cpus) and its cgroup v2 CPU quota (docker --cpus), since threads beyond those share
+    cores and OpenMP's barriers then stall."""
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    logical = os.cpu_count() or cores
+    if hasattr(os, "sched_getaffinity"):  # a share of the logical CPUs, in physical cores (rounded up)
+        allowed = len(os.sched_getaffinity(0))
+        cores = min(cores, max(1, -(-allowed * cores // logical)))
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The cgroup v2 CPU limit in whole CPUs (rounded up), or None without one ('max', no file)."""
+    try:
+        limit, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if limit == "max":
+        return None
+    return max(1, -(-int(limit) // int(period)))
 
 
 def _expert_storage(config: OffloadConfig, cfg: ModelConfig, path: Path) -> tuple[str, int]:

@@ -119,6 +119,32 @@ def test_threads_default_to_the_physical_cores_and_can_be_set(monkeypatch):
         OffloadConfig(threads=0)
 
 
+def test_default_threads_respect_affinity_and_cgroup_quota(monkeypatch, tmp_path):
+    import os
+
+    import psutil
+
+    from moe_offload import runtime
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 16 if logical else 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: None)
+    assert runtime.default_threads() == 8  # physical cores, not hyperthreads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert runtime.default_threads() == 2  # taskset -c 0-3: 4 of 16 logical CPUs = 2 cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 3)
+    assert runtime.default_threads() == 3  # docker --cpus 2.5
+    monkeypatch.undo()
+    f = tmp_path / "cpu.max"
+    f.write_text("250000 100000\n")
+    assert runtime.cgroup_cpu_quota(str(f)) == 3
+    f.write_text("max 100000\n")
+    assert runtime.cgroup_cpu_quota(str(f)) is None
+    assert runtime.cgroup_cpu_quota(str(tmp_path / "absent")) is None
+
+
 @pytest.mark.parametrize("block_type", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("m", [1, 5])
 def test_gguf_kernels_equal_gguf_dequantize_then_matmul(block_type, m):
