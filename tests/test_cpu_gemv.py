@@ -323,3 +323,18 @@ def test_cpu_activations_option_is_validated_and_int8_refused_without_vnni(monke
     monkeypatch.setattr(cpu_gemv, "has_vnni", lambda: False)
     with pytest.raises(MoeOffloadError, match="cpu_activations 'int8'.*VNNI"):
         runtime.load(config=OffloadConfig(device="cpu", cpu_activations="int8"))
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+@pytest.mark.parametrize("m", [1, 5])
+def test_int8_activations_gpt_oss_mxfp4_equal_float64_of_rounded_x(m):
+    """Oracle for the weights: formats.mxfp4.dequant_mxfp4, bit-equal to transformers' own MXFP4
+    dequantizer (tests/test_gpt_oss_mxfp4.py)."""
+    from moe_offload.formats.mxfp4 import dequant_mxfp4
+
+    g = torch.Generator().manual_seed(m)
+    blocks = torch.randint(0, 256, (96, 16, 16), dtype=torch.uint8, generator=g)  # [N, K/32, 16], K = 512
+    scales = torch.randint(118, 132, (96, 16), dtype=torch.uint8, generator=g)
+    x = torch.randn(m, 512, generator=g)
+    check(cpu_gemv.mxfp4_linear(x, blocks, scales), rounded_x(x) @ dequant_mxfp4(blocks, scales).double().T, F32_TOL)

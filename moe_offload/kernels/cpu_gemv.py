@@ -212,6 +212,18 @@ def gguf_linear(x: torch.Tensor, q: torch.Tensor, block_type: str) -> torch.Tens
     return y.to(x.dtype).view(*lead, q.shape[0])
 
 
+def mxfp4_runs(x: torch.Tensor, k: int) -> bool:
+    """Whether mxfp4_linear runs for x [..., K = k] (int8 activations only)."""
+    return available() and int8_activations(x, k)
+
+
+def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] for W in GPT-OSS's MXFP4 layout: blocks uint8 [N, K/32, 16] (element 2j
+    of a block the low nibble of byte j), scales uint8 [N, K/32] (e8m0); int8 activations (mxfp4_runs)."""
+    x2, lead = _rows(x)
+    return _require().gemv_mxfp4_a8(x2, blocks, scales).to(x.dtype).view(*lead, blocks.shape[0])
+
+
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear(x, w)` runs here: cpu, at most MAX_ROWS rows, float32 / bfloat16 weights, and
     the kernels built."""

@@ -725,6 +725,42 @@ torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const torch::Tensor& q, int64
     }
   });
 }
+
+// MXFP4 as GPT-OSS ships it (the hub layout): blocks uint8 [N, K/32, 16], element 2j of a block in the
+// low nibble of byte j and 2j + 1 in the high one (so two blocks are int4's 64-weight chunk), scales
+// uint8 [N, K/32] e8m0 (2^(e - 127)) -> y float32 [M, N] = Q8(x) @ W^T
+torch::Tensor gemv_mxfp4_a8(const torch::Tensor& x, const torch::Tensor& blocks, const torch::Tensor& scales) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 16 && blocks.is_contiguous() && blocks.scalar_type() == torch::kUInt8,
+              "blocks must be contiguous uint8 [N, K/32, 16]");
+  const int64_t N = blocks.size(0), nb = blocks.size(1), K = nb * 32;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == nb && scales.is_contiguous() &&
+              scales.scalar_type() == torch::kUInt8, "scales must be contiguous uint8 [N, K/32]");
+  check_x(x, K);
+  check_vnni_k(K);
+  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, nibble_split);
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  const uint8_t* sp = scales.data_ptr<uint8_t>();
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(16, 17, 18, 19, 20, 22, 24, 28, 16, 15, 14, 13, 12, 10, 8, 4));
+  const __m512i shifts = _mm512_set_epi64(F, F, F, F, 0, 0, 0, 0);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  auto pow2_half = [](uint8_t e) {  // 2^(e - 128): the doubled e2m1 values' scale (ggml_e8m0_to_fp32_half)
+    const uint32_t bits = e < 2 ? (0x00200000u << e) : (static_cast<uint32_t>(e - 1) << 23);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const uint8_t *row = bp + n * K / 2, *sc = sp + n * nb;
+    auto chunk = [&](int64_t c, __m512& sv) {
+      // lanes 0-3 and 8-11 hold block 2c's elements, 4-7 and 12-15 block 2c + 1's
+      sv = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(pow2_half(sc[2 * c])), _mm512_set1_ps(pow2_half(sc[2 * c + 1])));
+      const __m256i b = _mm256_loadu_si256((const __m256i*)(row + c * 32));
+      const __m512i v = _mm512_and_si512(_mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1), shifts), low);
+      return _mm512_shuffle_epi8(lut, v);  // doubled e2m1 value + 16
+    };
+    vnni_all_rows(a, K / 64, 4, chunk, out);
+  });
+}
 #endif
 
 // x float32 [M, K] -> (q int8 [M, K], d float32 [M, K/32]): the activation rounding the 8-bit paths use
@@ -763,5 +799,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_int8_a8", &gemv_int8_a8, "y = Q8(x) @ (q * s[:, None])^T");
   mod.def("gemv_int4_a8", &gemv_int4_a8, "y = Q8(x) @ ((q - z) * s per group)^T");
   mod.def("gemv_gguf_a8", &gemv_gguf_a8, "y = Q8(x) @ dequant(q)^T for GGUF Q8_0 / Q4_0 / MXFP4 rows");
+  mod.def("gemv_mxfp4_a8", &gemv_mxfp4_a8, "y = Q8(x) @ W^T, W MXFP4 as GPT-OSS ships it (blocks, e8m0 scales)");
 #endif
 }
