@@ -256,21 +256,34 @@ def test_int8_activations_int4_weights_equal_float64_of_rounded_x(group, symmetr
     check(cpu_gemv.int4_linear(x, q, s, z, group, symmetric=symmetric), ref, F32_TOL)
 
 
+# random valid blocks for the types gguf.quants cannot quantize: (block bytes, blocks per 256 weights, byte
+# offsets of fp16 scales set to small finite values, of e8m0 exponents set near 127)
+RANDOM_BLOCKS = {"MXFP4": (17, 8, (), (0,)), "Q4_K": (144, 1, (0, 2), ()), "Q6_K": (210, 1, (208,), ())}
+
+
+def random_blocks(block_type: str, n: int, g: torch.Generator) -> torch.Tensor:
+    nbytes, per256, halves, exps = RANDOM_BLOCKS[block_type]
+    rows = torch.randint(0, 256, (n, per256, nbytes), dtype=torch.uint8, generator=g)
+    for at in halves:
+        rows[:, :, at:at + 2] = (torch.rand(n, per256, 1, generator=g) * 0.02).half().view(torch.uint8)
+    for at in exps:
+        rows[:, :, at] = torch.randint(120, 132, (n, per256), dtype=torch.uint8, generator=g)
+    return rows.reshape(n, -1)
+
+
 @needs_vnni
 @pytest.mark.activations("int8")
-@pytest.mark.parametrize("block_type", ["Q8_0", "Q4_0", "MXFP4"])
+@pytest.mark.parametrize("block_type", ["Q8_0", "Q4_0", "MXFP4", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 5])
 def test_int8_activations_gguf_weights_equal_gguf_dequantize_of_rounded_x(block_type, m):
-    """Oracle: gguf.quants' dequantizer (random valid MXFP4 blocks: the package cannot quantize them)."""
+    """Oracle: gguf.quants' dequantizer (random valid blocks for the types the package cannot quantize)."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     qt = getattr(GGMLQuantizationType, block_type)
     g = torch.Generator().manual_seed(m)
-    if block_type == "MXFP4":
-        rows = torch.randint(0, 256, (48, 8 * 17), dtype=torch.uint8, generator=g)
-        rows.view(48, 8, 17)[:, :, 0] = torch.randint(120, 132, (48, 8), dtype=torch.uint8, generator=g)  # exponents
-        rows = rows.numpy()
+    if block_type in RANDOM_BLOCKS:
+        rows = random_blocks(block_type, 48, g).numpy()
     else:
         rows = quants.quantize(torch.randn(48, 256, generator=g).numpy(), qt)
     deq = torch.from_numpy(np.asarray(quants.dequantize(rows, qt), dtype=np.float64))  # [48, 256]

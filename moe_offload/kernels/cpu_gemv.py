@@ -191,7 +191,7 @@ def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: 
     return _require().dequant_int4(q, s, z, group_size)
 
 
-GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "MXFP4": 17}  # the GGUF block types the kernels read
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "MXFP4": 17, "Q4_K": 144, "Q6_K": 210}  # the GGUF types the kernels read
 GGUF_EXACT = ("Q8_0", "Q4_0")  # ... of which these also against exact activations
 
 
@@ -203,8 +203,8 @@ def gguf_runs(block_type: str, x: torch.Tensor, k: int) -> bool:
 
 
 def gguf_linear(x: torch.Tensor, q: torch.Tensor, block_type: str) -> torch.Tensor:
-    """x [..., K] @ dequant(q)^T -> [..., N]; q uint8 [N, K/32 * block bytes], GGUF rows of `block_type`
-    (Q8_0, Q4_0, or MXFP4 with int8 activations; see gguf_runs) as the file stores them."""
+    """x [..., K] @ dequant(q)^T -> [..., N]; q uint8 [N, row bytes], GGUF rows of `block_type` as the
+    file stores them (Q8_0, Q4_0; MXFP4, Q4_K and Q6_K with int8 activations: see gguf_runs)."""
     x2, lead = _rows(x)
     ext = _require()
     bb = GGUF_BLOCK_BYTES[block_type]

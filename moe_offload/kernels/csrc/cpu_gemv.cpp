@@ -594,6 +594,84 @@ inline __m512i two_nibble_blocks(const uint8_t* b0, const uint8_t* b1) {
   return _mm512_and_si512(_mm512_srlv_epi16(v, shifts), _mm512_set1_epi8(0x0F));
 }
 
+
+// 64 weights as [low nibbles of 32 bytes | high nibbles of the same 32 bytes]
+inline __m512i nibbles_lo_hi(const uint8_t* p) {
+  const __m256i b = _mm256_loadu_si256((const __m256i*)p);
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);
+  return _mm512_and_si512(_mm512_srlv_epi16(v, _mm512_set_epi64(F, F, F, F, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+}
+
+// GGUF Q4_K super-block (144 bytes, 256 weights): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins for
+// 8 sub-blocks of 32, then 128 bytes: bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1
+// in their high ones. w = d * sc * q - dmin * m. The q part runs through VPDPBUSD (q unsigned, no offset);
+// the mins meet the activations' block sums (QAct::bs) once per sub-block.
+inline void k4_scale_min(const uint8_t* s, int j, float& sc, float& mn) {
+  if (j < 4) {
+    sc = s[j] & 63, mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+void q4_k_row(const QAct& a, const uint8_t* row, int64_t blocks, float* out) {
+  auto chunk = [&](int64_t c, __m512& sv) {  // chunk c: sub-blocks 2j, 2j + 1 of super-block c / 4
+    const uint8_t* blk = row + (c / 4) * 144;
+    const int j = static_cast<int>(c % 4);
+    const float d = f16_bits(blk);
+    float s0, s1, m0, m1;
+    k4_scale_min(blk + 4, 2 * j, s0, m0);
+    k4_scale_min(blk + 4, 2 * j + 1, s1, m1);
+    sv = two_scales(d * s0, d * s1);
+    return nibbles_lo_hi(blk + 16 + 32 * j);
+  };
+  vnni_all_rows(a, blocks * 4, 32, chunk, out);
+  for (int64_t m = 0; m < a.M; ++m) {  // - dmin * m_s * (sum of the sub-block's activations)
+    const float* bs = a.bs.data() + m * (a.K / 32);
+    float corr = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = row + b * 144;
+      float sub = 0.f;
+      for (int j = 0; j < 8; ++j) {
+        float sc, mn;
+        k4_scale_min(blk + 4, j, sc, mn);
+        sub += mn * bs[b * 8 + j];
+      }
+      corr += f16_bits(blk + 2) * sub;
+    }
+    out[m] -= corr;
+  }
+}
+
+// GGUF Q6_K super-block (210 bytes, 256 weights): ql[128] low 4 bits, qh[64] high 2 bits, 16 int8 scales
+// (one per 16 weights), fp16 d last. Each half (128 weights) is two chunks of 64: weights 0-63 take the
+// low nibbles of ql[0..63] with qh bits 0-1 (first 32) and 2-3 (next 32); weights 64-127 the high nibbles
+// with qh bits 4-5 and 6-7. w = d * sc * (q - 32), q in [0, 63].
+void q6_k_row(const QAct& a, const uint8_t* row, int64_t blocks, float* out) {
+  const __m512i quarter = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  auto chunk = [&](int64_t c, __m512& sv) {  // chunk c: super-block c / 4, half (c / 2) % 2, upper (c % 2)
+    const uint8_t* blk = row + (c / 4) * 210;
+    const int half = static_cast<int>((c / 2) % 2), upper = static_cast<int>(c % 2);
+    const uint8_t *ql = blk + 64 * half, *qh = blk + 128 + 32 * half;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * half + 4 * upper;
+    int32_t four_bytes;
+    std::memcpy(&four_bytes, sc, 4);
+    const __m128 four = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four_bytes)));
+    sv = _mm512_mul_ps(_mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(four)), _mm512_set1_ps(f16_bits(blk + 208)));
+    const __m512i l = _mm512_loadu_si512(ql);  // 64 bytes: their low (upper 0) or high (upper 1) nibbles
+    const __m512i lo = _mm512_and_si512(upper ? _mm512_srli_epi16(l, 4) : l, _mm512_set1_epi8(0x0F));
+    const __m256i h = _mm256_loadu_si256((const __m256i*)qh);
+    const int64_t s0 = upper ? 4 : 0, s1 = upper ? 6 : 2;  // qh bits for the first and second 32 weights
+    const __m512i hs = _mm512_set_epi64(s1 * 0x0001000100010001, s1 * 0x0001000100010001, s1 * 0x0001000100010001,
+                                        s1 * 0x0001000100010001, s0 * 0x0001000100010001, s0 * 0x0001000100010001,
+                                        s0 * 0x0001000100010001, s0 * 0x0001000100010001);
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1), hs),
+                                        _mm512_set1_epi8(3));
+    return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));  // q in [0, 63]; the value is q - 32
+  };
+  vnni_all_rows(a, blocks * 4, 5, chunk, out);
+}
+
 }  // namespace
 
 // x float32 [M, K], q int8 [N, K], s fp16 [N] -> y float32 [M, N] = Q8(x) @ (q * s)^T
@@ -680,10 +758,11 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
 // GGUF rows of Q8_0 (34-byte blocks), Q4_0 (18) or MXFP4 (17) -> y float32 [M, N] = Q8(x) @ dequant(q)^T
 torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const torch::Tensor& q, int64_t block_bytes) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, row bytes]");
-  TORCH_CHECK(block_bytes == 34 || block_bytes == 18 || block_bytes == 17,
-              "block_bytes must be 34 (Q8_0), 18 (Q4_0) or 17 (MXFP4), got ", block_bytes);
+  const int64_t per_block = block_bytes == 144 || block_bytes == 210 ? 256 : 32;  // K-quants: super-blocks
+  TORCH_CHECK(block_bytes == 34 || block_bytes == 18 || block_bytes == 17 || block_bytes == 144 || block_bytes == 210,
+              "block_bytes must be 34 (Q8_0), 18 (Q4_0), 17 (MXFP4), 144 (Q4_K) or 210 (Q6_K), got ", block_bytes);
   TORCH_CHECK(q.size(1) % block_bytes == 0, "row bytes ", q.size(1), " are not whole blocks of ", block_bytes);
-  const int64_t N = q.size(0), blocks = q.size(1) / block_bytes, K = blocks * 32, rb = q.size(1);
+  const int64_t N = q.size(0), blocks = q.size(1) / block_bytes, K = blocks * per_block, rb = q.size(1);
   check_x(x, K);
   check_vnni_k(K);
   const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
@@ -709,6 +788,10 @@ torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const torch::Tensor& q, int64
         return two_nibble_blocks(b0 + 2, b1 + 2);  // q in [0, 15]; the value is q - 8
       };
       vnni_all_rows(a, K / 64, 3, chunk, out);
+    } else if (block_bytes == 144) {
+      q4_k_row(a, row, blocks, out);
+    } else if (block_bytes == 210) {
+      q6_k_row(a, row, blocks, out);
     } else {
       auto e8m0_half = [](uint8_t e) {  // ggml_e8m0_to_fp32_half: 2^(e - 128)
         const uint32_t bits = e < 2 ? (0x00200000u << e) : (static_cast<uint32_t>(e - 1) << 23);
