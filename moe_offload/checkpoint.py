@@ -1,4 +1,11 @@
-"""Safetensors checkpoints (single file or sharded index): validation, then lazy mmap reads."""
+"""Safetensors checkpoints (single file or sharded index): validation, then lazy mmap reads.
+
+Besides reading a tensor (a copy, converted as asked), a checkpoint hands out its tensors in place:
+`mapped_tensor(name)` is a view of the file's read-only memory map, as stored (nothing read or copied),
+and `in_place()` a reader with the tensor() / tensor_row() calls the families' read functions make that
+answers with such views. The host expert store reads experts whose bytes are its rows that way
+(offload/store.py), so a model larger than free RAM loads, the OS page cache its host tier.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,12 @@ import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,6 +37,7 @@ FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 PACKED_INT_SUFFIXES = (".weight_packed", ".weight_zero_point", ".weight_shape")  # compressed-tensors
 _MAX_HEADER = 100 * 1024 * 1024
 _TORCH_DTYPE = {v: k for k, v in SAFETENSORS_DTYPE.items()}
+_MAP_DTYPE = {**_TORCH_DTYPE, "I64": torch.int64, "F64": torch.float64, "I16": torch.int16}  # viewable in place
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors spelling: F32, F16, BF16, ...
     shape: tuple[int, ...]
+    offset: int = -1  # where its bytes start in the file (header included); -1: unknown
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -169,7 +180,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if end > data_bytes:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data "
                                   f"section but the file holds only {data_bytes} data bytes")
-        infos[name] = TensorInfo(name, path, dtype, shape)
+        infos[name] = TensorInfo(name, path, dtype, shape, 8 + n + begin)
     return infos
 
 
@@ -190,6 +201,7 @@ class Checkpoint:
         self.config = ModelConfig.from_file(self.path / "config.json")
         self.tensors = self._read_tensors()
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, torch.Tensor] = {}  # each file's read-only memory map, uint8 (mapped_tensor)
         self._dense_quant: dict[str, tuple[str, int, int]] = {}  # dense linears stored quantized (validate)
         if self.config.expert_format is not None:
             self._settle_format()
@@ -506,6 +518,50 @@ class Checkpoint:
         check_finite(t, f"{info.file}: tensor {name}")
         return t
 
+    # --- in place: views of the files' memory maps ------------------------------------------------------
+    def file_map(self, file: Path) -> torch.Tensor:
+        """`file`'s bytes as one uint8 tensor over a read-only memory map of it (made once, kept: the views
+        handed out hold it alive after close()). Never written to: a write would fault."""
+        m = self._maps.get(file)
+        if m is None:
+            try:
+                arr = np.memmap(file, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{file}: cannot memory-map: {exc}") from None
+            with warnings.catch_warnings():  # torch warns that the (read-only) map is not writable
+                warnings.simplefilter("ignore", UserWarning)
+                m = self._maps[file] = torch.from_numpy(arr)
+        return m
+
+    def mapped_tensor(self, name: str) -> torch.Tensor | None:
+        """Tensor `name` as stored, a view of its file's memory map (nothing read, nothing copied; its
+        values unchecked), or None where it cannot be one: a dtype torch cannot view, or bytes not aligned
+        to its element size."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        dt = _MAP_DTYPE.get(info.dtype)
+        if dt is None or info.offset < 0:
+            return None
+        item = torch.tensor([], dtype=dt).element_size()
+        if info.offset % item:
+            return None
+        n = math.prod(info.shape) * item
+        return self.file_map(info.file)[info.offset: info.offset + n].view(dt).view(info.shape)
+
+    def in_map(self, t: Any) -> bool:
+        """Whether `t` is a contiguous tensor lying in one of this checkpoint's memory maps (a view of the
+        file, not a copy of it)."""
+        if not isinstance(t, torch.Tensor) or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+        base = t.untyped_storage().data_ptr()
+        return any(base == m.untyped_storage().data_ptr() for m in self._maps.values())
+
+    def in_place(self, check: bool = False) -> "InPlaceReader":
+        """A reader answering tensor() / tensor_row() with views of the files' memory maps (see
+        InPlaceReader), for the families' read functions."""
+        return InPlaceReader(self, check)
+
     def fingerprint(self) -> str:
         """Identity of the model from the checkpoint's bytes: sha256 over config.json's parsed config
         and every router and post-attention norm tensor exactly as stored (dtype tag, shape, raw
@@ -532,6 +588,38 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()  # views still handed out keep their map alive
+
+
+class InPlaceReader:
+    """What a family's read function asks of a checkpoint (tensor, tensor_row; config, path, tensors),
+    answered with views of the files' memory maps as stored: no copy, no dtype conversion (a tensor that
+    cannot be viewed in place, or one asked for in another dtype, is read as Checkpoint.tensor reads it:
+    a copy, which the caller sees with Checkpoint.in_map). check: refuse NaN/Inf in each as it is handed
+    out (which reads its bytes). `handed` lists every view handed out with the name errors give it."""
+
+    def __init__(self, ckpt: Checkpoint, check: bool = False):
+        self.ckpt, self.check = ckpt, check
+        self.config, self.path, self.tensors = ckpt.config, ckpt.path, ckpt.tensors
+        self.handed: list[tuple[torch.Tensor, str]] = []
+
+    def _hand(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if self.check:
+            check_finite(t, what)
+        self.handed.append((t, what))
+        return t
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        t = self.ckpt.mapped_tensor(name) if name not in self.ckpt._dense_quant else None
+        if t is None or (dtype is not None and dtype != t.dtype) or torch.device(device).type != "cpu":
+            return self.ckpt.tensor(name, dtype, device)
+        return self._hand(t, f"{self.ckpt.tensors[name].file}: tensor {name}")
+
+    def tensor_row(self, name: str, index: int) -> torch.Tensor:
+        t = self.ckpt.mapped_tensor(name)
+        if t is None:
+            return self.ckpt.tensor_row(name, index)
+        return self._hand(t[index], f"{self.ckpt.tensors[name].file}: tensor {name}[{index}]")
 
 
 def _group_name(name: str) -> str:

@@ -357,7 +357,10 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
         fmt = choose_format(expert_dtype, group_size, dt, backend)  # the expert format's strategy object
     runtime = replace(runtime, expert_format=fmt.name if fmt.quantized else None)
     from .offload.plan import check_load_ram  # host RAM for what is copied, refused before any allocation
-    check_load_ram(cfg, fmt, dt, dev, offload, mapped=hasattr(ckpt, "expert_tensors"))
+    from .offload.store import reads_in_place
+    # a store that reads the file's memory map in place (GGUF; safetensors rows as stored) needs no RAM copy
+    mapped = (offload or fmt.quantized) and reads_in_place(ckpt, fmt, dt, pin=offload and dev.type == "cuda")
+    check_load_ram(cfg, fmt, dt, dev, offload, mapped=mapped)
     if fmt.quantized and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt)
         experts = PackedResidentExperts(store, dev, backend)

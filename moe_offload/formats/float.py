@@ -6,18 +6,65 @@ bytes per weight, no padding. Every backend runs it (the fused kernel's WEIGHT_F
 Experts with biases (GPT-OSS: ModelConfig.expert_bias) add two sections after w2: b13 [2I] (w1's bias,
 then w3's) and b2 [H], so the biases travel with their expert (host store row -> device slot row). Such a
 format (bias=True) also carries the experts' activation (`act`: kernels.ClampedSwiGLU, or None for SwiGLU)
-into the pools it builds (kernels.BiasedFloatPool); they run on the loop backend only."""
+into the pools it builds (kernels.BiasedFloatPool); they run on the loop backend only.
+
+A row's sections (layout()): w1 [I, H], w3 [I, H], w2 [H, I] (then b13 [2I], b2 [H]), back to back. A
+safetensors file whose experts are one tensor per weight in this dtype holds exactly those bytes, so the
+host store can read them in place from the file's memory map (offload/store.py): each row the pieces of
+the file in layout() order, and tensor_pool() a pool straight over the file's tensors (SplitFloatPool:
+w1 and w3 are not adjacent in the file, so one expert's [w1; w3] is gathered when it runs, on the loop
+backend; a device slot's row, copied from those pieces, is the usual [w13 | w2] and runs everywhere)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from ..kernels.pool import BiasedFloatPool, FloatPool
-from .base import DEFAULT_GROUP_SIZE, ExpertFormat
+from ..kernels.pool import BiasedFloatPool, FloatPool, WeightPool
+from ..kernels.reference import expert_ffn
+from .base import DEFAULT_GROUP_SIZE, ExpertFormat, Section
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def gate_up(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """[w1; w3] [2I, H]: a view of their memory where w3 follows w1 in it, else a concatenated copy."""
+    if (w1.is_contiguous() and w3.is_contiguous() and w1.dtype == w3.dtype and w1.shape[1:] == w3.shape[1:]
+            and w1.untyped_storage().data_ptr() == w3.untyped_storage().data_ptr()
+            and w3.storage_offset() == w1.storage_offset() + w1.numel()):
+        return w1.as_strided((w1.shape[0] + w3.shape[0], *w1.shape[1:]), w1.stride())
+    return torch.cat([w1, w3])
+
+
+@dataclass
+class SplitFloatPool(WeightPool):
+    """Float experts whose three weights are separate tensors (a safetensors file's, read in place):
+    w13 holds w1 [S, I, H], w3 [S, I, H], w2 [S, H, I] (tensors, or rows.Stacked of one tensor per
+    expert), b13 [S, 2I] / b2 [S, H] where the experts have biases. An expert runs as a row of the
+    format runs, [w1; w3] then expert_ffn, so its results are those of the copied row's bit for bit:
+    [w1; w3] is a view where the file stores up right after gate (safetensors orders a layer's tensors
+    by name: gate_proj, up_proj are adjacent; Mixtral's w1, w2, w3 are not), else gathered (2 I H
+    weights copied per call). The loop backend only (no kernel reads separate tensors)."""
+
+    w3: Any = None
+    b13: Any = None
+    b2: Any = None
+    act: Any = None
+
+    weight_format: ClassVar[int] = -1  # no fused-kernel flag (kernels.pool): the loop backend only
+    loop_only: ClassVar[bool] = True
+
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        if which == "w13":
+            return gate_up(self.w13[slot], self.w3[slot])
+        return self.w2[slot]
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        b13 = None if self.b13 is None else self.b13[slot]
+        b2 = None if self.b2 is None else self.b2[slot]
+        return expert_ffn(x, self.dequant_projection("w13", slot), self.w2[slot], b13, b2, self.act)
 
 
 class FloatFormat(ExpertFormat):
@@ -43,6 +90,25 @@ class FloatFormat(ExpertFormat):
     @property
     def row_dtype(self) -> torch.dtype:
         return self.dtype
+
+    def layout(self, hidden: int, inter: int) -> list[Section]:
+        """The sections of one row, in order, with their byte offsets: w1, w3, w2 (and b13, b2)."""
+        specs = [("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))]
+        if self.bias:
+            specs += [("b13", (2 * inter,)), ("b2", (hidden,))]
+        out, offset = [], 0
+        for name, shape in specs:
+            out.append(Section(name, self.dtype, shape, offset))
+            offset += out[-1].nbytes
+        return out
+
+    def tensor_pool(self, *args: Any) -> SplitFloatPool:
+        """A pool straight over the file's tensors (no copy): the sections of layout() in order, each
+        [S, *shape] (a tensor or rows.Stacked), then hidden, inter (GgufFormat.tensor_pool's convention)."""
+        *stacks, hidden, inter = args
+        v = {sec.name: t for sec, t in zip(self.layout(hidden, inter), stacks)}
+        return SplitFloatPool(hidden, inter, v["w1"], v["w2"], w3=v["w3"], b13=v.get("b13"), b2=v.get("b2"),
+                              act=self.act)
 
     def row_elems(self, hidden: int, inter: int) -> int:
         """Elements of one row: the three weights, and the biases [2I] + [H] where the format has them."""

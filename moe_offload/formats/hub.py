@@ -6,7 +6,9 @@ A hub format (GPTQ, AWQ, FP8 block, MXFP4, compressed-tensors pack-quantized) de
 [N, K]). One expert row is the file's tensors of w1, w3 and w2 (a fused format: w13 and w2) copied
 byte for byte, back to back without padding (sections ordered by element size, widest first, so every
 section is an aligned view; the row is rounded up to 4 bytes, which real shapes never need): host
-store bytes are the file's expert bytes, never a dequantized copy.
+store bytes are the file's expert bytes, never a dequantized copy. The host store can therefore read
+them in place from a safetensors file's memory map (offload/store.py): a row is the pieces of the file
+in layout() order, and tensor_pool() builds the pool straight over the file's tensors.
 
 Running: the loop backend dequantizes one projection of one expert in float32, casts it to the
 compute dtype and multiplies (HubPool.ffn: dequantize-then-matmul, an expert at a time). The fused
@@ -202,7 +204,17 @@ class HubFormat(PackedFormat):
             sec.view(row[None])[0].copy_(packed[sec.name])
 
     def pool_views(self, rows: torch.Tensor, hidden: int, inter: int) -> HubPool:
-        v = self.views(rows, hidden, inter)
+        return self._pool(self.views(rows, hidden, inter), hidden, inter)
+
+    def tensor_pool(self, *args: Any) -> HubPool:
+        """A pool straight over the file's tensors (no copy; e.g. views of its memory map): the sections
+        of layout() in order, each [S, *shape] (a tensor, or rows.Stacked of one tensor per expert), then
+        hidden, inter (GgufFormat.tensor_pool's convention)."""
+        *stacks, hidden, inter = args
+        return self._pool({sec.name: t for sec, t in zip(self.layout(hidden, inter), stacks)}, hidden, inter)
+
+    def _pool(self, v: dict[str, Any], hidden: int, inter: int) -> HubPool:
+        """The pool over every section [S, *shape] by name."""
         first = {w: next(val for key, val in v.items() if key.startswith(w + ".")) for w, _, _ in
                  self.matrices(hidden, inter)}
         return HubPool(hidden, inter, first["w13" if self.fused_gate_up else "w1"], first["w2"], fmt=self, secs=v,

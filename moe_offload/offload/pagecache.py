@@ -1,8 +1,8 @@
 """Page-cache residency of memory-mapped expert rows, as the OS reports it.
 
-A memory-mapped store (a GGUF file) has no host copy of its experts: the OS page cache is the host tier,
-and a row whose pages are not in it is read from disk when it is copied. `PageCacheProbe.check(row)` asks
-the OS, with mincore(2) on the row's page range only (no byte of the row is read, so nothing is faulted
+A memory-mapped store (a GGUF file, or a safetensors checkpoint read in place) has no host copy of its
+experts: the OS page cache is the host tier, and a row whose pages are not in it is read from disk when
+it is copied. `PageCacheProbe.check(row)` asks the OS, with mincore(2) on the row's page range only (no byte of the row is read, so nothing is faulted
 in and no result can change), how many of the row's bytes are not resident. Linux only (ctypes on the C
 library); elsewhere the probe's `method` is "unknown" and it reports nothing rather than guessing.
 """
