@@ -8,7 +8,7 @@ With --make-model the script writes the issue's 734M Mixtral-shaped model (vocab
 intermediate 3584, 8 layers, 16 heads / 4 kv, 8 experts top-2, random weights, the bundled model's
 tokenizer) into --model; else --model names an existing Mixtral folder.
 
-For each precision it converts (f32, bf16) or converts and quantizes (q8_0, q4_0) a GGUF with
+For each precision it converts (f32, bf16) or converts and quantizes (q8_0, q4_0, q4_k_m) a GGUF with
 llama.cpp's tools, then alternates, for --repeats rounds: `llama-bench -t T -p P1,P2 -n N -r 1` and
 ours (`moe_offload.load(folder, OffloadConfig.make(device="cpu", dtype=..., expert_dtype=...))`:
 prefill of P1 and of P2 tokens, decode N tokens after the P1-token prompt; prompts from the bundled
@@ -61,6 +61,8 @@ PRECISIONS = {
     "bf16": ("bf16", None, dict(dtype="bfloat16")),
     "q8_0": ("f32", "Q8_0", dict(dtype="bfloat16", expert_dtype="int8")),
     "q4_0": ("f32", "Q4_0", dict(dtype="bfloat16", expert_dtype="int4", group_size=32)),
+    # the most downloaded GGUF type (Q4_K experts, some Q6_K): ours is its nearest own format, int4 group 32
+    "q4_k_m": ("f32", "Q4_K_M", dict(dtype="bfloat16", expert_dtype="int4", group_size=32)),
     # like for like: llama.cpp's q8_0 / q4_0 files quantize the attention and output weights too
     "q8_0+dense": ("f32", "Q8_0", dict(dtype="bfloat16", expert_dtype="int8", dense_dtype="int8")),
     "q4_0+dense": ("f32", "Q4_0", dict(dtype="bfloat16", expert_dtype="int4", group_size=32, dense_dtype="int8")),
@@ -191,7 +193,10 @@ after = rss()
 tensors = list(m.model.parameters()) + list(m.model.buffers())
 tensors += [t for p in m.model.parameters() for t in getattr(p, "int8_rows", ())]
 dense = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
-experts = m.store_info()["host_bytes"]
+try:  # packed or offloaded experts live in the host store; resident float experts are parameters
+    experts = m.store_info()["host_bytes"]
+except moe_offload.MoeOffloadError:
+    experts = 0
 kv_row = (m.kv_cache.k[:, :, :, :1].nbytes + m.kv_cache.v[:, :, :, :1].nbytes)
 print(json.dumps({"rss_mb": (after["RssAnon"] + after["RssFile"] - base["RssAnon"] - base["RssFile"]) / 2**20,
                   "weights_mb": (dense + experts) / 2**20, "kv_used_mb": kv_row * (len(ids) + gen) / 2**20,
@@ -229,7 +234,7 @@ def ours_bytes_per_token(cfg: dict, precision: str) -> float:
         return 4 * (dense + k * layers * expert)
     base = precision.split("+")[0]
     # + fp16 scales; symmetric int4 keeps fp16 zeros too, which the 8-bit activation kernel does not read
-    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 2 / 32}[base]
+    per_weight = {"bf16": 2.0, "q8_0": 1.0 + 2 / 1024, "q4_0": 0.5 + 2 / 32, "q4_k_m": 0.5 + 2 / 32}[base]
     per_dense = 1.0 + 2 / cfg["hidden_size"] if precision.endswith("+dense") else 2.0
     return per_dense * dense + k * layers * expert * per_weight
 
@@ -279,10 +284,10 @@ def crossover(threads: int, rows: list[int]) -> list[dict]:
                "bf16_kernel_ms": ms(lambda i: cpu_gemv.linear(x, wb[i])),
                "bf16_torch_ms": ms(lambda i: torch.nn.functional.linear(x, wb[i])),
                "int8_kernel_ms": ms(lambda i: cpu_gemv.int8_linear(x, *q8[i])),
-               "int8_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(x, dequant_int8(*q8[i]).bfloat16())),
+               "int8_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(x, dequant_int8(*q8[i], torch.bfloat16))),
                "int4_kernel_ms": ms(lambda i: cpu_gemv.int4_linear(x, *q4[i], 32, symmetric=True)),
                "int4_dequant_matmul_ms": ms(lambda i: torch.nn.functional.linear(
-                   x, dequant_int4(*q4[i], k, 32).bfloat16()))}
+                   x, dequant_int4(*q4[i], k, 32, torch.bfloat16)))}
         print("  " + ", ".join(f"{key} {v:.2f}" if isinstance(v, float) else f"{key} {v}" for key, v in row.items()))
         out.append(row)
     return out
@@ -308,7 +313,7 @@ def main() -> int:
     ap.add_argument("--prompts", default="64,512", help="prompt lengths for prefill; decode follows the first")
     ap.add_argument("--gen", type=int, default=32, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0,q8_0+dense,q4_0+dense")
+    ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0,q4_k_m,q8_0+dense,q4_0+dense")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_vs_llamacpp.json"))
     ap.add_argument("--crossover", action="store_true",
                     help="only the kernels-vs-PyTorch sweep over rows of x (no llama.cpp, no model)")

@@ -184,3 +184,14 @@ def decode_logits(m, ids, n_prefill: int = 3):
         parts = [net(torch.tensor([ids[:n_prefill]]), 0, cache)[0]]
         parts += [net(torch.tensor([[t]]), n_prefill + i, cache)[0] for i, t in enumerate(ids[n_prefill:])]
     return torch.cat(parts)
+
+
+def rounded_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> float64 x' = q * d with q and d from gguf.quants' Q8_0 quantizer (llama.cpp's rounding);
+    d taken before its fp16 cast (the kernels keep it in float32), so d = max|x| / 127 per block of 32."""
+    from gguf import GGMLQuantizationType, quants
+
+    blocks = quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)  # fp16 d, then 32 int8
+    q = torch.from_numpy(np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float64))  # [M*K/32, 32]
+    d = x.reshape(-1, 32).abs().amax(-1, keepdim=True).div(127).double()  # float32 division, as both quantizers
+    return (q * d).reshape(x.shape)

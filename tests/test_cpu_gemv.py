@@ -16,6 +16,7 @@ import torch
 from moe_offload.formats.int4 import dequant_int4, quantize_int4
 from moe_offload.formats.int8 import dequant_int8, quantize_int8
 from moe_offload.kernels import cpu_gemv
+from helpers import rounded_x
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason=f"kernels not built: {cpu_gemv.why_unavailable()}")
 
@@ -162,12 +163,16 @@ def test_gguf_kernels_equal_gguf_dequantize_then_matmul(block_type, m):
     check(y, x.double() @ deq.T, F32_TOL)
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_int4_dequantization_is_bit_equal_to_the_torch_reference(group, monkeypatch):
+@pytest.mark.parametrize("group", [16, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantization_is_bit_equal_to_the_torch_reference_then_cast(group, dtype, monkeypatch):
     q, s, z = quantize_int4(torch.randn(64, 256), group, symmetric=False)
-    fast = cpu_gemv.dequant_int4(q, s, z, group)
-    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
-    assert torch.equal(fast, dequant_int4(q, s, z, 256, group))
+    q8, s8 = quantize_int8(torch.randn(64, 200))
+    fast4, fast8 = dequant_int4(q, s, z, 256, group, dtype), dequant_int8(q8, s8, dtype)
+    assert fast4.dtype == fast8.dtype == dtype
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)  # the torch reference
+    assert torch.equal(fast4, dequant_int4(q, s, z, 256, group, dtype))
+    assert torch.equal(fast8, dequant_int8(q8, s8, dtype))
 
 
 def test_dense_int8_weights_run_the_int8_kernel_within_rounding_of_their_dequantized_twin(monkeypatch):
@@ -202,18 +207,6 @@ def test_dense_int8_is_refused_where_it_cannot_run():
 
 # ---- 8-bit activations -------------------------------------------------------------------------------
 needs_vnni = pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="no AVX512-VNNI")
-
-
-def rounded_x(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] -> float64 x' = q * d with q and d from gguf.quants' Q8_0 quantizer (llama.cpp's rounding);
-    d taken before its fp16 cast (the kernels keep it in float32), so d = max|x| / 127 per block of 32."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, quants
-
-    blocks = quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)  # fp16 d, then 32 int8
-    q = torch.from_numpy(np.ascontiguousarray(blocks[:, 2:]).view(np.int8).astype(np.float64))  # [M*K/32, 32]
-    d = x.reshape(-1, 32).abs().amax(-1, keepdim=True).div(127).double()  # float32 division, as both quantizers
-    return (q * d).reshape(x.shape)
 
 
 @needs_vnni

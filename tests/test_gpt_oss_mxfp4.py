@@ -23,7 +23,7 @@ from moe_offload import MoeOffloadError
 from moe_offload.checkpoint import Checkpoint
 from moe_offload.errors import CheckpointError
 from moe_offload.options import OffloadConfig
-from helpers import decode_logits, rel_err
+from helpers import decode_logits, rel_err, rounded_x
 
 ASSETS = Path(__file__).resolve().parents[1] / "moe_offload" / "assets"
 REL_TOL = 1e-4  # float32
@@ -291,3 +291,29 @@ def test_published_config_sizes_the_row_as_info_does():
     fmt = get_format("mxfp4").with_bias(torch.bfloat16)
     assert fmt.expert_bytes(cfg.hidden_size, cfg.intermediate_size) == shipped_expert_bytes(cfg)
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg
+
+
+def test_cpu_kernel_reads_the_interleaved_rows_and_biases_as_stored(folder, monkeypatch):
+    """cpu_activations int8: an expert through the compiled MXFP4 kernel equals the dequantized expert
+    (transformers-exact, above) applied to the activations rounded per block of 32 (gguf.quants' Q8_0),
+    gate_up interleaved in the file with its bias as stored. down_proj's K = 32 is not a multiple of 64:
+    it dequantizes, on the exact activations."""
+    from moe_offload.kernels import cpu_gemv
+
+    if not cpu_gemv.has_vnni():
+        pytest.skip("no AVX512-VNNI")
+    path, _ = folder
+    m = moe_offload.load(path, device="cpu", dtype="float32", config=OffloadConfig.make(cpu_activations="int8"))
+    pool = m.model.experts.store.layer_pool(1)
+    calls, real = [], cpu_gemv.mxfp4_linear
+    monkeypatch.setattr(cpu_gemv, "mxfp4_linear", lambda *a: calls.append(a[1].shape) or real(*a))
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(4))
+    got = pool.ffn(5, x)
+    assert calls == [(2 * I, H // 32, 16)]  # w13 only
+    w13, w2 = (w.double() for w in pool.dequant(5, torch.float32))  # [gate rows; up rows], [H, I]
+    b13, b2 = (b.double() for b in pool.biases(5, torch.float32))
+    gate, up = (rounded_x(x) @ w13.T + b13).chunk(2, dim=-1)
+    want = pool.act(gate, up) @ w2.T + b2
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    cpu_gemv.set_activations("exact")  # the same call without the kernel: dequantize, exact activations
+    assert calls == [(2 * I, H // 32, 16)] and rel_err(pool.ffn(5, x), got) > 1e-6

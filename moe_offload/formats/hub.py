@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels.pool import WeightPool
 from ..kernels.reference import expert_ffn
@@ -98,10 +99,31 @@ class HubPool(WeightPool):
         return b13.to(dtype), self.b2[slot].to(dtype)
 
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert on x [n, H]: dequantize each projection to x's dtype, then matmul (adding the
-        biases and running the activation where the experts have their own)."""
+        """One expert on x [n, H]: the format's CPU kernel where it has one for these rows (kernel_ffn),
+        else dequantize each projection to x's dtype, then matmul (adding the biases and running the
+        activation where the experts have their own)."""
+        fast = self.kernel_ffn(slot, x)
+        if fast is not None:
+            return fast
         w13, w2 = self.dequant(slot, x.dtype)
         return expert_ffn(x, w13, w2, *self.biases(slot, x.dtype), self.act)
+
+    def kernel_ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """One fused-gate_up expert through the format's kernel_linear (None where it has none): the
+        rows stay in the file's order, so gate_up comes out interleaved and meets its bias as stored."""
+        if not self.fmt.fused_gate_up:
+            return None
+        gu = self.fmt.kernel_linear(self, "w13", slot, x)  # [n, 2I]: gate j at 2j, up j at 2j + 1
+        if gu is None:
+            return None
+        if self.b13 is not None:
+            gu = gu + self.b13[slot].to(x.dtype)
+        gate, up = gu[..., 0::2], gu[..., 1::2]
+        h = F.silu(gate) * up if self.act is None else self.act(gate, up)  # [n, I]
+        y = self.fmt.kernel_linear(self, "w2", slot, h)
+        if y is None:
+            y = F.linear(h, self.dequant_projection("w2", slot).to(x.dtype))
+        return y if self.b2 is None else y + self.b2[slot].to(x.dtype)
 
 
 class HubFormat(PackedFormat):
@@ -222,6 +244,11 @@ class HubFormat(PackedFormat):
 
     def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> WeightPool:
         return pool  # its own ffn: dequantize, then matmul
+
+    def kernel_linear(self, pool: HubPool, which: str, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """x [n, K] @ W^T for matrix `which` of `slot` by a kernel reading the file's tensors in place
+        (rows in the file's order), or None where the format has none for x (the default)."""
+        return None
 
     def dequant_projection(self, pool: HubPool, which: str, slot: int) -> torch.Tensor:
         """Projection 'w13' ([2I, H]: w1 rows, then w3 rows) or 'w2' ([H, I]) of `slot`, float32."""

@@ -87,15 +87,18 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return pairs.reshape(packed.shape[0], -1)[:, :k]
 
 
-def dequant_int4(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """packed uint8 [N, ceil(K/2)], s / z [N, ceil(K/G)] -> float32 [N, K]: (q - z) * s per group (on the
-    CPU by the compiled kernel where it takes the shape: bit-equal, ~10x faster)."""
+def dequant_int4(packed: torch.Tensor, s: torch.Tensor, z: torch.Tensor, k: int, group_size: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """packed uint8 [N, ceil(K/2)], s / z [N, ceil(K/G)] -> [N, K]: (q - z) * s per group in float32, then
+    cast to `dtype` (on the CPU by the compiled kernel where it takes the shape: bit-equal, 20-50x
+    faster)."""
     if (packed.device.type == "cpu" and k == 2 * packed.shape[1] and k % group_size == 0 and packed.is_contiguous()
-            and s.is_contiguous() and z.is_contiguous() and s.dtype == z.dtype == torch.float16 and cpu_gemv.available()):
-        return cpu_gemv.dequant_int4(packed, s, z, group_size)
+            and s.is_contiguous() and z.is_contiguous() and s.dtype == z.dtype == torch.float16
+            and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()):
+        return cpu_gemv.dequant_int4(packed, s, z, group_size, dtype)
     q = unpack_int4(packed, k).float()  # [N, K]
     g = torch.arange(k, device=packed.device) // group_size  # [K] group of each input column
-    return (q - z.float()[:, g]) * s.float()[:, g]
+    return ((q - z.float()[:, g]) * s.float()[:, g]).to(dtype)
 
 
 def int4_shape_ok(n: int, k: int, group_size: int) -> bool:
@@ -143,9 +146,9 @@ class Int4Pool(WeightPool):
         q, s, z, k = self.projection(which)
         return dequant_int4(q[slot], s[slot], z[slot], k, self.group_size)
 
-    def dequant_rows(self, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q, s, z, k = self.projection(which)
-        return dequant_int4(q[slot, lo:hi], s[slot, lo:hi], z[slot, lo:hi], k, self.group_size)
+        return dequant_int4(q[slot, lo:hi], s[slot, lo:hi], z[slot, lo:hi], k, self.group_size, dtype)
 
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear | None:
         q, s, z, k = self.projection(which)

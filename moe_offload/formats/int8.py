@@ -35,9 +35,13 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def dequant_int8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K], s [N] -> float32 [N, K]."""
-    return q.float() * s.float()[:, None]
+def dequant_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q int8 [N, K], s [N] -> [N, K]: q * s in float32, then cast to `dtype` (on the CPU by the compiled
+    kernel: bit-equal, one pass)."""
+    if (q.device.type == "cpu" and q.is_contiguous() and s.is_contiguous() and s.dtype == torch.float16
+            and dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()):
+        return cpu_gemv.dequant_int8(q, s, dtype)
+    return (q.float() * s.float()[:, None]).to(dtype)
 
 
 def int8_linear(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> CpuLinear:
@@ -59,9 +63,9 @@ class Int8Pool(WeightPool):
         q, s, _, _ = self.projection(which)
         return dequant_int8(q[slot], s[slot])
 
-    def dequant_rows(self, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q, s, _, _ = self.projection(which)
-        return dequant_int8(q[slot, lo:hi], s[slot, lo:hi])
+        return dequant_int8(q[slot, lo:hi], s[slot, lo:hi], dtype)
 
     def cpu_linear(self, which: str, slot: int, dtype: torch.dtype) -> CpuLinear:
         q, s, _, _ = self.projection(which)

@@ -18,14 +18,17 @@ of each layer's fused tensors (`model.layers.N.mlp.experts.gate_up_proj_blocks` 
 the experts' biases (gate_up_proj_bias [E, 2I] interleaved like the rows, down_proj_bias [E, H]) as the
 file stores them (HubFormat.with_bias): host store bytes = the file's expert bytes. The loop backend
 dequantizes one projection at a time to the compute dtype (exact: e2m1 times a power of two fits bfloat16
-too), adds the biases and runs the clamped SwiGLU. Name: 'mxfp4'.
+too), adds the biases and runs the clamped SwiGLU; on the CPU with int8 activations (cpu_activations)
+a few tokens at a time run the compiled kernel instead, reading the blocks and scales in place
+(kernel_linear; kernels/cpu_gemv.mxfp4_linear). Name: 'mxfp4'.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .hub import HubFormat
+from ..kernels import cpu_gemv
+from .hub import HubFormat, HubPool
 
 NAME = "mxfp4"
 BLOCK = 32
@@ -82,3 +85,11 @@ class Mxfp4Format(HubFormat):
 
     def dequant_matrix(self, t, n, k):
         return dequant_mxfp4(t["blocks"], t["scales"])
+
+    def kernel_linear(self, pool: HubPool, which: str, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        t = pool.matrix(which, slot)
+        blocks, scales = t["blocks"], t["scales"]  # [N, K/32, 16], [N, K/32]
+        if (x.device.type != "cpu" or x.shape[0] > cpu_gemv.QUANT_MAX_ROWS or not blocks.is_contiguous()
+                or not scales.is_contiguous() or not cpu_gemv.mxfp4_runs(x, blocks.shape[1] * BLOCK)):
+            return None
+        return cpu_gemv.mxfp4_linear(x, blocks, scales)

@@ -40,15 +40,14 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.cpp"
 _NAME = "moe_offload_cpu_gemv"
 _ext: Any = None
 _why_not: str | None = None
-# Most rows of x for which these kernels (each weight row read once, widened once, then one dot per
-# row of x) beat the alternative, at Mixtral-734M's 7168 x 1024 projection on the 2-core reference
-# machine, 2 threads, quiet (benchmarks/results/cpu_vs_llamacpp.json, "crossover"): bf16 weights against
-# PyTorch's GEMM, 0.98 vs 0.99 ms at 4 rows, 1.33 vs 0.99 at 8; int8 against dequantize-then-matmul, 2.83
-# vs 16.09 ms at 16 rows. The dequantize path's time swings with its allocations (an earlier quiet run:
-# 2.97 vs 4.65 ms at 16 rows, 5.55 vs 4.65 at 32), so 16 is where the kernel won in both (int4 and GGUF
-# follow int8).
+# Most rows of x for which these kernels (each weight row read once, then one dot per row of x) beat the
+# alternative, at Mixtral-734M's 7168 x 1024 projection on the 2-core reference machine, 2 threads, quiet
+# (`python benchmarks/cpu_vs_llamacpp.py --crossover`; a full run records it, "crossover"): bf16 weights
+# against PyTorch's GEMM, 1.15 vs 1.18 ms at 4 rows, 1.42 vs 1.23 at 8; int8 / int4 (int8 activations)
+# against dequantize-to-bf16-then-matmul, 1.39 / 1.18 vs 1.87 / 1.96 ms at 8 rows, 2.58 / 2.47 vs 1.83 /
+# 1.95 at 16.
 MAX_ROWS = 4
-QUANT_MAX_ROWS = 16
+QUANT_MAX_ROWS = 8
 ACTIVATIONS = ("auto", "int8", "exact")  # set_activations's modes
 _activations = "auto"
 
@@ -185,10 +184,17 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tens
     return y.to(x.dtype).view(*lead, q.shape[0])
 
 
-def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q uint8 [N, K/2], s / z fp16 [N, K/G] -> float32 [N, K] = (q - z) * s, bit-equal to the torch
-    reference (formats.int4.dequant_int4)."""
-    return _require().dequant_int4(q, s, z, group_size)
+def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q uint8 [N, K/2], s / z fp16 [N, K/G] -> [N, K] = (q - z) * s in float32 (or bfloat16 when dtype
+    is), bit-equal to the torch reference (formats.int4.dequant_int4), then cast."""
+    return _require().dequant_int4(q, s, z, group_size, dtype == torch.bfloat16)
+
+
+def dequant_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q int8 [N, K], s fp16 [N] -> [N, K] = q * s in float32 (or bfloat16 when dtype is), bit-equal to
+    the torch reference (formats.int8.dequant_int8), then cast."""
+    return _require().dequant_int8(q, s, dtype == torch.bfloat16)
 
 
 GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "MXFP4": 17, "Q4_K": 144, "Q6_K": 210}  # the GGUF types the kernels read

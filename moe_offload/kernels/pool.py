@@ -101,16 +101,17 @@ class WeightPool(ABC):
         """Expert in `slot` as (w13 [2I, H], w2 [H, I]) in `dtype` (the torch reference)."""
         return self.dequant_projection("w13", slot).to(dtype), self.dequant_projection("w2", slot).to(dtype)
 
-    def dequant_rows(self, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
-        """Output rows lo..hi-1 of projection `which` of `slot`, float [hi - lo, K] (formats whose rows
-        dequantize on their own override this; the default dequantizes the whole projection)."""
-        return self.dequant_projection(which, slot)[lo:hi]
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Output rows lo..hi-1 of projection `which` of `slot`, [hi - lo, K] in `dtype` (the float32 values
+        cast; formats whose rows dequantize on their own override this, the default dequantizes the whole
+        projection)."""
+        return self.dequant_projection(which, slot)[lo:hi].to(dtype)
 
     def dequant_linear(self, which: str, slot: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] @ W^T -> [n, N] for projection `which` of `slot`, dequantizing DEQUANT_TILE_ROWS output
         rows at a time (in x's dtype), so a call never holds a whole dequantized projection."""
         n = self.projection(which)[0].shape[1]
-        tiles = [linear(x, self.dequant_rows(which, slot, lo, min(lo + DEQUANT_TILE_ROWS, n)).to(x.dtype))
+        tiles = [linear(x, self.dequant_rows(which, slot, lo, min(lo + DEQUANT_TILE_ROWS, n), x.dtype))
                  for lo in range(0, n, DEQUANT_TILE_ROWS)]
         return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
 

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import hostmem
 from ..kernels import cpu_gemv
 from ..kernels import linear as _linear
 
@@ -36,7 +37,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 def store_int8_rows(w: torch.nn.Parameter, q: torch.Tensor, s: torch.Tensor) -> None:
     """Keep weight `w` [N, K] as int8 rows q [N, K] with fp16 scales s [N] (linear() reads them); its own
     storage is released (an empty tensor of its dtype remains, for code that asks the dtype)."""
-    w.int8_rows = (q.contiguous(), s.contiguous())
+    rows = hostmem.empty(tuple(q.shape), q.dtype, q.device)  # huge pages: decode streams it
+    rows.copy_(q)
+    w.int8_rows = (rows, s.contiguous())
     w.data = torch.empty(0, dtype=w.dtype, device=w.device)
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import hostmem
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError
@@ -104,7 +105,7 @@ class DenseLayer(nn.Module):
         q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
 
         def p(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+            return nn.Parameter(hostmem.empty(shape, dtype, device), requires_grad=False)
 
         norm_dtype = torch.float32 if cfg.family.norms_float32 else dtype  # see Family.norms_float32
         self.input_layernorm = nn.Parameter(torch.empty(h, dtype=norm_dtype, device=device), requires_grad=False)
@@ -193,7 +194,7 @@ class MoeModel(nn.Module):
         self.cfg = cfg
         self.dtype, self.device, self.max_seq_len = dtype, torch.device(device), max_seq_len
         h, v = cfg.hidden_size, cfg.vocab_size
-        self.embed_tokens = nn.Parameter(torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
+        self.embed_tokens = nn.Parameter(hostmem.empty((v, h), dtype, device), requires_grad=False)
         self.layers = nn.ModuleList(DenseLayer(cfg, dtype, self.device, i) for i in range(cfg.num_hidden_layers))
         # The layers with routed experts (all but the dense first ones): MoE layer m is layers[k + m]. The
         # expert backend, observers, route() and predictors index MoE layers (the offload engine's layers).
@@ -202,7 +203,7 @@ class MoeModel(nn.Module):
         self.norm = nn.Parameter(torch.empty(h, dtype=torch.float32 if cfg.family.norms_float32 else dtype,
                                              device=device), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
-            torch.empty(v, h, dtype=dtype, device=device), requires_grad=False)
+            hostmem.empty((v, h), dtype, device), requires_grad=False)
         self.experts = experts
         self.routing = cfg.family.routing(cfg)  # the family's router function: logits -> (weights, ids)
         # Everything outside the model that watches or steers a forward pass (see observers.py).
@@ -459,8 +460,8 @@ def empty_resident_experts(cfg: ModelConfig, dtype: torch.dtype, device: torch.d
         biases = dict(b13=torch.empty(L, E, 2 * I, dtype=dtype, device=device),
                       b2=torch.empty(L, E, H, dtype=dtype, device=device))
     try:
-        return ResidentExperts(torch.empty(L, E, 2 * I, H, dtype=dtype, device=device),
-                               torch.empty(L, E, H, I, dtype=dtype, device=device), moe_backend,
+        return ResidentExperts(hostmem.empty((L, E, 2 * I, H), dtype, device),
+                               hostmem.empty((L, E, H, I), dtype, device), moe_backend,
                                act=expert_activation(cfg), **biases)
     except ValueError as exc:
         raise ConfigError(f"{cfg.model_type}: {exc}") from None

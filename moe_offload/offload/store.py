@@ -10,6 +10,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from .. import hostmem
 from ..checkpoint import Checkpoint, check_finite, expert_name, fused_packed
 from ..errors import CheckpointError, MoeOffloadError
 from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat, float_format, get_format, hub_format_of
@@ -91,7 +92,8 @@ class HostExpertStore:
             self._rows = [[Segments([sec[e] for sec in secs]) for e in range(num_experts)] for secs in self._mapped]
             return
         check_host_ram(self.host_bytes, "the host expert store")
-        flat = torch.empty(num_experts * sum(self.row_lengths), dtype=self.format.row_dtype, pin_memory=pin)
+        n, dt = num_experts * sum(self.row_lengths), self.format.row_dtype
+        flat = torch.empty(n, dtype=dt, pin_memory=True) if pin else hostmem.empty(n, dt)  # huge pages on the CPU
         self.layer_rows, off = [], 0  # [E, row] per layer, views of one allocation
         for n in self.row_lengths:
             self.layer_rows.append(flat[off: off + num_experts * n].view(num_experts, n))
@@ -107,7 +109,7 @@ class HostExpertStore:
     def allocate_pool(self, num_slots: int, device: torch.device) -> torch.Tensor:
         """An uninitialised device pool [S, row] in the store's row dtype, a row as long as the largest
         layer's (a layer's expert fills the first row_lengths[layer] elements of its slot)."""
-        return torch.empty(num_slots, self.expert_elems, dtype=self.format.row_dtype, device=device)
+        return hostmem.empty((num_slots, self.expert_elems), self.format.row_dtype, device)
 
     def pool_views(self, pool: torch.Tensor, layer: int = 0) -> tuple[Any, torch.Tensor | None]:
         """(w13, w2) of a pool [S, row] as the kernels take them when it holds `layer`'s experts: float

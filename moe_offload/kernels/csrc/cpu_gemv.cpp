@@ -498,10 +498,89 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& q, const to
   return y;
 }
 
-// q uint8 [N, K/2], s / z fp16 [N, K/G] -> W float32 [N, K] = (q - z) * s: the same float32 product the
-// torch reference (formats/int4.dequant_int4) computes, so the two are bit-equal; for calls with many rows
-// of x, which a GEMM then serves better than the row kernels.
-torch::Tensor dequant_int4(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z, int64_t G) {
+// ---- dequantization, for calls with many rows of x (a GEMM then serves them better than the row kernels) --
+// Each weight is the float32 product the torch reference computes (formats/int8.dequant_int8, int4.dequant_int4),
+// stored as float32 or rounded to bfloat16 (to nearest even, as Tensor.to does): bit-equal to reference-then-cast.
+
+// 16 float32 -> out (float32, or bfloat16 rounded to nearest even)
+#if MOE_AVX512
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(uint16_t* out, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                         _mm512_set1_epi32(0x7FFF));
+  _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, round), 16)));
+}
+#endif
+inline void store1(float* out, float v) { *out = v; }
+inline void store1(uint16_t* out, float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  *out = static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+template <typename Out>
+void dequant_int8_rows(const int8_t* qp, const at::Half* sp, Out* wp, int64_t N, int64_t K) {
+  at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float sc = half_to_f32(sp + n);
+      const int8_t* q = qp + n * K;
+      Out* out = wp + n * K;
+      int64_t k = 0;
+#if MOE_AVX512
+      for (; k + 16 <= K; k += 16) store16(out + k, _mm512_mul_ps(widen16(q + k), _mm512_set1_ps(sc)));
+#endif
+      for (; k < K; ++k) store1(out + k, static_cast<float>(q[k]) * sc);
+    }
+  });
+}
+
+template <typename Out>
+void dequant_int4_rows(const uint8_t* qp, const at::Half* sp, const at::Half* zp, Out* wp, int64_t N, int64_t K,
+                       int64_t G) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = half_to_f32(sp + n * groups + g), zr = half_to_f32(zp + n * groups + g);
+        const uint8_t* qb = qp + n * (K / 2) + g * (G / 2);
+        Out* out = wp + n * K + g * G;
+        int64_t j = 0;
+#if MOE_AVX512
+        const __m512 zv = _mm512_set1_ps(zr), sv = _mm512_set1_ps(sc);
+        for (; j + 8 <= G / 2; j += 8) {  // 8 bytes -> 16 weights in order: byte j's low nibble, then its high
+          const __m128i v = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(qb + j)));  // 8 x 16-bit
+          const __m128i lo = _mm_and_si128(v, _mm_set1_epi16(0xF)), hi = _mm_srli_epi16(v, 4);
+          const __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+          const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(pairs));
+          store16(out + 2 * j, _mm512_mul_ps(_mm512_sub_ps(qf, zv), sv));  // (q - z) * s, as the reference
+        }
+#endif
+        for (; j < G / 2; ++j) {
+          store1(out + 2 * j, (static_cast<float>(qb[j] & 0xF) - zr) * sc);
+          store1(out + 2 * j + 1, (static_cast<float>(qb[j] >> 4) - zr) * sc);
+        }
+      }
+  });
+}
+
+// q int8 [N, K], s fp16 [N] -> W [N, K] float32, or bfloat16 when `bf16`
+torch::Tensor dequant_int8(const torch::Tensor& q, const torch::Tensor& s, bool bf16) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be contiguous int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.is_contiguous() && s.scalar_type() == torch::kHalf,
+              "s must be contiguous float16 [N]");
+  auto w = torch::empty({N, K}, q.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  if (bf16)
+    dequant_int8_rows(q.data_ptr<int8_t>(), s.data_ptr<at::Half>(), reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()), N, K);
+  else
+    dequant_int8_rows(q.data_ptr<int8_t>(), s.data_ptr<at::Half>(), w.data_ptr<float>(), N, K);
+  return w;
+}
+
+// q uint8 [N, K/2], s / z fp16 [N, K/G] -> W [N, K] = (q - z) * s, float32, or bfloat16 when `bf16`
+torch::Tensor dequant_int4(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z, int64_t G,
+                           bool bf16) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
   const int64_t N = q.size(0), K = q.size(1) * 2;
   TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "group size ", G, " must be even and divide K = ", K);
@@ -509,23 +588,13 @@ torch::Tensor dequant_int4(const torch::Tensor& q, const torch::Tensor& s, const
   for (const auto* t : {&s, &z})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
                 t->scalar_type() == torch::kHalf, "scales / zeros must be contiguous float16 [N, K/G]");
-  auto w = torch::empty({N, K}, q.options().dtype(torch::kFloat32));
+  auto w = torch::empty({N, K}, q.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const at::Half* sp = s.data_ptr<at::Half>();
-  const at::Half* zp = z.data_ptr<at::Half>();
-  float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, grain(K, 1), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t g = 0; g < groups; ++g) {
-        const float sc = half_to_f32(sp + n * groups + g), zr = half_to_f32(zp + n * groups + g);
-        const uint8_t* qb = qp + n * (K / 2) + g * (G / 2);
-        float* out = wp + n * K + g * G;
-        for (int64_t j = 0; j < G / 2; ++j) {
-          out[2 * j] = (static_cast<float>(qb[j] & 0xF) - zr) * sc;
-          out[2 * j + 1] = (static_cast<float>(qb[j] >> 4) - zr) * sc;
-        }
-      }
-  });
+  const at::Half *sp = s.data_ptr<at::Half>(), *zp = z.data_ptr<at::Half>();
+  if (bf16)
+    dequant_int4_rows(qp, sp, zp, reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()), N, K, G);
+  else
+    dequant_int4_rows(qp, sp, zp, w.data_ptr<float>(), N, K, G);
   return w;
 }
 
@@ -874,7 +943,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_gguf", &gemv_gguf, "y = x @ dequant(q)^T for GGUF Q8_0 (block_bytes 34) or Q4_0 (18) rows");
   mod.def("gemv_bf16", &gemv_bf16, "y [M, N] float32 = x bf16 [M, K] @ W bf16 [N, K]^T (bf16 pair dots)");
   mod.def("has_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 pair dot was compiled in");
-  mod.def("dequant_int4", &dequant_int4, "W float32 [N, K] = (q - z) * s per group, bit-equal to the torch reference");
+  mod.def("dequant_int4", &dequant_int4, "W [N, K] = (q - z) * s per group (float32 or bf16), bit-equal to the reference");
+  mod.def("dequant_int8", &dequant_int8, "W [N, K] = q * s[:, None] (float32 or bf16), bit-equal to the reference");
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
   mod.def("has_vnni", &has_vnni, "whether the 8-bit activation (AVX512-VNNI) paths were compiled in");
   mod.def("quantize_activations", &quantize_activations, "x [M, K] -> (int8 q, float32 d per 32): x ~ q * d");
