@@ -152,36 +152,41 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, x.shape[-1]).float().contiguous(), lead
 
 
+def _a8(run: Any, x: torch.Tensor, n: int, *args: Any) -> torch.Tensor:
+    """An 8-bit activation kernel on x [..., K] -> [..., n] in x's dtype: float32 and bfloat16 x go in and
+    come out as they are (the kernel converts), others through float32."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = run(x2.contiguous() if x.dtype in (torch.float32, torch.bfloat16) else x2.float().contiguous(), *args)
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
     ext = _require()
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and ext.has_avx512_bf16():  # bf16 pair dots
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        return ext.gemv_bf16(x2, w).to(x.dtype).view(*x.shape[:-1], w.shape[0])
+        return ext.gemv_bf16(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     x2, lead = _rows(x)
     return ext.gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q * s[:, None])^T -> [..., N]; q int8 [N, K], s fp16 [N]."""
-    x2, lead = _rows(x)
     ext = _require()
-    run = ext.gemv_int8_a8 if int8_activations(x, q.shape[1]) else ext.gemv_int8
-    return run(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
+    if int8_activations(x, q.shape[1]):
+        return _a8(ext.gemv_int8_a8, x, q.shape[0], q, s)
+    x2, lead = _rows(x)
+    return ext.gemv_int8(x2, q, s).to(x.dtype).view(*lead, q.shape[0])
 
 
 def int4_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int,
                 symmetric: bool = False) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] with W = (q - z) * s per group of `group_size` along K; q uint8
     [N, K/2] (even k in the low nibble), s / z fp16 [N, K/G]; `symmetric`: every z is 8 (then not read)."""
-    x2, lead = _rows(x)
     ext = _require()
-    k = 2 * q.shape[1]
-    if int8_activations(x, k) and (group_size % 64 == 0 or group_size in (8, 16, 32)):
-        y = ext.gemv_int4_a8(x2, q, s, z, group_size, symmetric)
-    else:
-        y = ext.gemv_int4(x2, q, s, z, group_size)
-    return y.to(x.dtype).view(*lead, q.shape[0])
+    if int8_activations(x, 2 * q.shape[1]) and (group_size % 64 == 0 or group_size in (8, 16, 32)):
+        return _a8(ext.gemv_int4_a8, x, q.shape[0], q, s, z, group_size, symmetric)
+    x2, lead = _rows(x)
+    return ext.gemv_int4(x2, q, s, z, group_size).to(x.dtype).view(*lead, q.shape[0])
 
 
 def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int,
@@ -211,11 +216,12 @@ def gguf_runs(block_type: str, x: torch.Tensor, k: int) -> bool:
 def gguf_linear(x: torch.Tensor, q: torch.Tensor, block_type: str) -> torch.Tensor:
     """x [..., K] @ dequant(q)^T -> [..., N]; q uint8 [N, row bytes], GGUF rows of `block_type` as the
     file stores them (Q8_0, Q4_0; MXFP4, Q4_K and Q6_K with int8 activations: see gguf_runs)."""
-    x2, lead = _rows(x)
     ext = _require()
     bb = GGUF_BLOCK_BYTES[block_type]
-    y = ext.gemv_gguf_a8(x2, q, bb) if int8_activations(x, x2.shape[1]) else ext.gemv_gguf(x2, q, bb)
-    return y.to(x.dtype).view(*lead, q.shape[0])
+    if int8_activations(x, x.shape[-1]):
+        return _a8(ext.gemv_gguf_a8, x, q.shape[0], q, bb)
+    x2, lead = _rows(x)
+    return ext.gemv_gguf(x2, q, bb).to(x.dtype).view(*lead, q.shape[0])
 
 
 def mxfp4_runs(x: torch.Tensor, k: int) -> bool:
@@ -226,8 +232,7 @@ def mxfp4_runs(x: torch.Tensor, k: int) -> bool:
 def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] for W in GPT-OSS's MXFP4 layout: blocks uint8 [N, K/32, 16] (element 2j
     of a block the low nibble of byte j), scales uint8 [N, K/32] (e8m0); int8 activations (mxfp4_runs)."""
-    x2, lead = _rows(x)
-    return _require().gemv_mxfp4_a8(x2, blocks, scales).to(x.dtype).view(*lead, blocks.shape[0])
+    return _a8(_require().gemv_mxfp4_a8, x, blocks.shape[0], blocks, scales)
 
 
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:

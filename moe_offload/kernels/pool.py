@@ -110,7 +110,7 @@ class WeightPool(ABC):
     def dequant_linear(self, which: str, slot: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] @ W^T -> [n, N] for projection `which` of `slot`, dequantizing DEQUANT_TILE_ROWS output
         rows at a time (in x's dtype), so a call never holds a whole dequantized projection."""
-        n = self.projection(which)[0].shape[1]
+        n = 2 * self.inter if which == "w13" else self.hidden  # output rows
         tiles = [linear(x, self.dequant_rows(which, slot, lo, min(lo + DEQUANT_TILE_ROWS, n), x.dtype))
                  for lo in range(0, n, DEQUANT_TILE_ROWS)]
         return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)

@@ -47,6 +47,14 @@ inline float half_to_f32(const at::Half* p) {
 #endif
 }
 
+// one float32 -> out: as is, or rounded to bfloat16 to nearest even (as Tensor.to does for finite values)
+inline void store1(float* out, float v) { *out = v; }
+inline void store1(uint16_t* out, float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  *out = static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
 // n fp16 values -> float32 (16 at a time with F16C)
 inline void halves_to_f32(const at::Half* p, float* out, int64_t n) {
   int64_t i = 0;
@@ -415,19 +423,19 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-// x bfloat16 [M, K], W bfloat16 [N, K] -> y float32 [M, N]
+// x bfloat16 [M, K], W bfloat16 [N, K] -> y bfloat16 [M, N]
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kBFloat16, "w must be contiguous bfloat16 [N, K]");
   const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.size(1) == K,
               "x must be contiguous bfloat16 [M, ", K, "]");
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  auto y = torch::empty({M, N}, x.options());  // bfloat16: each float32 sum rounded once, as .to() would
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   at::parallel_for(0, N, grain(K, M), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot_bf16_pairs(wp + n * K, xp + m * K, K);
+      for (int64_t m = 0; m < M; ++m) store1(yp + m * N + n, dot_bf16_pairs(wp + n * K, xp + m * K, K));
   });
   return y;
 }
@@ -512,12 +520,6 @@ inline void store16(uint16_t* out, __m512 v) {
   _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, round), 16)));
 }
 #endif
-inline void store1(float* out, float v) { *out = v; }
-inline void store1(uint16_t* out, float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  *out = static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-}
 
 template <typename Out>
 void dequant_int8_rows(const int8_t* qp, const at::Half* sp, Out* wp, int64_t N, int64_t K) {
@@ -633,19 +635,30 @@ namespace {
 void check_vnni_k(int64_t K) { TORCH_CHECK(K % 64 == 0, "8-bit activations need K a multiple of 64, got ", K); }
 
 // Run `row(n, out)` for every weight row n, out = y's M values for that row (then scattered into y).
+// y [M, N] in x's dtype (float32, or bfloat16 rounded once from the float32 sums)
 template <typename Row>
 torch::Tensor over_rows(const torch::Tensor& x, int64_t N, int64_t K, Row row) {
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  float* yf = bf16 ? nullptr : y.data_ptr<float>();
+  uint16_t* yb = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, N, grain(K, M), [&](int64_t n0, int64_t n1) {
     std::vector<float> out(M);
     for (int64_t n = n0; n < n1; ++n) {
       row(n, out.data());
-      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[m];
+      for (int64_t m = 0; m < M; ++m) bf16 ? store1(yb + m * N + n, out[m]) : store1(yf + m * N + n, out[m]);
     }
   });
   return y;
+}
+
+// The 8-bit paths take x float32 or bfloat16 [M, K] (contiguous); the rounding to int8 reads it as float32.
+torch::Tensor x_as_f32(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == K &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be contiguous float32 or bfloat16 [M, ", K, "]");
+  return x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
 }
 
 constexpr int64_t F = 0x0004000400040004;  // four 16-bit shift counts of 4
@@ -747,11 +760,11 @@ void q6_k_row(const QAct& a, const uint8_t* row, int64_t blocks, float* out) {
 torch::Tensor gemv_int8_a8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be contiguous int8 [N, K]");
   const int64_t N = q.size(0), K = q.size(1);
-  check_x(x, K);
   check_vnni_k(K);
   TORCH_CHECK(s.dim() == 1 && s.size(0) == N && s.is_contiguous() && s.scalar_type() == torch::kHalf,
               "s must be contiguous float16 [N]");
-  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
+  const torch::Tensor xf = x_as_f32(x, K);
+  const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, natural);
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
   const __m512 ones = _mm512_set1_ps(1.f);
@@ -774,7 +787,6 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
                            const torch::Tensor& z, int64_t G, bool symmetric) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
   const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0);
-  check_x(x, K);
   check_vnni_k(K);
   TORCH_CHECK(G > 0 && K % G == 0 && (G % 64 == 0 || G == 8 || G == 16 || G == 32),
               "group size ", G, " must divide K = ", K, " and be 8, 16, 32 or a multiple of 64");
@@ -782,7 +794,8 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
   for (const auto* t : {&s, &z})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
                 t->scalar_type() == torch::kHalf, "scales / zeros must be contiguous float16 [N, K/G]");
-  const QAct a = quantize_act(x.data_ptr<float>(), M, K, nibble_split);
+  const torch::Tensor xf = x_as_f32(x, K);
+  const QAct a = quantize_act(xf.data_ptr<float>(), M, K, nibble_split);
   // asymmetric: sum over each group of the dequantized activations, for the zero-point term
   std::vector<float> xg(symmetric ? 0 : M * groups);
   for (int64_t m = 0; m < (symmetric ? 0 : M); ++m)
@@ -832,9 +845,9 @@ torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const torch::Tensor& q, int64
               "block_bytes must be 34 (Q8_0), 18 (Q4_0), 17 (MXFP4), 144 (Q4_K) or 210 (Q6_K), got ", block_bytes);
   TORCH_CHECK(q.size(1) % block_bytes == 0, "row bytes ", q.size(1), " are not whole blocks of ", block_bytes);
   const int64_t N = q.size(0), blocks = q.size(1) / block_bytes, K = blocks * per_block, rb = q.size(1);
-  check_x(x, K);
   check_vnni_k(K);
-  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
+  const torch::Tensor xf = x_as_f32(x, K);
+  const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, natural);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // MXFP4's e2m1 values doubled (ggml's kvalues), + 16 so they are unsigned, in every 128-bit lane
@@ -887,9 +900,9 @@ torch::Tensor gemv_mxfp4_a8(const torch::Tensor& x, const torch::Tensor& blocks,
   const int64_t N = blocks.size(0), nb = blocks.size(1), K = nb * 32;
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == nb && scales.is_contiguous() &&
               scales.scalar_type() == torch::kUInt8, "scales must be contiguous uint8 [N, K/32]");
-  check_x(x, K);
   check_vnni_k(K);
-  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, nibble_split);
+  const torch::Tensor xf = x_as_f32(x, K);
+  const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, nibble_split);
   const uint8_t* bp = blocks.data_ptr<uint8_t>();
   const uint8_t* sp = scales.data_ptr<uint8_t>();
   const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(16, 17, 18, 19, 20, 22, 24, 28, 16, 15, 14, 13, 12, 10, 8, 4));
@@ -920,7 +933,8 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
   const int64_t K = x.size(1);
   check_x(x, K);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
-  const QAct a = quantize_act(x.data_ptr<float>(), x.size(0), K, natural);
+  const torch::Tensor xf = x_as_f32(x, K);
+  const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, natural);
   auto q = torch::empty({x.size(0), K}, x.options().dtype(torch::kInt8));
   auto d = torch::empty({x.size(0), K / 32}, x.options());
   std::memcpy(q.data_ptr<int8_t>(), a.qn.data(), a.qn.size());
