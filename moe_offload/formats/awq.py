@@ -65,6 +65,10 @@ class AwqFormat(HubFormat):
         return [("qweight", torch.int32, (k, -(-n // 8))), ("qzeros", torch.int32, (g, -(-n // 8))),
                 ("scales", self.scale_dtype, (g, n))]
 
+    def row_slices(self, n, k):
+        # a word holds 8 output columns (in AWQ's nibble order): qweight and qzeros by word, scales by column
+        return {"qweight": (1, 8), "qzeros": (1, 8), "scales": (1, 1)}
+
     def dequant_matrix(self, t, n, k):
         q = unpack_awq(t["qweight"], n)  # [K, N]
         z = unpack_awq(t["qzeros"], n)  # [G, N]

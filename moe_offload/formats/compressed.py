@@ -30,7 +30,9 @@ PREFIX = "ct:"
 def unpack_dense(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """int32 [R, C] holding a little-endian bit stream per row -> int32 [R, length] of b-bit values."""
     r = words.shape[0]
-    by = words.contiguous().view(torch.uint8).view(r, -1)  # little-endian bytes of each word
+    if not words.is_contiguous() or words.stride(-1) != 1:  # e.g. [G, 1] of a transposed slice: strides (1, G)
+        words = words.clone(memory_format=torch.contiguous_format)
+    by = words.view(torch.uint8).view(r, -1)  # little-endian bytes of each word
     bit = (by[..., None] >> torch.arange(8, dtype=torch.uint8, device=words.device)) & 1  # [R, 4C, 8]
     bit = bit.reshape(r, -1)[:, : length * bits].reshape(r, length, bits).to(torch.int32)
     return (bit << torch.arange(bits, dtype=torch.int32, device=words.device)).sum(-1, dtype=torch.int32)
@@ -78,6 +80,14 @@ class CompressedFormat(HubFormat):
 
     def meta_specs(self, n, k):
         return [("weight_shape", ("I32", "I64"), (2,), [n, k])]
+
+    def row_slices(self, n, k):
+        # weight_packed and weight_scale by row; the zero points by packed row (32 / bits rows a word row:
+        # bits divides 32, so a value never straddles two words there)
+        out = {"weight_packed": (0, 1), "weight_scale": (0, 1)}
+        if not self.sym:
+            out["weight_zero_point"] = (0, 32 // self.bits)
+        return out
 
     def dequant_matrix(self, t, n, k):
         b = self.bits

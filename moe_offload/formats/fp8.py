@@ -60,6 +60,10 @@ class Fp8BlockFormat(HubFormat):
     def matrix_specs(self, n, k):
         return [("weight", torch.float8_e4m3fn, (n, k)), ("weight_scale_inv", self.scale_dtype, self.scale_shape(n, k))]
 
+    def row_slices(self, n, k):
+        # weight by row, weight_scale_inv by block row (bn output rows a scale row)
+        return {"weight": (0, 1), "weight_scale_inv": (0, self.block[0])}
+
     def dequant_matrix(self, t, n, k):
         return dequant_fp8_block(t["weight"], t["weight_scale_inv"], self.block)
 

@@ -83,6 +83,10 @@ class GptqFormat(HubFormat):
         return [("qweight", torch.int32, (-(-k // per), n)), ("qzeros", torch.int32, (g, -(-n // per))),
                 ("scales", self.scale_dtype, (g, n)), ("g_idx", torch.int32, (k,))]
 
+    def row_slices(self, n, k):
+        # qweight and scales by column; qzeros by packed column (32 / bits output columns a word); g_idx whole
+        return {"qweight": (1, 1), "qzeros": (1, 32 // self.bits), "scales": (1, 1)}
+
     def dequant_matrix(self, t, n, k):
         b = self.bits
         q = unpack_rows(t["qweight"], b, k)  # [K, N]

@@ -10,21 +10,25 @@ store bytes are the file's expert bytes, never a dequantized copy. The host stor
 them in place from a safetensors file's memory map (offload/store.py): a row is the pieces of the file
 in layout() order, and tensor_pool() builds the pool straight over the file's tensors.
 
-Running: the loop backend dequantizes one projection of one expert in float32, casts it to the
-compute dtype and multiplies (HubPool.ffn: dequantize-then-matmul, an expert at a time). The fused
-Triton kernel has no flag for these formats: choose_format refuses moe_backend 'triton' in one line.
+Running: the loop backend dequantizes a tile of output rows of one file matrix in float32, casts it
+to the compute dtype and multiplies, tile after tile (HubPool.ffn -> dequant_linear; kernels.pool's
+DEQUANT_TILE_ROWS rows, rounded to the format's row multiple), so a call never holds a whole dequantized
+projection. Each format says how its tensors follow the output rows (row_slices: GPTQ's qzeros pack 8
+output columns per word, an FP8 scale covers bn rows, ...); a tile is the file tensors sliced to its rows,
+dequantized by the same dequant_matrix, so its values are the whole projection's rows bit for bit. The
+fused Triton kernel has no flag for these formats: choose_format refuses moe_backend 'triton' in one line.
 
 Experts with biases (GPT-OSS: ModelConfig.expert_bias) carry them in their row too, as the file stores
 them (with_bias(dtype, act)): sections b13 [2I] (a fused format: the file's interleaved gate_up bias;
 else w1's bias, then w3's) and b2 [H], in the file's dtype, so the host store and the device slots hold
 the file's expert bytes, biases included. Such a format also carries the experts' activation (`act`:
 kernels.ClampedSwiGLU, or None for SwiGLU) into its pools, which add the biases (cast to the compute
-dtype) and run that activation (expert_ffn).
+dtype) and run that activation (HubPool.ffn).
 
 Format names carry every parameter, so the name alone rebuilds the format (get_format): 'gptq:4,g128,
 sym,act', 'awq:4,g128', 'fp8:128x128', 'mxfp4', 'ct:4,g64,asym'; a scale dtype other than the format's
 usual one is appended (',bf16'). A new hub format: a HubFormat subclass with PREFIX, from_name,
-matrix_specs and dequant_matrix, registered in HUB_FORMATS (formats/__init__.py).
+matrix_specs, row_slices and dequant_matrix, registered in HUB_FORMATS (formats/__init__.py).
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import pool as weight_pool
 from ..kernels.pool import WeightPool
-from ..kernels.reference import expert_ffn
+from ..kernels.reference import linear
 from .base import PackedFormat
 
 WEIGHT_HUB = -1  # no fused-kernel flag: the loop backend only
@@ -98,15 +104,30 @@ class HubPool(WeightPool):
             b13 = deinterleave(b13)
         return b13.to(dtype), self.b2[slot].to(dtype)
 
+    def dequant_rows(self, which: str, slot: int, lo: int, hi: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Output rows lo..hi-1 of projection `which` of `slot` ([hi - lo, K]; 'w13' in [gate rows; up rows]
+        order), dequantizing only those rows (rounded out to the format's row multiple) in float32, then cast."""
+        return self.fmt.dequant_rows(self, which, slot, lo, hi).to(dtype)
+
+    def dequant_linear(self, which: str, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, K] @ W^T -> [n, N] for projection `which` of `slot` ('w13': [gate; up] columns), one tile of
+        each file matrix's output rows dequantized at a time (HubFormat.tiled_linear)."""
+        return self.fmt.tiled_linear(self, which, slot, x)
+
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on x [n, H]: the format's CPU kernel where it has one for these rows (kernel_ffn),
-        else dequantize each projection to x's dtype, then matmul (adding the biases and running the
-        activation where the experts have their own)."""
+        else dequantize a tile of output rows at a time to x's dtype and multiply (dequant_linear), adding
+        the biases and running the activation where the experts have their own."""
         fast = self.kernel_ffn(slot, x)
         if fast is not None:
             return fast
-        w13, w2 = self.dequant(slot, x.dtype)
-        return expert_ffn(x, w13, w2, *self.biases(slot, x.dtype), self.act)
+        b13, b2 = self.biases(slot, x.dtype)
+        gate_up = self.dequant_linear("w13", slot, x)  # [n, 2I]: gate, then up
+        if b13 is not None:
+            gate_up = gate_up + b13
+        gate, up = gate_up.chunk(2, dim=-1)  # [n, I] each
+        y = self.dequant_linear("w2", slot, F.silu(gate) * up if self.act is None else self.act(gate, up))
+        return y if b2 is None else y + b2
 
     def kernel_ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
         """One fused-gate_up expert through the format's kernel_linear (None where it has none): the
@@ -122,7 +143,7 @@ class HubPool(WeightPool):
         h = F.silu(gate) * up if self.act is None else self.act(gate, up)  # [n, I]
         y = self.fmt.kernel_linear(self, "w2", slot, h)
         if y is None:
-            y = F.linear(h, self.dequant_projection("w2", slot).to(x.dtype))
+            y = self.dequant_linear("w2", slot, h)
         return y if self.b2 is None else y + self.b2[slot].to(x.dtype)
 
 
@@ -165,6 +186,12 @@ class HubFormat(PackedFormat):
 
     def dequant_matrix(self, t: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
         """The file's tensors of one matrix (by suffix) -> float32 [n, k]."""
+        raise NotImplementedError
+
+    def row_slices(self, n: int, k: int) -> dict[str, tuple[int, int]]:
+        """How the file tensors of one matrix [n out, k in] follow its output rows: suffix -> (dim, rows):
+        index j along `dim` holds output rows j * rows .. (j + 1) * rows - 1 (rows > 1: packed along the
+        output). A tensor not named is read whole for any rows (e.g. GPTQ's g_idx)."""
         raise NotImplementedError
 
     def meta_specs(self, n: int, k: int) -> list[tuple[str, tuple[str, ...], tuple[int, ...], list[int]]]:
@@ -249,6 +276,80 @@ class HubFormat(PackedFormat):
         """x [n, K] @ W^T for matrix `which` of `slot` by a kernel reading the file's tensors in place
         (rows in the file's order), or None where the format has none for x (the default)."""
         return None
+
+    # --- output rows, a tile at a time --------------------------------------------------------------------
+    def row_multiple(self, n: int, k: int) -> int:
+        """Output rows that slice one matrix [n, k] apart: a tile starts at a multiple of this."""
+        return math.lcm(*(rows for _, rows in self.row_slices(n, k).values()))
+
+    def tile_rows(self, n: int, k: int) -> int:
+        """Output rows dequantized at a time: kernels.pool.DEQUANT_TILE_ROWS rounded down to the row
+        multiple, at least one multiple."""
+        m = self.row_multiple(n, k)
+        return max(m, weight_pool.DEQUANT_TILE_ROWS // m * m)
+
+    def slice_rows(self, t: dict[str, torch.Tensor], n: int, k: int, lo: int, hi: int,
+                   step: int = 1) -> dict[str, torch.Tensor]:
+        """The file tensors of output rows lo, lo + step, .. < hi of one matrix (views): lo a multiple of the
+        row multiple, hi one too or n; step > 1 only where every tensor holds one index per row."""
+        out = dict(t)
+        for sfx, (dim, rows) in self.row_slices(n, k).items():
+            cut = [slice(None)] * t[sfx].dim()
+            cut[dim] = slice(lo // rows, -(-hi // rows), step)
+            out[sfx] = t[sfx][tuple(cut)]
+        return out
+
+    def dequant_matrix_rows(self, t: dict[str, torch.Tensor], n: int, k: int, lo: int, hi: int,
+                            step: int = 1) -> torch.Tensor:
+        """Output rows lo, lo + step, .. < hi of one matrix, float32 [len(range(lo, hi, step)), k]: the
+        file tensors of those rows dequantized (a range not on the row multiple is widened to it, then cut)."""
+        m = self.row_multiple(n, k)
+        if step > 1 and m > 1:
+            return self.dequant_matrix_rows(t, n, k, lo, hi)[::step]
+        a, b = lo // m * m, min(n, -(-hi // m) * m)
+        rows = len(range(a, b, step))
+        w = self.dequant_matrix(self.slice_rows(t, n, k, a, b, step), rows, k)  # [rows, k]
+        return w if (a, b) == (lo, hi) else w[lo - a: hi - a]
+
+    def dequant_rows(self, pool: HubPool, which: str, slot: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 of projection 'w13' ([gate rows; up rows]) or 'w2' of `slot`, float32 [hi - lo, K]."""
+        h, i = pool.hidden, pool.inter
+        if which == "w2":
+            return self.dequant_matrix_rows(pool.matrix("w2", slot), h, i, lo, hi)
+        parts = []
+        for half, (a, b) in enumerate([(lo, min(hi, i)), (max(lo, i) - i, hi - i)]):  # gate rows, up rows
+            if a >= b:
+                continue
+            if self.fused_gate_up:  # gate row j is the file's row 2j, up row j the file's row 2j + 1
+                parts.append(self.dequant_matrix_rows(pool.matrix("w13", slot), 2 * i, h, 2 * a + half, 2 * b, 2))
+            else:
+                parts.append(self.dequant_matrix_rows(pool.matrix(("w1", "w3")[half], slot), i, h, a, b))
+        if not parts:
+            return torch.zeros(0, h, device=pool.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def matrix_linear(self, t: dict[str, torch.Tensor], n: int, k: int, x: torch.Tensor) -> torch.Tensor:
+        """x [m, k] @ W^T -> [m, n] for one file matrix, its output rows dequantized tile_rows at a time (in
+        x's dtype), in the file's row order."""
+        step = self.tile_rows(n, k)
+        tiles = []
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            w = self.dequant_matrix(self.slice_rows(t, n, k, lo, hi), hi - lo, k)  # [hi - lo, k] float32
+            tiles.append(linear(x, w.to(x.dtype)))
+        return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
+    def tiled_linear(self, pool: HubPool, which: str, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """x [m, K] @ W^T for projection 'w13' (-> [m, 2I]: gate columns, then up) or 'w2' (-> [m, H]) of
+        `slot`, a tile of output rows at a time (matrix_linear); fused gate_up is multiplied in the file's
+        row order, then its columns de-interleaved."""
+        h, i = pool.hidden, pool.inter
+        if which == "w2":
+            return self.matrix_linear(pool.matrix("w2", slot), h, i, x)
+        if self.fused_gate_up:
+            y = self.matrix_linear(pool.matrix("w13", slot), 2 * i, h, x)  # [m, 2I]: gate j at 2j, up j at 2j + 1
+            return torch.cat([y[..., 0::2], y[..., 1::2]], dim=-1)
+        return torch.cat([self.matrix_linear(pool.matrix(w, slot), i, h, x) for w in ("w1", "w3")], dim=-1)
 
     def dequant_projection(self, pool: HubPool, which: str, slot: int) -> torch.Tensor:
         """Projection 'w13' ([2I, H]: w1 rows, then w3 rows) or 'w2' ([H, I]) of `slot`, float32."""

@@ -17,8 +17,9 @@ of each layer's fused tensors (`model.layers.N.mlp.experts.gate_up_proj_blocks` 
 `_scales` [E, 2I, H/32], `down_proj_blocks` [E, H, I/32, 16], `_scales` [E, H, I/32]) into the row, with
 the experts' biases (gate_up_proj_bias [E, 2I] interleaved like the rows, down_proj_bias [E, H]) as the
 file stores them (HubFormat.with_bias): host store bytes = the file's expert bytes. The loop backend
-dequantizes one projection at a time to the compute dtype (exact: e2m1 times a power of two fits bfloat16
-too), adds the biases and runs the clamped SwiGLU; on the CPU with int8 activations (cpu_activations)
+dequantizes a tile of output rows at a time to the compute dtype and multiplies (exact: e2m1 times a power
+of two fits bfloat16 too; gate_up in the file's interleaved row order, its output columns de-interleaved
+after), adds the biases and runs the clamped SwiGLU; on the CPU with int8 activations (cpu_activations)
 a few tokens at a time run the compiled kernel instead, reading the blocks and scales in place
 (kernel_linear; kernels/cpu_gemv.mxfp4_linear). Name: 'mxfp4'.
 """
@@ -82,6 +83,9 @@ class Mxfp4Format(HubFormat):
         if k % BLOCK:
             raise ValueError(f"mxfp4 needs an input dimension divisible by {BLOCK}, got {k}")
         return [("blocks", torch.uint8, (n, k // BLOCK, 16)), ("scales", torch.uint8, (n, k // BLOCK))]
+
+    def row_slices(self, n, k):
+        return {"blocks": (0, 1), "scales": (0, 1)}  # one row of blocks and scales per output row
 
     def dequant_matrix(self, t, n, k):
         return dequant_mxfp4(t["blocks"], t["scales"])
