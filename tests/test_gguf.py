@@ -323,8 +323,10 @@ def test_layers_of_different_expert_types_offloaded_equals_resident(layer_mix, e
 
     _, f = layer_mix
     res = mo.load(f, device="cpu", dtype="float32", offload=False).generate(PROMPT, max_new_tokens=10)
-    for policy, cap in (("lru", 2), ("lru", 3), ("lru-layer", 2), ("lru", 4)):
-        with mo.load(f, OffloadConfig.make(device="cpu", dtype="float32", cache_per_layer=cap, policy=policy)) as m:
+    for policy, cap, predictor in (("lru", 2, "auto"), ("lru", 3, "auto"), ("lru-layer", 2, "auto"),
+                                   ("lru", 4, "auto"), ("lru", 2, "none")):
+        with mo.load(f, OffloadConfig.make(device="cpu", dtype="float32", cache_per_layer=cap, policy=policy,
+                                           predictor=predictor)) as m:
             c = m.expert_cache
             old = c.engine
             if engine == "thread":
@@ -335,12 +337,15 @@ def test_layers_of_different_expert_types_offloaded_equals_resident(layer_mix, e
                 c.engine = cuda_engine(FakeOps(), chunk_bytes=1000)
             old.close()
             r = m.generate(PROMPT, max_new_tokens=10)
-            assert r.token_ids == res.token_ids, (policy, cap)
+            assert r.token_ids == res.token_ids, (policy, cap, predictor)
             st = r.stats
             assert st["misses"] > 0
             for l in range(3):  # misses and prefetches of layer l, each that layer's bytes
                 n, rem = divmod(int(c.stats.bytes_h2d[l]), c.store.layer_bytes[l])
-                assert rem == 0 and n >= c.stats.misses[l]
+                assert n >= c.stats.misses[l]
+                # a prefetch cancelled part-way through its chunked copy counts only the bytes it sent;
+                # without prefetches every load is one whole row of the layer's size
+                assert rem == 0 or predictor != "none"
             c.engine.drain()
             _slots_hold_the_file(m, f)
 
