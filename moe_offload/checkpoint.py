@@ -399,7 +399,9 @@ class Checkpoint:
             raise CheckpointError(f"{f}: not a valid tokenizer.json: {exc}") from None
 
     def validate(self) -> None:
-        """Check every expected tensor's presence, shape and dtype; raise listing ALL problems."""
+        """Check every expected tensor's presence, shape and dtype; raise listing ALL problems (an FP8
+        weight's block scales first, in one line: check_fp8_scales)."""
+        self.check_fp8_scales()
         expected = expected_tensors(self.config)
         packed = expert_dtypes(self.config)
         dense_fmt = self._dense_format()
@@ -438,6 +440,39 @@ class Checkpoint:
         if problems:
             raise CheckpointError(f"{self.path}: checkpoint does not match config.json "
                                   f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+
+    def check_fp8_scales(self) -> None:
+        """An FP8 block checkpoint (DeepSeek-V3, Kimi-K2, Qwen3-*-FP8 as published): every float8_e4m3fn
+        linear weight the model reads has its `weight_scale_inv` sibling, one float scale per block of
+        quantization_config.weight_block_size; else CheckpointError in one line naming the file and the
+        tensor. NaN/Inf scales are refused as each is read (Checkpoint.tensor, the hub expert reader)."""
+        from .formats.fp8 import Fp8BlockFormat
+
+        fmt = self._dense_format()
+        if not isinstance(fmt, Fp8BlockFormat):
+            return
+        (bn, bk), cfg = fmt.block, self.config
+        for name, info in sorted(self.tensors.items()):
+            if info.dtype != "F8_E4M3" or cfg.family.ignores(cfg, name):
+                continue
+            what = f"{info.file}: tensor {name} is float8_e4m3fn {list(info.shape)}"
+            if len(info.shape) != 2 or not name.endswith(".weight"):
+                raise CheckpointError(f"{what}; {fmt.name} checkpoints store only linear weights [out, in] "
+                                      "(<module>.weight) in FP8")
+            scale, want = name.removesuffix(".weight") + ".weight_scale_inv", list(fmt.scale_shape(*info.shape))
+            s = self.tensors.get(scale)
+            if s is None:
+                raise CheckpointError(f"{what} without its {scale} (expected {want} float32 or bfloat16: one scale "
+                                      f"per {bn}x{bk} block, quantization_config.weight_block_size)")
+            if list(s.shape) != want or s.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{s.file}: tensor {scale} is {list(s.shape)} {s.dtype}, expected {want} F32, "
+                                      f"BF16 or F16 (one scale per {bn}x{bk} block of {name} {list(info.shape)})")
+
+    def dequantized_linears(self) -> list[str]:
+        """The dense linears (attention, dense MLPs, shared experts) stored quantized in the file, which
+        Checkpoint.tensor dequantizes into the compute dtype as each is read (the routed experts stay as
+        stored); filled by validate()."""
+        return sorted(self._dense_quant)
 
     def _check_dense(self, name: str, shape: tuple[int, ...], fmt) -> list[str]:
         """Problems of a dense linear stored quantized: every tensor of the format present, shapes right."""

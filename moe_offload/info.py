@@ -54,6 +54,7 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
         if not ckpt.config.family.unsupported(ckpt.config):  # a family parsed for projections only is not checked
             ckpt.validate()
         cfg, where, dtype = ckpt.config, str(ckpt.path), ckpt.dtype_name
+    dense_load = _dense_load(cfg, None if config_file is not None else ckpt)
     n_experts = cfg.num_moe_layers * cfg.num_local_experts
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype or cfg.torch_dtype]
     expert_total = n_experts * cfg.expert_params
@@ -78,9 +79,25 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
         "runnable": cfg.family.unsupported(cfg) or True,
         "one_expert_bytes": expert_bytes(cfg),
         **({"expert_store": expert_store_info(ckpt)} if config_file is None and cfg.expert_format else {}),
+        **({"dense_dequantized": dense_load} if dense_load else {}),
         **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
         "needs": _needs(cfg),
     }
+
+
+def _dense_load(cfg: ModelConfig, ckpt: Any) -> dict[str, Any] | None:
+    """The dense linears (attention, dense MLPs, shared experts) a checkpoint stores in its experts' hub
+    format, which load() dequantizes into the compute dtype one tensor at a time (the routed experts stay
+    as stored): {"format", "tensors": their count (None from a bare config.json: an FP8 checkpoint as
+    published stores them all so)}, or None where none are."""
+    from .formats import hub_format_of
+
+    if cfg.expert_format is None or hub_format_of(cfg.expert_format) is None:
+        return None
+    if ckpt is None:
+        return {"format": cfg.expert_format, "tensors": None} if cfg.expert_format.startswith("fp8:") else None
+    names = ckpt.dequantized_linears() if hasattr(ckpt, "dequantized_linears") else []
+    return {"format": cfg.expert_format, "tensors": len(names)} if names else None
 
 
 def _needs(cfg: ModelConfig) -> dict[str, Any]:
@@ -179,6 +196,12 @@ def format_info(info: dict[str, Any]) -> str:
                      f"(every expert), device at least {_size(n['device_min_bytes'])} (dense {_size(n['dense_bytes'])}, "
                      f"KV {n['kv_tokens']} tokens {_size(n['kv_cache_bytes'])}, top-k slots per layer "
                      f"{_size(n['min_slot_bytes'])}, reserve), all resident {_size(n['device_all_resident_bytes'])}")
+    if "dense_dequantized" in info:
+        d = info["dense_dequantized"]
+        count = f"{d['tensors']} " if d["tensors"] is not None else ""
+        lines.append(f"dense      {count}linears stored {d['format']} (attention, dense MLPs, shared experts) are "
+                     f"dequantized to the compute dtype at load, one tensor at a time; the routed experts stay "
+                     f"{d['format']} as stored")
     if info.get("runnable", True) is not True:
         lines.append(f"runnable   no: {info['runnable']}")
     if "expert_store" in info:

@@ -192,3 +192,66 @@ def expert_file_bytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def total(shape) -> int:
     return math.prod(shape)
+
+
+# --- FP8 checkpoints as DeepSeek-V3 / Kimi-K2 / Qwen3-*-FP8 publish them ----------------------------------
+def fp8_reference(t: dict[str, torch.Tensor], block) -> torch.Tensor:
+    """The float32 matrix an fp8_matrix output stands for: each code times its block's scale (the blocks
+    at the right and bottom edges cut short where the shape is not a multiple of the block)."""
+    q, s = t["weight"], t["weight_scale_inv"]
+    n, k = q.shape
+    full = s.double().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    return (q.double() * full).float()
+
+
+def publish_fp8_folder(src: Path, dst: Path, hub_config: dict, block=(128, 128), scale_dtype=torch.float32,
+                       shards: int = 2, spec_folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """A float folder saved by transformers -> that model as the FP8 checkpoints are published: every linear
+    weight (attention, dense MLPs, shared and routed experts) float8_e4m3fn with a `weight_scale_inv` per
+    block of `block` (amax / 448, fp8_matrix), the embeddings, norms, router gate, its correction bias,
+    lm_head and the modules hub_config's quantization_config.modules_to_not_convert names (full module
+    names) as saved; `shards` files with a model.safetensors.index.json; config.json is `hub_config` (the
+    hub's spelling) with the quantization_config the publishers write. spec_folder: also the float32 model
+    the file stands for (fp8_reference of each FP8 linear), as a folder transformers loads. Returns the
+    file's tensors."""
+    sd = {}
+    for f in sorted(src.glob("*.safetensors")):
+        sd.update(load_file(f))
+    out: dict[str, torch.Tensor] = {}
+    spec = dict(sd)
+    skip = set((hub_config.get("quantization_config") or {}).get("modules_to_not_convert") or [])
+    for name, t in sorted(sd.items()):
+        if not _quantizable(name, t) or name.removesuffix(".weight") in skip:
+            out[name] = t
+            continue
+        base = name.removesuffix(".weight")
+        packed = fp8_matrix(t.float(), tuple(block), scale_dtype)
+        spec[name] = fp8_reference(packed, block)
+        out.update({f"{base}.{sfx}": v for sfx, v in packed.items()})
+    if spec_folder is not None:
+        spec_folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.float().contiguous() for k, v in spec.items()}, str(spec_folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        for f in src.iterdir():
+            if not f.name.startswith("model"):
+                (spec_folder / f.name).write_bytes(f.read_bytes())
+    dst.mkdir(parents=True, exist_ok=True)
+    names = sorted(out)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: out[n].contiguous() for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in out.values())},
+             "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = dict(hub_config)
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": list(block), **cfg.get("quantization_config", {})}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.name != "config.json" and not f.name.startswith("model"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return out

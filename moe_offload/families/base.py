@@ -108,8 +108,10 @@ class Family:
         return None
 
     def shipped_format(self, raw: Mapping[str, Any]) -> str | None:
-        """The experts' format named by a quantization_config this family ships with (sized by `info` and
-        the simulator, not loaded), or None: the quantization_config is read as a moe-offload one."""
+        """The experts' format named by a quantization_config this family ships with, as `info` and the
+        simulator size it ("fp8_block128", "mxfp4"), or None: the quantization_config is read as a hub or
+        moe-offload one (quant.ckpt.parse_quantization_config). A family that names one sets expert_format
+        in fields() itself where its checkpoints load as stored (DeepSeek-V3's FP8, GPT-OSS's MXFP4)."""
         return None
 
     def ignores(self, cfg: Any, name: str) -> bool:

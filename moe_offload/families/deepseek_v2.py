@@ -7,6 +7,9 @@ shared experts (n_shared_experts x moe_intermediate_size), and a softmax router:
 
 norm_topk_prob must be false (as every published V2 ships): DeepSeek's code then renormalises instead of
 scaling while transformers' DeepseekV2 ignores the key, so a true value has no single meaning.
+
+DeepSeek publishes V2 in bf16; FP8 block checkpoints of it in V3's layout (quantization_config quant_method
+"fp8") load as V3's do: routed experts as stored, the other FP8 linears dequantized as they load.
 """
 
 from __future__ import annotations

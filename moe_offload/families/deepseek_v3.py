@@ -6,8 +6,15 @@ expert, a sigmoid router with e_score_correction_bias over n_group groups (the b
 renormalised and scaled by routed_scaling_factor.
 
 The multi-token-prediction layer shipped after the last layer (num_nextn_predict_layers; tensors
-model.layers.{L}.*) is not run nor counted: its tensors are ignored. The FP8 block-128 weights as
-published are sized by `info` and `simulate` but not loaded (load() refuses them in one line).
+model.layers.{L}.*) is not run nor counted: its tensors are ignored.
+
+The checkpoints as published (quantization_config quant_method "fp8", weight_block_size [128, 128]) store
+every linear weight float8_e4m3fn with a `weight_scale_inv` per block, except the embeddings, norms, router
+gate, its correction bias and lm_head (and what modules_to_not_convert names: those are stored in bf16).
+They load as stored: the routed experts stay FP8 (the 'fp8:128x128' hub format, formats/fp8.py: host store
+bytes are the file's expert bytes); the other FP8 linears (attention, the dense layers' MLPs, the shared
+experts) are dequantized into the compute dtype as they load, one tensor at a time (Checkpoint.tensor),
+which `info` says.
 """
 
 from __future__ import annotations
@@ -44,6 +51,16 @@ class DeepseekV3(Family):
             return "fp8_block128"
         return None
 
+    def published_fp8(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """{"expert_format": the hub FP8 format} for an FP8 quantization_config (any block size; one the
+        runtime cannot read refused in one line), else {}: the experts load as stored."""
+        qc = raw.get("quantization_config")
+        if not isinstance(qc, Mapping) or qc.get("quant_method") != "fp8":
+            return {}
+        from ..quant.hub import hub_format_name
+
+        return {"expert_format": hub_format_name(dict(qc), "config.json")}
+
     def fields(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         width = raw.get(self.width_key, 0)
         method = raw.get("topk_method", "noaux_tc")
@@ -55,13 +72,7 @@ class DeepseekV3(Family):
                 "n_group": raw.get("n_group", 1) or 1, "topk_group": raw.get("topk_group", 1) or 1,
                 "routed_scaling_factor": float(raw.get("routed_scaling_factor", 1.0)),
                 "rope_interleave": bool(raw.get("rope_interleave", True)),
-                "mtp_layers": raw.get("num_nextn_predict_layers", 0) or 0}
-
-    def unsupported(self, cfg: Any) -> str | None:
-        if cfg.shipped_format and cfg.expert_format is None:
-            return (f"{self.model_type}: the {cfg.shipped_format} weights as published are not loadable yet "
-                    "(dequantize the checkpoint to bfloat16 first); `info` and `simulate` work")
-        return None
+                "mtp_layers": raw.get("num_nextn_predict_layers", 0) or 0, **self.published_fp8(raw)}
 
     def ignores(self, cfg: Any, name: str) -> bool:
         return is_mtp_layer(cfg, name)
@@ -74,6 +85,11 @@ class DeepseekV3(Family):
                    n_group=cfg.n_group, topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
                    rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=cfg.mtp_layers,
                    scoring_func=cfg.scoring, topk_method="noaux_tc" if cfg.correction_bias else "greedy")
+        if (cfg.expert_format or "").startswith("fp8:"):  # the published FP8 checkpoints' quantization_config
+            from ..formats import hub_format_of
+
+            out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": list(hub_format_of(cfg.expert_format).block)}
         return out
 
     def layer_tensors(self, cfg: Any, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:

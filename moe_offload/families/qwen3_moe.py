@@ -1,5 +1,10 @@
 """Qwen3-MoE (Qwen3MoeForCausalLM): per-head q/k RMSNorm, softmax top-k renormalised when
-norm_topk_prob, every layer sparse, no sliding window."""
+norm_topk_prob, every layer sparse, no sliding window.
+
+Qwen3-*-FP8 checkpoints (quantization_config quant_method "fp8", weight_block_size [128, 128]; every
+linear float8_e4m3fn with a `weight_scale_inv` per block but the embeddings, norms, router gates and
+lm_head) load as stored: the routed experts stay FP8 (the 'fp8:128x128' hub format, formats/fp8.py), the
+attention's FP8 linears are dequantized into the compute dtype as they load, one tensor at a time."""
 
 from __future__ import annotations
 
