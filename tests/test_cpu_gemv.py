@@ -344,3 +344,20 @@ def test_int8_activations_gpt_oss_mxfp4_equal_float64_of_rounded_x(m):
     scales = torch.randint(118, 132, (96, 16), dtype=torch.uint8, generator=g)
     x = torch.randn(m, 512, generator=g)
     check(cpu_gemv.mxfp4_linear(x, blocks, scales), rounded_x(x) @ dequant_mxfp4(blocks, scales).double().T, F32_TOL)
+
+
+@needs_vnni
+@pytest.mark.parametrize("mode", ["int8", "exact"])
+def test_gguf_gate_and_up_in_one_call_equal_two_calls(mode):
+    """GgufPool runs gate and up of one type in one call (x rounded once): the same numbers as two calls."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    cpu_gemv.set_activations(mode)
+    g = torch.Generator().manual_seed(5)
+    gate, up = (torch.from_numpy(np.ascontiguousarray(quants.quantize(torch.randn(40, 256, generator=g).numpy(),
+                                                                      GGMLQuantizationType.Q4_0))) for _ in range(2))
+    x = torch.randn(3, 256, generator=g).bfloat16()
+    both = cpu_gemv.gguf_linear(x, [gate, up], "Q4_0")
+    assert both.shape == (3, 80)
+    assert torch.equal(both, torch.cat([cpu_gemv.gguf_linear(x, gate, "Q4_0"), cpu_gemv.gguf_linear(x, up, "Q4_0")], -1))

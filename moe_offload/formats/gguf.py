@@ -296,17 +296,25 @@ class GgufPool(WeightPool):
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU on x [n, H] -> [n, H], dequantizing TILE_ROWS output rows at a time."""
         t1, t3, t2 = self.types
-        gate = _tiled(t1, self.w13[slot], self.hidden, x)
-        up = _tiled(t3, self.w3[slot], self.hidden, x)
+        g, u = self.w13[slot], self.w3[slot]
+        if t1 == t3 and _kernel_takes(t1, g, self.hidden, x) and u.is_contiguous():  # one call: x rounded once
+            gate, up = cpu_gemv.gguf_linear(x, [g, u], t1.name).chunk(2, dim=-1)
+        else:
+            gate, up = _tiled(t1, g, self.hidden, x), _tiled(t3, u, self.hidden, x)
         return _tiled(t2, self.w2[slot], self.inter, torch.nn.functional.silu(gate) * up)
+
+
+def _kernel_takes(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernel runs x [n, K] against rows q of type t (see _tiled)."""
+    return (x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and q.is_contiguous()
+            and cpu_gemv.gguf_runs(t.name, x, k))
 
 
 def _tiled(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> torch.Tensor:
     """x [n, K] @ dequant(q [N, rb]).T -> [n, N]: the compiled CPU kernel reading the blocks in place
     (Q8_0 / Q4_0, and MXFP4 with int8 activations; a few rows), else one dequantized tile of output rows
     at a time."""
-    if (x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and q.is_contiguous()
-            and cpu_gemv.gguf_runs(t.name, x, k)):
+    if _kernel_takes(t, q, k, x):
         return cpu_gemv.gguf_linear(x, q, t.name)
     n = q.shape[0]
     if n <= TILE_ROWS:

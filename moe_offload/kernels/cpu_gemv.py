@@ -213,15 +213,18 @@ def gguf_runs(block_type: str, x: torch.Tensor, k: int) -> bool:
     return int8_activations(x, k) or block_type in GGUF_EXACT
 
 
-def gguf_linear(x: torch.Tensor, q: torch.Tensor, block_type: str) -> torch.Tensor:
+def gguf_linear(x: torch.Tensor, q: torch.Tensor | list[torch.Tensor], block_type: str) -> torch.Tensor:
     """x [..., K] @ dequant(q)^T -> [..., N]; q uint8 [N, row bytes], GGUF rows of `block_type` as the
-    file stores them (Q8_0, Q4_0; MXFP4, Q4_K and Q6_K with int8 activations: see gguf_runs)."""
+    file stores them (Q8_0, Q4_0; MXFP4, Q4_K and Q6_K with int8 activations: see gguf_runs), or a list
+    of such matrices (gate and up) whose outputs are concatenated, x read (and rounded) once."""
     ext = _require()
     bb = GGUF_BLOCK_BYTES[block_type]
+    qs = q if isinstance(q, list) else [q]
+    n = sum(t.shape[0] for t in qs)
     if int8_activations(x, x.shape[-1]):
-        return _a8(ext.gemv_gguf_a8, x, q.shape[0], q, bb)
+        return _a8(ext.gemv_gguf_a8, x, n, qs, bb)
     x2, lead = _rows(x)
-    return ext.gemv_gguf(x2, q, bb).to(x.dtype).view(*lead, q.shape[0])
+    return torch.cat([ext.gemv_gguf(x2, t, bb) for t in qs], dim=-1).to(x.dtype).view(*lead, n)
 
 
 def mxfp4_runs(x: torch.Tensor, k: int) -> bool:

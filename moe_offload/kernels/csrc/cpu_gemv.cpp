@@ -837,23 +837,41 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
   });
 }
 
-// GGUF rows of Q8_0 (34-byte blocks), Q4_0 (18) or MXFP4 (17) -> y float32 [M, N] = Q8(x) @ dequant(q)^T
-torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const torch::Tensor& q, int64_t block_bytes) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, row bytes]");
+// GGUF rows of Q8_0 (34-byte blocks), Q4_0 (18), MXFP4 (17), Q4_K (144) or Q6_K (210) -> y [M, N] =
+// Q8(x) @ dequant(q)^T
+// Several matrices qs (the same type and K; e.g. gate and up) against one x: y [M, sum of their N], x
+// rounded once.
+torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const std::vector<torch::Tensor>& qs, int64_t block_bytes) {
+  TORCH_CHECK(!qs.empty(), "no weight matrices given");
   const int64_t per_block = block_bytes == 144 || block_bytes == 210 ? 256 : 32;  // K-quants: super-blocks
   TORCH_CHECK(block_bytes == 34 || block_bytes == 18 || block_bytes == 17 || block_bytes == 144 || block_bytes == 210,
               "block_bytes must be 34 (Q8_0), 18 (Q4_0), 17 (MXFP4), 144 (Q4_K) or 210 (Q6_K), got ", block_bytes);
-  TORCH_CHECK(q.size(1) % block_bytes == 0, "row bytes ", q.size(1), " are not whole blocks of ", block_bytes);
-  const int64_t N = q.size(0), blocks = q.size(1) / block_bytes, K = blocks * per_block, rb = q.size(1);
+  const int64_t rb = qs[0].dim() == 2 ? qs[0].size(1) : 0;
+  std::vector<const uint8_t*> starts;  // each matrix's first row
+  std::vector<int64_t> ends;           // cumulative row counts
+  int64_t N = 0;
+  for (const auto& q : qs) {
+    TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8 && q.size(1) == rb,
+                "every q must be contiguous uint8 [N, ", rb, "] (one row length)");
+    starts.push_back(q.data_ptr<uint8_t>());
+    N += q.size(0);
+    ends.push_back(N);
+  }
+  TORCH_CHECK(rb % block_bytes == 0, "row bytes ", rb, " are not whole blocks of ", block_bytes);
+  const int64_t blocks = rb / block_bytes, K = blocks * per_block;
   check_vnni_k(K);
   const torch::Tensor xf = x_as_f32(x, K);
   const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, natural);
-  const uint8_t* qp = q.data_ptr<uint8_t>();
+  auto row_at = [&](int64_t n) {  // row n of the stacked matrices
+    size_t i = 0;
+    while (n >= ends[i]) ++i;
+    return starts[i] + (n - (i ? ends[i - 1] : 0)) * rb;
+  };
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // MXFP4's e2m1 values doubled (ggml's kvalues), + 16 so they are unsigned, in every 128-bit lane
   const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(16, 17, 18, 19, 20, 22, 24, 28, 16, 15, 14, 13, 12, 10, 8, 4));
   return over_rows(x, N, K, [&](int64_t n, float* out) {
-    const uint8_t* row = qp + n * rb;
+    const uint8_t* row = row_at(n);
     if (block_bytes == 34) {
       auto chunk = [&](int64_t c, __m512& sv) {
         const uint8_t *b0 = row + 2 * c * 34, *b1 = b0 + 34;
