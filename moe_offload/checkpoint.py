@@ -429,6 +429,9 @@ class Checkpoint:
                                 f"expected one of {sorted(FLOAT_DTYPES)}")
         if not problems:
             problems += self._check_expert_values(packed)
+        zeros = self._optional_zeros()
+        self._check_zeros(zeros)
+        accounted.update(zeros)
         head = self.config.family.lm_head
         tied_head = self.config.tie_word_embeddings and head in self.tensors
         for name in sorted(set(self.tensors) - set(expected) - accounted):
@@ -490,6 +493,38 @@ class Checkpoint:
         if not out:
             self._dense_quant[name] = (base, shape[0], shape[1])
         return out
+
+    def _optional_zeros(self) -> dict[str, tuple[tuple[int, ...], str, Any]]:
+        """Tensors present in the file that the format allows beside a quantized linear only when all zero
+        (HubFormat.zero_specs: the zero `.bias` AutoGPTQ wrote for bias-free layers), by name: (shape,
+        what the linear is, format). Routed experts and the dense linears stored quantized."""
+        from .quant.ckpt import hub_format
+
+        cfg, out = self.config, {}
+        fmt = hub_format(cfg.expert_format or "")
+        if fmt is not None and not fused_packed(cfg):
+            i, h = cfg.intermediate_size, cfg.hidden_size
+            for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+                for e in range(cfg.num_local_experts):
+                    for w, (n, k) in (("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))):
+                        base = cfg.family.expert_name(layer, e, w).removesuffix(".weight")
+                        out.update({f"{base}.{sfx}": (shape, "MoE expert", fmt) for sfx, shape in fmt.zero_specs(n, k)})
+        dense = self._dense_format()
+        for base, n, k in self._dense_quant.values():
+            out.update({f"{base}.{sfx}": (shape, "linear", dense) for sfx, shape in dense.zero_specs(n, k)})
+        return {name: v for name, v in out.items() if name in self.tensors}
+
+    def _check_zeros(self, zeros: dict[str, tuple[tuple[int, ...], str, Any]]) -> None:
+        """The optional all-zero tensors have their shape, a float dtype and every value zero; else
+        CheckpointError in one line naming the file and the tensor."""
+        for name, (shape, what, fmt) in zeros.items():
+            info = self.tensors[name]
+            if info.shape != shape or info.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{info.file}: tensor {name} is {list(info.shape)} {info.dtype}, expected "
+                                      f"{list(shape)} float ({fmt.name})")
+            problem = fmt.zero_problem(name.rsplit(".", 1)[1], self._raw(name), what)
+            if problem:
+                raise CheckpointError(f"{info.file}: tensor {name}: {problem} ({fmt.name})")
 
     def _check_expert_values(self, packed: dict[str, tuple[str, ...]]) -> list[str]:
         """Cheap checks of a hub format's index tensors (GPTQ g_idx in range) before any expert is read."""

@@ -255,3 +255,54 @@ def publish_fp8_folder(src: Path, dst: Path, hub_config: dict, block=(128, 128),
         if f.name != "config.json" and not f.name.startswith("model"):
             (dst / f.name).write_bytes(f.read_bytes())
     return out
+
+
+# --- compressed-tensors pack-quantized with activation ordering (actorder "group": weight_g_idx) --------------
+def ct_actorder_matrix(w: torch.Tensor, bits: int, group: int, sym: bool, seed: int = 0,
+                       scale_dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """w [N, K] -> the file tensors compressed-tensors (<= 0.9, actorder "group") writes: columns visited in a
+    random order, the i-th visited in group i // group (weight_g_idx [K] int32), each group's scale / zero
+    point from compressed-tensors' calculate_qparams, codes by its quantize, packed by its pack_to_int32."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    n, k = w.shape
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(k))
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group).to(torch.int32)
+    perm = torch.argsort(g_idx, stable=True)  # columns sorted by group
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group)
+    wp = w.to(scale_dtype)[:, perm]
+    wg = wp.reshape(n, -1, group)
+    scale, zp = calculate_qparams(wg.amin(-1), wg.amax(-1), args)
+    scale = scale.to(scale_dtype)
+    q_sorted = quantize(wp, scale, zp, args, dtype=torch.int8)  # [N, K] in sorted column order
+    q = torch.empty_like(q_sorted)
+    q[:, perm] = q_sorted
+    out = {"weight_packed": pack_to_int32(q, bits), "weight_scale": scale, "weight_g_idx": g_idx,
+           "weight_shape": torch.tensor([n, k])}
+    if not sym:
+        out["weight_zero_point"] = pack_to_int32(zp.to(torch.int8), bits, packed_dim=0)
+    return out
+
+
+def ct_actorder_reference(t: dict[str, torch.Tensor], bits: int, group: int, sym: bool) -> torch.Tensor:
+    """compressed-tensors' decompression of ct_actorder_matrix's tensors, its own algorithm for a weight_g_idx
+    (<= 0.9's dequantize: columns sorted by group, the i-th group dequantized with scale column i, then put
+    back) run with the installed version's unpack_from_int32 and dequantize; in the scales' dtype."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    n, k = (int(v) for v in t["weight_shape"])
+    scale = t["weight_scale"]
+    q = unpack_from_int32(t["weight_packed"], bits, torch.Size([n, k]))
+    zp = None if sym else unpack_from_int32(t["weight_zero_point"], bits, torch.Size([n, scale.shape[1]]), 0)
+    perm = torch.argsort(t["weight_g_idx"], stable=True)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group)
+    w_sorted = dequantize(q[:, perm], scale, zp, args)
+    w = torch.empty_like(w_sorted)
+    w[:, perm] = w_sorted
+    return w

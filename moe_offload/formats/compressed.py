@@ -9,13 +9,17 @@ One matrix [N out, K in] in the file, b bits, G = ceil(K / group_size) (group) o
   weight_scale       [N, G] in the checkpoint's float dtype (bf16 from llm-compressor, fp16, fp32)
   weight_zero_point  int32 [ceil(N * b / 32), G]  asymmetric only: the signed zero points, packed the
                                                   same way along N (dim 0)
+  weight_g_idx       int32 [K]                    actorder "group" only: the group of each input column
+                                                  (GPTQ's activation order); read whole for any rows
   weight_shape       [2] = (N, K)                 metadata: checked at load, not stored in the row
 Dequantization: w = (q - zp) * scale per group (q, zp signed; the offsets cancel), zp = 0 when
-symmetric. This is the format for every pack-quantized variant; the int4 / int8 formats keep reading
+symmetric; column k takes group k // group_size, or weight_g_idx[k] with activation ordering (as
+compressed-tensors' dequantize does: columns sorted by group, the i-th group taking scale column i). This is the format for every pack-quantized variant; the int4 / int8 formats keep reading
 the variants `moe-offload quantize` writes (fp16 scales, groups 32/64/128) into their own rows, for
 the Triton kernel and the CPU weight-only ops.
 
-Name: 'ct:4,g128,sym' / 'ct:8,ch,asym' (+ ',bf16' / ',fp32' for the scale dtype; fp16 by default).
+Name: 'ct:4,g128,sym' / 'ct:8,ch,asym' (+ ',act' with weight_g_idx; + ',bf16' / ',fp32' for the scale
+dtype; fp16 by default).
 """
 
 from __future__ import annotations
@@ -45,14 +49,18 @@ class CompressedFormat(HubFormat):
 
     def __init__(self, bits: int = 4, group: int | None = 128, sym: bool = True,
                  scale_dtype: torch.dtype = torch.float16, compute_dtype: torch.dtype | None = None,
-                 group_size: int = 128):
+                 group_size: int = 128, act_order: bool = False):
         super().__init__(compute_dtype, group_size)
         if bits not in (2, 4, 8):
             raise ValueError(f"pack-quantized num_bits {bits!r}: this runtime reads 2, 4 or 8 bits")
         if group is not None and (not isinstance(group, int) or group <= 0):
             raise ValueError(f"pack-quantized group_size must be a positive integer, got {group!r}")
+        if act_order and group is None:
+            raise ValueError("pack-quantized activation ordering (weight_g_idx) needs strategy 'group'")
         self.bits, self.group, self.sym, self.scale_dtype = bits, group, sym, scale_dtype
+        self.act_order = act_order
         tokens = [str(bits), "ch" if group is None else f"g{group}", "sym" if sym else "asym"]
+        tokens += ["act"] if act_order else []
         tokens += [] if scale_dtype == torch.float16 else [{torch.bfloat16: "bf16", torch.float32: "fp32"}[scale_dtype]]
         self.name = PREFIX + ",".join(tokens)
 
@@ -60,13 +68,14 @@ class CompressedFormat(HubFormat):
     def from_name(cls, name, compute_dtype=None, group_size=128):
         sdt, t = scale_token(parse_tokens(name, PREFIX), torch.float16, name)
         try:
-            if len(t) != 3 or t[2] not in ("sym", "asym") or not (t[1] == "ch" or t[1].startswith("g")):
+            if (len(t) not in (3, 4) or t[2] not in ("sym", "asym") or not (t[1] == "ch" or t[1].startswith("g"))
+                    or t[3:] not in ([], ["act"])):
                 raise ValueError
             group = None if t[1] == "ch" else int(t[1][1:])
             bits = int(t[0])
         except ValueError:
-            raise ValueError(f"expert format {name!r}: expected 'ct:<bits>,g<group>|ch,sym|asym'") from None
-        return cls(bits, group, t[2] == "sym", sdt, compute_dtype, group_size)
+            raise ValueError(f"expert format {name!r}: expected 'ct:<bits>,g<group>|ch,sym|asym[,act]'") from None
+        return cls(bits, group, t[2] == "sym", sdt, compute_dtype, group_size, act_order=t[3:] == ["act"])
 
     def groups(self, k: int) -> int:
         return 1 if self.group is None else -(-k // self.group)
@@ -76,6 +85,8 @@ class CompressedFormat(HubFormat):
         out = [("weight_packed", torch.int32, (n, -(-k * b // 32))), ("weight_scale", self.scale_dtype, (n, g))]
         if not self.sym:
             out.append(("weight_zero_point", torch.int32, (-(-n * b // 32), g)))
+        if self.act_order:
+            out.append(("weight_g_idx", torch.int32, (k,)))
         return out
 
     def meta_specs(self, n, k):
@@ -83,7 +94,7 @@ class CompressedFormat(HubFormat):
 
     def row_slices(self, n, k):
         # weight_packed and weight_scale by row; the zero points by packed row (32 / bits rows a word row:
-        # bits divides 32, so a value never straddles two words there)
+        # bits divides 32, so a value never straddles two words there); weight_g_idx is read whole
         out = {"weight_packed": (0, 1), "weight_scale": (0, 1)}
         if not self.sym:
             out["weight_zero_point"] = (0, 32 // self.bits)
@@ -92,9 +103,21 @@ class CompressedFormat(HubFormat):
     def dequant_matrix(self, t, n, k):
         b = self.bits
         q = unpack_dense(t["weight_packed"], b, k)  # [N, K] unsigned
-        gi = torch.arange(k, device=q.device) // (k if self.group is None else self.group)
+        if self.act_order:
+            gi = t["weight_g_idx"].long()  # [K]: each column's group
+        else:
+            gi = torch.arange(k, device=q.device) // (k if self.group is None else self.group)
         s = t["weight_scale"].float()[:, gi]
         if self.sym:
             return (q - (1 << (b - 1))).float() * s
         zp = unpack_dense(t["weight_zero_point"].t().contiguous(), b, n).t()  # [N, G] unsigned
         return (q - zp[:, gi]).float() * s
+
+    def check_matrix(self, t, n, k):
+        if not self.act_order:
+            return None
+        g, groups = t["weight_g_idx"], self.groups(k)
+        lo, hi = int(g.min()), int(g.max())
+        if lo < 0 or hi >= groups:
+            return f"weight_g_idx holds group {lo if lo < 0 else hi}, outside [0, {groups}) groups"
+        return None

@@ -9,6 +9,8 @@ One matrix [N out, K in] in the file, bits b in {4, 8}, W = 32 / b values per in
   scales   fp16  [G, N]
   g_idx    int32 [K]          the group of each input k: k // group_size, or a permutation's groups when
                               the checkpoint was quantized in activation order (desc_act)
+  bias     float [N]         optional (old AutoGPTQ wrote one for every quantized linear, zeros where
+                              the layer has no bias): read and checked all zero at load, not stored
 G = ceil(K / group_size), or 1 when group_size is -1 (one group per column).
 Dequantization: w[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n] with z = stored + 1 (mod 2**b)
 for "gptq" (AutoGPTQ's reference unpacks zeros this way), stored as is for "gptq_v2". Symmetric
@@ -95,6 +97,9 @@ class GptqFormat(HubFormat):
             z = (z + 1) & ((1 << b) - 1)
         g = t["g_idx"]
         return (q.t() - gather_cols(z, g)).float() * gather_cols(t["scales"].float(), g)
+
+    def zero_specs(self, n, k):
+        return [("bias", (n,))]
 
     def check_matrix(self, t, n, k):
         g = t["g_idx"]

@@ -202,6 +202,22 @@ class HubFormat(PackedFormat):
         """What is wrong with the values of one matrix's tensors (e.g. an index out of range), or None."""
         return None
 
+    def zero_specs(self, n: int, k: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(suffix, shape) of float tensors a file may carry beside one matrix [n out, k in] that must be
+        all zeros (read and checked at load, not stored): e.g. the zero `.bias` AutoGPTQ wrote for
+        bias-free linears. Optional: a file without them reads the same."""
+        return []
+
+    @staticmethod
+    def zero_problem(sfx: str, t: torch.Tensor, what: str = "MoE expert") -> str | None:
+        """What is wrong with zero_specs tensor `sfx` of a bias-free `what` ('MoE expert', 'linear'): its
+        first nonzero value, or None when it is all zeros."""
+        if bool((t != 0).any()):
+            bad = int((t != 0).reshape(-1).nonzero()[0])
+            return (f"{sfx} [{bad}] is {float(t.reshape(-1)[bad])!r}: a nonzero {sfx} on a bias-free {what} "
+                    "(only all-zero biases, as AutoGPTQ writes for bias-free layers, are read)")
+        return None
+
     def with_scale_dtype(self, dt: torch.dtype) -> "HubFormat":
         """This format with scales of dtype `dt` (as a file's header says)."""
         if dt not in SCALE_DTYPES.values():

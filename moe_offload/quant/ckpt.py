@@ -91,6 +91,8 @@ def _parse_own(qc: dict[str, Any], source: str) -> tuple[str, int, bool]:
     bits, strategy, sym = w.get("num_bits"), w.get("strategy"), bool(w.get("symmetric"))
     if w.get("type", "int") != "int":
         raise bad(f"config_groups.{gname}.weights.type", w.get("type"), "'int'")
+    if w.get("actorder") in ("group", "dynamic"):  # columns in activation order: the hub 'ct:' format's
+        raise bad(f"config_groups.{gname}.weights.actorder", w.get("actorder"), "null, 'static' or 'weight'")
     if bits == 8:
         if strategy != "channel" or not sym:
             raise bad(f"config_groups.{gname}.weights", {"strategy": strategy, "symmetric": sym},

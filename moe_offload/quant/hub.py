@@ -81,15 +81,22 @@ def compressed_format_name(qc: dict[str, Any], source: str) -> str:
     bits, strategy = w.get("num_bits"), w.get("strategy")
     if bits not in (2, 4, 8):
         raise _bad(source, f"{where}.weights.num_bits", bits, "2, 4 or 8")
-    if w.get("actorder") not in (None, "static"):
-        raise _bad(source, f"{where}.weights.actorder", w.get("actorder"), "null or 'static'")
+    actorder = w.get("actorder")
+    if actorder not in (None, "static", "weight", "group", "dynamic"):
+        raise _bad(source, f"{where}.weights.actorder", actorder, "null, 'static', 'weight' or 'group'")
     if w.get("dynamic"):
         raise _bad(source, f"{where}.weights.dynamic", w.get("dynamic"), "false")
+    # 'group' (older 'dynamic'): columns quantized in activation order, each column's group in weight_g_idx;
+    # 'static' / 'weight' reorder while quantizing but store the usual layout
+    in_order = actorder in ("group", "dynamic")
     if strategy == "group":
         g = w.get("group_size")
         if not isinstance(g, int) or g <= 0:
             raise _bad(source, f"{where}.weights.group_size", g, "a positive integer")
-        return CompressedFormat(bits, g, bool(w.get("symmetric", True))).name
+        return CompressedFormat(bits, g, bool(w.get("symmetric", True)), act_order=in_order).name
+    if in_order:
+        raise _bad(source, f"{where}.weights.actorder", actorder, "null, 'static' or 'weight' with strategy "
+                   f"{strategy!r} (activation-order groups need strategy 'group')")
     if strategy == "channel":
         return CompressedFormat(bits, None, bool(w.get("symmetric", True))).name
     raise _bad(source, f"{where}.weights.strategy", strategy, "'group' or 'channel'")
