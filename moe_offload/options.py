@@ -23,8 +23,9 @@ Defaults and the measurement behind each (figures in benchmarks/results/ and lab
   (on cuda)            projected (simulate_lane_mixtral8x7b.json)
   draft_tokens 4       a cap: the decoder adapts below it from measured acceptance, which on the bundled
                        model falls 0.49 / 0.38 / 0.20 / 0.0 by position (speculative.json)
-  cpu_activations auto int8 activations for bf16 compute: int8 / int4 decode 2x faster; held-out perplexity
-                       in benchmarks/results/quant_ppl.json ("int8 activations")
+  cpu_activations auto int8 activations for bf16 compute: decode of the 734M model with int4 g32 experts 44.1 vs
+                       34.6 tok/s, int8 47.6 vs 44.3 (cpu_vs_llamacpp.json); held-out perplexity +0.015
+                       through the decode kernels (quant_ppl.json, "decode kernels" rows); float32 stays exact
   threads              the physical cores, as llama.cpp's -t: 2 threads on the 2-core reference machine
                        (benchmarks/cpu_vs_llamacpp.py --threads 1 / 2 records both)
   attention peek off   (train-accelerator) one extra attention per predicted layer: -5-15% tok/s with the
@@ -125,11 +126,11 @@ class OffloadConfig:
     dense_dtype: str = _opt("dense weights (attention projections, LM head): auto = the compute dtype; int8 = one "
                             "scale per row, run by the CPU decode kernels (cpu only; what a q8_0 GGUF does)",
                             "auto", choices=DENSE_DTYPES, nullable=False)
-    cpu_activations: str = _opt("what quantized weights (int8, int4, GGUF Q8_0/Q4_0/MXFP4) multiply against on the "
-                                "CPU: int8 = activations rounded to int8 per block of 32 (llama.cpp's method, "
-                                "AVX512-VNNI; int8/int4 decode about 2x faster), exact = the compute dtype; auto = "
-                                "int8 for bf16/fp16 compute, exact for float32", "auto", choices=CPU_ACTIVATIONS,
-                                nullable=False)
+    cpu_activations: str = _opt("what quantized weights (int8, int4, GGUF, MXFP4) multiply against on the CPU: "
+                                "int8 = activations rounded to int8 per block of 32 (llama.cpp's method, "
+                                "AVX512-VNNI; int4 decode 1.27x, int8 1.07x on a 734M model), exact = the compute "
+                                "dtype; auto = int8 for bf16/fp16 compute, exact for float32", "auto",
+                                choices=CPU_ACTIVATIONS, nullable=False)
     threads: int | None = _opt("CPU threads for compute (torch.set_num_threads; default: the physical cores, within "
                                "the CPU affinity and cgroup CPU quota, unless OMP_NUM_THREADS is set)", kind=int, lo=1)
     tuning: Tuning = field(default_factory=Tuning, metadata=dict(help="the rest (see Tuning)", kind=Tuning))
