@@ -291,7 +291,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
         quant = (None, 128, False)
         shipped = family.shipped_format(raw)  # a format the family ships in (sized for projections)
-        if raw.get("quantization_config") and shipped is None:
+        if raw.get("quantization_config") and (shipped is None or family.shipped_loads):
             from .quant.ckpt import parse_quantization_config
 
             quant = parse_quantization_config(raw["quantization_config"], source)

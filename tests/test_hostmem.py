@@ -1,34 +1,39 @@
-"""Weight buffers ask Linux for transparent huge pages before their first touch (moe_offload/hostmem.py)."""
+"""Weight buffers ask Linux for transparent huge pages before their first touch (moe_offload/kernels/hostmem.py)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe_offload import hostmem
+from moe_offload.kernels import hostmem
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def anon_huge_bytes() -> int:
-    """This process's AnonHugePages (/proc/self/smaps_rollup)."""
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def vma_field(addr: int, field: str) -> int | None:
+    """Field `field` (e.g. THPeligible) of the mapping holding address `addr` (/proc/self/smaps)."""
+    found = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            found = lo <= addr < hi
+        elif found and head == field + ":":
+            return int(line.split()[1])
+    return None
 
 
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
-def test_a_large_weight_buffer_is_backed_by_huge_pages_and_a_plain_one_is_not():
-    before = anon_huge_bytes()
+def test_a_large_weight_buffer_may_use_huge_pages_and_a_plain_one_may_not():
+    """The advised range (whole 2 MiB pages inside the tensor) is eligible for huge pages; whether the
+    kernel finds free ones when they fault in is up to its memory, so eligibility is what is checked."""
     t = hostmem.empty((64 << 20,), torch.uint8)
-    t.fill_(1)  # first touch: the advised range faults in huge pages
-    got = anon_huge_bytes() - before
-    assert got >= 60 << 20, got  # all but the unaligned ends
-    if "[madvise]" in THP.read_text():  # without the advice: 4 KiB pages
+    inside = -(-t.data_ptr() // hostmem.HUGE_PAGE) * hostmem.HUGE_PAGE  # first whole huge page
+    assert vma_field(inside, "THPeligible") == 1
+    if "[madvise]" in THP.read_text():  # without the advice: not eligible
         plain = torch.empty(64 << 20, dtype=torch.uint8)
-        plain.fill_(1)
-        assert anon_huge_bytes() - before == got
+        at = -(-plain.data_ptr() // hostmem.HUGE_PAGE) * hostmem.HUGE_PAGE
+        assert vma_field(at, "THPeligible") == 0
 
 
 def test_small_tensors_are_left_alone():

@@ -358,8 +358,10 @@ def test_serve_refuses_a_port_in_use_before_loading(capsys):
 
 
 def test_option_counts_stay_small():
-    # The product surface: generate lists at most 22 options; every subcommand together at most 110
-    # option strings (-h/--help not counted); load() at most 10 keyword parameters and no **kwargs.
+    # The product surface: generate lists at most 22 options; every subcommand together at most 111
+    # option strings (-h/--help not counted; the 111th is --cpu-activations, exact against int8 activations on
+    # the CPU, chosen by quant_ppl.json and cpu_vs_llamacpp.json); load() at most 10 keyword parameters and no
+    # **kwargs.
     import argparse
     import inspect
 
@@ -376,6 +378,6 @@ def test_option_counts_stay_small():
     listed = lambda p: [a for a in p._actions if a.option_strings and "--help" not in a.option_strings]  # noqa: E731
     assert len(listed(subs["moe-offload generate"])) <= 22
     strings = sum(len(a.option_strings) for s in subs.values() for a in listed(s))
-    assert strings <= 110, strings
+    assert strings <= 111, strings
     params = inspect.signature(runtime.load).parameters.values()
     assert len(params) <= 10 and all(p.kind != p.VAR_KEYWORD for p in params)

@@ -107,6 +107,10 @@ class Family:
         load() refuses it before reading a weight."""
         return None
 
+    # whether a checkpoint in shipped_format() loads through quant.ckpt.parse_quantization_config (its
+    # experts kept as stored, e.g. DeepSeek-V3's FP8) rather than the family setting expert_format itself
+    shipped_loads: ClassVar[bool] = False
+
     def shipped_format(self, raw: Mapping[str, Any]) -> str | None:
         """The experts' format named by a quantization_config this family ships with, as `info` and the
         simulator size it ("fp8_block128", "mxfp4"), or None: the quantization_config is read as a hub or

@@ -35,6 +35,7 @@ class DeepseekV3(Family):
     shared_expert = "shared_experts"
     shared_expert_gate = None
     rope_types = ("default", "yarn")
+    shipped_loads = True  # the FP8 quantization_config is read as the hub format (config.py): experts stay FP8
     # the rope dims rotate in the compute dtype with tables cast to it (V3); DeepSeek-V2 rotates in float32
     rope_float32: ClassVar[bool] = False
 
@@ -51,16 +52,6 @@ class DeepseekV3(Family):
             return "fp8_block128"
         return None
 
-    def published_fp8(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """{"expert_format": the hub FP8 format} for an FP8 quantization_config (any block size; one the
-        runtime cannot read refused in one line), else {}: the experts load as stored."""
-        qc = raw.get("quantization_config")
-        if not isinstance(qc, Mapping) or qc.get("quant_method") != "fp8":
-            return {}
-        from ..quant.hub import hub_format_name
-
-        return {"expert_format": hub_format_name(dict(qc), "config.json")}
-
     def fields(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         width = raw.get(self.width_key, 0)
         method = raw.get("topk_method", "noaux_tc")
@@ -72,7 +63,7 @@ class DeepseekV3(Family):
                 "n_group": raw.get("n_group", 1) or 1, "topk_group": raw.get("topk_group", 1) or 1,
                 "routed_scaling_factor": float(raw.get("routed_scaling_factor", 1.0)),
                 "rope_interleave": bool(raw.get("rope_interleave", True)),
-                "mtp_layers": raw.get("num_nextn_predict_layers", 0) or 0, **self.published_fp8(raw)}
+                "mtp_layers": raw.get("num_nextn_predict_layers", 0) or 0}
 
     def ignores(self, cfg: Any, name: str) -> bool:
         return is_mtp_layer(cfg, name)
@@ -86,10 +77,9 @@ class DeepseekV3(Family):
                    rope_interleave=cfg.rope_interleave, num_nextn_predict_layers=cfg.mtp_layers,
                    scoring_func=cfg.scoring, topk_method="noaux_tc" if cfg.correction_bias else "greedy")
         if (cfg.expert_format or "").startswith("fp8:"):  # the published FP8 checkpoints' quantization_config
-            from ..formats import hub_format_of
-
+            block = [int(b) for b in cfg.expert_format.removeprefix("fp8:").split(",")[0].split("x")]  # 'fp8:128x128'
             out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                          "weight_block_size": list(hub_format_of(cfg.expert_format).block)}
+                                          "weight_block_size": block}
         return out
 
     def layer_tensors(self, cfg: Any, layer: int) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -8,8 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import hostmem
-from ..kernels import cpu_gemv
+from ..kernels import cpu_gemv, hostmem
 from ..kernels import linear as _linear
 
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5: no repeated K/V copies.

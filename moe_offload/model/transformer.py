@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import hostmem
+from ..kernels import hostmem
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError

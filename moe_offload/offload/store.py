@@ -10,7 +10,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from .. import hostmem
+from ..kernels import hostmem
 from ..checkpoint import Checkpoint, check_finite, expert_name, fused_packed
 from ..errors import CheckpointError, MoeOffloadError
 from ..formats import DEFAULT_GROUP_SIZE, ExpertFormat, float_format, get_format, hub_format_of
