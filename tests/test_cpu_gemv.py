@@ -180,7 +180,7 @@ def test_dense_int8_weights_run_the_int8_kernel_within_rounding_of_their_dequant
     released); decode through the int8 kernel equals dequantize-then-matmul within bf16 rounding."""
     from moe_offload import OffloadConfig, runtime
 
-    m = runtime.load(config=OffloadConfig(device="cpu", dtype="bfloat16", dense_dtype="int8"))
+    m = runtime.load(config=OffloadConfig(device="cpu", dtype="bfloat16", dense_dtype="int8", cpu_activations="exact"))
     w = m.model.layers[0].qkv_proj
     q, s = w.int8_rows
     assert q.dtype == torch.int8 and s.dtype == torch.float16 and w.numel() == 0
@@ -254,33 +254,35 @@ def test_int8_activations_int4_weights_equal_float64_of_rounded_x(group, symmetr
 RANDOM_BLOCKS = {"MXFP4": (17, 8, (), (0,)), "Q4_K": (144, 1, (0, 2), ()), "Q6_K": (210, 1, (208,), ())}
 
 
-def random_blocks(block_type: str, n: int, g: torch.Generator) -> torch.Tensor:
+def random_blocks(block_type: str, n: int, g: torch.Generator, k: int = 256) -> torch.Tensor:
     nbytes, per256, halves, exps = RANDOM_BLOCKS[block_type]
-    rows = torch.randint(0, 256, (n, per256, nbytes), dtype=torch.uint8, generator=g)
+    nb = per256 * k // 256
+    rows = torch.randint(0, 256, (n, nb, nbytes), dtype=torch.uint8, generator=g)
     for at in halves:
-        rows[:, :, at:at + 2] = (torch.rand(n, per256, 1, generator=g) * 0.02).half().view(torch.uint8)
+        rows[:, :, at:at + 2] = (torch.rand(n, nb, 1, generator=g) * 0.02).half().view(torch.uint8)
     for at in exps:
-        rows[:, :, at] = torch.randint(120, 132, (n, per256), dtype=torch.uint8, generator=g)
+        rows[:, :, at] = torch.randint(120, 132, (n, nb), dtype=torch.uint8, generator=g)
     return rows.reshape(n, -1)
 
 
 @needs_vnni
 @pytest.mark.activations("int8")
 @pytest.mark.parametrize("block_type", ["Q8_0", "Q4_0", "MXFP4", "Q4_K", "Q6_K"])
-@pytest.mark.parametrize("m", [1, 5])
-def test_int8_activations_gguf_weights_equal_gguf_dequantize_of_rounded_x(block_type, m):
-    """Oracle: gguf.quants' dequantizer (random valid blocks for the types the package cannot quantize)."""
+@pytest.mark.parametrize("m,k", [(1, 256), (5, 256), (3, 768)])
+def test_int8_activations_gguf_weights_equal_gguf_dequantize_of_rounded_x(block_type, m, k):
+    """Oracle: gguf.quants' dequantizer (random valid blocks for the types the package cannot quantize);
+    K = 768 is three K-quant super-blocks."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     qt = getattr(GGMLQuantizationType, block_type)
-    g = torch.Generator().manual_seed(m)
+    g = torch.Generator().manual_seed(m + k)
     if block_type in RANDOM_BLOCKS:
-        rows = random_blocks(block_type, 48, g).numpy()
+        rows = random_blocks(block_type, 48, g, k).numpy()
     else:
-        rows = quants.quantize(torch.randn(48, 256, generator=g).numpy(), qt)
-    deq = torch.from_numpy(np.asarray(quants.dequantize(rows, qt), dtype=np.float64))  # [48, 256]
-    x = torch.randn(m, 256, generator=g)
+        rows = quants.quantize(torch.randn(48, k, generator=g).numpy(), qt)
+    deq = torch.from_numpy(np.asarray(quants.dequantize(rows, qt), dtype=np.float64))  # [48, K]
+    x = torch.randn(m, k, generator=g)
     y = cpu_gemv.gguf_linear(x, torch.from_numpy(np.ascontiguousarray(rows)), block_type)
     check(y, rounded_x(x) @ deq.T, F32_TOL)
 
@@ -361,3 +363,35 @@ def test_gguf_gate_and_up_in_one_call_equal_two_calls(mode):
     both = cpu_gemv.gguf_linear(x, [gate, up], "Q4_0")
     assert both.shape == (3, 80)
     assert torch.equal(both, torch.cat([cpu_gemv.gguf_linear(x, gate, "Q4_0"), cpu_gemv.gguf_linear(x, up, "Q4_0")], -1))
+
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+def test_int8_activation_kernels_take_bf16_in_and_out_as_float32_rounded_once():
+    """bf16 x goes in as float32 (exact) and y comes out as the float32 result rounded once to bf16."""
+    from moe_offload.formats.mxfp4 import BLOCK
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 512, generator=g)
+    q8, s8 = quantize_int8(w)
+    q4, s4, z4 = quantize_int4(w, 32)
+    rows = random_blocks("Q4_K", 64, g, 512)
+    blocks = torch.randint(0, 256, (64, 512 // BLOCK, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(120, 132, (64, 512 // BLOCK), dtype=torch.uint8, generator=g)
+    xb = torch.randn(3, 512, generator=g).bfloat16()
+    for run in (lambda x: cpu_gemv.int8_linear(x, q8, s8), lambda x: cpu_gemv.int4_linear(x, q4, s4, z4, 32, True),
+                lambda x: cpu_gemv.gguf_linear(x, rows, "Q4_K"), lambda x: cpu_gemv.mxfp4_linear(x, blocks, scales)):
+        y = run(xb)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, run(xb.float()).bfloat16())
+
+
+@needs_vnni
+@pytest.mark.activations("int8")
+def test_a_nan_in_the_activations_stays_nan():
+    q, s = quantize_int8(torch.randn(16, 128))
+    x = torch.randn(2, 128)
+    x[1, 70] = float("nan")
+    y = cpu_gemv.int8_linear(x, q, s)
+    assert y[0].isfinite().all() and y[1].isnan().all()
+    assert cpu_gemv.int8_linear(x.bfloat16(), q, s)[1].isnan().all()

@@ -24,16 +24,14 @@ def vma_field(addr: int, field: str) -> int | None:
 
 
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
-def test_a_large_weight_buffer_may_use_huge_pages_and_a_plain_one_may_not():
+def test_a_large_weight_buffer_may_use_huge_pages():
     """The advised range (whole 2 MiB pages inside the tensor) is eligible for huge pages; whether the
     kernel finds free ones when they fault in is up to its memory, so eligibility is what is checked."""
     t = hostmem.empty((64 << 20,), torch.uint8)
     inside = -(-t.data_ptr() // hostmem.HUGE_PAGE) * hostmem.HUGE_PAGE  # first whole huge page
     assert vma_field(inside, "THPeligible") == 1
-    if "[madvise]" in THP.read_text():  # without the advice: not eligible
-        plain = torch.empty(64 << 20, dtype=torch.uint8)
-        at = -(-plain.data_ptr() // hostmem.HUGE_PAGE) * hostmem.HUGE_PAGE
-        assert vma_field(at, "THPeligible") == 0
+    # (a plain allocation's eligibility is not checked: in a long process the allocator may hand back
+    # memory that an earlier advice already covers)
 
 
 def test_small_tensors_are_left_alone():

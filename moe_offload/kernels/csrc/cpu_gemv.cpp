@@ -52,6 +52,10 @@ inline void store1(float* out, float v) { *out = v; }
 inline void store1(uint16_t* out, float v) {
   uint32_t b;
   std::memcpy(&b, &v, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN stays NaN (rounding could carry it into Inf)
+    *out = static_cast<uint16_t>((b >> 16) | 0x0040);
+    return;
+  }
   *out = static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
 }
 
@@ -336,7 +340,10 @@ QAct quantize_act(const float* x, int64_t M, int64_t K, Order order) {
     int8_t* nat = a.qn.data() + m * K;
     for (int64_t b = 0; b < blocks; ++b) {
       float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::abs(xm[b * 32 + j]));
+      for (int j = 0; j < 32; ++j) {  // a NaN makes amax (so d, so the block's result) NaN, as the exact path would
+        const float v = std::abs(xm[b * 32 + j]);
+        if (v > amax || v != v) amax = v;  // once NaN, stays NaN (v > NaN is false)
+      }
       const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
       int32_t sum = 0;
       for (int j = 0; j < 32; ++j) {
@@ -364,7 +371,15 @@ inline int64_t natural(int64_t p) { return p; }
 // chunk is the 32 low nibbles, then the 32 high ones, so activation byte p is x[2p] or x[2(p - 32) + 1]
 inline int64_t nibble_split(int64_t p) { return p < 32 ? 2 * p : 2 * (p - 32) + 1; }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && MOE_AVX512
+// The 8-bit paths take x float32 or bfloat16 [M, K] (contiguous); the rounding to int8 reads it as float32.
+torch::Tensor x_as_f32(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == K &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be contiguous float32 or bfloat16 [M, ", K, "]");
+  return x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && MOE_AVX512
 #define MOE_VNNI 1
 
 // Rows of x are done MT at a time against one weight row; each row keeps two accumulators (even and
@@ -517,7 +532,10 @@ inline void store16(uint16_t* out, __m512 v) {
   const __m512i b = _mm512_castps_si512(v);
   const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
                                          _mm512_set1_epi32(0x7FFF));
-  _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, round), 16)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, round), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // NaN stays NaN, quieted
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x0040)));
+  _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi32_epi16(r));
 }
 #endif
 
@@ -653,13 +671,6 @@ torch::Tensor over_rows(const torch::Tensor& x, int64_t N, int64_t K, Row row) {
   return y;
 }
 
-// The 8-bit paths take x float32 or bfloat16 [M, K] (contiguous); the rounding to int8 reads it as float32.
-torch::Tensor x_as_f32(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == K &&
-              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "x must be contiguous float32 or bfloat16 [M, ", K, "]");
-  return x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
-}
 
 constexpr int64_t F = 0x0004000400040004;  // four 16-bit shift counts of 4
 
