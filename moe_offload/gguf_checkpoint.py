@@ -1,8 +1,13 @@
 """GGUF files (llama.cpp's format) as checkpoints: `load("model-Q4_K_M.gguf")`.
 
 Read with the `gguf` package (PyPI, maintained with llama.cpp; `pip install moe_offload[gguf]`):
-  architecture   general.architecture: 'llama' with experts (Mixtral), 'qwen2moe', 'qwen3moe'
-  config         hyper-parameters from '{arch}.*' metadata, mapped onto the family's config.json keys
+  architecture   general.architecture: 'llama' with experts (Mixtral), 'qwen2moe', 'qwen3moe', 'glm4moe'
+                 (GLM-4.5 / 4.5-Air)
+  config         hyper-parameters from '{arch}.*' metadata, mapped onto the family's config.json keys;
+                 glm4moe: leading_dense_block_count dense layers (ffn_gate/up/down), sigmoid routing
+                 (expert_gating_func) with the correction bias exp_probs_b, groups, expert_weights_scale,
+                 shared experts (ffn_*_shexp), partial rotary from rope.dimension_count; block_count
+                 includes the nextn_predict_layers NextN layers, whose tensors are not read
   tokenizer      tokenizer.ggml.* (SentencePiece 'llama' or byte-level BPE 'gpt2' vocabularies), built with
                  the tokenizers library the way transformers' GGUF loader builds it
   experts        ffn_{gate,up,down}_exps [E, rows, blocks] stay in their block types (formats/gguf.py), each
@@ -37,7 +42,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .formats.gguf import BLOCK_TYPES, BY_GGML_TYPE, gguf_layers_name
 
-ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe"}
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML F32, F16, BF16
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 # llama.cpp's tensor names per slot of families.Family.layer_tensors / model_tensors
@@ -47,7 +52,11 @@ LAYER_NAMES = {"input_layernorm": "attn_norm.weight", "post_attention_layernorm"
                "v_bias": "attn_v.bias", "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
                "gate": "ffn_gate_inp.weight", "shared_w1": "ffn_gate_shexp.weight",
                "shared_w3": "ffn_up_shexp.weight", "shared_w2": "ffn_down_shexp.weight",
-               "shared_gate": "ffn_gate_inp_shexp.weight"}
+               "shared_gate": "ffn_gate_inp_shexp.weight", "router_bias": "exp_probs_b.bias",
+               "dense_w1": "ffn_gate.weight", "dense_w3": "ffn_up.weight", "dense_w2": "ffn_down.weight"}
+# where an architecture names a slot otherwise (GLM-4.5's post-attention norm is llama.cpp's ATTN_POST_NORM)
+ARCH_LAYER_NAMES = {"glm4moe": {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm.weight"}}
+SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID ({arch}.expert_gating_func)
 MODEL_NAMES = {"embed_tokens": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 EXPERT_NAMES = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
 
@@ -147,9 +156,11 @@ class GgufCheckpoint:
         embd = self.tensors.get("token_embd.weight")
         vocab = self.meta(f"{a}.vocab_size") or (len(tokens) if tokens else None) or (
             int(embd.shape[1]) if embd is not None else None)
+        # block_count counts the NextN / MTP layers a converter appends after the model's own layers
+        nextn = int(self.meta(f"{a}.nextn_predict_layers", 0) or 0)
         raw: dict[str, Any] = {
             "model_type": ARCHS[a], "vocab_size": vocab, "hidden_size": hidden,
-            "num_hidden_layers": self._need(f"{a}.block_count"), "num_attention_heads": heads,
+            "num_hidden_layers": self._need(f"{a}.block_count") - nextn, "num_attention_heads": heads,
             "num_key_value_heads": self.meta(f"{a}.attention.head_count_kv", heads),
             "head_dim": self.meta(f"{a}.attention.key_length") or hidden // heads,
             "num_experts_per_tok": self._need(f"{a}.expert_used_count"),
@@ -162,7 +173,9 @@ class GgufCheckpoint:
         }
         if self.meta(f"{a}.rope.freq_base") is not None:
             raw["rope_theta"] = self.meta(f"{a}.rope.freq_base")
-        if a == "llama":
+        if a == "glm4moe":
+            raw.update(self._glm4moe_fields(raw["head_dim"], experts, nextn))
+        elif a == "llama":
             raw.update(num_local_experts=experts, intermediate_size=self._need(f"{a}.feed_forward_length"),
                        sliding_window=None)
         else:
@@ -174,6 +187,29 @@ class GgufCheckpoint:
                            or self._need(f"{a}.feed_forward_length"),
                            qkv_bias="blk.0.attn_q.bias" in self.tensors)
         return ModelConfig.from_dict(raw, source=str(self.path))
+
+    def _glm4moe_fields(self, head_dim: int, experts: int, nextn: int) -> dict[str, Any]:
+        """GLM-4.5's config.json keys from glm4moe.* metadata (what llama.cpp's converter writes): dense
+        leading layers, shared experts, sigmoid routing with groups and scale, partial rotary (the rope
+        dimension count), q/k norms and q/k/v biases by the presence of layer 0's tensors."""
+        a = self.arch
+        gating = self.meta(f"{a}.expert_gating_func")
+        if gating not in (None, SIGMOID_GATING):
+            raise ConfigError(f"{self.path}: {a}.expert_gating_func is {gating}; GLM-4.5 routes with sigmoid "
+                              f"({SIGMOID_GATING})")
+        dense = int(self.meta(f"{a}.leading_dense_block_count", 0) or 0)
+        rope_dim = self.meta(f"{a}.rope.dimension_count") or head_dim
+        return {"n_routed_experts": experts, "moe_intermediate_size": self._need(f"{a}.expert_feed_forward_length"),
+                "intermediate_size": self._need(f"{a}.feed_forward_length") if dense else 0,
+                "n_shared_experts": self._need(f"{a}.expert_shared_count"), "first_k_dense_replace": dense,
+                "attention_bias": "blk.0.attn_q.bias" in self.tensors,
+                "use_qk_norm": "blk.0.attn_q_norm.weight" in self.tensors,
+                "partial_rotary_factor": rope_dim / head_dim,
+                "n_group": self.meta(f"{a}.expert_group_count", 1) or 1,
+                "topk_group": self.meta(f"{a}.expert_group_used_count", 1) or 1,
+                "routed_scaling_factor": float(self.meta(f"{a}.expert_weights_scale", 1.0) or 1.0),
+                "norm_topk_prob": bool(self.meta(f"{a}.expert_weights_norm", False)),
+                "num_nextn_predict_layers": nextn}
 
     # --- tensors --------------------------------------------------------------------------------------
     def _check_split(self) -> None:
@@ -227,11 +263,15 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: missing tensor {gname}")
         return t
 
+    def _moe_block(self, moe_layer: int) -> int:
+        """The file's block index of MoE layer `moe_layer` (after the dense leading blocks)."""
+        return self.config.first_k_dense_replace + moe_layer
+
     def _expert_types(self) -> list[tuple[str, str, str]]:
-        """(gate, up, down) block type names of each layer's experts (they may differ between layers)."""
+        """(gate, up, down) block type names of each MoE layer's experts (they may differ between layers)."""
         cfg = self.config
         out = []
-        for layer in range(cfg.num_hidden_layers):
+        for layer in (self._moe_block(m) for m in range(cfg.num_moe_layers)):
             types = []
             for w, gname in EXPERT_NAMES.items():
                 t = self._tensor(f"blk.{layer}.{gname}")
@@ -253,10 +293,11 @@ class GgufCheckpoint:
     def _names(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
         """Hugging Face name -> (GGUF name, expected HF shape, slot) of every dense tensor."""
         cfg, fam = self.config, self.config.family
+        names = ARCH_LAYER_NAMES.get(self.arch, LAYER_NAMES)
         out = {hf: (MODEL_NAMES[slot], shape, slot) for slot, (hf, shape) in fam.model_tensors(cfg).items()}
         for layer in range(cfg.num_hidden_layers):
             for slot, (hf, shape) in fam.layer_tensors(cfg, layer).items():
-                out[hf] = (f"blk.{layer}.{LAYER_NAMES[slot]}", shape, slot)
+                out[hf] = (f"blk.{layer}.{names[slot]}", shape, slot)
         return out
 
     def validate(self) -> None:
@@ -269,6 +310,8 @@ class GgufCheckpoint:
             elif int(t.n_elements) != int(np.prod(shape)):
                 problems.append(f"tensor {gname} has shape {[int(d) for d in t.shape]}, expected {list(shape[::-1])} "
                                 "(ggml order)")
+        if len(problems) == 1:
+            raise CheckpointError(f"{self.path}: GGUF file does not match its metadata: {problems[0]}")
         if problems:
             raise CheckpointError(f"{self.path}: GGUF file does not match its metadata ({len(problems)} problem(s)):\n  "
                                   + "\n  ".join(problems))
@@ -306,11 +349,11 @@ class GgufCheckpoint:
                                   "dequantized here") from None
 
     def expert_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`layer`'s expert tensors as the file stores them, views of its read-only memory map (nothing is
-        read or copied): gate, up uint8 [E, I, rb(H)], down uint8 [E, H, rb(I)]. Never written to."""
+        """MoE layer `layer`'s expert tensors as the file stores them, views of its read-only memory map
+        (nothing is read or copied): gate, up uint8 [E, I, rb(H)], down uint8 [E, H, rb(I)]. Never written to."""
         out = []
         for gname in EXPERT_NAMES.values():
-            t = self._tensor(f"blk.{layer}.{gname}")
+            t = self._tensor(f"blk.{self._moe_block(layer)}.{gname}")
             data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[2]), int(t.shape[1]), -1)
             with warnings.catch_warnings():  # torch warns that the (read-only) map is not writable
                 warnings.simplefilter("ignore", UserWarning)
@@ -319,8 +362,8 @@ class GgufCheckpoint:
 
     def expert_file_bytes(self) -> int:
         """Bytes of every routed expert tensor in the file."""
-        return sum(int(self._tensor(f"blk.{l}.{g}").n_bytes) for l in range(self.config.num_hidden_layers)
-                   for g in EXPERT_NAMES.values())
+        return sum(int(self._tensor(f"blk.{self._moe_block(m)}.{g}").n_bytes)
+                   for m in range(self.config.num_moe_layers) for g in EXPERT_NAMES.values())
 
     def tensor_groups(self) -> dict[str, dict[str, int]]:
         """GGML type -> tensor count per group (experts gate/up/down, attention, router, embeddings, ...)."""
@@ -340,8 +383,9 @@ class GgufCheckpoint:
     def fingerprint(self) -> str:
         """sha256 over the parsed config and every router and post-attention norm tensor as stored."""
         h = hashlib.sha256(json.dumps(self.config.as_dict(), sort_keys=True, default=str).encode())
-        for layer in range(self.config.num_hidden_layers):
-            for g in ("ffn_gate_inp.weight", "ffn_norm.weight"):
+        norm = ARCH_LAYER_NAMES.get(self.arch, LAYER_NAMES)["post_attention_layernorm"]
+        for layer in (self._moe_block(m) for m in range(self.config.num_moe_layers)):
+            for g in ("ffn_gate_inp.weight", norm):
                 t = self._tensor(f"blk.{layer}.{g}")
                 h.update(f"{t.name}:{t.tensor_type.name}".encode())
                 h.update(np.asarray(t.data).tobytes())

@@ -1,0 +1,304 @@
+"""GGUF files of GLM-4.5 (llama.cpp's architecture 'glm4moe') load and run exactly.
+
+Oracle: the same file's tensors dequantized by gguf.quants and written back under the Hugging Face names
+(this file's own table, HF_TO_GGUF, read from llama.cpp's converter) into a safetensors folder, which
+transformers' Glm4MoeForCausalLM and our runtime each load. The GGUF run (Q8_0 experts kept packed,
+float32 compute) matches both: logits within 1e-4 relative, greedy tokens equal.
+
+Two sources of files: a writer here (GGUFWriter, the converter's names and metadata keys), always run;
+and llama.cpp's own convert_hf_to_gguf.py on a tiny transformers model, opt-in: it needs the llama.cpp
+source tree named by the environment variable LLAMA_CPP_SRC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+import moe_offload as mo  # noqa: E402
+from moe_offload.errors import CheckpointError, ConfigError  # noqa: E402
+from moe_offload.gguf_checkpoint import GgufCheckpoint  # noqa: E402
+from helpers import decode_logits, rel_err  # noqa: E402
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "moe_offload" / "assets" / "tiny-mixtral"
+REL_TOL = 1e-4
+L, K_DENSE, E, K = 3, 1, 8, 3
+# rows of 32 or 64 weights, so that Q8_0 (blocks of 32) holds every matrix, experts included
+GLM = dict(vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, n_routed_experts=E, num_experts_per_tok=K,
+           n_shared_experts=1, first_k_dense_replace=K_DENSE, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+           attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5, norm_topk_prob=True,
+           max_position_embeddings=128, initializer_range=0.1, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6,
+           tie_word_embeddings=False, num_nextn_predict_layers=1)
+PROMPT = [1, 5, 9, 17, 33, 700, 2048, 4000, 12, 3]
+IDS = torch.randint(3, 4096, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+def hf_to_gguf(name: str) -> tuple[str, int | None]:
+    """A Hugging Face GLM-4.5 tensor name -> (llama.cpp's name, expert index in its fused tensor or None)."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name], None
+    parts = name.split(".")
+    layer, rest = parts[2], ".".join(parts[3:])
+    if rest.startswith("mlp.experts."):  # mlp.experts.{e}.{gate,up,down}_proj.weight
+        e, proj = int(parts[5]), parts[6].removesuffix("_proj")
+        return f"blk.{layer}.ffn_{proj}_exps.weight", e
+    fixed = {"input_layernorm.weight": "attn_norm.weight",
+             "post_attention_layernorm.weight": "post_attention_norm.weight",
+             "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate_inp.weight",
+             "mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}
+    for x in "qkv":
+        fixed[f"self_attn.{x}_proj.weight"] = f"attn_{x}.weight"
+        fixed[f"self_attn.{x}_proj.bias"] = f"attn_{x}.bias"
+    for x in "qk":
+        fixed[f"self_attn.{x}_norm.weight"] = f"attn_{x}_norm.weight"
+    for proj in ("gate", "up", "down"):
+        fixed[f"mlp.{proj}_proj.weight"] = f"ffn_{proj}.weight"  # a dense leading layer
+        fixed[f"mlp.shared_experts.{proj}_proj.weight"] = f"ffn_{proj}_shexp.weight"
+    return f"blk.{layer}.{fixed[rest]}", None
+
+
+def build_hf(path: Path, **overrides) -> Path:
+    """A tiny random Glm4MoeForCausalLM saved to `path` (hub names, one tensor per expert) with the bundled
+    byte-level BPE tokenizer; norms, biases and routers perturbed so that a misplaced tensor shows."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Glm4MoeConfig(**{**GLM, **overrides})
+    model = transformers.Glm4MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    for f in TOKENIZER.glob("tokenizer*.json"):
+        shutil.copy(f, path)
+    return path
+
+
+def hf_tensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return {k: v.astype(np.float32) for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def vocab(size: int):
+    """A SentencePiece-style vocabulary: <unk> <s> </s>, the 256 byte tokens, padding pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), size)]
+    types = [2, 3, 3] + [6] * 256 + [5] * (size - 259)
+    return tokens, [0.0] * size, types
+
+
+def write_glm_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=None) -> Path:
+    """The model in `folder` as a glm4moe GGUF the way llama.cpp's converter lays it out: metadata keys,
+    tensor names, experts fused per layer in Q8_0, other matrices Q8_0, vectors F32, block_count counting
+    the NextN layer (whose tensors follow, to be ignored)."""
+    c = json.loads((folder / "config.json").read_text())
+    w = GGUFWriter(str(path), "glm4moe")
+    keys = {"block_count": L + 1, "context_length": 128, "embedding_length": c["hidden_size"],
+            "feed_forward_length": c["intermediate_size"], "attention.head_count": c["num_attention_heads"],
+            "attention.head_count_kv": c["num_key_value_heads"], "rope.freq_base": 10000.0,
+            "attention.layer_norm_rms_epsilon": 1e-6, "expert_count": E, "expert_used_count": K,
+            "expert_group_count": c["n_group"], "expert_group_used_count": c["topk_group"],
+            "attention.key_length": c["head_dim"], "attention.value_length": c["head_dim"],
+            "rope.dimension_count": c["head_dim"] // 2, "expert_feed_forward_length": c["moe_intermediate_size"],
+            "expert_shared_count": c["n_shared_experts"], "leading_dense_block_count": c["first_k_dense_replace"],
+            "expert_gating_func": 2, "expert_weights_scale": float(c["routed_scaling_factor"]),
+            "expert_weights_norm": True, "nextn_predict_layers": 1, **(kv or {})}
+    for key, v in keys.items():
+        if key not in skip_keys:
+            add = w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32
+            add(f"glm4moe.{key}", v)
+    tokens, scores, types = vocab(c["vocab_size"])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    out: dict[str, np.ndarray] = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for name, arr in hf_tensors(folder).items():
+        gname, e = hf_to_gguf(name)
+        if e is None:
+            out[gname] = arr
+        else:
+            experts.setdefault(gname, {})[e] = arr
+    for gname, per in experts.items():
+        out[gname] = np.stack([per[e] for e in range(E)])
+    h = c["hidden_size"]  # the NextN layer's own tensors
+    out[f"blk.{L}.nextn.eh_proj.weight"] = np.zeros((h, 2 * h), np.float32)
+    out[f"blk.{L}.nextn.enorm.weight"] = np.ones(h, np.float32)
+    out[f"blk.{L}.attn_norm.weight"] = np.ones(h, np.float32)
+    for gname, arr in out.items():
+        if gname in skip_tensors:
+            continue
+        arr = np.ascontiguousarray(arr)
+        if arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
+            w.add_tensor(gname, quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
+    """`folder`'s model with every tensor replaced by its GGUF counterpart as gguf.quants dequantizes it."""
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    r = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    sd = {}
+    for name, arr in hf_tensors(folder).items():
+        gname, e = hf_to_gguf(name)
+        t = r[gname]
+        w = dequantize(t.data, t.tensor_type)
+        sd[name] = torch.from_numpy(np.ascontiguousarray(w if e is None else w[e]).reshape(arr.shape).copy())
+    save_file(sd, str(out / "model.safetensors"))
+    for f in folder.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out)
+    return out
+
+
+def assert_exact(gguf_path: Path, deq: Path) -> None:
+    """The GGUF run equals transformers and our own run on the dequantized folder."""
+    import transformers
+
+    ours = mo.load(gguf_path, device="cpu", dtype="float32")
+    assert ours.config.expert_format == "gguf:Q8_0"  # experts kept packed
+    hf = transformers.Glm4MoeForCausalLM.from_pretrained(deq, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([IDS])).logits[0]
+    got = ours.logits(IDS)
+    assert rel_err(got, want) < REL_TOL
+    assert rel_err(decode_logits(ours, IDS, 5), want) < REL_TOL
+    folder_run = mo.load(deq, device="cpu", dtype="float32")
+    assert rel_err(got, folder_run.logits(IDS)) < REL_TOL
+    tokens = ours.generate(PROMPT, max_new_tokens=12).token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=[2], pad_token_id=0)
+    assert tokens == ref[0, len(PROMPT):].tolist()
+    assert tokens == folder_run.generate(PROMPT, max_new_tokens=12).token_ids
+    with mo.load(gguf_path, device="cpu", dtype="float32", cache_per_layer=K) as off:  # experts from the file map
+        assert torch.equal(off.logits(IDS), got)
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    """(HF folder, written GGUF, its dequantized folder)."""
+    root = tmp_path_factory.mktemp("glm_gguf")
+    folder = build_hf(root / "hf")
+    f = write_glm_gguf(root / "glm.gguf", folder)
+    return folder, f, dequantized_folder(f, folder, root / "deq")
+
+
+def test_glm4moe_config_from_metadata(glm):
+    _, f, _ = glm
+    cfg = GgufCheckpoint(f).config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_moe_layers, cfg.mtp_layers) == ("glm4_moe", L, L - K_DENSE, 1)
+    assert (cfg.first_k_dense_replace, cfg.dense_intermediate_size, cfg.intermediate_size) == (1, 64, 32)
+    assert (cfg.scoring, cfg.correction_bias, cfg.n_group, cfg.topk_group) == ("sigmoid", True, 4, 2)
+    assert (cfg.partial_rotary_factor, cfg.qk_norm, cfg.qkv_bias, cfg.norm_topk_prob) == (0.5, "per_head", True, True)
+    assert (cfg.shared_expert_intermediate_size, cfg.routed_scaling_factor) == (32, 2.5)
+
+
+def test_glm4moe_written_gguf_is_exact(glm):
+    _, f, deq = glm
+    assert_exact(f, deq)
+
+
+@pytest.mark.parametrize("key", ["expert_feed_forward_length", "expert_shared_count", "block_count"])
+def test_glm4moe_missing_key_is_one_line(tmp_path, glm, key):
+    folder, _, _ = glm
+    f = write_glm_gguf(tmp_path / "bad.gguf", folder, skip_keys=(key,))
+    with pytest.raises(ConfigError) as e:
+        mo.load(f, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and f"glm4moe.{key}" in msg
+
+
+@pytest.mark.parametrize("tensor", ["blk.1.exp_probs_b.bias", "blk.2.post_attention_norm.weight",
+                                    "blk.0.ffn_up.weight", "blk.1.ffn_down_shexp.weight", "blk.2.ffn_up_exps.weight"])
+def test_glm4moe_missing_tensor_is_one_line(tmp_path, glm, tensor):
+    folder, _, _ = glm
+    f = write_glm_gguf(tmp_path / "bad.gguf", folder, skip_tensors=(tensor,))
+    with pytest.raises(CheckpointError) as e:
+        mo.load(f, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and tensor in msg
+
+
+def test_glm4moe_softmax_gating_is_refused(tmp_path, glm):
+    folder, _, _ = glm
+    f = write_glm_gguf(tmp_path / "bad.gguf", folder, kv={"expert_gating_func": 1})
+    with pytest.raises(ConfigError, match="expert_gating_func is 1"):
+        mo.load(f, device="cpu", dtype="float32")
+
+
+# --- llama.cpp's own converter (opt-in) ---------------------------------------------------------------------
+CONVERT = textwrap.dedent("""
+    import os, sys
+    src = os.environ["LLAMA_CPP_SRC"]
+    sys.path[:0] = [src, os.path.join(src, "gguf-py")]
+    sys.argv = ["convert_hf_to_gguf.py", sys.argv[1], "--outtype", sys.argv[2], "--outfile", sys.argv[3]]
+    import convert_hf_to_gguf
+    from conversion import base
+    known = base.TextModel.get_vocab_base_pre
+    def pre(self, tokenizer):  # the bundled tokenizer is GPT-2-style byte-level BPE, unknown by its hash
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+    base.TextModel.get_vocab_base_pre = pre
+    # GLM's vocabulary setter looks up GLM's own special tokens, which the bundled tokenizer lacks
+    base.TextModel._set_vocab_glm = base.TextModel._set_vocab_gpt2
+    convert_hf_to_gguf.main()
+""")
+
+
+def test_glm4moe_llama_cpp_converted_gguf_is_exact(tmp_path):
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src or not (Path(src) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("opt-in: set LLAMA_CPP_SRC to a llama.cpp source tree (with convert_hf_to_gguf.py) to convert "
+                    "a tiny GLM-4.5 with llama.cpp's own converter")
+    folder = build_hf(tmp_path / "hf")
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT)
+    f = tmp_path / "glm-q8_0.gguf"
+    done = subprocess.run([sys.executable, str(script), str(folder), "q8_0", str(f)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = GGUFReader(str(f))
+    assert r.fields["general.architecture"].contents() == "glm4moe"
+    assert r.fields["glm4moe.nextn_predict_layers"].contents() == 1  # block_count counts it
+    assert {t.tensor_type.name for t in r.tensors if "_exps" in t.name} == {"Q8_0"}
+    assert_exact(f, dequantized_folder(f, folder, tmp_path / "deq"))
+    from tokenizers import Tokenizer
+
+    text = "In the beginning God created the heaven and the earth."
+    want = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert GgufCheckpoint(f).tokenizer().encode(text, add_special_tokens=False).ids == want
