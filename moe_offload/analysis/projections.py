@@ -16,19 +16,16 @@ from ..offload.plan import device_reserve_bytes
 from .bench import KV_TOKENS
 from .sim import SHIPPED_FORMATS, expert_layer_bytes
 
-# bytes per dense parameter when the checkpoint ships in that format (the dense weights follow the file)
+# bytes per dense parameter on the device: this runtime dequantizes every non-expert tensor of a quantized
+# checkpoint (GGUF, FP8, GPTQ, ...) to the compute dtype at load, so the dense weights are bf16 whatever the
+# file ships (the routed experts stay as stored)
 DENSE_BYTES_PER_PARAM = {"bf16": 2.0, "fp16": 2.0, "int8": 2.0, "int4": 2.0, "int3": 2.0, "int2": 2.0,
-                         "fp8": 1.0, "mxfp4": 2.0}
+                         "fp8": 2.0, "mxfp4": 2.0, "q4_k_m": 2.0}
 
 
 def dense_bytes_per_param(expert_dtype: str) -> float:
-    """Dense weights' bytes per parameter in a checkpoint of `expert_dtype`: a Q4_K_M file's at Q4_K (its
-    attention and shared experts mostly Q4_K, some Q6_K: a lower bound), FP8's one byte, else bf16 (this
-    runtime's int experts keep bf16 dense weights; GPT-OSS ships its attention in bf16)."""
-    if expert_dtype == "q4_k_m":
-        from ..formats.gguf import BLOCK_TYPES
-
-        return BLOCK_TYPES["Q4_K"].nbytes / BLOCK_TYPES["Q4_K"].block
+    """Dense weights' bytes per parameter on the device for a checkpoint of `expert_dtype`: bf16 for every
+    format (non-expert tensors are dequantized at load; a Q4_K_M or FP8 file's own dense bytes are smaller)."""
     return DENSE_BYTES_PER_PARAM[expert_dtype]
 
 
