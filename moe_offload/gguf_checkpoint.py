@@ -2,12 +2,16 @@
 
 Read with the `gguf` package (PyPI, maintained with llama.cpp; `pip install moe_offload[gguf]`):
   architecture   general.architecture: 'llama' with experts (Mixtral), 'qwen2moe', 'qwen3moe', 'glm4moe'
-                 (GLM-4.5 / 4.5-Air)
+                 (GLM-4.5 / 4.5-Air), 'deepseek2' (DeepSeek-V3 / R1, Kimi-K2; sigmoid-routed only)
   config         hyper-parameters from '{arch}.*' metadata, mapped onto the family's config.json keys;
                  glm4moe: leading_dense_block_count dense layers (ffn_gate/up/down), sigmoid routing
                  (expert_gating_func) with the correction bias exp_probs_b, groups, expert_weights_scale,
                  shared experts (ffn_*_shexp), partial rotary from rope.dimension_count; block_count
-                 includes the nextn_predict_layers NextN layers, whose tensors are not read
+                 includes the nextn_predict_layers NextN layers, whose tensors are not read;
+                 deepseek2: the same routing and layers, latent attention (attention.q_lora_rank,
+                 kv_lora_rank, key_length_mla / value_length_mla, rope.dimension_count), yarn RoPE from
+                 rope.scaling.* (yarn_log_multiplier = 0.1 * mscale_all_dim); kv_b_proj rebuilt from the
+                 converter's split attn_k_b / attn_v_b (or read whole from an older file's attn_kv_b)
   tokenizer      tokenizer.ggml.* (SentencePiece 'llama' or byte-level BPE 'gpt2' vocabularies), built with
                  the tokenizers library the way transformers' GGUF loader builds it
   experts        ffn_{gate,up,down}_exps [E, rows, blocks] stay in their block types (formats/gguf.py), each
@@ -42,7 +46,8 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .formats.gguf import BLOCK_TYPES, BY_GGML_TYPE, gguf_layers_name
 
-ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe"}
+ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe",
+         "deepseek2": "deepseek_v3"}
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML F32, F16, BF16
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 # llama.cpp's tensor names per slot of families.Family.layer_tensors / model_tensors
@@ -55,7 +60,15 @@ LAYER_NAMES = {"input_layernorm": "attn_norm.weight", "post_attention_layernorm"
                "shared_gate": "ffn_gate_inp_shexp.weight", "router_bias": "exp_probs_b.bias",
                "dense_w1": "ffn_gate.weight", "dense_w3": "ffn_up.weight", "dense_w2": "ffn_down.weight"}
 # where an architecture names a slot otherwise (GLM-4.5's post-attention norm is llama.cpp's ATTN_POST_NORM)
-ARCH_LAYER_NAMES = {"glm4moe": {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm.weight"}}
+# DeepSeek's latent attention (llama.cpp's deepseek2): a tuple names the tensors one slot is rebuilt from
+# (kv_b_proj from the converter's split attn_k_b / attn_v_b; files of older converters hold attn_kv_b whole)
+MLA_NAMES = {"q_a_proj": "attn_q_a.weight", "q_a_layernorm": "attn_q_a_norm.weight", "q_b_proj": "attn_q_b.weight",
+             "q_proj": "attn_q.weight", "kv_a_proj_with_mqa": "attn_kv_a_mqa.weight",
+             "kv_a_layernorm": "attn_kv_a_norm.weight", "kv_b_proj": ("attn_k_b.weight", "attn_v_b.weight"),
+             "o_proj": "attn_output.weight"}
+WHOLE_NAMES = {"kv_b_proj": "attn_kv_b.weight"}
+ARCH_LAYER_NAMES = {"glm4moe": {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm.weight"},
+                    "deepseek2": {**LAYER_NAMES, **MLA_NAMES}}
 SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID ({arch}.expert_gating_func)
 MODEL_NAMES = {"embed_tokens": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 EXPERT_NAMES = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
@@ -149,8 +162,10 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: old GGUF layout with one tensor per expert (blk.N.ffn_gate.E.weight); "
                                   "reconvert it with a current llama.cpp convert_hf_to_gguf.py")
         scaling = self.meta(f"{a}.rope.scaling.type")
-        if scaling not in (None, "none"):
-            raise ConfigError(f"{self.path}: {a}.rope.scaling.type {scaling!r} is not supported; expected none")
+        allowed = (None, "none", "yarn") if a == "deepseek2" else (None, "none")
+        if scaling not in allowed:
+            raise ConfigError(f"{self.path}: {a}.rope.scaling.type {scaling!r} is not supported; expected "
+                              f"{' or '.join(str(x) for x in allowed[1:])}")
         hidden, heads = self._need(f"{a}.embedding_length"), self._need(f"{a}.attention.head_count")
         tokens = self.meta("tokenizer.ggml.tokens")
         embd = self.tensors.get("token_embd.weight")
@@ -175,6 +190,8 @@ class GgufCheckpoint:
             raw["rope_theta"] = self.meta(f"{a}.rope.freq_base")
         if a == "glm4moe":
             raw.update(self._glm4moe_fields(raw["head_dim"], experts, nextn))
+        elif a == "deepseek2":
+            raw.update(self._deepseek2_fields(experts, nextn, heads, scaling == "yarn"))
         elif a == "llama":
             raw.update(num_local_experts=experts, intermediate_size=self._need(f"{a}.feed_forward_length"),
                        sliding_window=None)
@@ -210,6 +227,64 @@ class GgufCheckpoint:
                 "routed_scaling_factor": float(self.meta(f"{a}.expert_weights_scale", 1.0) or 1.0),
                 "norm_topk_prob": bool(self.meta(f"{a}.expert_weights_norm", False)),
                 "num_nextn_predict_layers": nextn}
+
+    def _deepseek2_fields(self, experts: int, nextn: int, heads: int, yarn: bool) -> dict[str, Any]:
+        """DeepSeek-V3 / R1 / Kimi-K2's config.json keys from deepseek2.* metadata (what llama.cpp's converter
+        writes): the latent attention's ranks and head dims (key_length_mla = qk_nope + qk_rope, the rope
+        part rope.dimension_count), dense
+        leading layers, shared experts, sigmoid routing with groups, scale and the correction bias
+        exp_probs_b where layer tensors hold it, and yarn RoPE from rope.scaling.*."""
+        a = self.arch
+        gating = self.meta(f"{a}.expert_gating_func")
+        if gating is None:  # llama.cpp then routes with softmax, as DeepSeek-V2 files of older converters
+            raise ConfigError(f"{self.path}: GGUF metadata key '{a}.expert_gating_func' is missing (a softmax-routed "
+                              "DeepSeek-V2 file?); only sigmoid-routed DeepSeek-V3 / R1 / Kimi-K2 files are supported")
+        if gating != SIGMOID_GATING:
+            raise ConfigError(f"{self.path}: {a}.expert_gating_func is {gating}; DeepSeek-V3 routes with sigmoid "
+                              f"({SIGMOID_GATING}); softmax-routed DeepSeek-V2 GGUFs are not supported")
+        dense = int(self.meta(f"{a}.leading_dense_block_count", 0) or 0)
+        rope_dim = self._need(f"{a}.rope.dimension_count")
+        # key_length / value_length are the latent MQA's (r + dr, r); files of older converters (kv_b_proj
+        # whole) have no _mla keys and per-head lengths there instead
+        old = f"blk.0.{WHOLE_NAMES['kv_b_proj']}" in self.tensors
+        suffix = "" if old else "_mla"
+        k_len, v_len = (self.meta(f"{a}.attention.{k}_mla") or self._need(f"{a}.attention.{k}{suffix}")
+                        for k in ("key_length", "value_length"))
+        out = {"n_routed_experts": experts, "moe_intermediate_size": self._need(f"{a}.expert_feed_forward_length"),
+               "intermediate_size": self._need(f"{a}.feed_forward_length") if dense else 0,
+               "n_shared_experts": self._need(f"{a}.expert_shared_count"), "first_k_dense_replace": dense,
+               "num_key_value_heads": heads,  # the converter writes 1 (MLA as one shared KV head)
+               "q_lora_rank": self.meta(f"{a}.attention.q_lora_rank") or None,
+               "kv_lora_rank": self._need(f"{a}.attention.kv_lora_rank"),
+               "qk_nope_head_dim": k_len - rope_dim, "qk_rope_head_dim": rope_dim, "v_head_dim": v_len,
+               "n_group": self.meta(f"{a}.expert_group_count", 1) or 1,
+               "topk_group": self.meta(f"{a}.expert_group_used_count", 1) or 1,
+               "routed_scaling_factor": float(self.meta(f"{a}.expert_weights_scale", 1.0) or 1.0),
+               "norm_topk_prob": bool(self.meta(f"{a}.expert_weights_norm", False)), "scoring_func": "sigmoid",
+               "topk_method": "noaux_tc" if f"blk.{dense}.exp_probs_b.bias" in self.tensors else "greedy",
+               "rope_interleave": True,  # llama.cpp rotates deepseek2 in pairs (0, 1), (2, 3), ... as the hub's
+               "num_nextn_predict_layers": nextn}
+        if yarn:
+            out["rope_scaling"] = self._yarn_scaling()
+        return out
+
+    def _yarn_scaling(self) -> dict[str, Any]:
+        """A config.json rope_scaling dict from {arch}.rope.scaling.* (yarn). The converter writes DeepSeek's
+        mscale_all_dim as yarn_log_multiplier = 0.1 * mscale_all_dim and not mscale, which llama.cpp takes
+        equal to mscale_all_dim (both 1.0 in the V3 / R1 / K2 configs): the same here."""
+        a = self.arch
+        orig = int(self._need(f"{a}.rope.scaling.original_context_length"))
+        factor = float(self._need(f"{a}.rope.scaling.factor"))
+        out: dict[str, Any] = {"type": "yarn", "rope_type": "yarn", "factor": factor,
+                               "original_max_position_embeddings": orig}
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            if self.meta(f"{a}.rope.scaling.{key}") is not None:
+                out[name] = float(self.meta(f"{a}.rope.scaling.{key}"))
+        log_mul = self.meta(f"{a}.rope.scaling.yarn_log_multiplier")
+        if log_mul is not None:
+            out["mscale"] = out["mscale_all_dim"] = round(float(log_mul) / 0.1, 6)  # undo float32 rounding
+        return out
 
     # --- tensors --------------------------------------------------------------------------------------
     def _check_split(self) -> None:
@@ -297,13 +372,28 @@ class GgufCheckpoint:
         out = {hf: (MODEL_NAMES[slot], shape, slot) for slot, (hf, shape) in fam.model_tensors(cfg).items()}
         for layer in range(cfg.num_hidden_layers):
             for slot, (hf, shape) in fam.layer_tensors(cfg, layer).items():
-                out[hf] = (f"blk.{layer}.{names[slot]}", shape, slot)
+                gname = names[slot]
+                if isinstance(gname, tuple):
+                    whole = f"blk.{layer}.{WHOLE_NAMES[slot]}"
+                    gname = whole if whole in self.tensors else tuple(f"blk.{layer}.{g}" for g in gname)
+                else:
+                    gname = f"blk.{layer}.{gname}"
+                out[hf] = (gname, shape, slot)
         return out
 
     def validate(self) -> None:
         """Every dense tensor present with the element count of its shape; raise listing ALL problems."""
         problems = []
         for hf, (gname, shape, _) in self._names().items():
+            if isinstance(gname, tuple):  # one tensor rebuilt from several (see MLA_NAMES)
+                missing = [g for g in gname if g not in self.tensors]
+                for g in missing:
+                    problems.append(f"missing tensor {g} (for {hf}, shape {list(shape)})")
+                n = sum(int(self.tensors[g].n_elements) for g in gname if g in self.tensors)
+                if not missing and n != int(np.prod(shape)):
+                    problems.append(f"tensors {' + '.join(gname)} hold {n} weights, {hf} of shape {list(shape)} "
+                                    f"needs {int(np.prod(shape))}")
+                continue
             t = self.tensors.get(gname)
             if t is None:
                 problems.append(f"missing tensor {gname} (for {hf}, shape {list(shape)})")
@@ -324,11 +414,23 @@ class GgufCheckpoint:
         if entry is None:
             raise CheckpointError(f"{self.path}: no dense tensor for {name}")
         gname, shape, slot = entry
+        if isinstance(gname, tuple):
+            w = self._kv_b(*gname).reshape(shape)
+            return w.to(device=device, dtype=dtype or w.dtype)
         w = self._dequantize(self._tensor(gname)).reshape(shape)
         if self.arch == "llama" and slot in ("q_proj", "k_proj"):
             heads = self.config.num_attention_heads if slot == "q_proj" else self.config.num_key_value_heads
             w = unpermute_rope(w, heads)
         return w.to(device=device, dtype=dtype or w.dtype)
+
+    def _kv_b(self, k_name: str, v_name: str) -> torch.Tensor:
+        """kv_b_proj [nh (dn + dv), r] from the converter's split halves: attn_k_b holds each head's key
+        up-projection transposed (torch [nh, r, dn]), attn_v_b its value up-projection ([nh, dv, r])."""
+        cfg = self.config
+        nh, r, dn, dv = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+        k = self._dequantize(self._tensor(k_name)).reshape(nh, r, dn).transpose(1, 2)
+        v = self._dequantize(self._tensor(v_name)).reshape(nh, dv, r)
+        return torch.cat((k, v), dim=1).reshape(nh * (dn + dv), r)
 
     def _dequantize(self, t: Any) -> torch.Tensor:
         ggml = int(t.tensor_type)

@@ -184,13 +184,13 @@ def dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
     return out
 
 
-def assert_exact(gguf_path: Path, deq: Path) -> None:
-    """The GGUF run equals transformers and our own run on the dequantized folder."""
+def assert_exact(gguf_path: Path, deq: Path, hf_class: str = "Glm4MoeForCausalLM") -> None:
+    """The GGUF run equals transformers (its class `hf_class`) and our own run on the dequantized folder."""
     import transformers
 
     ours = mo.load(gguf_path, device="cpu", dtype="float32")
     assert ours.config.expert_format == "gguf:Q8_0"  # experts kept packed
-    hf = transformers.Glm4MoeForCausalLM.from_pretrained(deq, dtype=torch.float32, experts_implementation="eager").eval()
+    hf = getattr(transformers, hf_class).from_pretrained(deq, dtype=torch.float32, experts_implementation="eager").eval()
     with torch.no_grad():
         want = hf(torch.tensor([IDS])).logits[0]
     got = ours.logits(IDS)
@@ -302,3 +302,257 @@ def test_glm4moe_llama_cpp_converted_gguf_is_exact(tmp_path):
     text = "In the beginning God created the heaven and the earth."
     want = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     assert GgufCheckpoint(f).tokenizer().encode(text, add_special_tokens=False).ids == want
+
+
+# --- DeepSeek-V3 / R1 / Kimi-K2: llama.cpp's architecture 'deepseek2' ---------------------------------------
+# Latent attention (q-LoRA 32, latent 32, rope dims 16; per head 64 + 16 key dims, 64 value dims, so that the
+# latent MQA's key_length / value_length differ from the _mla ones), yarn RoPE; 1 dense + 2 MoE layers of 8
+# experts, top-2.
+DS_E, DS_K = 8, 2
+DS_YARN = dict(type="yarn", rope_type="yarn", factor=4.0, original_max_position_embeddings=32, mscale=1.0,
+               mscale_all_dim=1.0, beta_fast=32.0, beta_slow=1.0)
+DS = dict(vocab_size=4096, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=L,
+          num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=DS_E,
+          num_experts_per_tok=DS_K, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=64,
+          v_head_dim=64, first_k_dense_replace=K_DENSE, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+          norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",  # as the hub's config.json
+          rope_scaling=DS_YARN, max_position_embeddings=128, initializer_range=0.1,
+          bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6, tie_word_embeddings=False)
+DS_ATTN = {"q_a_proj": "attn_q_a", "q_a_layernorm": "attn_q_a_norm", "q_b_proj": "attn_q_b", "q_proj": "attn_q",
+           "kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_a_layernorm": "attn_kv_a_norm", "o_proj": "attn_output"}
+
+
+def ds_hf_to_gguf(name: str) -> tuple[str, int | None]:
+    """A Hugging Face DeepSeek-V3 tensor name -> (llama.cpp's name, expert index or None); kv_b_proj maps to
+    'attn_kv_b', which the converter writes split (ds_split_kv_b)."""
+    parts = name.split(".")
+    if name.startswith("model.layers.") and parts[3] == "self_attn":
+        proj = parts[4]
+        return f"blk.{parts[2]}.{'attn_kv_b' if proj == 'kv_b_proj' else DS_ATTN[proj]}.weight", None
+    if name.endswith("post_attention_layernorm.weight"):
+        return f"blk.{parts[2]}.ffn_norm.weight", None
+    return hf_to_gguf(name)
+
+
+def ds_split_kv_b(kv_b: np.ndarray, heads: int, dn: int, dv: int) -> tuple[np.ndarray, np.ndarray]:
+    """The converter's split of kv_b_proj [nh (dn + dv), r]: attn_k_b [nh, r, dn] (each head's key part
+    transposed), attn_v_b [nh, dv, r]."""
+    kv = kv_b.reshape(heads, dn + dv, -1)
+    return np.ascontiguousarray(kv[:, :dn].transpose(0, 2, 1)), np.ascontiguousarray(kv[:, dn:])
+
+
+def build_ds_hf(path: Path, **overrides) -> Path:
+    """A tiny random DeepseekV3ForCausalLM saved to `path` with the bundled tokenizer; norms, correction bias
+    and routers perturbed so that a misplaced tensor shows."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(**{**DS, **overrides})
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("e_score_correction_bias"):
+                p.normal_(0.0, 0.3)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    for f in TOKENIZER.glob("tokenizer*.json"):
+        shutil.copy(f, path)
+    return path
+
+
+def write_ds_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=None, split_kv_b=True) -> Path:
+    """The model in `folder` as a deepseek2 GGUF the way llama.cpp's converter lays it out: its metadata keys
+    (head_count_kv 1, key_length / value_length of the latent MQA, the _mla lengths per head, yarn with
+    yarn_log_multiplier = 0.1 * mscale_all_dim), kv_b_proj split into attn_k_b / attn_v_b, experts fused per
+    layer in Q8_0, other matrices Q8_0, vectors F32; plus one NextN layer counted in block_count, to be
+    ignored. split_kv_b=False: kv_b_proj whole as attn_kv_b and per-head key_length / value_length (no _mla
+    keys), as older converters wrote them."""
+    c = json.loads((folder / "config.json").read_text())
+    y = c.get("rope_parameters") or c["rope_scaling"]
+    r, dr, dn, dv = c["kv_lora_rank"], c["qk_rope_head_dim"], c["qk_nope_head_dim"], c["v_head_dim"]
+    nh = c["num_attention_heads"]
+    w = GGUFWriter(str(path), "deepseek2")
+    keys = {"block_count": L + 1, "context_length": c["max_position_embeddings"], "embedding_length": c["hidden_size"],
+            "feed_forward_length": c["intermediate_size"], "attention.head_count": nh, "attention.head_count_kv": 1,
+            "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-6, "expert_count": DS_E,
+            "expert_used_count": DS_K, "expert_group_count": c["n_group"], "expert_group_used_count": c["topk_group"],
+            "expert_gating_func": 2, "leading_dense_block_count": c["first_k_dense_replace"],
+            "vocab_size": c["vocab_size"], "attention.q_lora_rank": c["q_lora_rank"], "attention.kv_lora_rank": r,
+            "attention.key_length": r + dr, "attention.value_length": r, "attention.key_length_mla": dn + dr,
+            "attention.value_length_mla": dv, "expert_feed_forward_length": c["moe_intermediate_size"],
+            "expert_shared_count": c["n_shared_experts"], "expert_weights_scale": float(c["routed_scaling_factor"]),
+            "expert_weights_norm": True, "rope.dimension_count": dr, "rope.scaling.type": "yarn",
+            "rope.scaling.factor": float(y["factor"]),
+            "rope.scaling.original_context_length": y["original_max_position_embeddings"],
+            "rope.scaling.yarn_beta_fast": float(y["beta_fast"]), "rope.scaling.yarn_beta_slow": float(y["beta_slow"]),
+            "rope.scaling.yarn_log_multiplier": 0.1 * y["mscale_all_dim"], "nextn_predict_layers": 1}
+    if not split_kv_b:  # older converters: per-head lengths, no _mla keys
+        keys.update({"attention.key_length": dn + dr, "attention.value_length": dv})
+        del keys["attention.key_length_mla"], keys["attention.value_length_mla"]
+    keys.update(kv or {})
+    for key, v in keys.items():
+        if key not in skip_keys:
+            add = (w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else
+                   w.add_string if isinstance(v, str) else w.add_uint32)
+            add(f"deepseek2.{key}", v)
+    tokens, scores, types = vocab(c["vocab_size"])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    out: dict[str, np.ndarray] = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for name, arr in hf_tensors(folder).items():
+        gname, e = ds_hf_to_gguf(name)
+        if gname.endswith("attn_kv_b.weight") and split_kv_b:
+            k_b, v_b = ds_split_kv_b(arr, nh, dn, dv)
+            out[gname.replace("attn_kv_b", "attn_k_b")], out[gname.replace("attn_kv_b", "attn_v_b")] = k_b, v_b
+        elif e is None:
+            out[gname] = arr
+        else:
+            experts.setdefault(gname, {})[e] = arr
+    for gname, per in experts.items():
+        out[gname] = np.stack([per[e] for e in range(DS_E)])
+    h = c["hidden_size"]  # the NextN layer's own tensors
+    out[f"blk.{L}.nextn.eh_proj.weight"] = np.zeros((h, 2 * h), np.float32)
+    out[f"blk.{L}.nextn.enorm.weight"] = np.ones(h, np.float32)
+    out[f"blk.{L}.attn_norm.weight"] = np.ones(h, np.float32)
+    for gname, arr in out.items():
+        if gname in skip_tensors:
+            continue
+        arr = np.ascontiguousarray(arr)
+        if arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
+            w.add_tensor(gname, quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def ds_dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
+    """`folder`'s DeepSeek model with every tensor replaced by its GGUF counterpart as gguf.quants dequantizes
+    it; kv_b_proj joined back from attn_k_b / attn_v_b (or read whole from attn_kv_b)."""
+    from safetensors.torch import save_file
+
+    c = json.loads((folder / "config.json").read_text())
+    nh, dn, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
+    out.mkdir()
+    r = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+
+    def deq(gname: str) -> np.ndarray:
+        return dequantize(r[gname].data, r[gname].tensor_type)
+
+    sd = {}
+    for name, arr in hf_tensors(folder).items():
+        gname, e = ds_hf_to_gguf(name)
+        if gname.endswith("attn_kv_b.weight") and gname not in r:
+            k_b = deq(gname.replace("attn_kv_b", "attn_k_b")).reshape(nh, -1, dn).transpose(0, 2, 1)
+            v_b = deq(gname.replace("attn_kv_b", "attn_v_b")).reshape(nh, dv, -1)
+            w = np.concatenate([k_b, v_b], axis=1)
+        else:
+            w = deq(gname)
+            w = w if e is None else w[e]
+        sd[name] = torch.from_numpy(np.ascontiguousarray(w).reshape(arr.shape).copy())
+    save_file(sd, str(out / "model.safetensors"))
+    for f in folder.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    """(HF folder, written deepseek2 GGUF, its dequantized folder)."""
+    root = tmp_path_factory.mktemp("ds_gguf")
+    folder = build_ds_hf(root / "hf")
+    f = write_ds_gguf(root / "ds.gguf", folder)
+    return folder, f, ds_dequantized_folder(f, folder, root / "deq")
+
+
+def test_deepseek2_config_from_metadata(ds):
+    _, f, _ = ds
+    cfg = GgufCheckpoint(f).config
+    assert (cfg.model_type, cfg.attention, cfg.num_hidden_layers, cfg.num_moe_layers, cfg.mtp_layers) == (
+        "deepseek_v3", "mla", L, L - K_DENSE, 1)
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (
+        32, 32, 64, 16, 64)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_interleave) == (4, 4, True)
+    assert (cfg.first_k_dense_replace, cfg.dense_intermediate_size, cfg.intermediate_size) == (1, 64, 32)
+    assert (cfg.scoring, cfg.correction_bias, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob) == (
+        "sigmoid", True, 4, 2, True)
+    assert (cfg.shared_expert_intermediate_size, cfg.routed_scaling_factor) == (32, 2.5)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position) == ("yarn", 4.0, 32)
+    assert (cfg.rope_mscale, cfg.rope_mscale_all_dim, cfg.rope_beta_fast, cfg.rope_beta_slow) == (1.0, 1.0, 32.0, 1.0)
+
+
+def test_deepseek2_written_gguf_is_exact(ds):
+    _, f, deq = ds
+    assert_exact(f, deq, "DeepseekV3ForCausalLM")
+
+
+def test_deepseek2_whole_kv_b_is_exact(tmp_path, ds):
+    """A file of an older converter, with kv_b_proj whole (attn_kv_b), runs exact too."""
+    folder, _, _ = ds
+    f = write_ds_gguf(tmp_path / "old.gguf", folder, split_kv_b=False)
+    assert "blk.1.attn_kv_b.weight" in {t.name for t in GGUFReader(str(f)).tensors}
+    assert_exact(f, ds_dequantized_folder(f, folder, tmp_path / "deq"), "DeepseekV3ForCausalLM")
+
+
+@pytest.mark.parametrize("key", ["attention.kv_lora_rank", "attention.key_length_mla", "rope.dimension_count",
+                                 "expert_shared_count",
+                                 "rope.scaling.original_context_length", "expert_gating_func"])
+def test_deepseek2_missing_key_is_one_line(tmp_path, ds, key):
+    folder, _, _ = ds
+    f = write_ds_gguf(tmp_path / "bad.gguf", folder, skip_keys=(key,))
+    with pytest.raises(ConfigError) as e:
+        mo.load(f, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and f"deepseek2.{key}" in msg
+
+
+@pytest.mark.parametrize("tensor", ["blk.1.attn_k_b.weight", "blk.2.attn_v_b.weight", "blk.0.attn_kv_a_norm.weight",
+                                    "blk.2.attn_q_a_norm.weight", "blk.1.attn_q_b.weight", "blk.2.ffn_norm.weight",
+                                    "blk.1.ffn_up_shexp.weight", "blk.2.ffn_gate_exps.weight"])
+def test_deepseek2_missing_tensor_is_one_line(tmp_path, ds, tensor):
+    folder, _, _ = ds
+    f = write_ds_gguf(tmp_path / "bad.gguf", folder, skip_tensors=(tensor,))
+    with pytest.raises(CheckpointError) as e:
+        mo.load(f, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and tensor in msg
+
+
+def test_deepseek2_softmax_gating_is_refused(tmp_path, ds):
+    folder, _, _ = ds
+    f = write_ds_gguf(tmp_path / "bad.gguf", folder, kv={"expert_gating_func": 1})
+    with pytest.raises(ConfigError, match="expert_gating_func is 1"):
+        mo.load(f, device="cpu", dtype="float32")
+
+
+def test_deepseek2_llama_cpp_converted_gguf_is_exact(tmp_path):
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src or not (Path(src) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("opt-in: set LLAMA_CPP_SRC to a llama.cpp source tree (with convert_hf_to_gguf.py) to convert "
+                    "a tiny DeepSeek-V3 with llama.cpp's own converter")
+    folder = build_ds_hf(tmp_path / "hf")
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT)
+    f = tmp_path / "ds-q8_0.gguf"
+    done = subprocess.run([sys.executable, str(script), str(folder), "q8_0", str(f)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = GGUFReader(str(f))
+    assert r.fields["general.architecture"].contents() == "deepseek2"
+    assert "blk.1.attn_k_b.weight" in {t.name for t in r.tensors}  # kv_b_proj written split
+    assert r.fields["deepseek2.rope.scaling.yarn_log_multiplier"].contents() == pytest.approx(0.1)
+    assert GgufCheckpoint(f).config.rope_mscale_all_dim == 1.0
+    assert {t.tensor_type.name for t in r.tensors if "_exps" in t.name} == {"Q8_0"}
+    assert_exact(f, ds_dequantized_folder(f, folder, tmp_path / "deq"), "DeepseekV3ForCausalLM")
