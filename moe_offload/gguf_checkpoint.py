@@ -2,7 +2,8 @@
 
 Read with the `gguf` package (PyPI, maintained with llama.cpp; `pip install moe_offload[gguf]`):
   architecture   general.architecture: 'llama' with experts (Mixtral), 'qwen2moe', 'qwen3moe', 'glm4moe'
-                 (GLM-4.5 / 4.5-Air), 'deepseek2' (DeepSeek-V3 / R1, Kimi-K2; sigmoid-routed only)
+                 (GLM-4.5 / 4.5-Air), 'deepseek2' (DeepSeek-V3 / R1, Kimi-K2; sigmoid-routed only), 'gpt-oss'
+                 (GPT-OSS-20B / 120B)
   config         hyper-parameters from '{arch}.*' metadata, mapped onto the family's config.json keys;
                  glm4moe: leading_dense_block_count dense layers (ffn_gate/up/down), sigmoid routing
                  (expert_gating_func) with the correction bias exp_probs_b, groups, expert_weights_scale,
@@ -11,12 +12,18 @@ Read with the `gguf` package (PyPI, maintained with llama.cpp; `pip install moe_
                  deepseek2: the same routing and layers, latent attention (attention.q_lora_rank,
                  kv_lora_rank, key_length_mla / value_length_mla, rope.dimension_count), yarn RoPE from
                  rope.scaling.* (yarn_log_multiplier = 0.1 * mscale_all_dim); kv_b_proj rebuilt from the
-                 converter's split attn_k_b / attn_v_b (or read whole from an older file's attn_kv_b)
+                 converter's split attn_k_b / attn_v_b (or read whole from an older file's attn_kv_b);
+                 gpt-oss: expert_feed_forward_length, attention.sliding_window and the layers it applies to
+                 (attention.sliding_window_pattern, llama.cpp's default period 2: even layers slide), yarn
+                 RoPE from rope.scaling.* (untruncated, as the published model), attention sinks
+                 (attn_sinks), q/k/v/o and router biases, the clamped SwiGLU llama.cpp hard-codes (7.0, 1.702)
   tokenizer      tokenizer.ggml.* (SentencePiece 'llama' or byte-level BPE 'gpt2' vocabularies), built with
                  the tokenizers library the way transformers' GGUF loader builds it
   experts        ffn_{gate,up,down}_exps [E, rows, blocks] stay in their block types (formats/gguf.py), each
                  layer its own (a Q4_K_M file gives some layers Q6_K down projections): the host store
-                 reads them in place from the file's memory map (expert_tensors), never a copy in RAM
+                 reads them in place from the file's memory map (expert_tensors), never a copy in RAM;
+                 gpt-oss's expert biases ffn_{gate,up,down}_exps.bias [E, N] (F32 / F16 / BF16) too, as the
+                 bias sections of formats/gguf.py GgufBiasedFormat's rows (expert_format())
   dense tensors  dequantized at load (F32 / F16 / BF16 as they are; block types with our codecs, other
                  types with gguf.quants.dequantize); 'llama' stores attn_q / attn_k rows permuted for its
                  interleaved RoPE (convert_hf_to_gguf.py's permute), undone here
@@ -47,7 +54,7 @@ from .errors import CheckpointError, ConfigError
 from .formats.gguf import BLOCK_TYPES, BY_GGML_TYPE, gguf_layers_name
 
 ARCHS = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "glm4moe": "glm4_moe",
-         "deepseek2": "deepseek_v3"}
+         "deepseek2": "deepseek_v3", "gpt-oss": "gpt_oss"}
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML F32, F16, BF16
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 # llama.cpp's tensor names per slot of families.Family.layer_tensors / model_tensors
@@ -67,11 +74,18 @@ MLA_NAMES = {"q_a_proj": "attn_q_a.weight", "q_a_layernorm": "attn_q_a_norm.weig
              "kv_a_layernorm": "attn_kv_a_norm.weight", "kv_b_proj": ("attn_k_b.weight", "attn_v_b.weight"),
              "o_proj": "attn_output.weight"}
 WHOLE_NAMES = {"kv_b_proj": "attn_kv_b.weight"}
+# GPT-OSS (llama.cpp's gpt-oss): the output projection's bias, a sink logit per head, the router's bias
+GPT_OSS_NAMES = {"post_attention_layernorm": "post_attention_norm.weight", "o_bias": "attn_output.bias",
+                 "sinks": "attn_sinks.weight", "gate_bias": "ffn_gate_inp.bias"}
 ARCH_LAYER_NAMES = {"glm4moe": {**LAYER_NAMES, "post_attention_layernorm": "post_attention_norm.weight"},
-                    "deepseek2": {**LAYER_NAMES, **MLA_NAMES}}
+                    "deepseek2": {**LAYER_NAMES, **MLA_NAMES}, "gpt-oss": {**LAYER_NAMES, **GPT_OSS_NAMES}}
 SIGMOID_GATING = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID ({arch}.expert_gating_func)
 MODEL_NAMES = {"embed_tokens": "token_embd.weight", "norm": "output_norm.weight", "lm_head": "output.weight"}
 EXPERT_NAMES = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
+# the experts' biases (GPT-OSS), [E, N] in torch order, by the biased format's row sections
+EXPERT_BIAS_NAMES = {"b1": "ffn_gate_exps.bias", "b3": "ffn_up_exps.bias", "b2": "ffn_down_exps.bias"}
+# llama.cpp's graph hard-codes the clamped SwiGLU of its gpt-oss experts (LLM_FFN_SWIGLU_OAI_MOE): no keys
+OAI_SWIGLU_ALPHA, OAI_SWIGLU_LIMIT = 1.702, 7.0
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -133,6 +147,7 @@ class GgufCheckpoint:
         self.config = self._config()
         self.layer_types = self._expert_types()  # (gate, up, down) type names per layer
         self.config = replace(self.config, expert_format=gguf_layers_name(self.layer_types))
+        self.bias_dtype = self._expert_bias_dtype() if self.config.expert_bias else None  # GPT-OSS's experts
         self._name_map: dict[str, tuple[str, tuple[int, ...], str]] | None = None
 
     # --- metadata -------------------------------------------------------------------------------------
@@ -162,7 +177,7 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: old GGUF layout with one tensor per expert (blk.N.ffn_gate.E.weight); "
                                   "reconvert it with a current llama.cpp convert_hf_to_gguf.py")
         scaling = self.meta(f"{a}.rope.scaling.type")
-        allowed = (None, "none", "yarn") if a == "deepseek2" else (None, "none")
+        allowed = (None, "none", "yarn") if a in ("deepseek2", "gpt-oss") else (None, "none")
         if scaling not in allowed:
             raise ConfigError(f"{self.path}: {a}.rope.scaling.type {scaling!r} is not supported; expected "
                               f"{' or '.join(str(x) for x in allowed[1:])}")
@@ -192,6 +207,8 @@ class GgufCheckpoint:
             raw.update(self._glm4moe_fields(raw["head_dim"], experts, nextn))
         elif a == "deepseek2":
             raw.update(self._deepseek2_fields(experts, nextn, heads, scaling == "yarn"))
+        elif a == "gpt-oss":
+            raw.update(self._gpt_oss_fields(experts, scaling == "yarn"))
         elif a == "llama":
             raw.update(num_local_experts=experts, intermediate_size=self._need(f"{a}.feed_forward_length"),
                        sliding_window=None)
@@ -266,6 +283,36 @@ class GgufCheckpoint:
                "num_nextn_predict_layers": nextn}
         if yarn:
             out["rope_scaling"] = self._yarn_scaling()
+        return out
+
+    def _gpt_oss_fields(self, experts: int, yarn: bool) -> dict[str, Any]:
+        """GPT-OSS's config.json keys from gpt-oss.* metadata (what llama.cpp's converter writes): expert
+        width, the sliding window and which layers use it (llama.cpp's rule: attention.sliding_window_pattern,
+        an array of booleans or a period n whose last layer of each n is full; default 2, so even layers
+        slide), yarn RoPE without truncation (the model as published; llama.cpp rounds the yarn band),
+        q/k/v/o biases by the presence of layer 0's, and the clamped SwiGLU llama.cpp hard-codes."""
+        a = self.arch
+        n = int(self._need(f"{a}.block_count"))
+        pattern = self.meta(f"{a}.attention.sliding_window_pattern", 2)
+        if isinstance(pattern, (list, tuple)):
+            if len(pattern) != n:
+                raise ConfigError(f"{self.path}: {a}.attention.sliding_window_pattern has {len(pattern)} entries, "
+                                  f"block_count is {n}")
+            sliding = [bool(x) for x in pattern]
+        else:
+            sliding = [int(pattern) > 0 and i % int(pattern) < int(pattern) - 1 for i in range(n)]
+        out: dict[str, Any] = {
+            "num_local_experts": experts, "intermediate_size": self._need(f"{a}.expert_feed_forward_length"),
+            "sliding_window": self._need(f"{a}.attention.sliding_window"),
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "attention_bias": "blk.0.attn_q.bias" in self.tensors,
+            "swiglu_limit": OAI_SWIGLU_LIMIT, "swiglu_alpha": OAI_SWIGLU_ALPHA}
+        if yarn:
+            y = self._yarn_scaling()
+            out["rope_scaling"] = {k: v for k, v in y.items() if k not in ("type", "mscale", "mscale_all_dim")}
+            out["rope_scaling"]["truncate"] = False
+        else:
+            out["rope_scaling"] = {"rope_type": "default"}
         return out
 
     def _yarn_scaling(self) -> dict[str, Any]:
@@ -365,6 +412,34 @@ class GgufCheckpoint:
             out.append(tuple(types))
         return out  # type: ignore[return-value]
 
+    def _expert_bias_dtype(self) -> torch.dtype:
+        """The dtype of the experts' bias tensors (ffn_{gate,up,down}_exps.bias, ggml shape [N, E]), checked:
+        present in every MoE layer, one float type, their shapes."""
+        cfg = self.config
+        dtypes = set()
+        for layer in (self._moe_block(m) for m in range(cfg.num_moe_layers)):
+            for w, gname in EXPERT_BIAS_NAMES.items():
+                t = self._tensor(f"blk.{layer}.{gname}")
+                if int(t.tensor_type) not in FLOAT_TYPES:
+                    raise CheckpointError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}; expert biases "
+                                          "are read as F32, F16 or BF16")
+                want = [cfg.hidden_size if w == "b2" else cfg.intermediate_size, cfg.num_local_experts]
+                if [int(d) for d in t.shape] != want:
+                    raise CheckpointError(f"{self.path}: tensor {t.name} has shape {[int(d) for d in t.shape]}, "
+                                          f"expected {want} (ggml order)")
+                dtypes.add(FLOAT_TYPES[int(t.tensor_type)])
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{self.path}: the experts' bias tensors mix types {sorted(map(str, dtypes))}; "
+                                  "they must share one")
+        return dtypes.pop()
+
+    def expert_format(self) -> Any:
+        """The experts' ExpertFormat as the file stores them (GPT-OSS's with their bias sections)."""
+        from .formats import get_format
+
+        fmt = get_format(self.config.expert_format, self.config.expert_group_size)
+        return fmt if self.bias_dtype is None else fmt.with_bias(self.bias_dtype)
+
     def _names(self) -> dict[str, tuple[str, tuple[int, ...], str]]:
         """Hugging Face name -> (GGUF name, expected HF shape, slot) of every dense tensor."""
         cfg, fam = self.config, self.config.family
@@ -450,22 +525,32 @@ class GgufCheckpoint:
             raise CheckpointError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
                                   "dequantized here") from None
 
-    def expert_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def expert_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
         """MoE layer `layer`'s expert tensors as the file stores them, views of its read-only memory map
-        (nothing is read or copied): gate, up uint8 [E, I, rb(H)], down uint8 [E, H, rb(I)]. Never written to."""
+        (nothing is read or copied): gate, up uint8 [E, I, rb(H)], down uint8 [E, H, rb(I)]. Never written to.
+        With expert biases (GPT-OSS), first the biases gate, up [E, I] and down [E, H] in the file's float
+        dtype: the biased format's row order (formats/gguf.py GgufBiasedFormat)."""
         out = []
+        if self.bias_dtype is not None:
+            for gname in EXPERT_BIAS_NAMES.values():
+                t = self._tensor(f"blk.{self._moe_block(layer)}.{gname}")
+                data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[1]), -1)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    out.append(torch.from_numpy(data).view(self.bias_dtype))
         for gname in EXPERT_NAMES.values():
             t = self._tensor(f"blk.{self._moe_block(layer)}.{gname}")
             data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[2]), int(t.shape[1]), -1)
             with warnings.catch_warnings():  # torch warns that the (read-only) map is not writable
                 warnings.simplefilter("ignore", UserWarning)
                 out.append(torch.from_numpy(data))
-        return out[0], out[1], out[2]
+        return tuple(out)  # type: ignore[return-value]
 
     def expert_file_bytes(self) -> int:
-        """Bytes of every routed expert tensor in the file."""
+        """Bytes of every routed expert tensor in the file (their biases included)."""
+        names = [*EXPERT_NAMES.values(), *(EXPERT_BIAS_NAMES.values() if self.bias_dtype is not None else ())]
         return sum(int(self._tensor(f"blk.{self._moe_block(m)}.{g}").n_bytes)
-                   for m in range(self.config.num_moe_layers) for g in EXPERT_NAMES.values())
+                   for m in range(self.config.num_moe_layers) for g in names)
 
     def tensor_groups(self) -> dict[str, dict[str, int]]:
         """GGML type -> tensor count per group (experts gate/up/down, attention, router, embeddings, ...)."""

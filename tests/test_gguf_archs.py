@@ -1,9 +1,10 @@
-"""GGUF files of GLM-4.5 (llama.cpp's architecture 'glm4moe') load and run exactly.
+"""GGUF files of GLM-4.5 ('glm4moe'), DeepSeek-V3 / Kimi-K2 ('deepseek2') and GPT-OSS ('gpt-oss', MXFP4
+experts with biases) load and run exactly.
 
 Oracle: the same file's tensors dequantized by gguf.quants and written back under the Hugging Face names
-(this file's own table, HF_TO_GGUF, read from llama.cpp's converter) into a safetensors folder, which
-transformers' Glm4MoeForCausalLM and our runtime each load. The GGUF run (Q8_0 experts kept packed,
-float32 compute) matches both: logits within 1e-4 relative, greedy tokens equal.
+(this file's own tables, read from llama.cpp's converter) into a safetensors folder, which transformers'
+own class and our runtime each load. The GGUF run (experts kept packed, float32 compute) matches both:
+logits within 1e-4 relative, greedy tokens equal; offloaded equals resident.
 
 Two sources of files: a writer here (GGUFWriter, the converter's names and metadata keys), always run;
 and llama.cpp's own convert_hf_to_gguf.py on a tiny transformers model, opt-in: it needs the llama.cpp
@@ -556,3 +557,300 @@ def test_deepseek2_llama_cpp_converted_gguf_is_exact(tmp_path):
     assert GgufCheckpoint(f).config.rope_mscale_all_dim == 1.0
     assert {t.tensor_type.name for t in r.tensors if "_exps" in t.name} == {"Q8_0"}
     assert_exact(f, ds_dequantized_folder(f, folder, tmp_path / "deq"), "DeepseekV3ForCausalLM")
+
+
+# --- GPT-OSS: llama.cpp's architecture 'gpt-oss' ------------------------------------------------------------
+# 4 layers alternating sliding (window 4) / full, 8 experts top-2, MXFP4 experts with nonzero biases (F32
+# [E, N] tensors beside the blocks), attention sinks, q/k/v/o biases, a router with a bias, yarn RoPE.
+OSS_L, OSS_E, OSS_K = 4, 8, 2
+OSS = dict(vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=OSS_L, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, num_local_experts=OSS_E, num_experts_per_tok=OSS_K, sliding_window=4,
+           layer_types=["sliding_attention", "full_attention"] * (OSS_L // 2), max_position_embeddings=2048,
+           rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=64),
+           rope_theta=150000.0, initializer_range=0.2, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+           tie_word_embeddings=False)  # swiglu_limit 7.0: llama.cpp hard-codes it
+
+
+def oss_hf_to_gguf(name: str) -> str:
+    """A Hugging Face GPT-OSS tensor name (experts excluded) -> llama.cpp's name."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name]
+    parts = name.split(".")
+    rest = ".".join(parts[3:])
+    fixed = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
+             "self_attn.sinks": "attn_sinks.weight", "mlp.router.weight": "ffn_gate_inp.weight",
+             "mlp.router.bias": "ffn_gate_inp.bias", "self_attn.o_proj.weight": "attn_output.weight",
+             "self_attn.o_proj.bias": "attn_output.bias"}
+    for x in "qkv":
+        fixed[f"self_attn.{x}_proj.weight"] = f"attn_{x}.weight"
+        fixed[f"self_attn.{x}_proj.bias"] = f"attn_{x}.bias"
+    return f"blk.{parts[2]}.{fixed[rest]}"
+
+
+def build_oss_hf(path: Path) -> Path:
+    """A tiny random GptOssForCausalLM (float experts) saved to `path` with the bundled tokenizer; norms,
+    biases, sinks perturbed so that a misplaced tensor shows."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**OSS, experts_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("bias", "sinks")):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    for f in TOKENIZER.glob("tokenizer*.json"):
+        shutil.copy(f, path)
+    return path
+
+
+def oss_gguf_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """llama.cpp's tensors of the model in `folder` (float32): the converter's split of gate_up_proj [E, H, 2I]
+    (gate = columns 0::2, up = 1::2) into ffn_gate_exps / ffn_up_exps [E, I, H], down_proj [E, I, H] transposed
+    to ffn_down_exps [E, H, I], the fused biases split alike."""
+    out = {}
+    for name, arr in hf_tensors(folder).items():
+        if ".mlp.experts." not in name:
+            out[oss_hf_to_gguf(name)] = arr
+            continue
+        b = f"blk.{name.split('.')[2]}."
+        kind = name.rsplit(".", 1)[1]
+        if kind == "gate_up_proj":
+            out[b + "ffn_gate_exps.weight"] = arr[:, :, 0::2].transpose(0, 2, 1)
+            out[b + "ffn_up_exps.weight"] = arr[:, :, 1::2].transpose(0, 2, 1)
+        elif kind == "gate_up_proj_bias":
+            out[b + "ffn_gate_exps.bias"], out[b + "ffn_up_exps.bias"] = arr[:, 0::2], arr[:, 1::2]
+        elif kind == "down_proj":
+            out[b + "ffn_down_exps.weight"] = arr.transpose(0, 2, 1)
+        else:
+            out[b + "ffn_down_exps.bias"] = arr
+    return out
+
+
+def write_oss_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=None) -> Path:
+    """The model in `folder` as a gpt-oss GGUF the way llama.cpp's converter lays it out: its metadata keys
+    (sliding_window, expert_feed_forward_length, yarn rope.scaling.*), experts MXFP4, their biases F32 [E, N],
+    other matrices Q8_0, vectors F32."""
+    c = json.loads((folder / "config.json").read_text())
+    y = c.get("rope_parameters") or c["rope_scaling"]
+    w = GGUFWriter(str(path), "gpt-oss")
+    keys = {"block_count": OSS_L, "context_length": c["max_position_embeddings"], "embedding_length": c["hidden_size"],
+            "feed_forward_length": c["intermediate_size"], "attention.head_count": c["num_attention_heads"],
+            "attention.head_count_kv": c["num_key_value_heads"], "rope.freq_base": float(c.get("rope_theta")
+                                                                                          or y["rope_theta"]),
+            "attention.layer_norm_rms_epsilon": float(c["rms_norm_eps"]), "expert_count": OSS_E,
+            "expert_used_count": OSS_K, "attention.key_length": c["head_dim"], "attention.value_length": c["head_dim"],
+            "rope.scaling.type": "yarn", "rope.scaling.factor": float(y["factor"]),
+            "rope.scaling.original_context_length": y["original_max_position_embeddings"],
+            "rope.scaling.yarn_beta_fast": float(y["beta_fast"]), "rope.scaling.yarn_beta_slow": float(y["beta_slow"]),
+            "attention.sliding_window": c["sliding_window"], "expert_feed_forward_length": c["intermediate_size"],
+            **(kv or {})}
+    for key, v in keys.items():
+        if key not in skip_keys:
+            add = w.add_float32 if isinstance(v, float) else w.add_string if isinstance(v, str) else w.add_uint32
+            add(f"gpt-oss.{key}", v)
+    tokens, scores, types = vocab(c["vocab_size"])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for gname, arr in oss_gguf_tensors(folder).items():
+        if gname in skip_tensors:
+            continue
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if gname.endswith("_exps.weight"):
+            w.add_tensor(gname, quantize(arr, T.MXFP4), raw_dtype=T.MXFP4)
+        elif arr.ndim >= 2 and arr.shape[-1] % 32 == 0 and not gname.endswith(".bias"):
+            w.add_tensor(gname, quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def oss_dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
+    """`folder`'s GPT-OSS with every tensor replaced by its GGUF counterpart as gguf.quants dequantizes it,
+    the experts' gate / up (and their biases) interleaved back into gate_up_proj."""
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    r = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+
+    def deq(gname: str) -> np.ndarray:
+        return dequantize(r[gname].data, r[gname].tensor_type).astype(np.float32)
+
+    sd = {}
+    for name, arr in hf_tensors(folder).items():
+        if ".mlp.experts." not in name:
+            w = deq(oss_hf_to_gguf(name))
+        else:
+            b, kind = f"blk.{name.split('.')[2]}.", name.rsplit(".", 1)[1]
+            w = np.empty_like(arr)
+            if kind == "gate_up_proj":
+                w[:, :, 0::2] = deq(b + "ffn_gate_exps.weight").transpose(0, 2, 1)
+                w[:, :, 1::2] = deq(b + "ffn_up_exps.weight").transpose(0, 2, 1)
+            elif kind == "gate_up_proj_bias":
+                w[:, 0::2], w[:, 1::2] = deq(b + "ffn_gate_exps.bias"), deq(b + "ffn_up_exps.bias")
+            elif kind == "down_proj":
+                w = deq(b + "ffn_down_exps.weight").transpose(0, 2, 1)
+            else:
+                w = deq(b + "ffn_down_exps.bias")
+        sd[name] = torch.from_numpy(np.ascontiguousarray(w).reshape(arr.shape).copy())
+    save_file(sd, str(out / "model.safetensors"))
+    for f in folder.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out)
+    return out
+
+
+def assert_oss_exact(gguf_path: Path, deq: Path, fmt: str = "gguf:MXFP4") -> None:
+    """The GGUF run (MXFP4 experts kept packed, biases from the file) equals transformers and our own run on
+    the dequantized folder: logits, decode, greedy tokens; offloaded (experts through the device cache from
+    the file's map) equals resident."""
+    import transformers
+
+    ours = mo.load(gguf_path, device="cpu", dtype="float32")
+    assert ours.config.expert_format == fmt
+    hf = transformers.GptOssForCausalLM.from_pretrained(deq, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([IDS])).logits[0]
+    got = ours.logits(IDS)
+    assert rel_err(got, want) < REL_TOL
+    assert rel_err(decode_logits(ours, IDS, 5), want) < REL_TOL
+    folder_run = mo.load(deq, device="cpu", dtype="float32")
+    assert rel_err(got, folder_run.logits(IDS)) < REL_TOL
+    tokens = ours.generate(PROMPT, max_new_tokens=12).token_ids
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=12, do_sample=False, eos_token_id=[2], pad_token_id=0)
+    assert tokens == ref[0, len(PROMPT):].tolist()
+    assert tokens == folder_run.generate(PROMPT, max_new_tokens=12).token_ids
+    with mo.load(gguf_path, device="cpu", dtype="float32", cache_per_layer=OSS_K) as off:
+        assert torch.equal(off.logits(IDS), got)
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    """(HF folder, written gpt-oss GGUF, its dequantized folder)."""
+    root = tmp_path_factory.mktemp("oss_gguf")
+    folder = build_oss_hf(root / "hf")
+    f = write_oss_gguf(root / "oss.gguf", folder)
+    return folder, f, oss_dequantized_folder(f, folder, root / "deq")
+
+
+def test_gpt_oss_config_from_metadata(oss):
+    _, f, _ = oss
+    ckpt = GgufCheckpoint(f)
+    cfg = ckpt.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.num_local_experts, cfg.intermediate_size) == ("gpt_oss", 4, 8, 64)
+    assert cfg.layer_types == ("sliding_attention", "full_attention") * 2 and cfg.sliding_window == 4
+    assert (cfg.attention_sinks, cfg.expert_bias, cfg.router_logit_bias, cfg.qkv_bias, cfg.o_bias) == (True,) * 5
+    assert (cfg.swiglu_limit, cfg.swiglu_alpha) == (7.0, 1.702)
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_original_max_position, cfg.rope_truncate) == ("yarn", 32.0, 64, False)
+    fmt = ckpt.expert_format()
+    assert fmt.name == "gguf:MXFP4" and fmt.bias and fmt.bias_dtype == torch.float32
+    assert [s.name for s in fmt.layout(64, 64)] == ["b1", "b3", "b2", "w1", "w3", "w2"]
+
+
+def test_gpt_oss_written_gguf_is_exact(oss):
+    _, f, deq = oss
+    assert_oss_exact(f, deq)
+
+
+@pytest.mark.parametrize("key", ["attention.sliding_window", "expert_feed_forward_length",
+                                 "rope.scaling.original_context_length"])
+def test_gpt_oss_missing_key_is_one_line(tmp_path, oss, key):
+    folder, _, _ = oss
+    f = write_oss_gguf(tmp_path / "bad.gguf", folder, skip_keys=(key,))
+    with pytest.raises(ConfigError) as e:
+        mo.load(f, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and f"gpt-oss.{key}" in msg
+
+
+@pytest.mark.parametrize("tensor", ["blk.1.ffn_gate_exps.bias", "blk.3.ffn_down_exps.bias", "blk.2.attn_sinks.weight",
+                                    "blk.0.ffn_gate_inp.bias", "blk.1.attn_output.bias", "blk.2.post_attention_norm.weight",
+                                    "blk.3.ffn_up_exps.weight"])
+def test_gpt_oss_missing_tensor_is_one_line(tmp_path, oss, tensor):
+    folder, _, _ = oss
+    f = write_oss_gguf(tmp_path / "bad.gguf", folder, skip_tensors=(tensor,))
+    with pytest.raises(CheckpointError) as e:
+        mo.load(f, device="cpu", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg and tensor in msg
+
+
+def test_gpt_oss_triton_is_refused_in_one_line(oss):
+    _, f, _ = oss
+    from moe_offload.options import OffloadConfig
+
+    with pytest.raises(mo.MoeOffloadError) as e:
+        mo.load(f, device="cpu", dtype="float32", config=OffloadConfig.make(moe_backend="triton"))
+    assert "\n" not in str(e.value) and "loop" in str(e.value)
+
+
+def oss_hub_mxfp4(folder: Path, out: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """`folder`'s GPT-OSS with its experts in the hub's MXFP4 layout (quantization_config mxfp4), as
+    openai/gpt-oss-* ship: (the folder, {fused tensor name: the values its MXFP4 stands for [E, N out, K in]})."""
+    from safetensors.torch import save_file
+    from test_gpt_oss_mxfp4 import QC, mxfp4_quantize
+
+    out.mkdir()
+    sd, spec = {}, {}
+    for name, arr in hf_tensors(folder).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales, values = mxfp4_quantize(arr.transpose(0, 2, 1))
+            sd[name + "_blocks"], sd[name + "_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
+            spec[name] = values
+        else:
+            sd[name] = torch.from_numpy(arr)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in folder.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = QC
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out, spec
+
+
+@pytest.mark.parametrize("experts", ["float", "mxfp4"])
+def test_gpt_oss_llama_cpp_converted_gguf_is_exact(tmp_path, experts):
+    """llama.cpp's converter on a float GPT-OSS (experts written Q8_0) and on one whose experts are the hub's
+    MXFP4 (repacked to ggml MXFP4: the GGUF's experts equal the hub's values exactly)."""
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src or not (Path(src) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip("opt-in: set LLAMA_CPP_SRC to a llama.cpp source tree (with convert_hf_to_gguf.py) to convert "
+                    "a tiny GPT-OSS with llama.cpp's own converter")
+    folder = build_oss_hf(tmp_path / "hf")
+    src_folder, spec = (folder, None) if experts == "float" else oss_hub_mxfp4(folder, tmp_path / "hub")
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT)
+    f = tmp_path / "oss-q8_0.gguf"
+    done = subprocess.run([sys.executable, str(script), str(src_folder), "q8_0", str(f)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = GGUFReader(str(f))
+    assert r.fields["general.architecture"].contents() == "gpt-oss"
+    tensors = {t.name: t for t in r.tensors}
+    assert {tensors[f"blk.0.ffn_{p}_exps.bias"].tensor_type.name for p in ("gate", "up", "down")} == {"F32"}
+    kind = "Q8_0" if experts == "float" else "MXFP4"
+    assert {t.tensor_type.name for n, t in tensors.items() if n.endswith("_exps.weight")} == {kind}
+    if spec is not None:  # the converter's repacked blocks stand for the hub's values, gate rows 0::2, up 1::2
+        gu = spec["model.layers.1.mlp.experts.gate_up_proj"]
+        gate = dequantize(tensors["blk.1.ffn_gate_exps.weight"].data, T.MXFP4)
+        up = dequantize(tensors["blk.1.ffn_up_exps.weight"].data, T.MXFP4)
+        assert np.array_equal(gate, gu[:, 0::2]) and np.array_equal(up, gu[:, 1::2])
+        down = dequantize(tensors["blk.1.ffn_down_exps.weight"].data, T.MXFP4)
+        assert np.array_equal(down, spec["model.layers.1.mlp.experts.down_proj"])
+    assert GgufCheckpoint(f).config.layer_types == ("sliding_attention", "full_attention") * 2
+    assert_oss_exact(f, oss_dequantized_folder(f, folder, tmp_path / "deq"), f"gguf:{kind}")

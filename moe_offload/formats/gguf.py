@@ -19,6 +19,11 @@ kernel_format), gate and up read as one [2I, rb(H)] matrix, so they must share a
 mixed gate/up run on the loop only (gguf_triton_problem names the layer, projection and type). Tested
 under the Triton interpreter only until a GPU run confirms it (benchmarks/gpu_check.py gguf_kernels).
 
+Experts with biases (llama.cpp's gpt-oss: ffn_{gate,up,down}_exps.bias beside the blocks) are a
+GgufBiasedFormat (with_bias(dtype, act)): the row starts with the three bias vectors in the file's float
+dtype, then the blocks; its pool (GgufBiasedPool) adds them and runs the family's activation (the clamped
+SwiGLU), loop backend only. Its name is the unbiased one's: the file decides whether biases exist.
+
 Format names: 'gguf:' + the three types, 'gguf:Q4_0' when all three agree, else 'gguf:Q4_K,Q4_K,Q6_K'
 (gate, up, down); get_format() parses them, so the name alone rebuilds the format. A file whose layers
 differ (llama.cpp's Q4_K_M gives some layers Q6_K down projections; unsloth's mixes vary more) is one
@@ -29,8 +34,9 @@ largest (expert_bytes) and each layer reads its slots through its own views (per
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -373,6 +379,98 @@ class GgufFormat(PackedFormat):
     def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> WeightPool:
         return pool  # its own ffn: dequantize a tile, then matmul
 
+    def with_bias(self, dtype: torch.dtype, act: Any = None) -> "GgufBiasedFormat":
+        """These block types with the experts' biases in the row (GgufBiasedFormat)."""
+        return GgufBiasedFormat(tuple(t.name for t in self.types), dtype, act, self.compute_dtype, self.group_size)
+
+
+BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class GgufBiasedPool(GgufPool):
+    """A GgufPool whose experts carry biases (b1, b3 [S, I], b2 [S, H], the file's float dtype) and run
+    their own activation (`act`, e.g. kernels.ClampedSwiGLU; None: SwiGLU): GPT-OSS in GGUF. The fused
+    kernel has neither, so it runs on the loop backend only."""
+
+    b1: torch.Tensor | None = None
+    b3: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    act: Any = None
+
+    loop_only = True
+
+    def kernel_format(self, which: str) -> int:
+        return WEIGHT_NONE
+
+    def kernel_refusal(self) -> str | None:
+        return "GGUF experts with biases (GPT-OSS) run on moe_backend 'loop'"
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, H] -> [n, H]: gate and up plus their biases, the activation, down plus its bias, a tile
+        of dequantized output rows at a time (_tiled)."""
+        t1, t3, t2 = self.types
+        gate = _tiled(t1, self.w13[slot], self.hidden, x) + self.b1[slot].to(x.dtype)
+        up = _tiled(t3, self.w3[slot], self.hidden, x) + self.b3[slot].to(x.dtype)
+        h = torch.nn.functional.silu(gate) * up if self.act is None else self.act(gate, up)
+        return _tiled(t2, self.w2[slot], self.inter, h) + self.b2[slot].to(x.dtype)
+
+
+class GgufBiasedFormat(GgufFormat):
+    """GGUF experts with biases (llama.cpp's gpt-oss: ffn_{gate,up,down}_exps.bias [E, N] beside the
+    blocks): a row is the biases b1 [I], b3 [I], b2 [H] in the file's float dtype (first, so that they
+    are aligned views), then the gate, up and down blocks as GgufFormat lays them out. The host store
+    reads all six from the file's map (GgufCheckpoint.expert_tensors, in this order). Loop backend only;
+    `act` the experts' activation (None: SwiGLU). Its name is GgufFormat's: the biases are the file's."""
+
+    moe_backends = ("loop",)
+
+    def __init__(self, types: tuple[str, str, str], bias_dtype: torch.dtype = torch.float32, act: Any = None,
+                 compute_dtype: torch.dtype | None = None, group_size: int = 128):
+        super().__init__(types, compute_dtype, group_size)
+        if bias_dtype not in BIAS_DTYPES:
+            raise ValueError(f"{self.name}: expert biases of dtype {bias_dtype} are not supported; one of "
+                             f"{[str(d) for d in BIAS_DTYPES]}")
+        self.bias_dtype, self.act = bias_dtype, act
+        self.moe_backends = ("loop",)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, bias {str(self.bias_dtype).removeprefix('torch.')})"
+
+    @property
+    def bias(self) -> bool:
+        """Rows carry the experts' biases."""
+        return True
+
+    def with_bias(self, dtype: torch.dtype, act: Any = None) -> "GgufBiasedFormat":
+        out = copy.copy(self)
+        out.bias_dtype, out.act = dtype, act
+        return out
+
+    def triton_problem(self, where: str = "") -> str | None:
+        return f"GGUF experts{where} with biases (GPT-OSS) run on moe_backend 'loop' only"
+
+    def section_specs(self, hidden: int, inter: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        dt = self.bias_dtype
+        return [("b1", dt, (inter,)), ("b3", dt, (inter,)), ("b2", dt, (hidden,)), *super().section_specs(hidden, inter)]
+
+    def expert_bytes(self, hidden: int, inter: int) -> int:
+        """One row rounded up to 16 bytes, so the bias sections of every slot of a pool are aligned."""
+        return -(-super().expert_bytes(hidden, inter) // 16) * 16
+
+    def file_bytes(self, hidden: int, inter: int) -> int:
+        return sum(sec.nbytes for sec in self.layout(hidden, inter))
+
+    def pool_views(self, rows: torch.Tensor, hidden: int, inter: int) -> GgufBiasedPool:
+        v = self.views(rows, hidden, inter)
+        return GgufBiasedPool(hidden, inter, v["w1"], v["w2"], w3=v["w3"], types=self.types, b1=v["b1"], b3=v["b3"],
+                              b2=v["b2"], act=self.act)
+
+    def tensor_pool(self, *args: Any) -> GgufBiasedPool:
+        """A pool straight over the file's tensors: b1, b3, b2, w1, w3, w2 (layout order), hidden, inter."""
+        b1, b3, b2, w1, w3, w2, hidden, inter = args
+        return GgufBiasedPool(hidden, inter, w1, w2, w3=w3, types=self.types, b1=b1, b3=b3, b2=b2, act=self.act)
+
 
 class GgufLayersFormat(ExpertFormat):
     """A GGUF file whose layers store their experts in different block types: one GgufFormat per layer
@@ -411,6 +509,23 @@ class GgufLayersFormat(ExpertFormat):
     def file_bytes(self, hidden: int, inter: int) -> int:
         """Bytes of one expert of the largest layer."""
         return self.expert_bytes(hidden, inter)
+
+    @property
+    def bias(self) -> bool:
+        """Whether the layers' rows carry the experts' biases (GgufBiasedFormat)."""
+        return isinstance(self.layers[0], GgufBiasedFormat)
+
+    @property
+    def bias_dtype(self) -> torch.dtype | None:
+        return getattr(self.layers[0], "bias_dtype", None)
+
+    def with_bias(self, dtype: torch.dtype, act: Any = None) -> "GgufLayersFormat":
+        """Every layer's format with the experts' biases (GgufBiasedFormat)."""
+        out = copy.copy(self)
+        made: dict[int, GgufBiasedFormat] = {}
+        out.layers = [made.setdefault(id(f), f.with_bias(dtype, act)) for f in self.layers]
+        out.moe_backends = ("loop",)
+        return out
 
     def _per_layer_only(self, what: str):
         raise NotImplementedError(f"expert format {self.name!r} differs between layers: {what} per layer "
