@@ -110,6 +110,68 @@ def vocab(size: int):
     return tokens, [0.0] * size, types
 
 
+def add_keys(w: GGUFWriter, arch: str, keys: dict, skip_keys=()) -> None:
+    """Metadata `arch.key` = value, typed as the converter writes them (bool, float32, string, uint32)."""
+    for key, v in keys.items():
+        if key not in skip_keys:
+            add = (w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else
+                   w.add_string if isinstance(v, str) else w.add_uint32)
+            add(f"{arch}.{key}", v)
+
+
+def add_vocab(w: GGUFWriter, size: int) -> None:
+    """The bundled tokenizer's vocabulary, with BOS 1 and EOS 2."""
+    tokens, scores, types = vocab(size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def fused_experts(out: dict[str, np.ndarray], experts: dict[str, dict[int, np.ndarray]], n: int) -> None:
+    """Each per-expert tensor stacked into the converter's fused [E, ...] tensor, into `out`."""
+    for gname, per in experts.items():
+        out[gname] = np.stack([per[e] for e in range(n)])
+
+
+def add_nextn(out: dict[str, np.ndarray], layer: int, h: int) -> None:
+    """The NextN layer's own tensors (llama.cpp counts the layer in block_count; the reader ignores it)."""
+    out[f"blk.{layer}.nextn.eh_proj.weight"] = np.zeros((h, 2 * h), np.float32)
+    out[f"blk.{layer}.nextn.enorm.weight"] = np.ones(h, np.float32)
+    out[f"blk.{layer}.attn_norm.weight"] = np.ones(h, np.float32)
+
+
+def write_tensors(w: GGUFWriter, out: dict[str, np.ndarray], skip_tensors=(), qtype=None) -> None:
+    """The tensors into the file, then close it: `qtype(name, arr)` picks a block type (default: Q8_0 for a
+    matrix whose rows are whole blocks), None keeps the array as it is."""
+    for gname, arr in out.items():
+        if gname in skip_tensors:
+            continue
+        arr = np.ascontiguousarray(arr)
+        t = qtype(gname, arr) if qtype else (T.Q8_0 if arr.ndim >= 2 and arr.shape[-1] % 32 == 0 else None)
+        if t is None:
+            w.add_tensor(gname, arr)
+        else:
+            w.add_tensor(gname, quantize(arr, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def save_like(folder: Path, out: Path, sd: dict[str, torch.Tensor]) -> Path:
+    """`sd` as out/model.safetensors beside `folder`'s json files (config, tokenizer)."""
+    from safetensors.torch import save_file
+
+    save_file(sd, str(out / "model.safetensors"))
+    for f in folder.iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, out)
+    return out
+
+
 def write_glm_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=None) -> Path:
     """The model in `folder` as a glm4moe GGUF the way llama.cpp's converter lays it out: metadata keys,
     tensor names, experts fused per layer in Q8_0, other matrices Q8_0, vectors F32, block_count counting
@@ -126,17 +188,8 @@ def write_glm_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=N
             "expert_shared_count": c["n_shared_experts"], "leading_dense_block_count": c["first_k_dense_replace"],
             "expert_gating_func": 2, "expert_weights_scale": float(c["routed_scaling_factor"]),
             "expert_weights_norm": True, "nextn_predict_layers": 1, **(kv or {})}
-    for key, v in keys.items():
-        if key not in skip_keys:
-            add = w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else w.add_uint32
-            add(f"glm4moe.{key}", v)
-    tokens, scores, types = vocab(c["vocab_size"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_keys(w, "glm4moe", keys, skip_keys)
+    add_vocab(w, c["vocab_size"])
     out: dict[str, np.ndarray] = {}
     experts: dict[str, dict[int, np.ndarray]] = {}
     for name, arr in hf_tensors(folder).items():
@@ -145,31 +198,14 @@ def write_glm_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=N
             out[gname] = arr
         else:
             experts.setdefault(gname, {})[e] = arr
-    for gname, per in experts.items():
-        out[gname] = np.stack([per[e] for e in range(E)])
-    h = c["hidden_size"]  # the NextN layer's own tensors
-    out[f"blk.{L}.nextn.eh_proj.weight"] = np.zeros((h, 2 * h), np.float32)
-    out[f"blk.{L}.nextn.enorm.weight"] = np.ones(h, np.float32)
-    out[f"blk.{L}.attn_norm.weight"] = np.ones(h, np.float32)
-    for gname, arr in out.items():
-        if gname in skip_tensors:
-            continue
-        arr = np.ascontiguousarray(arr)
-        if arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
-            w.add_tensor(gname, quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
-        else:
-            w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    fused_experts(out, experts, E)
+    add_nextn(out, L, c["hidden_size"])
+    write_tensors(w, out, skip_tensors)
     return path
 
 
 def dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
     """`folder`'s model with every tensor replaced by its GGUF counterpart as gguf.quants dequantizes it."""
-    from safetensors.torch import save_file
-
     out.mkdir()
     r = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
     sd = {}
@@ -178,11 +214,7 @@ def dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
         t = r[gname]
         w = dequantize(t.data, t.tensor_type)
         sd[name] = torch.from_numpy(np.ascontiguousarray(w if e is None else w[e]).reshape(arr.shape).copy())
-    save_file(sd, str(out / "model.safetensors"))
-    for f in folder.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, out)
-    return out
+    return save_like(folder, out, sd)
 
 
 def assert_exact(gguf_path: Path, deq: Path, hf_class: str = "Glm4MoeForCausalLM") -> None:
@@ -394,18 +426,8 @@ def write_ds_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=No
         keys.update({"attention.key_length": dn + dr, "attention.value_length": dv})
         del keys["attention.key_length_mla"], keys["attention.value_length_mla"]
     keys.update(kv or {})
-    for key, v in keys.items():
-        if key not in skip_keys:
-            add = (w.add_bool if isinstance(v, bool) else w.add_float32 if isinstance(v, float) else
-                   w.add_string if isinstance(v, str) else w.add_uint32)
-            add(f"deepseek2.{key}", v)
-    tokens, scores, types = vocab(c["vocab_size"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_keys(w, "deepseek2", keys, skip_keys)
+    add_vocab(w, c["vocab_size"])
     out: dict[str, np.ndarray] = {}
     experts: dict[str, dict[int, np.ndarray]] = {}
     for name, arr in hf_tensors(folder).items():
@@ -417,32 +439,15 @@ def write_ds_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=No
             out[gname] = arr
         else:
             experts.setdefault(gname, {})[e] = arr
-    for gname, per in experts.items():
-        out[gname] = np.stack([per[e] for e in range(DS_E)])
-    h = c["hidden_size"]  # the NextN layer's own tensors
-    out[f"blk.{L}.nextn.eh_proj.weight"] = np.zeros((h, 2 * h), np.float32)
-    out[f"blk.{L}.nextn.enorm.weight"] = np.ones(h, np.float32)
-    out[f"blk.{L}.attn_norm.weight"] = np.ones(h, np.float32)
-    for gname, arr in out.items():
-        if gname in skip_tensors:
-            continue
-        arr = np.ascontiguousarray(arr)
-        if arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
-            w.add_tensor(gname, quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
-        else:
-            w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    fused_experts(out, experts, DS_E)
+    add_nextn(out, L, c["hidden_size"])
+    write_tensors(w, out, skip_tensors)
     return path
 
 
 def ds_dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
     """`folder`'s DeepSeek model with every tensor replaced by its GGUF counterpart as gguf.quants dequantizes
     it; kv_b_proj joined back from attn_k_b / attn_v_b (or read whole from attn_kv_b)."""
-    from safetensors.torch import save_file
-
     c = json.loads((folder / "config.json").read_text())
     nh, dn, dv = c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"]
     out.mkdir()
@@ -462,11 +467,7 @@ def ds_dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
             w = deq(gname)
             w = w if e is None else w[e]
         sd[name] = torch.from_numpy(np.ascontiguousarray(w).reshape(arr.shape).copy())
-    save_file(sd, str(out / "model.safetensors"))
-    for f in folder.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, out)
-    return out
+    return save_like(folder, out, sd)
 
 
 @pytest.fixture(scope="module")
@@ -650,39 +651,22 @@ def write_oss_gguf(path: Path, folder: Path, skip_keys=(), skip_tensors=(), kv=N
             "rope.scaling.yarn_beta_fast": float(y["beta_fast"]), "rope.scaling.yarn_beta_slow": float(y["beta_slow"]),
             "attention.sliding_window": c["sliding_window"], "expert_feed_forward_length": c["intermediate_size"],
             **(kv or {})}
-    for key, v in keys.items():
-        if key not in skip_keys:
-            add = w.add_float32 if isinstance(v, float) else w.add_string if isinstance(v, str) else w.add_uint32
-            add(f"gpt-oss.{key}", v)
-    tokens, scores, types = vocab(c["vocab_size"])
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for gname, arr in oss_gguf_tensors(folder).items():
-        if gname in skip_tensors:
-            continue
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    add_keys(w, "gpt-oss", keys, skip_keys)
+    add_vocab(w, c["vocab_size"])
+
+    def qtype(gname: str, arr: np.ndarray):  # experts MXFP4, other matrices Q8_0, biases and vectors as they are
         if gname.endswith("_exps.weight"):
-            w.add_tensor(gname, quantize(arr, T.MXFP4), raw_dtype=T.MXFP4)
-        elif arr.ndim >= 2 and arr.shape[-1] % 32 == 0 and not gname.endswith(".bias"):
-            w.add_tensor(gname, quantize(arr, T.Q8_0), raw_dtype=T.Q8_0)
-        else:
-            w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            return T.MXFP4
+        return T.Q8_0 if arr.ndim >= 2 and arr.shape[-1] % 32 == 0 and not gname.endswith(".bias") else None
+
+    out = {g: np.asarray(a, dtype=np.float32) for g, a in oss_gguf_tensors(folder).items()}
+    write_tensors(w, out, skip_tensors, qtype)
     return path
 
 
 def oss_dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
     """`folder`'s GPT-OSS with every tensor replaced by its GGUF counterpart as gguf.quants dequantizes it,
     the experts' gate / up (and their biases) interleaved back into gate_up_proj."""
-    from safetensors.torch import save_file
-
     out.mkdir()
     r = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
 
@@ -706,11 +690,7 @@ def oss_dequantized_folder(gguf_path: Path, folder: Path, out: Path) -> Path:
             else:
                 w = deq(b + "ffn_down_exps.bias")
         sd[name] = torch.from_numpy(np.ascontiguousarray(w).reshape(arr.shape).copy())
-    save_file(sd, str(out / "model.safetensors"))
-    for f in folder.iterdir():
-        if f.suffix == ".json":
-            shutil.copy(f, out)
-    return out
+    return save_like(folder, out, sd)
 
 
 def assert_oss_exact(gguf_path: Path, deq: Path, fmt: str = "gguf:MXFP4") -> None:
