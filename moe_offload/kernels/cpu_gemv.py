@@ -41,6 +41,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_gemv.cpp"
 _NAME = "moe_offload_cpu_gemv"
 _ext: Any = None
 _why_not: str | None = None
+_features = {"vnni": False, "bf16": False}  # what the built extension has, read once when it loads
 # Most rows of x for which these kernels (each weight row read once, then one dot per row of x) beat the
 # alternative, at Mixtral-734M's 7168 x 1024 projection on the 2-core reference machine, 2 threads, quiet
 # (`python benchmarks/cpu_vs_llamacpp.py --crossover`; a full run records it, "crossover"): bf16 weights
@@ -79,6 +80,7 @@ def _load() -> Any:
         _why_not = f"the CPU decode kernels could not be built ({first})"
         warnings.warn(f"moe-offload: {_why_not}; decode uses PyTorch's slower matmul instead", stacklevel=3)
         return None
+    _features.update(vnni=bool(_ext.has_vnni()), bf16=bool(_ext.has_avx512_bf16()))  # asked once, not per call
     if not _ext.has_avx512():  # the portable scalar loops are slower than PyTorch's ops: do not use them
         _ext = None
         _why_not = "this CPU has no AVX-512 (the CPU decode kernels' vector paths need it)"
@@ -110,7 +112,7 @@ def why_unavailable() -> str | None:
 
 def has_vnni() -> bool:
     """Whether the 8-bit activation paths (AVX512-VNNI) are built (building the kernels on first call)."""
-    return available() and bool(_ext.has_vnni())
+    return available() and _features["vnni"]
 
 
 def set_activations(mode: str) -> None:
@@ -164,7 +166,7 @@ def _a8(run: Any, x: torch.Tensor, n: int, *args: Any) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
     ext = _require()
-    if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and ext.has_avx512_bf16():  # bf16 pair dots
+    if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and _features["bf16"]:  # bf16 pair dots
         return ext.gemv_bf16(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     x2, lead = _rows(x)
     return ext.gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
