@@ -230,7 +230,7 @@ class OffloadedModel:
         if self.expert_cache is not None:
             self.expert_cache.reap()
             self.expert_cache.drain_stalls()
-            self.expert_cache.stats.reset()
+            self.expert_cache.reset_stats()
             self._retries0 = self.expert_cache.engine.retries
             pf = self.prefetcher
             if pf is not None:

@@ -155,6 +155,28 @@ def test_each_load_counts_its_rows_missing_bytes_and_a_cancelled_prefetch_takes_
         c.close()
 
 
+@linux
+def test_a_prefetch_cancelled_after_a_stats_reset_takes_nothing_from_the_new_window(wide):
+    # generate() resets the stats while a prefetch of the previous call may still be queued: its bytes
+    # were counted in the old window, so cancelling it must not drive the new one below zero.
+    ck = GgufCheckpoint(wide)
+    store = HostExpertStore.from_checkpoint(ck, torch.float32, fmt=ck.config.expert_format)
+    engine = ThreadCopyEngine(CopyFaults(delay=lambda key: 0.3 if key == (0, 0) else 0.0))
+    c = ExpertCache(store, 4, make_policy("lru"), torch.device("cpu"), engine)
+    try:
+        assert c.prefetch((0, 0), protect=set())
+        time.sleep(0.05)
+        assert c.prefetch((0, 1), protect=set())
+        c.reset_stats()
+        assert c.cancel_prefetch((0, 1))
+        assert int(c.stats.page_cache_checked_bytes[0]) == 0 and int(c.stats.page_cache_miss_bytes[0]) == 0
+        assert int(c.stats.bytes_h2d[0]) == 0
+        c.reap()
+        c.stats.check()
+    finally:
+        c.close()
+
+
 def test_a_store_that_is_not_memory_mapped_reports_null():
     with mo.load(device="cpu", dtype="float32", cache_per_layer=2) as m:  # the bundled safetensors folder
         m.generate("In the beginning", max_new_tokens=2)

@@ -59,7 +59,7 @@ class OffloadHandle:
                 "policy": self.cache.policy.name}
 
     def reset_stats(self) -> None:
-        self.cache.stats.reset()
+        self.cache.reset_stats()
 
     def close(self) -> None:
         """Stop the copy engine (its thread on CPU). The model cannot run afterwards."""

@@ -146,6 +146,14 @@ class ExpertCache:
         """Host copy of layer's slot table row [E] (for backends that loop on the host)."""
         return self.slot_of[layer]
 
+    def reset_stats(self) -> None:
+        """Start a new statistics window. Loads still in flight were counted in the old one: a later
+        cancellation of one takes nothing back from the new window's bytes."""
+        self.stats.reset()
+        for handle in self.inflight.values():
+            handle.page_cache = None
+            handle.counted = False
+
     def drain_stalls(self) -> None:
         """Fold device-measured stalls (CUDA engine) into the stats."""
         for layer, seconds in self.engine.drain_stalls():
@@ -182,7 +190,8 @@ class ExpertCache:
         if unsent is None:
             return False
         del self.inflight[key]
-        self.stats.bytes_h2d[key[0]] -= unsent
+        if getattr(handle, "counted", True):  # its bytes are in this statistics window
+            self.stats.bytes_h2d[key[0]] -= unsent
         seen = getattr(handle, "page_cache", None)
         if seen is not None and unsent == self._layer_bytes[key[0]]:  # nothing of it was read
             self.stats.page_cache_checked_bytes[key[0]] -= seen[0]

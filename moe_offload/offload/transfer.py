@@ -48,6 +48,7 @@ class LoadHandle:
         self.error: BaseException | None = None
         self.prefetch = False  # set by the cache: a speculative load nobody asked for yet
         self.page_cache: tuple[int, int] | None = None  # set by the cache: (bytes checked, not resident) at issue
+        self.counted = True  # its bytes are in the cache's current statistics window
         self.cuda_event: torch.cuda.Event | None = None
         self._done = threading.Event()
 
