@@ -241,6 +241,53 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) ->
     return _a8(_require().gemv_mxfp4_a8, x, blocks.shape[0], blocks, scales)
 
 
+# The decode-step glue (rms_norm, attn_decode, experts_decode): one call each for what a one-token step
+# does between its weight products, instead of a dozen PyTorch ops from Python each (bf16 decode of the
+# 734M model: 4.2 of 32 ms per token outside the weight products before them; see the benchmark).
+GLUE_DTYPES = (torch.float32, torch.bfloat16)
+GLUE_MAX_ELEMENTS = 16384  # rms_norm: inputs up to this size (a decode step's rows); larger ones batch better in PyTorch
+
+
+def glue_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the decode-step glue takes x (and weights): cpu, float32 / bfloat16, nothing that needs
+    gradients, the kernels built."""
+    if x.device.type != "cpu" or x.dtype not in GLUE_DTYPES:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return False
+    return available()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., H] times w [H] (x's dtype, or float32), rounded as layers.rms_norm rounds it."""
+    return _require().rms_norm(x.contiguous(), w.contiguous(), eps)
+
+
+def attn_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, pos: int, heads: int, kv_heads: int, rotary_dim: int, window: int | None,
+                scale: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """One token's attention: qkv [.., (heads + 2 kv_heads) * hd] (its q/k/v projection, q and k normed),
+    cos / sin [hd] its RoPE rows; rotates q and k (rotate-half, the leading rotary_dim dims), writes k and v
+    into k_cache / v_cache [kv_heads, S, hd] at pos, attends over keys 0..pos (the last `window` of them
+    with a sliding window; a sink logit per head, sinks [heads] float32, where given) -> [1, heads * hd].
+    All in qkv's dtype (float32 or bfloat16)."""
+    no_sinks = _EMPTY if sinks is None else sinks.float().contiguous()
+    return _require().attn_decode(qkv.reshape(-1).contiguous(), cos, sin, k_cache, v_cache, pos, heads, kv_heads,
+                                  rotary_dim, window or 0, scale, no_sinks)
+
+
+_EMPTY = torch.empty(0)
+
+
+def experts_decode(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tensor], weights: torch.Tensor,
+                   cols: list[int], out: torch.Tensor) -> None:
+    """out [1, H] += sum_j weights[cols[j]] * W2_j (silu(gate) * up), [gate | up] = W13_j x, for one token x
+    [1, H] and float experts w13 [2I, H], w2 [H, I] in x's dtype, in the order given; weights float32 [k]
+    (read in the call: nothing is read back from Python). Each step rounded as reference.expert_ffn's
+    PyTorch ops round it (silu is PyTorch's own)."""
+    _require().experts_decode(x, w13, w2, weights, cols, out)
+
+
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear(x, w)` runs here: cpu, at most MAX_ROWS rows, float32 / bfloat16 weights, and
     the kernels built."""

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..kernels import hostmem
+from ..kernels import cpu_gemv, hostmem
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError
@@ -389,6 +389,8 @@ class MoeModel(nn.Module):
         if self.mla is not None:  # latent attention: absorbed for one query per row (decode), else expanded
             cos, sin = self.rope_at(start, t)
             return self.mla(x, self.layers[layer], layer, start, cache, cos, sin, absorb=t == 1)
+        if t == 1 and b == 1 and cache is not None and self._glue_decode(x, start, cache):
+            return self._attention_decode(x, layer, start, cache)
         q, k, v = self.project(x, layer, start)  # [B, nh, T, hd], [B, nkv, T, hd] x2
         if cache is not None:
             k, v = cache.update(layer, k, v, start)  # [B, n_kv, start+T (or span), hd]
@@ -396,6 +398,22 @@ class MoeModel(nn.Module):
         w = self.layers[layer]
         o = attention(q, k, v, q_start, self.cfg.window(layer), sinks=w.sinks)  # [B, nh, T, hd]
         return linear(o.transpose(1, 2).reshape(b, t, -1), w.o_proj, w.o_bias)
+
+    def _glue_decode(self, x: torch.Tensor, start: int | RowPositions, cache: KVCache) -> bool:
+        """Whether one token's grouped-query attention runs as one compiled call (cpu_gemv.attn_decode)."""
+        return (isinstance(start, int) and start < cache.max_seq_len and cache.k.dtype == x.dtype
+                and self.rope_cos.dtype == x.dtype and cpu_gemv.glue_runs(x))
+
+    def _attention_decode(self, x: torch.Tensor, layer: int, start: int, cache: KVCache) -> torch.Tensor:
+        """project + cache.update + attention + o_proj for one token x [1, 1, H] at position start, the
+        rotation, cache write and attention in one compiled call; same values (attention's float32 sums
+        excepted)."""
+        cfg, w = self.cfg, self.layers[layer]
+        qkv = self._qkv(x, w)  # [1, 1, nh + 2 nkv, hd]
+        o = cpu_gemv.attn_decode(qkv, self.rope_cos[start], self.rope_sin[start], cache.k[layer, 0], cache.v[layer, 0],
+                                 start, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim,
+                                 cfg.window(layer), cfg.head_dim ** -0.5, w.sinks)  # [1, nh * hd]
+        return linear(o.view(1, 1, -1), w.o_proj, w.o_bias)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,

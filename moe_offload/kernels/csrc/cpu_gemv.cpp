@@ -14,8 +14,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -971,6 +973,271 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x) {
   return {q, d};
 }
 
+// ---- decode-step glue: what a one-token step does between the weight products, in one call ----------
+// A decode step on the CPU spends ~4 ms per token of the 734M model in PyTorch ops dispatched from
+// Python (a dozen per norm, rope and expert). These do the same arithmetic in one call each, rounding
+// every intermediate to the activation dtype where the PyTorch ops would, so a bfloat16 step keeps the
+// values those ops give (attention's float32 sums excepted: they add in their own order).
+
+namespace {
+
+template <typename T> inline T* ptr(const torch::Tensor& t);
+template <> inline float* ptr<float>(const torch::Tensor& t) { return t.data_ptr<float>(); }
+template <> inline uint16_t* ptr<uint16_t>(const torch::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// v rounded to T's precision (float: as is), then widened back
+inline float round_to(float v, float*) { return v; }
+inline float round_to(float v, uint16_t*) {
+  uint16_t b;
+  store1(&b, v);
+  return bf16_to_f32(b);
+}
+template <typename T> inline float rnd(float v) { return round_to(v, static_cast<T*>(nullptr)); }
+
+// a product the compiler may not fuse into an FMA with the sum it feeds (PyTorch rounds it first)
+inline float kept(float v) {
+#if defined(__GNUC__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kPairs = true;  // bfloat16 x against bfloat16 weights: the pair dot, as gemv_bf16
+#else
+constexpr bool kPairs = false;
+#endif
+inline float pair_dot(const uint16_t* w, const uint16_t* x, int64_t K) { return dot_bf16_pairs(w, x, K); }
+template <typename A, typename B>
+inline float pair_dot(const A*, const B*, int64_t) { return 0.f; }  // float32: never taken
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float acc = 0.f;
+#if MOE_AVX512
+  __m512 s = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+  acc = _mm512_reduce_add_ps(s);
+#endif
+  for (; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// RMSNorm of each row as layers.rms_norm computes it: r = x * rsqrt(mean(x^2) + eps) in float32, then
+// w * round(r) (w in x's dtype) or round(w * r) (a float32 w under bfloat16 x)
+template <typename T, typename Wt>
+void rms_rows(const T* x, const Wt* w, T* y, int64_t M, int64_t H, float eps) {
+  std::vector<float> xf(H);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t i = 0; i < H; ++i) xf[i] = widen1(x[m * H + i]);
+    const float r = 1.f / std::sqrt(dot_f32(xf.data(), xf.data(), H) / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) {
+      const float v = xf[i] * r;
+      if (std::is_same<Wt, float>::value && !std::is_same<T, float>::value)
+        store1(y + m * H + i, widen1(w[i]) * v);
+      else
+        store1(y + m * H + i, widen1(w[i]) * rnd<T>(v));
+    }
+  }
+}
+
+// rotate-half RoPE of one head's leading rd dims in place, each product and the sum rounded to T
+template <typename T>
+void rope_head(T* x, const T* cos, const T* sin, int64_t rd) {
+  const int64_t half = rd / 2;
+  float v[512];
+  for (int64_t i = 0; i < rd; ++i) v[i] = widen1(x[i]);
+  for (int64_t i = 0; i < rd; ++i) {
+    const float rot = i < half ? -v[i + half] : v[i - half];
+    const float a = rnd<T>(kept(v[i] * widen1(cos[i]))), b = rnd<T>(kept(rot * widen1(sin[i])));
+    store1(x + i, a + b);
+  }
+}
+
+// One query head against keys lo..pos of its key/value head: o = sum_j p_j v_j / sum_j p_j with
+// p_j = exp(s_j - max), s_j = (q . k_j) * scale in float32. bfloat16: p_j rounded before it multiplies
+// v (as SDPA's CPU kernel does). With a sink logit: p_j = round(exp(s_j - m) / Z), Z counting the sink.
+template <typename T>
+void attend_head(const float* q, const T* kc, const T* vc, int64_t ks, int64_t lo, int64_t pos, int64_t hd,
+                 float scale, const float* sink, float* s, float* kr, T* out) {
+  float mx = -INFINITY;
+  for (int64_t j = lo; j <= pos; ++j) {
+    widen(kc + j * ks, kr, hd);
+    s[j] = dot_f32(q, kr, hd) * scale;
+    mx = std::max(mx, s[j]);
+  }
+  if (sink) mx = std::max(mx, *sink);
+  float z = 0.f;
+  for (int64_t j = lo; j <= pos; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    z += s[j];
+  }
+  std::vector<float> acc(hd, 0.f);
+  if (sink) {
+    z += std::exp(*sink - mx);
+    for (int64_t j = lo; j <= pos; ++j) s[j] = rnd<T>(s[j] / z);
+    z = 1.f;
+  } else {
+    for (int64_t j = lo; j <= pos; ++j) s[j] = rnd<T>(s[j]);
+  }
+  for (int64_t j = lo; j <= pos; ++j) {
+    const T* v = vc + j * ks;
+    for (int64_t d = 0; d < hd; ++d) acc[d] += s[j] * widen1(v[d]);
+  }
+  for (int64_t d = 0; d < hd; ++d) store1(out + d, sink ? acc[d] : acc[d] / z);
+}
+
+template <typename T>
+void attn_decode_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                      torch::Tensor& kc, torch::Tensor& vc, int64_t pos, int64_t nh, int64_t nkv, int64_t hd,
+                      int64_t rd, int64_t window, float scale, const float* sinks, torch::Tensor& o) {
+  T* x = ptr<T>(qkv);  // [nh + 2 nkv, hd]: rotated in place (a scratch copy of the projection)
+  const T* c = ptr<T>(cos);
+  const T* sn = ptr<T>(sin);
+  for (int64_t h = 0; h < nh + nkv; ++h) rope_head(x + h * hd, c, sn, rd);
+  T* kp = ptr<T>(kc);
+  T* vp = ptr<T>(vc);
+  const int64_t hs = kc.stride(0), ks = kc.stride(1);  // per kv head, per position
+  for (int64_t g = 0; g < nkv; ++g) {
+    std::memcpy(kp + g * hs + pos * ks, x + (nh + g) * hd, hd * sizeof(T));
+    std::memcpy(vp + g * hs + pos * ks, x + (nh + nkv + g) * hd, hd * sizeof(T));
+  }
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+  const int64_t rep = nh / nkv;
+  T* op = ptr<T>(o);
+  auto heads = [&](int64_t h0, int64_t h1) {
+    std::vector<float> s(pos + 1), q(hd), kr(hd);
+    for (int64_t h = h0; h < h1; ++h) {
+      widen(x + h * hd, q.data(), hd);
+      const int64_t g = h / rep;
+      attend_head(q.data(), kp + g * hs, vp + g * hs, ks, lo, pos, hd, scale, sinks ? sinks + h : nullptr,
+                  s.data(), kr.data(), op + h * hd);
+    }
+  };
+  if ((pos + 1 - lo) * nh * hd >= (int64_t{1} << 17)) at::parallel_for(0, nh, 1, heads);
+  else heads(0, nh);
+}
+
+// One token's routed experts with float weights, ascending as given: out += w_j * W2_j (silu(g) * u),
+// [g | u] = W13_j x, each step rounded to T as the PyTorch ops of reference.expert_ffn would.
+template <typename T>
+void experts_impl(const torch::Tensor& x, const std::vector<torch::Tensor>& w13s,
+                  const std::vector<torch::Tensor>& w2s, const float* weights, torch::Tensor& out) {
+  const int64_t H = x.size(1), I = w2s[0].size(1);
+  const T* xp = ptr<T>(x);
+  T* yp = ptr<T>(out);
+  const bool pairs = std::is_same<T, uint16_t>::value && kPairs;
+  std::vector<float> xf(H), hf(I);
+  std::vector<uint16_t> hb(pairs ? I : 0);
+  auto gate_up = torch::empty({2 * I}, x.options());  // [g | u] in x's dtype: silu runs as PyTorch's op on g
+  T* gu = ptr<T>(gate_up);
+  widen(xp, xf.data(), H);
+  for (size_t j = 0; j < w13s.size(); ++j) {
+    const T* w13 = ptr<T>(w13s[j]);
+    const T* w2 = ptr<T>(w2s[j]);
+    at::parallel_for(0, 2 * I, grain(H, 1), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        store1(gu + n, pairs ? pair_dot(w13 + n * H, xp, H) : dot(w13 + n * H, xf.data(), H));
+    });
+    const auto act = at::silu(gate_up.narrow(0, 0, I));  // PyTorch's own silu: its exp, its rounding
+    const T* sp = ptr<T>(act);
+    for (int64_t i = 0; i < I; ++i) {
+      hf[i] = rnd<T>(kept(widen1(sp[i]) * widen1(gu[I + i])));
+      if (pairs) store1(hb.data() + i, hf[i]);
+    }
+    const float wj = weights[j];
+    at::parallel_for(0, H, grain(I, 1), [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const float y = rnd<T>(pairs ? pair_dot(w2 + n * I, hb.data(), I) : dot(w2 + n * I, hf.data(), I));
+        store1(yp + n, widen1(yp[n]) + rnd<T>(kept(y * wj)));
+      }
+    });
+  }
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              name, " must be contiguous float32 or bfloat16");
+}
+
+}  // namespace
+
+// x [M, H] float32 / bfloat16, w [H] (x's dtype, or float32) -> RMSNorm(x) * w [M, H] in x's dtype
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  check_rows(x, "x");
+  check_rows(w, "w");
+  const int64_t H = x.size(-1), M = x.numel() / H;
+  TORCH_CHECK(w.numel() == H && (w.scalar_type() == x.scalar_type() || w.scalar_type() == torch::kFloat32),
+              "w must be [", H, "] in x's dtype or float32");
+  auto y = torch::empty_like(x);
+  const float e = static_cast<float>(eps);
+  if (x.scalar_type() == torch::kFloat32) rms_rows(ptr<float>(x), ptr<float>(w), ptr<float>(y), M, H, e);
+  else if (w.scalar_type() == torch::kFloat32) rms_rows(ptr<uint16_t>(x), ptr<float>(w), ptr<uint16_t>(y), M, H, e);
+  else rms_rows(ptr<uint16_t>(x), ptr<uint16_t>(w), ptr<uint16_t>(y), M, H, e);
+  return y;
+}
+
+// qkv [(nh + 2 nkv) * hd] one token's projection; cos / sin [>= rd]; kc / vc [nkv, S, hd] the layer's
+// cache (written at pos) -> o [nh * hd], all in one dtype (float32 or bfloat16). sinks: [nh] float32 or empty.
+torch::Tensor attn_decode(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                          torch::Tensor kc, torch::Tensor vc, int64_t pos, int64_t nh, int64_t nkv, int64_t rd,
+                          int64_t window, double scale, const torch::Tensor& sinks) {
+  check_rows(qkv, "qkv");
+  const auto dt = qkv.scalar_type();
+  const int64_t hd = kc.size(2);
+  TORCH_CHECK(qkv.numel() == (nh + 2 * nkv) * hd && nh % nkv == 0 && rd <= hd && rd % 2 == 0 && rd <= 512,
+              "qkv must hold nh + 2 nkv heads of ", hd);
+  TORCH_CHECK(kc.dim() == 3 && vc.sizes() == kc.sizes() && vc.strides() == kc.strides() && kc.stride(2) == 1 &&
+              kc.size(0) == nkv && pos >= 0 && pos < kc.size(1) && kc.scalar_type() == dt && vc.scalar_type() == dt,
+              "the caches must be [", nkv, ", S > ", pos, ", ", hd, "] in qkv's dtype");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() >= rd && sin.numel() >= rd &&
+              cos.scalar_type() == dt && sin.scalar_type() == dt, "cos / sin must be [>= ", rd, "] in qkv's dtype");
+  const float* sk = nullptr;
+  if (sinks.numel()) {
+    TORCH_CHECK(sinks.numel() == nh && sinks.scalar_type() == torch::kFloat32 && sinks.is_contiguous(),
+                "sinks must be float32 [", nh, "]");
+    sk = sinks.data_ptr<float>();
+  }
+  auto x = qkv.clone();
+  auto o = torch::empty({1, nh * hd}, qkv.options());
+  const float sc = static_cast<float>(scale);
+  if (dt == torch::kFloat32) attn_decode_impl<float>(x, cos, sin, kc, vc, pos, nh, nkv, hd, rd, window, sc, sk, o);
+  else attn_decode_impl<uint16_t>(x, cos, sin, kc, vc, pos, nh, nkv, hd, rd, window, sc, sk, o);
+  return o;
+}
+
+// x [1, H]; w13s [2I, H] and w2s [H, I] per expert, expert j weighted by weights[cols[j]] (float32 [k]);
+// out [1, H] += the experts' weighted outputs (see experts_impl). Tensors in x's dtype (float32 or bfloat16).
+void experts_decode(const torch::Tensor& x, const std::vector<torch::Tensor>& w13s,
+                    const std::vector<torch::Tensor>& w2s, const torch::Tensor& weights,
+                    const std::vector<int64_t>& cols, torch::Tensor out) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && out.sizes() == x.sizes() && out.is_contiguous() &&
+              out.scalar_type() == x.scalar_type(), "x and out must be [1, H] in one dtype");
+  TORCH_CHECK(w13s.size() == w2s.size() && w13s.size() == cols.size(), "one w13, w2 and weight column per expert");
+  TORCH_CHECK(weights.dim() == 1 && weights.is_contiguous() && weights.scalar_type() == torch::kFloat32,
+              "weights must be float32 [k]");
+  std::vector<float> w(cols.size());
+  for (size_t j = 0; j < cols.size(); ++j) {
+    TORCH_CHECK(cols[j] >= 0 && cols[j] < weights.size(0), "weight column ", cols[j], " outside [0, ", weights.size(0), ")");
+    w[j] = weights.data_ptr<float>()[cols[j]];
+  }
+  const int64_t H = x.size(1);
+  for (size_t j = 0; j < w13s.size(); ++j) {
+    const auto& a = w13s[j];
+    const auto& b = w2s[j];
+    TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.scalar_type() == x.scalar_type() &&
+                b.scalar_type() == x.scalar_type() && a.dim() == 2 && b.dim() == 2 && a.size(1) == H &&
+                b.size(0) == H && a.size(0) == 2 * b.size(1) && b.size(1) == w2s[0].size(1),
+                "expert ", j, ": w13 must be [2I, ", H, "] and w2 [", H, ", I], contiguous, in x's dtype");
+  }
+  if (w13s.empty()) return;
+  if (x.scalar_type() == torch::kFloat32) experts_impl<float>(x, w13s, w2s, w.data(), out);
+  else experts_impl<uint16_t>(x, w13s, w2s, w.data(), out);
+}
+
 bool has_vnni() { return MOE_VNNI; }
 bool has_avx512() { return MOE_AVX512; }
 #if defined(__AVX512BF16__)
@@ -988,6 +1255,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("has_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 pair dot was compiled in");
   mod.def("dequant_int4", &dequant_int4, "W [N, K] = (q - z) * s per group (float32 or bf16), bit-equal to the reference");
   mod.def("dequant_int8", &dequant_int8, "W [N, K] = q * s[:, None] (float32 or bf16), bit-equal to the reference");
+  mod.def("rms_norm", &rms_norm, "RMSNorm(x [M, H]) * w, as layers.rms_norm rounds it");
+  mod.def("attn_decode", &attn_decode, "one token's RoPE, cache write and grouped-query attention");
+  mod.def("experts_decode", &experts_decode, "out [1, H] += one token's float experts, weighted");
   mod.def("has_avx512", &has_avx512, "whether the AVX-512 paths were compiled in");
   mod.def("has_vnni", &has_vnni, "whether the 8-bit activation (AVX512-VNNI) paths were compiled in");
   mod.def("quantize_activations", &quantize_activations, "x [M, K] -> (int8 q, float32 d per 32): x ~ q * d");

@@ -1,0 +1,159 @@
+"""The decode-step glue (cpu_gemv.rms_norm, attn_decode, experts_decode): one compiled call each for what a
+one-token step does between its weight products. Oracles are not ours: transformers' RMSNorm and RoPE,
+PyTorch's ops in the order reference.expert_ffn runs them, and attention in float64.
+
+Rounding: RMSNorm and the experts round every intermediate to the activation dtype as PyTorch's ops do,
+so bfloat16 results equal the oracle's bit for bit except where RMSNorm's float32 sum of squares (added
+in another order) moves a rounding: then by one bfloat16 step. Float32 results agree to float32 round-off.
+Attention adds its float32 sums in its own order: within 1e-5 (float32) or one bfloat16 rounding of its
+output (bfloat16) of float64 attention over the same rotated keys.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+import moe_offload as mo
+from moe_offload.kernels import cpu_gemv
+from moe_offload.model.layers import rope_tables
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason=f"kernels not built: {cpu_gemv.why_unavailable()}")
+
+F32_TOL = 1e-5  # float32 round-off, relative to the output's scale
+BF16_STEP = 2.0 ** -8  # one bfloat16 rounding, relative (one step between neighbours: up to twice that)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    scale = want.abs().max().item()
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * scale, f"error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (1, 1, 16, 64), (3, 100)])
+def test_rms_norm_equals_transformers(dtype, w_dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    # a float32 weight under bfloat16 x scales in float32, then casts: GPT-OSS's norm (Family.norms_float32)
+    norm = (GptOssRMSNorm if w_dtype != dtype else LlamaRMSNorm)(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+    norm = norm.to(w_dtype)
+    got = cpu_gemv.rms_norm(x, norm.weight.detach(), 1e-6)
+    with torch.no_grad():
+        want = norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        close(got, want, F32_TOL)
+    else:
+        steps = (got.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)
+        assert steps.max().item() <= 2 * BF16_STEP, "more than one bfloat16 step from transformers"
+        assert (got == want).float().mean().item() > 0.98  # a moved rounding is the exception
+
+
+def _attention64(q, k, v, lo, sinks=None):
+    """q [nh, hd], k/v [nkv, S, hd] (keys lo..S-1 visible) -> [nh, hd] in float64; sinks [nh] dropped."""
+    nh, hd = q.shape
+    rep = nh // k.shape[0]
+    k, v = k.double().repeat_interleave(rep, 0)[:, lo:], v.double().repeat_interleave(rep, 0)[:, lo:]
+    s = torch.einsum("hd,hsd->hs", q.double(), k) / math.sqrt(hd)
+    if sinks is not None:
+        s = torch.cat((s, sinks.double()[:, None]), dim=1)
+    p = torch.softmax(s, dim=1)
+    if sinks is not None:
+        p = p[:, :-1]
+    return torch.einsum("hs,hsd->hd", p, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,sinks,rd", [(None, False, 64), (5, False, 64), (None, True, 64), (None, False, 32)])
+def test_attn_decode_rotates_writes_the_cache_and_attends(dtype, window, sinks, rd):
+    nh, nkv, hd, S, pos = 8, 2, 64, 32, 11
+    g = torch.Generator().manual_seed(pos + rd + (window or 0))
+    qkv = torch.randn(nh + 2 * nkv, hd, generator=g).to(dtype)
+    kc = torch.randn(nkv, S, hd, generator=g).to(dtype)
+    vc = torch.randn(nkv, S, hd, generator=g).to(dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    cos, sin = rope_tables(rd, 10000.0, S, dtype, torch.device("cpu"))
+    sk = torch.randn(nh, generator=g) if sinks else None
+    o = cpu_gemv.attn_decode(qkv, cos[pos], sin[pos], kc, vc, pos, nh, nkv, rd, window, hd ** -0.5, sk)
+    # transformers' RoPE on the leading rd dims of each head, in the same dtype: the rotated q and k
+    x = qkv.view(1, nh + 2 * nkv, 1, hd)
+    rq, rk = apply_rotary_pos_emb(x[:, :nh, :, :rd], x[:, nh:nh + nkv, :, :rd], cos[pos:pos + 1][None],
+                                  sin[pos:pos + 1][None])
+    q = torch.cat((rq, x[:, :nh, :, rd:]), dim=-1)[0, :, 0]  # [nh, hd]
+    k = torch.cat((rk, x[:, nh:nh + nkv, :, rd:]), dim=-1)[0, :, 0]  # [nkv, hd]
+    assert torch.equal(kc[:, pos], k) and torch.equal(vc[:, pos], qkv[nh + nkv:])  # written, bit for bit
+    others = [p for p in range(S) if p != pos]
+    assert torch.equal(kc[:, others], kc0[:, others]) and torch.equal(vc[:, others], vc0[:, others])
+    lo = 0 if window is None else max(0, pos - window + 1)
+    want = _attention64(q, kc[:, :pos + 1], vc[:, :pos + 1], lo, sk)
+    assert o.shape == (1, nh * hd) and o.dtype == dtype
+    close(o.view(nh, hd), want, F32_TOL if dtype == torch.float32 else 2 * BF16_STEP)
+
+
+def _experts_torch(x, w13s, w2s, weights):
+    """reference.expert_ffn's PyTorch ops for one token, accumulated as moe_loop does."""
+    out = torch.zeros_like(x)
+    for w13, w2, w in zip(w13s, w2s, weights):
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2)
+        out.add_(y.mul_(torch.tensor(w, dtype=torch.float32)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_decode_equals_the_pytorch_ops(dtype):
+    H, I, k = 256, 192, 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, H, generator=g).to(dtype)
+    w13s = [(torch.randn(2 * I, H, generator=g) / 16).to(dtype) for _ in range(k)]
+    w2s = [(torch.randn(H, I, generator=g) / 16).to(dtype) for _ in range(k)]
+    weights = torch.rand(k, generator=g).tolist()
+    out = torch.zeros(1, H, dtype=dtype)
+    cpu_gemv.experts_decode(x, w13s, w2s, torch.tensor([0.0] + weights[::-1]), [3, 2, 1], out)  # weights by column
+    # the products: our gemv against x as stored (as cpu_gemv.linear); the glue around them: PyTorch's ops
+    want = torch.zeros_like(x)
+    for w13, w2, w in zip(w13s, w2s, weights):
+        gate, up = cpu_gemv.linear(x, w13).chunk(2, dim=-1)
+        want.add_(cpu_gemv.linear(F.silu(gate) * up, w2).mul_(torch.tensor(w)))
+    assert torch.equal(out, want)
+    close(out, _experts_torch(x.double(), [w.double() for w in w13s], [w.double() for w in w2s], weights),
+          F32_TOL if dtype == torch.float32 else 8 * BF16_STEP)
+
+
+def test_bad_shapes_are_refused_in_one_line():
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match=r"expert 0: w13 must be \[2I, 64\]"):
+        cpu_gemv.experts_decode(x, [torch.randn(10, 32)], [torch.randn(64, 5)], torch.ones(1), [0], torch.zeros(1, 64))
+    with pytest.raises(RuntimeError, match="the caches must be"):
+        cpu_gemv.attn_decode(torch.randn(6 * 16), torch.ones(16), torch.zeros(16), torch.zeros(2, 4, 16),
+                             torch.zeros(2, 4, 16), 4, 2, 2, 16, None, 0.25, None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_decodes_the_same_tokens_with_and_without_the_glue(dtype, monkeypatch):
+    # the bundled model's greedy tokens: the glue changes attention's float32 summation order only
+    with mo.load(device="cpu", dtype=dtype) as m:
+        calls = {"attn": 0, "experts": 0, "norm": 0}
+        for name, key in (("attn_decode", "attn"), ("experts_decode", "experts"), ("rms_norm", "norm")):
+            real = getattr(cpu_gemv, name)
+            monkeypatch.setattr(cpu_gemv, name, lambda *a, _r=real, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1)
+                                or _r(*a, **kw))
+        with_glue = m.generate("In the beginning", max_new_tokens=12).token_ids
+        assert all(calls.values()), calls  # every piece ran
+        monkeypatch.setattr(cpu_gemv, "glue_runs", lambda *a, **k: False)
+        without = m.generate("In the beginning", max_new_tokens=12).token_ids
+    assert with_glue == without
+
+
+def test_the_glue_stays_out_of_autograd():
+    x = torch.randn(1, 64, requires_grad=True)
+    assert not cpu_gemv.glue_runs(x) and cpu_gemv.glue_runs(x.detach())
+    with torch.no_grad():
+        assert cpu_gemv.glue_runs(x)
