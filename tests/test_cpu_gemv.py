@@ -241,7 +241,18 @@ def test_int8_activations_int8_weights_equal_float64_of_rounded_x(m):
 @pytest.mark.parametrize("group", [8, 16, 32, 64, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int8_activations_int4_weights_equal_float64_of_rounded_x(group, symmetric):
-    n, k = 96, 512
+    n, k = 96, 512  # K a multiple of 128: the 128-weight steps (int4_a8_wide); below, 64-weight chunks
+    _int4_a8_case(n, k, group, symmetric)
+
+
+@pytest.mark.activations("int8")
+@pytest.mark.parametrize("group", [32, 64, 192])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_activations_int4_weights_of_k_not_a_multiple_of_128(group, symmetric):
+    _int4_a8_case(40, 576, group, symmetric)
+
+
+def _int4_a8_case(n, k, group, symmetric):
     g = torch.Generator().manual_seed(group + symmetric)
     q, s, z = quantize_int4(torch.randn(n, k, generator=g), group, symmetric=symmetric)
     x = torch.randn(5, k, generator=g)

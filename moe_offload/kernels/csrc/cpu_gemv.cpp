@@ -140,6 +140,19 @@ inline void widen(const W* w, float* out, int64_t K) {
   for (; k < K; ++k) out[k] = widen1(w[k]);
 }
 
+// float32 a . b (16 lanes, then the tail)
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float acc = 0.f;
+#if MOE_AVX512
+  __m512 s = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
+  acc = _mm512_reduce_add_ps(s);
+#endif
+  for (; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
 // Several rows of x against W [N, K] of type W: yp[m * N + n] = scale(n) * dot(W[n], x[m]). With more
 // than one row the weight row is widened once into a float32 buffer and reused (same sums, see above).
 template <typename W, typename Scale>
@@ -770,6 +783,32 @@ void q6_k_row(const QAct& a, const uint8_t* row, int64_t blocks, float* out) {
 }  // namespace
 
 // x float32 [M, K], q int8 [N, K], s fp16 [N] -> y float32 [M, N] = Q8(x) @ (q * s)^T
+namespace {
+
+// int8 rows (q + 128 as VPDPBUSD's unsigned bytes) against 8-bit activations, MT rows of x at a time: each
+// lane starts at -128 times its activation bytes' sum (ns128), so it holds the exact integer q . a; one
+// multiply-add by the lane's block scale per 64 weights (the row's scale comes last).
+template <int MT>
+inline void int8_rows(const QAct& a, const int32_t* ns128, int64_t m0, const int8_t* row, float* out) {
+  const int64_t K = a.K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K / 64; ++c) {
+    const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(row + c * 64), flip);  // q + 128
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(ns128 + m * K / 4 + c * 16), w,
+                                              _mm512_loadu_si512(a.q.data() + m * K + c * 64));
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(a.dl.data() + m * K / 4 + c * 16),
+                                      acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+}  // namespace
+
 torch::Tensor gemv_int8_a8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kInt8, "q must be contiguous int8 [N, K]");
   const int64_t N = q.size(0), K = q.size(1);
@@ -778,24 +817,119 @@ torch::Tensor gemv_int8_a8(const torch::Tensor& x, const torch::Tensor& q, const
               "s must be contiguous float16 [N]");
   const torch::Tensor xf = x_as_f32(x, K);
   const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, natural);
+  std::vector<int32_t> ns128(a.ns.size());
+  for (size_t i = 0; i < ns128.size(); ++i) ns128[i] = a.ns[i] * 128;
   const int8_t* qp = q.data_ptr<int8_t>();
   const at::Half* sp = s.data_ptr<at::Half>();
-  const __m512 ones = _mm512_set1_ps(1.f);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   return over_rows(x, N, K, [&](int64_t n, float* out) {
     const int8_t* row = qp + n * K;
-    auto chunk = [&](int64_t c, __m512& sv) {
-      sv = ones;
-      return _mm512_xor_si512(_mm512_loadu_si512(row + c * 64), flip);  // q + 128
-    };
-    vnni_all_rows(a, K / 64, 7, chunk, out);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) int8_rows<4>(a, ns128.data(), m, row, out + m);
+    for (; m < a.M; ++m) int8_rows<1>(a, ns128.data(), m, row, out + m);
     const float sc = half_to_f32(sp + n);
-    for (int64_t m = 0; m < a.M; ++m) out[m] *= sc;
+    for (m = 0; m < a.M; ++m) out[m] *= sc;
   });
 }
 
 // x float32 [M, K], q uint8 [N, K/2], s fp16 [N, K/G], z fp16 [N, K/G] (ignored when `symmetric`: all 8)
 // -> y float32 [M, N] = Q8(x) @ ((q - z) * s)^T. G a multiple of 64, or 8, 16 or 32.
+namespace {
+
+// int4 rows against 8-bit activations, 128 weights (one 64-byte load) per step. The step's low nibbles
+// (even k) and high nibbles (odd k) each meet their own 64 activation bytes in VPDPBUSD, chained into one
+// int32 vector whose lane l then sums k in [8l, 8l + 8) of the step: one activation block (l / 4) and one
+// weight group. Symmetric rows start each lane at -8 times its activation bytes' sum, so the lane holds
+// the exact integer (q - 8) . a; asymmetric rows take sum_g s_g z_g xg_g off once per row (xg_g the
+// group's dequantized activation sum). The group scales are read as float16 per step (no per-row
+// conversion). Half the instructions per weight of the 64-weight chunks (vnni_rows).
+// Needs K a multiple of 128 and G dividing 128 or a multiple of it.
+struct Int4Act {
+  int64_t M = 0, K = 0, groups = 0;
+  std::vector<int8_t> q;     // [M, K]: per step of 128, the 64 even-k bytes then the 64 odd-k bytes
+  std::vector<int32_t> ns8;  // [M, K / 8]: per step and lane, -8 times the sum of the lane's 8 bytes
+  std::vector<float> dl;     // [M, K / 8]: per step, the block scale d of each of the 16 lanes
+  std::vector<float> xg;     // [M, groups]: sum over the group of d * q (the rounded x's group sum)
+};
+
+Int4Act int4_act(const float* x, int64_t M, int64_t K, int64_t G) {
+  const QAct n = quantize_act(x, M, K, natural);
+  Int4Act a;
+  a.M = M, a.K = K, a.groups = K / G;
+  a.q.resize(M * K), a.ns8.assign(M * K / 8, 0), a.dl.resize(M * K / 8), a.xg.assign(M * a.groups, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* qn = n.qn.data() + m * K;
+    const float* d = n.d.data() + m * (K / 32);
+    int8_t* q = a.q.data() + m * K;
+    for (int64_t c = 0; c < K / 128; ++c)
+      for (int64_t j = 0; j < 64; ++j) {
+        q[c * 128 + j] = qn[c * 128 + 2 * j];
+        q[c * 128 + 64 + j] = qn[c * 128 + 2 * j + 1];
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      a.ns8[m * (K / 8) + k / 8] -= 8 * qn[k];
+      a.xg[m * a.groups + k / G] += d[k / 32] * qn[k];
+    }
+    for (int64_t l = 0; l < K / 8; ++l) a.dl[m * (K / 8) + l] = d[l / 4];
+  }
+  return a;
+}
+
+template <int MT, bool SYM>
+inline void int4_wide_rows(const Int4Act& a, int64_t m0, const uint8_t* row, const at::Half* sp, __m512i rel,
+                           int64_t G, float* out) {
+  const int64_t K = a.K, steps = K / 128, per = G >= 128 ? 1 : 128 / G;  // groups per step
+  const __mmask16 smask = static_cast<__mmask16>((1u << per) - 1);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < steps; ++c) {
+    const __m512i v = _mm512_loadu_si512(row + c * 64);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    const __m512 sv = G >= 128 ? _mm512_set1_ps(half_to_f32(sp + c * 128 / G))
+                               : _mm512_permutexvar_ps(rel, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(smask, sp + c * per)));
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const int8_t* q = a.q.data() + m * K + c * 128;
+      __m512i dot = SYM ? _mm512_loadu_si512(a.ns8.data() + m * (K / 8) + c * 16) : _mm512_setzero_si512();
+      dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(q));
+      dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(q + 64));
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(a.dl.data() + m * (K / 8) + c * 16), sv);
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+template <bool SYM>
+void int4_wide_row(const Int4Act& a, const uint8_t* row, const at::Half* sp, const at::Half* zp, __m512i rel,
+                   int64_t G, float* out) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) int4_wide_rows<4, SYM>(a, m, row, sp, rel, G, out + m);
+  for (; m < a.M; ++m) int4_wide_rows<1, SYM>(a, m, row, sp, rel, G, out + m);
+  if (SYM) return;
+  for (m = 0; m < a.M; ++m) {
+    float zc = 0.f;
+    for (int64_t g = 0; g < a.groups; ++g) zc += half_to_f32(sp + g) * half_to_f32(zp + g) * a.xg[m * a.groups + g];
+    out[m] -= zc;
+  }
+}
+
+torch::Tensor int4_a8_wide(const torch::Tensor& x, const torch::Tensor& xf, const uint8_t* qp, const at::Half* sp,
+                           const at::Half* zp, int64_t N, int64_t K, int64_t G, bool symmetric) {
+  const int64_t groups = K / G;
+  const Int4Act a = int4_act(xf.data_ptr<float>(), x.size(0), K, G);
+  alignas(64) int32_t r[16];
+  for (int l = 0; l < 16; ++l) r[l] = G >= 128 ? 0 : static_cast<int32_t>((8 * l) / G);
+  const __m512i rel = _mm512_load_si512(r);
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const uint8_t* row = qp + n * (K / 2);
+    if (symmetric) int4_wide_row<true>(a, row, sp + n * groups, nullptr, rel, G, out);
+    else int4_wide_row<false>(a, row, sp + n * groups, zp + n * groups, rel, G, out);
+  });
+}
+
+}  // namespace
+
 torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s,
                            const torch::Tensor& z, int64_t G, bool symmetric) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
@@ -808,6 +942,8 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
     TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == groups && t->is_contiguous() &&
                 t->scalar_type() == torch::kHalf, "scales / zeros must be contiguous float16 [N, K/G]");
   const torch::Tensor xf = x_as_f32(x, K);
+  if (K % 128 == 0 && (128 % G == 0 || G % 128 == 0))
+    return int4_a8_wide(x, xf, q.data_ptr<uint8_t>(), s.data_ptr<at::Half>(), z.data_ptr<at::Half>(), N, K, G, symmetric);
   const QAct a = quantize_act(xf.data_ptr<float>(), M, K, nibble_split);
   // asymmetric: sum over each group of the dequantized activations, for the zero-point term
   std::vector<float> xg(symmetric ? 0 : M * groups);
@@ -1012,18 +1148,6 @@ constexpr bool kPairs = false;
 inline float pair_dot(const uint16_t* w, const uint16_t* x, int64_t K) { return dot_bf16_pairs(w, x, K); }
 template <typename A, typename B>
 inline float pair_dot(const A*, const B*, int64_t) { return 0.f; }  // float32: never taken
-
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float acc = 0.f;
-#if MOE_AVX512
-  __m512 s = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s);
-  acc = _mm512_reduce_add_ps(s);
-#endif
-  for (; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 // RMSNorm of each row as layers.rms_norm computes it: r = x * rsqrt(mean(x^2) + eps) in float32, then
 // w * round(r) (w in x's dtype) or round(w * r) (a float32 w under bfloat16 x)
