@@ -851,7 +851,14 @@ struct Int4Act {
   std::vector<float> xg;     // [M, groups]: sum over the group of d * q (the rounded x's group sum)
 };
 
-Int4Act int4_act(const float* x, int64_t M, int64_t K, int64_t G) {
+// Activation byte p of a step of 128 is x[natural(p)] of the step: the int4 layout's even then odd k, or
+// GGUF Q4_0's four blocks' low halves (weights 0-15 of each) then their high halves (16-31). Either way
+// lane l of the two halves' chained dot covers 8 weights of block l / 4 of the step.
+inline int64_t int4_step_order(int64_t p) { return p < 64 ? 2 * p : 2 * (p - 64) + 1; }
+inline int64_t q4_0_step_order(int64_t p) { return (p % 64) / 16 * 32 + (p >= 64 ? 16 : 0) + p % 16; }
+
+template <typename Order>
+Int4Act int4_act(const float* x, int64_t M, int64_t K, int64_t G, Order order) {
   const QAct n = quantize_act(x, M, K, natural);
   Int4Act a;
   a.M = M, a.K = K, a.groups = K / G;
@@ -861,14 +868,11 @@ Int4Act int4_act(const float* x, int64_t M, int64_t K, int64_t G) {
     const float* d = n.d.data() + m * (K / 32);
     int8_t* q = a.q.data() + m * K;
     for (int64_t c = 0; c < K / 128; ++c)
-      for (int64_t j = 0; j < 64; ++j) {
-        q[c * 128 + j] = qn[c * 128 + 2 * j];
-        q[c * 128 + 64 + j] = qn[c * 128 + 2 * j + 1];
+      for (int64_t p = 0; p < 128; ++p) {
+        q[c * 128 + p] = qn[c * 128 + order(p)];
+        a.ns8[m * (K / 8) + c * 16 + (p % 64) / 4] -= 8 * q[c * 128 + p];
       }
-    for (int64_t k = 0; k < K; ++k) {
-      a.ns8[m * (K / 8) + k / 8] -= 8 * qn[k];
-      a.xg[m * a.groups + k / G] += d[k / 32] * qn[k];
-    }
+    for (int64_t k = 0; k < K; ++k) a.xg[m * a.groups + k / G] += d[k / 32] * qn[k];
     for (int64_t l = 0; l < K / 8; ++l) a.dl[m * (K / 8) + l] = d[l / 4];
   }
   return a;
@@ -917,7 +921,7 @@ void int4_wide_row(const Int4Act& a, const uint8_t* row, const at::Half* sp, con
 torch::Tensor int4_a8_wide(const torch::Tensor& x, const torch::Tensor& xf, const uint8_t* qp, const at::Half* sp,
                            const at::Half* zp, int64_t N, int64_t K, int64_t G, bool symmetric) {
   const int64_t groups = K / G;
-  const Int4Act a = int4_act(xf.data_ptr<float>(), x.size(0), K, G);
+  const Int4Act a = int4_act(xf.data_ptr<float>(), x.size(0), K, G, int4_step_order);
   alignas(64) int32_t r[16];
   for (int l = 0; l < 16; ++l) r[l] = G >= 128 ? 0 : static_cast<int32_t>((8 * l) / G);
   const __m512i rel = _mm512_load_si512(r);
@@ -990,6 +994,75 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
 // Q8(x) @ dequant(q)^T
 // Several matrices qs (the same type and K; e.g. gate and up) against one x: y [M, sum of their N], x
 // rounded once.
+namespace {
+
+inline int ld16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+
+// GGUF Q8_0 rows (34-byte blocks: fp16 d, 32 int8) against 8-bit activations, two blocks per VPDPBUSD
+// (q + 128, each lane started at -128 times its activation bytes' sum: the exact integer q . a), the
+// two fp16 scales read as a pair; MT rows of x at a time.
+template <int MT>
+inline void q8_0_rows(const QAct& a, const int32_t* ns128, int64_t m0, const uint8_t* row, float* out) {
+  const int64_t K = a.K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K / 64; ++c) {
+    const uint8_t *b0 = row + c * 68, *b1 = b0 + 34;
+    const __m512i w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
+                                                          _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1), flip);
+    const __m512 sv = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(ld16(b0) | ld16(b1) << 16))));
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(ns128 + m * K / 4 + c * 16), w,
+                                              _mm512_loadu_si512(a.q.data() + m * K + c * 64));
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(a.dl.data() + m * K / 4 + c * 16), sv);
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+// GGUF Q4_0 rows (18-byte blocks: fp16 d, 16 bytes: weight j low nibble, j + 16 high) against 8-bit
+// activations, four blocks (128 weights) per step: their low halves and high halves each meet 64
+// activation bytes (q4_0_step_order), chained as int4_wide_rows does, lanes started at -8 times their
+// activation sum (the value is q - 8).
+template <int MT>
+inline void q4_0_rows(const Int4Act& a, int64_t m0, const uint8_t* row, float* out) {
+  const int64_t K = a.K;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K / 128; ++c) {
+    const uint8_t* b = row + c * 72;
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(b + 2)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(b + 20)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(b + 38)), 2);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(b + 56)), 3);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    const __m128i h = _mm_setr_epi16(static_cast<short>(ld16(b)), static_cast<short>(ld16(b + 18)),
+                                     static_cast<short>(ld16(b + 36)), static_cast<short>(ld16(b + 54)), 0, 0, 0, 0);
+    const __m512 sv = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const int8_t* q = a.q.data() + m * K + c * 128;
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.ns8.data() + m * (K / 8) + c * 16), lo, _mm512_loadu_si512(q));
+      dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(q + 64));
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(a.dl.data() + m * (K / 8) + c * 16), sv);
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+}  // namespace
+
 torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const std::vector<torch::Tensor>& qs, int64_t block_bytes) {
   TORCH_CHECK(!qs.empty(), "no weight matrices given");
   const int64_t per_block = block_bytes == 144 || block_bytes == 210 ? 256 : 32;  // K-quants: super-blocks
@@ -1010,12 +1083,32 @@ torch::Tensor gemv_gguf_a8(const torch::Tensor& x, const std::vector<torch::Tens
   const int64_t blocks = rb / block_bytes, K = blocks * per_block;
   check_vnni_k(K);
   const torch::Tensor xf = x_as_f32(x, K);
-  const QAct a = quantize_act(xf.data_ptr<float>(), x.size(0), K, natural);
   auto row_at = [&](int64_t n) {  // row n of the stacked matrices
     size_t i = 0;
     while (n >= ends[i]) ++i;
     return starts[i] + (n - (i ? ends[i - 1] : 0)) * rb;
   };
+  const int64_t M = x.size(0);
+  if (block_bytes == 18 && K % 128 == 0) {
+    const Int4Act a4 = int4_act(xf.data_ptr<float>(), M, K, K, q4_0_step_order);
+    return over_rows(x, N, K, [&](int64_t n, float* out) {
+      const uint8_t* row = row_at(n);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) q4_0_rows<4>(a4, m, row, out + m);
+      for (; m < M; ++m) q4_0_rows<1>(a4, m, row, out + m);
+    });
+  }
+  const QAct a = quantize_act(xf.data_ptr<float>(), M, K, natural);
+  if (block_bytes == 34) {
+    std::vector<int32_t> ns128(a.ns.size());
+    for (size_t i = 0; i < ns128.size(); ++i) ns128[i] = a.ns[i] * 128;
+    return over_rows(x, N, K, [&](int64_t n, float* out) {
+      const uint8_t* row = row_at(n);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) q8_0_rows<4>(a, ns128.data(), m, row, out + m);
+      for (; m < M; ++m) q8_0_rows<1>(a, ns128.data(), m, row, out + m);
+    });
+  }
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // MXFP4's e2m1 values doubled (ggml's kvalues), + 16 so they are unsigned, in every 128-bit lane
   const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(16, 17, 18, 19, 20, 22, 24, 28, 16, 15, 14, 13, 12, 10, 8, 4));
