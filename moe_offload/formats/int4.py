@@ -156,8 +156,9 @@ class Int4Pool(WeightPool):
 
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
         # float32 keeps dequantize-then-matmul, what the offloaded loop computes (bit-equal runs)
-        if dtype != torch.float32 and cpu_gemv.available():
-            return cpu_gemv.QUANT_MAX_ROWS
+        if dtype != torch.float32 and cpu_gemv.available():  # 128-weight steps with int8 activations: 16
+            return cpu_gemv.INT4_MAX_ROWS if cpu_gemv.activations() != "exact" and cpu_gemv.has_vnni() \
+                else cpu_gemv.QUANT_MAX_ROWS
         return super().cpu_max_tokens(dtype)
 
 

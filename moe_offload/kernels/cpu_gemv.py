@@ -45,11 +45,12 @@ _features = {"vnni": False, "bf16": False}  # what the built extension has, read
 # Most rows of x for which these kernels (each weight row read once, then one dot per row of x) beat the
 # alternative, at Mixtral-734M's 7168 x 1024 projection on the 2-core reference machine, 2 threads, quiet
 # (`python benchmarks/cpu_vs_llamacpp.py --crossover`; a full run records it, "crossover"): bf16 weights
-# against PyTorch's GEMM, 1.15 vs 1.18 ms at 4 rows, 1.42 vs 1.23 at 8; int8 / int4 (int8 activations)
-# against dequantize-to-bf16-then-matmul, 1.39 / 1.18 vs 1.87 / 1.96 ms at 8 rows, 2.58 / 2.47 vs 1.83 /
-# 1.95 at 16.
+# against PyTorch's GEMM, 1.04 vs 1.07 ms at 4 rows, 1.40 vs 1.13 at 8; int8 (int8 activations) against
+# dequantize-to-bf16-then-matmul, 1.20 vs 1.70 ms at 8 rows, 1.85 vs 1.76 at 16; int4 group 32 (its
+# 128-weight steps), 1.36 vs 1.94 ms at 16 rows, 3.00 vs 2.13 at 32.
 MAX_ROWS = 4
 QUANT_MAX_ROWS = 8
+INT4_MAX_ROWS = 16
 ACTIVATIONS = ("auto", "int8", "exact")  # set_activations's modes
 _activations = "auto"
 
