@@ -9,6 +9,8 @@
 //   int4         q uint8 [N, K/2] (even k in the low nibble), fp16 s, z [N, K/G]: w = (q - z) * s
 //   GGUF Q8_0 / Q4_0 rows as the file stores them (see row_q8_0 / row_q4_0)
 // x is float32 [M, K]; y is float32 [M, N]. Shapes are checked by the Python wrapper (kernels/cpu_gemv.py).
+// Below them: the 8-bit activation (VNNI) paths, and the decode-step glue (RMSNorm, one token's RoPE +
+// cache write + attention, its float experts) that a one-token step runs between its weight products.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
