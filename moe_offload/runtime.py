@@ -24,6 +24,7 @@ from .guard import CallGuard
 from .generate import (GenerationResult, GenerationStream, SamplingParams, TextStreamer, _Timing,
                        decode_tokens)
 from .kernels import cpu_gemv, resolve_moe_backend
+from .kernels.quant_cpu import release_freed_memory
 from .model.layers import store_int8_rows
 from .model.observers import UsageCounter
 from .model.transformer import KVCache, MoeModel
@@ -214,6 +215,7 @@ class OffloadedModel:
             text=streamer.text, token_ids=new, prompt_token_ids=prompt_ids, finish_reason=timing.finish_reason,
             seconds=seconds, tokens_per_second=len(new) / seconds if seconds > 0 else 0.0,
             stats=self._stats(timing))
+        release_freed_memory()  # the call's activations and logits (734M int4: ~19 MB resident; ~1 ms)
 
     def _recover(self) -> None:
         """After an exception anywhere in a step: no pin, slot or copy is left dangling (see
@@ -382,6 +384,9 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     loaded = OffloadedModel(path, model, runtime, tokenizer, plan, config)
     if config.speculative:
         loaded.speculative = build_speculative(model, path, config)
+    # loading freed what it read on the way (an expert in float32 before quantization, dense weights before
+    # int8): glibc keeps such blocks in the heap; hand them back (the int4 734M model: 555 -> 514 MB resident)
+    release_freed_memory()
     return loaded
 
 

@@ -157,3 +157,55 @@ def test_the_glue_stays_out_of_autograd():
     assert not cpu_gemv.glue_runs(x) and cpu_gemv.glue_runs(x.detach())
     with torch.no_grad():
         assert cpu_gemv.glue_runs(x)
+
+
+def _decode_logits_with_and_without_glue(m, monkeypatch):
+    from moe_offload.kernels import reference
+
+    calls = [0]
+    real = cpu_gemv.experts_decode_a8
+    monkeypatch.setattr(cpu_gemv, "experts_decode_a8", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k))
+    ids = m.encode("In the beginning God created the heaven")
+    with_glue = decode_steps(m, ids)
+    assert calls[0] > 0  # the packed experts took the one-call path
+    monkeypatch.setattr(reference, "_packed_glue", lambda *a: False)
+    return with_glue, decode_steps(m, ids)
+
+
+def decode_steps(m, ids, steps=6):
+    """Logits of `steps` greedy decode steps after the prompt, [steps, V]."""
+    from moe_offload.model.transformer import KVCache
+
+    net = m.model
+    cache = KVCache(net.cfg, 1, 64, net.dtype, net.device)
+    out = []
+    with torch.no_grad():
+        logits = net(torch.tensor([ids]), 0, cache)[:, -1]
+        pos = len(ids)
+        for _ in range(steps):
+            tok = logits.argmax(-1)
+            logits = net(tok.view(1, 1), pos, cache)[:, -1]
+            out.append(logits.float())
+            pos += 1
+    return torch.cat(out)
+
+
+@pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_packed_experts_in_one_call_equal_the_pools_ffn_bit_for_bit(fmt, monkeypatch):
+    # bf16 compute: int8 activations; the one call runs the same kernels with the same roundings between
+    m = mo.load(config=mo.OffloadConfig.make(device="cpu", dtype="bfloat16", expert_dtype=fmt))
+    with m:
+        got, want = _decode_logits_with_and_without_glue(m, monkeypatch)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gguf_experts_in_one_call_equal_the_pools_ffn_bit_for_bit(qtype, tmp_path, monkeypatch):
+    from test_gguf import write_wide_gguf
+
+    f = write_wide_gguf(tmp_path / "w.gguf", hidden=256, inter=512, qtype=qtype)
+    with mo.load(f, device="cpu", dtype="bfloat16") as m:
+        got, want = _decode_logits_with_and_without_glue(m, monkeypatch)
+    assert torch.equal(got, want)

@@ -310,6 +310,15 @@ class GgufPool(WeightPool):
         return _tiled(t2, self.w2[slot], self.inter, torch.nn.functional.silu(gate) * up)
 
 
+    def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
+        t1, t3, t2 = self.types
+        if t1 != t3 or not (cpu_gemv.int8_activations(x, self.hidden) and cpu_gemv.int8_activations(x, self.inter)):
+            return None
+        w13 = cpu_gemv.a8_gguf([self.w13[slot], self.w3[slot]], t1.name)
+        w2 = cpu_gemv.a8_gguf([self.w2[slot]], t2.name)
+        return None if w13 is None or w2 is None else (w13, w2)
+
+
 def _kernel_takes(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> bool:
     """Whether the compiled CPU kernel runs x [n, K] against rows q of type t (see _tiled)."""
     return (x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and q.is_contiguous()
@@ -405,6 +414,9 @@ class GgufBiasedPool(GgufPool):
 
     def kernel_refusal(self) -> str | None:
         return "GGUF experts with biases (GPT-OSS) run on moe_backend 'loop'"
+
+    def a8_expert(self, slot: int, x: torch.Tensor) -> None:
+        return None  # biases and its own activation: ffn runs it
 
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, H] -> [n, H]: gate and up plus their biases, the activation, down plus its bias, a tile

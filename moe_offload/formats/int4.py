@@ -154,6 +154,14 @@ class Int4Pool(WeightPool):
         q, s, z, k = self.projection(which)
         return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype, self.symmetric)
 
+    def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
+        h, i, g = self.hidden, self.inter, self.group_size
+        if h % g or i % g or not (cpu_gemv.int8_activations(x, h) and cpu_gemv.int8_activations(x, i)):
+            return None
+        w13 = cpu_gemv.a8_int4(self.w13[slot], self.s13[slot], self.z13[slot], g, self.symmetric)
+        w2 = cpu_gemv.a8_int4(self.w2[slot], self.s2[slot], self.z2[slot], g, self.symmetric)
+        return None if w13 is None or w2 is None else (w13, w2)
+
     def cpu_max_tokens(self, dtype: torch.dtype) -> int:
         # float32 keeps dequantize-then-matmul, what the offloaded loop computes (bit-equal runs)
         if dtype != torch.float32 and cpu_gemv.available():  # 128-weight steps with int8 activations: 16

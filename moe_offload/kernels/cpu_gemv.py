@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +288,50 @@ def experts_decode(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tens
     (read in the call: nothing is read back from Python). Each step rounded as reference.expert_ffn's
     PyTorch ops round it (silu is PyTorch's own)."""
     _require().experts_decode(x, w13, w2, weights, cols, out)
+
+
+@dataclass(frozen=True)
+class A8Projection:
+    """One projection of a packed expert as experts_decode_a8 takes it: kind 0 int8 rows (q, s), 1 int4
+    (q, s, z; a = group size, b = symmetric), 2 GGUF rows (the matrices, gate and up together; a = block
+    bytes). Read in place, with 8-bit activations."""
+
+    kind: int
+    tensors: tuple[torch.Tensor, ...]
+    a: int = 0
+    b: int = 0
+
+
+def a8_int8(q: torch.Tensor, s: torch.Tensor) -> A8Projection:
+    """int8 rows q [N, K] with fp16 scales s [N]."""
+    return A8Projection(0, (q, s))
+
+
+def a8_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int, symmetric: bool
+            ) -> A8Projection | None:
+    """int4 rows (int4_linear's layout), or None for a group size the 8-bit kernel does not take."""
+    if not (group_size % 64 == 0 or group_size in (8, 16, 32)):
+        return None
+    return A8Projection(1, (q, s, z), group_size, int(symmetric))
+
+
+def a8_gguf(qs: list[torch.Tensor], block_type: str) -> A8Projection | None:
+    """GGUF rows of `block_type` (gate and up: two matrices, outputs concatenated), or None for a type
+    the kernels do not read."""
+    if block_type not in GGUF_BLOCK_BYTES or not all(q.is_contiguous() for q in qs):
+        return None
+    return A8Projection(2, tuple(qs), GGUF_BLOCK_BYTES[block_type])
+
+
+def experts_decode_a8(x: torch.Tensor, experts: list[tuple[A8Projection, A8Projection]], weights: torch.Tensor,
+                      cols: list[int], out: torch.Tensor) -> None:
+    """out [1, H] += sum_j weights[cols[j]] * down_j(silu(gate_j x) * up_j x) for one token x [1, H]
+    (float32 / bfloat16) and packed experts given as (gate|up, down) projections, read in place against
+    8-bit activations; each step rounded as the PyTorch ops around the same kernels round it (what
+    reference.moe_loop computes through the pool's ffn)."""
+    specs = [p for pair in experts for p in pair]
+    _require().experts_decode_a8(x, [p.kind for p in specs], [list(p.tensors) for p in specs], [p.a for p in specs],
+                                 [p.b for p in specs], weights, cols, out)
 
 
 def use_for(x: torch.Tensor, w: torch.Tensor) -> bool:

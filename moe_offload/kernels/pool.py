@@ -78,6 +78,11 @@ class WeightPool(ABC):
             return self.w13, self.s13, self.z13, self.hidden
         return self.w2, self.s2, self.z2, self.inter
 
+    def a8_expert(self, slot: int, x: torch.Tensor) -> Any:
+        """The expert in `slot` as (gate|up, down) cpu_gemv.A8Projection for one token x [1, H], when both
+        run on the 8-bit activation kernels; None otherwise (then `ffn` runs it)."""
+        return None
+
     def kernel_format(self, which: str) -> int:
         """The fused kernel's WEIGHT_FORMAT for projection 'w13' or 'w2' (WEIGHT_NONE: no kernel reads
         it): weight_format for both, unless the format encodes the two differently."""

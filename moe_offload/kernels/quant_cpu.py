@@ -82,6 +82,13 @@ class CpuQuantPool:
         """Host RAM this preparation holds beyond the packed rows."""
         return sum(p.extra_bytes for p in self.w13 + self.w2 if p is not None)
 
+    def a8_expert(self, slot: int, x: torch.Tensor):
+        """The pool's expert as 8-bit activation projections (WeightPool.a8_expert) where ffn would run
+        the weight-only ops on x."""
+        if x.shape[0] > self.max_tokens or x.dtype != self.dtype or self.w13[slot] is None or self.w2[slot] is None:
+            return None
+        return self.pool.a8_expert(slot, x)
+
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """One SwiGLU expert on x [n, H] -> [n, H]."""
         w13, w2 = self.w13[slot], self.w2[slot]

@@ -81,6 +81,14 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Any
         cpu_gemv.experts_decode(h, [w13[s] for s in slots], [w2[s] for s in slots], weights[0].float().contiguous(),
                                 order, out)
         return out
+    if n == 1 and w2 is None and getattr(w13, "a8_expert", None) is not None and _packed_glue(h, out):
+        order = sorted(range(k), key=lambda j: flat_host[j])
+        order = [j for j in order if experts is None or int(flat_host[j]) in experts]
+        slots = [int(flat_host[j]) if slot_of_expert is None else int(slot_of_expert[int(flat_host[j])]) for j in order]
+        specs = [w13.a8_expert(s, h) for s in slots]
+        if all(sp is not None for sp in specs):  # packed experts, 8-bit activations: one compiled call
+            cpu_gemv.experts_decode_a8(h, specs, weights[0].float().contiguous(), order, out)
+            return out
     if n == 1:  # decode: one token, its k experts in ascending id, no gather/scatter
         for j in sorted(range(k), key=lambda j: flat_host[j]):
             e = int(flat_host[j])
@@ -112,6 +120,13 @@ def _float_glue(h: torch.Tensor, w13: Any, w2: torch.Tensor, out: torch.Tensor) 
     return (isinstance(w13, torch.Tensor) and w13.dtype == w2.dtype == out.dtype == h.dtype and h.dim() == 2
             and h.is_contiguous() and out.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()
             and cpu_gemv.glue_runs(h, w13, w2))
+
+
+def _packed_glue(h: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether one token's packed experts may run as one compiled call (cpu_gemv.experts_decode_a8; each
+    pool says whether its experts take it)."""
+    return (h.dim() == 2 and h.is_contiguous() and out.is_contiguous() and out.dtype == h.dtype
+            and cpu_gemv.has_vnni() and cpu_gemv.glue_runs(h))
 
 
 def fused_moe_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

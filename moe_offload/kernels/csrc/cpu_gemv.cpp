@@ -1457,6 +1457,70 @@ void experts_decode(const torch::Tensor& x, const std::vector<torch::Tensor>& w1
   else experts_impl<uint16_t>(x, w13s, w2s, w.data(), out);
 }
 
+#if MOE_VNNI
+namespace {
+
+// One projection of a packed expert against 8-bit activations: kind 0 int8 (q, s), 1 int4 (q, s, z; a the
+// group size, b symmetric), 2 GGUF rows (the matrices; a the block bytes). y in x's dtype.
+torch::Tensor a8_projection(const torch::Tensor& x, int64_t kind, const std::vector<torch::Tensor>& t, int64_t a,
+                            int64_t b) {
+  switch (kind) {
+    case 0: return gemv_int8_a8(x, t.at(0), t.at(1));
+    case 1: return gemv_int4_a8(x, t.at(0), t.at(1), t.at(2), a, b != 0);
+    case 2: return gemv_gguf_a8(x, t, a);
+  }
+  TORCH_CHECK(false, "unknown projection kind ", kind);
+}
+
+template <typename T>
+void swiglu_into(const torch::Tensor& gu, torch::Tensor& h) {  // h [1, I] = round(silu(g) * u), as PyTorch
+  const int64_t I = h.size(1);
+  const auto act = at::silu(gu.narrow(1, 0, I).contiguous());
+  const T* sp = ptr<T>(act);
+  const T* up = ptr<T>(gu) + I;
+  T* hp = ptr<T>(h);
+  for (int64_t i = 0; i < I; ++i) store1(hp + i, widen1(sp[i]) * widen1(up[i]));
+}
+
+template <typename T>
+void add_weighted(const torch::Tensor& y, float w, torch::Tensor& out) {  // out += round(y * w), as PyTorch
+  const T* yp = ptr<T>(y);
+  T* op = ptr<T>(out);
+  for (int64_t n = 0; n < out.size(1); ++n) store1(op + n, widen1(op[n]) + rnd<T>(kept(widen1(yp[n]) * w)));
+}
+
+}  // namespace
+
+// One token's packed experts against 8-bit activations: expert j's gate|up projection is spec 2j and its
+// down projection spec 2j + 1 (kinds, tensors, a, b as a8_projection takes them), weighted by
+// weights[cols[j]]; out [1, H] += each expert's output, rounded step by step as the PyTorch ops around
+// the same kernels would (reference.moe_loop over the pool's ffn).
+void experts_decode_a8(const torch::Tensor& x, const std::vector<int64_t>& kinds,
+                       const std::vector<std::vector<torch::Tensor>>& tensors, const std::vector<int64_t>& as,
+                       const std::vector<int64_t>& bs, const torch::Tensor& weights, const std::vector<int64_t>& cols,
+                       torch::Tensor out) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && out.sizes() == x.sizes() && out.is_contiguous() &&
+              out.scalar_type() == x.scalar_type(), "x and out must be [1, H] in one dtype");
+  TORCH_CHECK(kinds.size() == 2 * cols.size() && tensors.size() == kinds.size() && as.size() == kinds.size() &&
+              bs.size() == kinds.size(), "two projections (gate|up, down) per expert");
+  TORCH_CHECK(weights.dim() == 1 && weights.is_contiguous() && weights.scalar_type() == torch::kFloat32,
+              "weights must be float32 [k]");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  for (size_t j = 0; j < cols.size(); ++j) {
+    TORCH_CHECK(cols[j] >= 0 && cols[j] < weights.size(0), "weight column ", cols[j], " outside [0, ", weights.size(0), ")");
+    const auto gu = a8_projection(x, kinds[2 * j], tensors[2 * j], as[2 * j], bs[2 * j]);  // [1, 2I]
+    TORCH_CHECK(gu.size(1) % 2 == 0, "expert ", j, ": gate|up has an odd width ", gu.size(1));
+    auto h = torch::empty({1, gu.size(1) / 2}, x.options());
+    bf16 ? swiglu_into<uint16_t>(gu, h) : swiglu_into<float>(gu, h);
+    const auto y = a8_projection(h, kinds[2 * j + 1], tensors[2 * j + 1], as[2 * j + 1], bs[2 * j + 1]);
+    TORCH_CHECK(y.sizes() == out.sizes(), "expert ", j, ": down gives ", y.sizes(), ", out is ", out.sizes());
+    const float w = weights.data_ptr<float>()[cols[j]];
+    bf16 ? add_weighted<uint16_t>(y, w, out) : add_weighted<float>(y, w, out);
+  }
+}
+#endif
+
 bool has_vnni() { return MOE_VNNI; }
 bool has_avx512() { return MOE_AVX512; }
 #if defined(__AVX512BF16__)
@@ -1484,6 +1548,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_int8_a8", &gemv_int8_a8, "y = Q8(x) @ (q * s[:, None])^T");
   mod.def("gemv_int4_a8", &gemv_int4_a8, "y = Q8(x) @ ((q - z) * s per group)^T");
   mod.def("gemv_gguf_a8", &gemv_gguf_a8, "y = Q8(x) @ dequant(q)^T for GGUF Q8_0 / Q4_0 / MXFP4 rows");
+  mod.def("experts_decode_a8", &experts_decode_a8, "out [1, H] += one token's packed experts (8-bit activations)");
   mod.def("gemv_mxfp4_a8", &gemv_mxfp4_a8, "y = Q8(x) @ W^T, W MXFP4 as GPT-OSS ships it (blocks, e8m0 scales)");
 #endif
 }
