@@ -725,32 +725,25 @@ inline void k4_scale_min(const uint8_t* s, int j, float& sc, float& mn) {
 }
 
 void q4_k_row(const QAct& a, const uint8_t* row, int64_t blocks, float* out) {
+  // the row's sub-block scales d * sc and mins dmin * mn, decoded once from each super-block's header
+  float sf[blocks * 8 + 16], mf[blocks * 8];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = row + b * 144;
+    const float d = f16_bits(blk), dmin = f16_bits(blk + 2);
+    for (int j = 0; j < 8; ++j) {
+      float sc, mn;
+      k4_scale_min(blk + 4, j, sc, mn);
+      sf[b * 8 + j] = d * sc;
+      mf[b * 8 + j] = dmin * mn;
+    }
+  }
   auto chunk = [&](int64_t c, __m512& sv) {  // chunk c: sub-blocks 2j, 2j + 1 of super-block c / 4
-    const uint8_t* blk = row + (c / 4) * 144;
-    const int j = static_cast<int>(c % 4);
-    const float d = f16_bits(blk);
-    float s0, s1, m0, m1;
-    k4_scale_min(blk + 4, 2 * j, s0, m0);
-    k4_scale_min(blk + 4, 2 * j + 1, s1, m1);
-    sv = two_scales(d * s0, d * s1);
-    return nibbles_lo_hi(blk + 16 + 32 * j);
+    sv = two_scales(sf[2 * c], sf[2 * c + 1]);
+    return nibbles_lo_hi(row + (c / 4) * 144 + 16 + 32 * (c % 4));
   };
   vnni_all_rows(a, blocks * 4, 32, chunk, out);
-  for (int64_t m = 0; m < a.M; ++m) {  // - dmin * m_s * (sum of the sub-block's activations)
-    const float* bs = a.bs.data() + m * (a.K / 32);
-    float corr = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* blk = row + b * 144;
-      float sub = 0.f;
-      for (int j = 0; j < 8; ++j) {
-        float sc, mn;
-        k4_scale_min(blk + 4, j, sc, mn);
-        sub += mn * bs[b * 8 + j];
-      }
-      corr += f16_bits(blk + 2) * sub;
-    }
-    out[m] -= corr;
-  }
+  for (int64_t m = 0; m < a.M; ++m)  // - dmin * m_s * (sum of the sub-block's activations)
+    out[m] -= dot_f32(mf, a.bs.data() + m * (a.K / 32), blocks * 8);
 }
 
 // GGUF Q6_K super-block (210 bytes, 256 weights): ql[128] low 4 bits, qh[64] high 2 bits, 16 int8 scales
