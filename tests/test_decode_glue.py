@@ -209,3 +209,45 @@ def test_gguf_experts_in_one_call_equal_the_pools_ffn_bit_for_bit(qtype, tmp_pat
     with mo.load(f, device="cpu", dtype="bfloat16") as m:
         got, want = _decode_logits_with_and_without_glue(m, monkeypatch)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_raw_pool_keeps_its_own_ffn(fmt, monkeypatch):
+    # a raw pool's ffn is dequantize-then-matmul with exact activations (the offloaded loop, the reference):
+    # one token must not take the 8-bit one-call path, or it would differ from the same token among others
+    from moe_offload.kernels import reference
+    from test_quant_cpu import make_pool
+
+    pool = make_pool(fmt, 128, 128, 256, 4)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 128, generator=g).bfloat16()
+    ids, w = torch.tensor([[0, 2], [0, 2]]), torch.tensor([[0.6, 0.4], [0.6, 0.4]])
+    views = pool.as_views()
+    one = reference.moe_loop(h[:1], ids[:1], w[:1], *views)
+    assert torch.equal(one[0], reference.moe_loop(h, ids, w, *views)[0])
+    monkeypatch.setattr(reference, "_packed_glue", lambda *a: False)
+    assert torch.equal(one, reference.moe_loop(h[:1], ids[:1], w[:1], *views))
+
+
+def test_rms_norm_of_a_row_does_not_depend_on_the_rows_beside_it():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 1000, generator=g).bfloat16()
+    w = (torch.rand(1000, generator=g) + 0.5).bfloat16()
+    from moe_offload.model.layers import rms_norm
+
+    many = rms_norm(x, w, 1e-5)
+    assert torch.equal(torch.cat([rms_norm(x[i:i + 1], w, 1e-5) for i in range(40)]), many)
+
+
+def test_offloaded_float_experts_take_the_one_call_path_and_equal_resident(monkeypatch):
+    calls = [0]
+    real = cpu_gemv.experts_decode
+    monkeypatch.setattr(cpu_gemv, "experts_decode", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k))
+    with mo.load(device="cpu", dtype="bfloat16", offload=False) as res:
+        want = res.generate("In the beginning", max_new_tokens=8).token_ids
+    resident_calls, calls[0] = calls[0], 0
+    with mo.load(device="cpu", dtype="bfloat16", cache_per_layer=4) as m:  # slot rows of the cache's pool
+        got = m.generate("In the beginning", max_new_tokens=8).token_ids
+    assert resident_calls > 0 and calls[0] > 0
+    assert got == want

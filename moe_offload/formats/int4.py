@@ -154,7 +154,7 @@ class Int4Pool(WeightPool):
         q, s, z, k = self.projection(which)
         return int4_linear(q[slot], s[slot], z[slot], k, self.group_size, dtype, self.symmetric)
 
-    def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
+    def a8_projections(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
         h, i, g = self.hidden, self.inter, self.group_size
         if h % g or i % g or not (cpu_gemv.int8_activations(x, h) and cpu_gemv.int8_activations(x, i)):
             return None

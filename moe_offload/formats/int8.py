@@ -71,7 +71,7 @@ class Int8Pool(WeightPool):
         q, s, _, _ = self.projection(which)
         return int8_linear(q[slot], s[slot], dtype)
 
-    def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
+    def a8_projections(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
         if not (cpu_gemv.int8_activations(x, self.hidden) and cpu_gemv.int8_activations(x, self.inter)):
             return None
         return cpu_gemv.a8_int8(self.w13[slot], self.s13[slot]), cpu_gemv.a8_int8(self.w2[slot], self.s2[slot])

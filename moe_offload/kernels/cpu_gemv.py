@@ -247,7 +247,6 @@ def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) ->
 # does between its weight products, instead of a dozen PyTorch ops from Python each (bf16 decode of the
 # 734M model: 4.2 of 32 ms per token outside the weight products before them; see the benchmark).
 GLUE_DTYPES = (torch.float32, torch.bfloat16)
-GLUE_MAX_ELEMENTS = 16384  # rms_norm: inputs up to this size (a decode step's rows); larger ones batch better in PyTorch
 
 
 def glue_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -79,8 +79,14 @@ class WeightPool(ABC):
         return self.w2, self.s2, self.z2, self.inter
 
     def a8_expert(self, slot: int, x: torch.Tensor) -> Any:
-        """The expert in `slot` as (gate|up, down) cpu_gemv.A8Projection for one token x [1, H], when both
-        run on the 8-bit activation kernels; None otherwise (then `ffn` runs it)."""
+        """The expert in `slot` as (gate|up, down) cpu_gemv.A8Projection for one token x [1, H], when `ffn`
+        itself would run both on the 8-bit activation kernels (then reference.moe_loop makes one compiled
+        call of it); None otherwise."""
+        return None
+
+    def a8_projections(self, slot: int, x: torch.Tensor) -> Any:
+        """The expert's projections for the 8-bit activation kernels (as a8_expert), for a wrapper that runs
+        them (quant_cpu.CpuQuantPool); this pool's own `ffn` may compute otherwise. None where they do not run."""
         return None
 
     def kernel_format(self, which: str) -> int:

@@ -87,7 +87,7 @@ class CpuQuantPool:
         the weight-only ops on x."""
         if x.shape[0] > self.max_tokens or x.dtype != self.dtype or self.w13[slot] is None or self.w2[slot] is None:
             return None
-        return self.pool.a8_expert(slot, x)
+        return self.pool.a8_projections(slot, x)
 
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """One SwiGLU expert on x [n, H] -> [n, H]."""

@@ -78,9 +78,10 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Any
         order = sorted(range(k), key=lambda j: flat_host[j])
         order = [j for j in order if experts is None or int(flat_host[j]) in experts]
         slots = [int(flat_host[j]) if slot_of_expert is None else int(slot_of_expert[int(flat_host[j])]) for j in order]
-        cpu_gemv.experts_decode(h, [w13[s] for s in slots], [w2[s] for s in slots], weights[0].float().contiguous(),
-                                order, out)
-        return out
+        a, b = [w13[s] for s in slots], [w2[s] for s in slots]  # a slot's rows: contiguous in any pool we make
+        if all(t.is_contiguous() for t in a + b):
+            cpu_gemv.experts_decode(h, a, b, weights[0].float().contiguous(), order, out)
+            return out
     if n == 1 and w2 is None and getattr(w13, "a8_expert", None) is not None and _packed_glue(h, out):
         order = sorted(range(k), key=lambda j: flat_host[j])
         order = [j for j in order if experts is None or int(flat_host[j]) in experts]
@@ -118,8 +119,7 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Any
 def _float_glue(h: torch.Tensor, w13: Any, w2: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether one token's float experts run as one compiled call (cpu_gemv.experts_decode)."""
     return (isinstance(w13, torch.Tensor) and w13.dtype == w2.dtype == out.dtype == h.dtype and h.dim() == 2
-            and h.is_contiguous() and out.is_contiguous() and w13.is_contiguous() and w2.is_contiguous()
-            and cpu_gemv.glue_runs(h, w13, w2))
+            and h.is_contiguous() and out.is_contiguous() and cpu_gemv.glue_runs(h, w13, w2))
 
 
 def _packed_glue(h: torch.Tensor, out: torch.Tensor) -> bool:

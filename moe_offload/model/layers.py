@@ -45,9 +45,9 @@ def store_int8_rows(w: torch.nn.Parameter, q: torch.Tensor, s: torch.Tensor) -> 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, cast back, then scaled (the reference's order of operations); a
     float32 weight under a half-precision x scales in float32, then casts (GPT-OSS keeps its norms in
-    float32: families.Family.norms_float32). A decode step's rows on the CPU: one compiled call."""
-    if (x.numel() <= cpu_gemv.GLUE_MAX_ELEMENTS and weight.shape == x.shape[-1:]
-            and weight.dtype in (x.dtype, torch.float32) and cpu_gemv.glue_runs(x, weight)):
+    float32: families.Family.norms_float32). On the CPU: one compiled call, whatever the row count (a
+    row's result never depends on the rows normed with it)."""
+    if weight.shape == x.shape[-1:] and weight.dtype in (x.dtype, torch.float32) and cpu_gemv.glue_runs(x, weight):
         return cpu_gemv.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))

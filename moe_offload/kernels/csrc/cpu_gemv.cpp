@@ -1034,15 +1034,33 @@ inline void q4_0_rows(const Int4Act& a, int64_t m0, const uint8_t* row, float* o
   const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 acc[MT][2];
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+#if defined(__AVX512VBMI__)
+  // the four blocks' 16 data bytes out of two overlapping 64-byte loads (bytes 0-63 and 8-71 of the step),
+  // their fp16 scales (words 0, 9, 18, 27 of the first) in one permute each
+  static const __m512i data_idx = [] {
+    alignas(64) uint8_t pick[64];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 16; ++j) pick[16 * i + j] = static_cast<uint8_t>(i < 3 ? 18 * i + 2 + j : 64 + 48 + j);
+    return _mm512_load_si512(pick);
+  }();
+  const __m512i scale_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                             0, 0, 0, 0, 27, 18, 9, 0);
+#endif
   for (int64_t c = 0; c < K / 128; ++c) {
     const uint8_t* b = row + c * 72;
+#if defined(__AVX512VBMI__)
+    const __m512i v0 = _mm512_loadu_si512(b);
+    const __m512i v = _mm512_permutex2var_epi8(v0, data_idx, _mm512_loadu_si512(b + 8));
+    const __m128i h = _mm512_castsi512_si128(_mm512_permutexvar_epi16(scale_idx, v0));
+#else
     __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(b + 2)));
     v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(b + 20)), 1);
     v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(b + 38)), 2);
     v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i*)(b + 56)), 3);
-    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     const __m128i h = _mm_setr_epi16(static_cast<short>(ld16(b)), static_cast<short>(ld16(b + 18)),
                                      static_cast<short>(ld16(b + 36)), static_cast<short>(ld16(b + 54)), 0, 0, 0, 0);
+#endif
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     const __m512 sv = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
     for (int t = 0; t < MT; ++t) {
       const int64_t m = m0 + t;
@@ -1241,18 +1259,21 @@ inline float pair_dot(const A*, const B*, int64_t) { return 0.f; }  // float32: 
 // w * round(r) (w in x's dtype) or round(w * r) (a float32 w under bfloat16 x)
 template <typename T, typename Wt>
 void rms_rows(const T* x, const Wt* w, T* y, int64_t M, int64_t H, float eps) {
-  std::vector<float> xf(H);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t i = 0; i < H; ++i) xf[i] = widen1(x[m * H + i]);
-    const float r = 1.f / std::sqrt(dot_f32(xf.data(), xf.data(), H) / static_cast<float>(H) + eps);
-    for (int64_t i = 0; i < H; ++i) {
-      const float v = xf[i] * r;
-      if (std::is_same<Wt, float>::value && !std::is_same<T, float>::value)
-        store1(y + m * H + i, widen1(w[i]) * v);
-      else
-        store1(y + m * H + i, widen1(w[i]) * rnd<T>(v));
+  const int64_t rows_per_task = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, H));
+  at::parallel_for(0, M, rows_per_task, [&](int64_t m0, int64_t m1) {
+    std::vector<float> xf(H);
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t i = 0; i < H; ++i) xf[i] = widen1(x[m * H + i]);
+      const float r = 1.f / std::sqrt(dot_f32(xf.data(), xf.data(), H) / static_cast<float>(H) + eps);
+      for (int64_t i = 0; i < H; ++i) {
+        const float v = xf[i] * r;
+        if (std::is_same<Wt, float>::value && !std::is_same<T, float>::value)
+          store1(y + m * H + i, widen1(w[i]) * v);
+        else
+          store1(y + m * H + i, widen1(w[i]) * rnd<T>(v));
+      }
     }
-  }
+  });
 }
 
 // rotate-half RoPE of one head's leading rd dims in place, each product and the sum rounded to T
