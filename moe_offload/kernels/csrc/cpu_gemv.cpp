@@ -1007,11 +1007,29 @@ inline void q8_0_rows(const QAct& a, const int32_t* ns128, int64_t m0, const uin
   const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[MT][2];
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+#if defined(__AVX512VBMI__)
+  // two blocks' 64 data bytes out of two overlapping loads (bytes 0-63 and 4-67), their scales (words 0 and
+  // 17 of the first) in one permute
+  static const __m512i data_idx = [] {
+    alignas(64) uint8_t pick[64];
+    for (int j = 0; j < 64; ++j) pick[j] = static_cast<uint8_t>(j < 32 ? 2 + j : (j + 4 < 64 ? j + 4 : 64 + j));  // 64+: second load
+    return _mm512_load_si512(pick);
+  }();
+  const __m512i scale_idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                             0, 0, 0, 0, 0, 0, 17, 0);
+#endif
   for (int64_t c = 0; c < K / 64; ++c) {
-    const uint8_t *b0 = row + c * 68, *b1 = b0 + 34;
+    [[maybe_unused]] const uint8_t *b0 = row + c * 68, *b1 = b0 + 34;
+#if defined(__AVX512VBMI__)
+    const __m512i v0 = _mm512_loadu_si512(b0);
+    const __m512i w = _mm512_xor_si512(_mm512_permutex2var_epi8(v0, data_idx, _mm512_loadu_si512(b0 + 4)), flip);
+    const __m512 sv = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm512_castsi512_si128(
+        _mm512_permutexvar_epi16(scale_idx, v0)))));
+#else
     const __m512i w = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
                                                           _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1), flip);
     const __m512 sv = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(ld16(b0) | ld16(b1) << 16))));
+#endif
     for (int t = 0; t < MT; ++t) {
       const int64_t m = m0 + t;
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(ns128 + m * K / 4 + c * 16), w,
