@@ -302,23 +302,26 @@ def test_int8_activations_gguf_weights_equal_gguf_dequantize_of_rounded_x(block_
 
 @needs_vnni
 @pytest.mark.activations("int8")
-@pytest.mark.parametrize("kind", ["int8", "int4", "Q4_0"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-asym", "Q4_0", "Q8_0"])
 def test_int8_activations_a_row_does_not_depend_on_the_rows_beside_it(kind):
+    # one row of x runs four weight rows at a time (302 rows: the threads' shares end in partial fours),
+    # several rows of x one weight row at a time: the same sums either way
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(300, 1024, generator=g)
+    w = torch.randn(302, 1024, generator=g)
     x = torch.randn(9, 1024, generator=g).bfloat16()
     if kind == "int8":
         q, s = quantize_int8(w)
         run = lambda x: cpu_gemv.int8_linear(x, q, s)  # noqa: E731
-    elif kind == "int4":
-        q, s, z = quantize_int4(w, 32)
-        run = lambda x: cpu_gemv.int4_linear(x, q, s, z, 32, symmetric=True)  # noqa: E731
+    elif kind.startswith("int4"):
+        q, s, z = quantize_int4(w, 32, symmetric=kind == "int4")
+        run = lambda x: cpu_gemv.int4_linear(x, q, s, z, 32, symmetric=kind == "int4")  # noqa: E731
     else:
-        rows = torch.from_numpy(np.ascontiguousarray(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0)))
-        run = lambda x: cpu_gemv.gguf_linear(x, rows, "Q4_0")  # noqa: E731
+        qtype = getattr(GGMLQuantizationType, kind)
+        rows = torch.from_numpy(np.ascontiguousarray(quants.quantize(w.numpy(), qtype)))
+        run = lambda x: cpu_gemv.gguf_linear(x, rows, kind)  # noqa: E731
     together = run(x)
     for i in range(9):
         assert torch.equal(run(x[i:i + 1]), together[i:i + 1])

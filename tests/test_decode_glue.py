@@ -27,6 +27,21 @@ F32_TOL = 1e-5  # float32 round-off, relative to the output's scale
 BF16_STEP = 2.0 ** -8  # one bfloat16 rounding, relative (one step between neighbours: up to twice that)
 
 
+def count_moe_runs(monkeypatch, calls: list[int]) -> None:
+    """Count calls[0] up for every run of a compiled MoE decode step (cpu_gemv.moe_decode's plans)."""
+    real = cpu_gemv.moe_decode
+
+    class Counted:
+        def __init__(self, plan):
+            self.plan = plan
+
+        def run(self, *a):
+            calls[0] += 1
+            return self.plan.run(*a)
+
+    monkeypatch.setattr(cpu_gemv, "moe_decode", lambda *a, **k: Counted(real(*a, **k)))
+
+
 def close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     scale = want.abs().max().item()
     err = (got.double() - want.double()).abs().max().item()
@@ -140,13 +155,15 @@ def test_bad_shapes_are_refused_in_one_line():
 def test_a_model_decodes_the_same_tokens_with_and_without_the_glue(dtype, monkeypatch):
     # the bundled model's greedy tokens: the glue changes attention's float32 summation order only
     with mo.load(device="cpu", dtype=dtype) as m:
-        calls = {"attn": 0, "experts": 0, "norm": 0}
-        for name, key in (("attn_decode", "attn"), ("experts_decode", "experts"), ("rms_norm", "norm")):
+        calls = {"attn": 0, "norm": 0}
+        for name, key in (("attn_block_decode", "attn"), ("rms_norm", "norm")):
             real = getattr(cpu_gemv, name)
             monkeypatch.setattr(cpu_gemv, name, lambda *a, _r=real, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1)
                                 or _r(*a, **kw))
+        moe = [0]
+        count_moe_runs(monkeypatch, moe)
         with_glue = m.generate("In the beginning", max_new_tokens=12).token_ids
-        assert all(calls.values()), calls  # every piece ran
+        assert all(calls.values()) and moe[0], (calls, moe)  # every piece ran
         monkeypatch.setattr(cpu_gemv, "glue_runs", lambda *a, **k: False)
         without = m.generate("In the beginning", max_new_tokens=12).token_ids
     assert with_glue == without
@@ -163,8 +180,7 @@ def _decode_logits_with_and_without_glue(m, monkeypatch):
     from moe_offload.kernels import reference
 
     calls = [0]
-    real = cpu_gemv.experts_decode_a8
-    monkeypatch.setattr(cpu_gemv, "experts_decode_a8", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k))
+    count_moe_runs(monkeypatch, calls)  # the compiled step runs experts_decode_a8 for resident packed experts
     ids = m.encode("In the beginning God created the heaven")
     with_glue = decode_steps(m, ids)
     assert calls[0] > 0  # the packed experts took the one-call path
@@ -244,6 +260,7 @@ def test_offloaded_float_experts_take_the_one_call_path_and_equal_resident(monke
     calls = [0]
     real = cpu_gemv.experts_decode
     monkeypatch.setattr(cpu_gemv, "experts_decode", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k))
+    count_moe_runs(monkeypatch, calls)  # resident: the compiled step's experts_decode
     with mo.load(device="cpu", dtype="bfloat16", offload=False) as res:
         want = res.generate("In the beginning", max_new_tokens=8).token_ids
     resident_calls, calls[0] = calls[0], 0
@@ -251,3 +268,78 @@ def test_offloaded_float_experts_take_the_one_call_path_and_equal_resident(monke
         got = m.generate("In the beginning", max_new_tokens=8).token_ids
     assert resident_calls > 0 and calls[0] > 0
     assert got == want
+
+
+def _step_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    real = cpu_gemv.attn_block_decode
+    monkeypatch.setattr(cpu_gemv, "attn_block_decode", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k))
+    return calls
+
+
+def _with_and_without_the_compiled_step(m, monkeypatch, ids=None, experts_too=True):
+    from moe_offload.model.transformer import MoeModel
+
+    calls, moe = _step_calls(monkeypatch), [0]
+    count_moe_runs(monkeypatch, moe)
+    ids = ids or m.encode("In the beginning God created the heaven")
+    fused = decode_steps(m, ids)
+    moe_layers = len(m.model.moe_layers)
+    assert calls[0] == 6 * moe_layers, calls  # every MoE layer of every decode step took the compiled step
+    assert moe[0] == (6 * moe_layers if experts_too else 0), moe  # and its router function and experts
+    monkeypatch.setattr(MoeModel, "_steps", lambda *a: None)
+    return fused, decode_steps(m, ids)
+
+
+@pytest.mark.parametrize("dtype,dense,acts,experts", [
+    ("float32", "auto", "auto", "auto"), ("bfloat16", "auto", "auto", "auto"), ("bfloat16", "int8", "auto", "auto"),
+    ("bfloat16", "int8", "exact", "auto"), ("float32", "int8", "auto", "auto"), ("bfloat16", "auto", "auto", "int8"),
+    ("bfloat16", "int8", "auto", "int4")])
+def test_the_compiled_decode_step_equals_the_python_step_bit_for_bit(dtype, dense, acts, experts, monkeypatch):
+    # attention, its projections and the router in one call, the router function and experts in another:
+    # the same kernels and PyTorch ops in the same order, so the same bits (dense int8: the int8 rows
+    # against 8-bit or exact activations; packed experts: the 8-bit one-call kernels)
+    a8 = acts == "auto" and dtype == "bfloat16" and (dense == "int8" or experts != "auto")
+    if a8 and not cpu_gemv.has_vnni():
+        pytest.skip("8-bit activation kernels need AVX512-VNNI")
+    cfg = mo.OffloadConfig.make(device="cpu", dtype=dtype, dense_dtype=dense, cpu_activations=acts,
+                                expert_dtype=experts)
+    with mo.load(config=cfg) as m:
+        fused, python = _with_and_without_the_compiled_step(m, monkeypatch)
+    assert torch.equal(fused, python)
+
+
+@pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
+def test_the_compiled_step_runs_gguf_experts_as_the_python_step(tmp_path, monkeypatch):
+    from test_gguf import write_wide_gguf
+
+    f = write_wide_gguf(tmp_path / "w.gguf", hidden=256, inter=512, qtype="Q8_0")
+    with mo.load(f, device="cpu", dtype="bfloat16") as m:
+        fused, python = _with_and_without_the_compiled_step(m, monkeypatch)
+    assert torch.equal(fused, python)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_compiled_step_runs_biases_sinks_and_windows_as_the_python_step(dtype, tmp_path, monkeypatch):
+    # GPT-OSS: q/k/v and o biases, a router bias, attention sinks, every other layer a sliding window
+    # shorter than the prompt, float32 norms under bfloat16
+    from test_gpt_oss import build
+
+    build(tmp_path / "gpt_oss")
+    with mo.load(tmp_path / "gpt_oss", device="cpu", dtype=dtype) as m:
+        # its experts have biases and their own activation: the Python step runs them
+        fused, python = _with_and_without_the_compiled_step(m, monkeypatch, ids=list(range(3, 15)), experts_too=False)
+    assert torch.equal(fused, python)
+
+
+def test_a_weight_changed_after_decoding_is_planned_again(monkeypatch):
+    from moe_offload.model.layers import store_int8_rows
+
+    with mo.load(device="cpu", dtype="bfloat16") as m:
+        ids = m.encode("In the beginning")
+        decode_steps(m, ids, steps=2)  # planned on the bf16 o_proj
+        w = m.model.layers[1].o_proj
+        s = w.float().abs().amax(1).clamp_min(1e-8) / 127  # [N]
+        store_int8_rows(w, (w.float() / s[:, None]).round().to(torch.int8), s.half())
+        fused, python = _with_and_without_the_compiled_step(m, monkeypatch, ids)
+    assert torch.equal(fused, python)

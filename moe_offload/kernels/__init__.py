@@ -8,10 +8,10 @@ from .dispatch import MOE_BACKENDS, resolve_moe_backend, run_experts
 from .fused_moe import check_resident, fused_moe, fused_moe_quant
 from .pool import WEIGHT_FLOAT, WEIGHT_INT4, WEIGHT_INT8, BiasedFloatPool, FloatPool, WeightPool
 from .reference import (ClampedSwiGLU, expert_ffn, fused_moe_grouped_mm, linear, fused_moe_reference, grouped_mm_aligned,
-                        grouped_mm_supported, moe_loop)
+                        grouped_mm_supported, moe_loop, one_token_experts)
 
 
 __all__ = ["Alignment", "BiasedFloatPool", "ClampedSwiGLU", "FloatPool", "MOE_BACKENDS", "TileConfig", "WEIGHT_FLOAT", "WEIGHT_INT4", "WEIGHT_INT8",
            "WeightPool", "check_resident", "expert_ffn", "fused_moe", "fused_moe_grouped_mm", "fused_moe_quant",
            "fused_moe_reference", "grouped_mm_aligned", "grouped_mm_supported", "linear", "moe_align_block_size", "moe_loop",
-           "resolve_moe_backend", "run_experts", "tile_config"]
+           "one_token_experts", "resolve_moe_backend", "run_experts", "tile_config"]

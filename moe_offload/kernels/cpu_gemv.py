@@ -165,10 +165,14 @@ def _a8(run: Any, x: torch.Tensor, n: int, *args: Any) -> torch.Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
+def _pair_dots(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and _features["bf16"]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K]^T -> [..., N] in x's dtype; w float32 or bfloat16, contiguous, on cpu."""
     ext = _require()
-    if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and _features["bf16"]:  # bf16 pair dots
+    if _pair_dots(x, w):  # bf16 pair dots
         return ext.gemv_bf16(x.reshape(-1, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     x2, lead = _rows(x)
     return ext.gemv_float(x2, w).to(x.dtype).view(*lead, w.shape[0])
@@ -278,6 +282,64 @@ def attn_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
 
 
 _EMPTY = torch.empty(0)
+
+
+def no_sinks() -> torch.Tensor:
+    """The empty tensor attn_decode / attn_block_decode take for 'no attention sinks'."""
+    return _EMPTY
+
+
+@dataclass(frozen=True)
+class StepProjection:
+    """One projection of the compiled decode step (attn_block_decode), run exactly as model.layers.linear
+    runs one row: kind 0 bfloat16 pair dots (w), 1 float32 sums (w float32 or bfloat16), 2 int8 rows (q, s)
+    against 8-bit activations, 3 int8 rows against float32 activations; then `+ bias` unless it is empty."""
+
+    kind: int
+    tensors: tuple[torch.Tensor, ...]
+    bias: torch.Tensor = _EMPTY
+
+
+def step_float(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> StepProjection | None:
+    """How linear (+ bias) runs one row x [1, K] against float weights w, or None where it would not run
+    here (use_for)."""
+    if not use_for(x, w):
+        return None
+    return StepProjection(0 if _pair_dots(x, w) else 1, (w,), _EMPTY if bias is None else bias)
+
+
+def step_int8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None) -> StepProjection:
+    """How int8_linear (+ bias) runs one row x [1, K] against int8 rows q [N, K], fp16 scales s [N]."""
+    return StepProjection(2 if int8_activations(x, q.shape[1]) else 3, (q, s), _EMPTY if bias is None else bias)
+
+
+def attn_block_decode(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: float,
+                      projections: tuple[StepProjection, StepProjection, StepProjection], cos: torch.Tensor,
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
+                      kv_heads: int, rotary_dim: int, window: int | None, scale: float, sinks: torch.Tensor
+                      ) -> list[torch.Tensor]:
+    """The attention half of one decode step and its router, one call: x [1, H] the residual ->
+    [x + o_proj(attention(qkv_proj(RMSNorm(x) * ln1))), h = RMSNorm(that) * ln2, router logits of h], the
+    same ops as the Python step (rms_norm, layers.linear, attn_decode) in the same order. projections:
+    qkv, o, router; cos / sin the RoPE tables [S, >= rotary_dim]; the caches [kv_heads, S, hd] (written at
+    pos); sinks float32 [heads] or empty."""
+    return _require().attn_block_decode(x, ln1, ln2, eps, [p.kind for p in projections],
+                                        [list(p.tensors) for p in projections], [p.bias for p in projections],
+                                        cos, sin, k_cache, v_cache, pos, heads, kv_heads, rotary_dim, window or 0,
+                                        scale, sinks)
+
+
+def moe_decode(scoring: str, renormalize: bool, scale: float, top_k: int, packed: bool, entries: list) -> Any:
+    """A MoE layer's router function and experts for one decode token, planned once: `.run(h [1, H],
+    logits [1, E])` -> [out [1, H], ids [1, k] int64, weights [1, k] float32]. scoring 'softmax' (then
+    top-k, renormalized if asked) or 'topk_softmax', then times scale: families.Routing's ops. entries:
+    kernels.one_token_experts' list (packed: two A8Projection per expert; float: (w13, w2) per expert)."""
+    ext = _require()
+    code = ("softmax", "topk_softmax").index(scoring)
+    if packed:
+        return ext.MoeDecode(code, renormalize, scale, top_k, True, [p.kind for p in entries],
+                             [list(p.tensors) for p in entries], [p.a for p in entries], [p.b for p in entries])
+    return ext.MoeDecode(code, renormalize, scale, top_k, False, [], [[a, b] for a, b in entries], [], [])
 
 
 def experts_decode(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tensor], weights: torch.Tensor,

@@ -116,6 +116,23 @@ def moe_loop(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: Any
     return out
 
 
+def one_token_experts(h: torch.Tensor, w13: Any, w2: torch.Tensor | None, num_experts: int
+                      ) -> tuple[bool, list] | None:
+    """What moe_loop's one-call paths run for one token h [1, H] against each expert of a layer's pool
+    (identity slots), for a compiled decode step to run the same way: (True, [gate|up, down A8Projection of
+    expert 0, ...]) for packed experts, (False, [(w13_e, w2_e), ...]) for float ones; None where moe_loop
+    would take another path."""
+    if w2 is not None:
+        if not _float_glue(h, w13, w2, h):
+            return None
+        pairs = [(w13[e], w2[e]) for e in range(num_experts)]
+        return (False, pairs) if all(a.is_contiguous() and b.is_contiguous() for a, b in pairs) else None
+    if getattr(w13, "a8_expert", None) is None or not _packed_glue(h, h):
+        return None
+    specs = [w13.a8_expert(e, h) for e in range(num_experts)]
+    return None if any(sp is None for sp in specs) else (True, [p for pair in specs for p in pair])
+
+
 def _float_glue(h: torch.Tensor, w13: Any, w2: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether one token's float experts run as one compiled call (cpu_gemv.experts_decode)."""
     return (isinstance(w13, torch.Tensor) and w13.dtype == w2.dtype == out.dtype == h.dtype and h.dim() == 2

@@ -33,6 +33,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return F.linear(x, w, bias) if x.device.type != "cpu" else _linear(x, w) + bias
 
 
+def step_projection(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> cpu_gemv.StepProjection | None:
+    """How `linear(x, w, bias)` runs one row x [1, K] on the CPU, for the compiled decode step
+    (cpu_gemv.attn_block_decode runs it the same way), or None where it would take another path."""
+    q8 = getattr(w, "int8_rows", None)
+    if q8 is not None:
+        return cpu_gemv.step_int8(x, q8[0], q8[1], bias) if cpu_gemv.available() else None
+    return cpu_gemv.step_float(x, w, bias)
+
+
 def store_int8_rows(w: torch.nn.Parameter, q: torch.Tensor, s: torch.Tensor) -> None:
     """Keep weight `w` [N, K] as int8 rows q [N, K] with fp16 scales s [N] (linear() reads them); its own
     storage is released (an empty tensor of its dtype remains, for code that asks the dtype)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..families import Routing
-from ..kernels import BiasedFloatPool, ClampedSwiGLU, run_experts
+from ..kernels import BiasedFloatPool, ClampedSwiGLU, one_token_experts, run_experts
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +58,13 @@ class ResidentExperts(nn.Module):
         self.backend = backend
         self.register_buffer("identity_slots", torch.arange(w13.shape[1], dtype=torch.int32, device=w13.device),
                              persistent=False)
+
+    def one_token_experts(self, layer: int, h: torch.Tensor) -> tuple[bool, list] | None:
+        """Layer `layer`'s experts as a compiled decode step runs them for one token h [1, H]
+        (kernels.one_token_experts), or None."""
+        if self.b13 is not None or self.act is not None or self.backend != "loop":
+            return None
+        return one_token_experts(h, self.w13[layer], self.w2[layer], self.w13.shape[1])
 
     def forward(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:

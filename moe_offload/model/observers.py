@@ -25,7 +25,11 @@ class LayerObserver(Protocol):
 
 
 class Observer:
-    """A LayerObserver with no-op hooks: subclass and override what you need."""
+    """A LayerObserver with no-op hooks: subclass and override what you need. `steers_routing` False
+    promises on_routing never replaces the routing (it may then be told after the experts ran, as the
+    compiled CPU decode step does); an observer without the attribute is taken to steer."""
+
+    steers_routing = True
 
     def on_step(self, input_ids: torch.Tensor, start_pos: int, host_ids: Sequence[int] | None) -> None:
         pass
@@ -40,6 +44,8 @@ class Observer:
 
 class UsageCounter(Observer):
     """Routed (token, k) assignments per [layer, expert], counted on the device (no host sync)."""
+
+    steers_routing = False
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device):
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)  # [L, E]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,11 +19,26 @@ from ..kernels import cpu_gemv, hostmem
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .layers import (apply_rope, attention, linear, rms_norm, rope_tables, yarn_attention_factor,
+from .layers import (apply_rope, attention, linear, rms_norm, rope_tables, step_projection, yarn_attention_factor,
                      yarn_inv_freq)
 from .mla import LatentAttention
 from .moe import ExpertBackend, ResidentExperts, expert_activation
 from .observers import LayerObserver
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """A MoE layer's attention half and router as one compiled call (cpu_gemv.attn_block_decode), and its
+    router function and experts as another (cpu_gemv.moe_decode; None where the Python step runs them),
+    for one token on the CPU; `ptrs` the weights' storage it was planned on (a changed weight replans)."""
+
+    ptrs: tuple[int, ...]
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    projections: tuple[cpu_gemv.StepProjection, cpu_gemv.StepProjection, cpu_gemv.StepProjection]
+    window: int | None
+    sinks: torch.Tensor
+    moe: Any
 
 
 @dataclass(frozen=True)
@@ -218,6 +233,8 @@ class MoeModel(nn.Module):
                                *rope_scaling(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, rotary_dim]
         self.register_buffer("rope_sin", sin, persistent=False)
+        # per (dtype, activations mode): each layer's DecodeStep, None where the layer takes the Python step
+        self._decode_steps: dict[tuple, list[DecodeStep | None]] = {}
 
     def _rope_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The RoPE tables' dtype: the compute dtype, or float32 where the family rotates in float32."""
@@ -315,9 +332,11 @@ class MoeModel(nn.Module):
         gate, up = linear(h, w.dense_w13).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, w.dense_w2)
 
-    def _moe(self, h: torch.Tensor, layer: int, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moe(self, h: torch.Tensor, layer: int, start_pos: int, logits: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         x = h.reshape(-1, h.shape[-1])  # [N, H]
-        logits = self.router_logits(layer, x)  # [N, E]
+        if logits is None:
+            logits = self.router_logits(layer, x)  # [N, E]
         weights, ids = self.route(layer, logits)  # [N, k] each
         for ob in self.observers:
             replaced = ob.on_routing(layer, ids, weights, logits, start_pos)
@@ -415,6 +434,90 @@ class MoeModel(nn.Module):
                                  cfg.window(layer), cfg.head_dim ** -0.5, w.sinks)  # [1, nh * hd]
         return linear(o.view(1, 1, -1), w.o_proj, w.o_bias)
 
+    def _steps(self, x: torch.Tensor, start: int | RowPositions, cache: KVCache | None
+               ) -> list[DecodeStep | None] | None:
+        """Each layer's DecodeStep for one token x [1, 1, H] (None for a layer that takes the Python step),
+        or None when no layer can: not one token on the CPU with the decode glue, gradients wanted, latent
+        attention, q/k norms or clipping (their ops are the Python step's only), a position limit."""
+        cfg = self.cfg
+        if (x.shape[0] != 1 or x.shape[1] != 1 or cache is None or self.mla is not None or cfg.qk_norm != "none"
+                or cfg.clip_qkv is not None or torch.is_grad_enabled() or self.position_limit is not None
+                or not self._glue_decode(x, start, cache)):
+            return None
+        key = (x.dtype, cpu_gemv.activations(), id(self.experts))
+        steps = self._decode_steps.get(key)
+        if steps is None or any(st is not None and st.ptrs != self._step_ptrs(i) for i, st in enumerate(steps)):
+            steps = self._decode_steps[key] = [self._plan_step(x, i) for i in range(len(self.layers))]
+        return steps
+
+    def _step_ptrs(self, i: int) -> tuple[int, ...]:
+        w = self.layers[i]
+        return (w.input_layernorm.data_ptr(), w.post_attention_layernorm.data_ptr(), w.qkv_proj.data_ptr(),
+                w.o_proj.data_ptr(), w.gate.data_ptr())
+
+    def _plan_step(self, x: torch.Tensor, i: int) -> DecodeStep | None:
+        """Layer i's DecodeStep, or None where it takes the Python step (a dense layer, a norm or
+        projection the compiled step would not run the Python step's way)."""
+        cfg, w = self.cfg, self.layers[i]
+        if i < self.first_moe:
+            return None
+        h = x.reshape(1, -1)  # [1, H]
+        ln1, ln2 = w.input_layernorm, w.post_attention_layernorm
+        if not all(n.shape == h.shape[-1:] and n.dtype in (h.dtype, torch.float32) and n.is_contiguous()
+                   and cpu_gemv.glue_runs(h, n) for n in (ln1, ln2)):
+            return None
+        o = h.new_empty(1, cfg.num_attention_heads * cfg.head_dim)  # the attention output's shape and dtype
+        projections = (step_projection(h, w.qkv_proj, w.qkv_bias), step_projection(o, w.o_proj, w.o_bias),
+                       step_projection(h, w.gate, w.gate_bias))
+        if any(p is None for p in projections):
+            return None
+        sinks = cpu_gemv.no_sinks() if w.sinks is None else w.sinks.float().contiguous()
+        return DecodeStep(self._step_ptrs(i), ln1, ln2, projections, cfg.window(i), sinks, self._plan_moe(h, i))
+
+    def _plan_moe(self, h: torch.Tensor, i: int) -> Any:
+        """Layer i's router function and experts as one compiled call for one token h [1, H], or None: a
+        router with groups or a correction bias, or experts the compiled step does not run as moe_loop."""
+        r = self.routing
+        plan = getattr(self.experts, "one_token_experts", None)
+        if (plan is None or r.scoring not in ("softmax", "topk_softmax") or r.n_group != 1
+                or self.layers[i].router_bias is not None):
+            return None
+        experts = plan(i - self.first_moe, h)
+        if experts is None:
+            return None
+        return cpu_gemv.moe_decode(r.scoring, r.renormalize, r.scale, r.top_k, *experts)
+
+    def _attn_block(self, x: torch.Tensor, i: int, step: DecodeStep, start: int, cache: KVCache
+                    ) -> list[torch.Tensor]:
+        """[x + attention, RMSNorm of that (the MoE input), router logits] for one token x [1, 1, H] (each
+        [1, ...]), in one compiled call."""
+        cfg = self.cfg
+        return cpu_gemv.attn_block_decode(x.view(1, -1), step.ln1, step.ln2, cfg.rms_norm_eps, step.projections,
+                                          self.rope_cos, self.rope_sin, cache.k[i, 0], cache.v[i, 0], start,
+                                          cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim,
+                                          step.window, cfg.head_dim ** -0.5, step.sinks)
+
+    def _decode_layer(self, x: torch.Tensor, i: int, step: DecodeStep, start: int, cache: KVCache, steered: bool,
+                      router_logits: list[torch.Tensor] | None) -> torch.Tensor:
+        """MoE layer i for one token x [1, 1, H] -> [1, 1, H] by its DecodeStep: attention and router in one
+        compiled call, the router function and experts in another (the Python step's where the step has
+        none or an observer may steer the routing; observers are told of the routing after the experts)."""
+        moe_layer = i - self.first_moe
+        x, h, logits = self._attn_block(x, i, step, start, cache)  # [1, H], [1, H], [1, E]
+        for ob in self.observers:
+            ob.on_residual(moe_layer, x, start)
+        if step.moe is None or steered:
+            y, logits = self._moe(h, moe_layer, start, logits)
+        else:
+            y, ids, weights = step.moe.run(h, logits)  # [1, H], [1, k], [1, k]
+            for ob in self.observers:
+                ob.on_routing(moe_layer, ids, weights, logits, start)
+            if self.cfg.has_shared_expert:
+                y = y + self.shared_expert(h, moe_layer)
+        if router_logits is not None:
+            router_logits.append(logits)
+        return (x + y).view(1, 1, -1)
+
     def forward(self, input_ids: torch.Tensor, start_pos: int | RowPositions = 0, cache: KVCache | None = None,
                 router_logits: list[torch.Tensor] | None = None, return_hidden: bool = False,
                 host_ids: Sequence[int] | None = None) -> torch.Tensor:
@@ -437,7 +540,13 @@ class MoeModel(nn.Module):
             ob.on_step(input_ids, start_pos, host_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, T, H]
         limit, k = self.position_limit, self.first_moe
+        steps = self._steps(x, start_pos, cache)
+        steered = any(getattr(ob, "steers_routing", True) for ob in observers)
         for i, layer in enumerate(self.layers):
+            step = steps[i] if steps is not None else None
+            if step is not None:  # one token on the CPU: the compiled step
+                x = self._decode_layer(x, i, step, start_pos, cache, steered, router_logits)
+                continue
             x = x + self._attention(rms_norm(x, layer.input_layernorm, eps), i, start_pos, cache)
             if i < k:  # a dense first layer: no router, no experts, nothing for the observers
                 x = x + self.dense_mlp(rms_norm(x, layer.post_attention_layernorm, eps), i)

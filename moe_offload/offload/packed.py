@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import run_experts
+from ..kernels import one_token_experts, run_experts
 from .store import HostExpertStore
 
 
@@ -38,6 +38,14 @@ class PackedResidentExperts:
     def reference(self) -> "PackedResidentExperts":
         """The same experts run by dequantize-then-matmul (what the offloaded loop backend computes)."""
         return PackedResidentExperts(self.store, self.device, self.backend, cpu_op=False)
+
+    def one_token_experts(self, layer: int, h: torch.Tensor) -> tuple[bool, list] | None:
+        """Layer `layer`'s experts as a compiled decode step runs them for one token h [1, H]
+        (kernels.one_token_experts), or None."""
+        if self.backend != "loop":
+            return None
+        w13, w2 = self.views[layer]
+        return one_token_experts(h, w13, w2, self.store.num_experts)
 
     def __call__(self, layer: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.views[layer]
