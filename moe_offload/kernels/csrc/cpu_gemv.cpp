@@ -686,22 +686,39 @@ namespace {
 void check_vnni_k(int64_t K) { TORCH_CHECK(K % 64 == 0, "8-bit activations need K a multiple of 64, got ", K); }
 
 // Run `row(n, out)` for every weight row n, out = y's M values for that row (then scattered into y).
-// y [M, N] in x's dtype (float32, or bfloat16 rounded once from the float32 sums)
-template <typename Row>
-torch::Tensor over_rows(const torch::Tensor& x, int64_t N, int64_t K, Row row) {
+// y [M, N] in x's dtype (float32, or bfloat16 rounded once from the float32 sums). With a two-row body
+// (pair not nullptr) and at least four rows of x, pair(n, out) fills out[r * M + m] for weight rows n and
+// n + 1 by the same operations per (weight row, x row) as row(), so with the same values: the activation
+// loads serve two weight rows (compute-bound prefill; see CHANGELOG).
+template <typename Row, typename Pair>
+torch::Tensor over_rows(const torch::Tensor& x, int64_t N, int64_t K, Row row, Pair pair) {
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   float* yf = bf16 ? nullptr : y.data_ptr<float>();
   uint16_t* yb = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(0, N, grain(K, M), [&](int64_t n0, int64_t n1) {
-    std::vector<float> out(M);
-    for (int64_t n = n0; n < n1; ++n) {
+    std::vector<float> out(2 * M);
+    int64_t n = n0;
+    if constexpr (!std::is_same<Pair, std::nullptr_t>::value) {
+      for (; M >= 4 && n + 2 <= n1; n += 2) {
+        pair(n, out.data());
+        for (int r = 0; r < 2; ++r)
+          for (int64_t m = 0; m < M; ++m)
+            bf16 ? store1(yb + m * N + n + r, out[r * M + m]) : store1(yf + m * N + n + r, out[r * M + m]);
+      }
+    }
+    for (; n < n1; ++n) {
       row(n, out.data());
       for (int64_t m = 0; m < M; ++m) bf16 ? store1(yb + m * N + n, out[m]) : store1(yf + m * N + n, out[m]);
     }
   });
   return y;
+}
+
+template <typename Row>
+torch::Tensor over_rows(const torch::Tensor& x, int64_t N, int64_t K, Row row) {
+  return over_rows(x, N, K, row, nullptr);
 }
 
 
@@ -890,45 +907,69 @@ Int4Act int4_act(const float* x, int64_t M, int64_t K, int64_t G, Order order) {
   return a;
 }
 
-template <int MT, bool SYM>
-inline void int4_wide_rows(const Int4Act& a, int64_t m0, const uint8_t* row, const at::Half* sp, __m512i rel,
-                           int64_t G, float* out) {
+// R weight rows (rows[r], their group scales sps[r]) against MT rows of x: out[r * MT + t]; every pair runs
+// the same operations whatever R and MT.
+template <int MT, bool SYM, int R = 1>
+inline void int4_wide_rows(const Int4Act& a, int64_t m0, const uint8_t* const* rows, const at::Half* const* sps,
+                           __m512i rel, int64_t G, float* out) {
   const int64_t K = a.K, steps = K / 128, per = G >= 128 ? 1 : 128 / G;  // groups per step
   const __mmask16 smask = static_cast<__mmask16>((1u << per) - 1);
   const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 acc[MT][2];
-  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  __m512 acc[R][MT][2];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) acc[r][t][0] = acc[r][t][1] = _mm512_setzero_ps();
   for (int64_t c = 0; c < steps; ++c) {
-    fetch_ahead(row + c * 64);
-    const __m512i v = _mm512_loadu_si512(row + c * 64);
-    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    const __m512 sv = G >= 128 ? _mm512_set1_ps(half_to_f32(sp + c * 128 / G))
-                               : _mm512_permutexvar_ps(rel, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(smask, sp + c * per)));
+    __m512i lo[R], hi[R];
+    __m512 sv[R];
+    for (int r = 0; r < R; ++r) {
+      fetch_ahead(rows[r] + c * 64);
+      const __m512i v = _mm512_loadu_si512(rows[r] + c * 64);
+      lo[r] = _mm512_and_si512(v, low), hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      sv[r] = G >= 128 ? _mm512_set1_ps(half_to_f32(sps[r] + c * 128 / G))
+                       : _mm512_permutexvar_ps(rel, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(smask, sps[r] + c * per)));
+    }
     for (int t = 0; t < MT; ++t) {
       const int64_t m = m0 + t;
       const int8_t* q = a.q.data() + m * K + c * 128;
-      __m512i dot = SYM ? _mm512_loadu_si512(a.ns8.data() + m * (K / 8) + c * 16) : _mm512_setzero_si512();
-      dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(q));
-      dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(q + 64));
-      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(a.dl.data() + m * (K / 8) + c * 16), sv);
-      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t][c & 1]);
+      const __m512i q0 = _mm512_loadu_si512(q), q1 = _mm512_loadu_si512(q + 64);
+      const __m512i init = SYM ? _mm512_loadu_si512(a.ns8.data() + m * (K / 8) + c * 16) : _mm512_setzero_si512();
+      const __m512 dl = _mm512_loadu_ps(a.dl.data() + m * (K / 8) + c * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, lo[r], q0), hi[r], q1);
+        acc[r][t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dl, sv[r]), acc[r][t][c & 1]);
+      }
     }
   }
-  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < MT; ++t) out[r * MT + t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
 }
 
-template <bool SYM>
-void int4_wide_row(const Int4Act& a, const uint8_t* row, const at::Half* sp, const at::Half* zp, __m512i rel,
-                   int64_t G, float* out) {
+// An asymmetric row's zero-point term for x row m: sum_g s_g z_g xg_g
+inline float zero_point_term(const Int4Act& a, const at::Half* sp, const at::Half* zp, int64_t m) {
+  float zc = 0.f;
+  for (int64_t g = 0; g < a.groups; ++g) zc += half_to_f32(sp + g) * half_to_f32(zp + g) * a.xg[m * a.groups + g];
+  return zc;
+}
+
+// R weight rows against all M rows of x, four x rows at a time: out[r * M + m]
+template <bool SYM, int R>
+void int4_wide_row(const Int4Act& a, const uint8_t* const* rows, const at::Half* const* sps, const at::Half* const* zps,
+                   __m512i rel, int64_t G, float* out) {
+  const int64_t M = a.M;
+  float part[R * 4];
   int64_t m = 0;
-  for (; m + 4 <= a.M; m += 4) int4_wide_rows<4, SYM>(a, m, row, sp, rel, G, out + m);
-  for (; m < a.M; ++m) int4_wide_rows<1, SYM>(a, m, row, sp, rel, G, out + m);
-  if (SYM) return;
-  for (m = 0; m < a.M; ++m) {
-    float zc = 0.f;
-    for (int64_t g = 0; g < a.groups; ++g) zc += half_to_f32(sp + g) * half_to_f32(zp + g) * a.xg[m * a.groups + g];
-    out[m] -= zc;
+  for (; m + 4 <= M; m += 4) {
+    int4_wide_rows<4, SYM, R>(a, m, rows, sps, rel, G, part);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < 4; ++t) out[r * M + m + t] = part[r * 4 + t];
   }
+  for (; m < M; ++m) {
+    int4_wide_rows<1, SYM, R>(a, m, rows, sps, rel, G, part);
+    for (int r = 0; r < R; ++r) out[r * M + m] = part[r];
+  }
+  if (SYM) return;
+  for (int r = 0; r < R; ++r)
+    for (m = 0; m < M; ++m) out[r * M + m] -= zero_point_term(a, sps[r], zps[r], m);
 }
 
 torch::Tensor int4_a8_wide(const torch::Tensor& x, const torch::Tensor& xf, const uint8_t* qp, const at::Half* sp,
@@ -938,11 +979,16 @@ torch::Tensor int4_a8_wide(const torch::Tensor& x, const torch::Tensor& xf, cons
   alignas(64) int32_t r[16];
   for (int l = 0; l < 16; ++l) r[l] = G >= 128 ? 0 : static_cast<int32_t>((8 * l) / G);
   const __m512i rel = _mm512_load_si512(r);
-  return over_rows(x, N, K, [&](int64_t n, float* out) {
-    const uint8_t* row = qp + n * (K / 2);
-    if (symmetric) int4_wide_row<true>(a, row, sp + n * groups, nullptr, rel, G, out);
-    else int4_wide_row<false>(a, row, sp + n * groups, zp + n * groups, rel, G, out);
-  });
+  auto rows_from = [&](int64_t n, float* out, auto r_count) {  // weight rows n .. n + R - 1
+    constexpr int R = decltype(r_count)::value;
+    const uint8_t* rows[R];
+    const at::Half *sps[R], *zps[R];
+    for (int r = 0; r < R; ++r) rows[r] = qp + (n + r) * (K / 2), sps[r] = sp + (n + r) * groups, zps[r] = zp + (n + r) * groups;
+    if (symmetric) int4_wide_row<true, R>(a, rows, sps, zps, rel, G, out);
+    else int4_wide_row<false, R>(a, rows, sps, zps, rel, G, out);
+  };
+  return over_rows(x, N, K, [&](int64_t n, float* out) { rows_from(n, out, std::integral_constant<int, 1>()); },
+                   [&](int64_t n, float* out) { rows_from(n, out, std::integral_constant<int, 2>()); });
 }
 
 }  // namespace
@@ -1717,7 +1763,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("experts_decode", &experts_decode, "out [1, H] += one token's float experts, weighted");
   mod.def("step_projection", &step_projection, "one decode projection as layers.linear runs it (kind 0-3)");
   mod.def("attn_block_decode", &attn_block_decode, "a decode step's attention half and router in one call");
-  pybind11::class_<MoeDecode>(mod, "MoeDecode", "a MoE layer's router function and experts for one decode token")
+  pybind11::class_<MoeDecode>(mod, "MoeDecode", pybind11::module_local(),
+                              "a MoE layer's router function and experts for one decode token")
       .def(pybind11::init<int64_t, bool, double, int64_t, bool, std::vector<int64_t>, std::vector<std::vector<torch::Tensor>>,
                           std::vector<int64_t>, std::vector<int64_t>>())
       .def("run", &MoeDecode::run, "h [1, H], logits [1, E] -> [out, ids, weights]");
