@@ -76,12 +76,15 @@ def test_int4_kernel_equals_dequantize_then_matmul(group, symmetric):
     check(cpu_gemv.int4_linear(x, q, s, z, group), ref, F32_TOL)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4"])
 def test_a_row_does_not_depend_on_the_rows_beside_it(kind):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 1024, generator=g)
     x = torch.randn(8, 1024, generator=g).bfloat16()
-    if kind == "bf16":
+    if kind == "f32":  # one row of x: four weight rows at a time (302 x 1000: partial fours, K's tails)
+        w, x = torch.randn(302, 1000, generator=g), torch.randn(8, 1000, generator=g)
+        run = lambda x: cpu_gemv.linear(x, w)  # noqa: E731
+    elif kind == "bf16":
         run = lambda x: cpu_gemv.linear(x, w.bfloat16())  # noqa: E731
     elif kind == "int8":
         q, s = quantize_int8(w)

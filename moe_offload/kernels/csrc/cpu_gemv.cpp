@@ -126,6 +126,42 @@ inline float dot(const W* w, const float* x, int64_t K) {
   return acc;
 }
 
+// Four float32 rows w, w + K, w + 2K, w + 3K against x: out[r] equal to dot(w + r K, x, K) (the same
+// accumulators, order and tails per row). Four weight streams at once, no software prefetch: one 7168 x
+// 1024 projection out of cache, one row of x, 2 threads: 25.0 -> 27.0 GB/s against one row at a time with
+// the prefetch (with it here too: 24.4).
+inline void dot4(const float* w, int64_t K, const float* x, float* out) {
+  int64_t k = 0;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#if MOE_AVX512
+  __m512 a[4][4];
+  for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
+  for (; k + 64 <= K; k += 64)
+    for (int j = 0; j < 4; ++j) {
+      const __m512 xj = _mm512_loadu_ps(x + k + 16 * j);
+      for (int r = 0; r < 4; ++r) a[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k + 16 * j), xj, a[r][j]);
+    }
+  for (; k + 16 <= K; k += 16)
+    for (int r = 0; r < 4; ++r) a[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * K + k), _mm512_loadu_ps(x + k), a[r][0]);
+  for (int r = 0; r < 4; ++r)
+    acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])));
+#endif
+  for (int r = 0; r < 4; ++r) {
+    for (int64_t j = k; j < K; ++j) acc[r] += w[r * K + j] * x[j];
+    out[r] = acc[r];
+  }
+}
+
+// The dots of rows n0..n1-1 of W [N, K] against x (each dot(W[n], x, K)) into out[n - n0]: float32 rows four
+// at a time (dot4), others one at a time.
+template <typename W>
+inline void dots(const W* wp, int64_t K, const float* x, int64_t n0, int64_t n1, float* out) {
+  int64_t n = n0;
+  if constexpr (std::is_same<W, float>::value)
+    for (; n + 4 <= n1; n += 4) dot4(wp + n * K, K, x, out + (n - n0));
+  for (; n < n1; ++n) out[n - n0] = dot(wp + n * K, x, K);
+}
+
 // bf16 weights against bf16 activations: AVX512-BF16's dot of bf16 pairs into float32 (32 weights per
 // instruction; products exact, sums rounded to float32), both sides exactly as stored. Used for every
 // row count, so a row's result never depends on the rows beside it.
@@ -177,12 +213,13 @@ template <typename W, typename Scale>
 void rows_dot(const W* wp, const float* xp, float* yp, int64_t M, int64_t N, int64_t K, Scale scale) {
   at::parallel_for(0, N, grain(K, M), [&](int64_t n0, int64_t n1) {
     std::vector<float> row(M > 1 ? K : 0);
+    if (M == 1) {
+      dots(wp, K, xp, n0, n1, yp + n0);
+      for (int64_t n = n0; n < n1; ++n) yp[n] *= scale(n);
+      return;
+    }
     for (int64_t n = n0; n < n1; ++n) {
       const float sc = scale(n);
-      if (M == 1) {
-        yp[n] = dot(wp + n * K, xp, K) * sc;
-        continue;
-      }
       widen(wp + n * K, row.data(), K);
       for (int64_t m = 0; m < M; ++m) yp[m * N + n] = dot(row.data(), xp + m * K, K) * sc;
     }
@@ -1455,8 +1492,13 @@ void experts_impl(const torch::Tensor& x, const std::vector<torch::Tensor>& w13s
     const T* w13 = ptr<T>(w13s[j]);
     const T* w2 = ptr<T>(w2s[j]);
     at::parallel_for(0, 2 * I, grain(H, 1), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        store1(gu + n, pairs ? pair_dot(w13 + n * H, xp, H) : dot(w13 + n * H, xf.data(), H));
+      if (pairs) {
+        for (int64_t n = n0; n < n1; ++n) store1(gu + n, pair_dot(w13 + n * H, xp, H));
+        return;
+      }
+      std::vector<float> d(n1 - n0);
+      dots(w13, H, xf.data(), n0, n1, d.data());
+      for (int64_t n = n0; n < n1; ++n) store1(gu + n, d[n - n0]);
     });
     const auto act = at::silu(gate_up.narrow(0, 0, I));  // PyTorch's own silu: its exp, its rounding
     const T* sp = ptr<T>(act);
@@ -1466,10 +1508,13 @@ void experts_impl(const torch::Tensor& x, const std::vector<torch::Tensor>& w13s
     }
     const float wj = weights[j];
     at::parallel_for(0, H, grain(I, 1), [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const float y = rnd<T>(pairs ? pair_dot(w2 + n * I, hb.data(), I) : dot(w2 + n * I, hf.data(), I));
-        store1(yp + n, widen1(yp[n]) + rnd<T>(kept(y * wj)));
+      std::vector<float> d(n1 - n0);
+      if (pairs) {
+        for (int64_t n = n0; n < n1; ++n) d[n - n0] = pair_dot(w2 + n * I, hb.data(), I);
+      } else {
+        dots(w2, I, hf.data(), n0, n1, d.data());
       }
+      for (int64_t n = n0; n < n1; ++n) store1(yp + n, widen1(yp[n]) + rnd<T>(kept(rnd<T>(d[n - n0]) * wj)));
     });
   }
 }
