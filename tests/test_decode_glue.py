@@ -343,3 +343,28 @@ def test_a_weight_changed_after_decoding_is_planned_again(monkeypatch):
         store_int8_rows(w, (w.float() / s[:, None]).round().to(torch.int8), s.half())
         fused, python = _with_and_without_the_compiled_step(m, monkeypatch, ids)
     assert torch.equal(fused, python)
+
+
+@pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
+def test_experts_swapped_after_decoding_are_planned_again(monkeypatch):
+    # the reference backend (dequantize-then-matmul) has no one-call experts: a stale plan would still
+    # run the packed 8-bit kernels and differ from the Python step
+    with mo.load(config=mo.OffloadConfig.make(device="cpu", dtype="bfloat16", expert_dtype="int8")) as m:
+        ids = m.encode("In the beginning")
+        decode_steps(m, ids, steps=2)
+        m.model.experts = m.model.experts.reference()
+        fused, python = _with_and_without_the_compiled_step(m, monkeypatch, ids, experts_too=False)
+    assert torch.equal(fused, python)
+
+
+def test_a_model_copies_after_decoding():
+    import copy
+
+    with mo.load(device="cpu", dtype="float32") as m:
+        ids = m.encode("In the beginning")
+        before = decode_steps(m, ids, steps=2)
+        twin = copy.deepcopy(m.model)
+        assert twin._decode_plan is None and m.model._decode_plan is not None
+        m.model, kept = twin, m.model
+        assert torch.equal(decode_steps(m, ids, steps=2), before)
+        m.model = kept

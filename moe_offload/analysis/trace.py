@@ -67,6 +67,8 @@ def record_routing(model: MoeModel, token_ids: list[int], window: int, chunk: in
     residuals: list[tuple[int, torch.Tensor]] = []
 
     class Recorder(Observer):
+        steers_routing = False  # reads the routing only
+
         def on_step(self, input_ids, start_pos, host_ids):
             if embed is not None:  # next-gate on the embedding: how the runtime plans a token's first layers
                 s, x = pos["start"], model.embed_tokens[input_ids.reshape(-1)]

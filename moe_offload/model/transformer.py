@@ -30,14 +30,15 @@ from .observers import LayerObserver
 class DecodeStep:
     """A MoE layer's attention half and router as one compiled call (cpu_gemv.attn_block_decode), and its
     router function and experts as another (cpu_gemv.moe_decode; None where the Python step runs them),
-    for one token on the CPU; `ptrs` the weights' storage it was planned on (a changed weight replans)."""
+    for one token on the CPU. It holds the weights themselves (edits in place are seen); `ptrs` is the
+    storage it was planned on, so a weight given new storage replans."""
 
     ptrs: tuple[int, ...]
     ln1: torch.Tensor
     ln2: torch.Tensor
     projections: tuple[cpu_gemv.StepProjection, cpu_gemv.StepProjection, cpu_gemv.StepProjection]
     window: int | None
-    sinks: torch.Tensor
+    sinks: torch.Tensor | None
     moe: Any
 
 
@@ -233,8 +234,8 @@ class MoeModel(nn.Module):
                                *rope_scaling(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)  # [P, rotary_dim]
         self.register_buffer("rope_sin", sin, persistent=False)
-        # per (dtype, activations mode): each layer's DecodeStep, None where the layer takes the Python step
-        self._decode_steps: dict[tuple, list[DecodeStep | None]] = {}
+        # the compiled decode step's plan: (key, experts backend, each layer's DecodeStep or None), see _steps
+        self._decode_plan: tuple | None = None
 
     def _rope_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The RoPE tables' dtype: the compute dtype, or float32 where the family rotates in float32."""
@@ -444,16 +445,28 @@ class MoeModel(nn.Module):
                 or cfg.clip_qkv is not None or torch.is_grad_enabled() or self.position_limit is not None
                 or not self._glue_decode(x, start, cache)):
             return None
-        key = (x.dtype, cpu_gemv.activations(), id(self.experts))
-        steps = self._decode_steps.get(key)
-        if steps is None or any(st is not None and st.ptrs != self._step_ptrs(i) for i, st in enumerate(steps)):
-            steps = self._decode_steps[key] = [self._plan_step(x, i) for i in range(len(self.layers))]
-        return steps
+        key = (x.dtype, cpu_gemv.activations(), self._experts_ptrs())
+        plan = self._decode_plan
+        if (plan is None or plan[0] != key or plan[1] is not self.experts
+                or any(st is not None and st.ptrs != self._step_ptrs(i) for i, st in enumerate(plan[2]))):
+            plan = self._decode_plan = (key, self.experts, [self._plan_step(x, i) for i in range(len(self.layers))])
+        return plan[2]
+
+    def _experts_ptrs(self) -> tuple[int, ...]:
+        """The storage of resident experts held as parameters (a backend that is an nn.Module)."""
+        params = self.experts.parameters() if isinstance(self.experts, nn.Module) else ()
+        return tuple(p.data_ptr() for p in params)
 
     def _step_ptrs(self, i: int) -> tuple[int, ...]:
         w = self.layers[i]
-        return (w.input_layernorm.data_ptr(), w.post_attention_layernorm.data_ptr(), w.qkv_proj.data_ptr(),
-                w.o_proj.data_ptr(), w.gate.data_ptr())
+        weights = (w.input_layernorm, w.post_attention_layernorm, w.qkv_proj, w.o_proj, w.gate, w.qkv_bias, w.o_bias,
+                   w.gate_bias, w.sinks)
+        rows = tuple(getattr(t, "int8_rows", (None,))[0] for t in (w.qkv_proj, w.o_proj, w.gate))
+        return tuple(0 if t is None else t.data_ptr() for t in weights + rows)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        return {**state, "_decode_plan": None}  # compiled objects: planned again on the first decode
 
     def _plan_step(self, x: torch.Tensor, i: int) -> DecodeStep | None:
         """Layer i's DecodeStep, or None where it takes the Python step (a dense layer, a norm or
@@ -471,8 +484,7 @@ class MoeModel(nn.Module):
                        step_projection(h, w.gate, w.gate_bias))
         if any(p is None for p in projections):
             return None
-        sinks = cpu_gemv.no_sinks() if w.sinks is None else w.sinks.float().contiguous()
-        return DecodeStep(self._step_ptrs(i), ln1, ln2, projections, cfg.window(i), sinks, self._plan_moe(h, i))
+        return DecodeStep(self._step_ptrs(i), ln1, ln2, projections, cfg.window(i), w.sinks, self._plan_moe(h, i))
 
     def _plan_moe(self, h: torch.Tensor, i: int) -> Any:
         """Layer i's router function and experts as one compiled call for one token h [1, H], or None: a
@@ -492,10 +504,11 @@ class MoeModel(nn.Module):
         """[x + attention, RMSNorm of that (the MoE input), router logits] for one token x [1, 1, H] (each
         [1, ...]), in one compiled call."""
         cfg = self.cfg
+        sinks = cpu_gemv.no_sinks() if step.sinks is None else step.sinks.float().contiguous()
         return cpu_gemv.attn_block_decode(x.view(1, -1), step.ln1, step.ln2, cfg.rms_norm_eps, step.projections,
                                           self.rope_cos, self.rope_sin, cache.k[i, 0], cache.v[i, 0], start,
                                           cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim,
-                                          step.window, cfg.head_dim ** -0.5, step.sinks)
+                                          step.window, cfg.head_dim ** -0.5, sinks)
 
     def _decode_layer(self, x: torch.Tensor, i: int, step: DecodeStep, start: int, cache: KVCache, steered: bool,
                       router_logits: list[torch.Tensor] | None) -> torch.Tensor:

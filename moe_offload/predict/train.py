@@ -38,6 +38,8 @@ def collect_window(model: MoeModel, ids: list[int], expert_outputs: bool = False
     cache = KVCache(model.cfg, 1, len(ids), model.dtype, model.device)
 
     class Residuals(Observer):
+        steers_routing = False
+
         def on_residual(self, layer: int, x: torch.Tensor, start_pos: int) -> None:
             xs[:, layer] = x.float()
 

@@ -122,7 +122,7 @@ inline float dot(const W* w, const float* x, int64_t K) {
   for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(widen16(w + k), _mm512_loadu_ps(x + k), a0);
   acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #endif
-  for (; k < K; ++k) acc += widen1(w[k]) * x[k];
+  for (; k < K; ++k) acc = std::fma(widen1(w[k]), x[k], acc);  // explicit: dot4's tail contracts the same
   return acc;
 }
 
@@ -147,7 +147,7 @@ inline void dot4(const float* w, int64_t K, const float* x, float* out) {
     acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])));
 #endif
   for (int r = 0; r < 4; ++r) {
-    for (int64_t j = k; j < K; ++j) acc[r] += w[r * K + j] * x[j];
+    for (int64_t j = k; j < K; ++j) acc[r] = std::fma(w[r * K + j], x[j], acc[r]);
     out[r] = acc[r];
   }
 }
