@@ -368,3 +368,16 @@ def test_a_model_copies_after_decoding():
         m.model, kept = twin, m.model
         assert torch.equal(decode_steps(m, ids, steps=2), before)
         m.model = kept
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_compiled_step_runs_qwen_layers_as_the_python_step(family, dtype, tmp_path, monkeypatch):
+    # Qwen3: per-head q / k RMSNorm; Qwen2-MoE: q/k/v biases, a shared expert behind a sigmoid gate, weights
+    # not renormalized
+    from test_families import build_hf
+
+    build_hf(tmp_path / family, family)
+    with mo.load(tmp_path / family, device="cpu", dtype=dtype) as m:
+        fused, python = _with_and_without_the_compiled_step(m, monkeypatch, ids=list(range(3, 15)))
+    assert torch.equal(fused, python)

@@ -316,17 +316,19 @@ def step_int8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Ten
 def attn_block_decode(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: float,
                       projections: tuple[StepProjection, StepProjection, StepProjection], cos: torch.Tensor,
                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
-                      kv_heads: int, rotary_dim: int, window: int | None, scale: float, sinks: torch.Tensor
-                      ) -> list[torch.Tensor]:
+                      kv_heads: int, rotary_dim: int, window: int | None, scale: float, sinks: torch.Tensor,
+                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The attention half of one decode step and its router, one call: x [1, H] the residual ->
     [x + o_proj(attention(qkv_proj(RMSNorm(x) * ln1))), h = RMSNorm(that) * ln2, router logits of h], the
     same ops as the Python step (rms_norm, layers.linear, attn_decode) in the same order. projections:
     qkv, o, router; cos / sin the RoPE tables [S, >= rotary_dim]; the caches [kv_heads, S, hd] (written at
-    pos); sinks float32 [heads] or empty."""
+    pos); sinks float32 [heads] or empty; q_norm / k_norm [hd]: each q and k head RMS-normed after the
+    projection (Qwen3's per-head norm), as rms_norm does it."""
     return _require().attn_block_decode(x, ln1, ln2, eps, [p.kind for p in projections],
                                         [list(p.tensors) for p in projections], [p.bias for p in projections],
                                         cos, sin, k_cache, v_cache, pos, heads, kv_heads, rotary_dim, window or 0,
-                                        scale, sinks)
+                                        scale, sinks, _EMPTY if q_norm is None else q_norm,
+                                        _EMPTY if k_norm is None else k_norm)
 
 
 def moe_decode(scoring: str, renormalize: bool, scale: float, top_k: int, packed: bool, entries: list) -> Any:

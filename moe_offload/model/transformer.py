@@ -36,6 +36,7 @@ class DecodeStep:
     ptrs: tuple[int, ...]
     ln1: torch.Tensor
     ln2: torch.Tensor
+    qk_norms: tuple[torch.Tensor, torch.Tensor] | None  # per-head q / k norms (Qwen3), or None
     projections: tuple[cpu_gemv.StepProjection, cpu_gemv.StepProjection, cpu_gemv.StepProjection]
     window: int | None
     sinks: torch.Tensor | None
@@ -439,9 +440,10 @@ class MoeModel(nn.Module):
                ) -> list[DecodeStep | None] | None:
         """Each layer's DecodeStep for one token x [1, 1, H] (None for a layer that takes the Python step),
         or None when no layer can: not one token on the CPU with the decode glue, gradients wanted, latent
-        attention, q/k norms or clipping (their ops are the Python step's only), a position limit."""
+        attention, whole-projection q/k norms or clipping (their ops are the Python step's only), a position
+        limit."""
         cfg = self.cfg
-        if (x.shape[0] != 1 or x.shape[1] != 1 or cache is None or self.mla is not None or cfg.qk_norm != "none"
+        if (x.shape[0] != 1 or x.shape[1] != 1 or cache is None or self.mla is not None or cfg.qk_norm == "full"
                 or cfg.clip_qkv is not None or torch.is_grad_enabled() or self.position_limit is not None
                 or not self._glue_decode(x, start, cache)):
             return None
@@ -460,7 +462,7 @@ class MoeModel(nn.Module):
     def _step_ptrs(self, i: int) -> tuple[int, ...]:
         w = self.layers[i]
         weights = (w.input_layernorm, w.post_attention_layernorm, w.qkv_proj, w.o_proj, w.gate, w.qkv_bias, w.o_bias,
-                   w.gate_bias, w.sinks)
+                   w.gate_bias, w.sinks, w.q_norm, w.k_norm)
         rows = tuple(getattr(t, "int8_rows", (None,))[0] for t in (w.qkv_proj, w.o_proj, w.gate))
         return tuple(0 if t is None else t.data_ptr() for t in weights + rows)
 
@@ -476,15 +478,17 @@ class MoeModel(nn.Module):
             return None
         h = x.reshape(1, -1)  # [1, H]
         ln1, ln2 = w.input_layernorm, w.post_attention_layernorm
-        if not all(n.shape == h.shape[-1:] and n.dtype in (h.dtype, torch.float32) and n.is_contiguous()
-                   and cpu_gemv.glue_runs(h, n) for n in (ln1, ln2)):
+        qk = (w.q_norm, w.k_norm) if cfg.qk_norm == "per_head" else None
+        head = h.new_empty(1, cfg.head_dim)
+        if not all(n.shape == like.shape[-1:] and n.dtype in (h.dtype, torch.float32) and n.is_contiguous()
+                   and cpu_gemv.glue_runs(like, n) for n, like in ((ln1, h), (ln2, h), *((q, head) for q in qk or ()))):
             return None
         o = h.new_empty(1, cfg.num_attention_heads * cfg.head_dim)  # the attention output's shape and dtype
         projections = (step_projection(h, w.qkv_proj, w.qkv_bias), step_projection(o, w.o_proj, w.o_bias),
                        step_projection(h, w.gate, w.gate_bias))
         if any(p is None for p in projections):
             return None
-        return DecodeStep(self._step_ptrs(i), ln1, ln2, projections, cfg.window(i), w.sinks, self._plan_moe(h, i))
+        return DecodeStep(self._step_ptrs(i), ln1, ln2, qk, projections, cfg.window(i), w.sinks, self._plan_moe(h, i))
 
     def _plan_moe(self, h: torch.Tensor, i: int) -> Any:
         """Layer i's router function and experts as one compiled call for one token h [1, H], or None: a
@@ -508,7 +512,7 @@ class MoeModel(nn.Module):
         return cpu_gemv.attn_block_decode(x.view(1, -1), step.ln1, step.ln2, cfg.rms_norm_eps, step.projections,
                                           self.rope_cos, self.rope_sin, cache.k[i, 0], cache.v[i, 0], start,
                                           cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim,
-                                          step.window, cfg.head_dim ** -0.5, sinks)
+                                          step.window, cfg.head_dim ** -0.5, sinks, *(step.qk_norms or ()))
 
     def _decode_layer(self, x: torch.Tensor, i: int, step: DecodeStep, start: int, cache: KVCache, steered: bool,
                       router_logits: list[torch.Tensor] | None) -> torch.Tensor:

@@ -1685,7 +1685,8 @@ torch::Tensor step_projection(const torch::Tensor& x, int64_t kind, const std::v
 
 // The attention half of one decode step of a grouped-query layer, and its MoE router, in one call: for the
 // residual x [1, H],
-//   a = o_proj(attention(qkv_proj(RMSNorm(x) * ln1)))    (RoPE at pos, the cache written at pos)
+//   a = o_proj(attention(qkv_proj(RMSNorm(x) * ln1)))    (RoPE at pos, the cache written at pos; with
+//                                                         q_norm / k_norm [hd]: each q and k head normed first)
 //   x2 = x + a;  h = RMSNorm(x2) * ln2;  logits = router(h)
 // -> {x2, h, logits}, each op the one the Python step runs (rms_norm, step_projection, attn_decode), so the
 // values are the same. projections: qkv, o, router (kinds / tensors / biases as step_projection takes them);
@@ -1696,11 +1697,17 @@ std::vector<torch::Tensor> attn_block_decode(const torch::Tensor& x, const torch
                                              const std::vector<torch::Tensor>& biases, const torch::Tensor& cos,
                                              const torch::Tensor& sin, torch::Tensor kc, torch::Tensor vc, int64_t pos,
                                              int64_t nh, int64_t nkv, int64_t rd, int64_t window, double scale,
-                                             const torch::Tensor& sinks) {
+                                             const torch::Tensor& sinks, const torch::Tensor& q_norm,
+                                             const torch::Tensor& k_norm) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be [1, H]");
   TORCH_CHECK(kinds.size() == 3 && weights.size() == 3 && biases.size() == 3, "three projections: qkv, o, router");
   TORCH_CHECK(pos >= 0 && pos < cos.size(0) && pos < sin.size(0), "position ", pos, " outside the RoPE tables");
-  const auto qkv = step_projection(rms_norm(x, ln1, eps), kinds[0], weights[0], biases[0]);
+  auto qkv = step_projection(rms_norm(x, ln1, eps), kinds[0], weights[0], biases[0]);
+  if (q_norm.numel()) {  // Qwen3: RMSNorm over head_dim, per q and k head (model/transformer.py _qkv)
+    const auto heads = qkv.view({nh + 2 * nkv, kc.size(2)});
+    qkv = at::cat({rms_norm(heads.narrow(0, 0, nh), q_norm, eps), rms_norm(heads.narrow(0, nh, nkv), k_norm, eps),
+                   heads.narrow(0, nh + nkv, nkv)}, 0);
+  }
   const auto o = attn_decode(qkv.reshape(-1).contiguous(), cos[pos], sin[pos], kc, vc, pos, nh, nkv, rd, window,
                              scale, sinks);
   auto x2 = x + step_projection(o, kinds[1], weights[1], biases[1]);
