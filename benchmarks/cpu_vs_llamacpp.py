@@ -23,7 +23,10 @@ beside this machine's copy bandwidth (a STREAM-like copy of 256 MiB, measured in
         [--threads 2] [--prompts 64,512] [--gen 32] [--repeats 3] [--precisions f32,bf16,q8_0,q4_0]
 
 Threads: 2 is this project's reference machine (2 cores). On bigger machines run it again with
---threads 1 and with the physical core count; the JSON records the thread count and the CPU.
+--threads 1 and with the physical core count; the JSON records the thread count and the CPU. At 1 thread
+on the reference machine (2026-12-07, --repeats 1 --precisions bf16,q8_0,q4_0), decode ours / llama.cpp
+tok/s: bf16 31.7 / 24.2, int8 / q8_0 51.0 / 36.3, int4 g32 / q4_0 57.2 / 47.1; prefill 64: 234 / 102,
+165 / 121, 195 / 162.
 Writes benchmarks/results/cpu_vs_llamacpp.json (or --out) and prints a table.
 
     python benchmarks/cpu_vs_llamacpp.py --crossover [--threads 2]
