@@ -284,14 +284,9 @@ def attn_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
 _EMPTY = torch.empty(0)
 
 
-def no_sinks() -> torch.Tensor:
-    """The empty tensor attn_decode / attn_block_decode take for 'no attention sinks'."""
-    return _EMPTY
-
-
 @dataclass(frozen=True)
 class StepProjection:
-    """One projection of the compiled decode step (attn_block_decode), run exactly as model.layers.linear
+    """One projection of the compiled decode step (attn_plan), run exactly as model.layers.linear
     runs one row: kind 0 bfloat16 pair dots (w), 1 float32 sums (w float32 or bfloat16), 2 int8 rows (q, s)
     against 8-bit activations, 3 int8 rows against float32 activations; then `+ bias` unless it is empty."""
 
@@ -313,22 +308,26 @@ def step_int8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias: torch.Ten
     return StepProjection(2 if int8_activations(x, q.shape[1]) else 3, (q, s), _EMPTY if bias is None else bias)
 
 
-def attn_block_decode(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps: float,
-                      projections: tuple[StepProjection, StepProjection, StepProjection], cos: torch.Tensor,
-                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
-                      kv_heads: int, rotary_dim: int, window: int | None, scale: float, sinks: torch.Tensor,
-                      q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The attention half of one decode step and its router, one call: x [1, H] the residual ->
-    [x + o_proj(attention(qkv_proj(RMSNorm(x) * ln1))), h = RMSNorm(that) * ln2, router logits of h], the
-    same ops as the Python step (rms_norm, layers.linear, attn_decode) in the same order. projections:
-    qkv, o, router; cos / sin the RoPE tables [S, >= rotary_dim]; the caches [kv_heads, S, hd] (written at
-    pos); sinks float32 [heads] or empty; q_norm / k_norm [hd]: each q and k head RMS-normed after the
-    projection (Qwen3's per-head norm), as rms_norm does it."""
-    return _require().attn_block_decode(x, ln1, ln2, eps, [p.kind for p in projections],
-                                        [list(p.tensors) for p in projections], [p.bias for p in projections],
-                                        cos, sin, k_cache, v_cache, pos, heads, kv_heads, rotary_dim, window or 0,
-                                        scale, sinks, _EMPTY if q_norm is None else q_norm,
-                                        _EMPTY if k_norm is None else k_norm)
+def attn_plan(ln1: torch.Tensor, ln2: torch.Tensor, eps: float,
+              projections: tuple[StepProjection, StepProjection, StepProjection], heads: int, kv_heads: int,
+              rotary_dim: int, window: int | None, scale: float, sinks: torch.Tensor | None,
+              q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None) -> Any:
+    """The attention half of one layer's decode step and its router, planned once (attn_block_decode runs
+    it): x [1, H] the residual -> [x + o_proj(attention(qkv_proj(RMSNorm(x) * ln1))), h = RMSNorm(that) *
+    ln2, router logits of h], the same ops as the Python step (rms_norm, layers.linear, attn_decode) in the
+    same order. projections: qkv, o, router; sinks [heads] or None (read as float32 at each call);
+    q_norm / k_norm [hd]: each q and k head RMS-normed after the projection (Qwen3's per-head norm)."""
+    return _require().AttnDecode(ln1, ln2, eps, [p.kind for p in projections], [list(p.tensors) for p in projections],
+                                 [p.bias for p in projections], heads, kv_heads, rotary_dim, window or 0, scale,
+                                 _EMPTY if sinks is None else sinks, _EMPTY if q_norm is None else q_norm,
+                                 _EMPTY if k_norm is None else k_norm)
+
+
+def attn_block_decode(plan: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, layer: int, pos: int) -> list[torch.Tensor]:
+    """Run an attn_plan for one token x [1, H] at position pos: cos / sin the RoPE tables [S, >= rotary_dim],
+    the caches [L, B, kv_heads, S, hd] (layer `layer`, row 0 written at pos) -> [x2, h, logits]."""
+    return plan.run(x, cos, sin, k_cache, v_cache, layer, pos)
 
 
 def moe_decode(scoring: str, renormalize: bool, scale: float, top_k: int, packed: bool, entries: list) -> Any:

@@ -26,20 +26,21 @@ from .moe import ExpertBackend, ResidentExperts, expert_activation
 from .observers import LayerObserver
 
 
+# the weights a DecodeStep reads, and those of them that may be held as int8 rows
+_STEP_WEIGHTS = ("input_layernorm", "post_attention_layernorm", "qkv_proj", "o_proj", "gate", "qkv_bias", "o_bias",
+                 "gate_bias", "sinks", "q_norm", "k_norm")
+_STEP_INT8 = ("qkv_proj", "o_proj", "gate")
+
+
 @dataclass(frozen=True)
 class DecodeStep:
-    """A MoE layer's attention half and router as one compiled call (cpu_gemv.attn_block_decode), and its
-    router function and experts as another (cpu_gemv.moe_decode; None where the Python step runs them),
-    for one token on the CPU. It holds the weights themselves (edits in place are seen); `ptrs` is the
-    storage it was planned on, so a weight given new storage replans."""
+    """A MoE layer's attention half and router as one compiled call (`attn`, cpu_gemv.attn_plan), and its
+    router function and experts as another (`moe`, cpu_gemv.moe_decode; None where the Python step runs
+    them), for one token on the CPU. Both hold the weights themselves (edits in place are seen); `ptrs` is
+    the storage they were planned on, so a weight given new storage replans."""
 
     ptrs: tuple[int, ...]
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    qk_norms: tuple[torch.Tensor, torch.Tensor] | None  # per-head q / k norms (Qwen3), or None
-    projections: tuple[cpu_gemv.StepProjection, cpu_gemv.StepProjection, cpu_gemv.StepProjection]
-    window: int | None
-    sinks: torch.Tensor | None
+    attn: Any
     moe: Any
 
 
@@ -460,11 +461,12 @@ class MoeModel(nn.Module):
         return tuple(p.data_ptr() for p in params)
 
     def _step_ptrs(self, i: int) -> tuple[int, ...]:
-        w = self.layers[i]
-        weights = (w.input_layernorm, w.post_attention_layernorm, w.qkv_proj, w.o_proj, w.gate, w.qkv_bias, w.o_bias,
-                   w.gate_bias, w.sinks, w.q_norm, w.k_norm)
-        rows = tuple(getattr(t, "int8_rows", (None,))[0] for t in (w.qkv_proj, w.o_proj, w.gate))
-        return tuple(0 if t is None else t.data_ptr() for t in weights + rows)
+        """The storage of every weight layer i's DecodeStep reads (read from the parameter table: this runs
+        for every layer of every decode token)."""
+        params = self.layers[i]._parameters
+        weights = [params.get(name) for name in _STEP_WEIGHTS]
+        weights += [getattr(params.get(name), "int8_rows", (None,))[0] for name in _STEP_INT8]
+        return tuple(0 if t is None else t.data_ptr() for t in weights)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -488,7 +490,10 @@ class MoeModel(nn.Module):
                        step_projection(h, w.gate, w.gate_bias))
         if any(p is None for p in projections):
             return None
-        return DecodeStep(self._step_ptrs(i), ln1, ln2, qk, projections, cfg.window(i), w.sinks, self._plan_moe(h, i))
+        attn = cpu_gemv.attn_plan(ln1, ln2, cfg.rms_norm_eps, projections, cfg.num_attention_heads,
+                                  cfg.num_key_value_heads, cfg.rotary_dim, cfg.window(i), cfg.head_dim ** -0.5,
+                                  w.sinks, *(qk or ()))
+        return DecodeStep(self._step_ptrs(i), attn, self._plan_moe(h, i))
 
     def _plan_moe(self, h: torch.Tensor, i: int) -> Any:
         """Layer i's router function and experts as one compiled call for one token h [1, H], or None: a
@@ -503,24 +508,14 @@ class MoeModel(nn.Module):
             return None
         return cpu_gemv.moe_decode(r.scoring, r.renormalize, r.scale, r.top_k, *experts)
 
-    def _attn_block(self, x: torch.Tensor, i: int, step: DecodeStep, start: int, cache: KVCache
-                    ) -> list[torch.Tensor]:
-        """[x + attention, RMSNorm of that (the MoE input), router logits] for one token x [1, 1, H] (each
-        [1, ...]), in one compiled call."""
-        cfg = self.cfg
-        sinks = cpu_gemv.no_sinks() if step.sinks is None else step.sinks.float().contiguous()
-        return cpu_gemv.attn_block_decode(x.view(1, -1), step.ln1, step.ln2, cfg.rms_norm_eps, step.projections,
-                                          self.rope_cos, self.rope_sin, cache.k[i, 0], cache.v[i, 0], start,
-                                          cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rotary_dim,
-                                          step.window, cfg.head_dim ** -0.5, sinks, *(step.qk_norms or ()))
-
     def _decode_layer(self, x: torch.Tensor, i: int, step: DecodeStep, start: int, cache: KVCache, steered: bool,
                       router_logits: list[torch.Tensor] | None) -> torch.Tensor:
         """MoE layer i for one token x [1, 1, H] -> [1, 1, H] by its DecodeStep: attention and router in one
         compiled call, the router function and experts in another (the Python step's where the step has
         none or an observer may steer the routing; observers are told of the routing after the experts)."""
         moe_layer = i - self.first_moe
-        x, h, logits = self._attn_block(x, i, step, start, cache)  # [1, H], [1, H], [1, E]
+        x, h, logits = cpu_gemv.attn_block_decode(step.attn, x.view(1, -1), self.rope_cos, self.rope_sin, cache.k,
+                                                  cache.v, i, start)  # [1, H], [1, H], [1, E]
         for ob in self.observers:
             ob.on_residual(moe_layer, x, start)
         if step.moe is None or steered:

@@ -1683,38 +1683,59 @@ torch::Tensor step_projection(const torch::Tensor& x, int64_t kind, const std::v
   return bias.numel() ? y + bias : y;
 }
 
-// The attention half of one decode step of a grouped-query layer, and its MoE router, in one call: for the
-// residual x [1, H],
+// The attention half of one decode step of a grouped-query layer, and its MoE router, planned once per
+// layer, run per token: for the residual x [1, H],
 //   a = o_proj(attention(qkv_proj(RMSNorm(x) * ln1)))    (RoPE at pos, the cache written at pos; with
 //                                                         q_norm / k_norm [hd]: each q and k head normed first)
 //   x2 = x + a;  h = RMSNorm(x2) * ln2;  logits = router(h)
 // -> {x2, h, logits}, each op the one the Python step runs (rms_norm, step_projection, attn_decode), so the
 // values are the same. projections: qkv, o, router (kinds / tensors / biases as step_projection takes them);
-// cos / sin the whole RoPE tables [S, >= rd]; kc / vc [nkv, S, hd] the layer's caches.
-std::vector<torch::Tensor> attn_block_decode(const torch::Tensor& x, const torch::Tensor& ln1, const torch::Tensor& ln2,
-                                             double eps, const std::vector<int64_t>& kinds,
-                                             const std::vector<std::vector<torch::Tensor>>& weights,
-                                             const std::vector<torch::Tensor>& biases, const torch::Tensor& cos,
-                                             const torch::Tensor& sin, torch::Tensor kc, torch::Tensor vc, int64_t pos,
-                                             int64_t nh, int64_t nkv, int64_t rd, int64_t window, double scale,
-                                             const torch::Tensor& sinks, const torch::Tensor& q_norm,
-                                             const torch::Tensor& k_norm) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be [1, H]");
-  TORCH_CHECK(kinds.size() == 3 && weights.size() == 3 && biases.size() == 3, "three projections: qkv, o, router");
-  TORCH_CHECK(pos >= 0 && pos < cos.size(0) && pos < sin.size(0), "position ", pos, " outside the RoPE tables");
-  auto qkv = step_projection(rms_norm(x, ln1, eps), kinds[0], weights[0], biases[0]);
-  if (q_norm.numel()) {  // Qwen3: RMSNorm over head_dim, per q and k head (model/transformer.py _qkv)
-    const auto heads = qkv.view({nh + 2 * nkv, kc.size(2)});
-    qkv = at::cat({rms_norm(heads.narrow(0, 0, nh), q_norm, eps), rms_norm(heads.narrow(0, nh, nkv), k_norm, eps),
-                   heads.narrow(0, nh + nkv, nkv)}, 0);
+// sinks [nh] in any float dtype or empty (read as float32 at each call, so edits in place are seen).
+class AttnDecode {
+ public:
+  AttnDecode(torch::Tensor ln1, torch::Tensor ln2, double eps, std::vector<int64_t> kinds,
+             std::vector<std::vector<torch::Tensor>> weights, std::vector<torch::Tensor> biases, int64_t nh, int64_t nkv,
+             int64_t rd, int64_t window, double scale, torch::Tensor sinks, torch::Tensor q_norm, torch::Tensor k_norm)
+      : ln1_(std::move(ln1)), ln2_(std::move(ln2)), eps_(eps), kinds_(std::move(kinds)), weights_(std::move(weights)),
+        biases_(std::move(biases)), nh_(nh), nkv_(nkv), rd_(rd), window_(window), scale_(scale),
+        sinks_(std::move(sinks)), q_norm_(std::move(q_norm)), k_norm_(std::move(k_norm)) {
+    TORCH_CHECK(kinds_.size() == 3 && weights_.size() == 3 && biases_.size() == 3, "three projections: qkv, o, router");
   }
-  const auto o = attn_decode(qkv.reshape(-1).contiguous(), cos[pos], sin[pos], kc, vc, pos, nh, nkv, rd, window,
-                             scale, sinks);
-  auto x2 = x + step_projection(o, kinds[1], weights[1], biases[1]);
-  auto h = rms_norm(x2, ln2, eps);
-  auto logits = step_projection(h, kinds[2], weights[2], biases[2]);
-  return {x2, h, logits};
-}
+
+  // x [1, H]; cos / sin the whole RoPE tables [S, >= rd]; k_cache / v_cache [L, B, nkv, S, hd], of which
+  // layer `layer`, row 0 is read and written at pos
+  std::vector<torch::Tensor> run(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                 const torch::Tensor& k_cache, const torch::Tensor& v_cache, int64_t layer,
+                                 int64_t pos) const {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "x must be [1, H]");
+    TORCH_CHECK(pos >= 0 && pos < cos.size(0) && pos < sin.size(0), "position ", pos, " outside the RoPE tables");
+    TORCH_CHECK(k_cache.dim() == 5 && layer >= 0 && layer < k_cache.size(0), "caches must be [L, B, nkv, S, hd]");
+    const auto kc = k_cache.select(0, layer).select(0, 0), vc = v_cache.select(0, layer).select(0, 0);
+    auto qkv = step_projection(rms_norm(x, ln1_, eps_), kinds_[0], weights_[0], biases_[0]);
+    if (q_norm_.numel()) {  // Qwen3: RMSNorm over head_dim, per q and k head (model/transformer.py _qkv)
+      const auto heads = qkv.view({nh_ + 2 * nkv_, kc.size(2)});
+      qkv = at::cat({rms_norm(heads.narrow(0, 0, nh_), q_norm_, eps_), rms_norm(heads.narrow(0, nh_, nkv_), k_norm_, eps_),
+                     heads.narrow(0, nh_ + nkv_, nkv_)}, 0);
+    }
+    const auto sinks = sinks_.numel() ? sinks_.to(torch::kFloat32).contiguous() : sinks_;
+    const auto o = attn_decode(qkv.reshape(-1).contiguous(), cos[pos], sin[pos], kc, vc, pos, nh_, nkv_, rd_, window_,
+                               scale_, sinks);
+    auto x2 = x + step_projection(o, kinds_[1], weights_[1], biases_[1]);
+    auto h = rms_norm(x2, ln2_, eps_);
+    auto logits = step_projection(h, kinds_[2], weights_[2], biases_[2]);
+    return {x2, h, logits};
+  }
+
+ private:
+  torch::Tensor ln1_, ln2_;
+  double eps_;
+  std::vector<int64_t> kinds_;
+  std::vector<std::vector<torch::Tensor>> weights_;
+  std::vector<torch::Tensor> biases_;
+  int64_t nh_, nkv_, rd_, window_;
+  double scale_;
+  torch::Tensor sinks_, q_norm_, k_norm_;
+};
 
 // A MoE layer's router function and its experts, planned once, run per decode token: logits [1, E] ->
 // the top_k experts and weights by the same PyTorch ops as families.Routing (softmax then top-k, optionally
@@ -1814,7 +1835,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("attn_decode", &attn_decode, "one token's RoPE, cache write and grouped-query attention");
   mod.def("experts_decode", &experts_decode, "out [1, H] += one token's float experts, weighted");
   mod.def("step_projection", &step_projection, "one decode projection as layers.linear runs it (kind 0-3)");
-  mod.def("attn_block_decode", &attn_block_decode, "a decode step's attention half and router in one call");
+  pybind11::class_<AttnDecode>(mod, "AttnDecode", pybind11::module_local(),
+                               "a decode step's attention half and router for one layer")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, double, std::vector<int64_t>, std::vector<std::vector<torch::Tensor>>,
+                          std::vector<torch::Tensor>, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor,
+                          torch::Tensor, torch::Tensor>())
+      .def("run", &AttnDecode::run, "x [1, H], cos, sin, k_cache, v_cache, layer, pos -> [x2, h, logits]");
   pybind11::class_<MoeDecode>(mod, "MoeDecode", pybind11::module_local(),
                               "a MoE layer's router function and experts for one decode token")
       .def(pybind11::init<int64_t, bool, double, int64_t, bool, std::vector<int64_t>, std::vector<std::vector<torch::Tensor>>,
