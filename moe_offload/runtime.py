@@ -249,6 +249,9 @@ class OffloadedModel:
             if timing.decode_seconds > 0 else 0.0,
             "expert_uses": usage.tolist(),  # routed (token, k) assignments per [layer][expert]
             "offload": self.expert_cache is not None,
+            # resident packed experts of a file's memory map (GGUF) copied into RAM for the CPU kernels: their
+            # bytes (0: read from the map, or not a mapped store)
+            "experts_ram_copy_bytes": getattr(self.model.experts, "ram_copy_bytes", 0),
             "speculative": self.speculative is not None,
             **(self.speculative.stats_dict() if self.speculative is not None else {}),
             **(self.cache_stats() if self.expert_cache is not None else {}),
@@ -365,7 +368,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     check_load_ram(cfg, fmt, dt, dev, offload, mapped=mapped)
     if fmt.quantized and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt)
-        experts = PackedResidentExperts(store, dev, backend)
+        experts = PackedResidentExperts(store, dev, backend, show_progress=runtime.show_progress)
     if offload:
         budget = CacheBudget(tune.cache_experts, config.cache_per_layer, config.cache_gb)
         plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt)

@@ -310,10 +310,11 @@ def test_the_compiled_decode_step_equals_the_python_step_bit_for_bit(dtype, dens
 
 
 @pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
-def test_the_compiled_step_runs_gguf_experts_as_the_python_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])  # Q4_0: copied into RAM as int4
+def test_the_compiled_step_runs_gguf_experts_as_the_python_step(qtype, tmp_path, monkeypatch):
     from test_gguf import write_wide_gguf
 
-    f = write_wide_gguf(tmp_path / "w.gguf", hidden=256, inter=512, qtype="Q8_0")
+    f = write_wide_gguf(tmp_path / "w.gguf", hidden=256, inter=512, qtype=qtype)
     with mo.load(f, device="cpu", dtype="bfloat16") as m:
         fused, python = _with_and_without_the_compiled_step(m, monkeypatch)
     assert torch.equal(fused, python)

@@ -223,13 +223,17 @@ def test_dequantized_experts_equal_gguf_quants_bit_for_bit(qtype, tmp_path):
     r = {t.name: t for t in GGUFReader(str(f)).tensors}
     E = ck.config.num_local_experts
     for l in range(ck.config.num_hidden_layers):
-        pool = store.layer_pool(l)  # the file's memory map
         ref = {g: dequantize(r[f"blk.{l}.ffn_{g}_exps.weight"].data, T[qtype]) for g in ("gate", "up", "down")}
-        for e in range(E):
-            w13, w2 = pool.dequant(e, torch.float32)
-            want13 = np.concatenate([ref["gate"][e], ref["up"][e]])
-            assert np.array_equal(w13.numpy().view(np.uint32), want13.view(np.uint32))
-            assert np.array_equal(w2.numpy().view(np.uint32), ref["down"][e].view(np.uint32))
+        # the file's memory map, and its copy into RAM for the CPU kernels (Q4_0 there in the int4 layout)
+        mapped = store.layer_pool(l)
+        copied = mapped.in_ram()
+        assert (type(copied).__name__ == "Int4Pool") == (qtype == "Q4_0")
+        for pool in (mapped, copied):
+            for e in range(E):
+                w13, w2 = pool.dequant(e, torch.float32)
+                want13 = np.concatenate([ref["gate"][e], ref["up"][e]])
+                assert np.array_equal(w13.numpy().view(np.uint32), want13.view(np.uint32))
+                assert np.array_equal(w2.numpy().view(np.uint32), ref["down"][e].view(np.uint32))
     # bytes per expert and per miss: the file's bytes, exactly (rows are unpadded)
     assert store.mapped and store.buffer is None
     assert store.host_bytes == ck.expert_file_bytes() == E * ck.config.num_hidden_layers * store.expert_bytes
@@ -411,27 +415,50 @@ def write_wide_gguf(path, hidden=256, inter=6144, experts=8, layers=2, qtype="Q8
     return path
 
 
-def test_the_host_store_reads_the_file_in_place_rss_does_not_grow_by_the_experts(tmp_path):
+def _rss_over_load(tmp_path, qtype="Q8_0"):
+    """(model, RSS growth over loading a GGUF whose experts dominate, the file's expert bytes), every import and
+    first-use cost paid before."""
     import gc
 
     import psutil
 
     small = write_gguf(tmp_path / "small.gguf", tiny_mixtral(64, 96), "llama")
-    mo.load(small, device="cpu").generate(PROMPT, max_new_tokens=2)  # every import and first-use cost paid
-    f = write_wide_gguf(tmp_path / "wide.gguf")
+    mo.load(small, device="cpu").generate(PROMPT, max_new_tokens=2)
+    f = write_wide_gguf(tmp_path / "wide.gguf", qtype=qtype)
     experts = GgufCheckpoint(f).expert_file_bytes()
-    assert 75e6 < experts < 85e6
+    assert 40e6 < experts < 85e6  # Q8_0 80 MB, Q4_0 42 MB
     gc.collect()
     proc = psutil.Process()
     before = proc.memory_info().rss
     m = mo.load(f, device="cpu", dtype="float32")
-    after = proc.memory_info().rss
-    print(f"RSS before load {before / 1e6:.1f} MB, after {after / 1e6:.1f} MB (+{(after - before) / 1e6:.1f} MB); "
-          f"experts in the file {experts / 1e6:.1f} MB")
-    assert after - before < 0.25 * experts  # a copy into RAM would add all of them
+    grew = proc.memory_info().rss - before
+    print(f"RSS +{grew / 1e6:.1f} MB over the load; experts in the file {experts / 1e6:.1f} MB")
+    return m, grew, experts
+
+
+def test_experts_that_do_not_fit_in_ram_are_read_in_place_rss_does_not_grow_by_them(tmp_path, monkeypatch):
+    from moe_offload.offload import packed
+
+    monkeypatch.setattr(packed, "available_host_bytes", lambda: 10 << 20)  # no room for a copy
+    m, grew, experts = _rss_over_load(tmp_path)
+    assert grew < 0.25 * experts  # a copy into RAM would add all of them
     assert m.generate(PROMPT, max_new_tokens=3).token_ids  # it runs, straight from the map
     store = m.model.experts.store
     assert store.mapped and store.host_bytes == experts and not store.pinned
+    assert m.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"] == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_experts_that_fit_are_copied_into_ram_once_and_the_map_leaves_the_resident_set(qtype, tmp_path):
+    m, grew, experts = _rss_over_load(tmp_path, qtype)
+    copied = m.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"]
+    store = m.model.experts.store
+    assert store.mapped and store.host_bytes == experts  # the store itself is still the file's map
+    # the copy holds the file's bytes (Q4_0 as int4: the same 18 bytes per 32 weights, plus one expert's
+    # zero points shared by all)
+    assert experts <= copied <= 1.02 * experts
+    assert grew < 1.3 * experts  # not twice: the map's pages read for the copy were dropped
+    assert m.generate(PROMPT, max_new_tokens=3).token_ids
 
 
 def test_a_file_larger_than_available_ram_warns_naming_the_shortfall(tmp_path, monkeypatch):
@@ -453,8 +480,8 @@ def test_a_file_larger_than_available_ram_warns_naming_the_shortfall(tmp_path, m
         mo.load(f, device="cpu", dtype="float32")  # fits: no warning
 
 
-@pytest.mark.parametrize("types,dense", [(("Q8_0",) * 3, "F32"), (("Q5_1", "Q5_0", "Q4_0"), "Q8_0"),
-                                         (("Q4_K", "Q4_K", "Q6_K"), "Q8_0")])
+@pytest.mark.parametrize("types,dense", [(("Q8_0",) * 3, "F32"), (("Q4_0",) * 3, "F32"),  # Q4_0: run as int4
+                                         (("Q5_1", "Q5_0", "Q4_0"), "Q8_0"), (("Q4_K", "Q4_K", "Q6_K"), "Q8_0")])
 def test_mixtral_gguf_greedy_tokens_equal_transformers_on_the_dequantized_file(types, dense, tmp_path):
     hf = tiny_mixtral(256, 256) if "Q4_K" in types else tiny_mixtral(64, 96)
     f = write_gguf(tmp_path / "m.gguf", hf, "llama", types=types, dense=dense)

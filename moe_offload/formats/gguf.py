@@ -35,14 +35,16 @@ largest (expert_bytes) and each layer reads its slots through its own views (per
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
 
-from ..kernels import cpu_gemv
+from ..kernels import cpu_gemv, hostmem
 from ..kernels.pool import GGUF_FLAGS, WEIGHT_NONE, WeightPool
+from ..kernels.quant_cpu import CpuQuantPool
 from .base import ExpertFormat, PackedFormat
+from .int4 import Int4Pool
 
 QK_K = 256
 TILE_ROWS = 512  # output rows dequantized at a time by GgufPool.ffn
@@ -310,6 +312,14 @@ class GgufPool(WeightPool):
         return _tiled(t2, self.w2[slot], self.inter, torch.nn.functional.silu(gate) * up)
 
 
+    def in_ram(self) -> WeightPool:
+        """The experts copied into huge-page RAM: Q4_0 everywhere as the int4 layout (q4_0_as_int4: the same
+        bytes, run by the int4 kernels), any other type as the file's blocks (read by the GGUF kernels)."""
+        if type(self) is GgufPool and all(t.name == "Q4_0" for t in self.types):
+            return q4_0_as_int4(self)
+        return replace(self, **{f.name: _ram_copy(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
         t1, t3, t2 = self.types
         if t1 != t3 or not (cpu_gemv.int8_activations(x, self.hidden) and cpu_gemv.int8_activations(x, self.inter)):
@@ -317,6 +327,41 @@ class GgufPool(WeightPool):
         w13 = cpu_gemv.a8_gguf([self.w13[slot], self.w3[slot]], t1.name)
         w2 = cpu_gemv.a8_gguf([self.w2[slot]], t2.name)
         return None if w13 is None or w2 is None else (w13, w2)
+
+
+def _ram_copy(t: torch.Tensor) -> torch.Tensor:
+    """t copied into a contiguous host tensor with huge pages advised (kernels.hostmem)."""
+    out = hostmem.empty(tuple(t.shape), t.dtype)
+    out.copy_(t)
+    return out
+
+
+def q4_0_rows_as_int4(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    """Q4_0 rows uint8 [N, K/32 * 18] -> q uint8 [N, K/2] in the int4 layout (weight k the low nibble of
+    byte k // 2 when k is even, the high one when odd) and s fp16 [N, K/32] the blocks' d, written in
+    place: w = (q - 8) * d either way, so the values are the file's exactly."""
+    n, nb = rows.shape[0], rows.shape[1] // 18
+    blocks = rows.reshape(n, nb, 18)
+    s.copy_(blocks[..., :2].contiguous().view(torch.float16).view(n, nb))
+    nib = blocks[..., 2:]  # [N, nb, 16]: byte j holds element j (low nibble) and j + 16 (high)
+    vals = torch.cat([nib & 0x0F, nib >> 4], dim=-1)  # [N, nb, 32] the block's elements in order
+    q.view(n, nb, 16).copy_(vals[..., 0::2] | (vals[..., 1::2] << 4))
+
+
+def q4_0_as_int4(pool: "GgufPool") -> Int4Pool:
+    """A Q4_0 pool as a symmetric int4 pool with groups of 32 in huge-page RAM: nibbles [S, N, K/2] and the
+    blocks' fp16 d as scales [S, N, K/32], gate and up as one w13 (18 bytes per 32 weights, as the file);
+    the zero points (all 8, which the symmetric kernels do not read) are one shared expert's worth."""
+    S, H, I = pool.num_slots, pool.hidden, pool.inter
+    qw13, s13 = hostmem.empty((S, 2 * I, H // 2), torch.uint8), hostmem.empty((S, 2 * I, H // 32), torch.float16)
+    qw2, s2 = hostmem.empty((S, H, I // 2), torch.uint8), hostmem.empty((S, H, I // 32), torch.float16)
+    for e in range(S):
+        q4_0_rows_as_int4(pool.w13[e], qw13[e, :I], s13[e, :I])
+        q4_0_rows_as_int4(pool.w3[e], qw13[e, I:], s13[e, I:])
+        q4_0_rows_as_int4(pool.w2[e], qw2[e], s2[e])
+    z13 = torch.full((2 * I, H // 32), 8.0, dtype=torch.float16).expand(S, -1, -1)  # z13[e] contiguous
+    z2 = torch.full((H, I // 32), 8.0, dtype=torch.float16).expand(S, -1, -1)
+    return Int4Pool(H, I, qw13, qw2, s13=s13, s2=s2, z13=z13, z2=z2, group_size=32, symmetric=True)
 
 
 def _kernel_takes(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> bool:
@@ -385,8 +430,10 @@ class GgufFormat(PackedFormat):
         e.g. views of its memory map): no copy."""
         return GgufPool(hidden, inter, w1, w2, w3=w3, types=self.types)
 
-    def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> WeightPool:
-        return pool  # its own ffn: dequantize a tile, then matmul
+    def cpu_pool(self, pool: WeightPool, dtype: torch.dtype) -> Any:
+        """The pool itself (its ffn runs the GGUF kernels, else dequantizes a tile and multiplies), or, for
+        Q4_0 experts copied into RAM as int4 (GgufPool.in_ram), the int4 format's CPU preparation."""
+        return CpuQuantPool(pool, dtype) if isinstance(pool, Int4Pool) else pool
 
     def with_bias(self, dtype: torch.dtype, act: Any = None) -> "GgufBiasedFormat":
         """These block types with the experts' biases in the row (GgufBiasedFormat)."""

@@ -41,6 +41,25 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
 
 
+MADV_DONTNEED = 4
+PAGE = 4096
+
+
+def drop_file_pages(t: torch.Tensor) -> bool:
+    """Unmap from this process the whole pages inside t's memory (madvise MADV_DONTNEED), so they leave
+    its resident set; the next read faults them back in from the page cache or the file. Only for a
+    tensor over a read-only file mapping (a GGUF file's memory map): on anonymous memory it would zero the
+    pages. True when the kernel accepted."""
+    if t.device.type != "cpu" or t.nbytes < PAGE:
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    start = -(-t.data_ptr() // PAGE) * PAGE
+    end = (t.data_ptr() + t.nbytes) // PAGE * PAGE
+    return end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0
+
+
 _LIBC: Any = None
 
 
