@@ -314,9 +314,13 @@ class GgufPool(WeightPool):
 
     def in_ram(self) -> WeightPool:
         """The experts copied into huge-page RAM: Q4_0 everywhere as the int4 layout (q4_0_as_int4: the same
-        bytes, run by the int4 kernels), any other type as the file's blocks (read by the GGUF kernels)."""
-        if type(self) is GgufPool and all(t.name == "Q4_0" for t in self.types):
+        bytes, run by the int4 kernels), Q4_K gate+up and down repacked (GgufRamPool), any other type as
+        the file's blocks (read by the GGUF kernels)."""
+        names = tuple(t.name for t in self.types)
+        if type(self) is GgufPool and names == ("Q4_0",) * 3:
             return q4_0_as_int4(self)
+        if type(self) is GgufPool and (names[0] == names[1] == "Q4_K" or names[2] == "Q4_K"):
+            return GgufRamPool.copy_of(self)
         return replace(self, **{f.name: _ram_copy(getattr(self, f.name)) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
@@ -362,6 +366,122 @@ def q4_0_as_int4(pool: "GgufPool") -> Int4Pool:
     z13 = torch.full((2 * I, H // 32), 8.0, dtype=torch.float16).expand(S, -1, -1)  # z13[e] contiguous
     z2 = torch.full((H, I // 32), 8.0, dtype=torch.float16).expand(S, -1, -1)
     return Int4Pool(H, I, qw13, qw2, s13=s13, s2=s2, z13=z13, z2=z2, group_size=32, symmetric=True)
+
+
+def q4_k_rows_repacked(rows: torch.Tensor, q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor) -> None:
+    """Q4_K rows uint8 [N, K/256 * 144] -> (written in place) q uint8 [N, K/2] the values in the int4 layout,
+    sc / mn uint8 [N, K/32] each sub-block's 6-bit scale and min, dd fp16 [N, K/256, 2] each super-block's
+    d and dmin: the file's values, 148 bytes per 256 weights where the file packs them in 144."""
+    n, nsb = rows.shape[0], rows.shape[1] // 144
+    b = rows.reshape(n * nsb, 144)
+    dd.view(n * nsb, 2).copy_(b[:, :4].contiguous().view(torch.float16))
+    s, m = _scale_min_k4(b[:, 4:16])  # [n * nsb, 8] each
+    sc.view(n * nsb, 8).copy_(s)
+    mn.view(n * nsb, 8).copy_(m)
+    vals = _nibbles(b[:, 16:].reshape(n * nsb, 4, 32)).reshape(n * nsb, QK_K)  # the block's weights in order
+    q.view(n * nsb, QK_K // 2).copy_(vals[:, 0::2] | (vals[:, 1::2] << 4))
+
+
+@dataclass(frozen=True)
+class Q4kRows:
+    """GGUF Q4_K projections repacked for the CPU kernels (q4_k_rows_repacked), slot dimension first: q
+    uint8 [S, N, K/2], sc / mn uint8 [S, N, K/32], dd fp16 [S, N, K/256, 2]. cpu_gemv.q4k_linear runs
+    them against 8-bit activations (128 weights per step, as the int4 kernel) instead of decoding each
+    super-block's packed 6-bit scales per token."""
+
+    q: torch.Tensor
+    sc: torch.Tensor
+    mn: torch.Tensor
+    dd: torch.Tensor
+
+    @classmethod
+    def repack(cls, mats: list[torch.Tensor], k: int) -> "Q4kRows":
+        """Matrices of Q4_K rows uint8 [S, N_i, K/256 * 144] (gate and up: stacked along N) in huge-page RAM."""
+        S, N = mats[0].shape[0], sum(m.shape[1] for m in mats)
+        out = cls(hostmem.empty((S, N, k // 2), torch.uint8), hostmem.empty((S, N, k // 32), torch.uint8),
+                  hostmem.empty((S, N, k // 32), torch.uint8), hostmem.empty((S, N, k // QK_K, 2), torch.float16))
+        for e in range(S):
+            lo = 0
+            for m in mats:
+                hi = lo + m.shape[1]
+                q4_k_rows_repacked(m[e], out.q[e, lo:hi], out.sc[e, lo:hi], out.mn[e, lo:hi], out.dd[e, lo:hi])
+                lo = hi
+        return out
+
+    def slot(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q[e], self.sc[e], self.mn[e], self.dd[e]
+
+    def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 of slot e as float32 [hi - lo, K]: d * sc * q - dmin * mn, the float32 operations of
+        gguf.quants (and of _q4_k) in the same order."""
+        q, sc, mn, dd = (t[e, lo:hi] for t in (self.q, self.sc, self.mn, self.dd))
+        r, subs = q.shape[0], sc.shape[1]
+        vals = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(r, subs, 32).float()
+        d = dd.float().repeat_interleave(8, dim=1)  # [r, subs, 2]: each sub-block's super-block d, dmin
+        dl, dm = d[..., 0] * sc.float(), d[..., 1] * mn.float()
+        return (dl[..., None] * vals - dm[..., None]).reshape(r, subs * 32)
+
+    def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, K] @ W^T -> [n, N]: the 8-bit activation kernel for a few rows, else TILE_ROWS dequantized
+        output rows at a time."""
+        k = x.shape[-1]
+        if x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and cpu_gemv.int8_activations(x, k):
+            return cpu_gemv.q4k_linear(x, *self.slot(e))
+        n = self.q.shape[1]
+        return torch.cat([x @ self.dequant(e, i, min(i + TILE_ROWS, n)).to(x.dtype).t() for i in range(0, n, TILE_ROWS)],
+                         dim=-1)
+
+
+@dataclass
+class GgufRamPool(GgufPool):
+    """A GGUF pool copied into RAM with its Q4_K projections repacked (k13: gate and up as one Q4kRows,
+    k2: down; None where that projection has another type, kept as the file's blocks in w13 / w3 / w2).
+    CPU only (the fused kernel reads the file's layout)."""
+
+    k13: Q4kRows | None = None
+    k2: Q4kRows | None = None
+
+    @classmethod
+    def copy_of(cls, pool: GgufPool) -> "GgufRamPool":
+        t1, t3, t2 = (t.name for t in pool.types)
+        H, I = pool.hidden, pool.inter
+        k13 = Q4kRows.repack([pool.w13, pool.w3], H) if t1 == t3 == "Q4_K" else None
+        k2 = Q4kRows.repack([pool.w2], I) if t2 == "Q4_K" else None
+        w13, w3 = (k13.q, None) if k13 is not None else (_ram_copy(pool.w13), _ram_copy(pool.w3))
+        w2 = k2.q if k2 is not None else _ram_copy(pool.w2)
+        return cls(H, I, w13, w2, w3=w3, types=pool.types, k13=k13, k2=k2)
+
+    def kernel_format(self, which: str) -> int:
+        return WEIGHT_NONE
+
+    def dequant_projection(self, which: str, slot: int) -> torch.Tensor:
+        k = self.k13 if which == "w13" else self.k2
+        if k is None:
+            return super().dequant_projection(which, slot)
+        return k.dequant(slot, 0, k.q.shape[1])
+
+    def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU on x [n, H] -> [n, H]; repacked projections by Q4kRows.linear, the others as GgufPool runs them."""
+        t1, t3, t2 = self.types
+        if self.k13 is not None:
+            gate, up = self.k13.linear(slot, x).chunk(2, dim=-1)
+        elif t1 == t3 and _kernel_takes(t1, self.w13[slot], self.hidden, x):
+            gate, up = cpu_gemv.gguf_linear(x, [self.w13[slot], self.w3[slot]], t1.name).chunk(2, dim=-1)
+        else:
+            gate, up = _tiled(t1, self.w13[slot], self.hidden, x), _tiled(t3, self.w3[slot], self.hidden, x)
+        h = torch.nn.functional.silu(gate) * up
+        return self.k2.linear(slot, h) if self.k2 is not None else _tiled(t2, self.w2[slot], self.inter, h)
+
+    def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
+        t1, t3, t2 = self.types
+        if not (cpu_gemv.int8_activations(x, self.hidden) and cpu_gemv.int8_activations(x, self.inter)):
+            return None
+        if self.k13 is not None:
+            w13 = cpu_gemv.a8_q4k(*self.k13.slot(slot))
+        else:
+            w13 = cpu_gemv.a8_gguf([self.w13[slot], self.w3[slot]], t1.name) if t1 == t3 else None
+        w2 = cpu_gemv.a8_q4k(*self.k2.slot(slot)) if self.k2 is not None else cpu_gemv.a8_gguf([self.w2[slot]], t2.name)
+        return None if w13 is None or w2 is None else (w13, w2)
 
 
 def _kernel_takes(t: BlockType, q: torch.Tensor, k: int, x: torch.Tensor) -> bool:

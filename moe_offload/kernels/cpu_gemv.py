@@ -236,6 +236,13 @@ def gguf_linear(x: torch.Tensor, q: torch.Tensor | list[torch.Tensor], block_typ
     return torch.cat([ext.gemv_gguf(x2, t, bb) for t in qs], dim=-1).to(x.dtype).view(*lead, n)
 
 
+def q4k_linear(x: torch.Tensor, q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] against 8-bit activations (int8_activations(x, K) must hold), W GGUF Q4_K
+    rows repacked (formats.gguf.Q4kRows): q uint8 [N, K/2] (int4 layout), sc / mn uint8 [N, K/32], dd
+    fp16 [N, K/256, 2]; w = d * sc * q - dmin * mn."""
+    return _a8(_require().gemv_q4k_a8, x, q.shape[0], q, sc, mn, dd)
+
+
 def mxfp4_runs(x: torch.Tensor, k: int) -> bool:
     """Whether mxfp4_linear runs for x [..., K = k] (int8 activations only)."""
     return available() and int8_activations(x, k)
@@ -356,7 +363,7 @@ def experts_decode(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tens
 class A8Projection:
     """One projection of a packed expert as experts_decode_a8 takes it: kind 0 int8 rows (q, s), 1 int4
     (q, s, z; a = group size, b = symmetric), 2 GGUF rows (the matrices, gate and up together; a = block
-    bytes). Read in place, with 8-bit activations."""
+    bytes), 3 GGUF Q4_K rows repacked (q, sc, mn, dd). Read in place, with 8-bit activations."""
 
     kind: int
     tensors: tuple[torch.Tensor, ...]
@@ -375,6 +382,11 @@ def a8_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int, 
     if not (group_size % 64 == 0 or group_size in (8, 16, 32)):
         return None
     return A8Projection(1, (q, s, z), group_size, int(symmetric))
+
+
+def a8_q4k(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor) -> A8Projection:
+    """GGUF Q4_K rows repacked (q4k_linear's layout)."""
+    return A8Projection(3, (q, sc, mn, dd))
 
 
 def a8_gguf(qs: list[torch.Tensor], block_type: str) -> A8Projection | None:

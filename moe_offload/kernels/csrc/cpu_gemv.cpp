@@ -1086,6 +1086,83 @@ torch::Tensor gemv_int4_a8(const torch::Tensor& x, const torch::Tensor& q, const
   });
 }
 
+// GGUF Q4_K rows repacked for RAM (formats/gguf.py q4_k_rows_repacked): q uint8 [N, K/2] in the int4 layout
+// (values in [0, 15]), sc / mn uint8 [N, K/32] each sub-block's 6-bit scale and min, dd fp16 [N, K/256, 2]
+// each super-block's d and dmin; w = d * sc * q - dmin * mn. -> y [M, N] = Q8(x) @ w^T. The weights run
+// as int4_wide_rows runs them (128-weight steps, lane l of a step in sub-block l / 4), the lane scales
+// d * sc built from four scale bytes per step; the mins meet the activations' sub-block sums once per row,
+// 16 sub-blocks per vector. Needs K a multiple of 256.
+namespace {
+
+template <int MT>
+inline void q4k_rows(const Int4Act& a, int64_t m0, const uint8_t* row, const uint8_t* sc, const at::Half* dd,
+                     __m512i rel, float* out) {
+  const int64_t K = a.K, steps = K / 128;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < steps; ++c) {
+    fetch_ahead(row + c * 64);
+    const __m512i v = _mm512_loadu_si512(row + c * 64);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    int32_t four;
+    std::memcpy(&four, sc + 4 * c, 4);  // the step's four sub-block scales
+    const __m128 s4 = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(four)));
+    const __m512 sv = _mm512_mul_ps(_mm512_permutexvar_ps(rel, _mm512_castps128_ps512(s4)),
+                                    _mm512_set1_ps(half_to_f32(dd + 2 * (c / 2))));  // d * sc per lane
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const int8_t* q = a.q.data() + m * K + c * 128;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q)),
+                                              hi, _mm512_loadu_si512(q + 64));
+      const __m512 dl = _mm512_loadu_ps(a.dl.data() + m * (K / 8) + c * 16);
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dl, sv), acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+// sum over the row's sub-blocks j of dmin(j / 8) * mn[j] * xg[j] (xg: the rounded activations' sub-block sums)
+inline float q4k_mins(const uint8_t* mn, const at::Half* dd, const float* xg, int64_t subs) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < subs; j += 16) {
+    const __mmask16 k = subs - j >= 16 ? 0xFFFF : 0x00FF;  // subs is a multiple of 8
+    const __m512 mv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, mn + j)));
+    const float d0 = half_to_f32(dd + 2 * (j / 8) + 1), d1 = k == 0xFFFF ? half_to_f32(dd + 2 * (j / 8 + 1) + 1) : 0.f;
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(two_scales(d0, d1), mv), _mm512_maskz_loadu_ps(k, xg + j), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+}  // namespace
+
+torch::Tensor gemv_q4k_a8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& sc,
+                          const torch::Tensor& mn, const torch::Tensor& dd) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == torch::kUInt8, "q must be contiguous uint8 [N, K/2]");
+  const int64_t N = q.size(0), K = q.size(1) * 2, M = x.size(0), subs = K / 32;
+  TORCH_CHECK(K % 256 == 0, "Q4_K rows need K a multiple of 256, got ", K);
+  for (const auto* t : {&sc, &mn})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == subs && t->is_contiguous() &&
+                t->scalar_type() == torch::kUInt8, "sc / mn must be contiguous uint8 [N, K/32]");
+  TORCH_CHECK(dd.dim() == 3 && dd.size(0) == N && dd.size(1) == K / 256 && dd.size(2) == 2 && dd.is_contiguous() &&
+              dd.scalar_type() == torch::kHalf, "dd must be contiguous float16 [N, K/256, 2]");
+  const torch::Tensor xf = x_as_f32(x, K);
+  const Int4Act a = int4_act(xf.data_ptr<float>(), M, K, 32, int4_step_order);
+  alignas(64) int32_t r[16];
+  for (int l = 0; l < 16; ++l) r[l] = l / 4;  // lane l of a step: sub-block l / 4
+  const __m512i rel = _mm512_load_si512(r);
+  const uint8_t *qp = q.data_ptr<uint8_t>(), *scp = sc.data_ptr<uint8_t>(), *mnp = mn.data_ptr<uint8_t>();
+  const at::Half* ddp = dd.data_ptr<at::Half>();
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const uint8_t *row = qp + n * (K / 2), *scn = scp + n * subs, *mnn = mnp + n * subs;
+    const at::Half* ddn = ddp + n * (K / 128);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) q4k_rows<4>(a, m, row, scn, ddn, rel, out + m);
+    for (; m < M; ++m) q4k_rows<1>(a, m, row, scn, ddn, rel, out + m);
+    for (m = 0; m < M; ++m) out[m] -= q4k_mins(mnn, ddn, a.xg.data() + m * subs, subs);
+  });
+}
+
 // GGUF rows of Q8_0 (34-byte blocks), Q4_0 (18), MXFP4 (17), Q4_K (144) or Q6_K (210) -> y [M, N] =
 // Q8(x) @ dequant(q)^T
 // Several matrices qs (the same type and K; e.g. gate and up) against one x: y [M, sum of their N], x
@@ -1604,13 +1681,15 @@ void experts_decode(const torch::Tensor& x, const std::vector<torch::Tensor>& w1
 namespace {
 
 // One projection of a packed expert against 8-bit activations: kind 0 int8 (q, s), 1 int4 (q, s, z; a the
-// group size, b symmetric), 2 GGUF rows (the matrices; a the block bytes). y in x's dtype.
+// group size, b symmetric), 2 GGUF rows (the matrices; a the block bytes), 3 GGUF Q4_K repacked (q, sc, mn,
+// dd). y in x's dtype.
 torch::Tensor a8_projection(const torch::Tensor& x, int64_t kind, const std::vector<torch::Tensor>& t, int64_t a,
                             int64_t b) {
   switch (kind) {
     case 0: return gemv_int8_a8(x, t.at(0), t.at(1));
     case 1: return gemv_int4_a8(x, t.at(0), t.at(1), t.at(2), a, b != 0);
     case 2: return gemv_gguf_a8(x, t, a);
+    case 3: return gemv_q4k_a8(x, t.at(0), t.at(1), t.at(2), t.at(3));
   }
   TORCH_CHECK(false, "unknown projection kind ", kind);
 }
@@ -1853,6 +1932,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_int8_a8", &gemv_int8_a8, "y = Q8(x) @ (q * s[:, None])^T");
   mod.def("gemv_int4_a8", &gemv_int4_a8, "y = Q8(x) @ ((q - z) * s per group)^T");
   mod.def("gemv_gguf_a8", &gemv_gguf_a8, "y = Q8(x) @ dequant(q)^T for GGUF Q8_0 / Q4_0 / MXFP4 rows");
+  mod.def("gemv_q4k_a8", &gemv_q4k_a8, "y = Q8(x) @ W^T, W GGUF Q4_K repacked (q, sc, mn, dd)");
   mod.def("experts_decode_a8", &experts_decode_a8, "out [1, H] += one token's packed experts (8-bit activations)");
   mod.def("gemv_mxfp4_a8", &gemv_mxfp4_a8, "y = Q8(x) @ W^T, W MXFP4 as GPT-OSS ships it (blocks, e8m0 scales)");
 #endif
