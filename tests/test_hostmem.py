@@ -34,6 +34,31 @@ def test_a_large_weight_buffer_may_use_huge_pages():
     # memory that an earlier advice already covers)
 
 
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_a_buffer_asked_for_after_large_frees_is_still_fresh_and_aligned():
+    """glibc's mmap threshold rises as large blocks are freed, after which torch.empty of tens of MB
+    comes from memory already touched in 4 KiB pages, where advice comes too late: hostmem.empty maps
+    its own, starting on a huge page (a fresh mapping's first whole huge page is eligible)."""
+    for _ in range(3):
+        big = torch.empty(24 << 20, dtype=torch.uint8).fill_(1)
+        del big  # freed: the threshold rises past 24 MB
+    t = hostmem.empty((20 << 20,), torch.uint8)
+    assert t.data_ptr() % hostmem.HUGE_PAGE == 0
+    assert vma_field(t.data_ptr(), "THPeligible") == 1
+    t.fill_(3)
+    assert int(t.sum()) == 3 * t.numel()
+
+
+def test_an_arena_hands_out_aligned_tensors_and_overflows_into_their_own():
+    a = hostmem.Arena(3 << 20)
+    x, y = a.empty((1000,), torch.uint8), a.empty((5, 7), torch.float16)
+    assert y.data_ptr() % 64 == 0 and y.data_ptr() >= x.data_ptr() + 1000 and y.is_contiguous()
+    x.fill_(1), y.fill_(2)
+    assert int(x.sum()) == 1000 and float(y.sum()) == 70  # no overlap
+    z = a.empty((4 << 20,), torch.uint8)  # more than is left
+    assert z.numel() == 4 << 20 and a.extra == 4 << 20 and a.bytes_used == a.used + (4 << 20)
+
+
 def test_small_tensors_are_left_alone():
-    assert not hostmem.advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # under two huge pages
+    assert not hostmem.advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8))  # under one huge page
     assert hostmem.empty((3, 4), torch.float32).shape == (3, 4)

@@ -43,7 +43,7 @@ import torch
 from ..kernels import cpu_gemv, hostmem
 from ..kernels.pool import GGUF_FLAGS, WEIGHT_NONE, WeightPool
 from ..kernels.quant_cpu import CpuQuantPool
-from .base import ExpertFormat, PackedFormat
+from .base import ExpertFormat, PackedFormat, Section, align
 from .int4 import Int4Pool
 
 QK_K = 256
@@ -312,16 +312,17 @@ class GgufPool(WeightPool):
         return _tiled(t2, self.w2[slot], self.inter, torch.nn.functional.silu(gate) * up)
 
 
-    def in_ram(self) -> WeightPool:
+    def in_ram(self, alloc: Any = None) -> WeightPool:
         """The experts copied into huge-page RAM: Q4_0 everywhere as the int4 layout (q4_0_as_int4: the same
         bytes, run by the int4 kernels), Q4_K gate+up and down repacked (GgufRamPool), any other type as
         the file's blocks (read by the GGUF kernels)."""
+        alloc = alloc or hostmem.empty
         names = tuple(t.name for t in self.types)
         if type(self) is GgufPool and names == ("Q4_0",) * 3:
-            return q4_0_as_int4(self)
+            return q4_0_as_int4(self, alloc)
         if type(self) is GgufPool and (names[0] == names[1] == "Q4_K" or names[2] == "Q4_K"):
-            return GgufRamPool.copy_of(self)
-        return replace(self, **{f.name: _ram_copy(getattr(self, f.name)) for f in fields(self)
+            return GgufRamPool.copy_of(self, alloc)
+        return replace(self, **{f.name: _ram_copy(getattr(self, f.name), alloc) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def a8_expert(self, slot: int, x: torch.Tensor) -> tuple[cpu_gemv.A8Projection, ...] | None:
@@ -333,11 +334,26 @@ class GgufPool(WeightPool):
         return None if w13 is None or w2 is None else (w13, w2)
 
 
-def _ram_copy(t: torch.Tensor) -> torch.Tensor:
-    """t copied into a contiguous host tensor with huge pages advised (kernels.hostmem)."""
-    out = hostmem.empty(tuple(t.shape), t.dtype)
+def _ram_copy(t: torch.Tensor, alloc: Callable) -> torch.Tensor:
+    """t copied into a contiguous host tensor from alloc(shape, dtype)."""
+    out = alloc(tuple(t.shape), t.dtype)
     out.copy_(t)
     return out
+
+
+def _slot_rows(slots: int, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], alloc: Callable
+               ) -> dict[str, torch.Tensor]:
+    """One host buffer (alloc(shape, dtype)) of `slots` rows, each the sections `specs` (name, dtype, shape) on 64-byte
+    boundaries, as a PackedFormat row is: every section as [slots, *shape] views, by name. A slot's
+    weights and scales lie together, as in the host store's rows (separate tensors per section measured
+    7% slower per expert on Q4_0 copies)."""
+    secs, offset = [], 0
+    for name, dt, shape in specs:
+        sec = Section(name, dt, shape, offset)
+        secs.append(sec)
+        offset = align(offset + sec.nbytes, 64)
+    rows = alloc((slots, offset), torch.uint8)
+    return {sec.name: sec.view(rows) for sec in secs}
 
 
 def q4_0_rows_as_int4(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
@@ -352,13 +368,14 @@ def q4_0_rows_as_int4(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> N
     q.view(n, nb, 16).copy_(vals[..., 0::2] | (vals[..., 1::2] << 4))
 
 
-def q4_0_as_int4(pool: "GgufPool") -> Int4Pool:
+def q4_0_as_int4(pool: "GgufPool", alloc: Callable = hostmem.empty) -> Int4Pool:
     """A Q4_0 pool as a symmetric int4 pool with groups of 32 in huge-page RAM: nibbles [S, N, K/2] and the
     blocks' fp16 d as scales [S, N, K/32], gate and up as one w13 (18 bytes per 32 weights, as the file);
     the zero points (all 8, which the symmetric kernels do not read) are one shared expert's worth."""
     S, H, I = pool.num_slots, pool.hidden, pool.inter
-    qw13, s13 = hostmem.empty((S, 2 * I, H // 2), torch.uint8), hostmem.empty((S, 2 * I, H // 32), torch.float16)
-    qw2, s2 = hostmem.empty((S, H, I // 2), torch.uint8), hostmem.empty((S, H, I // 32), torch.float16)
+    v = _slot_rows(S, [("qw13", torch.uint8, (2 * I, H // 2)), ("qw2", torch.uint8, (H, I // 2)),
+                       ("s13", torch.float16, (2 * I, H // 32)), ("s2", torch.float16, (H, I // 32))], alloc)
+    qw13, qw2, s13, s2 = v["qw13"], v["qw2"], v["s13"], v["s2"]
     for e in range(S):
         q4_0_rows_as_int4(pool.w13[e], qw13[e, :I], s13[e, :I])
         q4_0_rows_as_int4(pool.w3[e], qw13[e, I:], s13[e, I:])
@@ -395,11 +412,12 @@ class Q4kRows:
     dd: torch.Tensor
 
     @classmethod
-    def repack(cls, mats: list[torch.Tensor], k: int) -> "Q4kRows":
+    def repack(cls, mats: list[torch.Tensor], k: int, alloc: Callable = hostmem.empty) -> "Q4kRows":
         """Matrices of Q4_K rows uint8 [S, N_i, K/256 * 144] (gate and up: stacked along N) in huge-page RAM."""
         S, N = mats[0].shape[0], sum(m.shape[1] for m in mats)
-        out = cls(hostmem.empty((S, N, k // 2), torch.uint8), hostmem.empty((S, N, k // 32), torch.uint8),
-                  hostmem.empty((S, N, k // 32), torch.uint8), hostmem.empty((S, N, k // QK_K, 2), torch.float16))
+        v = _slot_rows(S, [("q", torch.uint8, (N, k // 2)), ("sc", torch.uint8, (N, k // 32)),
+                           ("mn", torch.uint8, (N, k // 32)), ("dd", torch.float16, (N, k // QK_K, 2))], alloc)
+        out = cls(v["q"], v["sc"], v["mn"], v["dd"])
         for e in range(S):
             lo = 0
             for m in mats:
@@ -442,13 +460,13 @@ class GgufRamPool(GgufPool):
     k2: Q4kRows | None = None
 
     @classmethod
-    def copy_of(cls, pool: GgufPool) -> "GgufRamPool":
+    def copy_of(cls, pool: GgufPool, alloc: Callable = hostmem.empty) -> "GgufRamPool":
         t1, t3, t2 = (t.name for t in pool.types)
         H, I = pool.hidden, pool.inter
-        k13 = Q4kRows.repack([pool.w13, pool.w3], H) if t1 == t3 == "Q4_K" else None
-        k2 = Q4kRows.repack([pool.w2], I) if t2 == "Q4_K" else None
-        w13, w3 = (k13.q, None) if k13 is not None else (_ram_copy(pool.w13), _ram_copy(pool.w3))
-        w2 = k2.q if k2 is not None else _ram_copy(pool.w2)
+        k13 = Q4kRows.repack([pool.w13, pool.w3], H, alloc) if t1 == t3 == "Q4_K" else None
+        k2 = Q4kRows.repack([pool.w2], I, alloc) if t2 == "Q4_K" else None
+        w13, w3 = (k13.q, None) if k13 is not None else (_ram_copy(pool.w13, alloc), _ram_copy(pool.w3, alloc))
+        w2 = k2.q if k2 is not None else _ram_copy(pool.w2, alloc)
         return cls(H, I, w13, w2, w3=w3, types=pool.types, k13=k13, k2=k2)
 
     def kernel_format(self, which: str) -> int:

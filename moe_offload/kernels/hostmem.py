@@ -12,6 +12,8 @@ nothing changes.
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 import sys
 from typing import Any
 
@@ -22,16 +24,57 @@ MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def empty(shape: tuple[int, ...] | int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
-    """torch.empty, with huge pages advised for a large CPU tensor (see the module docstring)."""
-    t = torch.empty(shape, dtype=dtype, device=device)
+    """torch.empty, with huge pages for a large CPU tensor (see the module docstring): on Linux its own
+    anonymous private mapping, 2 MiB aligned and advised before anything touches it. (torch.empty's
+    allocator hands out memory that earlier tensors already touched, in 4 KiB pages, whenever glibc's
+    mmap threshold has risen past the size, which loading does: a GGUF copy's 29 MB tensors got no huge
+    page at all, and ran their experts 10% slower than the store's one fresh buffer.)"""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if (device is not None and torch.device(device).type != "cpu") or not sys.platform.startswith("linux"):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        advise_huge_pages(t)
+        return t
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE:
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps `buf` alive while any view of it lives
+    skip = -raw.data_ptr() % HUGE_PAGE  # the first 2 MiB boundary
+    t = raw[skip:skip + nbytes].view(dtype).view(shape)
     advise_huge_pages(t)
     return t
 
 
+class Arena:
+    """Host tensors cut out of one huge-page buffer (empty()) in turn, 64-byte aligned; a request that no
+    longer fits gets its own empty(). Reserving is virtual: only what is handed out and written takes RAM.
+    A resident model's copied experts in one buffer ran 7% faster per expert than in a buffer per layer
+    (GGUF Q4_0 copies, 734M model, 2 threads: 0.61 vs 0.68 ms; the host store is one buffer too)."""
+
+    def __init__(self, nbytes: int):
+        self.buf = empty((max(int(nbytes), 1),), torch.uint8)
+        self.used = 0  # bytes handed out of buf
+        self.extra = 0  # bytes handed out beyond it, in tensors of their own
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized CPU tensor of `shape` and `dtype` (contiguous)."""
+        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        start = -(-self.used // 64) * 64
+        if start + nbytes > self.buf.numel():
+            self.extra += nbytes
+            return empty(shape, dtype)
+        self.used = start + nbytes
+        return self.buf[start:start + nbytes].view(dtype).view(shape)
+
+    @property
+    def bytes_used(self) -> int:
+        return self.used + self.extra
+
+
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask for huge pages over the whole 2 MiB pages inside t's memory (before it is first written, so
-    those pages fault in huge); True when the kernel accepted. CPU tensors of at least two huge pages."""
-    if t.device.type != "cpu" or t.nbytes < 2 * HUGE_PAGE:
+    those pages fault in huge); True when the kernel accepted. CPU tensors of at least one huge page."""
+    if t.device.type != "cpu" or t.nbytes < HUGE_PAGE:
         return False
     libc = _libc()
     if libc is None:

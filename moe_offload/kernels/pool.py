@@ -135,11 +135,11 @@ class WeightPool(ABC):
         """(w13, w2) as run_experts and moe_loop take them: (self, None)."""
         return self, None
 
-    def in_ram(self) -> "WeightPool | None":
-        """This pool's experts copied into host RAM (huge pages) in the layout the CPU kernels read
-        fastest, for a pool over a file's memory map that the CPU runs in place
-        (offload.packed.PackedResidentExperts copies when the experts fit in RAM); None where the format
-        keeps its views (the default)."""
+    def in_ram(self, alloc: Any = None) -> "WeightPool | None":
+        """This pool's experts copied into host RAM in the layout the CPU kernels read fastest, for a pool
+        over a file's memory map that the CPU runs in place (offload.packed.PackedResidentExperts copies
+        when the experts fit in RAM); `alloc(shape, dtype)` makes the tensors (default hostmem.empty: huge
+        pages). None where the format keeps its views (the default)."""
         return None
 
     # Most tokens per expert for which the format's CPU op beats dequantize-then-matmul, per compute dtype

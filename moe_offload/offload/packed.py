@@ -14,7 +14,7 @@ from .store import HOST_RAM_MARGIN, HostExpertStore, available_host_bytes
 
 
 def _tensors(pool) -> list[torch.Tensor]:
-    """A pool's tensors, each memory once (a zero-point tensor shared by every slot counted once)."""
+    """A pool's tensors, each once."""
     seen, out = set(), []
     for f in fields(pool):
         t = getattr(pool, f.name)
@@ -62,14 +62,16 @@ class PackedResidentExperts:
         pages against 2 MiB ones); Q4_0 runs on the int4 kernels there (benchmarks/cpu_vs_llamacpp.py)."""
         if self.store.host_bytes > available_host_bytes() - HOST_RAM_MARGIN:
             return pools
+        # one buffer for every layer (virtual until written); repacked layouts are at most ~3% larger
+        arena = hostmem.Arena(self.store.host_bytes * 1.05 + (64 << 20))
         out = []
         for pool in tqdm(pools, unit="layer", desc="copying experts into RAM", disable=not show_progress):
-            copied = pool.in_ram()
+            copied = pool.in_ram(arena.empty)
             if copied is not None:
-                self.ram_copy_bytes += sum(t.untyped_storage().nbytes() for t in _tensors(copied))
                 for t in _tensors(pool):  # the copy read the map: its pages leave the resident set again
                     hostmem.drop_file_pages(t)
             out.append(pool if copied is None else copied)
+        self.ram_copy_bytes = arena.bytes_used
         return out
 
     def reference(self) -> "PackedResidentExperts":
