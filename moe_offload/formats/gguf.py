@@ -19,6 +19,13 @@ kernel_format), gate and up read as one [2I, rb(H)] matrix, so they must share a
 mixed gate/up run on the loop only (gguf_triton_problem names the layer, projection and type). Tested
 under the Triton interpreter only until a GPU run confirms it (benchmarks/gpu_check.py gguf_kernels).
 
+A CPU run with every expert resident (offload.packed.PackedResidentExperts) copies the experts out of the
+map into huge-page RAM when they fit (GgufPool.in_ram): Q4_0 in the int4 format's layout (nibbles
+re-paired, d as the group-32 scale: the same bytes and values, run by the int4 kernels), Q4_K repacked
+(Q4kRows: values in the int4 layout, the 6-bit scales and mins as bytes, 148 bytes per 256 weights where
+the file has 144: a kernel in 128-weight steps instead of decoding each super-block's scales per token),
+other types as the file's blocks. The host store itself stays the map.
+
 Experts with biases (llama.cpp's gpt-oss: ffn_{gate,up,down}_exps.bias beside the blocks) are a
 GgufBiasedFormat (with_bias(dtype, act)): the row starts with the three bias vectors in the file's float
 dtype, then the blocks; its pool (GgufBiasedPool) adds them and runs the family's activation (the clamped
