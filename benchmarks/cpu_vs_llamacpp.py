@@ -14,7 +14,9 @@ ours (`moe_offload.load(folder, OffloadConfig.make(device="cpu", dtype=..., expe
 prefill of P1 and of P2 tokens, decode N tokens after the P1-token prompt; prompts from the bundled
 held-out text). Ours at q8_0 / q4_0 is the project's int8 / int4 group-32 experts (bf16 compute) and, where
 the GGUF loads, the same GGUF file read by moe_offload; those run with the default int8 activations
-(`cpu_activations`) and again with exact ones ("ours_exact"). Each row reports median tokens/s for decode
+(`cpu_activations`) and again with exact ones ("ours_exact"); "gguf_paired" then decodes our own format, the
+GGUF as loaded (experts copied into RAM) and the GGUF read from its map in one process, in turn, for
+--paired-rounds rounds (gguf_ab). Each row reports median tokens/s for decode
 and prefill, the ratio ours / llama.cpp, and the bandwidth each reaches: bytes of weights read per
 decoded token (dense weights + top-k of the experts; the embedding row not counted) / time per token,
 beside this machine's copy bandwidth (a STREAM-like copy of 256 MiB, measured in the same run).
@@ -177,6 +179,43 @@ def ours(path: Path, opts: dict, threads: int, prompt_ids: list[int], prompts: l
         m.close()
 
 
+def gguf_ab(model: Path, ggufs: dict[str, Path], threads: int, prompt_ids: list[int], gen: int, rounds: int) -> list[dict]:
+    """Ours on each quantized GGUF against the same model in our own format, loaded once each in this
+    process and decoded in turn `rounds` times (the paired comparison the per-precision rows, one fresh
+    load per run, are too noisy for): the GGUF as loaded (experts copied into RAM when they fit) and read
+    from the file's map (the copy skipped, as for a file larger than the RAM available)."""
+    from moe_offload.offload import packed
+
+    out = []
+    for prec, gguf in ggufs.items():
+        cfg = lambda **o: moe_offload.OffloadConfig.make(device="cpu", threads=threads, **o)  # noqa: E731
+        models = {"own": moe_offload.load(model, cfg(**PRECISIONS[prec][2])),
+                  "gguf": moe_offload.load(gguf, cfg(dtype="bfloat16"))}
+        fits = packed.available_host_bytes
+        packed.available_host_bytes = lambda: 0  # no room for the copy: the file's map
+        try:
+            models["gguf_map"] = moe_offload.load(gguf, cfg(dtype="bfloat16"))
+        finally:
+            packed.available_host_bytes = fits
+        runs: dict[str, list[float]] = {k: [] for k in models}
+        try:
+            for m in models.values():
+                object.__setattr__(m.config, "eos_token_ids", ())
+                m.generate(prompt_ids[:8], max_new_tokens=4)
+            for _ in range(rounds):
+                for k, m in models.items():
+                    runs[k].append(m.generate(prompt_ids, max_new_tokens=gen).stats["decode_tokens_per_second"])
+        finally:
+            for m in models.values():
+                m.close()
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        out.append({"precision": prec, "own_options": PRECISIONS[prec][2], "decode_tok_s": med, "runs": runs,
+                    "gguf_over_own": med["gguf"] / med["own"], "copy_over_map": med["gguf"] / med["gguf_map"]})
+        print(f"[{prec}] paired decode tok/s: own {med['own']:.1f}, GGUF {med['gguf']:.1f} "
+              f"({out[-1]['gguf_over_own']:.2f}x), GGUF from its map {med['gguf_map']:.1f}", file=sys.stderr)
+    return out
+
+
 MEMORY_CHILD = r"""
 import json, sys
 def rss():
@@ -316,6 +355,8 @@ def main() -> int:
     ap.add_argument("--prompts", default="64,512", help="prompt lengths for prefill; decode follows the first")
     ap.add_argument("--gen", type=int, default=32, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paired-rounds", type=int, default=8,
+                    help="decode rounds of the paired GGUF-vs-own comparison (one process, interleaved)")
     ap.add_argument("--precisions", default="f32,bf16,q8_0,q4_0,q4_k_m,q8_0+dense,q4_0+dense")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_vs_llamacpp.json"))
     ap.add_argument("--crossover", action="store_true",
@@ -390,12 +431,16 @@ def main() -> int:
         row["ratios"] = {k: row["ours"][k] / row["llama_cpp"][k] for k in keys}
         rows.append(row)
 
+    ggufs = {prec: gguf_for(model, work, prec, bins, convert) for prec in precisions
+             if PRECISIONS[prec][1] and "+" not in prec}
+    paired = gguf_ab(model, ggufs, args.threads, prompt_ids[:prompts[0]], args.gen, args.paired_rounds)
     print("rows-of-x sweep (kernels vs PyTorch):", file=sys.stderr)
     sweep = crossover(args.threads, CROSSOVER_ROWS)
     result = {**result_metadata(), "benchmark": "cpu_vs_llamacpp", "threads": args.threads, "crossover": sweep,
               "cpu": platform.processor() or platform.machine(), "model": shown(model), "shape": SHAPE,
               "prompts": prompts, "decode_tokens": args.gen, "repeats": args.repeats,
               "copy_gb_s_median": statistics.median(copy_gbs), "copy_gb_s_runs": copy_gbs, "rows": rows,
+              "gguf_paired": paired,
               "command": " ".join(["python", "benchmarks/cpu_vs_llamacpp.py"] + _shown_args(sys.argv[1:]))}
     write_json_atomic(args.out, result)
     print(f"copy bandwidth {result['copy_gb_s_median']:.1f} GB/s (read + write); {args.threads} threads")
@@ -416,6 +461,10 @@ def main() -> int:
                                                          f"{mem['kv_allocated_mb']:.0f} ({mem['over_weights_and_kv']:+.0%})")
         print(f"| {r['precision']} | " + " | ".join(cells)
               + f" | {o['decode_gb_s']:.1f} / {t['decode_gb_s']:.1f} | {gtxt} | {etxt} | {mtxt} |")
+    for r in paired:
+        d = r["decode_tok_s"]
+        print(f"paired {r['precision']}: own {d['own']:.1f}, GGUF {d['gguf']:.1f} ({r['gguf_over_own']:.2f}x), "
+              f"GGUF from its map {d['gguf_map']:.1f} (copy {r['copy_over_map']:.2f}x)")
     print(f"wrote {shown(args.out)}")
     return 0
 

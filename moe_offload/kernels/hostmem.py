@@ -38,9 +38,9 @@ def empty(shape: tuple[int, ...] | int, dtype: torch.dtype, device: torch.device
     if nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)  # keeps `buf` alive while any view of it lives
-    skip = -raw.data_ptr() % HUGE_PAGE  # the first 2 MiB boundary
-    t = raw[skip:skip + nbytes].view(dtype).view(shape)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE  # to the first 2 MiB boundary
+    # storage of exactly nbytes (what weight accounting reads), keeping `buf` alive while it lives
+    t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=skip).view(dtype).view(shape)
     advise_huge_pages(t)
     return t
 
