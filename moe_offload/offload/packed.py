@@ -58,8 +58,9 @@ class PackedResidentExperts:
         """The pools of a store that reads a file's memory map, copied into huge-page RAM where their
         format has a faster layout there (WeightPool.in_ram) and the experts fit in the RAM available
         (less the store's margin); otherwise the map, as the store warned at load when it is larger than
-        RAM. Decode from RAM rather than the map: GGUF Q8_0 734M, 2 threads, 45 -> 50 tok/s (4 KiB file
-        pages against 2 MiB ones); Q4_0 runs on the int4 kernels there (benchmarks/cpu_vs_llamacpp.py)."""
+        RAM. Decode from the copy against the map, 734M GGUFs, 2 threads (cpu_vs_llamacpp.json,
+        gguf_paired): Q8_0 1.22x (2 MiB pages instead of the file's 4 KiB ones), Q4_0 1.18x (run by the
+        int4 kernels), Q4_K_M 1.74x (Q4_K repacked)."""
         if self.store.host_bytes > available_host_bytes() - HOST_RAM_MARGIN:
             return pools
         # one buffer for every layer (virtual until written); repacked layouts are at most ~3% larger
