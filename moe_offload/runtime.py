@@ -368,7 +368,9 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     check_load_ram(cfg, fmt, dt, dev, offload, mapped=mapped)
     if fmt.quantized and not offload:
         store = HostExpertStore.from_checkpoint(ckpt, dt, show_progress=runtime.show_progress, fmt=fmt)
-        experts = PackedResidentExperts(store, dev, backend, show_progress=runtime.show_progress)
+        item = torch.tensor([], dtype=dt).element_size()  # what the model holds beside the experts
+        rest = (cfg.dense_params + cfg.kv_elements_per_token * max_seq_len) * item
+        experts = PackedResidentExperts(store, dev, backend, show_progress=runtime.show_progress, reserve_bytes=rest)
     if offload:
         budget = CacheBudget(tune.cache_experts, config.cache_per_layer, config.cache_gb)
         plan = plan_memory(cfg, dev, dt, max_seq_len, budget, policy.per_layer, fmt)

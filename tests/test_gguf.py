@@ -461,6 +461,38 @@ def test_experts_that_fit_are_copied_into_ram_once_and_the_map_leaves_the_reside
     assert m.generate(PROMPT, max_new_tokens=3).token_ids
 
 
+def test_a_copy_that_fits_beside_the_store_but_not_the_rest_of_the_model_warns(tmp_path, monkeypatch):
+    from moe_offload.offload import packed
+
+    f = write_wide_gguf(tmp_path / "wide.gguf")
+    experts = GgufCheckpoint(f).expert_file_bytes()
+    # room for the store, not for its copy plus the dense weights and KV cache beside it
+    monkeypatch.setattr(packed, "available_host_bytes", lambda: packed.HOST_RAM_MARGIN + experts + (1 << 20))
+    with pytest.warns(UserWarning, match="read from the file's memory map, not copied into RAM"):
+        m = mo.load(f, device="cpu", dtype="float32")
+    assert m.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"] == 0
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
+def test_bf16_decode_from_the_copy_equals_decode_from_the_map(qtype, tmp_path, monkeypatch):
+    """bfloat16 runs the 8-bit activation kernels: the copy's (Q4_0 as int4, Q4_K repacked) against the
+    file's (GGUF kernels on the map), each against gguf.quants' values. Logits within bfloat16 rounding
+    (float32 sums in another order, then one rounding to bfloat16), the same greedy tokens."""
+    from moe_offload.offload import packed
+    from test_decode_glue import decode_steps
+
+    f = write_wide_gguf(tmp_path / "w.gguf", hidden=256, inter=512, qtype=qtype)
+    copied = mo.load(f, device="cpu", dtype="bfloat16")
+    assert copied.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"] > 0
+    with monkeypatch.context() as mp:
+        mp.setattr(packed, "available_host_bytes", lambda: 0)
+        mapped = mo.load(f, device="cpu", dtype="bfloat16")
+    assert mapped.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"] == 0
+    a, b = decode_steps(copied, PROMPT), decode_steps(mapped, PROMPT)
+    torch.testing.assert_close(a, b, rtol=2 ** -7, atol=2 ** -7 * float(b.abs().max()))
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_a_file_larger_than_available_ram_warns_naming_the_shortfall(tmp_path, monkeypatch):
     from moe_offload.offload import store as store_mod
 

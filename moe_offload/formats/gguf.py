@@ -387,8 +387,8 @@ def q4_0_as_int4(pool: "GgufPool", alloc: Callable = hostmem.empty) -> Int4Pool:
         q4_0_rows_as_int4(pool.w13[e], qw13[e, :I], s13[e, :I])
         q4_0_rows_as_int4(pool.w3[e], qw13[e, I:], s13[e, I:])
         q4_0_rows_as_int4(pool.w2[e], qw2[e], s2[e])
-    z13 = torch.full((2 * I, H // 32), 8.0, dtype=torch.float16).expand(S, -1, -1)  # z13[e] contiguous
-    z2 = torch.full((H, I // 32), 8.0, dtype=torch.float16).expand(S, -1, -1)
+    z13 = alloc((2 * I, H // 32), torch.float16).fill_(8.0).expand(S, -1, -1)  # z13[e] contiguous
+    z2 = alloc((H, I // 32), torch.float16).fill_(8.0).expand(S, -1, -1)
     return Int4Pool(H, I, qw13, qw2, s13=s13, s2=s2, z13=z13, z2=z2, group_size=32, symmetric=True)
 
 
