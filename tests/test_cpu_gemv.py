@@ -305,29 +305,30 @@ def test_int8_activations_gguf_weights_equal_gguf_dequantize_of_rounded_x(block_
 
 @needs_vnni
 @pytest.mark.activations("int8")
+@pytest.mark.parametrize("block_type", ["Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m,k", [(1, 256), (5, 768), (9, 1024)])
-def test_int8_activations_repacked_q4_k_equal_gguf_dequantize_of_rounded_x(m, k):
-    """Q4_K rows repacked for RAM (formats.gguf.Q4kRows): the kernel against gguf.quants' dequantizer of the
-    file's blocks, and the repacked rows' own dequantization bit-equal to it. K = 256 and 768: the mins'
-    half-vector tail (8 and 24 sub-blocks)."""
+def test_int8_activations_repacked_k_quants_equal_gguf_dequantize_of_rounded_x(block_type, m, k):
+    """Q4_K / Q6_K rows repacked for RAM (formats.gguf.REPACKED): the kernel against gguf.quants' dequantizer
+    of the file's blocks, and the repacked rows' own dequantization bit-equal to it. K = 256 and 768: Q4_K's
+    mins in a half-vector tail (8 and 24 sub-blocks)."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
-    from moe_offload.formats.gguf import Q4kRows
+    from moe_offload.formats.gguf import REPACKED
 
     g = torch.Generator().manual_seed(m + k)
-    rows = random_blocks("Q4_K", 40, g, k)
-    deq = np.asarray(quants.dequantize(rows.numpy(), GGMLQuantizationType.Q4_K), dtype=np.float32)  # [40, K]
-    packed = Q4kRows.repack([rows[None]], k)
+    rows = random_blocks(block_type, 40, g, k)
+    deq = np.asarray(quants.dequantize(rows.numpy(), getattr(GGMLQuantizationType, block_type)), dtype=np.float32)
+    packed = REPACKED[block_type].repack([rows[None]], k)
     assert np.array_equal(packed.dequant(0, 0, 40).numpy().view(np.uint32), deq.view(np.uint32))
     x = torch.randn(m, k, generator=g)
-    y = cpu_gemv.q4k_linear(x, *packed.slot(0))
+    y = packed.kernel(x, *packed.slot(0))
     check(y, rounded_x(x) @ torch.from_numpy(deq).double().T, F32_TOL)
 
 
 @needs_vnni
 @pytest.mark.activations("int8")
-@pytest.mark.parametrize("kind", ["int8", "int4", "int4-asym", "Q4_0", "Q8_0", "Q4_K-repacked"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-asym", "Q4_0", "Q8_0", "Q4_K-repacked", "Q6_K-repacked"])
 def test_int8_activations_a_row_does_not_depend_on_the_rows_beside_it(kind):
     # one row of x runs four weight rows at a time (302 rows: the threads' shares end in partial fours),
     # several rows of x one weight row at a time: the same sums either way
@@ -343,11 +344,12 @@ def test_int8_activations_a_row_does_not_depend_on_the_rows_beside_it(kind):
     elif kind.startswith("int4"):
         q, s, z = quantize_int4(w, 32, symmetric=kind == "int4")
         run = lambda x: cpu_gemv.int4_linear(x, q, s, z, 32, symmetric=kind == "int4")  # noqa: E731
-    elif kind == "Q4_K-repacked":
-        from moe_offload.formats.gguf import Q4kRows
+    elif kind.endswith("-repacked"):
+        from moe_offload.formats.gguf import REPACKED
 
-        packed = Q4kRows.repack([random_blocks("Q4_K", 302, g, 1024)[None]], 1024)
-        run = lambda x: cpu_gemv.q4k_linear(x, *packed.slot(0))  # noqa: E731
+        block_type = kind.removesuffix("-repacked")
+        packed = REPACKED[block_type].repack([random_blocks(block_type, 302, g, 1024)[None]], 1024)
+        run = lambda x: packed.kernel(x, *packed.slot(0))  # noqa: E731
     else:
         qtype = getattr(GGMLQuantizationType, kind)
         rows = torch.from_numpy(np.ascontiguousarray(quants.quantize(w.numpy(), qtype)))

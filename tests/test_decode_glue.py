@@ -217,7 +217,7 @@ def test_packed_experts_in_one_call_equal_the_pools_ffn_bit_for_bit(fmt, monkeyp
 
 
 @pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])  # copied into RAM: Q4_0 as int4, Q4_K repacked
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])  # copied into RAM: Q4_0 as int4, K-quants repacked
 def test_gguf_experts_in_one_call_equal_the_pools_ffn_bit_for_bit(qtype, tmp_path, monkeypatch):
     from test_gguf import write_wide_gguf
 
@@ -310,7 +310,7 @@ def test_the_compiled_decode_step_equals_the_python_step_bit_for_bit(dtype, dens
 
 
 @pytest.mark.skipif(not cpu_gemv.has_vnni(), reason="8-bit activation kernels need AVX512-VNNI")
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])  # copied into RAM: Q4_0 as int4, Q4_K repacked
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])  # copied into RAM: Q4_0 as int4, K-quants repacked
 def test_the_compiled_step_runs_gguf_experts_as_the_python_step(qtype, tmp_path, monkeypatch):
     from test_gguf import write_wide_gguf
 

@@ -473,11 +473,12 @@ def test_a_copy_that_fits_beside_the_store_but_not_the_rest_of_the_model_warns(t
     assert m.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"] == 0
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
 def test_bf16_decode_from_the_copy_equals_decode_from_the_map(qtype, tmp_path, monkeypatch):
-    """bfloat16 runs the 8-bit activation kernels: the copy's (Q4_0 as int4, Q4_K repacked) against the
-    file's (GGUF kernels on the map), each against gguf.quants' values. Logits within bfloat16 rounding
-    (float32 sums in another order, then one rounding to bfloat16), the same greedy tokens."""
+    """bfloat16 runs the 8-bit activation kernels: the copy's (Q4_0 as int4, K-quants repacked) against the
+    file's (GGUF kernels on the map), each against gguf.quants' values. The first two decode steps' logits
+    within bfloat16 rounding (float32 sums in another order, then one rounding to bfloat16: a flipped
+    rounding then compounds through the KV cache, so later steps are not compared), the same tokens."""
     from moe_offload.offload import packed
     from test_decode_glue import decode_steps
 
@@ -488,7 +489,7 @@ def test_bf16_decode_from_the_copy_equals_decode_from_the_map(qtype, tmp_path, m
         mp.setattr(packed, "available_host_bytes", lambda: 0)
         mapped = mo.load(f, device="cpu", dtype="bfloat16")
     assert mapped.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"] == 0
-    a, b = decode_steps(copied, PROMPT), decode_steps(mapped, PROMPT)
+    a, b = decode_steps(copied, PROMPT, steps=2), decode_steps(mapped, PROMPT, steps=2)
     torch.testing.assert_close(a, b, rtol=2 ** -7, atol=2 ** -7 * float(b.abs().max()))
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 

@@ -24,7 +24,9 @@ map into huge-page RAM when they fit (GgufPool.in_ram): Q4_0 in the int4 format'
 re-paired, d as the group-32 scale: the same bytes and values, run by the int4 kernels), Q4_K repacked
 (Q4kRows: values in the int4 layout, the 6-bit scales and mins as bytes, 148 bytes per 256 weights where
 the file has 144: a kernel in 128-weight steps instead of decoding each super-block's scales per token),
-other types as the file's blocks. The host store itself stays the map.
+Q6_K repacked likewise (Q6kRows: low four bits in the int4 layout, the high two in a plane of their own,
+the file's 210 bytes per 256 weights), other types as the file's blocks. The host store itself stays the
+map.
 
 Experts with biases (llama.cpp's gpt-oss: ffn_{gate,up,down}_exps.bias beside the blocks) are a
 GgufBiasedFormat (with_bias(dtype, act)): the row starts with the three bias vectors in the file's float
@@ -159,13 +161,20 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     return (dl * q - dm).reshape(n, QK_K)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_values(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K blocks uint8 [n, 210] -> their 256 values q in [0, 63] in order (the weight is d * sc * (q - 32))."""
     n = b.shape[0]
-    ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
-    dl = (d * sc.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    ql, qh = b[:, :128], b[:, 128:192]
     lo = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 8, 32)
     hi = (qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)) & 3
-    q = (lo | (hi.reshape(n, 8, 32) << 4)).to(torch.int8) - 32
+    return (lo | (hi.reshape(n, 8, 32) << 4)).reshape(n, QK_K)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, d = b[:, 192:208], _f16(b[:, 208:210])
+    dl = (d * sc.contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    q = _q6_values(b).to(torch.int8) - 32
     return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
 
 
@@ -321,13 +330,13 @@ class GgufPool(WeightPool):
 
     def in_ram(self, alloc: Any = None) -> WeightPool:
         """The experts copied into huge-page RAM: Q4_0 everywhere as the int4 layout (q4_0_as_int4: the same
-        bytes, run by the int4 kernels), Q4_K gate+up and down repacked (GgufRamPool), any other type as
+        bytes, run by the int4 kernels), Q4_K / Q6_K gate+up and down repacked (GgufRamPool), any other type as
         the file's blocks (read by the GGUF kernels)."""
         alloc = alloc or hostmem.empty
         names = tuple(t.name for t in self.types)
         if type(self) is GgufPool and names == ("Q4_0",) * 3:
             return q4_0_as_int4(self, alloc)
-        if type(self) is GgufPool and (names[0] == names[1] == "Q4_K" or names[2] == "Q4_K"):
+        if type(self) is GgufPool and ((names[0] == names[1] and names[0] in REPACKED) or names[2] in REPACKED):
             return GgufRamPool.copy_of(self, alloc)
         return replace(self, **{f.name: _ram_copy(getattr(self, f.name), alloc) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -406,8 +415,60 @@ def q4_k_rows_repacked(rows: torch.Tensor, q: torch.Tensor, sc: torch.Tensor, mn
     q.view(n * nsb, QK_K // 2).copy_(vals[:, 0::2] | (vals[:, 1::2] << 4))
 
 
+class _RepackedRows:
+    """Projections of every slot in a repacked layout (a frozen dataclass of [S, N, ...] tensors, the packed
+    values first): `kernel` runs them against 8-bit activations, `dequant` gives gguf.quants' values."""
+
+    kernel: Callable
+    a8_kind: Callable
+
+    def slot(self, e: int) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f.name)[e] for f in fields(self))
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The packed values [S, N, ...] (what stands for the projection in the pool's w13 / w2)."""
+        return getattr(self, fields(self)[0].name)
+
+    @property
+    def rows(self) -> int:
+        return self.values.shape[1]
+
+    def a8(self, e: int) -> cpu_gemv.A8Projection:
+        """Slot e's projection as the one-call expert path takes it."""
+        return type(self).a8_kind(*self.slot(e))
+
+    def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, K] @ W^T -> [n, N]: the 8-bit activation kernel for a few rows, else TILE_ROWS dequantized
+        output rows at a time."""
+        k = x.shape[-1]
+        if x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and cpu_gemv.int8_activations(x, k):
+            return type(self).kernel(x, *self.slot(e))
+        n = self.rows
+        return torch.cat([x @ self.dequant(e, i, min(i + TILE_ROWS, n)).to(x.dtype).t() for i in range(0, n, TILE_ROWS)],
+                         dim=-1)
+
+
+def _repack_into(cls: type, mats: list[torch.Tensor], k: int, alloc: Callable, specs: list, write: Callable):
+    """`cls` over one slot-rows buffer of `specs` (per-row sections), each slot's matrices (uint8 [S, N_i,
+    row bytes], stacked along N) written by write(rows, *sections)."""
+    S, N = mats[0].shape[0], sum(m.shape[1] for m in mats)
+    v = _slot_rows(S, [(name, dt, (N, *shape)) for name, dt, shape in specs], alloc)
+    out = cls(*v.values())
+    for e in range(S):
+        lo = 0
+        for m in mats:
+            hi = lo + m.shape[1]
+            write(m[e], *(t[e, lo:hi] for t in v.values()))
+            lo = hi
+    return out
+
+
 @dataclass(frozen=True)
-class Q4kRows:
+class Q4kRows(_RepackedRows):
     """GGUF Q4_K projections repacked for the CPU kernels (q4_k_rows_repacked), slot dimension first: q
     uint8 [S, N, K/2], sc / mn uint8 [S, N, K/32], dd fp16 [S, N, K/256, 2]. cpu_gemv.q4k_linear runs
     them against 8-bit activations (128 weights per step, as the int4 kernel) instead of decoding each
@@ -418,23 +479,15 @@ class Q4kRows:
     mn: torch.Tensor
     dd: torch.Tensor
 
+    kernel = staticmethod(cpu_gemv.q4k_linear)
+    a8_kind = staticmethod(cpu_gemv.a8_q4k)
+
     @classmethod
     def repack(cls, mats: list[torch.Tensor], k: int, alloc: Callable = hostmem.empty) -> "Q4kRows":
-        """Matrices of Q4_K rows uint8 [S, N_i, K/256 * 144] (gate and up: stacked along N) in huge-page RAM."""
-        S, N = mats[0].shape[0], sum(m.shape[1] for m in mats)
-        v = _slot_rows(S, [("q", torch.uint8, (N, k // 2)), ("sc", torch.uint8, (N, k // 32)),
-                           ("mn", torch.uint8, (N, k // 32)), ("dd", torch.float16, (N, k // QK_K, 2))], alloc)
-        out = cls(v["q"], v["sc"], v["mn"], v["dd"])
-        for e in range(S):
-            lo = 0
-            for m in mats:
-                hi = lo + m.shape[1]
-                q4_k_rows_repacked(m[e], out.q[e, lo:hi], out.sc[e, lo:hi], out.mn[e, lo:hi], out.dd[e, lo:hi])
-                lo = hi
-        return out
-
-    def slot(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.q[e], self.sc[e], self.mn[e], self.dd[e]
+        """Matrices of Q4_K rows uint8 [S, N_i, K/256 * 144] (gate and up: stacked along N)."""
+        specs = [("q", torch.uint8, (k // 2,)), ("sc", torch.uint8, (k // 32,)), ("mn", torch.uint8, (k // 32,)),
+                 ("dd", torch.float16, (k // QK_K, 2))]
+        return _repack_into(cls, mats, k, alloc, specs, q4_k_rows_repacked)
 
     def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
         """Rows lo..hi-1 of slot e as float32 [hi - lo, K]: d * sc * q - dmin * mn, the float32 operations of
@@ -446,34 +499,79 @@ class Q4kRows:
         dl, dm = d[..., 0] * sc.float(), d[..., 1] * mn.float()
         return (dl[..., None] * vals - dm[..., None]).reshape(r, subs * 32)
 
-    def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """x [n, K] @ W^T -> [n, N]: the 8-bit activation kernel for a few rows, else TILE_ROWS dequantized
-        output rows at a time."""
-        k = x.shape[-1]
-        if x.device.type == "cpu" and x.shape[0] <= cpu_gemv.QUANT_MAX_ROWS and cpu_gemv.int8_activations(x, k):
-            return cpu_gemv.q4k_linear(x, *self.slot(e))
-        n = self.q.shape[1]
-        return torch.cat([x @ self.dequant(e, i, min(i + TILE_ROWS, n)).to(x.dtype).t() for i in range(0, n, TILE_ROWS)],
-                         dim=-1)
+
+def q6_k_rows_repacked(rows: torch.Tensor, ql: torch.Tensor, qh: torch.Tensor, sc: torch.Tensor, d: torch.Tensor) -> None:
+    """Q6_K rows uint8 [N, K/256 * 210] -> (written in place) ql uint8 [N, K/2] the values' low four bits in the
+    int4 layout, qh uint8 [N, K/4] their high two bits (per 128-weight step 32 bytes, byte j holding from bit 0
+    up those of the step's weights 2j, 2j + 64, 2j + 1, 2j + 65), sc int8 [N, K/16], d fp16 [N, K/256]: the
+    file's values and its 210 bytes per 256 weights."""
+    n, nsb = rows.shape[0], rows.shape[1] // 210
+    b = rows.reshape(n * nsb, 210)
+    v = _q6_values(b)  # [n * nsb, 256]
+    lo = v & 0x0F
+    ql.view(n * nsb, QK_K // 2).copy_(lo[:, 0::2] | (lo[:, 1::2] << 4))
+    hi = (v >> 4).reshape(n * nsb, 2, 64, 2)  # per step: pairs (even weight, odd weight)
+    e, o = hi[..., 0], hi[..., 1]  # [n * nsb, 2, 64]
+    qh.view(n * nsb, 2, 32).copy_(e[..., :32] | (e[..., 32:] << 2) | (o[..., :32] << 4) | (o[..., 32:] << 6))
+    sc.view(n * nsb, 16).copy_(b[:, 192:208].contiguous().view(torch.int8))
+    d.view(n * nsb, 1).copy_(b[:, 208:210].contiguous().view(torch.float16))
+
+
+@dataclass(frozen=True)
+class Q6kRows(_RepackedRows):
+    """GGUF Q6_K projections repacked for the CPU kernels (q6_k_rows_repacked), slot dimension first: ql
+    uint8 [S, N, K/2], qh uint8 [S, N, K/4], sc int8 [S, N, K/16], d fp16 [S, N, K/256] (as many bytes as
+    the file's blocks); cpu_gemv.q6k_linear runs them in 128-weight steps."""
+
+    ql: torch.Tensor
+    qh: torch.Tensor
+    sc: torch.Tensor
+    d: torch.Tensor
+
+    kernel = staticmethod(cpu_gemv.q6k_linear)
+    a8_kind = staticmethod(cpu_gemv.a8_q6k)
+
+    @classmethod
+    def repack(cls, mats: list[torch.Tensor], k: int, alloc: Callable = hostmem.empty) -> "Q6kRows":
+        """Matrices of Q6_K rows uint8 [S, N_i, K/256 * 210] (gate and up: stacked along N)."""
+        specs = [("ql", torch.uint8, (k // 2,)), ("qh", torch.uint8, (k // 4,)), ("sc", torch.int8, (k // 16,)),
+                 ("d", torch.float16, (k // QK_K,))]
+        return _repack_into(cls, mats, k, alloc, specs, q6_k_rows_repacked)
+
+    def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 of slot e as float32 [hi - lo, K]: d * sc * (q - 32), the float32 operations of
+        gguf.quants (and of _q6_k) in the same order."""
+        ql, qh, sc, d = (t[e, lo:hi] for t in (self.ql, self.qh, self.sc, self.d))
+        r, k = ql.shape[0], 2 * ql.shape[1]
+        low = torch.stack([ql & 0x0F, ql >> 4], dim=-1).reshape(r, k)
+        h = qh.reshape(r, k // 128, 32)
+        even = torch.cat([h & 3, (h >> 2) & 3], dim=-1)  # [r, steps, 64] the even weights' high bits
+        odd = torch.cat([(h >> 4) & 3, (h >> 6) & 3], dim=-1)
+        q = (low | (torch.stack([even, odd], dim=-1).reshape(r, k) << 4)).to(torch.int8) - 32
+        dl = d.float().repeat_interleave(16, dim=1) * sc.float()  # [r, K/16]
+        return (dl[..., None] * q.reshape(r, k // 16, 16).float()).reshape(r, k)
+
+
+REPACKED = {"Q4_K": Q4kRows, "Q6_K": Q6kRows}  # the block types a copy into RAM repacks
 
 
 @dataclass
 class GgufRamPool(GgufPool):
-    """A GGUF pool copied into RAM with its Q4_K projections repacked (k13: gate and up as one Q4kRows,
-    k2: down; None where that projection has another type, kept as the file's blocks in w13 / w3 / w2).
+    """A GGUF pool copied into RAM with its Q4_K / Q6_K projections repacked (REPACKED; k13: gate and up as
+    one, k2: down; None where that projection has another type, kept as the file's blocks in w13 / w3 / w2).
     CPU only (the fused kernel reads the file's layout)."""
 
-    k13: Q4kRows | None = None
-    k2: Q4kRows | None = None
+    k13: _RepackedRows | None = None
+    k2: _RepackedRows | None = None
 
     @classmethod
     def copy_of(cls, pool: GgufPool, alloc: Callable = hostmem.empty) -> "GgufRamPool":
         t1, t3, t2 = (t.name for t in pool.types)
         H, I = pool.hidden, pool.inter
-        k13 = Q4kRows.repack([pool.w13, pool.w3], H, alloc) if t1 == t3 == "Q4_K" else None
-        k2 = Q4kRows.repack([pool.w2], I, alloc) if t2 == "Q4_K" else None
-        w13, w3 = (k13.q, None) if k13 is not None else (_ram_copy(pool.w13, alloc), _ram_copy(pool.w3, alloc))
-        w2 = k2.q if k2 is not None else _ram_copy(pool.w2, alloc)
+        k13 = REPACKED[t1].repack([pool.w13, pool.w3], H, alloc) if t1 == t3 and t1 in REPACKED else None
+        k2 = REPACKED[t2].repack([pool.w2], I, alloc) if t2 in REPACKED else None
+        w13, w3 = (k13.values, None) if k13 is not None else (_ram_copy(pool.w13, alloc), _ram_copy(pool.w3, alloc))
+        w2 = k2.values if k2 is not None else _ram_copy(pool.w2, alloc)
         return cls(H, I, w13, w2, w3=w3, types=pool.types, k13=k13, k2=k2)
 
     def kernel_format(self, which: str) -> int:
@@ -483,7 +581,7 @@ class GgufRamPool(GgufPool):
         k = self.k13 if which == "w13" else self.k2
         if k is None:
             return super().dequant_projection(which, slot)
-        return k.dequant(slot, 0, k.q.shape[1])
+        return k.dequant(slot, 0, k.rows)
 
     def ffn(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU on x [n, H] -> [n, H]; repacked projections by Q4kRows.linear, the others as GgufPool runs them."""
@@ -502,10 +600,10 @@ class GgufRamPool(GgufPool):
         if not (cpu_gemv.int8_activations(x, self.hidden) and cpu_gemv.int8_activations(x, self.inter)):
             return None
         if self.k13 is not None:
-            w13 = cpu_gemv.a8_q4k(*self.k13.slot(slot))
+            w13 = self.k13.a8(slot)
         else:
             w13 = cpu_gemv.a8_gguf([self.w13[slot], self.w3[slot]], t1.name) if t1 == t3 else None
-        w2 = cpu_gemv.a8_q4k(*self.k2.slot(slot)) if self.k2 is not None else cpu_gemv.a8_gguf([self.w2[slot]], t2.name)
+        w2 = self.k2.a8(slot) if self.k2 is not None else cpu_gemv.a8_gguf([self.w2[slot]], t2.name)
         return None if w13 is None or w2 is None else (w13, w2)
 
 

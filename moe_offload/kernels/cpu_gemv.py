@@ -243,6 +243,13 @@ def q4k_linear(x: torch.Tensor, q: torch.Tensor, sc: torch.Tensor, mn: torch.Ten
     return _a8(_require().gemv_q4k_a8, x, q.shape[0], q, sc, mn, dd)
 
 
+def q6k_linear(x: torch.Tensor, ql: torch.Tensor, qh: torch.Tensor, sc: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] against 8-bit activations (int8_activations(x, K) must hold), W GGUF Q6_K
+    rows repacked (formats.gguf.Q6kRows): ql uint8 [N, K/2], qh uint8 [N, K/4], sc int8 [N, K/16], d fp16
+    [N, K/256]; w = d * sc * (q - 32)."""
+    return _a8(_require().gemv_q6k_a8, x, ql.shape[0], ql, qh, sc, d)
+
+
 def mxfp4_runs(x: torch.Tensor, k: int) -> bool:
     """Whether mxfp4_linear runs for x [..., K = k] (int8 activations only)."""
     return available() and int8_activations(x, k)
@@ -363,7 +370,8 @@ def experts_decode(x: torch.Tensor, w13: list[torch.Tensor], w2: list[torch.Tens
 class A8Projection:
     """One projection of a packed expert as experts_decode_a8 takes it: kind 0 int8 rows (q, s), 1 int4
     (q, s, z; a = group size, b = symmetric), 2 GGUF rows (the matrices, gate and up together; a = block
-    bytes), 3 GGUF Q4_K rows repacked (q, sc, mn, dd). Read in place, with 8-bit activations."""
+    bytes), 3 GGUF Q4_K rows repacked (q, sc, mn, dd), 4 GGUF Q6_K rows repacked (ql, qh, sc, d). Read in
+    place, with 8-bit activations."""
 
     kind: int
     tensors: tuple[torch.Tensor, ...]
@@ -387,6 +395,11 @@ def a8_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int, 
 def a8_q4k(q: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor, dd: torch.Tensor) -> A8Projection:
     """GGUF Q4_K rows repacked (q4k_linear's layout)."""
     return A8Projection(3, (q, sc, mn, dd))
+
+
+def a8_q6k(ql: torch.Tensor, qh: torch.Tensor, sc: torch.Tensor, d: torch.Tensor) -> A8Projection:
+    """GGUF Q6_K rows repacked (q6k_linear's layout)."""
+    return A8Projection(4, (ql, qh, sc, d))
 
 
 def a8_gguf(qs: list[torch.Tensor], block_type: str) -> A8Projection | None:

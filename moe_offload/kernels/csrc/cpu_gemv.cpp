@@ -1163,6 +1163,84 @@ torch::Tensor gemv_q4k_a8(const torch::Tensor& x, const torch::Tensor& q, const 
   });
 }
 
+// GGUF Q6_K rows repacked for RAM (formats/gguf.py q6_k_rows_repacked): ql uint8 [N, K/2] the values' low
+// four bits in the int4 layout, qh uint8 [N, K/4] their high two bits (per 128-weight step 32 bytes; byte j
+// holds, from bit 0 up, those of the step's even weights 2j and 2j + 64 and odd weights 2j + 1 and
+// 2j + 65), sc int8 [N, K/16] the 16-weight blocks' scales, d fp16 [N, K/256]; w = d * sc * (q - 32), q in
+// [0, 63]. -> y [M, N] = Q8(x) @ w^T, 210 bytes per 256 weights as the file. As q4k_rows: lanes start at
+// -32 times their activation bytes' sum; lane l of a step is in 16-weight block l / 2. Needs K % 256 == 0.
+namespace {
+
+template <int MT>
+inline void q6k_rows(const Int4Act& a, int64_t m0, const uint8_t* ql, const uint8_t* qh, const int8_t* sc,
+                     const at::Half* d, __m512i rel, float* out) {
+  const int64_t K = a.K, steps = K / 128;
+  const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  // 16-bit shift counts per half of the 64 bytes: even weights' bits 0-1 (bytes 0-31) / 2-3 (32-63) up to 4-5,
+  // odd weights' bits 4-5 / 6-7 down to 4-5
+  constexpr int64_t two = 0x0002000200020002, four = 0x0004000400040004;
+  const __m512i up = _mm512_set_epi64(two, two, two, two, four, four, four, four);
+  const __m512i down = _mm512_set_epi64(two, two, two, two, 0, 0, 0, 0);
+  __m512 acc[MT][2];
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < steps; ++c) {
+    fetch_ahead(ql + c * 64);
+    fetch_ahead(qh + c * 32);
+    const __m512i v = _mm512_loadu_si512(ql + c * 64);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)(qh + c * 32));
+    const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+    const __m512i even = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_and_si512(_mm512_sllv_epi16(hh, up), top));
+    const __m512i odd = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                        _mm512_and_si512(_mm512_srlv_epi16(hh, down), top));
+    int64_t eight;
+    std::memcpy(&eight, sc + 8 * c, 8);  // the step's eight block scales
+    const __m256 s8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(eight)));
+    const __m512 sv = _mm512_mul_ps(_mm512_permutexvar_ps(rel, _mm512_castps256_ps512(s8)),
+                                    _mm512_set1_ps(half_to_f32(d + c / 2)));  // d * sc per lane
+    for (int t = 0; t < MT; ++t) {
+      const int64_t m = m0 + t;
+      const int8_t* q = a.q.data() + m * K + c * 128;
+      const __m512i init = _mm512_slli_epi32(_mm512_loadu_si512(a.ns8.data() + m * (K / 8) + c * 16), 2);  // -32 sums
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(init, even, _mm512_loadu_si512(q)), odd,
+                                              _mm512_loadu_si512(q + 64));
+      const __m512 dl = _mm512_loadu_ps(a.dl.data() + m * (K / 8) + c * 16);
+      acc[t][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dl, sv), acc[t][c & 1]);
+    }
+  }
+  for (int t = 0; t < MT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+}  // namespace
+
+torch::Tensor gemv_q6k_a8(const torch::Tensor& x, const torch::Tensor& ql, const torch::Tensor& qh,
+                          const torch::Tensor& sc, const torch::Tensor& d) {
+  TORCH_CHECK(ql.dim() == 2 && ql.is_contiguous() && ql.scalar_type() == torch::kUInt8, "ql must be contiguous uint8 [N, K/2]");
+  const int64_t N = ql.size(0), K = ql.size(1) * 2, M = x.size(0);
+  TORCH_CHECK(K % 256 == 0, "Q6_K rows need K a multiple of 256, got ", K);
+  TORCH_CHECK(qh.dim() == 2 && qh.size(0) == N && qh.size(1) == K / 4 && qh.is_contiguous() &&
+              qh.scalar_type() == torch::kUInt8, "qh must be contiguous uint8 [N, K/4]");
+  TORCH_CHECK(sc.dim() == 2 && sc.size(0) == N && sc.size(1) == K / 16 && sc.is_contiguous() &&
+              sc.scalar_type() == torch::kInt8, "sc must be contiguous int8 [N, K/16]");
+  TORCH_CHECK(d.dim() == 2 && d.size(0) == N && d.size(1) == K / 256 && d.is_contiguous() &&
+              d.scalar_type() == torch::kHalf, "d must be contiguous float16 [N, K/256]");
+  const torch::Tensor xf = x_as_f32(x, K);
+  const Int4Act a = int4_act(xf.data_ptr<float>(), M, K, K, int4_step_order);
+  alignas(64) int32_t r[16];
+  for (int l = 0; l < 16; ++l) r[l] = l / 2;  // lane l of a step: 16-weight block l / 2
+  const __m512i rel = _mm512_load_si512(r);
+  const uint8_t *qlp = ql.data_ptr<uint8_t>(), *qhp = qh.data_ptr<uint8_t>();
+  const int8_t* scp = sc.data_ptr<int8_t>();
+  const at::Half* dp = d.data_ptr<at::Half>();
+  return over_rows(x, N, K, [&](int64_t n, float* out) {
+    const uint8_t *l = qlp + n * (K / 2), *h = qhp + n * (K / 4);
+    const int8_t* s = scp + n * (K / 16);
+    const at::Half* dn = dp + n * (K / 256);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) q6k_rows<4>(a, m, l, h, s, dn, rel, out + m);
+    for (; m < M; ++m) q6k_rows<1>(a, m, l, h, s, dn, rel, out + m);
+  });
+}
+
 // GGUF rows of Q8_0 (34-byte blocks), Q4_0 (18), MXFP4 (17), Q4_K (144) or Q6_K (210) -> y [M, N] =
 // Q8(x) @ dequant(q)^T
 // Several matrices qs (the same type and K; e.g. gate and up) against one x: y [M, sum of their N], x
@@ -1682,7 +1760,7 @@ namespace {
 
 // One projection of a packed expert against 8-bit activations: kind 0 int8 (q, s), 1 int4 (q, s, z; a the
 // group size, b symmetric), 2 GGUF rows (the matrices; a the block bytes), 3 GGUF Q4_K repacked (q, sc, mn,
-// dd). y in x's dtype.
+// dd), 4 GGUF Q6_K repacked (ql, qh, sc, d). y in x's dtype.
 torch::Tensor a8_projection(const torch::Tensor& x, int64_t kind, const std::vector<torch::Tensor>& t, int64_t a,
                             int64_t b) {
   switch (kind) {
@@ -1690,6 +1768,7 @@ torch::Tensor a8_projection(const torch::Tensor& x, int64_t kind, const std::vec
     case 1: return gemv_int4_a8(x, t.at(0), t.at(1), t.at(2), a, b != 0);
     case 2: return gemv_gguf_a8(x, t, a);
     case 3: return gemv_q4k_a8(x, t.at(0), t.at(1), t.at(2), t.at(3));
+    case 4: return gemv_q6k_a8(x, t.at(0), t.at(1), t.at(2), t.at(3));
   }
   TORCH_CHECK(false, "unknown projection kind ", kind);
 }
@@ -1933,6 +2012,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_int4_a8", &gemv_int4_a8, "y = Q8(x) @ ((q - z) * s per group)^T");
   mod.def("gemv_gguf_a8", &gemv_gguf_a8, "y = Q8(x) @ dequant(q)^T for GGUF Q8_0 / Q4_0 / MXFP4 rows");
   mod.def("gemv_q4k_a8", &gemv_q4k_a8, "y = Q8(x) @ W^T, W GGUF Q4_K repacked (q, sc, mn, dd)");
+  mod.def("gemv_q6k_a8", &gemv_q6k_a8, "y = Q8(x) @ W^T, W GGUF Q6_K repacked (ql, qh, sc, d)");
   mod.def("experts_decode_a8", &experts_decode_a8, "out [1, H] += one token's packed experts (8-bit activations)");
   mod.def("gemv_mxfp4_a8", &gemv_mxfp4_a8, "y = Q8(x) @ W^T, W MXFP4 as GPT-OSS ships it (blocks, e8m0 scales)");
 #endif
