@@ -67,9 +67,9 @@ class PackedResidentExperts:
         (up to COPY_GROWTH of the store) fits in the RAM available beside `reserve_bytes` (what the rest
         of the model will hold: dense weights, KV cache) and the store's margin; otherwise the map, with
         a warning unless the store already warned that it is larger than RAM. Decode from the copy
-        against the map, 734M GGUFs, 2 threads (cpu_vs_llamacpp.json, gguf_paired): Q8_0 1.22x (2 MiB
-        pages instead of the file's 4 KiB ones), Q4_0 1.18x (run by the int4 kernels), Q4_K_M 1.74x
-        (Q4_K repacked)."""
+        against the map, 734M GGUFs, 2 threads (cpu_vs_llamacpp.json, gguf_paired): Q8_0 1.17x (2 MiB
+        pages instead of the file's 4 KiB ones), Q4_0 1.17x (run by the int4 kernels), Q4_K_M 2.00x
+        (Q4_K and Q6_K repacked)."""
         from ..kernels import cpu_gemv
 
         store = self.store
