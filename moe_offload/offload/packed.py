@@ -82,7 +82,7 @@ class PackedResidentExperts:
                 warnings.warn(f"moe-offload: the experts are read from the file's memory map, not copied into RAM: "
                               f"the copy ({copy / 1e9:.2f} GB) and the rest of the model ({reserve_bytes / 1e9:.2f} GB) "
                               f"need more than the {avail / 1e9:.2f} GB available; decode from the map measured "
-                              "1.2-1.7x slower", UserWarning, stacklevel=4)
+                              "1.2-2x slower", UserWarning, stacklevel=4)
             return pools
         arena = hostmem.Arena(copy + (64 << 20))  # one buffer for every layer, mapped on first use
         out = []
