@@ -454,9 +454,9 @@ def test_experts_that_fit_are_copied_into_ram_once_and_the_map_leaves_the_reside
     copied = m.generate(PROMPT, max_new_tokens=1).stats["experts_ram_copy_bytes"]
     store = m.model.experts.store
     assert store.mapped and store.host_bytes == experts  # the store itself is still the file's map
-    # the copy holds the file's bytes (Q4_0 as int4: the same 18 bytes per 32 weights, plus one expert's
-    # zero points shared by all)
-    assert experts <= copied <= 1.02 * experts
+    # the copy holds the file's bytes (Q4_0 as int4: the same 18 bytes per 32 weights, in 64-byte aligned
+    # sections; its zero points are one tensor shared by every layer)
+    assert experts <= copied <= 1.01 * experts
     assert grew < 1.3 * experts  # not twice: the map's pages read for the copy were dropped
     assert m.generate(PROMPT, max_new_tokens=3).token_ids
 

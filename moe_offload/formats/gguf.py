@@ -44,6 +44,7 @@ largest (expert_bytes) and each layer reads its slots through its own views (per
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
@@ -384,10 +385,17 @@ def q4_0_rows_as_int4(rows: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> N
     q.view(n, nb, 16).copy_(vals[..., 0::2] | (vals[..., 1::2] << 4))
 
 
+@functools.lru_cache(maxsize=8)
+def _eights(n: int, groups: int) -> torch.Tensor:
+    """fp16 [n, groups] of 8.0: the zero points of symmetric int4 rows, one tensor for every slot and layer
+    of that shape (never written; the symmetric kernels do not read it, dequantization does)."""
+    return torch.full((n, groups), 8.0, dtype=torch.float16)
+
+
 def q4_0_as_int4(pool: "GgufPool", alloc: Callable = hostmem.empty) -> Int4Pool:
     """A Q4_0 pool as a symmetric int4 pool with groups of 32 in huge-page RAM: nibbles [S, N, K/2] and the
     blocks' fp16 d as scales [S, N, K/32], gate and up as one w13 (18 bytes per 32 weights, as the file);
-    the zero points (all 8, which the symmetric kernels do not read) are one shared expert's worth."""
+    the zero points (all 8) are one expert's worth shared by every layer of the shape (_eights)."""
     S, H, I = pool.num_slots, pool.hidden, pool.inter
     v = _slot_rows(S, [("qw13", torch.uint8, (2 * I, H // 2)), ("qw2", torch.uint8, (H, I // 2)),
                        ("s13", torch.float16, (2 * I, H // 32)), ("s2", torch.float16, (H, I // 32))], alloc)
@@ -396,8 +404,8 @@ def q4_0_as_int4(pool: "GgufPool", alloc: Callable = hostmem.empty) -> Int4Pool:
         q4_0_rows_as_int4(pool.w13[e], qw13[e, :I], s13[e, :I])
         q4_0_rows_as_int4(pool.w3[e], qw13[e, I:], s13[e, I:])
         q4_0_rows_as_int4(pool.w2[e], qw2[e], s2[e])
-    z13 = alloc((2 * I, H // 32), torch.float16).fill_(8.0).expand(S, -1, -1)  # z13[e] contiguous
-    z2 = alloc((H, I // 32), torch.float16).fill_(8.0).expand(S, -1, -1)
+    z13 = _eights(2 * I, H // 32).expand(S, -1, -1)  # z13[e] contiguous
+    z2 = _eights(H, I // 32).expand(S, -1, -1)
     return Int4Pool(H, I, qw13, qw2, s13=s13, s2=s2, z13=z13, z2=z2, group_size=32, symmetric=True)
 
 
