@@ -434,15 +434,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
-    """'auto' -> float32 on cpu; on cuda the checkpoint's half dtype (bfloat16 where supported)."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str,
+                  quantized_file_bf16: bool = False) -> torch.dtype:
+    """'auto' -> float32 on cpu, or bfloat16 there for a quantized file where the caller says the CPU runs
+    its experts on 8-bit activation kernels (`quantized_file_bf16`: a GGUF on a CPU with AVX512-VNNI;
+    float32 compute would take the exact-activation paths, and K-quants / MXFP4 have none but
+    dequantize-then-matmul: a Q4_K_M 734M model decodes 1.4 tok/s in float32, 85 in bfloat16); on cuda
+    the checkpoint's half dtype (bfloat16 where supported)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise MoeOffloadError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
         return dtype
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
+            return torch.bfloat16 if quantized_file_bf16 else torch.float32
         if checkpoint_dtype == "float16":
             return torch.float16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

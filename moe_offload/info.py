@@ -80,7 +80,8 @@ def describe(path: str | Path | None, config_file: str | Path | None = None,
         "one_expert_bytes": expert_bytes(cfg),
         **({"expert_store": expert_store_info(ckpt)} if config_file is None and cfg.expert_format else {}),
         **({"dense_dequantized": dense_load} if dense_load else {}),
-        **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan).as_dict()} if plan else {}),
+        **({"memory_plan": _plan(cfg, dtype or cfg.torch_dtype, plan, None if config_file is not None else ckpt).as_dict()}
+           if plan else {}),
         "needs": _needs(cfg),
     }
 
@@ -114,19 +115,20 @@ def _needs(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any):
-    """The memory plan for an OffloadConfig: device, dtype, context, policy, budget and expert storage."""
+def _plan(cfg: ModelConfig, ckpt_dtype: str, config: Any, ckpt: Any = None):
+    """The memory plan for an OffloadConfig: device, dtype (as load() resolves it; for a GGUF on the CPU
+    from the CPU's flags rather than the built kernels), context, policy, budget and expert storage."""
     from .config import resolve_device, resolve_dtype
     from .offload import CacheBudget, make_policy, plan_memory
     from .options import INT4, check_against_model
     from .errors import MoeOffloadError
     from .formats import loop_only
-    from .runtime import DEFAULT_MAX_SEQ_LEN, _expert_storage
+    from .runtime import DEFAULT_MAX_SEQ_LEN, _expert_storage, cpu_reports_vnni, gguf_bf16
 
     check_against_model(config, cfg.num_moe_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
     t = config.tuning
     dev = resolve_device(config.device)
-    dt = resolve_dtype(config.dtype, dev, ckpt_dtype)
+    dt = resolve_dtype(config.dtype, dev, ckpt_dtype, gguf_bf16(ckpt, dev, config.dtype, cpu_reports_vnni))
     seq = t.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     if seq > cfg.max_position_embeddings:
         raise MoeOffloadError(f"tuning.max_seq_len must be in [1, {cfg.max_position_embeddings}] for this model "

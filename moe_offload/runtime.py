@@ -304,8 +304,9 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
 
     config: an OffloadConfig (default: OffloadConfig()); the keywords are shortcuts that replace its
     field of the same name when given (not None). device: "auto" (cuda if available, else cpu), "cpu"
-    or "cuda[:N]". dtype: "auto" (float32 on cpu, the checkpoint's half type on cuda), "float32",
-    "float16" or "bfloat16". The checkpoint is validated completely before any weight is read.
+    or "cuda[:N]". dtype: "auto" (float32 on cpu, bfloat16 there for a GGUF file where the CPU has
+    AVX512-VNNI; the checkpoint's half type on cuda), "float32", "float16" or "bfloat16". The checkpoint
+    is validated completely before any weight is read.
     """
     if config is None:
         config = OffloadConfig()
@@ -333,7 +334,7 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     dev = resolve_device(config.device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # kernels launch on the current device, and bf16 support is asked of it
-    dt = resolve_dtype(config.dtype, dev, ckpt.dtype_name)
+    dt = resolve_dtype(config.dtype, dev, ckpt.dtype_name, gguf_bf16(ckpt, dev, config.dtype, cpu_gemv.has_vnni))
     max_seq_len = tune.max_seq_len or min(cfg.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     if max_seq_len > cfg.max_position_embeddings:
         raise MoeOffloadError(f"tuning.max_seq_len must be in [1, {cfg.max_position_embeddings}] for this model "
@@ -393,6 +394,22 @@ def load(path: str | Path | None = None, config: OffloadConfig | None = None, *,
     # int8): glibc keeps such blocks in the heap; hand them back (the int4 734M model: 555 -> 514 MB resident)
     release_freed_memory()
     return loaded
+
+
+def gguf_bf16(ckpt: Any, dev: torch.device, dtype: Any, vnni: Any) -> bool:
+    """Whether dtype 'auto' computes in bfloat16 (config.resolve_dtype): a GGUF file on the CPU when vnni()
+    says the 8-bit activation kernels run here (load: the built kernels; info: the CPU's flags)."""
+    return dtype == "auto" and dev.type == "cpu" and hasattr(ckpt, "expert_tensors") and bool(vnni())
+
+
+def cpu_reports_vnni() -> bool:
+    """Whether this CPU reports AVX512-VNNI (Linux /proc/cpuinfo; elsewhere False): what the built kernels'
+    has_vnni() will say, without building them."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and "avx512_vnni" in line.split() for line in f)
+    except OSError:
+        return False
 
 
 def _dense_int8(model: MoeModel, dev: torch.device) -> None:

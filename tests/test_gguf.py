@@ -667,6 +667,30 @@ def test_triton_backend_refuses_the_gguf_types_it_cannot_read_with_a_clear_error
         get_format("gguf:Q4_0").pack(torch.zeros(1, 32), torch.zeros(1, 32), torch.zeros(32, 1))
 
 
+def test_auto_dtype_on_cpu_is_bfloat16_for_a_gguf_where_the_8bit_kernels_run(tmp_path):
+    """dtype 'auto' on the CPU: bfloat16 for a GGUF file where the 8-bit activation kernels run (float32
+    would dequantize K-quant experts every token), float32 otherwise and for a folder; `info`'s memory plan
+    resolves it the same way from the CPU's flags."""
+    from moe_offload.info import describe
+    from moe_offload.kernels import cpu_gemv
+    from moe_offload.runtime import cpu_reports_vnni
+
+    hf = tiny_mixtral(256, 256)
+    f = write_gguf(tmp_path / "m.gguf", hf, "llama", types=("Q4_K", "Q4_K", "Q6_K"))
+    want = torch.bfloat16 if cpu_gemv.has_vnni() else torch.float32
+    assert cpu_reports_vnni() == cpu_gemv.has_vnni()
+    with mo.load(f, device="cpu") as m:
+        assert m.model.dtype == want
+    item = torch.tensor([], dtype=want).element_size()
+    plan = describe(f, plan=mo.OffloadConfig(device="cpu"))["memory_plan"]
+    assert plan["dense_bytes"] == GgufCheckpoint(f).config.dense_params * item
+    hf.save_pretrained(tmp_path / "folder")
+    with mo.load(tmp_path / "folder", device="cpu") as m:
+        assert m.model.dtype == torch.float32  # float weights: float32, exact against transformers
+    with mo.load(f, device="cpu", dtype="float32") as m:
+        assert m.model.dtype == torch.float32  # asked for
+
+
 def test_info_json_reports_tensor_group_formats_and_store_bytes(tmp_path, capsys):
     import json
 
