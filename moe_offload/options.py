@@ -102,8 +102,9 @@ class OffloadConfig:
     """
 
     device: Any = _opt("auto (cuda if available), cpu, cuda or cuda:N", "auto", kind=(str, "device"), nullable=False)
-    dtype: Any = _opt("compute dtype; auto = float32 on cpu (bfloat16 for a GGUF file on an AVX512-VNNI CPU), the checkpoint's half type on cuda", "auto",
-                      kind=(str, "dtype"), choices=DTYPE_NAMES, nullable=False)
+    dtype: Any = _opt("compute dtype; auto = float32 on cpu (bfloat16 for a GGUF file on an AVX512-VNNI CPU), "
+                      "the checkpoint's half type on cuda", "auto", kind=(str, "dtype"), choices=DTYPE_NAMES,
+                      nullable=False)
     offload: bool | None = _opt("experts in host RAM with a device expert cache (default: on for cuda; on cpu only "
                                 "when a cache or prefetch setting is given, since host RAM is the device there)",
                                 kind=bool)

@@ -1,7 +1,7 @@
 """Packed experts without offload: every expert of every layer on the device in its layer's format's rows
 (the same bytes the host store holds; on the cpu the store's rows themselves, or a GGUF file's memory
 map, copied into RAM when it fits), so a quantized resident run and a quantized offloaded run read the
-same values. (A GGUF copy holds Q4_0 and Q4_K in other layouts, run by other kernels: against int8
+same values. (A GGUF copy holds Q4_0, Q4_K and Q6_K in other layouts, run by other kernels: against int8
 activations their float32 sums may differ from the map's in the last bits.)"""
 
 from __future__ import annotations
