@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
@@ -423,12 +424,37 @@ def q4_k_rows_repacked(rows: torch.Tensor, q: torch.Tensor, sc: torch.Tensor, mn
     q.view(n * nsb, QK_K // 2).copy_(vals[:, 0::2] | (vals[:, 1::2] << 4))
 
 
-class _RepackedRows:
+class _RepackedRows(ABC):
     """Projections of every slot in a repacked layout (a frozen dataclass of [S, N, ...] tensors, the packed
-    values first): `kernel` runs them against 8-bit activations, `dequant` gives gguf.quants' values."""
+    values first, one per `sections` entry): `kernel` runs them against 8-bit activations, `dequant` gives
+    gguf.quants' values; `write(rows, *sections)` fills one matrix's sections from its file rows."""
 
     kernel: Callable
     a8_kind: Callable
+    write: Callable
+
+    @staticmethod
+    @abstractmethod
+    def sections(k: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape per output row) of each field, for input dimension k."""
+
+    @abstractmethod
+    def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo..hi-1 of slot e as float32 [hi - lo, K], bit-equal to gguf.quants."""
+
+    @classmethod
+    def repack(cls, mats: list[torch.Tensor], k: int, alloc: Callable = hostmem.empty) -> "_RepackedRows":
+        """Matrices of the type's file rows uint8 [S, N_i, row bytes] (gate and up: stacked along N), in one
+        slot-rows buffer from alloc(shape, dtype) (_slot_rows)."""
+        S, N = mats[0].shape[0], sum(m.shape[1] for m in mats)
+        v = _slot_rows(S, [(name, dt, (N, *shape)) for name, dt, shape in cls.sections(k)], alloc)
+        for e in range(S):
+            lo = 0
+            for m in mats:
+                hi = lo + m.shape[1]
+                cls.write(m[e], *(t[e, lo:hi] for t in v.values()))
+                lo = hi
+        return cls(*v.values())
 
     def slot(self, e: int) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f.name)[e] for f in fields(self))
@@ -446,9 +472,6 @@ class _RepackedRows:
         """Slot e's projection as the one-call expert path takes it."""
         return type(self).a8_kind(*self.slot(e))
 
-    def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
-        raise NotImplementedError
-
     def linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] @ W^T -> [n, N]: the 8-bit activation kernel for a few rows, else TILE_ROWS dequantized
         output rows at a time."""
@@ -458,21 +481,6 @@ class _RepackedRows:
         n = self.rows
         return torch.cat([x @ self.dequant(e, i, min(i + TILE_ROWS, n)).to(x.dtype).t() for i in range(0, n, TILE_ROWS)],
                          dim=-1)
-
-
-def _repack_into(cls: type, mats: list[torch.Tensor], k: int, alloc: Callable, specs: list, write: Callable):
-    """`cls` over one slot-rows buffer of `specs` (per-row sections), each slot's matrices (uint8 [S, N_i,
-    row bytes], stacked along N) written by write(rows, *sections)."""
-    S, N = mats[0].shape[0], sum(m.shape[1] for m in mats)
-    v = _slot_rows(S, [(name, dt, (N, *shape)) for name, dt, shape in specs], alloc)
-    out = cls(*v.values())
-    for e in range(S):
-        lo = 0
-        for m in mats:
-            hi = lo + m.shape[1]
-            write(m[e], *(t[e, lo:hi] for t in v.values()))
-            lo = hi
-    return out
 
 
 @dataclass(frozen=True)
@@ -489,13 +497,12 @@ class Q4kRows(_RepackedRows):
 
     kernel = staticmethod(cpu_gemv.q4k_linear)
     a8_kind = staticmethod(cpu_gemv.a8_q4k)
+    write = staticmethod(q4_k_rows_repacked)
 
-    @classmethod
-    def repack(cls, mats: list[torch.Tensor], k: int, alloc: Callable = hostmem.empty) -> "Q4kRows":
-        """Matrices of Q4_K rows uint8 [S, N_i, K/256 * 144] (gate and up: stacked along N)."""
-        specs = [("q", torch.uint8, (k // 2,)), ("sc", torch.uint8, (k // 32,)), ("mn", torch.uint8, (k // 32,)),
-                 ("dd", torch.float16, (k // QK_K, 2))]
-        return _repack_into(cls, mats, k, alloc, specs, q4_k_rows_repacked)
+    @staticmethod
+    def sections(k: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [("q", torch.uint8, (k // 2,)), ("sc", torch.uint8, (k // 32,)), ("mn", torch.uint8, (k // 32,)),
+                ("dd", torch.float16, (k // QK_K, 2))]
 
     def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
         """Rows lo..hi-1 of slot e as float32 [hi - lo, K]: d * sc * q - dmin * mn, the float32 operations of
@@ -538,13 +545,12 @@ class Q6kRows(_RepackedRows):
 
     kernel = staticmethod(cpu_gemv.q6k_linear)
     a8_kind = staticmethod(cpu_gemv.a8_q6k)
+    write = staticmethod(q6_k_rows_repacked)
 
-    @classmethod
-    def repack(cls, mats: list[torch.Tensor], k: int, alloc: Callable = hostmem.empty) -> "Q6kRows":
-        """Matrices of Q6_K rows uint8 [S, N_i, K/256 * 210] (gate and up: stacked along N)."""
-        specs = [("ql", torch.uint8, (k // 2,)), ("qh", torch.uint8, (k // 4,)), ("sc", torch.int8, (k // 16,)),
-                 ("d", torch.float16, (k // QK_K,))]
-        return _repack_into(cls, mats, k, alloc, specs, q6_k_rows_repacked)
+    @staticmethod
+    def sections(k: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [("ql", torch.uint8, (k // 2,)), ("qh", torch.uint8, (k // 4,)), ("sc", torch.int8, (k // 16,)),
+                ("d", torch.float16, (k // QK_K,))]
 
     def dequant(self, e: int, lo: int, hi: int) -> torch.Tensor:
         """Rows lo..hi-1 of slot e as float32 [hi - lo, K]: d * sc * (q - 32), the float32 operations of

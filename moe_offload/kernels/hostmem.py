@@ -38,15 +38,13 @@ def empty(shape: tuple[int, ...] | int, dtype: torch.dtype, device: torch.device
     if nbytes < HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    skip = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE  # to the first 2 MiB boundary
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    skip = -base % HUGE_PAGE  # to the first 2 MiB boundary
     # storage of exactly nbytes (what weight accounting reads), keeping `buf` alive while it lives
     t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=skip).view(dtype).view(shape)
     advise_huge_pages(t)
-    libc = _libc()
-    if libc is not None:  # the part-used last huge page and the slack: 4 KiB pages even where THP is "always"
-        tail = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
-        end = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + len(buf)
-        libc.madvise(ctypes.c_void_p(tail), ctypes.c_size_t(end - tail), MADV_NOHUGEPAGE)
+    # the part-used last huge page and the slack: 4 KiB pages even where THP is "always"
+    _madvise((t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE, base + len(buf), MADV_NOHUGEPAGE)
     return t
 
 
@@ -82,14 +80,7 @@ class Arena:
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask for huge pages over the whole 2 MiB pages inside t's memory (before it is first written, so
     those pages fault in huge); True when the kernel accepted. CPU tensors of at least one huge page."""
-    if t.device.type != "cpu" or t.nbytes < HUGE_PAGE:
-        return False
-    libc = _libc()
-    if libc is None:
-        return False
-    start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    end = (t.data_ptr() + t.nbytes) // HUGE_PAGE * HUGE_PAGE
-    return end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
+    return _advise_inside(t, HUGE_PAGE, MADV_HUGEPAGE)
 
 
 MADV_DONTNEED = 4
@@ -101,14 +92,21 @@ def drop_file_pages(t: torch.Tensor) -> bool:
     its resident set; the next read faults them back in from the page cache or the file. Only for a
     tensor over a read-only file mapping (a GGUF file's memory map): on anonymous memory it would zero the
     pages. True when the kernel accepted."""
-    if t.device.type != "cpu" or t.nbytes < PAGE:
+    return _advise_inside(t, PAGE, MADV_DONTNEED)
+
+
+def _advise_inside(t: torch.Tensor, page: int, advice: int) -> bool:
+    """madvise(advice) over the whole `page`-sized pages inside a CPU tensor's memory; True when accepted."""
+    if t.device.type != "cpu" or t.nbytes < page:
         return False
+    return _madvise(-(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page, advice)
+
+
+def _madvise(start: int, end: int, advice: int) -> bool:
+    """madvise(advice) over [start, end) (page-aligned addresses); False where there is no libc or it refused."""
     libc = _libc()
-    if libc is None:
-        return False
-    start = -(-t.data_ptr() // PAGE) * PAGE
-    end = (t.data_ptr() + t.nbytes) // PAGE * PAGE
-    return end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0
+    return libc is not None and end > start and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                              advice) == 0
 
 
 _LIBC: Any = None
